@@ -1,0 +1,1 @@
+//! kiln's emulated devices. Nothing here calls KVM.

@@ -1,0 +1,13 @@
+//! Guest → VMM signals on a fixed I/O port.
+//!
+//! The guest writes one byte to [`SIGNAL_PORT`]; the VMM's guest-signal device turns it into
+//! an event. Port I/O was chosen over MMIO because PID 1 can reach a port with `ioperm`
+//! without mapping `/dev/mem`.
+
+/// The I/O port the guest writes its signal byte to. Nothing in a PC-compatible machine
+/// without PCI or ACPI lives here, so no guest driver touches it by accident.
+pub const SIGNAL_PORT: u16 = 0x0440;
+
+/// The guest's init (the agent) is up and ready for work: the boot-done mark that boot
+/// time is measured to.
+pub const BOOT_DONE: u8 = 0x01;

@@ -1,0 +1,1 @@
+//! The nested test bed.
