@@ -1,1 +1,22 @@
 //! kiln's emulated devices. Nothing here calls KVM.
+//!
+//! Devices sit on a [`Bus`] (one for port I/O, one for MMIO) that the vCPU threads dispatch
+//! exits to. A device raises its interrupt by writing an eventfd ([`EventFdTrigger`]) that
+//! the VMM registered as an irqfd, and signals VMM-level events (guest reset, boot done)
+//! through eventfds the VMM hands it. Every device is testable without KVM.
+
+pub mod bus;
+pub mod console;
+pub mod guest_signal;
+pub mod i8042;
+pub mod interrupt;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
+pub use console::PanicWatch;
+pub use guest_signal::{BootTimer, GuestSignal, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN};
+pub use i8042::{I8042State, I8042, I8042_BASE, I8042_PORT_LEN};
+pub use interrupt::EventFdTrigger;
+pub use serial::{
+    SerialConsole, SerialError, SerialState, COM1_BASE, COM1_IRQ, SERIAL_FIFO_LEN, SERIAL_PORT_LEN,
+};
