@@ -1,1 +1,13 @@
-//! kiln VMM
+//! kiln: a microVM monitor for CI jobs.
+//!
+//! Read top-down: [`config`] says what to boot, [`vmm`] builds and runs it from
+//! [`memory`], [`vstate`] (KVM VM and vCPUs), [`boot`] (kernel loading) and [`devices`].
+
+pub mod arch;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod vmm;
+pub mod vstate;

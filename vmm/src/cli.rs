@@ -1,0 +1,89 @@
+//! `kiln`'s command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{SerialOutput, VmConfig};
+
+/// kiln: a microVM monitor for CI jobs.
+///
+/// Boots a guest kernel in a KVM microVM with a serial console, and reports how the guest
+/// ended and how long it took to boot. Logs go to stderr; the guest console goes to
+/// stdout unless --serial says otherwise.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a VM and run it until the guest resets, powers off or fails.
+    ///
+    /// Exits 0 when the guest resets or powers off normally (e.g. `reboot` with the
+    /// kernel's `reboot=k`), non-zero on a guest kernel panic, a KVM error or a vCPU fault.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to hand the kernel (a cpio archive).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. Default: "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1
+    /// io_delay=none quiet" (reboot=k and panic=-1 let kiln see the guest end).
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1 to 32). Default 1.
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u64>,
+    /// Guest memory in MiB (at least 16, at most the host's RAM). Default 128.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+    /// Where the serial console goes: `stdout` (default), `null`, or a file path (appended).
+    #[arg(long, value_name = "stdout|null|PATH")]
+    pub serial: Option<SerialOutput>,
+    /// Print a one-line JSON report on stdout when the VM ends: result, boot_ms, exit code.
+    #[arg(long)]
+    pub json: bool,
+    /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
+    /// memory_mib, serial); flags given as well override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The VM configuration: the file if any, overridden by flags.
+    pub fn to_config(&self) -> Result<VmConfig, crate::config::ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_toml_file(path)?,
+            // `kernel` is required by clap when there is no config file.
+            None => VmConfig::new(self.kernel.clone().unwrap_or_default()),
+        };
+        if let Some(k) = &self.kernel {
+            config.kernel = k.clone();
+        }
+        if let Some(i) = &self.initrd {
+            config.initrd = Some(i.clone());
+        }
+        if let Some(c) = &self.cmdline {
+            config.cmdline = c.clone();
+        }
+        if let Some(v) = self.vcpus {
+            config.vcpus = u8::try_from(v).map_err(|_| crate::config::ConfigError::Vcpus(v))?;
+        }
+        if let Some(m) = self.memory {
+            config.memory_mib = m;
+        }
+        if let Some(s) = &self.serial {
+            config.serial = s.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,224 @@
+//! The VM configuration: what `kiln run` is asked to boot, from flags or a TOML file.
+//!
+//! Validation lives here so that every bad value gets one clear message before any KVM
+//! object exists.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Kernel command line used when none is given: console on the first UART, reset through
+/// the i8042 (so a reboot ends the VM), reset on panic (kiln tells the two apart from the
+/// console), one legacy UART only, no port-0x80 delays (each would be a VM exit).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 io_delay=none quiet";
+
+/// Most vCPUs a VM may have (the MP table and the CPUID topology are sized for this).
+pub const MAX_VCPUS: u8 = 32;
+/// Least guest memory, in MiB: below this not even a tiny kernel fits.
+pub const MIN_MEMORY_MIB: u64 = 16;
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialOutput {
+    /// The kiln process's standard output.
+    #[default]
+    Stdout,
+    /// Discard it.
+    Null,
+    /// Append to this file.
+    #[serde(untagged)]
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdout" | "-" => SerialOutput::Stdout,
+            "null" | "none" => SerialOutput::Null,
+            path => SerialOutput::File(PathBuf::from(path)),
+        })
+    }
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest kernel: an uncompressed ELF `vmlinux` or a `bzImage`.
+    pub kernel: PathBuf,
+    /// Optional initramfs (cpio, possibly compressed).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Number of vCPUs, 1..=32.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Where the serial console goes.
+    #[serde(default)]
+    pub serial: SerialOutput,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_memory() -> u64 {
+    128
+}
+
+/// A configuration that cannot be booted, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("--vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u64),
+    #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error(
+        "--memory {asked} MiB is more than this host's {host} MiB of RAM; give the guest less"
+    )]
+    MemoryTooLarge { asked: u64, host: u64 },
+    #[error("kernel command line is {0} bytes; the limit is {max}", max = crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory(),
+            serial: SerialOutput::default(),
+        }
+    }
+
+    /// Reads a TOML config file. Relative paths in it are taken relative to the file.
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: VmConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.kernel = base.join(&config.kernel);
+        config.initrd = config.initrd.map(|p| base.join(p));
+        if let SerialOutput::File(p) = &config.serial {
+            config.serial = SerialOutput::File(base.join(p));
+        }
+        Ok(config)
+    }
+
+    /// Checks the numbers. Files are checked when they are opened, where the error can say
+    /// exactly what is wrong with them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus.into()));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        let host = host_memory_mib();
+        if self.memory_mib > host {
+            return Err(ConfigError::MemoryTooLarge {
+                asked: self.memory_mib,
+                host,
+            });
+        }
+        if self.cmdline.len() >= crate::arch::x86_64::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// The host's physical RAM in MiB (the ceiling for a guest's memory).
+fn host_memory_mib() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    match (u64::try_from(pages), u64::try_from(page_size)) {
+        (Ok(p), Ok(s)) if p > 0 && s > 0 => (p * s) >> 20,
+        _ => u64::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_vcpus_and_too_many_are_refused() {
+        let mut c = VmConfig::new("k");
+        c.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(0))));
+        c.vcpus = 33;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(33))));
+        c.vcpus = 32;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn memory_bounds() {
+        let mut c = VmConfig::new("k");
+        c.memory_mib = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooSmall(0))));
+        c.memory_mib = 1 << 40;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn toml_paths_are_relative_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("kiln-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.toml");
+        std::fs::write(
+            &file,
+            "kernel = \"vmlinux\"\ninitrd = \"/abs/initrd\"\nvcpus = 2\nmemory_mib = 256\nserial = \"out.log\"\n",
+        )
+        .unwrap();
+        let c = VmConfig::from_toml_file(&file).unwrap();
+        assert_eq!(c.kernel, dir.join("vmlinux"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/abs/initrd")));
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.serial, SerialOutput::File(dir.join("out.log")));
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        std::fs::write(&file, "kernel = \"k\"\nmemroy_mib = 5\n").unwrap();
+        let err = VmConfig::from_toml_file(&file).unwrap_err().to_string();
+        assert!(err.contains("memroy_mib"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,260 @@
+//! A vCPU: its KVM set-up and the thread that runs it, handing port and MMIO exits to the
+//! device buses.
+//!
+//! The main thread stops a vCPU by setting its `stop` flag and sending it [`kick_signal`]:
+//! the handler sets `immediate_exit` in the vCPU's `kvm_run`, so KVM_RUN returns at once
+//! even when the signal lands just before the thread enters it.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::vm::Vm;
+use crate::arch::x86_64::{cpuid, msr, regs, regs::CpuMode};
+use crate::devices::Buses;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {0}: {1}")]
+    Create(u8, kvm_ioctls::Error),
+    #[error("cannot set up vCPU {index} ({what}): {source}")]
+    Setup {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot build CPUID/MSR tables: {0:?}")]
+    Tables(vmm_sys_util::fam::Error),
+    #[error("cannot start the vCPU thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Why a vCPU thread stopped running its guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuOutcome {
+    /// The main thread asked it to stop.
+    Stopped,
+    /// The guest executed HLT with no in-kernel irqchip to wait for an interrupt.
+    Halted,
+    /// The guest reset the CPU (triple fault / KVM_EXIT_SHUTDOWN).
+    Shutdown,
+    /// KVM or the guest failed in a way kiln cannot continue from.
+    Fault(String),
+}
+
+/// The signal used to kick a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this same thread to its own vCPU's kvm_run mapping,
+        // which lives as long as the VcpuFd the thread owns; it is reset to null before the
+        // VcpuFd is dropped. A volatile byte write is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), handle_kick) {
+            tracing::error!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+/// A vCPU that has been created and configured but not started.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+}
+
+impl Vcpu {
+    pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Create(index, e))?;
+        Ok(Vcpu { fd, index })
+    }
+
+    /// CPUID, MSRs, registers and local APIC for a vCPU of `count` entering at `entry`.
+    pub fn configure(
+        &self,
+        vm: &Vm,
+        count: u8,
+        entry: u64,
+        mode: CpuMode,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let setup = |what| {
+            move |source| VcpuError::Setup {
+                index,
+                what,
+                source,
+            }
+        };
+        let mut cpuid = vm.supported_cpuid().map_err(|e| match e {
+            super::vm::VmError::Cpuid(source) => VcpuError::Setup {
+                index,
+                what: "cpuid",
+                source,
+            },
+            _ => unreachable!("supported_cpuid only fails with Cpuid"),
+        })?;
+        cpuid::configure(&mut cpuid, index, count).map_err(VcpuError::Tables)?;
+        self.fd.set_cpuid2(&cpuid).map_err(setup("cpuid"))?;
+        let msrs = msr::boot_msrs().map_err(VcpuError::Tables)?;
+        self.fd.set_msrs(&msrs).map_err(setup("msrs"))?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry, mode))
+            .map_err(setup("regs"))?;
+        let sregs = self.fd.get_sregs().map_err(setup("sregs"))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs, mode))
+            .map_err(setup("sregs"))?;
+        self.fd.set_fpu(&regs::boot_fpu()).map_err(setup("fpu"))?;
+        Ok(())
+    }
+
+    /// Sets LINT0 to ExtINT and LINT1 to NMI, as the MP table says (needs the irqchip).
+    pub fn configure_lapic(&self) -> Result<(), VcpuError> {
+        let index = self.index;
+        let err = |source| VcpuError::Setup {
+            index,
+            what: "lapic",
+            source,
+        };
+        let mut lapic = self.fd.get_lapic().map_err(err)?;
+        crate::arch::x86_64::lapic::set_lints(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(err)
+    }
+
+    /// Runs this vCPU on its own thread until it stops; the outcome is sent on `outcomes`
+    /// and `exited` is signalled.
+    pub fn start(
+        self,
+        buses: Arc<Buses>,
+        stop: Arc<AtomicBool>,
+        outcomes: Sender<(u8, VcpuOutcome)>,
+        exited: EventFd,
+    ) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler();
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("kiln-vcpu{index}"))
+            .spawn(move || {
+                let outcome = self.run(&buses, &stop);
+                // The receiver may be gone if the VMM is already exiting; nothing to do then.
+                let _ = outcomes.send((index, outcome));
+                let _ = exited.write(1);
+            })
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle { thread })
+    }
+
+    fn run(mut self, buses: &Buses, stop: &AtomicBool) -> VcpuOutcome {
+        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
+        let outcome = loop {
+            if stop.load(Ordering::Acquire) {
+                break VcpuOutcome::Stopped;
+            }
+            match self.fd.run() {
+                Ok(exit) => {
+                    if let Some(outcome) = handle_exit(exit, buses) {
+                        break outcome;
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    break VcpuOutcome::Fault(format!("vCPU {}: KVM_RUN failed: {e}", self.index))
+                }
+            }
+        };
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        outcome
+    }
+}
+
+/// Dispatches one exit; `Some` ends the vCPU's run.
+fn handle_exit(exit: VcpuExit<'_>, buses: &Buses) -> Option<VcpuOutcome> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !buses.pio.read(u64::from(port), data) {
+                data.fill(0);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            buses.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                data.fill(0);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            buses.mmio.write(addr, data);
+        }
+        VcpuExit::Hlt => return Some(VcpuOutcome::Halted),
+        VcpuExit::Shutdown => return Some(VcpuOutcome::Shutdown),
+        VcpuExit::Intr => {}
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Some(VcpuOutcome::Fault(format!(
+                "KVM could not enter the guest (hardware entry failure reason {reason:#x} on cpu {cpu})"
+            )))
+        }
+        VcpuExit::InternalError => {
+            return Some(VcpuOutcome::Fault(
+                "KVM internal error (the guest ran an instruction KVM could not emulate)".into(),
+            ))
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            return Some(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    VcpuOutcome::Shutdown
+                }
+                other => VcpuOutcome::Fault(format!("guest system event {other}")),
+            })
+        }
+        other => return Some(VcpuOutcome::Fault(format!("unexpected vCPU exit: {other:?}"))),
+    }
+    None
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Interrupts KVM_RUN so the thread sees its stop flag.
+    pub fn kick(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so it is
+        // valid; sending a signal has no memory-safety preconditions.
+        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}

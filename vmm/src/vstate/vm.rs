@@ -1,0 +1,118 @@
+//! The KVM VM: its file descriptor, guest memory slots, in-kernel irqchip and PIT.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory as Memory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    ApiVersion(i32),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("KVM lacks a capability kiln needs: {0}")]
+    MissingCap(&'static str),
+    #[error("cannot register guest memory with KVM: {0}")]
+    SetMemory(kvm_ioctls::Error),
+    #[error("cannot create the in-kernel interrupt controller: {0}")]
+    Irqchip(kvm_ioctls::Error),
+    #[error("cannot create the in-kernel PIT: {0}")]
+    Pit(kvm_ioctls::Error),
+    #[error("cannot set the TSS address: {0}")]
+    Tss(kvm_ioctls::Error),
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    #[error("cannot connect interrupt line {gsi} to an eventfd: {source}")]
+    Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("this KVM supports at most {max} vCPUs; {asked} were asked for")]
+    TooManyVcpus { asked: u8, max: usize },
+}
+
+/// Where KVM may put the three pages of the real-mode TSS (just below the BIOS area at the
+/// top of the 32-bit space, away from RAM and devices).
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// A VM with its memory registered and, optionally, its in-kernel irqchip.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Creates the VM and registers every region of `memory` as a KVM memory slot.
+    pub fn new(memory: &Memory, vcpus: u8) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::ApiVersion(version));
+        }
+        let max = kvm.get_max_vcpus();
+        if usize::from(vcpus) > max {
+            return Err(VmError::TooManyVcpus { asked: vcpus, max });
+        }
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(TSS_ADDR).map_err(VmError::Tss)?;
+        for (slot, region) in memory.iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `region.len()` bytes owned by `memory`,
+            // which the caller keeps alive for as long as the VM exists (Vmm holds both).
+            unsafe { fd.set_user_memory_region(mem_region) }.map_err(VmError::SetMemory)?;
+        }
+        Ok(Vm { kvm, fd })
+    }
+
+    /// Creates the in-kernel PIC/IOAPIC/LAPIC and the PIT. Must come before the vCPUs.
+    pub fn create_irqchip(&self) -> Result<(), VmError> {
+        self.fd.create_irq_chip().map_err(VmError::Irqchip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(VmError::Pit)
+    }
+
+    /// CPUID entries KVM can give a guest on this host.
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::Cpuid)
+    }
+
+    /// Makes a write to `event` raise interrupt line `gsi`.
+    pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(event, gsi)
+            .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+}
