@@ -84,10 +84,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {source}")]
+    #[error("config file {path} is not valid: {message} (line {line})")]
     Parse {
         path: PathBuf,
-        source: Box<toml::de::Error>,
+        message: String,
+        line: usize,
     },
     #[error("--vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
     Vcpus(u64),
@@ -122,7 +123,10 @@ impl VmConfig {
         })?;
         let mut config: VmConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            source: Box::new(e),
+            message: e.message().trim().to_string(),
+            line: e
+                .span()
+                .map_or(0, |s| text[..s.start].lines().count().max(1)),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.kernel = base.join(&config.kernel);

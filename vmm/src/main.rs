@@ -50,8 +50,16 @@ fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>> 
     })
 }
 
+/// Opens `path` and reads a byte, so that a missing file, a directory or a file without
+/// read permission is reported by name before any VM is built.
 fn check_readable(what: &str, path: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::File::open(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    use std::io::Read;
+    let context = || format!("cannot read {what} {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(context)?;
+    if file.metadata().with_context(context)?.is_dir() {
+        anyhow::bail!("cannot read {what} {}: it is a directory", path.display());
+    }
+    file.read(&mut [0u8; 1]).with_context(context)?;
     Ok(())
 }
 

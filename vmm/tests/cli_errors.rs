@@ -1,0 +1,123 @@
+//! Bad input to `kiln run`: each gets a one-line error naming the problem and a non-zero
+//! exit, never a panic.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `kiln run ARGS`, asserts failure without a panic, returns the error line.
+fn run_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("run kiln");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "kiln run {args:?} succeeded: {stderr}"
+    );
+    assert_ne!(out.status.code(), Some(101), "kiln panicked: {stderr}");
+    assert!(!stderr.contains("panicked"), "kiln panicked: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+    errors[0].to_string()
+}
+
+#[test]
+fn missing_kernel_file() {
+    let line = run_fails(&["--kernel", "/nonexistent/vmlinux"]);
+    assert!(
+        line.contains("kernel") && line.contains("/nonexistent/vmlinux"),
+        "{line}"
+    );
+    assert!(line.contains("No such file"), "{line}");
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel() {
+    let dir = scratch("notakernel");
+    let file = dir.join("notes.txt");
+    std::fs::write(
+        &file,
+        "just some text, long enough to not be empty\n".repeat(40),
+    )
+    .unwrap();
+    let line = run_fails(&["--kernel", file.to_str().unwrap()]);
+    assert!(line.contains("is not a Linux kernel"), "{line}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn zero_and_absurd_memory() {
+    let line = run_fails(&["--kernel", "/dev/null", "--memory", "0"]);
+    assert!(
+        line.contains("--memory") && line.contains("0 MiB"),
+        "{line}"
+    );
+    let line = run_fails(&["--kernel", "/dev/null", "--memory", "999999999"]);
+    assert!(
+        line.contains("--memory 999999999 MiB is more than this host"),
+        "{line}"
+    );
+    let line = run_fails(&["--kernel", "/dev/null", "--memory", "lots"]);
+    assert!(line.contains("--memory"), "{line}");
+}
+
+#[test]
+fn zero_and_too_many_vcpus() {
+    let line = run_fails(&["--kernel", "/dev/null", "--vcpus", "0"]);
+    assert!(
+        line.contains("--vcpus must be between 1 and 32, got 0"),
+        "{line}"
+    );
+    let line = run_fails(&["--kernel", "/dev/null", "--vcpus", "1000"]);
+    assert!(line.contains("got 1000"), "{line}");
+}
+
+#[test]
+fn unreadable_initramfs() {
+    let dir = scratch("initrd");
+    let kernel = dir.join("k");
+    std::fs::write(&kernel, b"x").unwrap();
+    let line = run_fails(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd.cpio",
+    ]);
+    assert!(
+        line.contains("initramfs /nonexistent/initrd.cpio"),
+        "{line}"
+    );
+    // A directory opens but cannot be read.
+    let line = run_fails(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        line.contains("initramfs") && line.contains("directory"),
+        "{line}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_config_file() {
+    let dir = scratch("config");
+    let file = dir.join("vm.toml");
+    std::fs::write(&file, "kernel = 5\n").unwrap();
+    let line = run_fails(&["--config", file.to_str().unwrap()]);
+    assert!(
+        line.contains("vm.toml") && line.contains("not valid"),
+        "{line}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
