@@ -97,6 +97,7 @@ fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
         let json = serde_json::json!({
             "result": report.exit.kind(),
             "boot_ms": report.boot_time.map(|t| t.as_secs_f64() * 1e3),
+            "setup_ms": report.setup_time.map(|t| t.as_secs_f64() * 1e3),
             "exit_code": code,
             "detail": detail,
         });

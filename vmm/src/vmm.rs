@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -19,7 +19,7 @@ use crate::arch::x86_64::{mptable, regs, regs::CpuMode};
 use crate::boot::{self, BootError};
 use crate::devices::{self, Buses, DeviceError, LegacyDevices};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +108,8 @@ pub struct RunReport {
     pub exit: GuestExit,
     /// From `start` to the guest's boot-done mark, if it made one.
     pub boot_time: Option<Duration>,
+    /// From `start` to the first KVM_RUN: the VMM's own set-up cost.
+    pub setup_time: Option<Duration>,
 }
 
 /// A built VM, ready to run.
@@ -115,6 +117,7 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     buses: Arc<Buses>,
     legacy: LegacyDevices,
+    start: Instant,
     // Kept alive for as long as the vCPUs run: KVM maps this memory into the guest.
     _memory: GuestMemory,
     _memory_file: File,
@@ -181,6 +184,7 @@ impl Vmm {
             vcpus,
             buses: Arc::new(buses),
             legacy,
+            start: spec.start,
             _memory: memory,
             _memory_file: memory_file,
             _vm: vm,
@@ -191,13 +195,20 @@ impl Vmm {
     pub fn run(self) -> Result<RunReport, VmmError> {
         let vcpu_count = self.vcpus.len();
         let stop = Arc::new(AtomicBool::new(false));
+        let first_run = Arc::new(OnceLock::new());
         let (tx, rx) = channel();
         let exited = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         let mut handles = Vec::with_capacity(vcpu_count);
         let mut start_error = None;
         for vcpu in self.vcpus {
-            let exited = exited.try_clone().map_err(DeviceError::EventFd)?;
-            match vcpu.start(self.buses.clone(), stop.clone(), tx.clone(), exited) {
+            let shared = VcpuShared {
+                buses: self.buses.clone(),
+                stop: stop.clone(),
+                first_run: first_run.clone(),
+                outcomes: tx.clone(),
+                exited: exited.try_clone().map_err(DeviceError::EventFd)?,
+            };
+            match vcpu.start(shared) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     start_error = Some(e);
@@ -245,6 +256,9 @@ impl Vmm {
         Ok(RunReport {
             exit,
             boot_time: self.legacy.boot_timer.boot_time(),
+            setup_time: first_run
+                .get()
+                .map(|t| t.saturating_duration_since(self.start)),
         })
     }
 }

@@ -8,8 +8,9 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -76,6 +77,17 @@ fn install_kick_handler() {
             tracing::error!("cannot install the vCPU kick signal handler: {e}");
         }
     });
+}
+
+/// What every vCPU thread of a VM shares with the main thread.
+pub struct VcpuShared {
+    pub buses: Arc<Buses>,
+    /// Set by the main thread (followed by a kick) to stop the vCPU.
+    pub stop: Arc<AtomicBool>,
+    /// When the first vCPU first entered KVM_RUN: the end of VMM set-up.
+    pub first_run: Arc<OnceLock<Instant>>,
+    pub outcomes: Sender<(u8, VcpuOutcome)>,
+    pub exited: EventFd,
 }
 
 /// A vCPU that has been created and configured but not started.
@@ -145,38 +157,33 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(err)
     }
 
-    /// Runs this vCPU on its own thread until it stops; the outcome is sent on `outcomes`
-    /// and `exited` is signalled.
-    pub fn start(
-        self,
-        buses: Arc<Buses>,
-        stop: Arc<AtomicBool>,
-        outcomes: Sender<(u8, VcpuOutcome)>,
-        exited: EventFd,
-    ) -> Result<VcpuHandle, VcpuError> {
+    /// Runs this vCPU on its own thread until it stops; the outcome is sent on
+    /// `shared.outcomes` and `shared.exited` is signalled.
+    pub fn start(self, shared: VcpuShared) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler();
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("kiln-vcpu{index}"))
             .spawn(move || {
-                let outcome = self.run(&buses, &stop);
+                let outcome = self.run(&shared);
                 // The receiver may be gone if the VMM is already exiting; nothing to do then.
-                let _ = outcomes.send((index, outcome));
-                let _ = exited.write(1);
+                let _ = shared.outcomes.send((index, outcome));
+                let _ = shared.exited.write(1);
             })
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle { thread })
     }
 
-    fn run(mut self, buses: &Buses, stop: &AtomicBool) -> VcpuOutcome {
+    fn run(mut self, shared: &VcpuShared) -> VcpuOutcome {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
         let outcome = loop {
-            if stop.load(Ordering::Acquire) {
+            if shared.stop.load(Ordering::Acquire) {
                 break VcpuOutcome::Stopped;
             }
+            shared.first_run.get_or_init(Instant::now);
             match self.fd.run() {
                 Ok(exit) => {
-                    if let Some(outcome) = handle_exit(exit, buses) {
+                    if let Some(outcome) = handle_exit(exit, &shared.buses) {
                         break outcome;
                     }
                 }
