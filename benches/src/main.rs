@@ -1,1 +1,50 @@
-fn main() {}
+//! kiln's benchmarks. Each prints one JSON object per line on stdout (see "Names that
+//! scripts and CI rely on" in ARCHITECTURE.md); progress goes to stderr. Run them with
+//! `cargo xtask bench`, which also collects them into `target/bench.json`.
+
+mod boot;
+mod stats;
+mod vmm_setup;
+
+use anyhow::Result;
+use clap::Parser;
+
+/// kiln benchmarks.
+#[derive(Parser)]
+struct Args {
+    /// Only run benchmarks whose name contains this.
+    filter: Option<String>,
+    /// Guest boots to time for `boot` (at least 10 for a quotable median).
+    #[arg(long, default_value_t = 10)]
+    boot_runs: usize,
+    /// Runs for `vmm_setup`.
+    #[arg(long, default_value_t = 30)]
+    setup_runs: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));
+    let bins = kiln_tests::artifacts::static_binaries()?;
+    let mut results = Vec::new();
+    if wanted("vmm_setup") {
+        eprintln!(
+            "bench vmm_setup: {} runs on the direct path",
+            args.setup_runs
+        );
+        results.extend(vmm_setup::run(&bins.kiln, args.setup_runs)?);
+    }
+    if wanted("boot") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench boot: {} boots, {}",
+            args.boot_runs,
+            runner.describe()
+        );
+        results.extend(boot::run(&runner, args.boot_runs)?);
+    }
+    for r in &results {
+        println!("{r}");
+    }
+    Ok(())
+}
