@@ -1,1 +1,18 @@
-//! The nested test bed.
+//! The nested test bed and what end-to-end tests build their images with.
+pub mod kernels;
+
+pub mod artifacts;
+pub mod busybox;
+pub mod cpio;
+mod direct;
+pub mod guest_initramfs;
+mod nested;
+pub mod output;
+pub mod process;
+pub mod qemu;
+pub mod testbed;
+pub mod tiny_kernel;
+pub mod tmp;
+
+pub use nested::TESTBED_CMDLINE;
+pub use testbed::{RunOutput, Runner, Testbed};
