@@ -10,8 +10,17 @@ const LOAD_ADDR: u64 = 0x100_0000;
 const EHDR_SIZE: u64 = 64;
 const PHDR_SIZE: u64 = 56;
 
-/// Machine code for the guest: print `message` on COM1, write the boot-done mark, reset.
-fn code(message: &str) -> Vec<u8> {
+/// How the tiny guest ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Reset through the i8042: `kiln run` exits 0.
+    Reset,
+    /// Spin forever: the VM runs until the host stops it.
+    Spin,
+}
+
+/// Machine code for the guest: print `message` on COM1, write the boot-done mark, then end.
+fn code(message: &str, end: End) -> Vec<u8> {
     let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     for b in message.bytes() {
         code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
@@ -19,7 +28,9 @@ fn code(message: &str) -> Vec<u8> {
     let port = kiln_agent_marks::SIGNAL_PORT.to_le_bytes();
     code.extend_from_slice(&[0x66, 0xba, port[0], port[1]]); // mov dx, SIGNAL_PORT
     code.extend_from_slice(&[0xb0, kiln_agent_marks::BOOT_DONE, 0xee]); // mov al, BOOT_DONE; out dx, al
-    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
+    if end == End::Reset {
+        code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
+    }
     code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
     code
 }
@@ -31,9 +42,14 @@ pub mod kiln_agent_marks {
     pub const BOOT_DONE: u8 = 0x01;
 }
 
-/// An ELF64 x86-64 executable with one PT_LOAD segment holding the code above.
+/// An ELF64 x86-64 executable with one PT_LOAD segment holding the code above; it resets.
 pub fn build(message: &str) -> Vec<u8> {
-    let code = code(message);
+    build_with(message, End::Reset)
+}
+
+/// As [`build`], ending as `end` says.
+pub fn build_with(message: &str, end: End) -> Vec<u8> {
+    let code = code(message, end);
     let code_offset = EHDR_SIZE + PHDR_SIZE;
     let file_size = code_offset + code.len() as u64;
     let mut elf = Vec::with_capacity(usize::try_from(file_size).unwrap_or(0));

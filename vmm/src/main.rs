@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::Parser;
 use kiln::cli::{Cli, Command, RunArgs};
 use kiln::config::{SerialOutput, VmConfig};
-use kiln::vmm::{BootSource, GuestExit, MachineSpec, Vmm};
+use kiln::vmm::{BootSource, GuestExit, MachineSpec, StopHandle, Vmm};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
 fn main() -> ExitCode {
     let start = Instant::now();
@@ -63,6 +65,26 @@ fn check_readable(what: &str, path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On SIGINT or SIGTERM, stops the VM (its console is flushed and the report printed as
+/// for any other exit). Returns where the signal number is recorded.
+fn stop_on_signals(stop: StopHandle) -> anyhow::Result<Arc<AtomicI32>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install signal handlers")?;
+    let caught = Arc::new(AtomicI32::new(0));
+    let record = caught.clone();
+    std::thread::Builder::new()
+        .name("kiln-signals".into())
+        .spawn(move || {
+            if let Some(signo) = signals.forever().next() {
+                record.store(signo, Ordering::Relaxed);
+                stop.stop();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(caught)
+}
+
 fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let config: VmConfig = args.to_config()?;
     check_readable("kernel", &config.kernel)?;
@@ -82,12 +104,20 @@ fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
         extra_mmio: Vec::new(),
         start,
     };
-    let report = Vmm::build(spec)?.run()?;
-    let code = if report.exit.is_success() { 0 } else { 1 };
+    let vmm = Vmm::build(spec)?;
+    let stopped_by = stop_on_signals(vmm.stop_handle()?)?;
+    let report = vmm.run()?;
+    let code: u8 = match report.exit {
+        // 128 + the signal number, as a shell reports a process killed by it.
+        GuestExit::Stopped => 128 + u8::try_from(stopped_by.load(Ordering::Relaxed)).unwrap_or(0),
+        ref exit if exit.is_success() => 0,
+        _ => 1,
+    };
     match &report.exit {
         GuestExit::Reset | GuestExit::Halted => tracing::info!("guest {}", report.exit.kind()),
         GuestExit::Panic(line) => eprintln!("kiln: error: guest kernel panic: {line}"),
         GuestExit::Fault(msg) => eprintln!("kiln: error: VM fault: {msg}"),
+        GuestExit::Stopped => eprintln!("kiln: VM stopped by a signal"),
     }
     if args.json {
         let detail = match &report.exit {

@@ -85,6 +85,8 @@ pub enum GuestExit {
     Panic(String),
     /// KVM or a vCPU failed.
     Fault(String),
+    /// The host stopped the VM (a [`StopHandle`], e.g. on SIGTERM).
+    Stopped,
 }
 
 impl GuestExit {
@@ -98,6 +100,7 @@ impl GuestExit {
             GuestExit::Halted => "halted",
             GuestExit::Panic(_) => "panic",
             GuestExit::Fault(_) => "fault",
+            GuestExit::Stopped => "stopped",
         }
     }
 }
@@ -112,11 +115,23 @@ pub struct RunReport {
     pub setup_time: Option<Duration>,
 }
 
+/// Stops a running VM: [`Vmm::run`] returns with [`GuestExit::Stopped`].
+pub struct StopHandle(EventFd);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        if let Err(e) = self.0.write(1) {
+            tracing::error!("cannot signal the VM to stop: {e}");
+        }
+    }
+}
+
 /// A built VM, ready to run.
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
     buses: Arc<Buses>,
     legacy: LegacyDevices,
+    stop_evt: EventFd,
     start: Instant,
     // Kept alive for as long as the vCPUs run: KVM maps this memory into the guest.
     _memory: GuestMemory,
@@ -184,6 +199,7 @@ impl Vmm {
             vcpus,
             buses: Arc::new(buses),
             legacy,
+            stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,
             start: spec.start,
             _memory: memory,
             _memory_file: memory_file,
@@ -191,7 +207,14 @@ impl Vmm {
         })
     }
 
-    /// Runs the guest until it resets, halts, panics or faults.
+    /// A handle that stops the VM from another thread (or a signal handler thread).
+    pub fn stop_handle(&self) -> Result<StopHandle, VmmError> {
+        Ok(StopHandle(
+            self.stop_evt.try_clone().map_err(DeviceError::EventFd)?,
+        ))
+    }
+
+    /// Runs the guest until it resets, halts, panics or faults, or is stopped.
     pub fn run(self) -> Result<RunReport, VmmError> {
         let vcpu_count = self.vcpus.len();
         let stop = Arc::new(AtomicBool::new(false));
@@ -226,6 +249,7 @@ impl Vmm {
             boot_timer: self.legacy.boot_timer.clone(),
             vcpu_count,
             halted: 0,
+            stop_evt: self.stop_evt,
             exit: None,
         }));
         let result = if start_error.is_none() {
@@ -285,6 +309,7 @@ struct ExitWatcher {
     boot_timer: kiln_devices::BootTimer,
     vcpu_count: usize,
     halted: usize,
+    stop_evt: EventFd,
     exit: Option<GuestExit>,
 }
 
@@ -306,7 +331,12 @@ impl ExitWatcher {
 
 impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.reset_evt, &self.boot_evt, &self.exited] {
+        for fd in [
+            &self.reset_evt,
+            &self.boot_evt,
+            &self.exited,
+            &self.stop_evt,
+        ] {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
                 tracing::error!("cannot watch a VMM event: {e:?}");
             }
@@ -325,6 +355,9 @@ impl MutEventSubscriber for ExitWatcher {
             if let Some(t) = self.boot_timer.boot_time() {
                 tracing::info!("guest boot done in {:.1} ms", t.as_secs_f64() * 1e3);
             }
+        } else if fd == self.stop_evt.as_raw_fd() {
+            let _ = self.stop_evt.read();
+            self.set_exit(GuestExit::Stopped);
         } else if fd == self.exited.as_raw_fd() {
             let _ = self.exited.read();
             while let Ok((index, outcome)) = self.outcomes.try_recv() {

@@ -67,3 +67,41 @@ fn run_reports_json_and_exits_zero_on_reset() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn sigterm_stops_the_vm_with_128_plus_signo() {
+    use kiln_tests::tiny_kernel::{build_with, End};
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = std::env::temp_dir().join(format!("kiln-cli-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "spinning now\n");
+    // The guest is running (it printed); now stop it the way a runner cancels a job.
+    // SAFETY: kill() with a pid we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{rest}");
+    let report: serde_json::Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
+    assert_eq!(report["result"], "stopped");
+    std::fs::remove_dir_all(dir).unwrap();
+}
