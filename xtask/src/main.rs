@@ -1,1 +1,136 @@
-fn main() {}
+//! `cargo xtask …`: the project's entry points for set-up, the demo, the tests and the
+//! benchmarks. Run from anywhere in the checkout; paths are taken from the repo root.
+
+mod demo;
+mod setup;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "kiln's set-up, demo, test and bench tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the Debian packages (as root) and build the guest and test-bed kernels.
+    /// Idempotent: a second run only checks.
+    Setup,
+    /// Boot a microVM and run a sample CI job in it (direct /dev/kvm if the CPU has
+    /// hardware virtualization, else inside the nested QEMU test bed).
+    Demo,
+    /// Set up, then cargo fmt --check, clippy -D warnings and every test of the workspace.
+    Test,
+    /// Run the benchmarks (release build); prints one JSON object per line and writes
+    /// them all to target/bench.json.
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Demo => demo::run(),
+        Task::Test => test(),
+        Task::Bench => bench(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn repo_root() -> PathBuf {
+    kiln_tests::kernels::repo_root()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(repo_root());
+    cmd
+}
+
+fn test() -> Result<()> {
+    step("setup", setup::run)?;
+    let steps: [(&str, &[&str]); 3] = [
+        ("cargo fmt", &["fmt", "--all", "--check"]),
+        (
+            "cargo clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        ("cargo test", &["test", "--workspace"]),
+    ];
+    for (name, args) in steps {
+        step(name, || {
+            let status = cargo()
+                .args(args)
+                .status()
+                .with_context(|| format!("could not run cargo {}", args.join(" ")))?;
+            if !status.success() {
+                bail!("`cargo {}` exited with {status}", args.join(" "));
+            }
+            Ok(())
+        })?;
+    }
+    println!("xtask test: all steps passed");
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("xtask test: == {name} ==");
+    f().with_context(|| format!("step `{name}` failed"))
+}
+
+fn bench() -> Result<()> {
+    setup::run()?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    std::fs::create_dir_all(&target)
+        .with_context(|| format!("could not create {}", target.display()))?;
+    let out_path = target.join("bench.json");
+    let mut out = std::fs::File::create(&out_path)
+        .with_context(|| format!("could not create {}", out_path.display()))?;
+
+    let mut child = cargo()
+        .args(["run", "--quiet", "--release", "-p", "kiln-benches"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not run the kiln-benches binary")?;
+    let stdout = child.stdout.take().context("bench stdout not captured")?;
+    let mut records = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading the benchmarks' output")?;
+        println!("{line}");
+        if serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|v| v.is_object()) {
+            writeln!(out, "{line}").with_context(|| format!("writing {}", out_path.display()))?;
+            records += 1;
+        }
+    }
+    let status = child.wait().context("waiting for kiln-benches")?;
+    eprintln!("xtask bench: {records} results in {}", out_path.display());
+    if !status.success() {
+        bail!("kiln-benches exited with {status}; the results printed so far are kept");
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! `cargo xtask setup`: the Debian packages and the two kernels that tests, demo and
+//! benches need. Idempotent: a second run installs nothing and builds nothing.
+
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the build and the test bed need.
+///
+/// - kernels: linux-source-6.12 and its build tools (kernel-config/build.sh; lz4 compresses
+///   the bzImage)
+/// - test bed: qemu-system-x86 (QEMU TCG with nested SVM), busybox-static and cpio for the
+///   test-bed and guest initramfs images
+pub const PACKAGES: &[&str] = &[
+    "linux-source-6.12",
+    "bc",
+    "flex",
+    "bison",
+    "libelf-dev",
+    "libssl-dev",
+    "make",
+    "gcc",
+    "xz-utils",
+    "lz4",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+];
+
+pub fn run() -> Result<()> {
+    let missing = missing_packages()?;
+    if missing.is_empty() {
+        println!("setup: packages: all {} present", PACKAGES.len());
+    } else {
+        install(&missing)?;
+        println!("setup: packages: installed {}", missing.join(" "));
+    }
+    for (name, build) in [
+        ("guest", kiln_tests::kernels::guest as fn() -> _),
+        ("testbed-host", kiln_tests::kernels::testbed_host),
+    ] {
+        let start = Instant::now();
+        let images = build().with_context(|| format!("building the {name} kernel"))?;
+        println!(
+            "setup: {name} kernel: {} ({:.1} s)",
+            images.dir.display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn missing_packages() -> Result<Vec<&'static str>> {
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\n"])
+        .args(PACKAGES)
+        .stderr(Stdio::null())
+        .output()
+        .context("could not run dpkg-query: kiln's set-up needs a Debian-based machine")?;
+    // dpkg-query exits 1 when some package is unknown; its stdout still lists the known ones.
+    let listed = String::from_utf8_lossy(&output.stdout);
+    Ok(PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !listed.lines().any(|line| {
+                line.split_once(' ')
+                    .is_some_and(|(name, status)| name == *p && status == "install ok installed")
+            })
+        })
+        .collect())
+}
+
+fn is_root() -> bool {
+    // /proc/self belongs to the effective user of the process reading it.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn install(packages: &[&str]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "missing packages: {0}; run `cargo xtask setup` as root, or install them with \
+             `sudo apt-get update && sudo apt-get install {0}`",
+            packages.join(" ")
+        );
+    }
+    println!("setup: installing {}", packages.join(" "));
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    apt(&args)
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(["-o", "DPkg::Lock::Timeout=600"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("could not run apt-get")?;
+    if !status.success() {
+        bail!("`apt-get {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
