@@ -11,6 +11,7 @@ pub mod guest_signal;
 pub mod i8042;
 pub mod interrupt;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
 pub use console::PanicWatch;

@@ -1,0 +1,229 @@
+//! virtio devices and the virtio-mmio transport that puts them on the MMIO bus.
+//!
+//! A concrete device (vsock, later block, net, rng) implements [`VirtioDevice`]: it says what
+//! it is and what it offers, and once the driver has negotiated features and set up the
+//! queues, the transport hands it guest memory, the queues, one notification eventfd per
+//! queue and a [`VirtioInterrupt`] in [`VirtioDevice::activate`]. From then on the device
+//! works on its own, usually from the VMM's event loop: it waits on the queue eventfds, pops
+//! descriptor chains, and raises the interrupt when it has used some.
+//!
+//! The [`MmioTransport`] owns the register window. Nothing here calls KVM: the VMM registers
+//! [`MmioTransport::queue_evts`] as ioeventfds and [`VirtioInterrupt::irq_evt`] as an irqfd.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::{mmio_cmdline_fragment, MmioTransport, MMIO_WINDOW_SIZE};
+
+/// The guest memory type devices work on (the VMM's memfd-backed mapping).
+pub type GuestMemory = vm_memory::GuestMemoryMmap;
+
+/// Feature bit: the device follows virtio 1.x ("modern"). Every kiln device offers it.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: the driver and the device use `used_event`/`avail_event` to suppress
+/// notifications.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest has found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest knows how to drive the device.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready: the device is live.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The guest gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// `InterruptStatus` bit: the device used buffers in a queue.
+pub const INTERRUPT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the configuration space (or the device status) changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
+
+/// `1 << bit` as a feature mask.
+pub const fn feature(bit: u32) -> u64 {
+    1u64 << bit
+}
+
+/// A device's interrupt line together with its interrupt status and config generation.
+///
+/// The transport and the device share one (cheap clones): the device sets a status bit and
+/// writes the irq eventfd; the guest reads `InterruptStatus` and acks through the transport.
+#[derive(Debug, Clone)]
+pub struct VirtioInterrupt {
+    status: Arc<AtomicU32>,
+    config_generation: Arc<AtomicU32>,
+    irq: Arc<EventFd>,
+}
+
+impl VirtioInterrupt {
+    /// An interrupt that raises `irq_evt` (the eventfd the VMM registers as an irqfd).
+    pub fn new(irq_evt: EventFd) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            config_generation: Arc::new(AtomicU32::new(0)),
+            irq: Arc::new(irq_evt),
+        }
+    }
+
+    /// The irq eventfd, to register with KVM as an irqfd.
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.irq
+    }
+
+    /// Tell the guest the device used buffers.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        self.raise(INTERRUPT_VRING)
+    }
+
+    /// Tell the guest the configuration space changed; bumps the config generation.
+    pub fn signal_config_change(&self) -> io::Result<()> {
+        self.config_generation.fetch_add(1, Ordering::AcqRel);
+        self.raise(INTERRUPT_CONFIG)
+    }
+
+    fn raise(&self, bit: u32) -> io::Result<()> {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        self.irq.write(1)
+    }
+
+    /// The current `InterruptStatus` value.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Clear the acknowledged `bits` (a guest write to `InterruptACK`).
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The current config generation.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::Acquire)
+    }
+
+    /// Clear the interrupt status (device reset). The generation keeps counting.
+    pub(crate) fn clear(&self) {
+        self.status.store(0, Ordering::Release);
+    }
+}
+
+/// Why a device could not go live when the driver set DRIVER_OK.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The transport handed over a different number of queues than the device has.
+    #[error("the device has {expected} queues but {got} were set up")]
+    QueueCount {
+        /// Queues the device expects.
+        expected: usize,
+        /// Queues handed over.
+        got: usize,
+    },
+    /// The driver did not make a queue ready, or its rings are not in guest memory.
+    #[error("virtqueue {index} is not ready or its rings lie outside guest memory")]
+    InvalidQueue {
+        /// The queue's index.
+        index: usize,
+    },
+    /// Copying an eventfd or waking the event loop failed.
+    #[error("device activation failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What a virtio device implements to sit behind a transport.
+///
+/// The transport calls these from a vCPU thread with the device's lock held; a device that
+/// also runs in the event loop shares its state through the same lock, so it must never take
+/// the transport's lock (the transport locks itself first, then the device).
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (e.g. 19 for vsock).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// The feature bits the device offers; must include [`VIRTIO_F_VERSION_1`].
+    fn device_features(&self) -> u64;
+
+    /// The driver accepted `features` (already checked to be a subset of the offer).
+    fn ack_features(&mut self, features: u64);
+
+    /// Read `data.len()` bytes of the config space at `offset`; bytes past its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// The driver writes the config space. Read-only config spaces ignore it.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// The driver set DRIVER_OK: go live with these queues (already validated), one
+    /// notification eventfd per queue (the guest writes them through `QueueNotify`), and the
+    /// interrupt to raise when buffers are used.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: VirtioInterrupt,
+    ) -> Result<(), ActivateError>;
+
+    /// The driver wrote 0 to the status: drop the queues, forget the features, go back to
+    /// the state before negotiation.
+    fn reset(&mut self);
+}
+
+/// Copy `config[offset..]` into `data`, filling whatever lies past the end with zeros. The
+/// common shape of [`VirtioDevice::read_config`].
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let other = irq.clone();
+        other.signal_used_queue().unwrap();
+        assert_eq!(irq.status(), INTERRUPT_VRING);
+        other.signal_config_change().unwrap();
+        assert_eq!(irq.status(), INTERRUPT_VRING | INTERRUPT_CONFIG);
+        assert_eq!(irq.config_generation(), 1);
+        assert_eq!(irq.irq_evt().read().unwrap(), 2);
+        irq.ack(INTERRUPT_VRING);
+        assert_eq!(other.status(), INTERRUPT_CONFIG);
+        irq.clear();
+        assert_eq!(other.status(), 0);
+    }
+
+    #[test]
+    fn config_bytes_are_zero_padded() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&cfg, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, 9, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&cfg, u64::MAX, &mut data[..1]);
+        assert_eq!(data[0], 0);
+    }
+}
