@@ -1,0 +1,288 @@
+//! The vsock device: the [`VirtioDevice`] side (called by the MMIO transport from vCPU
+//! threads) and the [`MutEventSubscriber`] side (called by the VMM's event loop), on one
+//! object behind one mutex.
+//!
+//! Activation and reset happen on a vCPU thread, which cannot touch the event loop's epoll
+//! set; they write the device's wake-up eventfd, and the event loop then brings the
+//! registrations up to date (queue eventfds in or out) and does any rx work that waited.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use tracing::{debug, info, warn};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::interest::{EpollOps, Registrations};
+use super::muxer::Muxer;
+use super::packet_io;
+use super::{VsockError, EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_ID_VSOCK};
+use crate::virtio::{
+    feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// The device's queues and what it needs to use them, from activation to reset.
+pub(crate) struct Active {
+    pub(crate) mem: GuestMemory,
+    pub(crate) queues: Vec<Queue>,
+    pub(crate) evts: Vec<EventFd>,
+    pub(crate) interrupt: VirtioInterrupt,
+}
+
+/// A virtio-vsock device whose host side is the Unix socket `uds_path`.
+pub struct Vsock {
+    guest_cid: u64,
+    pub(crate) acked_features: u64,
+    wake_evt: EventFd,
+    pub(crate) muxer: Muxer,
+    pub(crate) active: Option<Active>,
+    /// Queue eventfds of a reset device, to unregister before they are closed.
+    retired_evts: Vec<EventFd>,
+    pub(crate) regs: Registrations,
+    reset_event_pending: bool,
+}
+
+impl Vsock {
+    /// A device for a guest with CID `guest_cid`, listening for host clients on `uds_path`
+    /// (which must not exist yet). Guest connections to host port N go to `<uds_path>_N`.
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Result<Self, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(VsockError::BadCid(guest_cid));
+        }
+        let wake_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        Ok(Self {
+            guest_cid,
+            acked_features: 0,
+            wake_evt,
+            muxer: Muxer::new(uds_path.into(), guest_cid)?,
+            active: None,
+            retired_evts: Vec::new(),
+            regs: Registrations::default(),
+            reset_event_pending: false,
+        })
+    }
+
+    /// The guest's CID (the config space value).
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The Unix socket host clients connect to.
+    pub fn uds_path(&self) -> &Path {
+        self.muxer.uds_path()
+    }
+
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether the driver has activated the device.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Drop every connection and send VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event
+    /// queue, so the guest drops its ends too (after a snapshot restore, connections do not
+    /// survive). Returns true if the event went out now, false if it waits for the guest
+    /// to post an event buffer.
+    pub fn send_transport_reset(&mut self) -> Result<bool, VsockError> {
+        if self.active.is_none() {
+            return Err(VsockError::NotActive);
+        }
+        self.muxer.reset();
+        self.reset_event_pending = true;
+        // The event loop closes the dropped sockets.
+        self.wake_event_loop();
+        Ok(self.deliver_reset_event())
+    }
+
+    fn deliver_reset_event(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        if self.reset_event_pending
+            && packet_io::write_event(
+                &mut a.queues[EVQ],
+                &a.mem,
+                &a.interrupt,
+                EVENT_TRANSPORT_RESET,
+            )
+        {
+            info!("vsock: transport reset event delivered");
+            self.reset_event_pending = false;
+        }
+        !self.reset_event_pending
+    }
+
+    pub(crate) fn wake_fd(&self) -> RawFd {
+        self.wake_evt.as_raw_fd()
+    }
+
+    fn queue_fd(&self, index: usize) -> Option<RawFd> {
+        self.active
+            .as_ref()
+            .and_then(|a| a.evts.get(index))
+            .map(AsRawFd::as_raw_fd)
+    }
+
+    /// Handle readiness of `fd` (one of ours). Tests call this directly.
+    pub(crate) fn handle_event(&mut self, fd: RawFd, set: EventSet) {
+        if fd == self.wake_fd() {
+            let _ = self.wake_evt.read();
+        } else if Some(fd) == self.queue_fd(RXQ) {
+            self.drain_queue_evt(RXQ);
+        } else if Some(fd) == self.queue_fd(TXQ) {
+            self.drain_queue_evt(TXQ);
+            self.process_tx();
+        } else if Some(fd) == self.queue_fd(EVQ) {
+            self.drain_queue_evt(EVQ);
+        } else if fd == self.muxer.listener_fd() {
+            self.muxer.accept();
+        } else {
+            self.muxer.on_host_event(fd, set);
+        }
+        // Whatever happened may have produced packets for the guest.
+        self.process_rx();
+        if self.reset_event_pending {
+            self.deliver_reset_event();
+        }
+    }
+
+    fn drain_queue_evt(&mut self, index: usize) {
+        if let Some(evt) = self.active.as_ref().and_then(|a| a.evts.get(index)) {
+            let _ = evt.read();
+        }
+    }
+
+    pub(crate) fn process_tx(&mut self) {
+        let Self { active, muxer, .. } = self;
+        if let Some(a) = active {
+            packet_io::drain_tx(&mut a.queues[TXQ], &a.mem, &a.interrupt, |pkt| {
+                muxer.on_guest_packet(pkt)
+            });
+        }
+    }
+
+    pub(crate) fn process_rx(&mut self) {
+        let Self { active, muxer, .. } = self;
+        let Some(a) = active else {
+            return;
+        };
+        // The muxer is borrowed by both closures in turn, never at once.
+        let muxer = std::cell::RefCell::new(muxer);
+        packet_io::fill_rx(
+            &mut a.queues[RXQ],
+            &a.mem,
+            &a.interrupt,
+            || muxer.borrow().has_rx_work(),
+            |pkt| muxer.borrow_mut().fill_rx(pkt),
+        );
+    }
+
+    /// Bring the epoll registrations in line with what the device wants, then close the
+    /// sockets and eventfds that were waiting to leave the epoll set.
+    pub(crate) fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
+        let mut desired = vec![(self.wake_fd(), EventSet::IN)];
+        if let Some(a) = &self.active {
+            desired.extend(a.evts.iter().map(|e| (e.as_raw_fd(), EventSet::IN)));
+        }
+        self.muxer.interest(&mut desired);
+        let sockets = self.muxer.take_retired();
+        let evts = std::mem::take(&mut self.retired_evts);
+        let retired: Vec<RawFd> = sockets
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .chain(evts.iter().map(AsRawFd::as_raw_fd))
+            .collect();
+        self.regs.sync(&desired, &retired, ops);
+        // Now out of the epoll set: close them.
+        drop(sockets);
+        drop(evts);
+    }
+
+    fn wake_event_loop(&self) {
+        if let Err(e) = self.wake_evt.write(1) {
+            warn!("vsock: cannot wake the event loop: {e}");
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn device_features(&self) -> u64 {
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn!(
+            offset,
+            len = data.len(),
+            "vsock: the config space is read-only; write ignored"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: VirtioInterrupt,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 3 || queue_evts.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+        debug!(guest_cid = self.guest_cid, "vsock: activated");
+        self.active = Some(Active {
+            mem,
+            queues,
+            evts: queue_evts,
+            interrupt,
+        });
+        self.wake_event_loop();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(a) = self.active.take() {
+            self.retired_evts.extend(a.evts);
+        }
+        self.muxer.reset();
+        self.acked_features = 0;
+        self.reset_event_pending = false;
+        self.wake_event_loop();
+        debug!("vsock: reset");
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.sync_interest(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.handle_event(events.fd(), events.event_set());
+        self.sync_interest(ops);
+    }
+}

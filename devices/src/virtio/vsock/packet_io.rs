@@ -1,0 +1,212 @@
+//! Moving packets through the three queues.
+//!
+//! The queues are the guest's: every chain is parsed with `virtio-vsock`'s `VsockPacket`,
+//! which checks descriptor directions and lengths against guest memory. A chain that does
+//! not parse is returned to the guest as used with length 0 and logged; it never reaches
+//! the connection logic.
+
+use tracing::warn;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::{Bytes, GuestMemoryError};
+
+use super::{MAX_PKT_DATA, TYPE_STREAM};
+use crate::virtio::{GuestMemory, VirtioInterrupt};
+
+/// A packet in guest memory (guest memory without a dirty bitmap).
+pub(crate) type Pkt<'a> = VsockPacket<'a, ()>;
+
+/// Size of the header in front of every packet.
+pub(crate) const HDR_LEN: u32 = 44;
+const _: () = assert!(PKT_HEADER_SIZE == HDR_LEN as usize);
+
+/// The header of a packet the device sends to the guest (type is always stream).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) src_cid: u64,
+    pub(crate) dst_cid: u64,
+    pub(crate) src_port: u32,
+    pub(crate) dst_port: u32,
+    pub(crate) op: u16,
+    pub(crate) flags: u32,
+    pub(crate) buf_alloc: u32,
+    pub(crate) fwd_cnt: u32,
+}
+
+impl Header {
+    /// Write this header, with payload length `len`, into `pkt`.
+    pub(crate) fn write_to(&self, pkt: &mut Pkt<'_>, len: u32) {
+        pkt.set_src_cid(self.src_cid)
+            .set_dst_cid(self.dst_cid)
+            .set_src_port(self.src_port)
+            .set_dst_port(self.dst_port)
+            .set_len(len)
+            .set_type(TYPE_STREAM)
+            .set_op(self.op)
+            .set_flags(self.flags)
+            .set_buf_alloc(self.buf_alloc)
+            .set_fwd_cnt(self.fwd_cnt);
+    }
+}
+
+/// Raise the queue's interrupt if the driver wants one.
+fn notify(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt) {
+    // An unreadable used_event means a broken driver; interrupting is the safe choice.
+    if queue.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = irq.signal_used_queue() {
+            warn!("vsock: cannot raise the queue interrupt: {e}");
+        }
+    }
+}
+
+fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        warn!(
+            head,
+            "vsock: cannot return a descriptor chain to the guest: {e}"
+        );
+    }
+}
+
+/// Pop every available tx chain and hand each packet that parses to `handle`. Returns
+/// whether any chain was used.
+pub(crate) fn drain_tx(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    irq: &VirtioInterrupt,
+    mut handle: impl FnMut(&Pkt<'_>),
+) -> bool {
+    let mut used = false;
+    let mut empty_rounds = 0;
+    loop {
+        // Without EVENT_IDX this sets NO_NOTIFY while we work; with it, it is a no-op.
+        let _ = queue.disable_notification(mem);
+        let mut popped = false;
+        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => handle(&pkt),
+                Err(e) => warn!(head, "vsock: dropping malformed tx chain: {e}"),
+            }
+            add_used(queue, mem, head, 0);
+            used = true;
+            popped = true;
+        }
+        // More may have arrived while notifications were off. A ring that keeps saying so
+        // without yielding chains is corrupt: stop rather than spin.
+        empty_rounds = if popped { 0 } else { empty_rounds + 1 };
+        match queue.enable_notification(mem) {
+            Ok(true) if empty_rounds < 2 => continue,
+            Ok(true) => {
+                warn!("vsock: tx avail ring is inconsistent; waiting for the next kick");
+                break;
+            }
+            Ok(false) => break,
+            Err(e) => {
+                warn!("vsock: cannot re-enable tx notifications: {e}");
+                break;
+            }
+        }
+    }
+    if used {
+        notify(queue, mem, irq);
+    }
+    used
+}
+
+/// Fill rx chains while `fill` produces packets (`Some(payload length)`). A chain `fill`
+/// has no use for is put back. Returns whether the queue ran dry while `more` still said
+/// there was work.
+pub(crate) fn fill_rx(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    irq: &VirtioInterrupt,
+    mut more: impl FnMut() -> bool,
+    mut fill: impl FnMut(&mut Pkt<'_>) -> Option<u32>,
+) -> bool {
+    let mut used = false;
+    let mut starved = false;
+    let mut retried = false;
+    while more() {
+        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            // Ask for a kick when the guest adds buffers (matters with EVENT_IDX); retry
+            // once if some arrived meanwhile, but never spin on a corrupt ring.
+            match queue.enable_notification(mem) {
+                Ok(true) if !retried => {
+                    retried = true;
+                    continue;
+                }
+                _ => {
+                    starved = true;
+                    break;
+                }
+            }
+        };
+        let head = chain.head_index();
+        let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+            Ok(mut pkt) => match fill(&mut pkt) {
+                Some(n) => HDR_LEN + n,
+                // A buffer without room for payload cannot carry the data that is
+                // waiting; hand it back empty rather than let it block the ring.
+                None if pkt.data_slice().is_none_or(|d| d.is_empty()) => {
+                    warn!(
+                        head,
+                        "vsock: rx buffer has no room for payload; returned unused"
+                    );
+                    0
+                }
+                None => {
+                    queue.go_to_previous_position();
+                    break;
+                }
+            },
+            Err(e) => {
+                warn!(head, "vsock: dropping malformed rx chain: {e}");
+                0
+            }
+        };
+        add_used(queue, mem, head, len);
+        used = true;
+    }
+    if used {
+        notify(queue, mem, irq);
+    }
+    starved
+}
+
+/// Put a 4-byte event (`le32 id`) into the next event-queue buffer. Returns false if the
+/// guest has posted no usable buffer.
+pub(crate) fn write_event(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    irq: &VirtioInterrupt,
+    id: u32,
+) -> bool {
+    loop {
+        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            let _ = queue.enable_notification(mem);
+            return false;
+        };
+        let head = chain.head_index();
+        let target = chain
+            .find(|d| d.is_write_only() && d.len() >= 4)
+            .map(|d| d.addr());
+        let written = match target {
+            Some(addr) => mem
+                .write_slice(&id.to_le_bytes(), addr)
+                .map_err(|e: GuestMemoryError| e.to_string()),
+            None => Err("no writable descriptor of 4 bytes".to_string()),
+        };
+        match written {
+            Ok(()) => {
+                add_used(queue, mem, head, 4);
+                notify(queue, mem, irq);
+                return true;
+            }
+            Err(e) => {
+                warn!(head, "vsock: dropping malformed event chain: {e}");
+                add_used(queue, mem, head, 0);
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! What a snapshot keeps of the vsock device.
+//!
+//! Live connections are not part of it: host sockets cannot be carried across a restore.
+//! After restoring, the VMM calls [`Vsock::send_transport_reset`] so the guest drops its
+//! ends of the old connections too.
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{Active, Vsock};
+use super::VsockError;
+use crate::virtio::{GuestMemory, VirtioInterrupt};
+use std::path::PathBuf;
+
+/// The format version of [`VsockState`].
+pub const VSOCK_STATE_VERSION: u32 = 1;
+
+/// One virtqueue's state, field for field `virtio_queue::QueueState`, serializable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// The device's maximum size.
+    pub max_size: u16,
+    /// Next available-ring entry the device will read.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will write.
+    pub next_used: u16,
+    /// Whether VIRTIO_RING_F_EVENT_IDX is in use.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// Whether the driver marked the queue ready.
+    pub ready: bool,
+    /// Guest address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest address of the available ring.
+    pub avail_ring: u64,
+    /// Guest address of the used ring.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+/// The vsock device's snapshot state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// [`VSOCK_STATE_VERSION`] when written.
+    pub version: u32,
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// The three queues (rx, tx, event) if the driver had activated the device, else empty.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl Vsock {
+    /// The device's state for a snapshot (taken with the vCPUs paused).
+    pub fn save_state(&self) -> VsockState {
+        VsockState {
+            version: VSOCK_STATE_VERSION,
+            guest_cid: self.guest_cid(),
+            acked_features: self.acked_features(),
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| a.queues.iter().map(|q| q.state().into()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Rebuild a device from `state`, listening on `uds_path`. If the state holds queues,
+    /// the device comes back active on `mem` with the transport's `queue_evts` and
+    /// `interrupt`; the caller then sends [`Vsock::send_transport_reset`].
+    pub fn restore(
+        state: &VsockState,
+        uds_path: impl Into<PathBuf>,
+        mem: GuestMemory,
+        queue_evts: Vec<EventFd>,
+        interrupt: VirtioInterrupt,
+    ) -> Result<Self, VsockError> {
+        if state.version != VSOCK_STATE_VERSION {
+            return Err(VsockError::StateVersion {
+                found: state.version,
+                expected: VSOCK_STATE_VERSION,
+            });
+        }
+        let mut dev = Vsock::new(state.guest_cid, uds_path)?;
+        dev.acked_features = state.acked_features;
+        if state.queues.is_empty() {
+            return Ok(dev);
+        }
+        if state.queues.len() != 3 || queue_evts.len() != 3 {
+            return Err(VsockError::BadState(format!(
+                "{} queues and {} queue eventfds; vsock has 3",
+                state.queues.len(),
+                queue_evts.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(3);
+        for (i, q) in state.queues.iter().enumerate() {
+            let queue = Queue::try_from(QueueState::from(*q))
+                .map_err(|e| VsockError::BadState(format!("queue {i}: {e}")))?;
+            if !queue.is_valid(&mem) {
+                return Err(VsockError::BadState(format!(
+                    "queue {i} is not ready or lies outside guest memory"
+                )));
+            }
+            queues.push(queue);
+        }
+        dev.active = Some(Active {
+            mem,
+            queues,
+            evts: queue_evts,
+            interrupt,
+        });
+        Ok(dev)
+    }
+}

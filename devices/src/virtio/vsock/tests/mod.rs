@@ -1,0 +1,449 @@
+//! Tests of the vsock device against virtio-queue's mock guest memory and real Unix sockets.
+//!
+//! The harness plays the guest driver (it writes descriptor chains and reads the used
+//! rings) and the event loop: [`Harness::run`] polls every fd the device registered and
+//! calls the device's handler for each ready one until nothing is ready, so tests never
+//! sleep; a device that keeps a ready fd registered without making progress fails the run.
+
+mod guest;
+mod host;
+mod robust;
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use event_manager::EventSet;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::interest::fake::FakeEpoll;
+use super::{op, Vsock, EVQ, HOST_CID, RXQ, TXQ};
+use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+
+pub(super) const GUEST_CID: u64 = 3;
+const QSIZE: u16 = 256;
+const MEM_SIZE: usize = 16 << 20;
+
+/// A scratch directory, removed on drop.
+pub(super) struct TestDir(pub(super) PathBuf);
+
+impl TestDir {
+    pub(super) fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-vsock-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(super) fn test_mem() -> GuestMemory {
+    GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+/// A guest packet header, as the guest driver writes it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Hdr {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    /// `None`: the payload's length.
+    pub len: Option<u32>,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Hdr {
+    /// A packet from guest port `src` to host port `dst`, with 64 KiB of guest credit.
+    pub(super) fn new(op: u16, src_port: u32, dst_port: u32) -> Self {
+        Self {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len: None,
+            type_: 1,
+            op,
+            flags: 0,
+            buf_alloc: 64 * 1024,
+            fwd_cnt: 0,
+        }
+    }
+
+    fn encode(&self, payload_len: u32) -> [u8; 44] {
+        let mut b = [0u8; 44];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.unwrap_or(payload_len).to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+/// A packet the device put into an rx buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RxPkt {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+    pub data: Vec<u8>,
+    pub used_len: u32,
+}
+
+fn le<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    b[at..at + N].try_into().unwrap()
+}
+
+/// One virtqueue as the guest driver sees it.
+pub(super) struct GuestQueue<'m> {
+    mem: &'m GuestMemory,
+    mock: MockSplitQueue<'m, GuestMemory>,
+    next_desc: u16,
+    buf_base: u64,
+    buf_len: u64,
+    buf_off: u64,
+    used_seen: u16,
+    /// Head index → address of the chain's first buffer.
+    heads: HashMap<u16, u64>,
+}
+
+impl<'m> GuestQueue<'m> {
+    fn new(mem: &'m GuestMemory, ring: u64, buf_base: u64, buf_len: u64) -> Self {
+        Self {
+            mem,
+            mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
+            next_desc: 0,
+            buf_base,
+            buf_len,
+            buf_off: 0,
+            used_seen: 0,
+            heads: HashMap::new(),
+        }
+    }
+
+    /// Guest memory for a buffer of `len` bytes.
+    pub(super) fn alloc(&mut self, len: u64) -> u64 {
+        if self.buf_off + len > self.buf_len {
+            self.buf_off = 0;
+        }
+        let addr = self.buf_base + self.buf_off;
+        self.buf_off += len.div_ceil(16) * 16;
+        addr
+    }
+
+    /// Make `(addr, len, device_writable)` descriptors one available chain.
+    pub(super) fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
+        let n = u16::try_from(descs.len()).unwrap();
+        if self.next_desc + n > QSIZE {
+            self.next_desc = 0;
+        }
+        let head = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .zip(0u16..)
+            .map(|(&(addr, len, write), i)| {
+                let mut flags = if write {
+                    u16::try_from(VRING_DESC_F_WRITE).unwrap()
+                } else {
+                    0
+                };
+                let mut next = 0;
+                if i + 1 < n {
+                    flags |= u16::try_from(VRING_DESC_F_NEXT).unwrap();
+                    next = head + i + 1;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.mock.add_desc_chains(&raw, head).unwrap();
+        self.next_desc += n;
+        self.heads.insert(head, descs.first().map_or(0, |d| d.0));
+        head
+    }
+
+    /// New used-ring entries: (head, len, address of the chain's first buffer).
+    pub(super) fn used(&mut self) -> Vec<(u16, u32, u64)> {
+        let base = self.mock.used_addr();
+        let idx: u16 = self.mem.read_obj(base.unchecked_add(2)).unwrap();
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let slot = u64::from(self.used_seen % QSIZE);
+            let elem = base.unchecked_add(4 + 8 * slot);
+            let id: u32 = self.mem.read_obj(elem).unwrap();
+            let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+            let head = u16::try_from(id).unwrap();
+            out.push((head, len, self.heads.get(&head).copied().unwrap_or(0)));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    fn queue(&self) -> Queue {
+        self.mock.create_queue::<Queue>().unwrap()
+    }
+}
+
+pub(super) struct Harness<'m> {
+    pub mem: &'m GuestMemory,
+    pub dev: Vsock,
+    pub ep: FakeEpoll,
+    pub path: PathBuf,
+    pub dir: TestDir,
+    pub rx: GuestQueue<'m>,
+    pub tx: GuestQueue<'m>,
+    pub ev: GuestQueue<'m>,
+    kicks: Vec<EventFd>,
+    pub irq: VirtioInterrupt,
+}
+
+impl<'m> Harness<'m> {
+    /// A device, registered with the fake epoll, not yet activated.
+    pub(super) fn inactive(mem: &'m GuestMemory) -> Self {
+        let dir = TestDir::new();
+        let path = dir.0.join("v.sock");
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut ep = FakeEpoll::default();
+        dev.sync_interest(&mut ep);
+        Self {
+            mem,
+            dev,
+            ep,
+            path,
+            dir,
+            rx: GuestQueue::new(mem, 0x0, 0x10_0000, 0x60_0000),
+            tx: GuestQueue::new(mem, 0x1_0000, 0x70_0000, 0x60_0000),
+            ev: GuestQueue::new(mem, 0x2_0000, 0xd0_0000, 0x1_0000),
+            kicks: Vec::new(),
+            irq: VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        }
+    }
+
+    /// A device the "driver" has activated, its queue eventfds registered.
+    pub(super) fn new(mem: &'m GuestMemory) -> Self {
+        let mut h = Self::inactive(mem);
+        let evts: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        h.kicks = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        let queues = vec![h.rx.queue(), h.tx.queue(), h.ev.queue()];
+        h.dev
+            .activate(mem.clone(), queues, evts, h.irq.clone())
+            .unwrap();
+        h.run();
+        assert_eq!(h.ep.fds.len(), 5, "wake, listener and three queue eventfds");
+        h
+    }
+
+    /// Play the event loop until no registered fd is ready.
+    pub(super) fn run(&mut self) {
+        for _ in 0..10_000 {
+            let mut fds: Vec<libc::pollfd> = self
+                .ep
+                .fds
+                .iter()
+                .map(|(fd, set)| libc::pollfd {
+                    fd: *fd,
+                    events: i16::try_from(set.bits()).unwrap(),
+                    revents: 0,
+                })
+                .collect();
+            let nfds = libc::nfds_t::try_from(fds.len()).unwrap();
+            // SAFETY: `fds` is a valid array of `nfds` pollfd structs for the whole call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, 0) };
+            assert!(n >= 0, "poll: {}", io::Error::last_os_error());
+            if n == 0 {
+                assert_eq!(self.ep.errors, 0, "epoll bookkeeping error");
+                return;
+            }
+            for p in fds.iter().filter(|p| p.revents != 0) {
+                let set = EventSet::from_bits_truncate(u32::from(p.revents.cast_unsigned()));
+                self.dev.handle_event(p.fd, set);
+                self.dev.sync_interest(&mut self.ep);
+            }
+        }
+        panic!("the device keeps fds ready without making progress");
+    }
+
+    fn kick(&mut self, q: usize) {
+        self.kicks[q].write(1).unwrap();
+        self.run();
+    }
+
+    /// Put a packet on the tx queue (header and payload in separate descriptors, as Linux
+    /// does) and let the device process it.
+    pub(super) fn send(&mut self, hdr: Hdr, payload: &[u8]) {
+        self.queue_tx(hdr, payload);
+        self.kick(TXQ);
+    }
+
+    /// Put a packet on the tx queue without kicking the device.
+    pub(super) fn queue_tx(&mut self, hdr: Hdr, payload: &[u8]) {
+        let len = u32::try_from(payload.len()).unwrap();
+        let h = self.tx.alloc(44);
+        self.mem
+            .write_slice(&hdr.encode(len), GuestAddress(h))
+            .unwrap();
+        if payload.is_empty() {
+            self.tx.add_chain(&[(h, 44, false)]);
+        } else {
+            let d = self.tx.alloc(u64::from(len));
+            self.mem.write_slice(payload, GuestAddress(d)).unwrap();
+            self.tx.add_chain(&[(h, 44, false), (d, len, false)]);
+        }
+    }
+
+    /// Add a raw tx chain (for malformed ones) and kick.
+    pub(super) fn send_raw(&mut self, descs: &[(u64, u32, bool)]) {
+        self.tx.add_chain(descs);
+        self.kick(TXQ);
+    }
+
+    /// Post `n` single-descriptor rx buffers with room for `data` payload bytes each.
+    pub(super) fn post_rx(&mut self, n: usize, data: u32) {
+        for _ in 0..n {
+            let a = self.rx.alloc(u64::from(44 + data));
+            self.rx.add_chain(&[(a, 44 + data, true)]);
+        }
+        self.kick(RXQ);
+    }
+
+    /// Post an event-queue buffer of `len` bytes.
+    pub(super) fn post_event_buf(&mut self, len: u32) -> u64 {
+        let a = self.ev.alloc(u64::from(len));
+        self.mem.write_slice(&[0xaa; 4], GuestAddress(a)).unwrap();
+        self.ev.add_chain(&[(a, len, true)]);
+        self.kick(EVQ);
+        a
+    }
+
+    /// Packets the device has put into rx buffers since the last call.
+    pub(super) fn rx_packets(&mut self) -> Vec<RxPkt> {
+        self.rx
+            .used()
+            .into_iter()
+            .map(|(_, used_len, addr)| {
+                if used_len == 0 {
+                    return RxPkt {
+                        src_cid: 0,
+                        dst_cid: 0,
+                        src_port: 0,
+                        dst_port: 0,
+                        len: 0,
+                        type_: 0,
+                        op: 0,
+                        flags: 0,
+                        buf_alloc: 0,
+                        fwd_cnt: 0,
+                        data: Vec::new(),
+                        used_len,
+                    };
+                }
+                let mut b = [0u8; 44];
+                self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+                let len = u32::from_le_bytes(le(&b, 24));
+                let mut data = vec![0u8; len as usize];
+                self.mem
+                    .read_slice(&mut data, GuestAddress(addr + 44))
+                    .unwrap();
+                RxPkt {
+                    src_cid: u64::from_le_bytes(le(&b, 0)),
+                    dst_cid: u64::from_le_bytes(le(&b, 8)),
+                    src_port: u32::from_le_bytes(le(&b, 16)),
+                    dst_port: u32::from_le_bytes(le(&b, 20)),
+                    len,
+                    type_: u16::from_le_bytes(le(&b, 28)),
+                    op: u16::from_le_bytes(le(&b, 30)),
+                    flags: u32::from_le_bytes(le(&b, 32)),
+                    buf_alloc: u32::from_le_bytes(le(&b, 36)),
+                    fwd_cnt: u32::from_le_bytes(le(&b, 40)),
+                    data,
+                    used_len,
+                }
+            })
+            .collect()
+    }
+
+    /// A host client that has sent `CONNECT port` and been accepted by the guest (which
+    /// advertised `buf_alloc`). Returns the client and the host-side port.
+    pub(super) fn connect_from_host(&mut self, port: u32, buf_alloc: u32) -> (UnixStream, u32) {
+        let mut client = UnixStream::connect(&self.path).unwrap();
+        client.set_nonblocking(true).unwrap();
+        std::io::Write::write_all(&mut client, format!("CONNECT {port}\n").as_bytes()).unwrap();
+        self.post_rx(1, 4096);
+        let req = self.rx_packets();
+        assert_eq!(req.len(), 1, "{req:?}");
+        assert_eq!(req[0].op, op::REQUEST);
+        assert_eq!(req[0].dst_port, port);
+        let local = req[0].src_port;
+        let mut resp = Hdr::new(op::RESPONSE, port, local);
+        resp.buf_alloc = buf_alloc;
+        self.send(resp, &[]);
+        let (line, eof) = read_available(&mut client);
+        assert!(!eof);
+        assert_eq!(String::from_utf8(line).unwrap(), format!("OK {local}\n"));
+        (client, local)
+    }
+}
+
+/// Everything the socket has now, and whether it reached end of stream.
+pub(super) fn read_available(s: &mut UnixStream) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (out, false),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return (out, true),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// The socket's fd as the device sees its own end: used to assert epoll interest.
+pub(super) fn conn_fd(h: &Harness<'_>, local: u32, peer: u32) -> i32 {
+    h.dev.muxer.conns[&(local, peer)].stream.as_raw_fd()
+}
+
+/// Payload bytes in a run of RW packets.
+pub(super) fn rw_bytes(pkts: &[RxPkt]) -> Vec<u8> {
+    pkts.iter()
+        .filter(|p| p.op == op::RW)
+        .flat_map(|p| p.data.iter().copied())
+        .collect()
+}

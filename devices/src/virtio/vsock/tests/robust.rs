@@ -1,0 +1,355 @@
+//! Hostile input, resets, the transport-reset event, state, and the whole stack (MMIO
+//! transport + device + event-manager).
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+use super::*;
+use crate::bus::BusDevice;
+use crate::virtio::vsock::{VsockError, VsockState, VSOCK_STATE_VERSION};
+use crate::virtio::{status, MmioTransport, VIRTIO_F_VERSION_1};
+
+#[test]
+fn malformed_tx_chains_are_dropped() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.post_rx(2, 4096);
+    let hdr_with_len = |h: &mut Harness<'_>, len: u32| {
+        let mut hdr = Hdr::new(op::RW, 5000, 52);
+        hdr.len = Some(len);
+        let a = h.tx.alloc(44);
+        h.mem.write_slice(&hdr.encode(0), GuestAddress(a)).unwrap();
+        a
+    };
+    let outside = MEM_SIZE as u64 + 0x1000;
+
+    let a = h.tx.alloc(44);
+    h.send_raw(&[(a, 20, false)]); // header descriptor too short
+    h.send_raw(&[(a, 44, true)]); // header descriptor device-writable
+    let a = hdr_with_len(&mut h, 100);
+    h.send_raw(&[(a, 44, false)]); // payload announced, no payload descriptor
+    let d = h.tx.alloc(100);
+    h.send_raw(&[(a, 44, false), (d, 50, false)]); // payload descriptor too short
+    h.send_raw(&[(a, 44, false), (d, 100, true)]); // payload descriptor device-writable
+    h.send_raw(&[(a, 44, false), (outside, 100, false)]); // payload outside guest memory
+    let big = hdr_with_len(&mut h, 1 << 20);
+    h.send_raw(&[(big, 44, false), (d, 1 << 20, false)]); // payload over 64 KiB
+    h.send_raw(&[(outside, 44, false)]); // header outside guest memory
+    h.send_raw(&[(MEM_SIZE as u64 - 8, 44, false)]); // header across the end of memory
+    h.send_raw(&[(u64::MAX - 8, 44, false)]); // header address wraps
+    let used = h.tx.used();
+    assert_eq!(used.len(), 10);
+    assert!(used.iter().all(|u| u.1 == 0), "{used:?}");
+    assert!(
+        h.rx_packets().is_empty(),
+        "nothing reached the connection logic"
+    );
+
+    // The device still works: an unknown connection gets its reset.
+    h.send(Hdr::new(op::RW, 5000, 52), b"x");
+    let pkts = h.rx_packets();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(pkts[0].op, op::RST);
+}
+
+#[test]
+fn malformed_rx_chains_are_skipped() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let a = h.rx.alloc(4096);
+    h.rx.add_chain(&[(a, 4096, false)]); // read-only
+    h.rx.add_chain(&[(a, 20, true)]); // too short for a header
+    h.rx.add_chain(&[(a, 44, true), (a + 64, 100, false)]); // read-only payload part
+    h.rx.add_chain(&[(MEM_SIZE as u64 + 4096, 4096, true)]); // outside guest memory
+    h.post_rx(1, 4096);
+    h.send(Hdr::new(op::RW, 5000, 52), b"x");
+    let pkts = h.rx_packets();
+    assert_eq!(
+        pkts.iter().map(|p| p.used_len).collect::<Vec<_>>(),
+        [0, 0, 0, 0, 44]
+    );
+    assert_eq!(pkts[4].op, op::RST);
+}
+
+#[test]
+fn rx_buffers_without_payload_room() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let (mut client, local) = h.connect_from_host(1024, 4096);
+    // A credit update waits for a buffer.
+    h.send(Hdr::new(op::CREDIT_REQUEST, 1024, local), &[]);
+    // Header-only buffers (a second, empty payload descriptor).
+    let header_only = |h: &mut Harness<'_>| {
+        let a = h.rx.alloc(64);
+        h.rx.add_chain(&[(a, 44, true), (a + 48, 0, true)]);
+        h.kick(RXQ);
+    };
+    header_only(&mut h);
+    let pkts = h.rx_packets();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!((pkts[0].op, pkts[0].used_len), (op::CREDIT_UPDATE, 44));
+    // Data cannot go into one: it is handed back unused instead of blocking the ring.
+    client.write_all(b"data").unwrap();
+    header_only(&mut h);
+    h.post_rx(1, 4096);
+    let pkts = h.rx_packets();
+    assert_eq!(pkts.iter().map(|p| p.used_len).collect::<Vec<_>>(), [0, 48]);
+    assert_eq!(rw_bytes(&pkts), b"data");
+}
+
+#[test]
+fn bad_connect_lines_close_the_client() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.post_rx(4, 4096);
+    let mut bad = UnixStream::connect(&h.path).unwrap();
+    bad.set_nonblocking(true).unwrap();
+    bad.write_all(b"HELLO 1024\n").unwrap();
+    let mut long = UnixStream::connect(&h.path).unwrap();
+    long.set_nonblocking(true).unwrap();
+    long.write_all(&[b'9'; 200]).unwrap();
+    let quitter = UnixStream::connect(&h.path).unwrap();
+    drop(quitter);
+    h.run();
+    assert_eq!(read_available(&mut bad), (vec![], true));
+    assert_eq!(read_available(&mut long), (vec![], true));
+    assert!(h.rx_packets().is_empty(), "the guest heard nothing");
+    assert!(h.dev.muxer.conns.is_empty());
+    assert_eq!(
+        h.ep.fds.len(),
+        5,
+        "only the device's own fds are left: {:?}",
+        h.ep.fds
+    );
+}
+
+#[test]
+fn transport_reset_event() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let (mut client, _) = h.connect_from_host(1024, 4096);
+    let buf = h.post_event_buf(8);
+    assert!(h.dev.send_transport_reset().unwrap(), "delivered at once");
+    let used = h.ev.used();
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].1, 4);
+    let id: u32 = mem.read_obj(GuestAddress(buf)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    h.run();
+    assert_eq!(
+        read_available(&mut client),
+        (vec![], true),
+        "connections dropped"
+    );
+    assert!(h.dev.muxer.conns.is_empty());
+
+    // Without an event buffer the event waits for one; a too-small one is skipped.
+    assert!(!h.dev.send_transport_reset().unwrap());
+    assert!(h.ev.used().is_empty());
+    h.post_event_buf(2);
+    let buf = h.post_event_buf(4);
+    let used = h.ev.used();
+    assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), [0, 4]);
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(buf)).unwrap(), 0);
+    // Delivered once only.
+    h.post_event_buf(4);
+    assert!(h.ev.used().is_empty());
+}
+
+#[test]
+fn transport_reset_needs_an_active_device() {
+    let mem = test_mem();
+    let mut h = Harness::inactive(&mem);
+    assert!(matches!(
+        h.dev.send_transport_reset(),
+        Err(VsockError::NotActive)
+    ));
+}
+
+#[test]
+fn device_reset_drops_connections_and_queue_fds() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let (mut client, _) = h.connect_from_host(1024, 4096);
+    h.dev.reset();
+    h.run();
+    assert_eq!(read_available(&mut client), (vec![], true));
+    assert!(!h.dev.is_active());
+    assert_eq!(
+        h.ep.fds.len(),
+        2,
+        "wake-up and listener only: {:?}",
+        h.ep.fds
+    );
+    // A host client can still connect; its request waits for the next activation.
+    let mut c = UnixStream::connect(&h.path).unwrap();
+    c.write_all(b"CONNECT 5\n").unwrap();
+    h.run();
+    assert_eq!(h.dev.muxer.conns.len(), 1);
+}
+
+#[test]
+fn config_space_and_identity() {
+    let mem = test_mem();
+    let h = Harness::inactive(&mem);
+    let mut b = [0u8; 8];
+    h.dev.read_config(0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), GUEST_CID);
+    let mut b = [0xffu8; 4];
+    h.dev.read_config(4, &mut b);
+    assert_eq!(b, [0; 4]);
+    assert_eq!(h.dev.device_type(), 19);
+    assert_eq!(h.dev.queue_max_sizes(), &[256, 256, 256]);
+    assert_ne!(h.dev.device_features() & (1 << VIRTIO_F_VERSION_1), 0);
+    for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+        assert!(matches!(
+            Vsock::new(cid, h.dir.0.join("x")),
+            Err(VsockError::BadCid(_))
+        ));
+    }
+    assert!(matches!(
+        Vsock::new(5, &h.path),
+        Err(VsockError::Bind { .. })
+    ));
+}
+
+#[test]
+fn state_round_trip() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.dev.ack_features(1 << VIRTIO_F_VERSION_1);
+    h.post_rx(3, 4096);
+    let state = h.dev.save_state();
+    assert_eq!(state.version, VSOCK_STATE_VERSION);
+    assert_eq!(state.guest_cid, GUEST_CID);
+    assert_eq!(state.acked_features, 1 << VIRTIO_F_VERSION_1);
+    assert_eq!(state.queues.len(), 3);
+    assert!(state.queues.iter().all(|q| q.ready && q.size == 256));
+    let json = serde_json::to_string(&state).unwrap();
+    let back: VsockState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, state);
+
+    let evts = || (0..3).map(|_| EventFd::new(0).unwrap()).collect::<Vec<_>>();
+    let restored = Vsock::restore(
+        &back,
+        h.dir.0.join("restored.sock"),
+        mem.clone(),
+        evts(),
+        h.irq.clone(),
+    )
+    .unwrap();
+    assert!(restored.is_active());
+    assert_eq!(restored.save_state(), state);
+
+    let mut old = state.clone();
+    old.version = 99;
+    let err = Vsock::restore(&old, h.dir.0.join("a"), mem.clone(), evts(), h.irq.clone());
+    assert!(matches!(
+        err,
+        Err(VsockError::StateVersion { found: 99, .. })
+    ));
+    let mut bad = state.clone();
+    bad.queues[1].used_ring = MEM_SIZE as u64;
+    let err = Vsock::restore(&bad, h.dir.0.join("b"), mem.clone(), evts(), h.irq.clone());
+    assert!(matches!(err, Err(VsockError::BadState(_))));
+    let mut bad = state;
+    bad.queues[0].size = 3;
+    let err = Vsock::restore(&bad, h.dir.0.join("c"), mem.clone(), evts(), h.irq.clone());
+    assert!(matches!(err, Err(VsockError::BadState(_))));
+}
+
+/// The whole stack as the VMM wires it: the driver brings the device up through the MMIO
+/// registers, a host client connects, and event-manager runs the device.
+#[test]
+fn mmio_transport_and_event_manager_end_to_end() {
+    let mem = test_mem();
+    let dir = TestDir::new();
+    let path = dir.0.join("v.sock");
+    let mut rx = GuestQueue::new(&mem, 0x0, 0x10_0000, 0x10_0000);
+    let qs = [
+        (
+            rx.mock.desc_table_addr(),
+            rx.mock.avail_addr(),
+            rx.mock.used_addr(),
+        ),
+        {
+            let q = GuestQueue::new(&mem, 0x1_0000, 0x20_0000, 0x1000);
+            (
+                q.mock.desc_table_addr(),
+                q.mock.avail_addr(),
+                q.mock.used_addr(),
+            )
+        },
+        {
+            let q = GuestQueue::new(&mem, 0x2_0000, 0x30_0000, 0x1000);
+            (
+                q.mock.desc_table_addr(),
+                q.mock.avail_addr(),
+                q.mock.used_addr(),
+            )
+        },
+    ];
+    let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &path).unwrap()));
+    let mut mgr: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().unwrap();
+    mgr.add_subscriber(dev.clone());
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(mem.clone(), dev.clone(), irq).unwrap();
+
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let lo = |a: GuestAddress| u32::try_from(a.0 & 0xffff_ffff).unwrap();
+    w(&mut t, 0x70, status::ACKNOWLEDGE);
+    w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+    w(&mut t, 0x24, 1);
+    w(&mut t, 0x20, 1); // VERSION_1
+    let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    w(&mut t, 0x70, s);
+    for (i, (desc, avail, used)) in (0u32..).zip(qs) {
+        w(&mut t, 0x30, i);
+        w(&mut t, 0x38, 256);
+        w(&mut t, 0x80, lo(desc));
+        w(&mut t, 0x90, lo(avail));
+        w(&mut t, 0xa0, lo(used));
+        w(&mut t, 0x44, 1);
+    }
+    w(&mut t, 0x70, s | status::DRIVER_OK);
+    assert_eq!(t.device_status(), s | status::DRIVER_OK);
+    let mut cid = [0u8; 8];
+    t.read(0x100, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
+
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    let a = rx.alloc(4140);
+    rx.add_chain(&[(a, 4140, true)]);
+    w(&mut t, 0x50, 0); // QueueNotify for rx, no ioeventfd in between
+    let mut used = Vec::new();
+    for _ in 0..100 {
+        mgr.run_with_timeout(0).unwrap();
+        used = rx.used();
+        if !used.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(used.len(), 1, "the REQUEST arrived");
+    assert_eq!(used[0].1, 44);
+    let op_field: u16 = mem.read_obj(GuestAddress(a + 30)).unwrap();
+    assert_eq!(op_field, op::REQUEST);
+    let mut st = [0u8; 4];
+    t.read(0x60, &mut st);
+    assert_eq!(
+        u32::from_le_bytes(st) & 1,
+        1,
+        "used-buffer interrupt pending"
+    );
+
+    // A driver reset takes the queue fds out of the event loop again.
+    w(&mut t, 0x70, 0);
+    for _ in 0..10 {
+        mgr.run_with_timeout(0).unwrap();
+    }
+    assert!(!dev.lock().unwrap().is_active());
+}
