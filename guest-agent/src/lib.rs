@@ -1,5 +1,24 @@
-//! The contract between the kiln VMM and the guest agent.
+//! The contract between the kiln VMM and the guest agent, and both ends of it.
 //!
-//! Both ends use this crate, so the numbers below live in exactly one place.
+//! - [`marks`]: the guest-signal port (boot done).
+//! - [`protocol`]: the framed request/response protocol spoken over vsock.
+//! - [`client`]: the host side (plain blocking std I/O over the VM's hybrid-vsock socket).
+//! - [`server`]: the agent side, written against any `Read`/`Write` stream so that it can be
+//!   tested in a host process over a socket pair.
+//!
+//! Both ends use this crate, so the numbers and message shapes live in exactly one place.
 
+/// Prints `kiln-agent: <message>` on stderr (the guest console), ignoring write errors:
+/// there is nowhere else to report them.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "kiln-agent: {}", format_args!($($arg)*));
+    }};
+}
+
+pub mod client;
 pub mod marks;
+pub mod protocol;
+pub mod server;

@@ -1,11 +1,16 @@
 //! `kiln-agent`: PID 1 of a kiln guest.
 //!
-//! It mounts the basic file systems, marks boot done on the guest-signal port, runs
-//! `/etc/kiln/rc` if the image has one (reaping every other child meanwhile, as PID 1 must),
-//! then syncs and reboots, which ends the VM (the guest kernel runs with `reboot=k`).
+//! It mounts the basic file systems, starts the reaper (PID 1 collects every orphan), listens
+//! on vsock port [`AGENT_PORT`] if the VM has a vsock device, and only then marks boot done
+//! on the guest-signal port: "boot done" means "ready for work". Then:
+//!
+//! - if the image has `/etc/kiln/rc`, it runs it (serving vsock meanwhile), then syncs and
+//!   reboots, which ends the VM (the guest kernel runs with `reboot=k`);
+//! - otherwise it serves vsock requests ([`kiln_agent::server`]) until one asks it to shut
+//!   down; without a vsock device there is nothing to do, and it reboots at once.
 //!
 //! It never panics on purpose: each failure is printed as `kiln-agent: <what>: <error>` and
-//! the agent goes on where that makes sense.
+//! the agent goes on where that makes sense; a bad frame closes only its connection.
 //!
 //! `#![no_main]`: Rust's usual start-up code reopens closed standard descriptors on
 //! `/dev/null` and aborts when that file is missing. In a bare initramfs neither
@@ -14,21 +19,23 @@
 //! descriptors once devtmpfs is mounted (see [`init::console_stdio`]).
 #![no_main]
 
-use std::ffi::{c_char, c_int};
+#[macro_use]
+extern crate kiln_agent;
 
-/// Prints `kiln-agent: <message>` on stderr (the console), ignoring write errors: there is
-/// nowhere else to report them.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "kiln-agent: {}", format_args!($($arg)*));
-    }};
-}
+use std::ffi::{c_char, c_int};
+use std::path::Path;
+use std::thread;
+
+use kiln_agent::protocol::AGENT_PORT;
+use kiln_agent::server::reaper::Reaper;
+use kiln_agent::server::Server;
 
 mod init;
 mod mark;
 mod power;
 mod rc;
+mod system;
+mod vsock;
 
 /// The job script the image may carry; run with `/bin/sh`.
 const RC_PATH: &str = "/etc/kiln/rc";
@@ -42,12 +49,30 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
         return 2;
     }
     init::setup();
+    // Writes to a closed connection or pipe must fail with EPIPE, not kill the agent.
+    // SAFETY: setting a signal's disposition to "ignore" installs no handler code.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    Reaper::global();
+    let listener = vsock::listen_if_present(AGENT_PORT);
     if let Err(e) = mark::signal(kiln_agent::marks::BOOT_DONE) {
         say!("marking boot done: {e}");
     }
-    rc::run(RC_PATH);
-    power::reboot();
-    // Reboot failed (already reported). Exiting makes the kernel panic, which with
-    // `panic=-1` resets the VM: a clear end instead of a guest that hangs.
+    let server = Server::new(system::Guest);
+    if Path::new(RC_PATH).exists() {
+        if let Some(listener) = listener {
+            let spawned = thread::Builder::new()
+                .name("vsock".into())
+                .spawn(move || vsock::serve(&listener, &server));
+            if let Err(e) = spawned {
+                say!("starting the vsock server thread: {e}");
+            }
+        }
+        rc::run(RC_PATH);
+    } else if let Some(listener) = listener {
+        vsock::serve(&listener, &server);
+    }
+    say!("reboot: {}", power::reboot());
+    // Reboot failed. Exiting makes the kernel panic, which with `panic=-1` resets the VM:
+    // a clear end instead of a guest that hangs.
     1
 }

@@ -1,0 +1,158 @@
+//! One running exec: its process group, the pump that streams its output, its exit.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use super::spawn::{self, Plan, Stdio};
+use super::{Sender, Server};
+use crate::protocol::{ExecRequest, Frame, Kind, ProtocolError, Started, StdinMode, CHUNK_LEN};
+
+/// An exec started on a connection.
+pub(super) struct RunningExec {
+    pub id: u64,
+    pgid: libc::pid_t,
+    /// Set (before `Exit` is sent) once the output is drained and the status known.
+    done: Arc<AtomicBool>,
+}
+
+impl RunningExec {
+    /// True once the exec has ended and its `Exit` is being or has been sent.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Kills the exec's whole process group, unless it has ended.
+    pub fn kill(&self) {
+        if !self.is_done() {
+            kill_group(self.pgid);
+        }
+    }
+}
+
+fn kill_group(pgid: libc::pid_t) {
+    // SAFETY: killpg only sends a signal; `pgid` is a group this agent created.
+    unsafe { libc::killpg(pgid, libc::SIGKILL) };
+}
+
+/// Starts `req`: sends `Started`, then streams the output and the `Exit` from a thread of
+/// its own. Returns the exec and, for `stdin: pipe`, the write end of its stdin. The error is
+/// for the client (`Error` frame) when the process could not start.
+pub(super) fn start(
+    server: &Arc<Server>,
+    req: &ExecRequest,
+    out: &Sender,
+) -> Result<(RunningExec, Option<File>), String> {
+    let plan = Plan::new(req)?;
+    let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
+    let (out_r, out_w) = spawn::pipe().map_err(|e| io_err("creating a pipe", e))?;
+    let (err_r, err_w) = spawn::pipe().map_err(|e| io_err("creating a pipe", e))?;
+    let (stdin_child, stdin_ours): (OwnedFd, Option<File>) = match req.stdin {
+        StdinMode::Null => (
+            File::open("/dev/null")
+                .map_err(|e| io_err("opening /dev/null", e))?
+                .into(),
+            None,
+        ),
+        StdinMode::Pipe => {
+            let (r, w) = spawn::pipe().map_err(|e| io_err("creating a pipe", e))?;
+            (r, Some(File::from(w)))
+        }
+    };
+    let stdio = Stdio {
+        stdin: Some(stdin_child.as_raw_fd()),
+        stdout: Some(out_w.as_raw_fd()),
+        stderr: Some(err_w.as_raw_fd()),
+    };
+    let child = plan
+        .spawn(stdio, server.reaper)
+        .map_err(|e| e.to_string())?;
+    // The child has its copies; the output pipes reach EOF once every process holding them
+    // has gone.
+    drop((stdin_child, out_w, err_w));
+    let pgid = child.pid();
+    let id = server.next_exec.fetch_add(1, Ordering::Relaxed);
+    server.execs().insert(id, pgid);
+    if out
+        .frame(&Frame::Started(Started {
+            exec_id: id,
+            pid: pgid,
+        }))
+        .is_err()
+    {
+        kill_group(pgid); // the client is gone; the thread below still collects the exec
+    }
+
+    let done = Arc::new(AtomicBool::new(false));
+    let exec = RunningExec {
+        id,
+        pgid,
+        done: Arc::clone(&done),
+    };
+    let (server2, out2) = (Arc::clone(server), out.clone());
+    let finish = move || {
+        if pump([File::from(out_r), File::from(err_r)], &out2).is_err() {
+            // Output can no longer reach the client: the exec has no one to serve.
+            kill_group(pgid);
+        }
+        let status = child.wait();
+        server2.execs().remove(&id);
+        done.store(true, Ordering::Release);
+        let _ = match status {
+            Ok(status) => out2.frame(&Frame::Exit(status)),
+            Err(e) => out2.error(&format!("waiting for exec {id}: {e}")),
+        };
+    };
+    if let Err(e) = thread::Builder::new()
+        .name(format!("exec-{id}"))
+        .spawn(finish)
+    {
+        // `finish` was dropped with the pipes; the reaper collects the killed group.
+        kill_group(pgid);
+        server.execs().remove(&id);
+        return Err(format!("starting a thread for exec {id}: {e}"));
+    }
+    Ok((exec, stdin_ours))
+}
+
+/// Streams stdout and stderr to the client as they come until both reach EOF. Fails only
+/// when sending to the client fails.
+fn pump(pipes: [File; 2], out: &Sender) -> Result<(), ProtocolError> {
+    const KINDS: [Kind; 2] = [Kind::Stdout, Kind::Stderr];
+    let mut open = pipes.map(Some);
+    let mut buf = vec![0u8; CHUNK_LEN];
+    while open.iter().any(Option::is_some) {
+        let mut fds = open.each_ref().map(|p| libc::pollfd {
+            fd: p.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `fds` is an array of two pollfds that lives across the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            crate::say!("polling exec output: {e}");
+            return Ok(());
+        }
+        for ((pipe, fd), kind) in open.iter_mut().zip(fds).zip(KINDS) {
+            let Some(file) = pipe.as_mut().filter(|_| fd.revents != 0) else {
+                continue;
+            };
+            match file.read(&mut buf) {
+                Ok(0) => *pipe = None,
+                Ok(n) => out.raw(kind, &buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    crate::say!("reading exec {kind}: {e}");
+                    *pipe = None;
+                }
+            }
+        }
+    }
+    Ok(())
+}
