@@ -1,13 +1,14 @@
 //! `kiln-agent`: PID 1 of a kiln guest.
 //!
 //! It mounts the basic file systems, starts the reaper (PID 1 collects every orphan), listens
-//! on vsock port [`AGENT_PORT`] if the VM has a vsock device, and only then marks boot done
-//! on the guest-signal port: "boot done" means "ready for work". Then:
+//! on vsock port [`AGENT_PORT`], and only then marks boot done on the guest-signal port:
+//! "boot done" means "ready for work". Then:
 //!
 //! - if the image has `/etc/kiln/rc`, it runs it (serving vsock meanwhile), then syncs and
 //!   reboots, which ends the VM (the guest kernel runs with `reboot=k`);
-//! - otherwise it serves vsock requests ([`kiln_agent::server`]) until one asks it to shut
-//!   down; without a vsock device there is nothing to do, and it reboots at once.
+//! - otherwise, if the VM has a vsock device, it serves requests ([`kiln_agent::server`])
+//!   until one asks it to shut down; without a device there is nothing to do, and it
+//!   reboots at once, silently.
 //!
 //! It never panics on purpose: each failure is printed as `kiln-agent: <what>: <error>` and
 //! the agent goes on where that makes sense; a bad frame closes only its connection.
@@ -53,7 +54,18 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     // SAFETY: setting a signal's disposition to "ignore" installs no handler code.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     Reaper::global();
-    let listener = vsock::listen_if_present(AGENT_PORT);
+    // Listening costs nothing, so the agent listens whenever vsock exists (loopback
+    // included); whether it waits for work without an rc script depends on a real device.
+    let device = vsock::device_present();
+    let listener = match vsock::listen(AGENT_PORT) {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            if device {
+                say!("listening on vsock port {AGENT_PORT}: {e}; the host cannot send work");
+            }
+            None
+        }
+    };
     if let Err(e) = mark::signal(kiln_agent::marks::BOOT_DONE) {
         say!("marking boot done: {e}");
     }
@@ -68,7 +80,7 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
             }
         }
         rc::run(RC_PATH);
-    } else if let Some(listener) = listener {
+    } else if let Some(listener) = listener.filter(|_| device) {
         vsock::serve(&listener, &server);
     }
     say!("reboot: {}", power::reboot());

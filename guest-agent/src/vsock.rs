@@ -11,20 +11,13 @@ use kiln_agent::server::Server;
 /// `IOCTL_VM_SOCKETS_GET_LOCAL_CID` (`_IO(7, 0xb9)`), on `/dev/vsock`.
 const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
 
-/// Listens on vsock `port` if the VM has a vsock device. Without one (the kernel reports no
-/// local CID) there is nothing to listen for, and this says nothing: an rc-based image
-/// under a VMM without vsock is a normal set-up.
-pub fn listen_if_present(port: u32) -> Option<OwnedFd> {
-    if local_cid().is_ok_and(|cid| cid == libc::VMADDR_CID_ANY) {
-        return None;
-    }
-    match listen(port) {
-        Ok(fd) => Some(fd),
-        Err(e) => {
-            say!("listening on vsock port {port}: {e}; the host cannot send work");
-            None
-        }
-    }
+/// The lowest CID a guest can have (0–2 are the hypervisor, local loopback and the host).
+const FIRST_GUEST_CID: u32 = 3;
+
+/// True if the VM has a vsock device: the kernel reports a guest CID. Without one it
+/// reports `VMADDR_CID_ANY`, or `VMADDR_CID_LOCAL` when the loopback transport is built in.
+pub fn device_present() -> bool {
+    local_cid().is_ok_and(|cid| cid != libc::VMADDR_CID_ANY && cid >= FIRST_GUEST_CID)
 }
 
 /// The guest's CID, or `VMADDR_CID_ANY` if no vsock transport has a device.
@@ -38,7 +31,8 @@ fn local_cid() -> io::Result<u32> {
     Ok(cid)
 }
 
-fn listen(port: u32) -> io::Result<OwnedFd> {
+/// Listens on vsock `port` on every transport (the device's, and loopback if built in).
+pub fn listen(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: socket only creates a descriptor, owned right below.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
