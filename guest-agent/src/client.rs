@@ -99,8 +99,9 @@ impl Client {
         })
     }
 
-    /// Runs `req` (its stdin must be `null`), streaming its output into `stdout` and
-    /// `stderr` as it arrives; returns how the process ended.
+    /// Runs `req`, streaming its output into `stdout` and `stderr` as it arrives; returns
+    /// how the process ended. With `stdin: pipe` the process reads an empty stdin; use
+    /// [`Client::exec_with`] to feed it, or to learn the exec id for a cancel.
     pub fn exec(
         &mut self,
         req: &ExecRequest,
