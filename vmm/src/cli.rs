@@ -25,6 +25,49 @@ pub enum Command {
     /// Exits 0 when the guest resets or powers off normally (e.g. `reboot` with the
     /// kernel's `reboot=k`), non-zero on a guest kernel panic, a KVM error or a vCPU fault.
     Run(RunArgs),
+    /// Run a command in a running VM through its guest agent, streaming its output.
+    ///
+    /// Exits with the command's exit code (128 + N if signal N killed it). SIGINT and
+    /// SIGTERM are passed on to the command's process group in the guest.
+    Exec(ExecArgs),
+    /// Copy a file into or out of a running VM: `kiln cp --vsock S ./f vm:/tmp/f` or
+    /// `kiln cp --vsock S vm:/etc/os-release ./os-release`.
+    Cp(CpArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// The VM's vsock Unix socket (what `kiln run --vsock` was given).
+    #[arg(long, value_name = "PATH")]
+    pub vsock: PathBuf,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the guest (default /).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CpArgs {
+    /// The VM's vsock Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: PathBuf,
+    /// Permission bits for a file copied into the guest (default: the source's).
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// Source: a host path, or vm:/path in the guest.
+    pub src: String,
+    /// Destination: a host path, or vm:/path in the guest.
+    pub dst: String,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod boot;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod devices;
 pub mod memory;

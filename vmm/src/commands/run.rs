@@ -1,0 +1,113 @@
+//! `kiln run`: boot a VM and run it until the guest ends it.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::cli::RunArgs;
+use crate::config::{SerialOutput, VmConfig};
+use crate::vmm::{BootSource, GuestExit, MachineSpec, StopHandle, Vmm};
+
+pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>> {
+    Ok(match serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Null => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open serial output file {}", path.display()))?,
+        ),
+    })
+}
+
+/// Opens `path` and reads a byte, so that a missing file, a directory or a file without
+/// read permission is reported by name before any VM is built.
+pub(crate) fn check_readable(what: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let context = || format!("cannot read {what} {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(context)?;
+    if file.metadata().with_context(context)?.is_dir() {
+        anyhow::bail!("cannot read {what} {}: it is a directory", path.display());
+    }
+    file.read(&mut [0u8; 1]).with_context(context)?;
+    Ok(())
+}
+
+/// On SIGINT or SIGTERM, stops the VM (its console is flushed and the report printed as
+/// for any other exit). Returns where the signal number is recorded.
+pub(crate) fn stop_on_signals(stop: StopHandle) -> anyhow::Result<Arc<AtomicI32>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install signal handlers")?;
+    let caught = Arc::new(AtomicI32::new(0));
+    let record = caught.clone();
+    std::thread::Builder::new()
+        .name("kiln-signals".into())
+        .spawn(move || {
+            if let Some(signo) = signals.forever().next() {
+                record.store(signo, Ordering::Relaxed);
+                stop.stop();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(caught)
+}
+
+pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
+    let config: VmConfig = args.to_config()?;
+    check_readable("kernel", &config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        check_readable("initramfs", initrd)?;
+    }
+    let spec = MachineSpec {
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        boot: BootSource::Linux {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: config.cmdline.clone(),
+        },
+        console: console_sink(&config.serial)?,
+        irqchip: true,
+        extra_mmio: Vec::new(),
+        start,
+    };
+    let vmm = Vmm::build(spec)?;
+    let stopped_by = stop_on_signals(vmm.stop_handle()?)?;
+    let report = vmm.run()?;
+    let code: u8 = match report.exit {
+        // 128 + the signal number, as a shell reports a process killed by it.
+        GuestExit::Stopped => 128 + u8::try_from(stopped_by.load(Ordering::Relaxed)).unwrap_or(0),
+        ref exit if exit.is_success() => 0,
+        _ => 1,
+    };
+    match &report.exit {
+        GuestExit::Reset | GuestExit::Halted => tracing::info!("guest {}", report.exit.kind()),
+        GuestExit::Panic(line) => eprintln!("kiln: error: guest kernel panic: {line}"),
+        GuestExit::Fault(msg) => eprintln!("kiln: error: VM fault: {msg}"),
+        GuestExit::Stopped => eprintln!("kiln: VM stopped by a signal"),
+    }
+    if args.json {
+        let detail = match &report.exit {
+            GuestExit::Panic(s) | GuestExit::Fault(s) => Some(s.as_str()),
+            _ => None,
+        };
+        let json = serde_json::json!({
+            "result": report.exit.kind(),
+            "boot_ms": report.boot_time.map(|t| t.as_secs_f64() * 1e3),
+            "setup_ms": report.setup_time.map(|t| t.as_secs_f64() * 1e3),
+            "exit_code": code,
+            "detail": detail,
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "\n{json}")?;
+    }
+    Ok(ExitCode::from(code))
+}
