@@ -10,7 +10,7 @@ use kiln_tests::guest_initramfs::{self, GuestInitramfs};
 use kiln_tests::output::{last_json, number, sections, value};
 use kiln_tests::Runner;
 
-const TIMEOUT: Duration = Duration::from_secs(600);
+const TIMEOUT: Duration = Duration::from_secs(240);
 
 /// The guest reports its CPU count and memory.
 const REPORT_RC: &str = r#"

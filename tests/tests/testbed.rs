@@ -52,3 +52,73 @@ fn boot_testbed_passes_files_and_env() -> Result<()> {
     assert_eq!(present, 4, "console:\n{}", out.console);
     Ok(())
 }
+
+#[test]
+fn boot_testbed_reports_a_missing_end_marker() -> Result<()> {
+    let runner = Runner::Testbed(Testbed::new()?);
+    // The test bed ends before its init can print the exit code.
+    let err = runner
+        .run(
+            "echo partial-output; reboot -f",
+            &[],
+            Duration::from_secs(300),
+        )
+        .expect_err("a run without an end marker must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("KILN-TESTBED-EXIT"), "{msg}");
+    assert!(
+        msg.contains("partial-output"),
+        "the error quotes the console: {msg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn boot_testbed_timeout_is_an_error_with_the_console() -> Result<()> {
+    let runner = Runner::Testbed(Testbed::new()?);
+    let start = Instant::now();
+    let err = runner
+        .run("echo before-hang; sleep 1000", &[], Duration::from_secs(30))
+        .expect_err("a hung script must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("did not finish within"), "{msg}");
+    assert!(
+        msg.contains("before-hang"),
+        "the error quotes the console: {msg}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        start.elapsed()
+    );
+    Ok(())
+}
+
+/// The direct runner's mechanics (env, files, exit code) without booting anything, so it
+/// runs on any machine.
+#[test]
+fn boot_direct_runner_runs_script() -> Result<()> {
+    let script = r#"
+        echo "DATA=$(cat "$FILES/data")"
+        for f in "$KILN" "$GUEST_VMLINUX" "$GUEST_BZIMAGE" "$GUEST_INITRD"; do
+            test -s "$f" && echo "PRESENT=$f"
+        done
+        echo to-stderr >&2
+        exit 5
+    "#;
+    let files = [("data".to_string(), b"direct".to_vec())];
+    let out = Runner::Direct.run(script, &files, Duration::from_secs(120))?;
+    assert_eq!(out.exit_code, 5, "output:\n{}", out.console);
+    assert_eq!(
+        kiln_tests::output::value(&out.console, "DATA"),
+        Some("direct")
+    );
+    assert_eq!(
+        out.console.matches("PRESENT=").count(),
+        4,
+        "{}",
+        out.console
+    );
+    assert!(out.console.contains("to-stderr"), "{}", out.console);
+    Ok(())
+}
