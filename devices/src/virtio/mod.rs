@@ -11,6 +11,7 @@
 //! [`MmioTransport::queue_evts`] as ioeventfds and [`VirtioInterrupt::irq_evt`] as an irqfd.
 
 pub mod mmio;
+mod state;
 pub mod vsock;
 
 use std::io;
@@ -20,7 +21,8 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use mmio::{mmio_cmdline_fragment, MmioTransport, MMIO_WINDOW_SIZE};
+pub use mmio::{mmio_cmdline_fragment, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE};
+pub use state::QueueSnapshot;
 
 /// The guest memory type devices work on (the VMM's memfd-backed mapping).
 pub type GuestMemory = vm_memory::GuestMemoryMmap;
@@ -117,6 +119,13 @@ impl VirtioInterrupt {
     /// Clear the interrupt status (device reset). The generation keeps counting.
     pub(crate) fn clear(&self) {
         self.status.store(0, Ordering::Release);
+    }
+
+    /// Put back a saved interrupt status and config generation (snapshot restore).
+    pub(crate) fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
     }
 }
 

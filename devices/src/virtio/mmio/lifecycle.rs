@@ -129,10 +129,8 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
-        for evt in &self.queue_evts {
-            // Drop notifications that were pending for the old queues.
-            let _ = evt.read();
-        }
+        // A kick still pending on a queue eventfd is harmless: the device finds nothing to
+        // do. (Draining it here could block if the VMM supplied blocking eventfds.)
         self.interrupt.clear();
         self.device_features_sel = 0;
         self.driver_features = 0;

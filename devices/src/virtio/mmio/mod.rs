@@ -24,6 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{feature, status, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
+pub use state::{MmioTransportState, MMIO_STATE_VERSION};
+
 /// Size of one device's register window (registers + config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x200;
 
@@ -92,6 +94,17 @@ pub enum MmioError {
     /// Creating a queue eventfd failed.
     #[error("cannot create a queue notification eventfd: {0}")]
     EventFd(#[from] std::io::Error),
+    /// A state to restore came from an incompatible format.
+    #[error("virtio-mmio state has format version {found}; this kiln reads version {expected}")]
+    StateVersion {
+        /// The version in the state.
+        found: u32,
+        /// The version this build understands.
+        expected: u32,
+    },
+    /// A state to restore does not fit the device.
+    #[error("virtio-mmio state is corrupt or for another device: {0}")]
+    BadState(String),
 }
 
 /// A virtio device behind the MMIO register window.
@@ -118,6 +131,21 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
         irq_evt: EventFd,
     ) -> Result<Self, MmioError> {
+        let count = lock(&device).queue_max_sizes().len();
+        let queue_evts = (0..count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_parts(mem, device, VirtioInterrupt::new(irq_evt), queue_evts)
+    }
+
+    /// A transport in the reset state around an existing interrupt and queue eventfds
+    /// (one per queue of the device).
+    fn with_parts(
+        mem: GuestMemory,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        interrupt: VirtioInterrupt,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<Self, MmioError> {
         let (device_type, device_features, max_sizes) = {
             let dev = lock(&device);
             (
@@ -129,6 +157,13 @@ impl MmioTransport {
         if device_features & feature(VIRTIO_F_VERSION_1) == 0 {
             return Err(MmioError::NotModern(device_type));
         }
+        if queue_evts.len() != max_sizes.len() {
+            return Err(MmioError::BadState(format!(
+                "{} queue eventfds for {} queues",
+                queue_evts.len(),
+                max_sizes.len()
+            )));
+        }
         let queues = max_sizes
             .iter()
             .enumerate()
@@ -136,14 +171,10 @@ impl MmioTransport {
                 Queue::new(size).map_err(|_| MmioError::QueueSize { index, size })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let queue_evts = max_sizes
-            .iter()
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             device,
             mem,
-            interrupt: VirtioInterrupt::new(irq_evt),
+            interrupt,
             queues,
             queue_evts,
             device_type,
@@ -391,5 +422,6 @@ fn set_high(old: u64, v: u32) -> GuestAddress {
 }
 
 mod lifecycle;
+mod state;
 #[cfg(test)]
 mod tests;

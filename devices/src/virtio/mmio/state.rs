@@ -1,0 +1,109 @@
+//! The transport's snapshot state: the register file as the driver left it.
+//!
+//! The device behind the window is saved and restored on its own (its queues carry the
+//! ring progress). Restoring both: make one [`VirtioInterrupt`] and one eventfd per queue,
+//! restore the device with clones of them (e.g. `Vsock::restore`), then the transport with
+//! [`MmioTransport::restore`]; the transport does not re-activate the device.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{MmioError, MmioTransport};
+use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
+
+/// The format version of [`MmioTransportState`].
+pub const MMIO_STATE_VERSION: u32 = 1;
+
+/// The virtio-mmio register state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    /// [`MMIO_STATE_VERSION`] when written.
+    pub version: u32,
+    /// The device status register.
+    pub device_status: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// Each queue's registers as the driver set them.
+    pub queues: Vec<QueueSnapshot>,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+}
+
+impl MmioTransport {
+    /// The register state for a snapshot (taken with the vCPUs paused).
+    pub fn save_state(&self) -> MmioTransportState {
+        MmioTransportState {
+            version: MMIO_STATE_VERSION,
+            device_status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features: self.driver_features,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+        }
+    }
+
+    /// Rebuild a transport from `state` around `device` (already restored), sharing its
+    /// `interrupt` and `queue_evts` (create those with `EFD_NONBLOCK`). Register the eventfds
+    /// with KVM as for a new transport.
+    pub fn restore(
+        mem: GuestMemory,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        interrupt: VirtioInterrupt,
+        queue_evts: Vec<EventFd>,
+        state: &MmioTransportState,
+    ) -> Result<Self, MmioError> {
+        if state.version != MMIO_STATE_VERSION {
+            return Err(MmioError::StateVersion {
+                found: state.version,
+                expected: MMIO_STATE_VERSION,
+            });
+        }
+        let mut t = Self::with_parts(mem, device, interrupt, queue_evts)?;
+        if state.driver_features & !t.device_features != 0 {
+            return Err(MmioError::BadState(format!(
+                "driver features {:#x} were never offered (offer {:#x})",
+                state.driver_features, t.device_features
+            )));
+        }
+        if state.queues.len() != t.queues.len() {
+            return Err(MmioError::BadState(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                t.queues.len()
+            )));
+        }
+        for (i, (q, saved)) in t.queues.iter_mut().zip(&state.queues).enumerate() {
+            if saved.max_size != q.max_size() {
+                return Err(MmioError::BadState(format!(
+                    "queue {i} had maximum size {}, the device offers {}",
+                    saved.max_size,
+                    q.max_size()
+                )));
+            }
+            *q = Queue::try_from(QueueState::from(*saved))
+                .map_err(|e| MmioError::BadState(format!("queue {i}: {e}")))?;
+        }
+        t.status = state.device_status;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features = state.driver_features;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        t.interrupt
+            .restore(state.interrupt_status, state.config_generation);
+        Ok(t)
+    }
+}
