@@ -20,7 +20,7 @@ use event_manager::EventSet;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -255,12 +255,20 @@ impl<'m> Harness<'m> {
 
     /// A device the "driver" has activated, its queue eventfds registered.
     pub(super) fn new(mem: &'m GuestMemory) -> Self {
+        Self::activated(mem, false)
+    }
+
+    /// Like [`Harness::new`], with VIRTIO_RING_F_EVENT_IDX in use or not.
+    pub(super) fn activated(mem: &'m GuestMemory, event_idx: bool) -> Self {
         let mut h = Self::inactive(mem);
         let evts: Vec<EventFd> = (0..3)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
         h.kicks = evts.iter().map(|e| e.try_clone().unwrap()).collect();
-        let queues = vec![h.rx.queue(), h.tx.queue(), h.ev.queue()];
+        let mut queues = vec![h.rx.queue(), h.tx.queue(), h.ev.queue()];
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
+        }
         h.dev
             .activate(mem.clone(), queues, evts, h.irq.clone())
             .unwrap();

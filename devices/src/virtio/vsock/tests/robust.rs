@@ -353,3 +353,37 @@ fn mmio_transport_and_event_manager_end_to_end() {
     }
     assert!(!dev.lock().unwrap().is_active());
 }
+
+#[test]
+fn event_idx_asks_for_kicks_when_starved() {
+    let mem = test_mem();
+    let mut h = Harness::activated(&mem, true);
+    let (mut client, local) = h.connect_from_host(1024, 1 << 20);
+    // avail_event sits after the used ring's entries.
+    let avail_event = |h: &Harness<'_>, used: GuestAddress| -> u16 {
+        h.mem
+            .read_obj(used.unchecked_add(4 + 8 * u64::from(QSIZE)))
+            .unwrap()
+    };
+    let rx_used = h.rx.mock.used_addr();
+    // The REQUEST used the only rx buffer; the device then ran dry and asked to be
+    // kicked at the next one (index 1).
+    client.write_all(&[5u8; 10_000]).unwrap();
+    h.run();
+    assert_eq!(avail_event(&h, rx_used), 1);
+    h.post_rx(2, 4096);
+    let got = rw_bytes(&h.rx_packets());
+    assert_eq!(got.len(), 8192);
+    assert_eq!(
+        avail_event(&h, rx_used),
+        3,
+        "starved again after two buffers"
+    );
+    h.post_rx(2, 4096);
+    assert_eq!(rw_bytes(&h.rx_packets()).len(), 10_000 - 8192);
+    // tx: after draining, the device asks for a kick at the next chain.
+    h.send(Hdr::new(op::RW, 1024, local), b"ok");
+    let tx_used = h.tx.mock.used_addr();
+    assert_eq!(avail_event(&h, tx_used), 2, "RESPONSE and RW consumed");
+    assert_eq!(read_available(&mut client).0, b"ok");
+}
