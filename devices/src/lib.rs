@@ -4,6 +4,9 @@
 //! exits to. A device raises its interrupt by writing an eventfd ([`EventFdTrigger`]) that
 //! the VMM registered as an irqfd, and signals VMM-level events (guest reset, boot done)
 //! through eventfds the VMM hands it. Every device is testable without KVM.
+//!
+//! [`virtio`] holds the virtio-mmio transport and the virtio devices (vsock), which take
+//! queue notifications from eventfds the VMM registers as ioeventfds.
 
 pub mod bus;
 pub mod console;

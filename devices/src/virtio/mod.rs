@@ -9,6 +9,32 @@
 //!
 //! The [`MmioTransport`] owns the register window. Nothing here calls KVM: the VMM registers
 //! [`MmioTransport::queue_evts`] as ioeventfds and [`VirtioInterrupt::irq_evt`] as an irqfd.
+//!
+//! # Wiring a vsock device (what the VMM does)
+//!
+//! ```no_run
+//! use std::sync::{Arc, Mutex};
+//! use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+//! use kiln_devices::virtio::vsock::Vsock;
+//! use kiln_devices::virtio::{mmio_cmdline_fragment, GuestMemory, MmioTransport, MMIO_WINDOW_SIZE};
+//! use kiln_devices::Bus;
+//! use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+//!
+//! type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+//! fn wire(mem: GuestMemory, mmio: &mut Bus, mgr: &mut Manager) -> Result<String, Box<dyn std::error::Error>> {
+//!     let (base, irq) = (0xd000_0000, 5);
+//!     // One object, two roles: virtio device behind the transport, event-loop subscriber.
+//!     let vsock = Arc::new(Mutex::new(Vsock::new(3, "/run/kiln/job.vsock")?));
+//!     let transport = MmioTransport::new(mem, vsock.clone(), EventFd::new(EFD_NONBLOCK)?)?;
+//!     // In the VMM, with KVM:
+//!     //   vm.register_irqfd(transport.interrupt().irq_evt(), irq)
+//!     //   for (i, evt) in transport.queue_evts().iter().enumerate():
+//!     //       vm.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), i as u32)
+//!     mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+//!     mgr.add_subscriber(vsock);
+//!     Ok(mmio_cmdline_fragment(base, irq)) // "virtio_mmio.device=512@0xd0000000:5"
+//! }
+//! ```
 
 pub mod mmio;
 mod state;
