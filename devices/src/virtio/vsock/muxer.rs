@@ -42,6 +42,15 @@ pub(crate) struct Muxer {
     next_local_port: u32,
 }
 
+impl Drop for Muxer {
+    /// The listening socket's file goes with the device, so no stale socket is left behind.
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            debug!("vsock: cannot remove {}: {e}", self.uds_path.display());
+        }
+    }
+}
+
 impl Muxer {
     pub(crate) fn new(uds_path: PathBuf, guest_cid: u64) -> Result<Self, VsockError> {
         let listener = unix::bind_listener(&uds_path)?;

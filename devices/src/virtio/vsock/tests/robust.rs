@@ -214,6 +214,12 @@ fn config_space_and_identity() {
         Vsock::new(5, &h.path),
         Err(VsockError::Bind { .. })
     ));
+    // The socket file goes with the device.
+    let path = h.dir.0.join("solo.sock");
+    let solo = Vsock::new(7, &path).unwrap();
+    assert!(path.exists());
+    drop(solo);
+    assert!(!path.exists());
 }
 
 #[test]
