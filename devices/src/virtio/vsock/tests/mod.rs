@@ -5,11 +5,13 @@
 //! calls the device's handler for each ready one until nothing is ready, so tests never
 //! sleep; a device that keeps a ready fd registered without making progress fails the run.
 
+mod driver;
 mod guest;
 mod host;
 mod robust;
 
-use std::collections::HashMap;
+use driver::{GuestQueue, Hdr, RxPkt, QSIZE};
+
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -17,10 +19,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use event_manager::EventSet;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,7 +28,7 @@ use super::{op, Vsock, EVQ, HOST_CID, RXQ, TXQ};
 use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
 
 pub(super) const GUEST_CID: u64 = 3;
-const QSIZE: u16 = 256;
+
 const MEM_SIZE: usize = 16 << 20;
 
 /// A scratch directory, removed on drop.
@@ -57,165 +56,6 @@ impl Drop for TestDir {
 
 pub(super) fn test_mem() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-/// A guest packet header, as the guest driver writes it.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Hdr {
-    pub src_cid: u64,
-    pub dst_cid: u64,
-    pub src_port: u32,
-    pub dst_port: u32,
-    /// `None`: the payload's length.
-    pub len: Option<u32>,
-    pub type_: u16,
-    pub op: u16,
-    pub flags: u32,
-    pub buf_alloc: u32,
-    pub fwd_cnt: u32,
-}
-
-impl Hdr {
-    /// A packet from guest port `src` to host port `dst`, with 64 KiB of guest credit.
-    pub(super) fn new(op: u16, src_port: u32, dst_port: u32) -> Self {
-        Self {
-            src_cid: GUEST_CID,
-            dst_cid: HOST_CID,
-            src_port,
-            dst_port,
-            len: None,
-            type_: 1,
-            op,
-            flags: 0,
-            buf_alloc: 64 * 1024,
-            fwd_cnt: 0,
-        }
-    }
-
-    fn encode(&self, payload_len: u32) -> [u8; 44] {
-        let mut b = [0u8; 44];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.unwrap_or(payload_len).to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
-    }
-}
-
-/// A packet the device put into an rx buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct RxPkt {
-    pub src_cid: u64,
-    pub dst_cid: u64,
-    pub src_port: u32,
-    pub dst_port: u32,
-    pub len: u32,
-    pub type_: u16,
-    pub op: u16,
-    pub flags: u32,
-    pub buf_alloc: u32,
-    pub fwd_cnt: u32,
-    pub data: Vec<u8>,
-    pub used_len: u32,
-}
-
-fn le<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    b[at..at + N].try_into().unwrap()
-}
-
-/// One virtqueue as the guest driver sees it.
-pub(super) struct GuestQueue<'m> {
-    mem: &'m GuestMemory,
-    mock: MockSplitQueue<'m, GuestMemory>,
-    next_desc: u16,
-    buf_base: u64,
-    buf_len: u64,
-    buf_off: u64,
-    used_seen: u16,
-    /// Head index → address of the chain's first buffer.
-    heads: HashMap<u16, u64>,
-}
-
-impl<'m> GuestQueue<'m> {
-    fn new(mem: &'m GuestMemory, ring: u64, buf_base: u64, buf_len: u64) -> Self {
-        Self {
-            mem,
-            mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
-            next_desc: 0,
-            buf_base,
-            buf_len,
-            buf_off: 0,
-            used_seen: 0,
-            heads: HashMap::new(),
-        }
-    }
-
-    /// Guest memory for a buffer of `len` bytes.
-    pub(super) fn alloc(&mut self, len: u64) -> u64 {
-        if self.buf_off + len > self.buf_len {
-            self.buf_off = 0;
-        }
-        let addr = self.buf_base + self.buf_off;
-        self.buf_off += len.div_ceil(16) * 16;
-        addr
-    }
-
-    /// Make `(addr, len, device_writable)` descriptors one available chain.
-    pub(super) fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let n = u16::try_from(descs.len()).unwrap();
-        if self.next_desc + n > QSIZE {
-            self.next_desc = 0;
-        }
-        let head = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .zip(0u16..)
-            .map(|(&(addr, len, write), i)| {
-                let mut flags = if write {
-                    u16::try_from(VRING_DESC_F_WRITE).unwrap()
-                } else {
-                    0
-                };
-                let mut next = 0;
-                if i + 1 < n {
-                    flags |= u16::try_from(VRING_DESC_F_NEXT).unwrap();
-                    next = head + i + 1;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
-            .collect();
-        self.mock.add_desc_chains(&raw, head).unwrap();
-        self.next_desc += n;
-        self.heads.insert(head, descs.first().map_or(0, |d| d.0));
-        head
-    }
-
-    /// New used-ring entries: (head, len, address of the chain's first buffer).
-    pub(super) fn used(&mut self) -> Vec<(u16, u32, u64)> {
-        let base = self.mock.used_addr();
-        let idx: u16 = self.mem.read_obj(base.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let slot = u64::from(self.used_seen % QSIZE);
-            let elem = base.unchecked_add(4 + 8 * slot);
-            let id: u32 = self.mem.read_obj(elem).unwrap();
-            let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
-            let head = u16::try_from(id).unwrap();
-            out.push((head, len, self.heads.get(&head).copied().unwrap_or(0)));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-
-    fn queue(&self) -> Queue {
-        self.mock.create_queue::<Queue>().unwrap()
-    }
 }
 
 pub(super) struct Harness<'m> {
@@ -364,45 +204,7 @@ impl<'m> Harness<'m> {
         self.rx
             .used()
             .into_iter()
-            .map(|(_, used_len, addr)| {
-                if used_len == 0 {
-                    return RxPkt {
-                        src_cid: 0,
-                        dst_cid: 0,
-                        src_port: 0,
-                        dst_port: 0,
-                        len: 0,
-                        type_: 0,
-                        op: 0,
-                        flags: 0,
-                        buf_alloc: 0,
-                        fwd_cnt: 0,
-                        data: Vec::new(),
-                        used_len,
-                    };
-                }
-                let mut b = [0u8; 44];
-                self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
-                let len = u32::from_le_bytes(le(&b, 24));
-                let mut data = vec![0u8; len as usize];
-                self.mem
-                    .read_slice(&mut data, GuestAddress(addr + 44))
-                    .unwrap();
-                RxPkt {
-                    src_cid: u64::from_le_bytes(le(&b, 0)),
-                    dst_cid: u64::from_le_bytes(le(&b, 8)),
-                    src_port: u32::from_le_bytes(le(&b, 16)),
-                    dst_port: u32::from_le_bytes(le(&b, 20)),
-                    len,
-                    type_: u16::from_le_bytes(le(&b, 28)),
-                    op: u16::from_le_bytes(le(&b, 30)),
-                    flags: u32::from_le_bytes(le(&b, 32)),
-                    buf_alloc: u32::from_le_bytes(le(&b, 36)),
-                    fwd_cnt: u32::from_le_bytes(le(&b, 40)),
-                    data,
-                    used_len,
-                }
-            })
+            .map(|(_, used_len, addr)| RxPkt::read(self.mem, addr, used_len))
             .collect()
     }
 
