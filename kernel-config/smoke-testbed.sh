@@ -43,15 +43,20 @@ chmod +x "$WORK/root/init"
 (cd "$WORK/root" && find . | cpio -o -H newc --quiet) >"$WORK/initramfs.cpio"
 
 start=$(date +%s.%N)
-timeout 300 qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -m 2048 -smp 2 \
+# sockets=2: without ACPI the kernel finds CPUs in SeaBIOS's MP table, which lists one
+# entry per package; with plain `-smp 2` (2 cores in 1 socket) the test bed sees 1 CPU.
+timeout 300 qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -m 2048 -smp 2,sockets=2,cores=1,threads=1 \
 	-nographic -nodefaults -serial stdio -no-reboot \
 	-kernel "$KERNEL_DIR/bzImage" -initrd "$WORK/initramfs.cpio" \
-	-append "console=ttyS0 panic=-1 quiet reboot=t" </dev/null | tee "$WORK/console.log"
+	-append "console=ttyS0 panic=-1 quiet reboot=t" </dev/null 2>"$WORK/qemu.err" | tee "$WORK/console.log"
 end=$(date +%s.%N)
 wall=$(echo "$end - $start" | bc)
 
-if grep -q "SMOKE: /dev/kvm present" "$WORK/console.log"; then
-	echo "smoke: ok: test-bed host booted, /dev/kvm present; QEMU start to exit ${wall} s"
+if ! grep -q "SMOKE: init at .* 2 cpus" "$WORK/console.log"; then
+	echo "smoke: FAILED: the test bed did not see 2 CPUs" >&2
+	exit 1
+elif grep -q "SMOKE: /dev/kvm present" "$WORK/console.log"; then
+	echo "smoke: ok: test-bed host booted with 2 CPUs, /dev/kvm present; QEMU start to exit ${wall} s"
 else
 	echo "smoke: FAILED: no '/dev/kvm present' marker on the console (QEMU ran ${wall} s)" >&2
 	exit 1
