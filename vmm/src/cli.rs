@@ -91,6 +91,14 @@ pub struct RunArgs {
     /// Where the serial console goes: `stdout` (default), `null`, or a file path (appended).
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
+    /// Give the VM a virtio-vsock device whose host side is this Unix socket (the
+    /// Firecracker/Cloud Hypervisor "hybrid vsock" convention: connect, write
+    /// `CONNECT <port>\n`, read `OK <n>\n`). `kiln exec` and `kiln cp` use it.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// The guest's vsock context ID.
+    #[arg(long, value_name = "CID", default_value_t = 3)]
+    pub cid: u64,
     /// Print a one-line JSON report on stdout when the VM ends: result, boot_ms, exit code.
     #[arg(long)]
     pub json: bool,

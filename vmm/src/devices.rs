@@ -24,6 +24,10 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("cannot set up a virtio device: {0}")]
+    Virtio(String),
+    #[error("cannot create the vsock device: {0}")]
+    Vsock(#[from] kiln_devices::virtio::vsock::VsockError),
 }
 
 /// The port-I/O and MMIO buses the vCPU threads dispatch to.
@@ -92,4 +96,57 @@ pub fn attach_legacy(
         reset_evt,
         boot_evt,
     })
+}
+
+/// Where the first virtio-mmio device's register window goes, and the stride between them.
+const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// IOAPIC pins for virtio-mmio devices start here (4 is the console, 1/12 are PS/2).
+const VIRTIO_IRQ_BASE: u32 = 5;
+
+/// A virtio device on the MMIO bus: what the event loop and the kernel command line need.
+pub struct VirtioSlot {
+    /// `virtio_mmio.device=…` for the guest kernel.
+    pub cmdline: String,
+}
+
+/// Hands out MMIO windows and interrupt lines to virtio devices, in order.
+#[derive(Default)]
+pub struct VirtioAllocator {
+    next: u32,
+}
+
+impl VirtioAllocator {
+    /// Puts `device` behind a virtio-mmio transport on `buses.mmio`, with its interrupt
+    /// wired as an irqfd and its queue notifications as ioeventfds (so a notify does not
+    /// exit to kiln).
+    pub fn attach(
+        &mut self,
+        vm: &Vm,
+        buses: &mut Buses,
+        memory: &crate::memory::GuestMemory,
+        device: Arc<Mutex<dyn kiln_devices::virtio::VirtioDevice>>,
+    ) -> Result<VirtioSlot, DeviceError> {
+        use kiln_devices::virtio::{mmio_cmdline_fragment, MmioTransport, MMIO_WINDOW_SIZE};
+        let base = crate::arch::x86_64::layout::MMIO_DEVICES_START
+            + u64::from(self.next) * VIRTIO_MMIO_STRIDE;
+        let irq = VIRTIO_IRQ_BASE + self.next;
+        let irq_evt = eventfd()?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let transport = MmioTransport::new(memory.clone(), device, irq_evt)
+            .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+        for (index, evt) in transport.queue_evts().iter().enumerate() {
+            let notify = kvm_ioctls::IoEventAddress::Mmio(base + 0x50);
+            let datamatch = u32::try_from(index).unwrap_or(u32::MAX);
+            vm.fd()
+                .register_ioevent(evt, &notify, datamatch)
+                .map_err(|e| DeviceError::Virtio(format!("cannot register queue notify: {e}")))?;
+        }
+        buses
+            .mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+        self.next += 1;
+        Ok(VirtioSlot {
+            cmdline: mmio_cmdline_fragment(base, irq),
+        })
+    }
 }

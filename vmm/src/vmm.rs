@@ -72,6 +72,19 @@ pub struct MachineSpec {
     pub extra_mmio: Vec<(u64, u64, SharedBusDevice)>,
     /// The instant the boot time is measured from (normally the kiln process's start).
     pub start: Instant,
+    /// A virtio-vsock device, for the guest agent.
+    pub vsock: Option<VsockSpec>,
+    /// Told once when the guest marks boot done (the agent is ready).
+    pub boot_done: Option<std::sync::mpsc::Sender<Duration>>,
+}
+
+/// The vsock device of a VM.
+#[derive(Debug, Clone)]
+pub struct VsockSpec {
+    /// The guest's context ID (3 or more).
+    pub cid: u64,
+    /// The Unix socket host clients connect to (`CONNECT <port>`); must not exist yet.
+    pub uds_path: PathBuf,
 }
 
 /// How a run ended.
@@ -126,11 +139,17 @@ impl StopHandle {
     }
 }
 
+/// Something the main thread's event loop drives.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
 /// A built VM, ready to run.
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
     buses: Arc<Buses>,
     legacy: LegacyDevices,
+    /// Devices with file descriptors the event loop watches (vsock).
+    subscribers: Vec<Subscriber>,
+    boot_done: Option<std::sync::mpsc::Sender<Duration>>,
     stop_evt: EventFd,
     start: Instant,
     // Kept alive for as long as the vCPUs run: KVM maps this memory into the guest.
@@ -157,6 +176,19 @@ impl Vmm {
                 .map_err(DeviceError::from)?;
         }
 
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut virtio = devices::VirtioAllocator::default();
+        let mut device_cmdline = Vec::new();
+        if let Some(vsock) = &spec.vsock {
+            let device = Arc::new(Mutex::new(
+                kiln_devices::virtio::vsock::Vsock::new(vsock.cid, &vsock.uds_path)
+                    .map_err(DeviceError::from)?,
+            ));
+            let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
+            device_cmdline.push(slot.cmdline);
+            subscribers.push(device);
+        }
+
         let (entry, mode) = match &spec.boot {
             BootSource::Linux {
                 kernel,
@@ -165,7 +197,12 @@ impl Vmm {
             } => {
                 regs::write_boot_tables(&memory)?;
                 mptable::write(&memory, spec.vcpus)?;
-                let k = boot::load_linux(&memory, kernel, initrd.as_deref(), cmdline)?;
+                let mut cmdline = cmdline.clone();
+                for fragment in &device_cmdline {
+                    cmdline.push(' ');
+                    cmdline.push_str(fragment);
+                }
+                let k = boot::load_linux(&memory, kernel, initrd.as_deref(), &cmdline)?;
                 (k.entry.0, CpuMode::Long)
             }
             BootSource::Raw {
@@ -199,6 +236,8 @@ impl Vmm {
             vcpus,
             buses: Arc::new(buses),
             legacy,
+            subscribers,
+            boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,
             start: spec.start,
             _memory: memory,
@@ -250,10 +289,11 @@ impl Vmm {
             vcpu_count,
             halted: 0,
             stop_evt: self.stop_evt,
+            boot_done: self.boot_done,
             exit: None,
         }));
         let result = if start_error.is_none() {
-            event_loop(&watcher)
+            event_loop(&watcher, self.subscribers)
         } else {
             Ok(())
         };
@@ -287,10 +327,15 @@ impl Vmm {
     }
 }
 
-fn event_loop(watcher: &Arc<Mutex<ExitWatcher>>) -> Result<(), VmmError> {
-    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(VmmError::EventLoop)?;
+fn event_loop(
+    watcher: &Arc<Mutex<ExitWatcher>>,
+    subscribers: Vec<Subscriber>,
+) -> Result<(), VmmError> {
+    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;
     manager.add_subscriber(watcher.clone());
+    for s in subscribers {
+        manager.add_subscriber(s);
+    }
     loop {
         manager.run().map_err(VmmError::EventLoop)?;
         if watcher.lock().map(|w| w.exit.is_some()).unwrap_or(true) {
@@ -310,6 +355,7 @@ struct ExitWatcher {
     vcpu_count: usize,
     halted: usize,
     stop_evt: EventFd,
+    boot_done: Option<std::sync::mpsc::Sender<Duration>>,
     exit: Option<GuestExit>,
 }
 
@@ -354,6 +400,9 @@ impl MutEventSubscriber for ExitWatcher {
             let _ = self.boot_evt.read();
             if let Some(t) = self.boot_timer.boot_time() {
                 tracing::info!("guest boot done in {:.1} ms", t.as_secs_f64() * 1e3);
+                if let Some(tx) = self.boot_done.take() {
+                    let _ = tx.send(t);
+                }
             }
         } else if fd == self.stop_evt.as_raw_fd() {
             let _ = self.stop_evt.read();

@@ -12,13 +12,14 @@ use kiln::arch::x86_64::regs::CpuMode;
 use kiln::vmm::{BootSource, GuestExit, MachineSpec, RunReport, Vmm};
 use kiln_devices::BusDevice;
 
-/// A console sink the test can read back.
+/// A console sink the test can read back, and wait on.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+struct Captured(Arc<(Mutex<Vec<u8>>, std::sync::Condvar)>);
 
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        self.0 .0.lock().unwrap().extend_from_slice(buf);
+        self.0 .1.notify_all();
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -28,7 +29,16 @@ impl Write for Captured {
 
 impl Captured {
     fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        String::from_utf8_lossy(&self.0 .0.lock().unwrap()).into_owned()
+    }
+
+    /// Blocks until the guest has written at least `len` bytes (or 10 s have passed).
+    fn wait_for(&self, len: usize) {
+        let (lock, cond) = &*self.0;
+        let guard = lock.lock().unwrap();
+        let _ = cond
+            .wait_timeout_while(guard, std::time::Duration::from_secs(10), |b| b.len() < len)
+            .unwrap();
     }
 }
 
@@ -71,6 +81,8 @@ impl Guest {
             console: Box::new(console.clone()),
             irqchip: self.irqchip,
             extra_mmio: self.mmio,
+            vsock: None,
+            boot_done: None,
             start: Instant::now(),
         };
         let report = Vmm::build(spec).expect("build VM").run().expect("run VM");
@@ -180,7 +192,9 @@ impl BusDevice for Probe {
 
 #[test]
 fn long_mode_guest_does_mmio() {
-    const MMIO_BASE: u64 = 0x0200_0000; // above the 16 MiB of RAM, inside the identity map
+    // In the 32-bit MMIO gap, so the guest reaches it through the boot identity map's
+    // fourth GiB.
+    const MMIO_BASE: u64 = 0xc000_0000;
     let mut code = vec![0x48, 0xb8];
     code.extend_from_slice(&MMIO_BASE.to_le_bytes()); // mov rax, MMIO_BASE
     code.extend_from_slice(&[0xc7, 0x00, 0x78, 0x56, 0x34, 0x12]); // mov dword [rax], 0x12345678
@@ -209,4 +223,63 @@ fn every_vcpu_runs() {
     let (report, console) = guest.run();
     assert_eq!(report.exit, GuestExit::Halted);
     assert_eq!(console, "vvv");
+}
+
+#[test]
+fn vsock_device_answers_on_the_mmio_bus() {
+    // Read the virtio-mmio magic value and device ID of the first device window and print
+    // them as 8 + 2 hex-free bytes: the magic is ASCII "virt", the device ID 19 (vsock).
+    const WINDOW: u64 = 0xd000_0000;
+    let mut code = vec![0x48, 0xb8];
+    code.extend_from_slice(&WINDOW.to_le_bytes()); // mov rax, WINDOW
+    code.extend_from_slice(&[0x8b, 0x18]); // mov ebx, [rax]      (MagicValue)
+    code.extend_from_slice(&[0x8b, 0x48, 0x08]); // mov ecx, [rax+8] (DeviceID)
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    for _ in 0..4 {
+        code.extend_from_slice(&[0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
+        code.extend_from_slice(&[0xc1, 0xeb, 0x08]); // shr ebx, 8
+    }
+    code.extend_from_slice(&[0x88, 0xc8, 0x04, b'0', 0xee, HLT]); // mov al, cl; add al, '0'; out
+    let dir = std::env::temp_dir().join(format!("kiln-direct-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    let console = Captured::default();
+    let spec = MachineSpec {
+        vcpus: 1,
+        memory_mib: 16,
+        boot: BootSource::Raw {
+            code,
+            load_addr: LOAD_ADDR,
+            mode: CpuMode::Long,
+        },
+        console: Box::new(console.clone()),
+        irqchip: true,
+        extra_mmio: Vec::new(),
+        start: Instant::now(),
+        vsock: Some(kiln::vmm::VsockSpec {
+            cid: 3,
+            uds_path: uds.clone(),
+        }),
+        boot_done: None,
+    };
+    let vmm = Vmm::build(spec).unwrap();
+    assert!(uds.exists(), "the vsock device listens on its socket");
+    // With an irqchip HLT waits for an interrupt; stop the VM once the guest has printed.
+    let stop = vmm.stop_handle().unwrap();
+    let watcher = console.clone();
+    let waiter = std::thread::spawn(move || {
+        watcher.wait_for(5);
+        stop.stop();
+    });
+    let report = vmm.run().unwrap();
+    waiter.join().unwrap();
+    assert_eq!(
+        report.exit,
+        GuestExit::Stopped,
+        "console: {:?}",
+        console.text()
+    );
+    // 19 + '0' = 'C'.
+    assert_eq!(console.text(), "virtC");
+    std::fs::remove_dir_all(dir).unwrap();
 }

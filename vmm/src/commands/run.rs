@@ -11,7 +11,7 @@ use anyhow::Context;
 
 use crate::cli::RunArgs;
 use crate::config::{SerialOutput, VmConfig};
-use crate::vmm::{BootSource, GuestExit, MachineSpec, StopHandle, Vmm};
+use crate::vmm::{BootSource, GuestExit, MachineSpec, StopHandle, Vmm, VsockSpec};
 
 pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(match serial {
@@ -78,6 +78,11 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
         irqchip: true,
         extra_mmio: Vec::new(),
         start,
+        vsock: args.vsock.as_ref().map(|uds_path| VsockSpec {
+            cid: args.cid,
+            uds_path: uds_path.clone(),
+        }),
+        boot_done: None,
     };
     let vmm = Vmm::build(spec)?;
     let stopped_by = stop_on_signals(vmm.stop_handle()?)?;

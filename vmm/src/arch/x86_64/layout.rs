@@ -11,7 +11,8 @@ pub const IDT_ADDR: u64 = 0x520;
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Initial stack pointer for the boot vCPU.
 pub const BOOT_STACK: u64 = 0x8ff0;
-/// Identity-mapping page tables for the first 1 GiB: PML4, PDPT, PD.
+/// Identity-mapping page tables for the first 4 GiB: PML4, PDPT, and four PDs from
+/// `PD_ADDR` (0xb000..0xf000).
 pub const PML4_ADDR: u64 = 0x9000;
 pub const PDPT_ADDR: u64 = 0xa000;
 pub const PD_ADDR: u64 = 0xb000;

@@ -13,6 +13,9 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
+/// Page directories (one per GiB) of the boot identity map.
+const PD_PAGES: u64 = 4;
+
 /// Page-table entry bits: present, writable, 2 MiB page.
 const PTE_PRESENT_RW: u64 = 0x3;
 const PTE_HUGE: u64 = 0x80;
@@ -71,19 +74,21 @@ fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     }
 }
 
-/// Writes the boot GDT, an empty IDT and identity page tables for the first 1 GiB.
+/// Writes the boot GDT, an empty IDT and identity page tables for the first 4 GiB (RAM
+/// below the gap, and the MMIO devices, IOAPIC and LAPIC above it).
 pub fn write_boot_tables<M: GuestMemory>(mem: &M) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))?;
     mem.write_obj(PDPT_ADDR | PTE_PRESENT_RW, GuestAddress(PML4_ADDR))?;
-    mem.write_obj(PD_ADDR | PTE_PRESENT_RW, GuestAddress(PDPT_ADDR))?;
-    for i in 0..512u64 {
-        mem.write_obj(
-            (i << 21) | PTE_PRESENT_RW | PTE_HUGE,
-            GuestAddress(PD_ADDR + i * 8),
-        )?;
+    for gib in 0..PD_PAGES {
+        let pd = PD_ADDR + gib * 0x1000;
+        mem.write_obj(pd | PTE_PRESENT_RW, GuestAddress(PDPT_ADDR + gib * 8))?;
+        for i in 0..512u64 {
+            let addr = (gib << 30) | (i << 21);
+            mem.write_obj(addr | PTE_PRESENT_RW | PTE_HUGE, GuestAddress(pd + i * 8))?;
+        }
     }
     Ok(())
 }
@@ -162,7 +167,7 @@ mod tests {
     }
 
     #[test]
-    fn page_tables_identity_map_the_first_gib() {
+    fn page_tables_identity_map_the_first_4_gib() {
         let mem =
             vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_tables(&mem).unwrap();
@@ -171,5 +176,12 @@ mod tests {
         let pde: u64 = mem.read_obj(GuestAddress(PD_ADDR + 8 * 511)).unwrap();
         assert_eq!(pde & !0xfff, 511 << 21);
         assert_ne!(pde & PTE_HUGE, 0);
+        // The fourth GiB (MMIO devices, IOAPIC, LAPIC) is mapped too.
+        let pdpte: u64 = mem.read_obj(GuestAddress(PDPT_ADDR + 8 * 3)).unwrap();
+        assert_eq!(pdpte & !0xfff, PD_ADDR + 3 * 0x1000);
+        let last: u64 = mem
+            .read_obj(GuestAddress(PD_ADDR + 3 * 0x1000 + 8 * 511))
+            .unwrap();
+        assert_eq!(last & !0xfff, 0xffe0_0000);
     }
 }
