@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: the Debian packages and the two kernels that tests, demo and
-//! benches need. Idempotent: a second run installs nothing and builds nothing.
+//! benches need. Idempotent: a second run installs nothing and builds nothing. Reports
+//! go to stderr, so that `cargo xtask bench`'s stdout stays JSON lines.
 
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
@@ -32,10 +33,10 @@ pub const PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     let missing = missing_packages()?;
     if missing.is_empty() {
-        println!("setup: packages: all {} present", PACKAGES.len());
+        eprintln!("setup: packages: all {} present", PACKAGES.len());
     } else {
         install(&missing)?;
-        println!("setup: packages: installed {}", missing.join(" "));
+        eprintln!("setup: packages: installed {}", missing.join(" "));
     }
     for (name, build) in [
         ("guest", kiln_tests::kernels::guest as fn() -> _),
@@ -43,7 +44,7 @@ pub fn run() -> Result<()> {
     ] {
         let start = Instant::now();
         let images = build().with_context(|| format!("building the {name} kernel"))?;
-        println!(
+        eprintln!(
             "setup: {name} kernel: {} ({:.1} s)",
             images.dir.display(),
             start.elapsed().as_secs_f64()
@@ -86,7 +87,7 @@ fn install(packages: &[&str]) -> Result<()> {
             packages.join(" ")
         );
     }
-    println!("setup: installing {}", packages.join(" "));
+    eprintln!("setup: installing {}", packages.join(" "));
     apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend_from_slice(packages);
@@ -98,6 +99,7 @@ fn apt(args: &[&str]) -> Result<()> {
         .args(["-o", "DPkg::Lock::Timeout=600"])
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(std::io::stderr())
         .status()
         .context("could not run apt-get")?;
     if !status.success() {
