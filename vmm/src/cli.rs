@@ -33,6 +33,12 @@ pub enum Command {
     /// Copy a file into or out of a running VM: `kiln cp --vsock S ./f vm:/tmp/f` or
     /// `kiln cp --vsock S vm:/etc/os-release ./os-release`.
     Cp(CpArgs),
+    /// Run one CI job in a fresh VM: boot it, run the script through the guest agent,
+    /// stream its output live, tear the VM down, and exit with the script's exit code.
+    ///
+    /// SIGINT/SIGTERM cancel the job: its process group in the guest gets SIGTERM, then
+    /// SIGKILL after a second, and the VM is stopped; kiln job then exits 128 + signal.
+    Job(JobArgs),
 }
 
 #[derive(Args, Debug)]
@@ -70,12 +76,13 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .map_err(|e| format!("{s:?} is not an octal mode: {e}"))
 }
 
+/// What VM to boot: shared by `kiln run` and `kiln job`.
 #[derive(Args, Debug)]
-pub struct RunArgs {
+pub struct VmArgs {
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
     #[arg(long, value_name = "PATH", required_unless_present = "config")]
     pub kernel: Option<PathBuf>,
-    /// Initramfs to hand the kernel (a cpio archive).
+    /// Initramfs to hand the kernel (an uncompressed cpio archive).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line. Default: "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1
@@ -88,9 +95,20 @@ pub struct RunArgs {
     /// Guest memory in MiB (at least 16, at most the host's RAM). Default 128.
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u64>,
-    /// Where the serial console goes: `stdout` (default), `null`, or a file path (appended).
+    /// Where the serial console goes: `stdout`, `null` or a file path (appended).
+    /// Default: stdout for `kiln run`, null for `kiln job`.
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
+    /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
+    /// memory_mib, serial); flags given as well override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Give the VM a virtio-vsock device whose host side is this Unix socket (the
     /// Firecracker/Cloud Hypervisor "hybrid vsock" convention: connect, write
     /// `CONNECT <port>\n`, read `OK <n>\n`). `kiln exec` and `kiln cp` use it.
@@ -102,14 +120,30 @@ pub struct RunArgs {
     /// Print a one-line JSON report on stdout when the VM ends: result, boot_ms, exit code.
     #[arg(long)]
     pub json: bool,
-    /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial); flags given as well override it.
-    #[arg(long, value_name = "PATH")]
-    pub config: Option<PathBuf>,
 }
 
-impl RunArgs {
-    /// The VM configuration: the file if any, overridden by flags.
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// The job: a shell script run with /bin/sh in the guest.
+    #[arg(long, value_name = "PATH")]
+    pub script: PathBuf,
+    /// Set an environment variable for the script (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the guest (default /).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Give up if the guest agent is not ready this many seconds after start.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub boot_timeout: u64,
+    /// After the job, print a one-line JSON report on stderr: exit code, boot_ms, job_ms.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl VmArgs {
     pub fn to_config(&self) -> Result<VmConfig, crate::config::ConfigError> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_toml_file(path)?,

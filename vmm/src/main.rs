@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(&args, start),
         Command::Exec(args) => commands::exec::exec(&args),
         Command::Cp(args) => commands::cp::cp(&args),
+        Command::Job(args) => commands::job::job(&args, start),
     };
     match result {
         Ok(code) => code,

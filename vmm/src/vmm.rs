@@ -75,8 +75,11 @@ pub struct MachineSpec {
     /// A virtio-vsock device, for the guest agent.
     pub vsock: Option<VsockSpec>,
     /// Told once when the guest marks boot done (the agent is ready).
-    pub boot_done: Option<std::sync::mpsc::Sender<Duration>>,
+    pub boot_done: Option<BootDoneHook>,
 }
+
+/// Called once, on the event loop thread, when the guest marks boot done.
+pub type BootDoneHook = Box<dyn FnOnce(Duration) + Send>;
 
 /// The vsock device of a VM.
 #[derive(Debug, Clone)]
@@ -149,7 +152,7 @@ pub struct Vmm {
     legacy: LegacyDevices,
     /// Devices with file descriptors the event loop watches (vsock).
     subscribers: Vec<Subscriber>,
-    boot_done: Option<std::sync::mpsc::Sender<Duration>>,
+    boot_done: Option<BootDoneHook>,
     stop_evt: EventFd,
     start: Instant,
     // Kept alive for as long as the vCPUs run: KVM maps this memory into the guest.
@@ -355,7 +358,7 @@ struct ExitWatcher {
     vcpu_count: usize,
     halted: usize,
     stop_evt: EventFd,
-    boot_done: Option<std::sync::mpsc::Sender<Duration>>,
+    boot_done: Option<BootDoneHook>,
     exit: Option<GuestExit>,
 }
 
@@ -400,8 +403,8 @@ impl MutEventSubscriber for ExitWatcher {
             let _ = self.boot_evt.read();
             if let Some(t) = self.boot_timer.boot_time() {
                 tracing::info!("guest boot done in {:.1} ms", t.as_secs_f64() * 1e3);
-                if let Some(tx) = self.boot_done.take() {
-                    let _ = tx.send(t);
+                if let Some(hook) = self.boot_done.take() {
+                    hook(t);
                 }
             }
         } else if fd == self.stop_evt.as_raw_fd() {

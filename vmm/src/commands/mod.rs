@@ -2,4 +2,5 @@
 
 pub mod cp;
 pub mod exec;
+pub mod job;
 pub mod run;

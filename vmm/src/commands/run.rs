@@ -61,7 +61,7 @@ pub(crate) fn stop_on_signals(stop: StopHandle) -> anyhow::Result<Arc<AtomicI32>
 }
 
 pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
-    let config: VmConfig = args.to_config()?;
+    let config: VmConfig = args.vm.to_config()?;
     check_readable("kernel", &config.kernel)?;
     if let Some(initrd) = &config.initrd {
         check_readable("initramfs", initrd)?;

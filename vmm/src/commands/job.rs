@@ -1,0 +1,335 @@
+//! `kiln job`: one CI job in one fresh VM.
+//!
+//! The VM runs on its own thread; this thread waits for the guest agent's boot-done mark,
+//! copies the script in, runs it with output streamed live, then stops the VM and removes
+//! its files. A signal thread turns SIGINT/SIGTERM into a cancel: the job's process group
+//! gets SIGTERM, then SIGKILL, and the VM is stopped whether or not the guest answers.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kiln_agent::client::{Client, ExecIo};
+use kiln_agent::protocol::{ExecRequest, SignalTarget, AGENT_PORT};
+
+use super::exec::parse_env;
+use super::run::{check_readable, console_sink};
+use crate::cli::JobArgs;
+use crate::config::SerialOutput;
+use crate::vmm::{BootSource, GuestExit, MachineSpec, RunReport, StopHandle, Vmm, VsockSpec};
+
+/// Where the script is put in the guest.
+const GUEST_SCRIPT: &str = "/tmp/kiln-job.sh";
+/// How long a cancelled job gets between SIGTERM and SIGKILL.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// What the job thread hears about the VM.
+enum VmEvent {
+    BootDone(Duration),
+    Ended(anyhow::Result<RunReport>),
+}
+
+pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
+    let mut config = args.vm.to_config()?;
+    if args.vm.serial.is_none() && !config_sets_serial(args.vm.config.as_deref())? {
+        config.serial = SerialOutput::Null;
+    }
+    check_readable("kernel", &config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        check_readable("initramfs", initrd)?;
+    }
+    let script = std::fs::read(&args.script)
+        .with_context(|| format!("cannot read job script {}", args.script.display()))?;
+    let mut request = ExecRequest::new(["/bin/sh", GUEST_SCRIPT]);
+    request.env = parse_env(&args.env)?;
+    request.cwd = args.cwd.clone();
+
+    let runtime = RuntimeDir::create()?;
+    let uds = runtime.path().join("vsock.sock");
+    let (events, vm_events) = channel();
+    let boot_events = events.clone();
+    let spec = MachineSpec {
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        boot: BootSource::Linux {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: config.cmdline.clone(),
+        },
+        console: console_sink(&config.serial)?,
+        irqchip: true,
+        extra_mmio: Vec::new(),
+        start,
+        vsock: Some(VsockSpec {
+            cid: 3,
+            uds_path: uds.clone(),
+        }),
+        boot_done: Some(Box::new(move |t| {
+            let _ = boot_events.send(VmEvent::BootDone(t));
+        })),
+    };
+    let vmm = Vmm::build(spec)?;
+    let stop = Arc::new(vmm.stop_handle()?);
+    let vm_thread = std::thread::Builder::new()
+        .name("kiln-vmm".into())
+        .spawn(move || {
+            let report = vmm.run().map_err(anyhow::Error::from);
+            let _ = events.send(VmEvent::Ended(report));
+        })
+        .context("cannot start the VM thread")?;
+    let cancel = Cancel::install(uds.clone(), stop.clone())?;
+
+    let outcome = run_job(
+        &uds,
+        &request,
+        &script,
+        &vm_events,
+        &cancel,
+        args.boot_timeout,
+    );
+    cancel.finished.set();
+    stop.stop();
+    let report = wait_vm_end(&vm_events, outcome.as_ref().err());
+    let _ = vm_thread.join();
+    drop(runtime);
+
+    let signo = cancel.signal.load(Ordering::Relaxed);
+    let (code, job_ms, boot_ms) = match outcome {
+        _ if signo != 0 => {
+            eprintln!("kiln: job cancelled by signal {signo}");
+            (128 + signo, None, None)
+        }
+        Ok(done) => (done.code, Some(done.job_time), Some(done.boot_time)),
+        Err(e) => {
+            if let Some(RunReport {
+                exit: GuestExit::Panic(line),
+                ..
+            }) = &report
+            {
+                eprintln!("kiln: error: guest kernel panic: {line}");
+            }
+            return Err(e);
+        }
+    };
+    if args.json {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        eprintln!(
+            "{}",
+            serde_json::json!({"exit_code": code, "boot_ms": ms(boot_ms), "job_ms": ms(job_ms)})
+        );
+    }
+    Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
+}
+
+/// A finished job.
+struct JobDone {
+    code: i32,
+    boot_time: Duration,
+    job_time: Duration,
+}
+
+fn run_job(
+    uds: &Path,
+    request: &ExecRequest,
+    script: &[u8],
+    vm_events: &std::sync::mpsc::Receiver<VmEvent>,
+    cancel: &Cancel,
+    boot_timeout: u64,
+) -> anyhow::Result<JobDone> {
+    let boot_time = match vm_events.recv_timeout(Duration::from_secs(boot_timeout)) {
+        Ok(VmEvent::BootDone(t)) => t,
+        Ok(VmEvent::Ended(report)) => bail!(
+            "the VM ended before its agent was ready: {}",
+            describe(&report)
+        ),
+        Err(RecvTimeoutError::Timeout) => {
+            bail!("the guest agent did not mark boot done within {boot_timeout} s")
+        }
+        Err(RecvTimeoutError::Disconnected) => bail!("the VM thread went away"),
+    };
+    let started = Instant::now();
+    let mut client =
+        Client::connect_unix(uds, AGENT_PORT).context("cannot reach the guest agent")?;
+    client
+        .put_file(GUEST_SCRIPT, 0o755, &mut &script[..])
+        .context("cannot copy the job script into the guest")?;
+    let status = client
+        .exec_with(
+            request,
+            ExecIo {
+                stdin: None,
+                stdout: &mut std::io::stdout(),
+                stderr: &mut std::io::stderr(),
+                on_started: Some(&mut |s| cancel.arm(s.exec_id)),
+            },
+        )
+        .context("the job did not run to its end")?;
+    Ok(JobDone {
+        code: status.shell_code(),
+        boot_time,
+        job_time: started.elapsed(),
+    })
+}
+
+/// Waits for the VM thread's report (after it was told to stop).
+fn wait_vm_end(
+    vm_events: &std::sync::mpsc::Receiver<VmEvent>,
+    job_error: Option<&anyhow::Error>,
+) -> Option<RunReport> {
+    loop {
+        match vm_events.recv() {
+            Ok(VmEvent::Ended(Ok(report))) => return Some(report),
+            Ok(VmEvent::Ended(Err(e))) => {
+                if job_error.is_none() {
+                    eprintln!("kiln: error: the VM failed: {e:#}");
+                }
+                return None;
+            }
+            Ok(VmEvent::BootDone(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+fn describe(report: &anyhow::Result<RunReport>) -> String {
+    match report {
+        Ok(RunReport {
+            exit: GuestExit::Panic(line),
+            ..
+        }) => format!("guest kernel panic: {line}"),
+        Ok(RunReport {
+            exit: GuestExit::Fault(msg),
+            ..
+        }) => format!("VM fault: {msg}"),
+        Ok(r) => format!("guest {}", r.exit.kind()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Whether a config file names a serial output (then it wins over `job`'s default of null).
+fn config_sets_serial(config: Option<&Path>) -> anyhow::Result<bool> {
+    let Some(path) = config else { return Ok(false) };
+    let text = std::fs::read_to_string(path)?;
+    Ok(text.lines().any(|l| l.trim_start().starts_with("serial")))
+}
+
+/// Turns SIGINT/SIGTERM into a cancel of the running job and a stop of the VM.
+struct Cancel {
+    exec_id: Arc<OnceLock<u64>>,
+    signal: Arc<AtomicI32>,
+    finished: Arc<Finished>,
+}
+
+/// Set when the job's exec has returned, so a cancel need not escalate to SIGKILL.
+#[derive(Default)]
+struct Finished {
+    done: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Finished {
+    fn set(&self) {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout`; true if the job finished.
+    fn wait(&self, timeout: Duration) -> bool {
+        let guard = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |done| !*done)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+impl Cancel {
+    fn install(uds: PathBuf, stop: Arc<StopHandle>) -> anyhow::Result<Cancel> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .context("cannot install signal handlers")?;
+        let exec_id = Arc::new(OnceLock::new());
+        let signal = Arc::new(AtomicI32::new(0));
+        let finished = Arc::new(Finished::default());
+        let (target, caught, job_finished) = (exec_id.clone(), signal.clone(), finished.clone());
+        std::thread::Builder::new()
+            .name("kiln-job-signals".into())
+            .spawn(move || {
+                if let Some(signo) = signals.forever().next() {
+                    caught.store(signo, Ordering::Relaxed);
+                    if let Some(id) = target.get().copied() {
+                        cancel_exec(&uds, id, &job_finished);
+                    }
+                    stop.stop();
+                }
+            })
+            .context("cannot start the signal thread")?;
+        Ok(Cancel {
+            exec_id,
+            signal,
+            finished,
+        })
+    }
+
+    fn arm(&self, exec_id: u64) {
+        let _ = self.exec_id.set(exec_id);
+    }
+}
+
+/// SIGTERM to the job's process group, then SIGKILL if it has not ended after
+/// [`CANCEL_GRACE`].
+fn cancel_exec(uds: &Path, exec_id: u64, finished: &Finished) {
+    let send = |signo| {
+        Client::connect_with_timeout(uds, AGENT_PORT, Some(CANCEL_GRACE))
+            .and_then(|mut c| c.signal(SignalTarget::Exec(exec_id), signo))
+    };
+    if let Err(e) = send(libc::SIGTERM) {
+        tracing::warn!("cannot pass SIGTERM to the job: {e}");
+        return;
+    }
+    if !finished.wait(CANCEL_GRACE) {
+        if let Err(e) = send(libc::SIGKILL) {
+            tracing::warn!("cannot pass SIGKILL to the job: {e}");
+        }
+    }
+}
+
+/// A private directory for the VM's sockets, removed when dropped.
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn create() -> anyhow::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = base.join(format!("kiln-job-{}-{nanos:x}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create runtime directory {}", dir.display()))?;
+        Ok(RuntimeDir(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!("cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
