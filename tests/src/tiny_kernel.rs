@@ -69,7 +69,7 @@ pub fn build_with(message: &str, end: End) -> Vec<u8> {
     elf.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     elf.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     elf.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-    // Program header: PT_LOAD, R+X, the whole file at LOAD_ADDR.
+                                                // Program header: PT_LOAD, R+X, the whole file at LOAD_ADDR.
     elf.extend_from_slice(&1u32.to_le_bytes()); // p_type
     elf.extend_from_slice(&5u32.to_le_bytes()); // p_flags
     elf.extend_from_slice(&0u64.to_le_bytes()); // p_offset
