@@ -47,12 +47,23 @@ fn job_exit_codes_reach_the_host() -> Result<()> {
     let out = runner.run(&script, &files(&scripts)?, TIMEOUT)?;
     let cases = sections(&out.console, "KILN-CASE");
     let code = |name: &str| {
-        cases.iter().find(|c| c.0 == name).and_then(|c| value(c.1, "KILN-JOB-EXIT"))
+        cases
+            .iter()
+            .find(|c| c.0 == name)
+            .and_then(|c| value(c.1, "KILN-JOB-EXIT"))
     };
     ensure!(code("ok.sh") == Some("0"), "ok.sh: {}", out.console);
     ensure!(code("one.sh") == Some("1"), "one.sh: {}", out.console);
-    ensure!(code("answer.sh") == Some("42"), "answer.sh: {}", out.console);
-    ensure!(code("killed.sh") == Some("137"), "killed.sh (128+SIGKILL): {}", out.console);
+    ensure!(
+        code("answer.sh") == Some("42"),
+        "answer.sh: {}",
+        out.console
+    );
+    ensure!(
+        code("killed.sh") == Some("137"),
+        "killed.sh (128+SIGKILL): {}",
+        out.console
+    );
     ensure!(out.console.contains("out-line") && out.console.contains("err-line"));
     ensure!(out.console.contains("computed 42"));
     Ok(())
