@@ -4,11 +4,16 @@
 //! which checks descriptor directions and lengths against guest memory. A chain that does
 //! not parse is returned to the guest as used with length 0 and logged; it never reaches
 //! the connection logic.
+//!
+//! `VsockPacket` takes a tx payload from one descriptor only, but a driver may split it over
+//! several: Linux 6.12 sends payloads over ~32 KiB as one descriptor per skb fragment. Such
+//! chains are checked the same way and their payload is gathered into a buffer
+//! ([`gather_tx`]).
 
 use tracing::warn;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::{Bytes, GuestMemoryError};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::{Error as PacketError, VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::{Address, Bytes, GuestMemoryError};
 
 use super::{MAX_PKT_DATA, TYPE_STREAM};
 use crate::virtio::{GuestMemory, VirtioInterrupt};
@@ -78,13 +83,20 @@ pub(crate) fn drain_tx(
 ) -> bool {
     let mut used = false;
     let mut empty_rounds = 0;
+    let mut scratch = TxScratch::default();
     loop {
         // Without EVENT_IDX this sets NO_NOTIFY while we work; with it, it is a no-op.
         let _ = queue.disable_notification(mem);
         let mut popped = false;
-        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+            let parsed =
+                match VsockPacket::from_tx_virtq_chain(mem, &mut chain.clone(), MAX_PKT_DATA) {
+                    Ok(pkt) => Ok(pkt),
+                    // Not the one-payload-descriptor shape: maybe a split payload.
+                    Err(_) => gather_tx(mem, chain, &mut scratch),
+                };
+            match parsed {
                 Ok(pkt) => handle(&pkt),
                 Err(e) => warn!(head, "vsock: dropping malformed tx chain: {e}"),
             }
@@ -112,6 +124,85 @@ pub(crate) fn drain_tx(
         notify(queue, mem, irq);
     }
     used
+}
+
+/// Where [`gather_tx`] copies a packet whose payload spans several descriptors.
+struct TxScratch {
+    header: [u8; PKT_HEADER_SIZE],
+    data: Vec<u8>,
+}
+
+impl Default for TxScratch {
+    fn default() -> Self {
+        TxScratch {
+            header: [0; PKT_HEADER_SIZE],
+            data: Vec::new(),
+        }
+    }
+}
+
+/// Parses a tx chain whose payload may be split over several descriptors: the header in
+/// the head descriptor, the payload in what follows it there and in the next descriptors,
+/// in order. Every descriptor must be device-readable and inside guest memory; the payload
+/// must be at most [`MAX_PKT_DATA`] bytes and the chain must hold all of it. The packet is
+/// a copy in `scratch`.
+fn gather_tx<'s>(
+    mem: &GuestMemory,
+    mut chain: DescriptorChain<&GuestMemory>,
+    scratch: &'s mut TxScratch,
+) -> Result<Pkt<'s>, PacketError> {
+    let head = chain.next().ok_or(PacketError::DescriptorChainTooShort)?;
+    if head.is_write_only() {
+        return Err(PacketError::UnexpectedWriteOnlyDescriptor);
+    }
+    if (head.len() as usize) < PKT_HEADER_SIZE {
+        return Err(PacketError::DescriptorLengthTooSmall);
+    }
+    mem.read_slice(&mut scratch.header, head.addr())
+        .map_err(PacketError::InvalidMemoryAccess)?;
+    // `len` is the little-endian u32 at offset 24 of the header.
+    let mut len_bytes = [0u8; 4];
+    len_bytes.copy_from_slice(&scratch.header[24..28]);
+    let len = u32::from_le_bytes(len_bytes);
+    if len > MAX_PKT_DATA {
+        return Err(PacketError::InvalidHeaderLen(len));
+    }
+    let want = len as usize;
+    scratch.data.clear();
+    scratch.data.resize(want, 0);
+    let rest_of_head = head
+        .addr()
+        .checked_add(HDR_LEN.into())
+        .map(|addr| (addr, head.len() - HDR_LEN));
+    let mut filled = 0;
+    let mut pieces = rest_of_head.into_iter();
+    let mut next_piece = |chain: &mut DescriptorChain<&GuestMemory>| {
+        if let Some(piece) = pieces.next() {
+            return Ok(Some(piece));
+        }
+        match chain.next() {
+            Some(d) if d.is_write_only() => Err(PacketError::UnexpectedWriteOnlyDescriptor),
+            Some(d) => Ok(Some((d.addr(), d.len()))),
+            None => Ok(None),
+        }
+    };
+    while filled < want {
+        let Some((addr, piece_len)) = next_piece(&mut chain)? else {
+            return Err(PacketError::DescriptorLengthTooSmall);
+        };
+        let take = (piece_len as usize).min(want - filled);
+        mem.read_slice(&mut scratch.data[filled..filled + take], addr)
+            .map_err(PacketError::InvalidMemoryAccess)?;
+        filled += take;
+    }
+    let TxScratch { header, data } = scratch;
+    let raw_header = *header;
+    let data = (want > 0).then_some(&mut data[..]);
+    // SAFETY: both slices borrow `scratch` for 's, as long as the packet that points into
+    // them lives; nothing else touches them meanwhile.
+    let mut pkt = unsafe { VsockPacket::new(header, data) }?;
+    pkt.set_header_from_raw(&raw_header)?;
+    Ok(pkt)
 }
 
 /// Fill rx chains while `fill` produces packets (`Some(payload length)`). A chain `fill`
