@@ -11,11 +11,17 @@ use kiln::commands;
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
+    // `kiln job`'s stderr carries the job's own stderr, byte for byte: kiln adds only
+    // warnings and errors to it unless KILN_LOG asks for more (`--json` reports boot_ms).
+    let default_level = match cli.command {
+        Command::Job(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_target(false)
         .without_time()
