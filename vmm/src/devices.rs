@@ -15,6 +15,7 @@ use kiln_devices::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vm::{Vm, VmError};
+use kiln_devices::virtio::vsock::Vsock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -24,6 +25,8 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("cannot restore device state: {0}")]
+    Restore(String),
     #[error("cannot set up a virtio device: {0}")]
     Virtio(String),
     #[error("cannot create the vsock device: {0}")]
@@ -40,6 +43,7 @@ pub struct Buses {
 /// Handles to the legacy devices that the VMM's main loop watches.
 pub struct LegacyDevices {
     pub serial: Arc<Mutex<SerialConsole>>,
+    pub i8042: Arc<Mutex<I8042>>,
     pub panic_watch: PanicWatch,
     pub boot_timer: BootTimer,
     /// Written by the i8042 when the guest pulses the reset line.
@@ -54,18 +58,25 @@ fn eventfd() -> Result<EventFd, DeviceError> {
 
 /// Creates the serial console, the i8042 and the guest-signal port on `buses.pio`. With an
 /// irqchip, the console's interrupt is wired to its GSI.
+/// With `restore`, the UART and the i8042 start from a snapshot's state.
 pub fn attach_legacy(
     vm: &Vm,
     buses: &mut Buses,
     console: Box<dyn Write + Send>,
     start: Instant,
     with_irqchip: bool,
+    restore: Option<(&kiln_devices::SerialState, kiln_devices::I8042State)>,
 ) -> Result<LegacyDevices, DeviceError> {
     let serial_irq = eventfd()?;
     if with_irqchip {
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     }
-    let serial = SerialConsole::new(EventFdTrigger::new(serial_irq), console);
+    let serial_irq = EventFdTrigger::new(serial_irq);
+    let serial = match restore {
+        Some((state, _)) => SerialConsole::from_state(state, serial_irq, console)
+            .map_err(|e| DeviceError::Restore(format!("serial console: {e}")))?,
+        None => SerialConsole::new(serial_irq, console),
+    };
     let panic_watch = serial.panic_watch();
     let serial = Arc::new(Mutex::new(serial));
     buses.pio.insert(
@@ -75,10 +86,14 @@ pub fn attach_legacy(
     )?;
 
     let reset_evt = eventfd()?;
-    let i8042 = I8042::new(reset_evt.try_clone().map_err(DeviceError::EventFd)?);
+    let i8042_evt = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
+    let i8042 = Arc::new(Mutex::new(match restore {
+        Some((_, state)) => I8042::from_state(state, i8042_evt),
+        None => I8042::new(i8042_evt),
+    }));
     buses
         .pio
-        .insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_PORT_LEN)?;
+        .insert(i8042.clone() as SharedBusDevice, I8042_BASE, I8042_PORT_LEN)?;
 
     let boot_evt = eventfd()?;
     let signal = GuestSignal::new(start, boot_evt.try_clone().map_err(DeviceError::EventFd)?);
@@ -91,6 +106,7 @@ pub fn attach_legacy(
 
     Ok(LegacyDevices {
         serial,
+        i8042,
         panic_watch,
         boot_timer,
         reset_evt,
@@ -103,10 +119,12 @@ const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
 /// IOAPIC pins for virtio-mmio devices start here (4 is the console, 1/12 are PS/2).
 const VIRTIO_IRQ_BASE: u32 = 5;
 
-/// A virtio device on the MMIO bus: what the event loop and the kernel command line need.
+/// A virtio device on the MMIO bus.
 pub struct VirtioSlot {
     /// `virtio_mmio.device=…` for the guest kernel.
     pub cmdline: String,
+    /// The transport, for snapshots.
+    pub transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
 }
 
 /// Hands out MMIO windows and interrupt lines to virtio devices, in order.
@@ -116,9 +134,9 @@ pub struct VirtioAllocator {
 }
 
 impl VirtioAllocator {
-    /// Puts `device` behind a virtio-mmio transport on `buses.mmio`, with its interrupt
-    /// wired as an irqfd and its queue notifications as ioeventfds (so a notify does not
-    /// exit to kiln).
+    /// Puts `device` behind a new virtio-mmio transport on `buses.mmio`, with its
+    /// interrupt wired as an irqfd and its queue notifications as ioeventfds (so a notify
+    /// does not exit to kiln).
     pub fn attach(
         &mut self,
         vm: &Vm,
@@ -126,14 +144,68 @@ impl VirtioAllocator {
         memory: &crate::memory::GuestMemory,
         device: Arc<Mutex<dyn kiln_devices::virtio::VirtioDevice>>,
     ) -> Result<VirtioSlot, DeviceError> {
-        use kiln_devices::virtio::{mmio_cmdline_fragment, MmioTransport, MMIO_WINDOW_SIZE};
+        let (base, irq) = self.next_window();
+        let irq_evt = eventfd()?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let transport = kiln_devices::virtio::MmioTransport::new(memory.clone(), device, irq_evt)
+            .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+        self.wire(vm, buses, transport, base, irq)
+    }
+
+    /// Brings back a snapshot's vsock device and transport at the same window.
+    pub fn attach_restored_vsock(
+        &mut self,
+        vm: &Vm,
+        buses: &mut Buses,
+        memory: &crate::memory::GuestMemory,
+        uds_path: &std::path::Path,
+        snapshot: &crate::snapshot::VsockSnapshot,
+    ) -> Result<(VirtioSlot, Arc<Mutex<Vsock>>), DeviceError> {
+        use kiln_devices::virtio::{MmioTransport, VirtioInterrupt};
+        let (base, irq) = self.next_window();
+        let irq_evt = eventfd()?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = VirtioInterrupt::new(irq_evt);
+        let evts = (0..3).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
+        let clones = evts
+            .iter()
+            .map(|e| e.try_clone().map_err(DeviceError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let device = Arc::new(Mutex::new(Vsock::restore(
+            &snapshot.device,
+            uds_path,
+            memory.clone(),
+            clones,
+            interrupt.clone(),
+        )?));
+        let transport = MmioTransport::restore(
+            memory.clone(),
+            device.clone(),
+            interrupt,
+            evts,
+            &snapshot.transport,
+        )
+        .map_err(|e| DeviceError::Restore(format!("virtio-mmio transport: {e}")))?;
+        Ok((self.wire(vm, buses, transport, base, irq)?, device))
+    }
+
+    fn next_window(&mut self) -> (u64, u32) {
         let base = crate::arch::x86_64::layout::MMIO_DEVICES_START
             + u64::from(self.next) * VIRTIO_MMIO_STRIDE;
         let irq = VIRTIO_IRQ_BASE + self.next;
-        let irq_evt = eventfd()?;
-        vm.register_irqfd(&irq_evt, irq)?;
-        let transport = MmioTransport::new(memory.clone(), device, irq_evt)
-            .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+        self.next += 1;
+        (base, irq)
+    }
+
+    fn wire(
+        &self,
+        vm: &Vm,
+        buses: &mut Buses,
+        transport: kiln_devices::virtio::MmioTransport,
+        base: u64,
+        irq: u32,
+    ) -> Result<VirtioSlot, DeviceError> {
+        use kiln_devices::virtio::{mmio_cmdline_fragment, MMIO_WINDOW_SIZE};
         for (index, evt) in transport.queue_evts().iter().enumerate() {
             let notify = kvm_ioctls::IoEventAddress::Mmio(base + 0x50);
             let datamatch = u32::try_from(index).unwrap_or(u32::MAX);
@@ -141,12 +213,13 @@ impl VirtioAllocator {
                 .register_ioevent(evt, &notify, datamatch)
                 .map_err(|e| DeviceError::Virtio(format!("cannot register queue notify: {e}")))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         buses
             .mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
-        self.next += 1;
+            .insert(transport.clone() as SharedBusDevice, base, MMIO_WINDOW_SIZE)?;
         Ok(VirtioSlot {
             cmdline: mmio_cmdline_fragment(base, irq),
+            transport,
         })
     }
 }

@@ -10,5 +10,6 @@ pub mod commands;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

@@ -1,4 +1,6 @@
 //! KVM state owned by the VMM: the VM and its vCPUs.
 
 pub mod vcpu;
+pub mod vcpu_control;
+pub mod vcpu_state;
 pub mod vm;

@@ -1,12 +1,11 @@
 //! A vCPU: its KVM set-up and the thread that runs it, handing port and MMIO exits to the
 //! device buses.
 //!
-//! The main thread stops a vCPU by setting its `stop` flag and sending it [`kick_signal`]:
-//! the handler sets `immediate_exit` in the vCPU's `kvm_run`, so KVM_RUN returns at once
-//! even when the signal lands just before the thread enters it.
+//! The main thread pauses or stops a vCPU by setting its command ([`VcpuControl`]) and
+//! sending it [`kick_signal`]: the handler sets `immediate_exit` in the vCPU's `kvm_run`,
+//! so KVM_RUN returns at once even when the signal lands just before the thread enters it.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Once, OnceLock};
 use std::thread::JoinHandle;
@@ -17,6 +16,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::vcpu_control::{Command, VcpuControl};
+use super::vcpu_state;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, msr, regs, regs::CpuMode};
 use crate::devices::Buses;
@@ -82,8 +83,10 @@ fn install_kick_handler() {
 /// What every vCPU thread of a VM shares with the main thread.
 pub struct VcpuShared {
     pub buses: Arc<Buses>,
-    /// Set by the main thread (followed by a kick) to stop the vCPU.
-    pub stop: Arc<AtomicBool>,
+    /// MSRs a pause saves (those KVM lists and this host reads).
+    pub msr_indices: Arc<Vec<u32>>,
+    /// Whether the VM has an in-kernel irqchip (then the LAPIC is part of the state).
+    pub irqchip: bool,
     /// When the first vCPU first entered KVM_RUN: the end of VMM set-up.
     pub first_run: Arc<OnceLock<Instant>>,
     pub outcomes: Sender<(u8, VcpuOutcome)>,
@@ -162,23 +165,46 @@ impl Vcpu {
     pub fn start(self, shared: VcpuShared) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler();
         let index = self.index;
+        let control = Arc::new(VcpuControl::default());
+        let thread_control = control.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kiln-vcpu{index}"))
             .spawn(move || {
-                let outcome = self.run(&shared);
+                let outcome = self.run(&shared, &thread_control);
+                thread_control.mark_ended();
                 // The receiver may be gone if the VMM is already exiting; nothing to do then.
                 let _ = shared.outcomes.send((index, outcome));
                 let _ = shared.exited.write(1);
             })
             .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle { thread })
+        Ok(VcpuHandle { thread, control })
     }
 
-    fn run(mut self, shared: &VcpuShared) -> VcpuOutcome {
+    /// Restores a snapshot's state into this (new, unconfigured) vCPU.
+    pub fn restore(&self, state: &vcpu_state::VcpuState) -> Result<(), vcpu_state::VcpuStateError> {
+        vcpu_state::restore(&self.fd, state)
+    }
+
+    /// The MSRs of `listed` this vCPU can read: what a pause saves.
+    pub fn saveable_msrs(&self, listed: &[u32]) -> Vec<u32> {
+        vcpu_state::saveable_msrs(&self.fd, listed)
+    }
+
+    fn run(mut self, shared: &VcpuShared, control: &VcpuControl) -> VcpuOutcome {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
         let outcome = loop {
-            if shared.stop.load(Ordering::Acquire) {
-                break VcpuOutcome::Stopped;
+            match control.command() {
+                Command::Run => {}
+                Command::Stop => break VcpuOutcome::Stopped,
+                Command::Pause => {
+                    let state =
+                        vcpu_state::save(&self.fd, self.index, &shared.msr_indices, shared.irqchip)
+                            .map_err(|e| e.to_string());
+                    if control.pause_here(state) == Command::Stop {
+                        break VcpuOutcome::Stopped;
+                    }
+                    continue;
+                }
             }
             shared.first_run.get_or_init(Instant::now);
             match self.fd.run() {
@@ -248,6 +274,7 @@ fn handle_exit(exit: VcpuExit<'_>, buses: &Buses) -> Option<VcpuOutcome> {
 /// A running vCPU thread.
 pub struct VcpuHandle {
     thread: JoinHandle<()>,
+    control: Arc<VcpuControl>,
 }
 
 impl VcpuHandle {
@@ -257,6 +284,16 @@ impl VcpuHandle {
         // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so it is
         // valid; sending a signal has no memory-safety preconditions.
         unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+
+    /// Asks the thread to run, pause or stop, and kicks it out of KVM_RUN.
+    pub fn command(&self, command: Command) {
+        self.control.set(command);
+        self.kick();
+    }
+
+    pub fn control(&self) -> &VcpuControl {
+        &self.control
     }
 
     pub fn join(self) {

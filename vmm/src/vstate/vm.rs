@@ -116,3 +116,56 @@ impl Vm {
         &self.kvm
     }
 }
+
+/// The in-kernel irqchip, PIT and clock of a VM, for a snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_bindings::kvm_irqchip,
+    pub pic_slave: kvm_bindings::kvm_irqchip,
+    pub ioapic: kvm_bindings::kvm_irqchip,
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+}
+
+impl Vm {
+    /// Reads the irqchip, PIT and clock (the vCPUs must be paused).
+    pub fn save_state(&self) -> Result<VmState, kvm_ioctls::Error> {
+        let chip = |id| -> Result<kvm_bindings::kvm_irqchip, kvm_ioctls::Error> {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut c)?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2()?,
+            clock: self.fd.get_clock()?,
+        })
+    }
+
+    /// Writes a snapshot's irqchip, PIT and clock into this VM (after `create_irqchip`).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_pit2(&state.pit)?;
+        // Only the clock value carries over; the flags describe the old host's clock.
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock)?;
+        self.fd.set_irqchip(&state.pic_master)?;
+        self.fd.set_irqchip(&state.pic_slave)?;
+        self.fd.set_irqchip(&state.ioapic)
+    }
+
+    /// MSRs KVM can save and restore for a vCPU.
+    pub fn msr_index_list(&self) -> Vec<u32> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default()
+    }
+}

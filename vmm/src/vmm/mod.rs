@@ -1,25 +1,31 @@
-//! One VM from build to exit: guest memory, the KVM VM, devices, vCPU threads, and the main
-//! thread's event loop that decides how the run ended.
+//! One VM from build to exit: guest memory, the KVM VM, devices and vCPUs ([`Vmm::build`],
+//! or [`Vmm::restore`] from a snapshot), then the vCPU threads and the main thread's event
+//! loop ([`Vmm::run`], in `run.rs`), which handles control requests (`control.rs`) and
+//! decides how the run ended (`core.rs`).
+
+mod control;
+mod core;
+mod run;
+
+pub use control::{control_channel, ControlQueue, Controller, Request, Response};
 
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::MutEventSubscriber;
 use kiln_devices::SharedBusDevice;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{mptable, regs, regs::CpuMode};
 use crate::boot::{self, BootError};
 use crate::devices::{self, Buses, DeviceError, LegacyDevices};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuShared};
+use crate::snapshot::{MachineInfo, SnapshotError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +46,10 @@ pub enum VmmError {
     RawTooLarge { addr: u64, size: usize },
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore: {0}")]
+    Restore(String),
 }
 
 /// What the guest runs.
@@ -143,22 +153,35 @@ impl StopHandle {
 }
 
 /// Something the main thread's event loop drives.
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A built VM, ready to run.
 pub struct Vmm {
-    vcpus: Vec<Vcpu>,
-    buses: Arc<Buses>,
-    legacy: LegacyDevices,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) buses: Arc<Buses>,
+    pub(crate) legacy: LegacyDevices,
+    pub(crate) vsock: Option<VsockParts>,
     /// Devices with file descriptors the event loop watches (vsock).
-    subscribers: Vec<Subscriber>,
-    boot_done: Option<BootDoneHook>,
-    stop_evt: EventFd,
-    start: Instant,
-    // Kept alive for as long as the vCPUs run: KVM maps this memory into the guest.
-    _memory: GuestMemory,
-    _memory_file: File,
-    _vm: Vm,
+    pub(crate) subscribers: Vec<Subscriber>,
+    pub(crate) boot_done: Option<BootDoneHook>,
+    pub(crate) stop_evt: EventFd,
+    pub(crate) controller: Controller,
+    pub(crate) control: ControlQueue,
+    pub(crate) start: Instant,
+    pub(crate) machine: MachineInfo,
+    /// MSRs a snapshot saves for each vCPU.
+    pub(crate) msr_indices: Arc<Vec<u32>>,
+    // The memory is kept alive for as long as the vCPUs run: KVM maps it into the guest.
+    pub(crate) memory: GuestMemory,
+    /// The memfd (or, restored, the snapshot file) behind `memory`.
+    pub(crate) memory_file: File,
+    pub(crate) vm: Vm,
+}
+
+/// The vsock device and its transport, for snapshots.
+pub(crate) struct VsockParts {
+    pub(crate) device: Arc<Mutex<kiln_devices::virtio::vsock::Vsock>>,
+    pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
 }
 
 impl Vmm {
@@ -170,8 +193,14 @@ impl Vmm {
             vm.create_irqchip()?;
         }
         let mut buses = Buses::default();
-        let legacy =
-            devices::attach_legacy(&vm, &mut buses, spec.console, spec.start, spec.irqchip)?;
+        let legacy = devices::attach_legacy(
+            &vm,
+            &mut buses,
+            spec.console,
+            spec.start,
+            spec.irqchip,
+            None,
+        )?;
         for (base, len, dev) in spec.extra_mmio {
             buses
                 .mmio
@@ -182,6 +211,7 @@ impl Vmm {
         let mut subscribers: Vec<Subscriber> = Vec::new();
         let mut virtio = devices::VirtioAllocator::default();
         let mut device_cmdline = Vec::new();
+        let mut vsock_parts = None;
         if let Some(vsock) = &spec.vsock {
             let device = Arc::new(Mutex::new(
                 kiln_devices::virtio::vsock::Vsock::new(vsock.cid, &vsock.uds_path)
@@ -189,7 +219,11 @@ impl Vmm {
             ));
             let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
             device_cmdline.push(slot.cmdline);
-            subscribers.push(device);
+            subscribers.push(device.clone());
+            vsock_parts = Some(VsockParts {
+                device,
+                transport: slot.transport,
+            });
         }
 
         let (entry, mode) = match &spec.boot {
@@ -235,18 +269,38 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
+        let msr_indices = match vcpus.first() {
+            Some(v) => v.saveable_msrs(&vm.msr_index_list()),
+            None => Vec::new(),
+        };
+        let (controller, control) = control_channel().map_err(DeviceError::EventFd)?;
         Ok(Vmm {
             vcpus,
             buses: Arc::new(buses),
             legacy,
+            vsock: vsock_parts,
             subscribers,
             boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,
+            controller,
+            control,
             start: spec.start,
-            _memory: memory,
-            _memory_file: memory_file,
-            _vm: vm,
+            machine: MachineInfo {
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                irqchip: spec.irqchip,
+                vsock_cid: spec.vsock.as_ref().map(|v| v.cid),
+            },
+            msr_indices: Arc::new(msr_indices),
+            memory,
+            memory_file,
+            vm,
         })
+    }
+
+    /// A handle for pause/resume/snapshot/status/shutdown requests from other threads.
+    pub fn controller(&self) -> Controller {
+        self.controller.clone()
     }
 
     /// A handle that stops the VM from another thread (or a signal handler thread).
@@ -254,181 +308,5 @@ impl Vmm {
         Ok(StopHandle(
             self.stop_evt.try_clone().map_err(DeviceError::EventFd)?,
         ))
-    }
-
-    /// Runs the guest until it resets, halts, panics or faults, or is stopped.
-    pub fn run(self) -> Result<RunReport, VmmError> {
-        let vcpu_count = self.vcpus.len();
-        let stop = Arc::new(AtomicBool::new(false));
-        let first_run = Arc::new(OnceLock::new());
-        let (tx, rx) = channel();
-        let exited = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-        let mut handles = Vec::with_capacity(vcpu_count);
-        let mut start_error = None;
-        for vcpu in self.vcpus {
-            let shared = VcpuShared {
-                buses: self.buses.clone(),
-                stop: stop.clone(),
-                first_run: first_run.clone(),
-                outcomes: tx.clone(),
-                exited: exited.try_clone().map_err(DeviceError::EventFd)?,
-            };
-            match vcpu.start(shared) {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    start_error = Some(e);
-                    break;
-                }
-            }
-        }
-
-        let watcher = Arc::new(Mutex::new(ExitWatcher {
-            reset_evt: self.legacy.reset_evt,
-            boot_evt: self.legacy.boot_evt,
-            exited,
-            outcomes: rx,
-            panic_watch: self.legacy.panic_watch.clone(),
-            boot_timer: self.legacy.boot_timer.clone(),
-            vcpu_count,
-            halted: 0,
-            stop_evt: self.stop_evt,
-            boot_done: self.boot_done,
-            exit: None,
-        }));
-        let result = if start_error.is_none() {
-            event_loop(&watcher, self.subscribers)
-        } else {
-            Ok(())
-        };
-
-        stop.store(true, Ordering::Release);
-        for h in &handles {
-            h.kick();
-        }
-        for h in handles {
-            h.join();
-        }
-        if let Ok(mut serial) = self.legacy.serial.lock() {
-            serial.flush_output();
-        }
-        if let Some(e) = start_error {
-            return Err(e.into());
-        }
-        result?;
-        let exit = match watcher.lock() {
-            Ok(mut w) => w.exit.take(),
-            Err(poisoned) => poisoned.into_inner().exit.take(),
-        }
-        .unwrap_or_else(|| GuestExit::Fault("event loop ended without an exit".into()));
-        Ok(RunReport {
-            exit,
-            boot_time: self.legacy.boot_timer.boot_time(),
-            setup_time: first_run
-                .get()
-                .map(|t| t.saturating_duration_since(self.start)),
-        })
-    }
-}
-
-fn event_loop(
-    watcher: &Arc<Mutex<ExitWatcher>>,
-    subscribers: Vec<Subscriber>,
-) -> Result<(), VmmError> {
-    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;
-    manager.add_subscriber(watcher.clone());
-    for s in subscribers {
-        manager.add_subscriber(s);
-    }
-    loop {
-        manager.run().map_err(VmmError::EventLoop)?;
-        if watcher.lock().map(|w| w.exit.is_some()).unwrap_or(true) {
-            return Ok(());
-        }
-    }
-}
-
-/// Watches the events that end a run (guest reset, vCPU exits) and the boot-done mark.
-struct ExitWatcher {
-    reset_evt: EventFd,
-    boot_evt: EventFd,
-    exited: EventFd,
-    outcomes: Receiver<(u8, VcpuOutcome)>,
-    panic_watch: kiln_devices::PanicWatch,
-    boot_timer: kiln_devices::BootTimer,
-    vcpu_count: usize,
-    halted: usize,
-    stop_evt: EventFd,
-    boot_done: Option<BootDoneHook>,
-    exit: Option<GuestExit>,
-}
-
-impl ExitWatcher {
-    /// A reset after the console showed a kernel panic is a panic, not a reboot.
-    fn reset_or_panic(&self) -> GuestExit {
-        match self.panic_watch.panic_line() {
-            Some(line) => GuestExit::Panic(line),
-            None => GuestExit::Reset,
-        }
-    }
-
-    fn set_exit(&mut self, exit: GuestExit) {
-        if self.exit.is_none() {
-            self.exit = Some(exit);
-        }
-    }
-}
-
-impl MutEventSubscriber for ExitWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            &self.reset_evt,
-            &self.boot_evt,
-            &self.exited,
-            &self.stop_evt,
-        ] {
-            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
-                tracing::error!("cannot watch a VMM event: {e:?}");
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        use std::os::fd::AsRawFd;
-        let fd = events.fd();
-        if fd == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            let exit = self.reset_or_panic();
-            self.set_exit(exit);
-        } else if fd == self.boot_evt.as_raw_fd() {
-            let _ = self.boot_evt.read();
-            if let Some(t) = self.boot_timer.boot_time() {
-                tracing::info!("guest boot done in {:.1} ms", t.as_secs_f64() * 1e3);
-                if let Some(hook) = self.boot_done.take() {
-                    hook(t);
-                }
-            }
-        } else if fd == self.stop_evt.as_raw_fd() {
-            let _ = self.stop_evt.read();
-            self.set_exit(GuestExit::Stopped);
-        } else if fd == self.exited.as_raw_fd() {
-            let _ = self.exited.read();
-            while let Ok((index, outcome)) = self.outcomes.try_recv() {
-                tracing::debug!("vCPU {index} stopped: {outcome:?}");
-                match outcome {
-                    VcpuOutcome::Shutdown => {
-                        let exit = self.reset_or_panic();
-                        self.set_exit(exit);
-                    }
-                    VcpuOutcome::Fault(msg) => self.set_exit(GuestExit::Fault(msg)),
-                    VcpuOutcome::Halted => {
-                        self.halted += 1;
-                        if self.halted == self.vcpu_count {
-                            self.set_exit(GuestExit::Halted);
-                        }
-                    }
-                    VcpuOutcome::Stopped => {}
-                }
-            }
-        }
     }
 }

@@ -1,0 +1,216 @@
+//! Snapshots: a directory holding `state` (everything but guest memory, with a format
+//! version and a checksum) and `memory` (guest RAM, written sparsely: pages that are zero
+//! stay holes).
+//!
+//! `state` is `KILNSNAP` | format version (u32 LE) | payload length (u64 LE) | SHA-256 of
+//! the payload | the payload, [`SnapshotState`] in bincode. Each part of the state is a
+//! plain struct that lives beside its owner (`VcpuState`, `VmState`, `SerialState`, …).
+
+pub mod memory;
+pub mod restore;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use kiln_devices::virtio::vsock::VsockState;
+use kiln_devices::virtio::MmioTransportState;
+use kiln_devices::{I8042State, SerialState};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm::VmState;
+
+/// The version of the `state` layout this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"KILNSNAP";
+const HEADER_LEN: usize = 8 + 4 + 8 + 32;
+/// A state file larger than this is not one of ours.
+const MAX_PAYLOAD: u64 = 64 << 20;
+
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
+/// The shape of the machine a snapshot was taken of: a restore builds the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub irqchip: bool,
+    /// The guest CID of its vsock device, if it had one.
+    pub vsock_cid: Option<u64>,
+}
+
+/// The vsock device and its transport.
+#[derive(Serialize, Deserialize)]
+pub struct VsockSnapshot {
+    pub transport: MmioTransportState,
+    pub device: VsockState,
+}
+
+/// Everything a restore needs besides guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub machine: MachineInfo,
+    pub vcpus: Vec<VcpuState>,
+    /// `None` without an in-kernel irqchip.
+    pub vm: Option<VmState>,
+    pub serial: SerialState,
+    pub i8042: I8042State,
+    pub vsock: Option<VsockSnapshot>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a kiln snapshot state file (bad magic)")]
+    BadMagic(PathBuf),
+    #[error(
+        "{path} has snapshot format version {found}; this kiln reads version {FORMAT_VERSION}"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error("cannot encode the snapshot state: {0}")]
+    Encode(String),
+    #[error("{0} already holds a snapshot; choose an empty or new directory")]
+    Exists(PathBuf),
+    #[error("the VM cannot be snapshotted: {0}")]
+    NotSnapshottable(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `state` to `dir/state` (through a temporary file and a rename).
+pub fn write_state(dir: &Path, state: &SnapshotState) -> Result<(), SnapshotError> {
+    let payload = bincode::serialize(state).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&Sha256::digest(&payload));
+    bytes.extend_from_slice(&payload);
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(".state.tmp");
+    let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
+    file.write_all(&bytes).map_err(io("write", &tmp))?;
+    file.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("rename into place", &path))
+}
+
+/// Reads and checks `dir/state`: magic, version, length and checksum, then decodes it.
+pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let corrupt = |why: &str| SnapshotError::Corrupt {
+        path: path.clone(),
+        why: why.to_string(),
+    };
+    let mut file = File::open(&path).map_err(io("open snapshot state", &path))?;
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact(&mut header)
+        .map_err(|_| corrupt("shorter than its header"))?;
+    if &header[..8] != MAGIC {
+        return Err(SnapshotError::BadMagic(path));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path,
+            found: version,
+        });
+    }
+    let len = u64::from_le_bytes(header[12..20].try_into().unwrap_or_default());
+    if len > MAX_PAYLOAD {
+        return Err(corrupt("its length field is absurd"));
+    }
+    let mut payload = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.read_to_end(&mut payload).map_err(io("read", &path))?;
+    if payload.len() as u64 != len {
+        return Err(corrupt(&format!(
+            "{} payload bytes, the header says {len}",
+            payload.len()
+        )));
+    }
+    if Sha256::digest(&payload)[..] != header[20..52] {
+        return Err(corrupt("checksum mismatch"));
+    }
+    bincode::deserialize(&payload).map_err(|e| corrupt(&format!("cannot decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SnapshotState {
+        SnapshotState {
+            machine: MachineInfo {
+                vcpus: 1,
+                memory_mib: 16,
+                irqchip: false,
+                vsock_cid: None,
+            },
+            vcpus: Vec::new(),
+            vm: None,
+            serial: SerialState::default(),
+            i8042: I8042State::default(),
+            vsock: None,
+        }
+    }
+
+    /// The error of reading a state that must not read.
+    fn read_err(d: &Path) -> SnapshotError {
+        match read_state(d) {
+            Ok(_) => panic!("a damaged state file was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kiln-snapfmt-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip_and_every_kind_of_damage() {
+        let d = dir("damage");
+        write_state(&d, &sample()).unwrap();
+        assert_eq!(read_state(&d).unwrap().machine, sample().machine);
+        let path = d.join(STATE_FILE);
+        let good = std::fs::read(&path).unwrap();
+
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 0x40;
+        std::fs::write(&path, &flipped).unwrap();
+        let e = read_err(&d).to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+
+        let mut version = good.clone();
+        version[8] = 99;
+        std::fs::write(&path, &version).unwrap();
+        let e = read_err(&d).to_string();
+        assert!(e.contains("format version 99"), "{e}");
+
+        std::fs::write(&path, &good[..good.len() - 3]).unwrap();
+        let e = read_err(&d).to_string();
+        assert!(e.contains("payload bytes"), "{e}");
+
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(read_err(&d).to_string().contains("shorter than its header"));
+        std::fs::write(&path, [0u8; 64]).unwrap();
+        assert!(matches!(read_state(&d), Err(SnapshotError::BadMagic(_))));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

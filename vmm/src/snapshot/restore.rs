@@ -1,0 +1,144 @@
+//! `Vmm::restore`: a VM rebuilt from a snapshot directory, its memory mapped from the
+//! snapshot's file copy-on-write.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{read_state, SnapshotError, MEMORY_FILE};
+use crate::devices::{self, Buses, DeviceError};
+use crate::vmm::{control_channel, BootDoneHook, Subscriber, Vmm, VmmError, VsockParts};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::Vm;
+
+/// What a restore needs besides the snapshot: the paths that must differ per clone.
+pub struct RestoreSpec {
+    pub snapshot: PathBuf,
+    pub console: Box<dyn Write + Send>,
+    /// The vsock socket of this clone; required if the snapshot has a vsock device.
+    pub vsock_uds: Option<PathBuf>,
+    pub start: Instant,
+    pub boot_done: Option<BootDoneHook>,
+}
+
+fn restore_err(what: impl std::fmt::Display) -> VmmError {
+    VmmError::Restore(what.to_string())
+}
+
+impl Vmm {
+    /// Rebuilds the VM saved in `spec.snapshot`, ready to [`Vmm::run`] from where it was.
+    /// Nothing in the snapshot directory is written.
+    pub fn restore(spec: RestoreSpec) -> Result<Vmm, VmmError> {
+        let state = read_state(&spec.snapshot)?;
+        let machine = state.machine.clone();
+        let size = machine.memory_mib << 20;
+        let memory_path = spec.snapshot.join(MEMORY_FILE);
+        let memory_file = open_memory(&memory_path, size)?;
+        let memory = super::memory::map_private(&memory_file, size).map_err(restore_err)?;
+        if state.vcpus.len() != usize::from(machine.vcpus) {
+            return Err(restore_err(format!(
+                "the snapshot has {} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                machine.vcpus
+            )));
+        }
+
+        let vm = Vm::new(&memory, machine.vcpus)?;
+        if machine.irqchip {
+            vm.create_irqchip()?;
+            let vm_state = state
+                .vm
+                .as_ref()
+                .ok_or_else(|| restore_err("no irqchip state"))?;
+            vm.restore_state(vm_state)
+                .map_err(|e| restore_err(format!("irqchip/PIT/clock: {e}")))?;
+        }
+        let mut buses = Buses::default();
+        let legacy = devices::attach_legacy(
+            &vm,
+            &mut buses,
+            spec.console,
+            spec.start,
+            machine.irqchip,
+            Some((&state.serial, state.i8042)),
+        )?;
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut vsock = None;
+        if let Some(saved) = &state.vsock {
+            let uds = spec.vsock_uds.as_deref().ok_or_else(|| {
+                restore_err("the snapshot has a vsock device: give this clone its own --vsock path")
+            })?;
+            let mut virtio = devices::VirtioAllocator::default();
+            let (slot, device) =
+                virtio.attach_restored_vsock(&vm, &mut buses, &memory, uds, saved)?;
+            subscribers.push(device.clone());
+            vsock = Some(VsockParts {
+                device,
+                transport: slot.transport,
+            });
+        }
+
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for saved in &state.vcpus {
+            let vcpu = Vcpu::new(&vm, saved.index)?;
+            vcpu.restore(saved).map_err(restore_err)?;
+            vcpus.push(vcpu);
+        }
+        if let Some(parts) = &vsock {
+            // Connections did not survive: tell the guest so it drops its ends.
+            if let Ok(mut device) = parts.device.lock() {
+                if let Err(e) = device.send_transport_reset() {
+                    tracing::debug!("vsock transport reset not sent: {e}");
+                }
+            }
+        }
+        let msr_indices: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        let (controller, control) = control_channel().map_err(DeviceError::EventFd)?;
+        Ok(Vmm {
+            vcpus,
+            buses: Arc::new(buses),
+            legacy,
+            vsock,
+            subscribers,
+            boot_done: spec.boot_done,
+            stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,
+            controller,
+            control,
+            start: spec.start,
+            machine,
+            msr_indices: Arc::new(msr_indices),
+            memory,
+            memory_file,
+            vm,
+        })
+    }
+}
+
+/// Opens the memory file read-only and checks it holds exactly the guest's RAM.
+fn open_memory(path: &Path, size: u64) -> Result<File, VmmError> {
+    let file = File::open(path).map_err(|source| SnapshotError::Io {
+        what: "open snapshot memory",
+        path: path.to_owned(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| SnapshotError::Io {
+            what: "stat",
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if len != size {
+        return Err(SnapshotError::Corrupt {
+            path: path.to_owned(),
+            why: format!("{len} bytes, the snapshot's guest has {size} bytes of memory"),
+        }
+        .into());
+    }
+    Ok(file)
+}

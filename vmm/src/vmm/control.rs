@@ -1,0 +1,111 @@
+//! Requests to a running VM from other threads (the API socket's, a test's): pause,
+//! resume, snapshot, status, shutdown.
+//!
+//! A [`Controller`] queues the request and wakes the event loop through an eventfd; the
+//! event loop, which owns the VM, carries it out and answers on a channel.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+/// What can be asked of a running VM. As JSON: `{"cmd":"pause"}`,
+/// `{"cmd":"snapshot","dir":"/path","resume":true}` …
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// Stop the vCPUs where they are.
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Write a full snapshot into `dir` (created; must not hold a snapshot already). The VM
+    /// is paused for it and, if `resume` (the default), resumed after.
+    Snapshot {
+        dir: PathBuf,
+        #[serde(default = "yes")]
+        resume: bool,
+    },
+    /// Whether the VM runs or is paused, its vCPUs and memory.
+    Status,
+    /// Stop the VM (as SIGTERM would).
+    Shutdown,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The answer: `{"ok":true, …fields}` or `{"ok":false,"error":"…"}`.
+pub type Response = Result<serde_json::Value, String>;
+
+type Queued = (Request, Sender<Response>);
+
+/// The event loop's end: the requests waiting and the eventfd that announces them.
+pub struct ControlQueue {
+    pub(super) evt: EventFd,
+    pub(super) requests: Receiver<Queued>,
+}
+
+/// A cloneable handle that sends requests to the VM's event loop and waits for answers.
+#[derive(Clone)]
+pub struct Controller {
+    evt: Arc<EventFd>,
+    requests: Arc<Mutex<Sender<Queued>>>,
+}
+
+/// A controller and the queue it feeds.
+pub fn control_channel() -> std::io::Result<(Controller, ControlQueue)> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    let (tx, rx) = channel();
+    let controller = Controller {
+        evt: Arc::new(evt.try_clone()?),
+        requests: Arc::new(Mutex::new(tx)),
+    };
+    Ok((controller, ControlQueue { evt, requests: rx }))
+}
+
+impl Controller {
+    /// Sends `request` and waits for the answer (an error if the VM is gone).
+    pub fn call(&self, request: Request) -> Response {
+        let (tx, rx) = channel();
+        self.requests
+            .lock()
+            .map_err(|_| "the VM's control channel is broken".to_string())?
+            .send((request, tx))
+            .map_err(|_| "the VM is not running".to_string())?;
+        self.evt
+            .write(1)
+            .map_err(|e| format!("cannot wake the VM's event loop: {e}"))?;
+        rx.recv()
+            .map_err(|_| "the VM ended before answering".to_string())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_as_json() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"snapshot","dir":"/s"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                dir: "/s".into(),
+                resume: true
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"pause"}"#).unwrap();
+        assert_eq!(r, Request::Pause);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn a_call_without_an_event_loop_fails_cleanly() {
+        let (controller, queue) = control_channel().unwrap();
+        drop(queue);
+        assert!(controller.call(Request::Status).is_err());
+    }
+}

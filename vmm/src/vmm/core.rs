@@ -1,0 +1,275 @@
+//! The event loop's view of a running VM: it watches what ends a run (guest reset, vCPU
+//! exits, a stop) and carries out control requests (pause, resume, snapshot, status).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde_json::json;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::control::{ControlQueue, Request, Response};
+use super::{BootDoneHook, GuestExit, VsockParts};
+use crate::devices::LegacyDevices;
+use crate::snapshot::{self, MachineInfo, SnapshotError, SnapshotState, VsockSnapshot};
+use crate::vstate::vcpu::{VcpuHandle, VcpuOutcome};
+use crate::vstate::vcpu_control::Command;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm::Vm;
+
+/// How long a vCPU may take to stop and hand over its state.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) struct VmmCore {
+    pub(super) exited: EventFd,
+    pub(super) outcomes: Receiver<(u8, VcpuOutcome)>,
+    pub(super) vcpu_count: usize,
+    pub(super) halted: usize,
+    pub(super) stop_evt: EventFd,
+    pub(super) boot_done: Option<BootDoneHook>,
+    pub(super) exit: Option<GuestExit>,
+    pub(super) handles: Vec<VcpuHandle>,
+    /// The vCPUs' states while they are paused.
+    pub(super) paused: Option<Vec<VcpuState>>,
+    pub(super) legacy: LegacyDevices,
+    pub(super) vsock: Option<VsockParts>,
+    pub(super) control: ControlQueue,
+    pub(super) machine: MachineInfo,
+    pub(super) memory_file: File,
+    pub(super) vm: Vm,
+}
+
+impl VmmCore {
+    /// A reset after the console showed a kernel panic is a panic, not a reboot.
+    fn reset_or_panic(&self) -> GuestExit {
+        match self.legacy.panic_watch.panic_line() {
+            Some(line) => GuestExit::Panic(line),
+            None => GuestExit::Reset,
+        }
+    }
+
+    fn set_exit(&mut self, exit: GuestExit) {
+        if self.exit.is_none() {
+            self.exit = Some(exit);
+        }
+    }
+
+    fn vcpu_exits(&mut self) {
+        let _ = self.exited.read();
+        while let Ok((index, outcome)) = self.outcomes.try_recv() {
+            tracing::debug!("vCPU {index} stopped: {outcome:?}");
+            match outcome {
+                VcpuOutcome::Shutdown => {
+                    let exit = self.reset_or_panic();
+                    self.set_exit(exit);
+                }
+                VcpuOutcome::Fault(msg) => self.set_exit(GuestExit::Fault(msg)),
+                VcpuOutcome::Halted => {
+                    self.halted += 1;
+                    if self.halted == self.vcpu_count {
+                        self.set_exit(GuestExit::Halted);
+                    }
+                }
+                VcpuOutcome::Stopped => {}
+            }
+        }
+    }
+
+    fn control_requests(&mut self) {
+        let _ = self.control.evt.read();
+        while let Ok((request, reply)) = self.control.requests.try_recv() {
+            let response = self.handle(request);
+            let _ = reply.send(response);
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Pause => self.pause().map(|()| json!({"state": "paused"})),
+            Request::Resume => {
+                self.resume();
+                Ok(json!({"state": "running"}))
+            }
+            Request::Status => Ok(json!({
+                "state": if self.paused.is_some() { "paused" } else { "running" },
+                "vcpus": self.machine.vcpus,
+                "memory_mib": self.machine.memory_mib,
+                "boot_ms": self.legacy.boot_timer.boot_time().map(|t| t.as_secs_f64() * 1e3),
+            })),
+            Request::Shutdown => {
+                self.set_exit(GuestExit::Stopped);
+                Ok(json!({"state": "stopping"}))
+            }
+            Request::Snapshot { dir, resume } => {
+                let was_paused = self.paused.is_some();
+                self.pause()?;
+                let started = std::time::Instant::now();
+                let result = self.snapshot(&dir).map_err(|e| e.to_string());
+                if resume && !was_paused {
+                    self.resume();
+                }
+                let bytes = result?;
+                Ok(json!({
+                    "dir": dir,
+                    "memory_bytes_written": bytes,
+                    "ms": started.elapsed().as_secs_f64() * 1e3,
+                    "state": if resume || was_paused && self.paused.is_none() { "running" } else { "paused" },
+                }))
+            }
+        }
+    }
+
+    /// Pauses every vCPU and keeps their states. Pausing a paused VM does nothing.
+    fn pause(&mut self) -> Result<(), String> {
+        if self.paused.is_some() {
+            return Ok(());
+        }
+        for h in &self.handles {
+            h.command(Command::Pause);
+        }
+        let mut states = Vec::with_capacity(self.handles.len());
+        let mut failure = None;
+        for (i, h) in self.handles.iter().enumerate() {
+            match h.control().wait_paused(PAUSE_TIMEOUT) {
+                Some(Ok(state)) => states.push(state),
+                Some(Err(e)) => failure = Some(e),
+                None => failure = Some(format!("vCPU {i} did not pause (it is no longer running)")),
+            }
+        }
+        if let Some(e) = failure {
+            self.resume_threads();
+            return Err(e);
+        }
+        self.paused = Some(states);
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        self.paused = None;
+        self.resume_threads();
+    }
+
+    fn resume_threads(&self) {
+        for h in &self.handles {
+            h.command(Command::Run);
+        }
+    }
+
+    /// Writes a full snapshot of the paused VM into `dir`. Returns the memory bytes written.
+    fn snapshot(&mut self, dir: &Path) -> Result<u64, SnapshotError> {
+        if dir.join(snapshot::STATE_FILE).exists() {
+            return Err(SnapshotError::Exists(dir.to_owned()));
+        }
+        let io = |what| {
+            move |source| SnapshotError::Io {
+                what,
+                path: dir.to_owned(),
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io("create snapshot directory"))?;
+        let Some(vcpus) = self.paused.take() else {
+            return Err(SnapshotError::NotSnapshottable(
+                "the vCPUs are not paused".into(),
+            ));
+        };
+        let vm = if self.machine.irqchip {
+            Some(self.vm.save_state().map_err(|e| {
+                SnapshotError::NotSnapshottable(format!("cannot read irqchip/PIT/clock: {e}"))
+            })?)
+        } else {
+            None
+        };
+        let lock_err = |what: &str| SnapshotError::NotSnapshottable(format!("{what} is poisoned"));
+        let serial = self
+            .legacy
+            .serial
+            .lock()
+            .map_err(|_| lock_err("serial"))?
+            .state();
+        let i8042 = self
+            .legacy
+            .i8042
+            .lock()
+            .map_err(|_| lock_err("i8042"))?
+            .state();
+        let vsock = match &self.vsock {
+            Some(parts) => Some(VsockSnapshot {
+                transport: parts
+                    .transport
+                    .lock()
+                    .map_err(|_| lock_err("vsock"))?
+                    .save_state(),
+                device: parts
+                    .device
+                    .lock()
+                    .map_err(|_| lock_err("vsock"))?
+                    .save_state(),
+            }),
+            None => None,
+        };
+        let size = self.machine.memory_mib << 20;
+        let written = snapshot::memory::write_sparse(
+            &self.memory_file,
+            size,
+            &dir.join(snapshot::MEMORY_FILE),
+        );
+        let state = SnapshotState {
+            machine: self.machine.clone(),
+            vcpus,
+            vm,
+            serial,
+            i8042,
+            vsock,
+        };
+        let result = written.and_then(|w| snapshot::write_state(dir, &state).map(|()| w));
+        // The vCPUs stay paused; keep their states for another snapshot or the resume.
+        self.paused = Some(state.vcpus);
+        result
+    }
+}
+
+impl MutEventSubscriber for VmmCore {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            self.legacy.reset_evt.as_raw_fd(),
+            self.legacy.boot_evt.as_raw_fd(),
+            self.exited.as_raw_fd(),
+            self.stop_evt.as_raw_fd(),
+            self.control.evt.as_raw_fd(),
+        ];
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("cannot watch a VMM event: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.legacy.reset_evt.as_raw_fd() {
+            let _ = self.legacy.reset_evt.read();
+            let exit = self.reset_or_panic();
+            self.set_exit(exit);
+        } else if fd == self.legacy.boot_evt.as_raw_fd() {
+            let _ = self.legacy.boot_evt.read();
+            if let Some(t) = self.legacy.boot_timer.boot_time() {
+                tracing::info!("guest boot done in {:.1} ms", t.as_secs_f64() * 1e3);
+                if let Some(hook) = self.boot_done.take() {
+                    hook(t);
+                }
+            }
+        } else if fd == self.stop_evt.as_raw_fd() {
+            let _ = self.stop_evt.read();
+            self.set_exit(GuestExit::Stopped);
+        } else if fd == self.exited.as_raw_fd() {
+            self.vcpu_exits();
+        } else if fd == self.control.evt.as_raw_fd() {
+            self.control_requests();
+        }
+    }
+}
