@@ -23,8 +23,46 @@ pub enum Command {
     /// Boot a VM and run it until the guest resets, powers off or fails.
     ///
     /// Exits 0 when the guest resets or powers off normally (e.g. `reboot` with the
-    /// kernel's `reboot=k`), non-zero on a guest kernel panic, a KVM error or a vCPU fault.
+    /// kernel's `reboot=k`) or a `shutdown` request through the API stops it; 128 + N when
+    /// signal N (SIGINT, SIGTERM) stops it; 1 on a guest kernel panic, a KVM error or a vCPU
+    /// fault.
+    ///
+    /// Control API (--api PATH): a Unix stream socket. Write one JSON request per line, read
+    /// one JSON response line for each, in order; a connection may carry many requests and
+    /// many connections may be open at once. Requests: {"cmd":"pause"}, {"cmd":"resume"},
+    /// {"cmd":"status"}, {"cmd":"shutdown"}, {"cmd":"snapshot","dir":"/abs/dir"} (add
+    /// "resume":false to leave the VM paused after it). Responses: {"ok":true,...} with the
+    /// request's fields (e.g. "state":"running"|"paused"), or {"ok":false,"error":"..."}; a
+    /// line that is not a request gets an error response. The socket file is removed when
+    /// the VM ends. `kiln ctl` is a client for it.
     Run(RunArgs),
+    /// Send one request to a running VM's control API and print the JSON response.
+    ///
+    /// Exits 0 if the response says "ok":true; otherwise prints the error and exits 1 (also
+    /// when the socket cannot be reached).
+    Ctl(CtlArgs),
+    /// Restore a VM from a snapshot directory and run it until the guest ends.
+    ///
+    /// The directory is one `kiln ctl snapshot` wrote. The VM runs as under `kiln run`: same
+    /// exit codes, --json report, --api socket, SIGINT/SIGTERM handling.
+    ///
+    /// Guest memory is mapped from the snapshot's memory file copy-on-write: nothing in the
+    /// snapshot directory is written, and restores of one snapshot share its unwritten pages.
+    /// If the VM has a vsock device, kiln then waits (up to 30 s, in the background) for
+    /// the guest agent and sends it the host's wall-clock time and 32 fresh random bytes,
+    /// so that each restored clone has the right clock and its own entropy.
+    Restore(RestoreArgs),
+    /// Start N clones of a snapshot, each a `kiln restore` child process, and wait for them.
+    ///
+    /// Separate processes share the snapshot's memory file through the page cache (each
+    /// maps it copy-on-write and pays only for the pages it writes), and a crash stays in
+    /// its clone. Clone i gets the paths PREFIX-i (i = 0..N-1) of each --*-prefix given.
+    /// Once all are started (and, with --api-prefix, all answer on their API socket) it
+    /// prints one JSON line per clone: {"clone":i,"pid":…,"vsock":…,"api":…,"serial":…};
+    /// then, in clone order, one {"clone":i,"exit_code":…} line per clone once it ended. Exits 0 if every clone
+    /// exited 0, 128 + N if signal N stopped kiln fork (SIGINT/SIGTERM are forwarded to
+    /// every clone), 1 otherwise.
+    Fork(ForkArgs),
     /// Run a command in a running VM through its guest agent, streaming its output.
     ///
     /// Exits with the command's exit code (128 + N if signal N killed it). SIGINT and
@@ -117,9 +155,86 @@ pub struct RunArgs {
     /// The guest's vsock context ID.
     #[arg(long, value_name = "CID", default_value_t = 3)]
     pub cid: u64,
+    /// Serve the control API on this Unix socket (must not exist yet): pause, resume,
+    /// snapshot, status, shutdown. See the protocol above; `kiln ctl` is its client.
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
     /// Print a one-line JSON report on stdout when the VM ends: result, boot_ms, exit code.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The VM's API socket (what `kiln run --api` or `kiln restore --api` was given).
+    #[arg(long, value_name = "PATH")]
+    pub api: PathBuf,
+    /// Give up if the VM has not answered after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub request: CtlRequest,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum CtlRequest {
+    /// Stop the vCPUs where they are.
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Print whether the VM runs or is paused, its vCPUs, memory and boot time.
+    Status,
+    /// Stop the VM; `kiln run` then exits 0.
+    Shutdown,
+    /// Write a full snapshot of the VM into a directory, pausing it meanwhile.
+    Snapshot {
+        /// The directory (created if needed; must not hold a snapshot already). A
+        /// relative path is taken from this command's working directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Leave the VM paused after the snapshot (default: it resumes).
+        #[arg(long)]
+        no_resume: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The snapshot directory (holding `state` and `memory`).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: PathBuf,
+    /// Serve the control API on this Unix socket (as `kiln run --api`).
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
+    /// The host side of the restored VM's vsock device: required if the snapshot has one,
+    /// and must not exist yet (each clone needs its own).
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// Where the serial console goes: `stdout`, `null` or a file path (appended).
+    #[arg(long, value_name = "stdout|null|PATH", default_value = "stdout")]
+    pub serial: SerialOutput,
+    /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ForkArgs {
+    /// The snapshot directory to clone.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: PathBuf,
+    /// How many clones to start (1 to 1024).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub count: u32,
+    /// Clone i's vsock socket is P-i (required if the snapshot has a vsock device).
+    #[arg(long, value_name = "P")]
+    pub vsock_prefix: Option<String>,
+    /// Clone i serves its control API on P-i.
+    #[arg(long, value_name = "P")]
+    pub api_prefix: Option<String>,
+    /// Clone i's serial console is appended to the file P-i (default: discarded).
+    #[arg(long, value_name = "P")]
+    pub serial_prefix: Option<String>,
 }
 
 #[derive(Args, Debug)]

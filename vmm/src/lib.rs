@@ -3,6 +3,7 @@
 //! Read top-down: [`config`] says what to boot, [`vmm`] builds and runs it from
 //! [`memory`], [`vstate`] (KVM VM and vCPUs), [`boot`] (kernel loading) and [`devices`].
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod cli;

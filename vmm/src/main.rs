@@ -14,7 +14,8 @@ fn main() -> ExitCode {
     // `kiln job`'s stderr carries the job's own stderr, byte for byte: kiln adds only
     // warnings and errors to it unless KILN_LOG asks for more (`--json` reports boot_ms).
     let default_level = match cli.command {
-        Command::Job(_) => "warn",
+        // `kiln ctl` prints the response; only problems belong on stderr.
+        Command::Job(_) | Command::Ctl(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -28,6 +29,9 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => commands::run::run(&args, start),
+        Command::Ctl(args) => commands::ctl::ctl(&args),
+        Command::Restore(args) => commands::restore::restore(&args, start),
+        Command::Fork(args) => commands::fork::fork(&args),
         Command::Exec(args) => commands::exec::exec(&args),
         Command::Cp(args) => commands::cp::cp(&args),
         Command::Job(args) => commands::job::job(&args, start),

@@ -1,6 +1,9 @@
 //! One module per `kiln` subcommand; `main.rs` only dispatches.
 
 pub mod cp;
+pub mod ctl;
 pub mod exec;
+pub mod fork;
 pub mod job;
+pub mod restore;
 pub mod run;

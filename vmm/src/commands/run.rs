@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use crate::api::ApiServer;
 use crate::cli::RunArgs;
 use crate::config::{SerialOutput, VmConfig};
 use crate::vmm::{BootSource, GuestExit, MachineSpec, StopHandle, Vmm, VsockSpec};
@@ -85,11 +87,29 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
         boot_done: None,
     };
     let vmm = Vmm::build(spec)?;
+    run_to_end(vmm, args.api.as_deref(), args.json)
+}
+
+/// Runs a built (or restored) VM until it ends, with its API socket if `api` is given, and
+/// SIGINT/SIGTERM stopping it; prints how it ended (and the JSON report if `json`) and
+/// returns the exit code: 0 when the guest reset, halted or a `shutdown` request stopped
+/// it, 128 + N when signal N did, 1 on a panic or fault.
+pub(crate) fn run_to_end(vmm: Vmm, api: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
     let stopped_by = stop_on_signals(vmm.stop_handle()?)?;
-    let report = vmm.run()?;
+    let api_server = match api {
+        Some(path) => Some(ApiServer::start(path, vmm.controller())?),
+        None => None,
+    };
+    let report = vmm.run();
+    // The VM is gone: the socket goes with it.
+    drop(api_server);
+    let report = report?;
+    let signo = stopped_by.load(Ordering::Relaxed);
     let code: u8 = match report.exit {
+        // A `shutdown` request through the API: a normal end.
+        GuestExit::Stopped if signo == 0 => 0,
         // 128 + the signal number, as a shell reports a process killed by it.
-        GuestExit::Stopped => 128 + u8::try_from(stopped_by.load(Ordering::Relaxed)).unwrap_or(0),
+        GuestExit::Stopped => 128 + u8::try_from(signo).unwrap_or(0),
         ref exit if exit.is_success() => 0,
         _ => 1,
     };
@@ -97,9 +117,10 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
         GuestExit::Reset | GuestExit::Halted => tracing::info!("guest {}", report.exit.kind()),
         GuestExit::Panic(line) => eprintln!("kiln: error: guest kernel panic: {line}"),
         GuestExit::Fault(msg) => eprintln!("kiln: error: VM fault: {msg}"),
+        GuestExit::Stopped if signo == 0 => tracing::info!("VM stopped by a shutdown request"),
         GuestExit::Stopped => eprintln!("kiln: VM stopped by a signal"),
     }
-    if args.json {
+    if json {
         let detail = match &report.exit {
             GuestExit::Panic(s) | GuestExit::Fault(s) => Some(s.as_str()),
             _ => None,

@@ -1,0 +1,320 @@
+//! The control API socket of a running VM (`kiln run --api <uds>`, `kiln restore --api`),
+//! and its client (`kiln ctl`).
+//!
+//! Protocol: a Unix stream socket; the client writes one JSON request per line and reads
+//! one JSON response line for each, in order. A connection may carry any number of
+//! requests, and any number of connections may be open at once (each has a thread; every
+//! request goes through [`Controller::call`], so the VM's event loop handles them one at a
+//! time).
+//!
+//! Requests ([`Request`]): `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"status"}`,
+//! `{"cmd":"shutdown"}`, `{"cmd":"snapshot","dir":"/abs/dir","resume":true}`.
+//! Responses: `{"ok":true, …fields}` or `{"ok":false,"error":"…"}`. A line that is not a
+//! request gets an error response and the connection stays open; a line longer than
+//! [`MAX_LINE`] bytes gets an error response and the connection is closed.
+//!
+//! The socket file is removed when the [`ApiServer`] is dropped (when the VM ends).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use crate::vmm::{Controller, Request, Response};
+
+/// The longest request line the server reads.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("API socket {0} already exists; remove it if no kiln uses it, or choose another path")]
+    Exists(PathBuf),
+    #[error("cannot listen on API socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot reach the VM's API socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("API socket {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("API socket {path} answered something that is not a response: {answer:?}")]
+    BadAnswer { path: PathBuf, answer: String },
+}
+
+/// A listening API socket; serves until dropped.
+pub struct ApiServer {
+    path: PathBuf,
+    /// The socket file's (device, inode): only that file is removed on drop.
+    id: Option<(u64, u64)>,
+    stopping: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Creates the socket at `path` (which must not exist) and serves it on a thread of its
+    /// own, a thread per connection.
+    pub fn start(path: &Path, controller: Controller) -> Result<ApiServer, ApiError> {
+        if path.symlink_metadata().is_ok() {
+            return Err(ApiError::Exists(path.to_owned()));
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+        let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        let accept = std::thread::Builder::new()
+            .name("kiln-api".into())
+            .spawn(move || accept_loop(&listener, &controller, &stop));
+        let mut server = ApiServer {
+            path: path.to_owned(),
+            id,
+            stopping,
+            accept: None,
+        };
+        // On error, dropping `server` removes the socket file.
+        server.accept = Some(accept.map_err(ApiError::Thread)?);
+        Ok(server)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(accept) = self.accept.take() {
+            // Wake the accept() so that the thread sees `stopping`.
+            if UnixStream::connect(&self.path).is_ok() {
+                let _ = accept.join();
+            }
+        }
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.id);
+        if ours {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!("cannot remove API socket {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+fn accept_loop(listener: &UnixListener, controller: &Controller, stopping: &AtomicBool) {
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("API socket: accept failed: {e}");
+                continue;
+            }
+        };
+        let controller = controller.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kiln-api-conn".into())
+            .spawn(move || serve_connection(stream, &controller));
+        if let Err(e) = spawned {
+            tracing::warn!("API socket: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// Answers requests on one connection until the client closes it.
+fn serve_connection(stream: UnixStream, controller: &Controller) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut out = std::io::BufWriter::new(write_half);
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
+        match reader.by_ref().take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let complete = line.last() == Some(&b'\n');
+        if !complete && line.len() > MAX_LINE {
+            let answer = error_response(&format!(
+                "request line longer than {MAX_LINE} bytes; closing the connection"
+            ));
+            let _ = writeln!(out, "{answer}").and_then(|()| out.flush());
+            return;
+        }
+        let text = match std::str::from_utf8(&line) {
+            Ok(t) => t.trim(),
+            Err(_) => {
+                let answer = error_response("bad request: not UTF-8");
+                if writeln!(out, "{answer}")
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+        };
+        if text.is_empty() {
+            if complete {
+                continue;
+            }
+            return;
+        }
+        let answer = match serde_json::from_str::<Request>(text) {
+            Ok(request) => to_json(controller.call(request)),
+            Err(e) => error_response(&format!(
+                "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
+            )),
+        };
+        if writeln!(out, "{answer}")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn error_response(message: &str) -> Value {
+    json!({"ok": false, "error": message})
+}
+
+/// A controller's answer as a response object: `{"ok":true, …}` or `{"ok":false,"error"}`.
+pub fn to_json(response: Response) -> Value {
+    match response {
+        Ok(Value::Object(fields)) => {
+            let mut map = Map::new();
+            map.insert("ok".into(), Value::Bool(true));
+            map.extend(fields);
+            Value::Object(map)
+        }
+        Ok(Value::Null) => json!({"ok": true}),
+        Ok(other) => json!({"ok": true, "result": other}),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Sends one request to the API socket at `path` and returns the response line as sent
+/// (without its newline) and parsed. `timeout` bounds each read and write.
+pub fn call(
+    path: &Path,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<(String, Value), ApiError> {
+    let io = |what| {
+        move |source| ApiError::Io {
+            path: path.to_owned(),
+            what,
+            source,
+        }
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(timeout)
+        .map_err(io("set timeout"))?;
+    stream
+        .set_write_timeout(timeout)
+        .map_err(io("set timeout"))?;
+    let mut line = serde_json::to_string(request).map_err(|e| ApiError::Io {
+        path: path.to_owned(),
+        what: "encode the request",
+        source: e.into(),
+    })?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(io("send the request"))?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .take(u64::try_from(MAX_LINE).unwrap_or(u64::MAX))
+        .read_line(&mut answer)
+        .map_err(io("read the response"))?;
+    let answer = answer.trim_end().to_string();
+    match serde_json::from_str::<Value>(&answer) {
+        Ok(v) if v.get("ok").is_some_and(Value::is_boolean) => Ok((answer, v)),
+        _ => Err(ApiError::BadAnswer {
+            path: path.to_owned(),
+            answer,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_carry_ok_and_the_fields() {
+        let v = to_json(Ok(json!({"state": "paused"})));
+        assert_eq!(v, json!({"ok": true, "state": "paused"}));
+        let v = to_json(Err("the VM is not running".into()));
+        assert_eq!(v, json!({"ok": false, "error": "the VM is not running"}));
+        assert_eq!(to_json(Ok(Value::Null)), json!({"ok": true}));
+    }
+
+    #[test]
+    fn an_existing_path_is_refused_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("kiln-api-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("taken");
+        std::fs::write(&path, b"not a socket").unwrap();
+        let (controller, _queue) = crate::vmm::control_channel().unwrap();
+        let err = ApiServer::start(&path, controller).err().expect("refused");
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_socket_file_goes_with_the_server_and_bad_lines_get_errors() {
+        let dir = std::env::temp_dir().join(format!("kiln-api-unit2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let (controller, queue) = crate::vmm::control_channel().unwrap();
+        // No event loop: requests fail cleanly, bad lines are answered before that.
+        drop(queue);
+        let server = ApiServer::start(&path, controller).unwrap();
+        let mut stream = UnixStream::connect(&path).unwrap();
+        stream
+            .write_all(b"not json\n{\"cmd\":\"status\"}\n")
+            .unwrap();
+        let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
+        let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(first["ok"], false);
+        assert!(first["error"].as_str().unwrap().contains("bad request"));
+        let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(second["ok"], false);
+        assert!(
+            second["error"].as_str().unwrap().contains("not running"),
+            "{second}"
+        );
+        drop(server);
+        assert!(!path.exists(), "the socket file was removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

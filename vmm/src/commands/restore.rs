@@ -1,0 +1,117 @@
+//! `kiln restore`: rebuild a VM from a snapshot directory and run it until it ends, as
+//! `kiln run` does. With a vsock device, a background thread refreshes the guest once its
+//! agent answers: the wall clock (the snapshot's is stale) and fresh entropy (every clone
+//! of a snapshot starts with the same RNG state).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use kiln_agent::client::{wait_ready, Client};
+use kiln_agent::protocol::AGENT_PORT;
+
+use super::run::{console_sink, run_to_end};
+use crate::cli::RestoreArgs;
+use crate::snapshot::restore::RestoreSpec;
+use crate::vmm::Vmm;
+
+/// How long the guest agent has to answer after a restore before kiln gives up on
+/// refreshing its clock and entropy.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Random bytes sent to each restored guest.
+pub const ENTROPY_BYTES: usize = 32;
+
+pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
+    check_snapshot_dir(&args.snapshot)?;
+    let vmm = Vmm::restore(RestoreSpec {
+        snapshot: args.snapshot.clone(),
+        console: console_sink(&args.serial)?,
+        vsock_uds: args.vsock.clone(),
+        start,
+        boot_done: None,
+    })
+    .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
+    if vmm.vsock.is_none() {
+        if let Some(vsock) = &args.vsock {
+            bail!(
+                "--vsock {}: the snapshot has no vsock device; leave --vsock out",
+                vsock.display()
+            );
+        }
+    } else if let Some(uds) = &args.vsock {
+        spawn_guest_refresh(uds.clone())?;
+    }
+    run_to_end(vmm, args.api.as_deref(), args.json)
+}
+
+/// A clear error for a snapshot path that is missing or not a directory.
+pub(crate) fn check_snapshot_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("snapshot {} is not a directory", dir.display()),
+        Err(e) => bail!("cannot open snapshot directory {}: {e}", dir.display()),
+    }
+}
+
+fn spawn_guest_refresh(uds: PathBuf) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("kiln-refresh".into())
+        .spawn(move || match refresh_guest(&uds, AGENT_TIMEOUT) {
+            Ok(()) => {
+                tracing::info!("guest clock set and {ENTROPY_BYTES} bytes of fresh entropy added")
+            }
+            Err(e) => {
+                tracing::warn!("the restored guest's clock and entropy were not refreshed: {e:#}")
+            }
+        })
+        .context("cannot start the guest refresh thread")?;
+    Ok(())
+}
+
+/// Waits up to `timeout` for the guest agent behind `uds`, then sets the guest's wall
+/// clock to now and adds [`ENTROPY_BYTES`] random bytes to its entropy pool.
+pub fn refresh_guest(uds: &Path, timeout: Duration) -> anyhow::Result<()> {
+    wait_ready(uds, AGENT_PORT, timeout).context("the guest agent did not answer")?;
+    let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(Duration::from_secs(10)))
+        .context("cannot reach the guest agent")?;
+    let entropy = random_bytes(ENTROPY_BYTES)?;
+    client
+        .set_time(SystemTime::now())
+        .context("cannot set the guest's clock")?;
+    client
+        .add_entropy(&entropy)
+        .context("cannot add entropy to the guest")?;
+    Ok(())
+}
+
+/// `len` bytes from the kernel's CSPRNG (getrandom(2)).
+pub(crate) fn random_bytes(len: usize) -> anyhow::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`, which we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("getrandom failed");
+        }
+        filled += usize::try_from(n).unwrap_or(0);
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn random_bytes_differ() {
+        let a = super::random_bytes(32).unwrap();
+        let b = super::random_bytes(32).unwrap();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,110 @@
+//! After a restore, kiln sets the guest's clock and adds fresh entropy through the agent
+//! (`kiln::commands::restore::refresh_guest`). Checked here against a fake agent behind a
+//! hybrid-vsock Unix socket, since a tiny guest has no agent.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::sync::mpsc::channel;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln::commands::restore::{refresh_guest, ENTROPY_BYTES};
+use kiln_agent::protocol::{read_frame, write_frame, Frame, Pong, AGENT_PORT};
+
+/// What the fake agent was asked, connection by connection.
+#[derive(Debug)]
+enum Seen {
+    Time(u64),
+    Entropy(Vec<u8>),
+}
+
+/// Serves `connections` connections on `uds` as the VMM + agent would, reporting the
+/// requests on the returned channel.
+fn fake_agent(uds: &std::path::Path, connections: usize) -> std::sync::mpsc::Receiver<Seen> {
+    let listener = UnixListener::bind(uds).unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(connections) {
+            let stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut hello = String::new();
+            reader.read_line(&mut hello).unwrap();
+            assert_eq!(hello, format!("CONNECT {AGENT_PORT}\n"));
+            let mut writer = stream;
+            writer.write_all(b"OK 1\n").unwrap();
+            while let Ok(Some(frame)) = read_frame(&mut reader) {
+                let answer = match frame {
+                    Frame::Ping => Frame::Pong(Pong {
+                        version: 1,
+                        agent: "fake".into(),
+                        uptime_ms: 1,
+                    }),
+                    Frame::SetTime(t) => {
+                        let _ = tx.send(Seen::Time(t.unix_nanos));
+                        Frame::Ok
+                    }
+                    Frame::AddEntropy(bytes) => {
+                        let _ = tx.send(Seen::Entropy(bytes));
+                        Frame::Ok
+                    }
+                    other => panic!("unexpected request {other:?}"),
+                };
+                write_frame(&mut writer, &answer).unwrap();
+            }
+        }
+    });
+    rx
+}
+
+fn now_nanos() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-refresh-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn refresh_sets_the_time_and_sends_fresh_entropy() {
+    let mut entropy = Vec::new();
+    for round in 0..2 {
+        let dir = scratch(&format!("ok{round}"));
+        let uds = dir.join("vsock.sock");
+        // wait_ready's ping, then the refresh connection.
+        let seen = fake_agent(&uds, 2);
+        let before = now_nanos();
+        refresh_guest(&uds, Duration::from_secs(10)).unwrap();
+        let after = now_nanos();
+        match seen.recv_timeout(Duration::from_secs(10)).unwrap() {
+            Seen::Time(t) => assert!(before <= t && t <= after, "{before} <= {t} <= {after}"),
+            other => panic!("expected the time first, got {other:?}"),
+        }
+        match seen.recv_timeout(Duration::from_secs(10)).unwrap() {
+            Seen::Entropy(bytes) => {
+                assert_eq!(bytes.len(), ENTROPY_BYTES);
+                entropy.push(bytes);
+            }
+            other => panic!("expected entropy, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    assert_ne!(entropy[0], entropy[1], "each restore gets its own entropy");
+}
+
+#[test]
+fn refresh_gives_up_when_no_agent_answers() {
+    let dir = scratch("none");
+    let uds = dir.join("vsock.sock");
+    let err = refresh_guest(&uds, Duration::from_millis(200)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("did not answer"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
