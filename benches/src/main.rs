@@ -5,6 +5,7 @@
 mod boot;
 mod stats;
 mod vmm_setup;
+mod vsock;
 
 use anyhow::Result;
 use clap::Parser;
@@ -20,6 +21,15 @@ struct Args {
     /// Runs for `vmm_setup`.
     #[arg(long, default_value_t = 30)]
     setup_runs: usize,
+    /// Transfers to time for `vsock_throughput` (at least 5 for a quotable median).
+    #[arg(long, default_value_t = 5)]
+    vsock_runs: usize,
+    /// MiB per `vsock_throughput` transfer: a few seconds' worth in the test bed.
+    #[arg(long, default_value_t = 32)]
+    vsock_mib: u64,
+    /// Round trips to time for `vsock_exec`.
+    #[arg(long, default_value_t = 10)]
+    exec_runs: usize,
 }
 
 fn main() -> Result<()> {
@@ -42,6 +52,23 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(boot::run(&runner, args.boot_runs)?);
+    }
+    let (throughput, exec) = (wanted("vsock_throughput"), wanted("vsock_exec"));
+    if throughput || exec {
+        let runner = kiln_tests::Runner::detect()?;
+        let params = vsock::Params {
+            throughput_runs: if throughput { args.vsock_runs } else { 0 },
+            mib: args.vsock_mib,
+            exec_runs: if exec { args.exec_runs } else { 0 },
+        };
+        eprintln!(
+            "bench vsock: {} transfers of {} MiB, {} exec round trips, {}",
+            params.throughput_runs,
+            params.mib,
+            params.exec_runs,
+            runner.describe()
+        );
+        results.extend(vsock::run(&runner, &params)?);
     }
     for r in &results {
         println!("{r}");
