@@ -23,7 +23,7 @@ pub(crate) fn run(testbed: &Testbed, job: &Job) -> Result<RunOutput> {
     let qemu = Qemu {
         memory_mib: testbed.memory_mib,
         cpus: testbed.cpus,
-        ..Qemu::new(&testbed.kernel.bzimage, &initrd, TESTBED_CMDLINE)
+        ..Qemu::new(&testbed.kernel.bzimage, &initrd, &testbed.cmdline)
     };
     let run = run_captured(qemu.command(), job.timeout)?;
     let console = run.output.replace("\r\n", "\n");

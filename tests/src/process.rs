@@ -50,7 +50,8 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 
 /// Runs `cmd` in a process group of its own with stdin from /dev/null and stdout and stderr
 /// into one pipe. Waits for it to exit, at most `timeout`; then kills the whole group (on
-/// time or not, so that nothing it started in the background outlives the run).
+/// time or not, so that nothing it started in the background outlives the run). If the
+/// calling thread dies first (the test process is killed), the child gets SIGKILL.
 pub fn run_captured(mut cmd: Command, timeout: Duration) -> Result<Captured> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let (mut reader, writer) = std::io::pipe().context("creating a pipe")?;
@@ -58,6 +59,18 @@ pub fn run_captured(mut cmd: Command, timeout: Duration) -> Result<Captured> {
         .stdout(writer.try_clone().context("duplicating a pipe")?)
         .stderr(writer)
         .process_group(0);
+    // The child leads a process group of its own, so a signal that kills the test does not
+    // reach it: have the kernel kill it when the spawning thread (which waits for it) dies.
+    // SAFETY: the closure runs between fork and exec and calls only prctl, which is
+    // async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let start = Instant::now();
     let mut child = cmd
         .spawn()

@@ -29,6 +29,9 @@ pub struct Testbed {
     pub kernel: KernelImages,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// The test-bed host's kernel command line: [`crate::TESTBED_CMDLINE`] and
+    /// [`crate::qemu::tcg_tsc_params`] by default.
+    pub cmdline: String,
 }
 
 impl Testbed {
@@ -38,6 +41,13 @@ impl Testbed {
             kernel: kernels::testbed_host().context("building the test-bed host kernel")?,
             memory_mib: 2048,
             cpus: 2,
+            cmdline: format!(
+                "{} {}",
+                crate::TESTBED_CMDLINE,
+                crate::qemu::tcg_tsc_params()
+            )
+            .trim_end()
+            .to_string(),
         })
     }
 }

@@ -8,7 +8,7 @@ use kiln_agent::marks::{BOOT_DONE, SIGNAL_PORT};
 use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::output::value;
 use kiln_tests::process::{exit_code, run_captured};
-use kiln_tests::qemu::Qemu;
+use kiln_tests::qemu::{tcg_tsc_params, Qemu};
 use kiln_tests::tmp::TempDir;
 
 const RC: &str = r#"
@@ -24,6 +24,10 @@ if [ -e /proc/$p ]; then echo KILN-ORPHAN=left; else echo KILN-ORPHAN=reaped; fi
 exit 3
 "#;
 
+fn cmdline() -> String {
+    format!("console=ttyS0 reboot=k panic=-1 {}", tcg_tsc_params())
+}
+
 #[test]
 fn boot_agent_runs_rc_under_qemu() -> Result<()> {
     let kernel = kiln_tests::kernels::guest()?;
@@ -38,7 +42,7 @@ fn boot_agent_runs_rc_under_qemu() -> Result<()> {
         let qemu = Qemu {
             memory_mib: 256,
             cpus: 1,
-            ..Qemu::new(&kernel.bzimage, &initrd, "console=ttyS0 reboot=k panic=-1")
+            ..Qemu::new(&kernel.bzimage, &initrd, &cmdline())
         }
         .port_log(SIGNAL_PORT, &marks);
         let run = run_captured(qemu.command(), Duration::from_secs(180))?;
@@ -81,7 +85,7 @@ fn boot_agent_without_rc_just_reboots() -> Result<()> {
     let qemu = Qemu {
         memory_mib: 256,
         cpus: 1,
-        ..Qemu::new(&kernel.bzimage, &initrd, "console=ttyS0 reboot=k panic=-1")
+        ..Qemu::new(&kernel.bzimage, &initrd, &cmdline())
     }
     .port_log(SIGNAL_PORT, &marks);
     let run = run_captured(qemu.command(), Duration::from_secs(180))?;

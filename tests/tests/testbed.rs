@@ -28,9 +28,13 @@ fn boot_testbed_runs_script() -> Result<()> {
 
 #[test]
 fn boot_testbed_passes_files_and_env() -> Result<()> {
-    let runner = Runner::Testbed(Testbed::new()?);
+    let testbed = Testbed::new()?;
+    let cpus = testbed.cpus;
+    let runner = Runner::Testbed(testbed);
     let script = r#"
         set -e
+        echo "NPROC=$(nproc)"
+        echo "CLOCKSOURCE=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
         echo "DATA=$(cat "$FILES/sub/data.txt")"
         for f in "$KILN" "$GUEST_VMLINUX" "$GUEST_BZIMAGE" "$GUEST_INITRD"; do
             test -s "$f" && echo "PRESENT=$f"
@@ -47,6 +51,19 @@ fn boot_testbed_passes_files_and_env() -> Result<()> {
     assert_eq!(
         kiln_tests::output::value(&out.console, "SCRATCH"),
         Some("scratch")
+    );
+    let nproc = kiln_tests::output::number::<u32>(&out.console, "NPROC");
+    assert_eq!(
+        nproc,
+        Some(cpus),
+        "the test bed has fewer CPUs than asked for"
+    );
+    // Without a TSC clocksource KVM guests in the test bed hang now and then.
+    let clocksource = kiln_tests::output::value(&out.console, "CLOCKSOURCE");
+    assert!(
+        clocksource.is_some_and(|c| c.starts_with("tsc")),
+        "clocksource {clocksource:?}; console:\n{}",
+        out.console
     );
     let present = out.console.matches("PRESENT=").count();
     assert_eq!(present, 4, "console:\n{}", out.console);
