@@ -69,11 +69,37 @@ fn spawn_guest_refresh(uds: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long one refresh attempt may take. A host connection made while the guest has not
+/// yet handled the vsock transport reset is dropped by the guest without a word to the
+/// host (its socket just closes), so an attempt that hangs is abandoned and retried rather
+/// than waited on for the whole [`AGENT_TIMEOUT`].
+pub const REFRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Waits up to `timeout` for the guest agent behind `uds`, then sets the guest's wall
-/// clock to now and adds [`ENTROPY_BYTES`] random bytes to its entropy pool.
+/// clock to now and adds [`ENTROPY_BYTES`] random bytes to its entropy pool. Each attempt
+/// is bounded by [`REFRESH_ATTEMPT_TIMEOUT`] and retried until `timeout` (both requests
+/// may be repeated safely: the clock is set to the then current time, and extra entropy
+/// does no harm).
 pub fn refresh_guest(uds: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = left
+            .min(REFRESH_ATTEMPT_TIMEOUT)
+            .max(Duration::from_millis(1));
+        match refresh_once(uds, attempt) {
+            Ok(()) => return Ok(()),
+            Err(e) if deadline.saturating_duration_since(Instant::now()).is_zero() => {
+                return Err(e)
+            }
+            Err(e) => tracing::debug!("guest refresh attempt failed, retrying: {e:#}"),
+        }
+    }
+}
+
+fn refresh_once(uds: &Path, timeout: Duration) -> anyhow::Result<()> {
     wait_ready(uds, AGENT_PORT, timeout).context("the guest agent did not answer")?;
-    let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(Duration::from_secs(10)))
+    let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(timeout))
         .context("cannot reach the guest agent")?;
     let entropy = random_bytes(ENTROPY_BYTES)?;
     client
