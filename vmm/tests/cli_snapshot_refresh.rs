@@ -20,10 +20,22 @@ enum Seen {
 /// Serves `connections` connections on `uds` as the VMM + agent would, reporting the
 /// requests on the returned channel.
 fn fake_agent(uds: &std::path::Path, connections: usize) -> std::sync::mpsc::Receiver<Seen> {
+    fake_agent_ignoring(uds, 0, connections)
+}
+
+/// Like [`fake_agent`], but the first `ignored` connections are accepted and then never
+/// answered (nor closed), as when the guest drops a connection made before it handled the
+/// vsock transport reset after a restore.
+fn fake_agent_ignoring(
+    uds: &std::path::Path,
+    ignored: usize,
+    connections: usize,
+) -> std::sync::mpsc::Receiver<Seen> {
     let listener = UnixListener::bind(uds).unwrap();
     let (tx, rx) = channel();
     std::thread::spawn(move || {
-        for stream in listener.incoming().take(connections) {
+        let mut held = Vec::new();
+        for (n, stream) in listener.incoming().take(ignored + connections).enumerate() {
             let stream = stream.unwrap();
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut hello = String::new();
@@ -31,6 +43,10 @@ fn fake_agent(uds: &std::path::Path, connections: usize) -> std::sync::mpsc::Rec
             assert_eq!(hello, format!("CONNECT {AGENT_PORT}\n"));
             let mut writer = stream;
             writer.write_all(b"OK 1\n").unwrap();
+            if n < ignored {
+                held.push(writer);
+                continue;
+            }
             while let Ok(Some(frame)) = read_frame(&mut reader) {
                 let answer = match frame {
                     Frame::Ping => Frame::Pong(Pong {
@@ -106,5 +122,28 @@ fn refresh_gives_up_when_no_agent_answers() {
     let err = refresh_guest(&uds, Duration::from_millis(200)).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("did not answer"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn refresh_retries_a_connection_the_guest_dropped() {
+    let dir = scratch("dropped");
+    let uds = dir.join("vsock.sock");
+    let seen = fake_agent_ignoring(&uds, 1, 2);
+    let start = std::time::Instant::now();
+    refresh_guest(&uds, Duration::from_secs(30)).unwrap();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "a dropped connection held the refresh for {took:?}"
+    );
+    assert!(matches!(
+        seen.recv_timeout(Duration::from_secs(10)).unwrap(),
+        Seen::Time(_)
+    ));
+    assert!(matches!(
+        seen.recv_timeout(Duration::from_secs(10)).unwrap(),
+        Seen::Entropy(_)
+    ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
