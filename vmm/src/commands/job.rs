@@ -17,10 +17,10 @@ use kiln_agent::client::{Client, ExecIo};
 use kiln_agent::protocol::{ExecRequest, SignalTarget, AGENT_PORT};
 
 use super::exec::parse_env;
-use super::run::{check_readable, console_sink};
+use super::run::{check_files, console_sink};
 use crate::cli::JobArgs;
 use crate::config::SerialOutput;
-use crate::vmm::{BootSource, GuestExit, MachineSpec, RunReport, StopHandle, Vmm, VsockSpec};
+use crate::vmm::{GuestExit, MachineSpec, RunReport, StopHandle, Vmm, VsockSpec};
 
 /// Where the script is put in the guest.
 const GUEST_SCRIPT: &str = "/tmp/kiln-job.sh";
@@ -38,10 +38,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     if args.vm.serial.is_none() && !config_sets_serial(args.vm.config.as_deref())? {
         config.serial = SerialOutput::Null;
     }
-    check_readable("kernel", &config.kernel)?;
-    if let Some(initrd) = &config.initrd {
-        check_readable("initramfs", initrd)?;
-    }
+    check_files(&config)?;
     let script = std::fs::read(&args.script)
         .with_context(|| format!("cannot read job script {}", args.script.display()))?;
     let mut request = ExecRequest::new(["/bin/sh", GUEST_SCRIPT]);
@@ -52,26 +49,14 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let uds = runtime.path().join("vsock.sock");
     let (events, vm_events) = channel();
     let boot_events = events.clone();
-    let spec = MachineSpec {
-        vcpus: config.vcpus,
-        memory_mib: config.memory_mib,
-        boot: BootSource::Linux {
-            kernel: config.kernel.clone(),
-            initrd: config.initrd.clone(),
-            cmdline: config.cmdline.clone(),
-        },
-        console: console_sink(&config.serial)?,
-        irqchip: true,
-        extra_mmio: Vec::new(),
-        start,
-        vsock: Some(VsockSpec {
-            cid: 3,
-            uds_path: uds.clone(),
-        }),
-        boot_done: Some(Box::new(move |t| {
-            let _ = boot_events.send(VmEvent::BootDone(t));
-        })),
-    };
+    let mut spec = MachineSpec::from_config(&config, console_sink(&config.serial)?, start);
+    spec.vsock = Some(VsockSpec {
+        cid: 3,
+        uds_path: uds.clone(),
+    });
+    spec.boot_done = Some(Box::new(move |t| {
+        let _ = boot_events.send(VmEvent::BootDone(t));
+    }));
     let vmm = Vmm::build(spec)?;
     let stop = Arc::new(vmm.stop_handle()?);
     let vm_thread = std::thread::Builder::new()

@@ -13,7 +13,7 @@ use anyhow::Context;
 use crate::api::ApiServer;
 use crate::cli::RunArgs;
 use crate::config::{SerialOutput, VmConfig};
-use crate::vmm::{BootSource, GuestExit, MachineSpec, StopHandle, Vmm, VsockSpec};
+use crate::vmm::{GuestExit, MachineSpec, StopHandle, Vmm, VsockSpec};
 
 pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(match serial {
@@ -62,30 +62,23 @@ pub(crate) fn stop_on_signals(stop: StopHandle) -> anyhow::Result<Arc<AtomicI32>
     Ok(caught)
 }
 
-pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
-    let config: VmConfig = args.vm.to_config()?;
+/// Checks that the kernel and the initramfs can be read, naming the one that cannot.
+pub(crate) fn check_files(config: &VmConfig) -> anyhow::Result<()> {
     check_readable("kernel", &config.kernel)?;
     if let Some(initrd) = &config.initrd {
         check_readable("initramfs", initrd)?;
     }
-    let spec = MachineSpec {
-        vcpus: config.vcpus,
-        memory_mib: config.memory_mib,
-        boot: BootSource::Linux {
-            kernel: config.kernel.clone(),
-            initrd: config.initrd.clone(),
-            cmdline: config.cmdline.clone(),
-        },
-        console: console_sink(&config.serial)?,
-        irqchip: true,
-        extra_mmio: Vec::new(),
-        start,
-        vsock: args.vsock.as_ref().map(|uds_path| VsockSpec {
-            cid: args.cid,
-            uds_path: uds_path.clone(),
-        }),
-        boot_done: None,
-    };
+    Ok(())
+}
+
+pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
+    let config: VmConfig = args.vm.to_config()?;
+    check_files(&config)?;
+    let mut spec = MachineSpec::from_config(&config, console_sink(&config.serial)?, start);
+    spec.vsock = args.vsock.as_ref().map(|uds_path| VsockSpec {
+        cid: args.cid,
+        uds_path: uds_path.clone(),
+    });
     let vmm = Vmm::build(spec)?;
     run_to_end(vmm, args.api.as_deref(), args.json)
 }

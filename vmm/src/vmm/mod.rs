@@ -88,6 +88,31 @@ pub struct MachineSpec {
     pub boot_done: Option<BootDoneHook>,
 }
 
+impl MachineSpec {
+    /// A Linux VM as `config` describes it (in-kernel irqchip, no vsock, no boot hook).
+    pub fn from_config(
+        config: &crate::config::VmConfig,
+        console: Box<dyn Write + Send>,
+        start: Instant,
+    ) -> Self {
+        MachineSpec {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            boot: BootSource::Linux {
+                kernel: config.kernel.clone(),
+                initrd: config.initrd.clone(),
+                cmdline: config.cmdline.clone(),
+            },
+            console,
+            irqchip: true,
+            extra_mmio: Vec::new(),
+            start,
+            vsock: None,
+            boot_done: None,
+        }
+    }
+}
+
 /// Called once, on the event loop thread, when the guest marks boot done.
 pub type BootDoneHook = Box<dyn FnOnce(Duration) + Send>;
 
