@@ -4,7 +4,6 @@
 //! ports and MMIO and then halts or resets, so the VMM's core — memory, vCPU set-up, exit
 //! dispatch, serial, i8042 reset, panic detection — is tested in milliseconds.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,35 +11,8 @@ use kiln::arch::x86_64::regs::CpuMode;
 use kiln::vmm::{BootSource, GuestExit, MachineSpec, RunReport, Vmm};
 use kiln_devices::BusDevice;
 
-/// A console sink the test can read back, and wait on.
-#[derive(Clone, Default)]
-struct Captured(Arc<(Mutex<Vec<u8>>, std::sync::Condvar)>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 .0.lock().unwrap().extend_from_slice(buf);
-        self.0 .1.notify_all();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0 .0.lock().unwrap()).into_owned()
-    }
-
-    /// Blocks until the guest has written at least `len` bytes (or 10 s have passed).
-    fn wait_for(&self, len: usize) {
-        let (lock, cond) = &*self.0;
-        let guard = lock.lock().unwrap();
-        let _ = cond
-            .wait_timeout_while(guard, std::time::Duration::from_secs(10), |b| b.len() < len)
-            .unwrap();
-    }
-}
+mod console_capture;
+use console_capture::Captured;
 
 const LOAD_ADDR: u64 = 0x1000;
 

@@ -2,42 +2,15 @@
 //! computation, and a VM restored from that snapshot finishes it with the right result
 //! without starting over.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::snapshot::restore::RestoreSpec;
 use kiln::vmm::{BootSource, GuestExit, MachineSpec, Request, Vmm};
 
-/// A console sink the test can read back and wait on.
-#[derive(Clone, Default)]
-struct Captured(Arc<(Mutex<Vec<u8>>, Condvar)>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 .0.lock().unwrap().extend_from_slice(buf);
-        self.0 .1.notify_all();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn bytes(&self) -> Vec<u8> {
-        self.0 .0.lock().unwrap().clone()
-    }
-    fn wait_for(&self, len: usize) {
-        let (lock, cond) = &*self.0;
-        let guard = lock.lock().unwrap();
-        let _ = cond
-            .wait_timeout_while(guard, Duration::from_secs(20), |b| b.len() < len)
-            .unwrap();
-    }
-}
+mod console_capture;
+use console_capture::Captured;
 
 /// Iterations of the guest's loop: long enough (a second or so on this machine's PVM
 /// /dev/kvm, which emulates such code) that the snapshot lands in the middle of it. If it
