@@ -118,7 +118,8 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 #[derive(Args, Debug)]
 pub struct VmArgs {
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    /// Required unless --config names one (or `kiln job --from-snapshot` is used).
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initramfs to hand the kernel (an uncompressed cpio archive).
     #[arg(long, value_name = "PATH")]
@@ -250,6 +251,11 @@ pub struct JobArgs {
     /// Working directory in the guest (default /).
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
+    /// Start the job in a VM restored from this snapshot (taken with `kiln ctl snapshot` of
+    /// a VM with a vsock device) instead of booting one: no --kernel/--initrd then. The
+    /// restored guest gets the current time and fresh entropy before the script runs.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config"])]
+    pub from_snapshot: Option<PathBuf>,
     /// Give up if the guest agent is not ready this many seconds after start.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub boot_timeout: u64,
@@ -262,8 +268,11 @@ impl VmArgs {
     pub fn to_config(&self) -> Result<VmConfig, crate::config::ConfigError> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_toml_file(path)?,
-            // `kernel` is required by clap when there is no config file.
-            None => VmConfig::new(self.kernel.clone().unwrap_or_default()),
+            None => VmConfig::new(
+                self.kernel
+                    .clone()
+                    .ok_or(crate::config::ConfigError::NoKernel)?,
+            ),
         };
         if let Some(k) = &self.kernel {
             config.kernel = k.clone();

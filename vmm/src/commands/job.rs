@@ -20,6 +20,7 @@ use super::exec::parse_env;
 use super::run::{check_files, console_sink};
 use crate::cli::JobArgs;
 use crate::config::SerialOutput;
+use crate::snapshot::restore::RestoreSpec;
 use crate::vmm::{GuestExit, MachineSpec, RunReport, StopHandle, Vmm, VsockSpec};
 
 /// Where the script is put in the guest.
@@ -30,15 +31,12 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// What the job thread hears about the VM.
 enum VmEvent {
     BootDone(Duration),
+    /// A restored guest's agent did not answer.
+    NotReady(String),
     Ended(anyhow::Result<RunReport>),
 }
 
 pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
-    let mut config = args.vm.to_config()?;
-    if args.vm.serial.is_none() && !config_sets_serial(args.vm.config.as_deref())? {
-        config.serial = SerialOutput::Null;
-    }
-    check_files(&config)?;
     let script = std::fs::read(&args.script)
         .with_context(|| format!("cannot read job script {}", args.script.display()))?;
     let mut request = ExecRequest::new(["/bin/sh", GUEST_SCRIPT]);
@@ -48,16 +46,30 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let runtime = RuntimeDir::create()?;
     let uds = runtime.path().join("vsock.sock");
     let (events, vm_events) = channel();
-    let boot_events = events.clone();
-    let mut spec = MachineSpec::from_config(&config, console_sink(&config.serial)?, start);
-    spec.vsock = Some(VsockSpec {
-        cid: 3,
-        uds_path: uds.clone(),
-    });
-    spec.boot_done = Some(Box::new(move |t| {
-        let _ = boot_events.send(VmEvent::BootDone(t));
-    }));
-    let vmm = Vmm::build(spec)?;
+    let vmm = match &args.from_snapshot {
+        Some(snapshot) => {
+            let vmm = restored_vm(args, snapshot, &uds, start)?;
+            // No boot-done mark comes from a restored guest: its agent is ready once it
+            // answers, with the clock and entropy refreshed.
+            let (ready, uds, timeout) = (
+                events.clone(),
+                uds.clone(),
+                Duration::from_secs(args.boot_timeout),
+            );
+            std::thread::Builder::new()
+                .name("kiln-refresh".into())
+                .spawn(move || {
+                    let event = match super::restore::refresh_guest(&uds, timeout) {
+                        Ok(()) => VmEvent::BootDone(start.elapsed()),
+                        Err(e) => VmEvent::NotReady(format!("{e:#}")),
+                    };
+                    let _ = ready.send(event);
+                })
+                .context("cannot start the guest refresh thread")?;
+            vmm
+        }
+        None => booted_vm(args, &uds, events.clone(), start)?,
+    };
     let stop = Arc::new(vmm.stop_handle()?);
     let vm_thread = std::thread::Builder::new()
         .name("kiln-vmm".into())
@@ -110,6 +122,50 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
 }
 
+/// A fresh VM booted as the flags say, with a vsock device at `uds`.
+fn booted_vm(
+    args: &JobArgs,
+    uds: &Path,
+    events: std::sync::mpsc::Sender<VmEvent>,
+    start: Instant,
+) -> anyhow::Result<Vmm> {
+    let mut config = args.vm.to_config()?;
+    if args.vm.serial.is_none() && !config_sets_serial(args.vm.config.as_deref())? {
+        config.serial = SerialOutput::Null;
+    }
+    check_files(&config)?;
+    let mut spec = MachineSpec::from_config(&config, console_sink(&config.serial)?, start);
+    spec.vsock = Some(VsockSpec {
+        cid: 3,
+        uds_path: uds.to_owned(),
+    });
+    spec.boot_done = Some(Box::new(move |t| {
+        let _ = events.send(VmEvent::BootDone(t));
+    }));
+    Ok(Vmm::build(spec)?)
+}
+
+/// A VM restored from `snapshot`, its vsock device at `uds`.
+fn restored_vm(args: &JobArgs, snapshot: &Path, uds: &Path, start: Instant) -> anyhow::Result<Vmm> {
+    super::restore::check_snapshot_dir(snapshot)?;
+    let serial = args.vm.serial.clone().unwrap_or(SerialOutput::Null);
+    let vmm = Vmm::restore(RestoreSpec {
+        snapshot: snapshot.to_owned(),
+        console: console_sink(&serial)?,
+        vsock_uds: Some(uds.to_owned()),
+        start,
+        boot_done: None,
+    })
+    .with_context(|| format!("snapshot {}", snapshot.display()))?;
+    if vmm.vsock.is_none() {
+        bail!(
+            "snapshot {} has no vsock device, so no guest agent to run the job",
+            snapshot.display()
+        );
+    }
+    Ok(vmm)
+}
+
 /// A finished job.
 struct JobDone {
     code: i32,
@@ -131,6 +187,7 @@ fn run_job(
             "the VM ended before its agent was ready: {}",
             describe(&report)
         ),
+        Ok(VmEvent::NotReady(why)) => bail!("the restored guest's agent is not ready: {why}"),
         Err(RecvTimeoutError::Timeout) => {
             bail!("the guest agent did not mark boot done within {boot_timeout} s")
         }
@@ -174,7 +231,7 @@ fn wait_vm_end(
                 }
                 return None;
             }
-            Ok(VmEvent::BootDone(_)) => continue,
+            Ok(VmEvent::BootDone(_) | VmEvent::NotReady(_)) => continue,
             Err(_) => return None,
         }
     }
