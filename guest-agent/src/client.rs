@@ -30,7 +30,7 @@ mod connect;
 mod error;
 mod exec;
 
-pub use connect::wait_ready;
+pub use connect::{connect_ready, wait_ready, ATTEMPT_TIMEOUT, HANDSHAKE_TIMEOUT};
 pub use error::ClientError;
 
 /// The result of client calls.
@@ -59,18 +59,32 @@ pub struct Client {
 
 impl Client {
     /// Connects to the VM's hybrid-vsock Unix socket and asks for the guest's `port`
-    /// (`CONNECT <port>\n` → `OK <host port>\n`).
+    /// (`CONNECT <port>\n` → `OK <host port>\n`). The answer must come within
+    /// [`HANDSHAKE_TIMEOUT`] (else [`ClientError::HandshakeTimeout`]); the connection then
+    /// has no timeouts. See [`connect_ready`] for a connection that retries.
     pub fn connect_unix(uds: impl AsRef<Path>, port: u32) -> Result<Client> {
         Self::connect_with_timeout(uds.as_ref(), port, None)
     }
 
-    /// [`Client::connect_unix`] with read and write timeouts on the connection.
+    /// [`Client::connect_unix`] with read and write timeouts on the connection. The
+    /// handshake is bounded by `timeout`, or by [`HANDSHAKE_TIMEOUT`] if it is `None`.
     pub fn connect_with_timeout(
         uds: &Path,
         port: u32,
         timeout: Option<Duration>,
     ) -> Result<Client> {
-        connect::handshake(uds, port, timeout).map(Client::from_stream)
+        Self::connect_with_timeouts(uds, port, timeout.unwrap_or(HANDSHAKE_TIMEOUT), timeout)
+    }
+
+    /// Connects with the handshake bounded by `handshake` and `timeout` as the read and
+    /// write timeouts of the connection afterwards (`None`: block).
+    pub fn connect_with_timeouts(
+        uds: &Path,
+        port: u32,
+        handshake: Duration,
+        timeout: Option<Duration>,
+    ) -> Result<Client> {
+        connect::handshake(uds, port, handshake, timeout).map(Client::from_stream)
     }
 
     /// A client on a stream that already reaches the agent (tests, or a socket spliced by

@@ -27,6 +27,18 @@ pub enum ClientError {
         /// The line received (empty if the VMM closed the connection).
         answer: String,
     },
+    /// The VMM accepted the connection but no answer to `CONNECT <port>` came in time.
+    /// Right after a snapshot restore, the guest silently drops connections made before
+    /// it has handled the vsock transport reset; connecting again is the remedy.
+    #[error("no answer to CONNECT {port} on {} within {timeout:?}; the guest may have dropped the connection (it does so right after a snapshot restore, until it has handled the vsock transport reset); connect again", path.display())]
+    HandshakeTimeout {
+        /// The socket's path.
+        path: PathBuf,
+        /// The guest port asked for.
+        port: u32,
+        /// How long the client waited for the answer.
+        timeout: Duration,
+    },
     /// The frame codec or the connection failed.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -55,7 +67,7 @@ pub enum ClientError {
     /// An earlier error left this connection in the middle of a request.
     #[error("this agent connection was left in the middle of a request by an earlier error; connect again")]
     Broken,
-    /// [`wait_ready`] ran out of time.
+    /// [`wait_ready`](super::wait_ready) ran out of time.
     #[error("the agent behind {} (vsock port {port}) did not answer within {timeout:?}; last attempt: {last}", path.display())]
     NotReady {
         /// The socket's path.

@@ -5,16 +5,14 @@ use std::fs::File;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use kiln_agent::client::Client;
-use kiln_agent::protocol::AGENT_PORT;
 
+use super::exec::connect_agent;
 use crate::cli::CpArgs;
 
 const GUEST_PREFIX: &str = "vm:";
 
 pub fn cp(args: &CpArgs) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect_unix(&args.vsock, AGENT_PORT)
-        .with_context(|| format!("cannot reach the agent through {}", args.vsock.display()))?;
+    let mut client = connect_agent(&args.vsock)?;
     match (
         args.src.strip_prefix(GUEST_PREFIX),
         args.dst.strip_prefix(GUEST_PREFIX),

@@ -4,10 +4,22 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use kiln_agent::client::{Client, ExecIo};
+use kiln_agent::client::{connect_ready, Client, ExecIo};
 use kiln_agent::protocol::{ExecRequest, SignalTarget, AGENT_PORT};
 
 use crate::cli::ExecArgs;
+
+/// How long `kiln exec` and `kiln cp` keep trying to reach the agent. Right after a
+/// snapshot restore the guest silently drops connections made before it has handled the
+/// vsock transport reset; those attempts time out and are retried within this bound.
+pub(crate) const CONNECT_TOTAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A connection to the agent behind `uds` on which it has answered a ping; retried within
+/// [`CONNECT_TOTAL`]. The request sent on it afterwards is sent once, never repeated.
+pub(crate) fn connect_agent(uds: &std::path::Path) -> anyhow::Result<Client> {
+    connect_ready(uds, AGENT_PORT, CONNECT_TOTAL)
+        .with_context(|| format!("cannot reach the agent through {}", uds.display()))
+}
 
 /// Splits `K=V`.
 pub(crate) fn parse_env(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
@@ -24,8 +36,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let mut req = ExecRequest::new(args.command.iter().map(String::as_str));
     req.env = parse_env(&args.env)?;
     req.cwd = args.cwd.clone();
-    let mut client = Client::connect_unix(&args.vsock, AGENT_PORT)
-        .with_context(|| format!("cannot reach the agent through {}", args.vsock.display()))?;
+    let mut client = connect_agent(&args.vsock)?;
     let cancel = forward_signals(args.vsock.clone())?;
     let status = client
         .exec_with(
