@@ -8,10 +8,13 @@
 //!
 //! The port numbers and values live in `kiln_agent::marks`, shared with the agent.
 
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use kiln_agent::marks::{BOOT_DONE, SIGNAL_PORT};
+use kiln_agent::marks::{
+    BOOT_DONE, SIGNAL_PORT, SNAPSHOT_FAILED, SNAPSHOT_REQUEST, SNAPSHOT_UNSUPPORTED,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -32,12 +35,37 @@ impl BootTimer {
     }
 }
 
+/// The VMM's side of guest snapshot requests: it learns of one through the eventfd given
+/// to [`GuestSignal::with_snapshot_requests`] and reports the outcome here.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotRequests(Arc<SnapshotShared>);
+
+#[derive(Debug, Default)]
+struct SnapshotShared {
+    /// A request is being served; further ones are ignored until it completes.
+    pending: AtomicBool,
+    /// What a read of the port returns (see `kiln_agent::marks::SNAPSHOT_REQUEST`).
+    status: AtomicU8,
+}
+
+impl SnapshotRequests {
+    /// Reports the pending request done (`ok`) or failed; the guest sees it on its next read.
+    pub fn complete(&self, ok: bool) {
+        let count =
+            (self.0.status.load(Ordering::Acquire) & !SNAPSHOT_FAILED).wrapping_add(1) & 0x7f;
+        let status = if ok { count } else { count | SNAPSHOT_FAILED };
+        self.0.status.store(status, Ordering::Release);
+        self.0.pending.store(false, Ordering::Release);
+    }
+}
+
 /// The signal-port device.
 #[derive(Debug)]
 pub struct GuestSignal {
     start: Instant,
     boot_evt: EventFd,
     timer: BootTimer,
+    snapshot: Option<(EventFd, SnapshotRequests)>,
 }
 
 impl GuestSignal {
@@ -48,6 +76,30 @@ impl GuestSignal {
             start,
             boot_evt,
             timer: BootTimer::default(),
+            snapshot: None,
+        }
+    }
+
+    /// Lets the guest ask for snapshots: a request writes `evt`; the VMM answers through the
+    /// returned handle. Without this, requests are ignored (and reads say "unsupported").
+    pub fn with_snapshot_requests(mut self, evt: EventFd) -> (Self, SnapshotRequests) {
+        let requests = SnapshotRequests::default();
+        self.snapshot = Some((evt, requests.clone()));
+        (self, requests)
+    }
+
+    fn snapshot_requested(&self) {
+        let Some((evt, requests)) = &self.snapshot else {
+            tracing::warn!("the guest asked for a snapshot, but this VM takes none on request");
+            return;
+        };
+        if requests.0.pending.swap(true, Ordering::AcqRel) {
+            tracing::debug!("guest signal: snapshot already requested");
+            return;
+        }
+        if let Err(e) = evt.write(1) {
+            tracing::warn!("guest signal: could not pass on a snapshot request: {e}");
+            requests.complete(false);
         }
     }
 
@@ -72,11 +124,18 @@ impl GuestSignal {
 impl BusDevice for GuestSignal {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = match &self.snapshot {
+                Some((_, requests)) => requests.0.status.load(Ordering::Acquire),
+                None => SNAPSHOT_UNSUPPORTED,
+            };
+        }
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         match data {
             [BOOT_DONE] => self.boot_done(),
+            [SNAPSHOT_REQUEST] => self.snapshot_requested(),
             _ => tracing::debug!(?data, "guest signal: ignoring unknown signal"),
         }
     }
@@ -130,16 +189,16 @@ mod tests {
     }
 
     #[test]
-    fn other_values_are_ignored_and_reads_are_zero() {
+    fn other_values_are_ignored_and_reads_say_no_snapshots() {
         let (bus, timer, evt) = rig(Instant::now());
         assert!(bus.write(GUEST_SIGNAL_BASE, &[0x00]));
         assert!(bus.write(GUEST_SIGNAL_BASE, &[0x7f]));
         assert_eq!(timer.boot_time(), None);
         assert_eq!(pending(&evt), 0);
 
-        let mut b = [0xffu8];
+        let mut b = [0u8];
         assert!(bus.read(GUEST_SIGNAL_BASE, &mut b));
-        assert_eq!(b, [0]);
+        assert_eq!(b, [SNAPSHOT_UNSUPPORTED]);
         // A word-sized access runs past the one-byte port and is not the device's.
         assert!(!bus.write(GUEST_SIGNAL_BASE, &[BOOT_DONE, 0]));
         assert_eq!(timer.boot_time(), None);
@@ -148,5 +207,32 @@ mod tests {
     #[test]
     fn port_matches_the_agent() {
         assert_eq!(GUEST_SIGNAL_BASE, 0x440);
+    }
+
+    #[test]
+    fn snapshot_requests_are_passed_on_one_at_a_time() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let boot = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (mut dev, requests) =
+            GuestSignal::new(Instant::now(), boot).with_snapshot_requests(evt.try_clone().unwrap());
+        let mut status = [0u8];
+        dev.read(0, &mut status);
+        assert_eq!(status, [0]);
+        dev.write(0, &[SNAPSHOT_REQUEST]);
+        dev.write(0, &[SNAPSHOT_REQUEST]); // while pending: ignored
+        assert_eq!(pending(&evt), 1);
+        requests.complete(true);
+        dev.read(0, &mut status);
+        assert_eq!(status, [1]);
+        dev.write(0, &[SNAPSHOT_REQUEST]);
+        assert_eq!(pending(&evt), 1);
+        requests.complete(false);
+        dev.read(0, &mut status);
+        assert_eq!(status, [2 | SNAPSHOT_FAILED]);
+        // A device without snapshot requests says "failed" and raises nothing.
+        let mut plain = GuestSignal::new(Instant::now(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        plain.write(0, &[SNAPSHOT_REQUEST]);
+        plain.read(0, &mut status);
+        assert_eq!(status, [SNAPSHOT_UNSUPPORTED]);
     }
 }

@@ -18,7 +18,9 @@ pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
 pub use console::PanicWatch;
-pub use guest_signal::{BootTimer, GuestSignal, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN};
+pub use guest_signal::{
+    BootTimer, GuestSignal, SnapshotRequests, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN,
+};
 pub use i8042::{I8042State, I8042, I8042_BASE, I8042_PORT_LEN};
 pub use interrupt::EventFdTrigger;
 pub use serial::{

@@ -84,6 +84,9 @@ impl GuestInitramfs {
             }
         };
         w.file("/init", 0o755, &init)?;
+        // The agent run under this name is the job's snapshot helper (`kiln job
+        // --snapshot-at`).
+        w.symlink("/bin/kiln-snapshot", "/init")?;
         if let Some(rc) = &self.rc {
             w.file(RC_PATH, 0o755, rc.as_bytes())?;
         }

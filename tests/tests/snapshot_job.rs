@@ -103,3 +103,53 @@ cat bad.err
     );
     Ok(())
 }
+
+/// A job snapshots itself after "fetching sources" (`kiln-snapshot` inside the script,
+/// `kiln job --snapshot-at`), carries on to its end; a later job starts from that point.
+#[test]
+fn snapshot_job_takes_its_own_snapshot() -> Result<()> {
+    let runner = Runner::detect()?;
+    let script = r#"
+D="$PWD"
+"$KILN" job --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 \
+  --snapshot-at "$D/warm" --script "$FILES/a.sh"
+echo "KILN-A-EXIT=$?"
+[ -f "$D/warm/state" ] && [ -f "$D/warm/memory" ] && echo "KILN-WARM=yes"
+"$KILN" job --from-snapshot "$D/warm" --script "$FILES/b.sh"
+echo "KILN-B-EXIT=$?"
+"$KILN" job --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 \
+  --script "$FILES/refused.sh"
+echo "KILN-REFUSED-EXIT=$?"
+"#;
+    let files = vec![
+        ("agent.cpio".to_string(), GuestInitramfs::new().build()?),
+        (
+            "a.sh".to_string(),
+            b"mkdir -p /src && echo fetched > /src/STATUS\nkiln-snapshot || exit 7\necho after-snapshot\nexit 4\n"
+                .to_vec(),
+        ),
+        ("b.sh".to_string(), b"cat /src/STATUS; exit 6\n".to_vec()),
+        ("refused.sh".to_string(), b"kiln-snapshot; echo \"helper=$?\"\n".to_vec()),
+    ];
+    let out = runner.run(script, &files, TIMEOUT)?;
+    let c = &out.console;
+    ensure!(value(c, "KILN-A-EXIT") == Some("4"), "job A: {c}");
+    ensure!(
+        c.contains("kiln-snapshot: snapshot taken") && c.contains("after-snapshot"),
+        "{c}"
+    );
+    ensure!(
+        value(c, "KILN-WARM") == Some("yes"),
+        "no snapshot written: {c}"
+    );
+    ensure!(
+        value(c, "KILN-B-EXIT") == Some("6") && c.contains("fetched"),
+        "job B: {c}"
+    );
+    ensure!(
+        c.contains("helper=1"),
+        "kiln-snapshot without --snapshot-at must fail: {c}"
+    );
+    ensure!(value(c, "KILN-REFUSED-EXIT") == Some("0"), "{c}");
+    Ok(())
+}

@@ -256,6 +256,12 @@ pub struct JobArgs {
     /// restored guest gets the current time and fresh entropy before the script runs.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config"])]
     pub from_snapshot: Option<PathBuf>,
+    /// Let the job snapshot its VM at a point it chooses: when the script runs
+    /// `kiln-snapshot` (in the guest), the VM is paused, snapshotted into DIR and resumed,
+    /// and `kiln-snapshot` returns 0 (1 if the snapshot failed). Later jobs start from it
+    /// with --from-snapshot DIR.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_at: Option<PathBuf>,
     /// Give up if the guest agent is not ready this many seconds after start.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub boot_timeout: u64,

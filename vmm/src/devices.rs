@@ -50,6 +50,10 @@ pub struct LegacyDevices {
     pub reset_evt: EventFd,
     /// Written by the guest-signal port when the guest marks boot done.
     pub boot_evt: EventFd,
+    /// Written when the guest asks for a snapshot (`kiln job --snapshot-at`).
+    pub snapshot_evt: EventFd,
+    /// Where the outcome of a guest's snapshot request is reported back to it.
+    pub snapshot_requests: kiln_devices::SnapshotRequests,
 }
 
 fn eventfd() -> Result<EventFd, DeviceError> {
@@ -96,7 +100,10 @@ pub fn attach_legacy(
         .insert(i8042.clone() as SharedBusDevice, I8042_BASE, I8042_PORT_LEN)?;
 
     let boot_evt = eventfd()?;
-    let signal = GuestSignal::new(start, boot_evt.try_clone().map_err(DeviceError::EventFd)?);
+    let snapshot_evt = eventfd()?;
+    let (signal, snapshot_requests) =
+        GuestSignal::new(start, boot_evt.try_clone().map_err(DeviceError::EventFd)?)
+            .with_snapshot_requests(snapshot_evt.try_clone().map_err(DeviceError::EventFd)?);
     let boot_timer = signal.boot_timer();
     buses.pio.insert(
         Arc::new(Mutex::new(signal)),
@@ -111,6 +118,8 @@ pub fn attach_legacy(
         boot_timer,
         reset_evt,
         boot_evt,
+        snapshot_evt,
+        snapshot_requests,
     })
 }
 

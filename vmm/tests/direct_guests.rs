@@ -55,6 +55,7 @@ impl Guest {
             extra_mmio: self.mmio,
             vsock: None,
             boot_done: None,
+            snapshot_on_request: None,
             start: Instant::now(),
         };
         let report = Vmm::build(spec).expect("build VM").run().expect("run VM");
@@ -233,6 +234,7 @@ fn vsock_device_answers_on_the_mmio_bus() {
             uds_path: uds.clone(),
         }),
         boot_done: None,
+        snapshot_on_request: None,
     };
     let vmm = Vmm::build(spec).unwrap();
     assert!(uds.exists(), "the vsock device listens on its socket");

@@ -67,6 +67,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         start: Instant::now(),
         vsock: None,
         boot_done: None,
+        snapshot_on_request: None,
     };
     let vmm = Vmm::build(spec).unwrap();
     let controller = vmm.controller();

@@ -142,6 +142,11 @@ fn booted_vm(
     spec.boot_done = Some(Box::new(move |t| {
         let _ = events.send(VmEvent::BootDone(t));
     }));
+    spec.snapshot_on_request = match &args.snapshot_at {
+        // Absolute, so the snapshot lands where the user meant whatever the VMM's cwd.
+        Some(dir) => Some(std::path::absolute(dir).context("--snapshot-at")?),
+        None => None,
+    };
     Ok(Vmm::build(spec)?)
 }
 

@@ -114,6 +114,7 @@ impl Vmm {
             memory,
             memory_file,
             vm,
+            snapshot_on_request: None,
         })
     }
 }

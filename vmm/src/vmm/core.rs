@@ -41,6 +41,8 @@ pub(super) struct VmmCore {
     pub(super) machine: MachineInfo,
     pub(super) memory_file: File,
     pub(super) vm: Vm,
+    /// Where a snapshot the guest asks for goes (`kiln job --snapshot-at`).
+    pub(super) snapshot_on_request: Option<std::path::PathBuf>,
 }
 
 impl VmmCore {
@@ -121,6 +123,31 @@ impl VmmCore {
                 }))
             }
         }
+    }
+
+    /// The guest asked for a snapshot: take it where `snapshot_on_request` says, resume,
+    /// and tell the guest how it went.
+    fn guest_snapshot_request(&mut self) {
+        let ok = match self.snapshot_on_request.clone() {
+            Some(dir) => match self.handle(Request::Snapshot {
+                dir: dir.clone(),
+                resume: true,
+            }) {
+                Ok(_) => {
+                    tracing::info!("snapshot taken at the guest's request: {}", dir.display());
+                    true
+                }
+                Err(e) => {
+                    tracing::error!("the snapshot the guest asked for failed: {e}");
+                    false
+                }
+            },
+            None => {
+                tracing::warn!("the guest asked for a snapshot; this VM takes none on request");
+                false
+            }
+        };
+        self.legacy.snapshot_requests.complete(ok);
     }
 
     /// Pauses every vCPU and keeps their states. Pausing a paused VM does nothing.
@@ -241,6 +268,7 @@ impl MutEventSubscriber for VmmCore {
             self.exited.as_raw_fd(),
             self.stop_evt.as_raw_fd(),
             self.control.evt.as_raw_fd(),
+            self.legacy.snapshot_evt.as_raw_fd(),
         ];
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
@@ -270,6 +298,9 @@ impl MutEventSubscriber for VmmCore {
             self.vcpu_exits();
         } else if fd == self.control.evt.as_raw_fd() {
             self.control_requests();
+        } else if fd == self.legacy.snapshot_evt.as_raw_fd() {
+            let _ = self.legacy.snapshot_evt.read();
+            self.guest_snapshot_request();
         }
     }
 }

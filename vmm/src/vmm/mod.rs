@@ -84,6 +84,8 @@ pub struct MachineSpec {
     pub start: Instant,
     /// A virtio-vsock device, for the guest agent.
     pub vsock: Option<VsockSpec>,
+    /// Take a snapshot here when the guest asks for one (`kiln job --snapshot-at`).
+    pub snapshot_on_request: Option<PathBuf>,
     /// Told once when the guest marks boot done (the agent is ready).
     pub boot_done: Option<BootDoneHook>,
 }
@@ -109,6 +111,7 @@ impl MachineSpec {
             start,
             vsock: None,
             boot_done: None,
+            snapshot_on_request: None,
         }
     }
 }
@@ -201,6 +204,7 @@ pub struct Vmm {
     /// The memfd (or, restored, the snapshot file) behind `memory`.
     pub(crate) memory_file: File,
     pub(crate) vm: Vm,
+    pub(crate) snapshot_on_request: Option<PathBuf>,
 }
 
 /// The vsock device and its transport, for snapshots.
@@ -320,6 +324,7 @@ impl Vmm {
             memory,
             memory_file,
             vm,
+            snapshot_on_request: spec.snapshot_on_request,
         })
     }
 

@@ -57,6 +57,7 @@ impl Vmm {
             machine: self.machine,
             memory_file: self.memory_file,
             vm: self.vm,
+            snapshot_on_request: self.snapshot_on_request,
         }));
         let result = if start_error.is_none() {
             event_loop(&core, self.subscribers)
