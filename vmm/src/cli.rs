@@ -215,6 +215,10 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "stdout|null|PATH", default_value = "stdout")]
     pub serial: SerialOutput,
     /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
+    /// Set the restored guest's hostname (with its clock and entropy, through the agent).
+    /// `kiln fork` gives each clone its own.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
     #[arg(long)]
     pub json: bool,
 }

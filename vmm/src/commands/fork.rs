@@ -24,6 +24,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One clone's paths.
 struct ClonePaths {
+    /// The clone's hostname, `kiln-clone-<i>`.
+    hostname: String,
     vsock: Option<PathBuf>,
     api: Option<PathBuf>,
     serial: Option<PathBuf>,
@@ -50,6 +52,7 @@ pub fn fork(args: &ForkArgs) -> anyhow::Result<ExitCode> {
     };
     let paths: Vec<ClonePaths> = (0..args.count)
         .map(|i| ClonePaths {
+            hostname: format!("kiln-clone-{i}"),
             vsock: per_clone(&args.vsock_prefix, i),
             api: per_clone(&args.api_prefix, i),
             serial: per_clone(&args.serial_prefix, i),
@@ -141,6 +144,7 @@ fn clone_command(exe: &Path, snapshot: &Path, p: &ClonePaths) -> Command {
     cmd.arg("restore").arg("--snapshot").arg(snapshot);
     if let Some(v) = &p.vsock {
         cmd.arg("--vsock").arg(v);
+        cmd.arg("--hostname").arg(&p.hostname);
     }
     if let Some(a) = &p.api {
         cmd.arg("--api").arg(a);

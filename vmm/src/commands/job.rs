@@ -59,7 +59,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
             std::thread::Builder::new()
                 .name("kiln-refresh".into())
                 .spawn(move || {
-                    let event = match super::restore::refresh_guest(&uds, timeout) {
+                    let event = match super::restore::refresh_guest(&uds, timeout, None) {
                         Ok(()) => VmEvent::BootDone(start.elapsed()),
                         Err(e) => VmEvent::NotReady(format!("{e:#}")),
                     };

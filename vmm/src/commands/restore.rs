@@ -40,7 +40,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
             );
         }
     } else if let Some(uds) = &args.vsock {
-        spawn_guest_refresh(uds.clone())?;
+        spawn_guest_refresh(uds.clone(), args.hostname.clone())?;
     }
     run_to_end(vmm, args.api.as_deref(), args.json)
 }
@@ -54,17 +54,23 @@ pub(crate) fn check_snapshot_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn spawn_guest_refresh(uds: PathBuf) -> anyhow::Result<()> {
+fn spawn_guest_refresh(uds: PathBuf, hostname: Option<String>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("kiln-refresh".into())
-        .spawn(move || match refresh_guest(&uds, AGENT_TIMEOUT) {
-            Ok(()) => {
-                tracing::info!("guest clock set and {ENTROPY_BYTES} bytes of fresh entropy added")
-            }
-            Err(e) => {
-                tracing::warn!("the restored guest's clock and entropy were not refreshed: {e:#}")
-            }
-        })
+        .spawn(
+            move || match refresh_guest(&uds, AGENT_TIMEOUT, hostname.as_deref()) {
+                Ok(()) => {
+                    tracing::info!(
+                        "guest clock set and {ENTROPY_BYTES} bytes of fresh entropy added"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "the restored guest's clock and entropy were not refreshed: {e:#}"
+                    )
+                }
+            },
+        )
         .context("cannot start the guest refresh thread")?;
     Ok(())
 }
@@ -80,14 +86,15 @@ pub const REFRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// is bounded by [`REFRESH_ATTEMPT_TIMEOUT`] and retried until `timeout` (both requests
 /// may be repeated safely: the clock is set to the then current time, and extra entropy
 /// does no harm).
-pub fn refresh_guest(uds: &Path, timeout: Duration) -> anyhow::Result<()> {
+/// With `hostname`, the guest's hostname is set too (each clone its own).
+pub fn refresh_guest(uds: &Path, timeout: Duration, hostname: Option<&str>) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = left
             .min(REFRESH_ATTEMPT_TIMEOUT)
             .max(Duration::from_millis(1));
-        match refresh_once(uds, attempt) {
+        match refresh_once(uds, attempt, hostname) {
             Ok(()) => return Ok(()),
             Err(e) if deadline.saturating_duration_since(Instant::now()).is_zero() => {
                 return Err(e)
@@ -97,7 +104,7 @@ pub fn refresh_guest(uds: &Path, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-fn refresh_once(uds: &Path, timeout: Duration) -> anyhow::Result<()> {
+fn refresh_once(uds: &Path, timeout: Duration, hostname: Option<&str>) -> anyhow::Result<()> {
     wait_ready(uds, AGENT_PORT, timeout).context("the guest agent did not answer")?;
     let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(timeout))
         .context("cannot reach the guest agent")?;
@@ -108,6 +115,19 @@ fn refresh_once(uds: &Path, timeout: Duration) -> anyhow::Result<()> {
     client
         .add_entropy(&entropy)
         .context("cannot add entropy to the guest")?;
+    if let Some(name) = hostname {
+        let req = kiln_agent::protocol::ExecRequest::new(["hostname", name]);
+        let mut sink = std::io::sink();
+        let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(timeout))
+            .context("cannot reach the guest agent")?;
+        let status = client
+            .exec(&req, &mut sink, &mut std::io::sink())
+            .context("cannot set the guest's hostname")?;
+        anyhow::ensure!(
+            status.success(),
+            "`hostname {name}` failed in the guest: {status:?}"
+        );
+    }
     Ok(())
 }
 
