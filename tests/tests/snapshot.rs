@@ -197,3 +197,176 @@ for i in 0 1 2; do echo "--- restore $i stderr"; cat "restore$i.err"; echo "--- 
     );
     Ok(())
 }
+
+/// Memory sharing is real (issue 4, acceptance 2): a 256 MiB guest that touched ~200 MiB
+/// before the snapshot, restored as 8 clones that all read those pages, adds far less
+/// than 8 × 200 MiB of test-bed memory. Prints each clone's Pss and Rss and the page cache
+/// and MemAvailable before and after.
+#[test]
+fn snapshot_clones_share_memory() -> Result<()> {
+    let runner = Runner::detect()?;
+    let script = r#"
+D="$PWD"
+N=8
+# wait_exec SOCK PID: bounded retries of `kiln exec -- true` while PID lives; prints yes/no.
+wait_exec() {
+  n=0
+  while [ $n -lt 600 ] && kill -0 $2 2>/dev/null; do
+    if timeout 10 "$KILN" exec --vsock "$1" -- true 2>/dev/null; then echo yes; return; fi
+    n=$((n + 1))
+    sleep 0.1
+  done
+  echo no
+}
+meminfo() { awk -v k="$1:" '$1 == k { print int($2 / 1024) }' /proc/meminfo; }
+"$KILN" run --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 \
+  --vsock "$D/v.sock" --api "$D/api.sock" --serial null > run.out 2> run.err &
+vm=$!
+echo "KILN-READY=$(wait_exec "$D/v.sock" $vm)"
+"$KILN" exec --vsock "$D/v.sock" -- sh -c 'mkdir -p /tmp/big.d && \
+  { mount -t tmpfs -o size=240m big /tmp/big.d || mount -t ramfs big /tmp/big.d; } && \
+  head -c 209715200 /dev/urandom > /tmp/big.d/big'
+echo "KILN-BIG-WRITTEN=$?"
+echo "KILN-BIG-BYTES=$("$KILN" exec --vsock "$D/v.sock" -- sh -c 'wc -c < /tmp/big.d/big')"
+echo "KILN-SUM-ORIGINAL=$("$KILN" exec --vsock "$D/v.sock" -- sha256sum /tmp/big.d/big | cut -d' ' -f1)"
+"$KILN" ctl --api "$D/api.sock" snapshot --dir "$D/snap" --no-resume > snap.out 2> snap.err
+echo "KILN-SNAPSHOT=$?"
+cat snap.out snap.err
+echo "KILN-MEMORY-FILE-MIB=$(du -m "$D/snap/memory" | cut -f1)"
+"$KILN" ctl --api "$D/api.sock" shutdown > /dev/null
+wait $vm
+echo "KILN-ORIGINAL-EXIT=$?"
+sync
+echo "KILN-CACHED-BEFORE=$(meminfo Cached)"
+echo "KILN-AVAILABLE-BEFORE=$(meminfo MemAvailable)"
+i=0
+while [ $i -lt $N ]; do
+  "$KILN" restore --snapshot "$D/snap" --vsock "$D/c$i.sock" --api "$D/capi$i.sock" \
+    --serial null > "restore$i.out" 2> "restore$i.err" &
+  eval "clone$i=$!"
+  i=$((i + 1))
+done
+i=0
+while [ $i -lt $N ]; do
+  eval "pid=\$clone$i"
+  echo "KILN-CLONE-READY-$i=$(wait_exec "$D/c$i.sock" $pid)"
+  i=$((i + 1))
+done
+# Every clone reads the whole file, so its pages are really mapped in every clone.
+i=0
+while [ $i -lt $N ]; do
+  "$KILN" exec --vsock "$D/c$i.sock" -- sha256sum /tmp/big.d/big > "sum$i" 2> "sum$i.err" &
+  eval "sum$i=$!"
+  i=$((i + 1))
+done
+i=0
+while [ $i -lt $N ]; do
+  eval "wait \$sum$i"
+  echo "KILN-SUM-$i=$(cut -d' ' -f1 "sum$i")"
+  i=$((i + 1))
+done
+echo "KILN-CACHED-AFTER=$(meminfo Cached)"
+echo "KILN-AVAILABLE-AFTER=$(meminfo MemAvailable)"
+total_pss=0
+total_rss=0
+i=0
+while [ $i -lt $N ]; do
+  eval "pid=\$clone$i"
+  pss=$(awk '$1 == "Pss:" { print int($2 / 1024) }' /proc/$pid/smaps_rollup)
+  rss=$(awk '$1 == "Rss:" { print int($2 / 1024) }' /proc/$pid/smaps_rollup)
+  echo "KILN-CLONE-MEM-$i=pss ${pss} MiB, rss ${rss} MiB"
+  total_pss=$((total_pss + ${pss:-99999}))
+  total_rss=$((total_rss + ${rss:-99999}))
+  i=$((i + 1))
+done
+echo "KILN-TOTAL-PSS-MIB=$total_pss"
+echo "KILN-TOTAL-RSS-MIB=$total_rss"
+i=0
+while [ $i -lt $N ]; do
+  "$KILN" ctl --api "$D/capi$i.sock" shutdown > /dev/null
+  eval "pid=\$clone$i"
+  wait $pid
+  echo "KILN-CLONE-EXIT-$i=$?"
+  i=$((i + 1))
+done
+echo "KILN-PROCESSES-LEFT=$(pidof kiln | wc -w)"
+echo "KILN-SOCKETS-LEFT=$(ls -d "$D"/*.sock 2>/dev/null | wc -l)"
+echo "--- kiln run stderr"; cat run.err
+i=0
+while [ $i -lt $N ]; do echo "--- restore $i stderr"; tail -n 5 "restore$i.err"; cat "sum$i.err"; i=$((i + 1)); done
+"#;
+    let files = vec![("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
+    let out = runner.run(script, &files, Duration::from_secs(900))?;
+    let console = &out.console;
+    let get = |key: &str| value(console, key);
+    let mib = |key: &str| -> Option<i64> { get(key).and_then(|v| v.parse().ok()) };
+    ensure!(
+        get("KILN-READY") == Some("yes"),
+        "the agent never answered: {console}"
+    );
+    ensure!(get("KILN-BIG-WRITTEN") == Some("0"), "big file: {console}");
+    ensure!(
+        get("KILN-BIG-BYTES") == Some("209715200"),
+        "big file size: {console}"
+    );
+    let sum = get("KILN-SUM-ORIGINAL").unwrap_or("");
+    ensure!(sum.len() == 64, "original checksum {sum:?}: {console}");
+    ensure!(get("KILN-SNAPSHOT") == Some("0"), "snapshot: {console}");
+    ensure!(
+        get("KILN-ORIGINAL-EXIT") == Some("0"),
+        "original VM: {console}"
+    );
+    for i in 0..8 {
+        ensure!(
+            get(&format!("KILN-CLONE-READY-{i}")) == Some("yes"),
+            "clone {i} never answered: {console}"
+        );
+        ensure!(
+            get(&format!("KILN-SUM-{i}")) == Some(sum),
+            "clone {i} read a different file: {console}"
+        );
+        ensure!(
+            get(&format!("KILN-CLONE-EXIT-{i}")) == Some("0"),
+            "clone {i} exit: {console}"
+        );
+    }
+    let total_pss = mib("KILN-TOTAL-PSS-MIB").unwrap_or(i64::MAX);
+    let total_rss = mib("KILN-TOTAL-RSS-MIB").unwrap_or(i64::MAX);
+    let (cached_before, cached_after) = (mib("KILN-CACHED-BEFORE"), mib("KILN-CACHED-AFTER"));
+    let (avail_before, avail_after) = (mib("KILN-AVAILABLE-BEFORE"), mib("KILN-AVAILABLE-AFTER"));
+    let avail_drop = match (avail_before, avail_after) {
+        (Some(b), Some(a)) => b - a,
+        _ => i64::MAX,
+    };
+    println!(
+        "snapshot_clones_share_memory: memory file {:?} MiB on disk; 8 clones: total Pss \
+         {total_pss} MiB, total Rss {total_rss} MiB; Cached {cached_before:?} -> \
+         {cached_after:?} MiB; MemAvailable {avail_before:?} -> {avail_after:?} MiB (drop \
+         {avail_drop} MiB)",
+        get("KILN-MEMORY-FILE-MIB")
+    );
+    for i in 0..8 {
+        println!(
+            "  clone {i}: {}",
+            get(&format!("KILN-CLONE-MEM-{i}")).unwrap_or("?")
+        );
+    }
+    // Unshared, 8 clones that each read 200 MiB would hold 1600 MiB.
+    ensure!(
+        total_pss < 400,
+        "8 clones' total Pss is {total_pss} MiB, not < 2 x 200 MiB: {console}"
+    );
+    ensure!(
+        avail_drop < 400,
+        "MemAvailable dropped by {avail_drop} MiB, not < 2 x 200 MiB: {console}"
+    );
+    ensure!(
+        get("KILN-PROCESSES-LEFT") == Some("0"),
+        "kiln left running: {console}"
+    );
+    ensure!(
+        get("KILN-SOCKETS-LEFT") == Some("0"),
+        "sockets left: {console}"
+    );
+    Ok(())
+}
