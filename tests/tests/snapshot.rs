@@ -60,7 +60,7 @@ wait $vm
 echo "KILN-ORIGINAL-EXIT=$?"
 for i in 0 1 2; do
   "$KILN" restore --snapshot "$D/snap" --vsock "$D/c$i.sock" --api "$D/capi$i.sock" \
-    --serial "$D/cconsole$i" > "restore$i.out" 2> "restore$i.err" &
+    --hostname "clone-$i" --serial "$D/cconsole$i" > "restore$i.out" 2> "restore$i.err" &
   eval "clone$i=$!"
 done
 for i in 0 1 2; do
@@ -83,6 +83,7 @@ done
 for i in 0 1 2; do
   S="$D/c$i.sock"
   echo "KILN-CLONE-FILE-$i=$("$KILN" exec --vsock "$S" -- cat /tmp/file)"
+  echo "KILN-CLONE-HOSTNAME-$i=$("$KILN" exec --vsock "$S" -- hostname)"
   first=$("$KILN" exec --vsock "$S" -- cat /tmp/count)
   # The counter keeps counting: wait (bounded) until it has moved on.
   n=0
@@ -149,6 +150,11 @@ for i in 0 1 2; do echo "--- restore $i stderr"; cat "restore$i.err"; echo "--- 
         ensure!(
             get(&key("FILE")) == Some("before-snapshot"),
             "clone {i} lost the file: {console}"
+        );
+        let name = format!("clone-{i}");
+        ensure!(
+            get(&key("HOSTNAME")) == Some(name.as_str()),
+            "clone {i} hostname: {console}"
         );
         let counts: Vec<u64> = get(&key("COUNT"))
             .unwrap_or("")
