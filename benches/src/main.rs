@@ -3,6 +3,7 @@
 //! `cargo xtask bench`, which also collects them into `target/bench.json`.
 
 mod boot;
+mod snapshot;
 mod stats;
 mod vmm_setup;
 mod vsock;
@@ -13,7 +14,7 @@ use clap::Parser;
 /// kiln benchmarks.
 #[derive(Parser)]
 struct Args {
-    /// Only run benchmarks whose name contains this.
+    /// Only run benchmarks whose name contains this (or, comma-separated, one of these).
     filter: Option<String>,
     /// Guest boots to time for `boot` (at least 10 for a quotable median).
     #[arg(long, default_value_t = 10)]
@@ -30,11 +31,18 @@ struct Args {
     /// Round trips to time for `vsock_exec`.
     #[arg(long, default_value_t = 10)]
     exec_runs: usize,
+    /// Runs for each of `snapshot` and `restore` (at least 3 for a median).
+    #[arg(long, default_value_t = 3)]
+    snapshot_runs: usize,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));
+    let wanted = |name: &str| {
+        args.filter
+            .as_deref()
+            .is_none_or(|f| f.split(',').any(|f| name.contains(f)))
+    };
     let bins = kiln_tests::artifacts::static_binaries()?;
     let mut results = Vec::new();
     if wanted("vmm_setup") {
@@ -69,6 +77,22 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(vsock::run(&runner, &params)?);
+    }
+    let (snap, restore) = (wanted("snapshot"), wanted("restore"));
+    if snap || restore {
+        let runner = kiln_tests::Runner::detect()?;
+        let runs = |on: bool| if on { args.snapshot_runs } else { 0 };
+        let params = snapshot::Params {
+            snapshot_runs: runs(snap),
+            restore_runs: runs(restore),
+        };
+        eprintln!(
+            "bench snapshot/restore: {} snapshots, {} restores, {}",
+            params.snapshot_runs,
+            params.restore_runs,
+            runner.describe()
+        );
+        results.extend(snapshot::run(&runner, &params)?);
     }
     for r in &results {
         println!("{r}");

@@ -31,8 +31,9 @@ pub struct Params {
     pub exec_runs: usize,
 }
 
-/// Sets `now_us` (a shell function printing a monotonic time in µs) and says which clock.
-const CLOCK_SH: &str = r#"
+/// Sets `now_us` (a shell function printing a monotonic time in µs) and says which clock;
+/// the other test-bed benchmarks use it too.
+pub const CLOCK_SH: &str = r#"
 if { read -r l; read -r l; read -r _ _ ns _; } < /proc/timer_list 2>/dev/null && [ -n "$ns" ]
 then
   now_us() { { read -r l; read -r l; read -r _ _ ns _; } < /proc/timer_list; echo $((ns / 1000)); }
