@@ -9,13 +9,13 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::Runner;
 use serde_json::{Map, Value};
 
 use crate::stats;
-use crate::vsock::CLOCK_SH;
+use crate::vsock::{run_script, CLOCK_SH};
 
 /// What to measure.
 pub struct Params {
@@ -81,20 +81,7 @@ echo "BENCH-LEFT $(pidof kiln | wc -w)"
             .context("building the agent image")?,
     )];
     let timeout = Duration::from_secs(120 + 10 * (snap_runs + restore_runs) as u64);
-    let out = runner.run(&script, &files, timeout)?;
-    if out.exit_code != 0 {
-        bail!(
-            "snapshot benchmark script failed ({}):\n{}",
-            out.exit_code,
-            out.console
-        );
-    }
-    let clock = out
-        .console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("BENCH-CLOCK "))
-        .unwrap_or("?")
-        .to_string();
+    let (out, clock) = run_script(runner, "snapshot", &script, &files, timeout)?;
     let (mut snap_ms, mut snap_mib, mut restore_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut left = None;
     for line in out.console.lines() {

@@ -92,20 +92,7 @@ rc=0; wait $vm || rc=$?
             .context("building the agent image")?,
     )];
     let timeout = Duration::from_secs(120 + 5 * exec_runs as u64 + (5 + p.mib) * tp_runs as u64);
-    let out = runner.run(&script, &files, timeout)?;
-    if out.exit_code != 0 {
-        bail!(
-            "vsock benchmark script failed ({}):\n{}",
-            out.exit_code,
-            out.console
-        );
-    }
-    let clock = out
-        .console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("BENCH-CLOCK "))
-        .unwrap_or("?")
-        .to_string();
+    let (out, clock) = run_script(runner, "vsock", &script, &files, timeout)?;
     let mut exec_ms = Vec::new();
     let mut mib_s = Vec::new();
     for line in out.console.lines() {
@@ -166,4 +153,30 @@ rc=0; wait $vm || rc=$?
         ));
     }
     Ok(results)
+}
+
+/// Runs a benchmark's test-bed script; a non-zero exit is an error quoting the console.
+/// Returns the output and the clock the script named on its `BENCH-CLOCK` line.
+pub fn run_script(
+    runner: &Runner,
+    what: &str,
+    script: &str,
+    files: &[(String, Vec<u8>)],
+    timeout: Duration,
+) -> Result<(kiln_tests::RunOutput, String)> {
+    let out = runner.run(script, files, timeout)?;
+    if out.exit_code != 0 {
+        bail!(
+            "{what} benchmark script failed ({}):\n{}",
+            out.exit_code,
+            out.console
+        );
+    }
+    let clock = out
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("BENCH-CLOCK "))
+        .unwrap_or("?")
+        .to_string();
+    Ok((out, clock))
 }
