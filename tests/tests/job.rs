@@ -133,7 +133,8 @@ fn job_output_is_byte_exact() -> Result<()> {
      | tee err.copy | digest got-err; }} 3>&1 | digest got-out
 rc=$(cat job.rc)
 echo KILN-JOB-EXIT=$rc
-[ "$rc" = 0 ] || head -c 2000 err.copy
+# kiln's own error, if any, is the last thing it wrote to stderr.
+[ "$rc" = 0 ] || {{ echo "KILN-JOB-STDERR-TAIL:"; tail -c 1500 err.copy | tr -c '[:print:]\n' '?'; echo; }}
 # The same generator on this side, with the same busybox.
 BLOB="$FILES/blob" sh "$FILES/big.sh" 2>/dev/null | digest want-out
 BLOB="$FILES/blob" sh "$FILES/big.sh" 2>&1 >/dev/null | digest want-err

@@ -90,7 +90,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     );
     cancel.finished.set();
     stop.stop();
-    let report = wait_vm_end(&vm_events, outcome.as_ref().err());
+    let report = wait_vm_end(&vm_events);
     let _ = vm_thread.join();
     drop(runtime);
 
@@ -102,12 +102,9 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
         }
         Ok(done) => (done.code, Some(done.job_time), Some(done.boot_time)),
         Err(e) => {
-            if let Some(RunReport {
-                exit: GuestExit::Panic(line),
-                ..
-            }) = &report
-            {
-                eprintln!("kiln: error: guest kernel panic: {line}");
+            // The VM ending on its own is often why the job broke off: say how it ended.
+            if let Some(report) = report.filter(|r| !matches!(r.exit, GuestExit::Stopped)) {
+                eprintln!("kiln: error: the VM ended: {}", describe_exit(&report));
             }
             return Err(e);
         }
@@ -223,17 +220,12 @@ fn run_job(
 }
 
 /// Waits for the VM thread's report (after it was told to stop).
-fn wait_vm_end(
-    vm_events: &std::sync::mpsc::Receiver<VmEvent>,
-    job_error: Option<&anyhow::Error>,
-) -> Option<RunReport> {
+fn wait_vm_end(vm_events: &std::sync::mpsc::Receiver<VmEvent>) -> Option<RunReport> {
     loop {
         match vm_events.recv() {
             Ok(VmEvent::Ended(Ok(report))) => return Some(report),
             Ok(VmEvent::Ended(Err(e))) => {
-                if job_error.is_none() {
-                    eprintln!("kiln: error: the VM failed: {e:#}");
-                }
+                eprintln!("kiln: error: the VM failed: {e:#}");
                 return None;
             }
             Ok(VmEvent::BootDone(_) | VmEvent::NotReady(_)) => continue,
@@ -244,16 +236,16 @@ fn wait_vm_end(
 
 fn describe(report: &anyhow::Result<RunReport>) -> String {
     match report {
-        Ok(RunReport {
-            exit: GuestExit::Panic(line),
-            ..
-        }) => format!("guest kernel panic: {line}"),
-        Ok(RunReport {
-            exit: GuestExit::Fault(msg),
-            ..
-        }) => format!("VM fault: {msg}"),
-        Ok(r) => format!("guest {}", r.exit.kind()),
+        Ok(report) => describe_exit(report),
         Err(e) => format!("{e:#}"),
+    }
+}
+
+fn describe_exit(report: &RunReport) -> String {
+    match &report.exit {
+        GuestExit::Panic(line) => format!("guest kernel panic: {line}"),
+        GuestExit::Fault(msg) => format!("VM fault: {msg}"),
+        exit => format!("guest {}", exit.kind()),
     }
 }
 
