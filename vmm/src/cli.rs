@@ -139,9 +139,13 @@ pub struct VmArgs {
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
     /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial); flags given as well override it.
+    /// memory_mib, serial, track_dirty_pages); flags given as well override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Have KVM log the pages the guest writes, so that `kiln ctl snapshot --diff` can
+    /// write only those. Needs a /dev/kvm with dirty page logging.
+    #[arg(long)]
+    pub track_dirty_pages: bool,
 }
 
 #[derive(Args, Debug)]
@@ -187,7 +191,7 @@ pub enum CtlRequest {
     Status,
     /// Stop the VM; `kiln run` then exits 0.
     Shutdown,
-    /// Write a full snapshot of the VM into a directory, pausing it meanwhile.
+    /// Write a snapshot of the VM into a directory, pausing it meanwhile.
     Snapshot {
         /// The directory (created if needed; must not hold a snapshot already). A
         /// relative path is taken from this command's working directory.
@@ -196,6 +200,11 @@ pub enum CtlRequest {
         /// Leave the VM paused after the snapshot (default: it resumes).
         #[arg(long)]
         no_resume: bool,
+        /// Write only the pages changed since the VM's previous snapshot (or the one it
+        /// was restored from); a restore layers it over that one. Needs a VM started with
+        /// --track-dirty-pages.
+        #[arg(long)]
+        diff: bool,
     },
 }
 
@@ -214,11 +223,15 @@ pub struct RestoreArgs {
     /// Where the serial console goes: `stdout`, `null` or a file path (appended).
     #[arg(long, value_name = "stdout|null|PATH", default_value = "stdout")]
     pub serial: SerialOutput,
-    /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
     /// Set the restored guest's hostname (with its clock and entropy, through the agent).
     /// `kiln fork` gives each clone its own.
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
+    /// Log the pages the guest writes, so that `kiln ctl snapshot --diff` can write a diff
+    /// over this snapshot.
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+    /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
     #[arg(long)]
     pub json: bool,
 }
@@ -302,6 +315,7 @@ impl VmArgs {
         if let Some(s) = &self.serial {
             config.serial = s.clone();
         }
+        config.track_dirty_pages |= self.track_dirty_pages;
         config.validate()?;
         Ok(config)
     }

@@ -64,6 +64,10 @@ pub struct VmConfig {
     /// Where the serial console goes.
     #[serde(default)]
     pub serial: SerialOutput,
+    /// Have KVM log the pages the guest writes, so that snapshots can be diffs. Costs a
+    /// write fault per page per snapshot interval; off by default.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn default_cmdline() -> String {
@@ -114,6 +118,7 @@ impl VmConfig {
             vcpus: default_vcpus(),
             memory_mib: default_memory(),
             serial: SerialOutput::default(),
+            track_dirty_pages: false,
         }
     }
 

@@ -7,12 +7,13 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// Guest memory as the rest of the VMM sees it.
-pub type GuestMemory = GuestMemoryMmap;
+/// Guest memory as the rest of the VMM sees it: the devices' type, whose per-region dirty
+/// bitmap records what the VMM and its devices write into the guest.
+pub type GuestMemory = kiln_devices::virtio::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -72,7 +73,7 @@ pub fn map_file(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
             MmapRegion::from_file(FileOffset::new(file, offset), len_usize).map_err(map_err)?;
         regions.push(GuestRegionMmap::new(region, addr).ok_or(MemoryError::Unaligned(len))?);
     }
-    Ok(GuestMemoryMmap::from_regions(regions)?)
+    Ok(GuestMemory::from_regions(regions)?)
 }
 
 #[cfg(test)]

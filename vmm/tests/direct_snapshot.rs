@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::snapshot::restore::RestoreSpec;
+use kiln::snapshot::SnapshotKind;
 use kiln::vmm::{BootSource, GuestExit, MachineSpec, Request, Vmm};
 
 mod console_capture;
@@ -43,6 +44,191 @@ fn expected_output() -> Vec<u8> {
     out
 }
 
+/// Where the two-phase guest keeps its phase-1 result.
+const RESULT_ADDR: u32 = 0x20_0000;
+
+/// 64-bit code in two phases. Phase 1: print 'S', sum N..1, storing the running sum at
+/// RESULT_ADDR on every step. Phase 2: print 'M', count N down in registers only, then
+/// print the 8 bytes at RESULT_ADDR and 'E', halt. A snapshot taken in phase 2 finds the
+/// result only in memory, written after a snapshot taken in phase 1.
+fn two_phase_guest() -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    code.extend_from_slice(&[0xb0, b'S', 0xee]); // mov al, 'S'; out dx, al
+    code.extend_from_slice(&[0x48, 0xb9]); // mov rcx, N
+    code.extend_from_slice(&N.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0x31, 0xdb]); // xor rbx, rbx
+    code.extend_from_slice(&[0x48, 0x01, 0xcb]); // loop1: add rbx, rcx
+    code.extend_from_slice(&[0x48, 0x89, 0x1c, 0x25]); // mov [RESULT_ADDR], rbx
+    code.extend_from_slice(&RESULT_ADDR.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xff, 0xc9]); // dec rcx
+    code.extend_from_slice(&[0x75, 0xf0]); // jnz loop1
+    code.extend_from_slice(&[0x31, 0xdb]); // xor ebx, ebx (the result is in memory only)
+    code.extend_from_slice(&[0xb0, b'M', 0xee]); // mov al, 'M'; out dx, al
+    code.extend_from_slice(&[0x48, 0xb9]); // mov rcx, N
+    code.extend_from_slice(&N.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xff, 0xc9]); // loop2: dec rcx
+    code.extend_from_slice(&[0x75, 0xfb]); // jnz loop2
+    code.extend_from_slice(&[0x48, 0x8b, 0x1c, 0x25]); // mov rbx, [RESULT_ADDR]
+    code.extend_from_slice(&RESULT_ADDR.to_le_bytes());
+    for _ in 0..8 {
+        code.extend_from_slice(&[0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
+        code.extend_from_slice(&[0x48, 0xc1, 0xeb, 0x08]); // shr rbx, 8
+    }
+    code.extend_from_slice(&[0xb0, b'E', 0xee, 0xf4]); // mov al, 'E'; out dx, al; hlt
+    code
+}
+
+fn spec(code: Vec<u8>, console: &Captured, track_dirty_pages: bool) -> MachineSpec {
+    MachineSpec {
+        vcpus: 1,
+        memory_mib: 16,
+        boot: BootSource::Raw {
+            code,
+            load_addr: 0x1000,
+            mode: CpuMode::Long,
+        },
+        console: Box::new(console.clone()),
+        irqchip: false,
+        extra_mmio: Vec::new(),
+        start: Instant::now(),
+        vsock: None,
+        boot_done: None,
+        snapshot_on_request: None,
+        track_dirty_pages,
+    }
+}
+
+fn restore(dir: &std::path::Path) -> (GuestExit, Vec<u8>) {
+    let console = Captured::default();
+    let report = Vmm::restore(RestoreSpec {
+        snapshot: dir.to_owned(),
+        console: Box::new(console.clone()),
+        vsock_uds: None,
+        start: Instant::now(),
+        boot_done: None,
+        track_dirty_pages: false,
+    })
+    .unwrap()
+    .run()
+    .unwrap();
+    (report.exit, console.bytes())
+}
+
+/// A diff snapshot taken in phase 2 holds the page phase 1 wrote (and little else), and a
+/// restore of it layered over the phase-1 full snapshot prints the right result. On a
+/// /dev/kvm without dirty page logging (this machine's PVM), the VM refuses to start with
+/// tracking, saying why, and an untracked VM refuses a diff, saying why.
+#[test]
+fn snapshot_diff_layers_over_its_base() {
+    let console = Captured::default();
+    let vmm = match Vmm::build(spec(two_phase_guest(), &console, true)) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("refuses dirty page logging")
+                    && message.contains("--track-dirty-pages"),
+                "an unclear error: {message}"
+            );
+            eprintln!(
+                "this /dev/kvm has no dirty page log ({message}); checking the refusals only"
+            );
+            let untracked = Vmm::build(spec(two_phase_guest(), &console, false)).unwrap();
+            let controller = untracked.controller();
+            let dir = scratch("diff-refused");
+            let asker = std::thread::spawn(move || {
+                let answer = controller.call(Request::Snapshot {
+                    dir: dir.clone(),
+                    resume: true,
+                    kind: SnapshotKind::Diff,
+                });
+                assert!(
+                    !dir.join("state").exists(),
+                    "a refused diff left a state file"
+                );
+                answer
+            });
+            let _ = untracked.run();
+            let refused = asker
+                .join()
+                .unwrap()
+                .expect_err("a diff without tracking was taken");
+            assert!(refused.contains("--track-dirty-pages"), "{refused}");
+            return;
+        }
+    };
+    let (full, diff) = (scratch("base"), scratch("diff"));
+    let controller = vmm.controller();
+    let (watch, full_dir, diff_dir) = (console.clone(), full.clone(), diff.clone());
+    let snapper = std::thread::spawn(move || {
+        let snap = |dir: &PathBuf, kind| {
+            controller.call(Request::Snapshot {
+                dir: dir.clone(),
+                resume: true,
+                kind,
+            })
+        };
+        watch.wait_for(1); // 'S': phase 1 runs
+        let first = snap(&full_dir, SnapshotKind::Full);
+        watch.wait_for(2); // 'M': phase 2 runs, the result is in memory only
+        (first, snap(&diff_dir, SnapshotKind::Diff))
+    });
+    let original = vmm.run().unwrap();
+    let (first, second) = snapper.join().unwrap();
+    let (first, second) = (
+        first.expect("full snapshot"),
+        second.expect("diff snapshot"),
+    );
+    assert_eq!(original.exit, GuestExit::Halted);
+    let full_bytes = first["memory_bytes_written"].as_u64().unwrap();
+    let diff_bytes = second["memory_bytes_written"].as_u64().unwrap();
+    eprintln!("full snapshot: {full_bytes} bytes of memory; diff: {diff_bytes}");
+    assert!(
+        diff_bytes > 0 && diff_bytes < full_bytes,
+        "{first} {second}"
+    );
+
+    let (exit, out) = restore(&diff);
+    assert_eq!(exit, GuestExit::Halted);
+    assert_eq!(
+        out,
+        expected_output(),
+        "base + diff restores the phase-1 result"
+    );
+    let (exit, out) = restore(&full);
+    assert_eq!(exit, GuestExit::Halted);
+    let mut want = vec![b'M'];
+    want.extend(expected_output());
+    assert_eq!(out, want, "the base alone resumes phase 1");
+
+    // A base that changed after the diff was taken is refused, and named.
+    let mut base = kiln::snapshot::read_state(&full).unwrap();
+    base.vcpus[0].index = 0; // same content, but written anew: still the same digest
+    kiln::snapshot::write_state(&full, &base).unwrap();
+    let (exit, out) = restore(&diff);
+    assert_eq!((exit, out), (GuestExit::Halted, expected_output()));
+    base.serial.interrupt_enable ^= 0x01;
+    kiln::snapshot::write_state(&full, &base).unwrap();
+    let refused = Vmm::restore(RestoreSpec {
+        snapshot: diff.clone(),
+        console: Box::new(Captured::default()),
+        vsock_uds: None,
+        start: Instant::now(),
+        boot_done: None,
+        track_dirty_pages: false,
+    })
+    .err()
+    .expect("a diff over a changed base was restored")
+    .to_string();
+    assert!(
+        refused.contains("has changed since the diff was taken")
+            && refused.contains(full.to_str().unwrap()),
+        "{refused}"
+    );
+    std::fs::remove_dir_all(&full).unwrap();
+    std::fs::remove_dir_all(&diff).unwrap();
+}
+
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kiln-direct-snap-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -68,6 +254,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         vsock: None,
         boot_done: None,
         snapshot_on_request: None,
+        track_dirty_pages: false,
     };
     let vmm = Vmm::build(spec).unwrap();
     let controller = vmm.controller();
@@ -77,6 +264,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         controller.call(Request::Snapshot {
             dir: snap_dir,
             resume: true,
+            kind: SnapshotKind::Full,
         })
     });
     let original = vmm.run().unwrap();
@@ -98,6 +286,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         vsock_uds: None,
         start: Instant::now(),
         boot_done: None,
+        track_dirty_pages: false,
     })
     .unwrap()
     .run()
@@ -117,6 +306,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         vsock_uds: None,
         start: Instant::now(),
         boot_done: None,
+        track_dirty_pages: false,
     })
     .unwrap()
     .run()

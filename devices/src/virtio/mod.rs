@@ -50,8 +50,10 @@ use vmm_sys_util::eventfd::EventFd;
 pub use mmio::{mmio_cmdline_fragment, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE};
 pub use state::QueueSnapshot;
 
-/// The guest memory type devices work on (the VMM's memfd-backed mapping).
-pub type GuestMemory = vm_memory::GuestMemoryMmap;
+/// The guest memory type devices work on (the VMM's memfd-backed mapping). Its dirty bitmap
+/// records every page a device writes, so that a diff snapshot includes device writes
+/// (KVM's dirty log sees only the guest's own).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Feature bit: the device follows virtio 1.x ("modern"). Every kiln device offers it.
 pub const VIRTIO_F_VERSION_1: u32 = 32;

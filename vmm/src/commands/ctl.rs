@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::api;
 use crate::cli::{CtlArgs, CtlRequest};
+use crate::snapshot::SnapshotKind;
 use crate::vmm::Request;
 
 /// The API request for a `kiln ctl` subcommand; a relative snapshot directory is made
@@ -18,10 +19,19 @@ pub(crate) fn request(ctl: &CtlRequest) -> anyhow::Result<Request> {
         CtlRequest::Resume => Request::Resume,
         CtlRequest::Status => Request::Status,
         CtlRequest::Shutdown => Request::Shutdown,
-        CtlRequest::Snapshot { dir, no_resume } => Request::Snapshot {
+        CtlRequest::Snapshot {
+            dir,
+            no_resume,
+            diff,
+        } => Request::Snapshot {
             dir: std::path::absolute(dir)
                 .with_context(|| format!("cannot make {} absolute", dir.display()))?,
             resume: !no_resume,
+            kind: if *diff {
+                SnapshotKind::Diff
+            } else {
+                SnapshotKind::Full
+            },
         },
     })
 }
@@ -49,13 +59,15 @@ mod tests {
         let r = request(&CtlRequest::Snapshot {
             dir: "snap".into(),
             no_resume: true,
+            diff: true,
         })
         .unwrap();
-        let Request::Snapshot { dir, resume } = r else {
+        let Request::Snapshot { dir, resume, kind } = r else {
             panic!("not a snapshot request: {r:?}");
         };
         assert!(dir.is_absolute() && dir.ends_with("snap"), "{dir:?}");
         assert!(!resume);
+        assert_eq!(kind, SnapshotKind::Diff);
         assert_eq!(request(&CtlRequest::Status).unwrap(), Request::Status);
     }
 }

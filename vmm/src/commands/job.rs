@@ -157,6 +157,7 @@ fn restored_vm(args: &JobArgs, snapshot: &Path, uds: &Path, start: Instant) -> a
         vsock_uds: Some(uds.to_owned()),
         start,
         boot_done: None,
+        track_dirty_pages: args.vm.track_dirty_pages,
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
     if vmm.vsock.is_none() {

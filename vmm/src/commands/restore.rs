@@ -30,6 +30,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         vsock_uds: args.vsock.clone(),
         start,
         boot_done: None,
+        track_dirty_pages: args.track_dirty_pages,
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     if vmm.vsock.is_none() {

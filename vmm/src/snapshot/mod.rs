@@ -5,8 +5,14 @@
 //! `state` is `KILNSNAP` | format version (u32 LE) | payload length (u64 LE) | SHA-256 of
 //! the payload | the payload, [`SnapshotState`] in bincode. Each part of the state is a
 //! plain struct that lives beside its owner (`VcpuState`, `VmState`, `SerialState`, …).
+//!
+//! A diff snapshot ([`DiffInfo`]) has the same two files, but its `memory` holds only the
+//! pages written since the snapshot it names as its parent; its state names that parent by
+//! path and by the SHA-256 of the parent's state, so a restore that layers it over a parent
+//! that has since changed is refused.
 
 pub mod memory;
+pub mod pages;
 pub mod restore;
 
 use std::fs::File;
@@ -23,7 +29,7 @@ use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
 /// The version of the `state` layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"KILNSNAP";
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// A state file larger than this is not one of ours.
@@ -49,6 +55,33 @@ pub struct VsockSnapshot {
     pub device: VsockState,
 }
 
+/// Full (all of guest memory) or diff (the pages written since the previous snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// What a diff snapshot's memory lies over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiffInfo {
+    /// The snapshot directory this one layers over (absolute).
+    pub parent: PathBuf,
+    /// The SHA-256 of the parent's state payload when this diff was taken.
+    pub parent_digest: [u8; 32],
+    /// The pages this snapshot's memory file holds; every other page is the parent's.
+    pub pages: pages::PageSet,
+}
+
+/// A snapshot written or restored from, as the next diff snapshot's parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub dir: PathBuf,
+    pub digest: [u8; 32],
+}
+
 /// Everything a restore needs besides guest memory.
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotState {
@@ -59,6 +92,8 @@ pub struct SnapshotState {
     pub serial: SerialState,
     pub i8042: I8042State,
     pub vsock: Option<VsockSnapshot>,
+    /// Set for a diff snapshot.
+    pub diff: Option<DiffInfo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,25 +128,33 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// Writes `state` to `dir/state` (through a temporary file and a rename).
-pub fn write_state(dir: &Path, state: &SnapshotState) -> Result<(), SnapshotError> {
+/// Writes `state` to `dir/state` (through a temporary file and a rename). Returns the
+/// payload's SHA-256, by which a diff snapshot names this one as its parent.
+pub fn write_state(dir: &Path, state: &SnapshotState) -> Result<[u8; 32], SnapshotError> {
     let payload = bincode::serialize(state).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let digest: [u8; 32] = Sha256::digest(&payload).into();
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&Sha256::digest(&payload));
+    bytes.extend_from_slice(&digest);
     bytes.extend_from_slice(&payload);
     let path = dir.join(STATE_FILE);
     let tmp = dir.join(".state.tmp");
     let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
     file.write_all(&bytes).map_err(io("write", &tmp))?;
     file.sync_all().map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("rename into place", &path))
+    std::fs::rename(&tmp, &path).map_err(io("rename into place", &path))?;
+    Ok(digest)
 }
 
 /// Reads and checks `dir/state`: magic, version, length and checksum, then decodes it.
 pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    read_state_and_digest(dir).map(|(state, _)| state)
+}
+
+/// [`read_state`], with the payload's SHA-256.
+pub fn read_state_and_digest(dir: &Path) -> Result<(SnapshotState, [u8; 32]), SnapshotError> {
     let path = dir.join(STATE_FILE);
     let corrupt = |why: &str| SnapshotError::Corrupt {
         path: path.clone(),
@@ -143,10 +186,20 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
             payload.len()
         )));
     }
-    if Sha256::digest(&payload)[..] != header[20..52] {
+    let digest: [u8; 32] = Sha256::digest(&payload).into();
+    if digest[..] != header[20..52] {
         return Err(corrupt("checksum mismatch"));
     }
-    bincode::deserialize(&payload).map_err(|e| corrupt(&format!("cannot decode: {e}")))
+    let state: SnapshotState =
+        bincode::deserialize(&payload).map_err(|e| corrupt(&format!("cannot decode: {e}")))?;
+    if let Some(diff) = &state.diff {
+        if !diff.pages.fits(state.machine.memory_mib << 20) {
+            return Err(corrupt(
+                "its diff page set does not match the guest's memory",
+            ));
+        }
+    }
+    Ok((state, digest))
 }
 
 #[cfg(test)]
@@ -166,6 +219,7 @@ mod tests {
             serial: SerialState::default(),
             i8042: I8042State::default(),
             vsock: None,
+            diff: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! `Vmm::restore`: a VM rebuilt from a snapshot directory, its memory mapped from the
-//! snapshot's file copy-on-write.
+//! snapshot's file copy-on-write. A diff snapshot's memory is its chain of parents down to
+//! a full snapshot, each diff's pages mapped over the layers below.
 
 use std::fs::File;
 use std::io::Write;
@@ -9,8 +10,9 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{read_state, SnapshotError, MEMORY_FILE};
+use super::{read_state_and_digest, SnapshotError, SnapshotRef, SnapshotState, MEMORY_FILE};
 use crate::devices::{self, Buses, DeviceError};
+use crate::memory::GuestMemory;
 use crate::vmm::{control_channel, BootDoneHook, Subscriber, Vmm, VmmError, VsockParts};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
@@ -23,7 +25,12 @@ pub struct RestoreSpec {
     pub vsock_uds: Option<PathBuf>,
     pub start: Instant,
     pub boot_done: Option<BootDoneHook>,
+    /// Log dirty pages, so that the restored VM can take diff snapshots over this one.
+    pub track_dirty_pages: bool,
 }
+
+/// How many diffs deep a chain of snapshots may be.
+const MAX_CHAIN: usize = 64;
 
 fn restore_err(what: impl std::fmt::Display) -> VmmError {
     VmmError::Restore(what.to_string())
@@ -33,12 +40,9 @@ impl Vmm {
     /// Rebuilds the VM saved in `spec.snapshot`, ready to [`Vmm::run`] from where it was.
     /// Nothing in the snapshot directory is written.
     pub fn restore(spec: RestoreSpec) -> Result<Vmm, VmmError> {
-        let state = read_state(&spec.snapshot)?;
+        let (state, digest) = read_state_and_digest(&spec.snapshot)?;
         let machine = state.machine.clone();
-        let size = machine.memory_mib << 20;
-        let memory_path = spec.snapshot.join(MEMORY_FILE);
-        let memory_file = open_memory(&memory_path, size)?;
-        let memory = super::memory::map_private(&memory_file, size).map_err(restore_err)?;
+        let memory = restore_memory(&spec.snapshot, &state)?;
         if state.vcpus.len() != usize::from(machine.vcpus) {
             return Err(restore_err(format!(
                 "the snapshot has {} vCPU states for {} vCPUs",
@@ -47,7 +51,7 @@ impl Vmm {
             )));
         }
 
-        let vm = Vm::new(&memory, machine.vcpus)?;
+        let vm = Vm::new(&memory, machine.vcpus, spec.track_dirty_pages)?;
         if machine.irqchip {
             vm.create_irqchip()?;
             let vm_state = state
@@ -112,11 +116,66 @@ impl Vmm {
             machine,
             msr_indices: Arc::new(msr_indices),
             memory,
-            memory_file,
             vm,
+            dirty_log: spec.track_dirty_pages,
+            diff_base: Some(SnapshotRef {
+                dir: std::path::absolute(&spec.snapshot).map_err(restore_err)?,
+                digest,
+            }),
             snapshot_on_request: None,
         })
     }
+}
+
+/// The guest memory of the snapshot in `dir` (whose state is `state`): its full base mapped
+/// privately, then each diff above it laid over, lowest first. Every parent must still be
+/// the snapshot the diff above it was taken over, for the same machine.
+fn restore_memory(dir: &Path, state: &SnapshotState) -> Result<GuestMemory, VmmError> {
+    let size = state.machine.memory_mib << 20;
+    let mut diffs = Vec::new();
+    let (mut layer_dir, mut diff) = (dir.to_owned(), state.diff.clone());
+    while let Some(info) = diff {
+        if diffs.len() == MAX_CHAIN {
+            return Err(restore_err(format!(
+                "{} is more than {MAX_CHAIN} diffs above a full snapshot (or its parents form a loop)",
+                dir.display()
+            )));
+        }
+        let (parent, digest) = read_state_and_digest(&info.parent).map_err(|e| {
+            restore_err(format!(
+                "diff snapshot {} layers over {}: {e}",
+                layer_dir.display(),
+                info.parent.display()
+            ))
+        })?;
+        if digest != info.parent_digest {
+            return Err(restore_err(format!(
+                "diff snapshot {} layers over {}, which has changed since the diff was taken",
+                layer_dir.display(),
+                info.parent.display()
+            )));
+        }
+        if parent.machine != state.machine {
+            return Err(restore_err(format!(
+                "diff snapshot {} layers over {}, a snapshot of a different machine",
+                layer_dir.display(),
+                info.parent.display()
+            )));
+        }
+        let next = info.parent.clone();
+        diffs.push((std::mem::replace(&mut layer_dir, next), info.pages));
+        diff = parent.diff;
+    }
+    let base = open_memory(&layer_dir.join(MEMORY_FILE), size)?;
+    let memory = super::memory::map_private(&base, size).map_err(restore_err)?;
+    for (diff_dir, pages) in diffs.iter().rev() {
+        let file = open_memory(&diff_dir.join(MEMORY_FILE), size)?;
+        super::memory::overlay(&memory, size, &file, pages)
+            .map_err(|e| restore_err(format!("diff snapshot {}: {e}", diff_dir.display())))?;
+    }
+    // Building the memory is not a write the next diff snapshot should carry.
+    super::memory::reset_bitmaps(&memory);
+    Ok(memory)
 }
 
 /// Opens the memory file read-only and checks it holds exactly the guest's RAM.

@@ -9,6 +9,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+
+use crate::snapshot::SnapshotKind;
 use vmm_sys_util::eventfd::EventFd;
 
 /// What can be asked of a running VM. As JSON: `{"cmd":"pause"}`,
@@ -20,12 +22,16 @@ pub enum Request {
     Pause,
     /// Let paused vCPUs run again.
     Resume,
-    /// Write a full snapshot into `dir` (created; must not hold a snapshot already). The VM
-    /// is paused for it and, if `resume` (the default), resumed after.
+    /// Write a snapshot into `dir` (created; must not hold a snapshot already): `full`
+    /// (the default) or `diff`, which holds only the pages written since the VM's previous
+    /// snapshot and layers over it. The VM is paused for it and, if `resume` (the
+    /// default), resumed after.
     Snapshot {
         dir: PathBuf,
         #[serde(default = "yes")]
         resume: bool,
+        #[serde(default)]
+        kind: SnapshotKind,
     },
     /// Whether the VM runs or is paused, its vCPUs and memory.
     Status,
@@ -94,9 +100,25 @@ mod tests {
             r,
             Request::Snapshot {
                 dir: "/s".into(),
-                resume: true
+                resume: true,
+                kind: SnapshotKind::Full,
             }
         );
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"snapshot","dir":"/d","kind":"diff","resume":false}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                dir: "/d".into(),
+                resume: false,
+                kind: SnapshotKind::Diff,
+            }
+        );
+        assert!(serde_json::from_str::<Request>(
+            r#"{"cmd":"snapshot","dir":"/d","kind":"partial"}"#
+        )
+        .is_err());
         let r: Request = serde_json::from_str(r#"{"cmd":"pause"}"#).unwrap();
         assert_eq!(r, Request::Pause);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());

@@ -1,9 +1,7 @@
 //! The event loop's view of a running VM: it watches what ends a run (guest reset, vCPU
 //! exits, a stop) and carries out control requests (pause, resume, snapshot, status).
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
@@ -15,7 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::control::{ControlQueue, Request, Response};
 use super::{BootDoneHook, GuestExit, VsockParts};
 use crate::devices::LegacyDevices;
-use crate::snapshot::{self, MachineInfo, SnapshotError, SnapshotState, VsockSnapshot};
+use crate::memory::GuestMemory;
+use crate::snapshot::{MachineInfo, SnapshotKind, SnapshotRef};
 use crate::vstate::vcpu::{VcpuHandle, VcpuOutcome};
 use crate::vstate::vcpu_control::Command;
 use crate::vstate::vcpu_state::VcpuState;
@@ -39,8 +38,12 @@ pub(super) struct VmmCore {
     pub(super) vsock: Option<VsockParts>,
     pub(super) control: ControlQueue,
     pub(super) machine: MachineInfo,
-    pub(super) memory_file: File,
+    pub(super) memory: GuestMemory,
     pub(super) vm: Vm,
+    /// Whether KVM logs dirty pages.
+    pub(super) dirty_log: bool,
+    /// What the next diff snapshot layers over.
+    pub(super) diff_base: Option<SnapshotRef>,
     /// Where a snapshot the guest asks for goes (`kiln job --snapshot-at`).
     pub(super) snapshot_on_request: Option<std::path::PathBuf>,
 }
@@ -106,17 +109,18 @@ impl VmmCore {
                 self.set_exit(GuestExit::Stopped);
                 Ok(json!({"state": "stopping"}))
             }
-            Request::Snapshot { dir, resume } => {
+            Request::Snapshot { dir, resume, kind } => {
                 let was_paused = self.paused.is_some();
                 self.pause()?;
                 let started = std::time::Instant::now();
-                let result = self.snapshot(&dir).map_err(|e| e.to_string());
+                let result = self.snapshot(&dir, kind).map_err(|e| e.to_string());
                 if resume && !was_paused {
                     self.resume();
                 }
                 let bytes = result?;
                 Ok(json!({
                     "dir": dir,
+                    "kind": kind,
                     "memory_bytes_written": bytes,
                     "ms": started.elapsed().as_secs_f64() * 1e3,
                     "state": if resume || was_paused && self.paused.is_none() { "running" } else { "paused" },
@@ -132,6 +136,7 @@ impl VmmCore {
             Some(dir) => match self.handle(Request::Snapshot {
                 dir: dir.clone(),
                 resume: true,
+                kind: SnapshotKind::Full,
             }) {
                 Ok(_) => {
                     tracing::info!("snapshot taken at the guest's request: {}", dir.display());
@@ -184,79 +189,6 @@ impl VmmCore {
         for h in &self.handles {
             h.command(Command::Run);
         }
-    }
-
-    /// Writes a full snapshot of the paused VM into `dir`. Returns the memory bytes written.
-    fn snapshot(&mut self, dir: &Path) -> Result<u64, SnapshotError> {
-        if dir.join(snapshot::STATE_FILE).exists() {
-            return Err(SnapshotError::Exists(dir.to_owned()));
-        }
-        let io = |what| {
-            move |source| SnapshotError::Io {
-                what,
-                path: dir.to_owned(),
-                source,
-            }
-        };
-        std::fs::create_dir_all(dir).map_err(io("create snapshot directory"))?;
-        let Some(vcpus) = self.paused.take() else {
-            return Err(SnapshotError::NotSnapshottable(
-                "the vCPUs are not paused".into(),
-            ));
-        };
-        let vm = if self.machine.irqchip {
-            Some(self.vm.save_state().map_err(|e| {
-                SnapshotError::NotSnapshottable(format!("cannot read irqchip/PIT/clock: {e}"))
-            })?)
-        } else {
-            None
-        };
-        let lock_err = |what: &str| SnapshotError::NotSnapshottable(format!("{what} is poisoned"));
-        let serial = self
-            .legacy
-            .serial
-            .lock()
-            .map_err(|_| lock_err("serial"))?
-            .state();
-        let i8042 = self
-            .legacy
-            .i8042
-            .lock()
-            .map_err(|_| lock_err("i8042"))?
-            .state();
-        let vsock = match &self.vsock {
-            Some(parts) => Some(VsockSnapshot {
-                transport: parts
-                    .transport
-                    .lock()
-                    .map_err(|_| lock_err("vsock"))?
-                    .save_state(),
-                device: parts
-                    .device
-                    .lock()
-                    .map_err(|_| lock_err("vsock"))?
-                    .save_state(),
-            }),
-            None => None,
-        };
-        let size = self.machine.memory_mib << 20;
-        let written = snapshot::memory::write_sparse(
-            &self.memory_file,
-            size,
-            &dir.join(snapshot::MEMORY_FILE),
-        );
-        let state = SnapshotState {
-            machine: self.machine.clone(),
-            vcpus,
-            vm,
-            serial,
-            i8042,
-            vsock,
-        };
-        let result = written.and_then(|w| snapshot::write_state(dir, &state).map(|()| w));
-        // The vCPUs stay paused; keep their states for another snapshot or the resume.
-        self.paused = Some(state.vcpus);
-        result
     }
 }
 

@@ -6,10 +6,10 @@
 mod control;
 mod core;
 mod run;
+mod snapshot;
 
 pub use control::{control_channel, ControlQueue, Controller, Request, Response};
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use crate::arch::x86_64::{mptable, regs, regs::CpuMode};
 use crate::boot::{self, BootError};
 use crate::devices::{self, Buses, DeviceError, LegacyDevices};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::snapshot::{MachineInfo, SnapshotError};
+use crate::snapshot::{MachineInfo, SnapshotError, SnapshotRef};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -88,6 +88,8 @@ pub struct MachineSpec {
     pub snapshot_on_request: Option<PathBuf>,
     /// Told once when the guest marks boot done (the agent is ready).
     pub boot_done: Option<BootDoneHook>,
+    /// Have KVM log the pages the guest writes, so that snapshots can be diffs.
+    pub track_dirty_pages: bool,
 }
 
 impl MachineSpec {
@@ -112,6 +114,7 @@ impl MachineSpec {
             vsock: None,
             boot_done: None,
             snapshot_on_request: None,
+            track_dirty_pages: config.track_dirty_pages,
         }
     }
 }
@@ -201,9 +204,12 @@ pub struct Vmm {
     pub(crate) msr_indices: Arc<Vec<u32>>,
     // The memory is kept alive for as long as the vCPUs run: KVM maps it into the guest.
     pub(crate) memory: GuestMemory,
-    /// The memfd (or, restored, the snapshot file) behind `memory`.
-    pub(crate) memory_file: File,
     pub(crate) vm: Vm,
+    /// Whether KVM logs dirty pages (diff snapshots need it).
+    pub(crate) dirty_log: bool,
+    /// The snapshot a diff snapshot would layer over: the last one taken, or the one this
+    /// VM was restored from.
+    pub(crate) diff_base: Option<SnapshotRef>,
     pub(crate) snapshot_on_request: Option<PathBuf>,
 }
 
@@ -216,8 +222,9 @@ pub(crate) struct VsockParts {
 impl Vmm {
     /// Creates memory, the VM, its devices and vCPUs, and loads what the guest boots.
     pub fn build(spec: MachineSpec) -> Result<Self, VmmError> {
-        let (memory, memory_file) = memory::create(spec.memory_mib << 20)?;
-        let vm = Vm::new(&memory, spec.vcpus)?;
+        // The mapping keeps the memfd alive; a snapshot reads guest memory through it.
+        let (memory, _memfd) = memory::create(spec.memory_mib << 20)?;
+        let vm = Vm::new(&memory, spec.vcpus, spec.track_dirty_pages)?;
         if spec.irqchip {
             vm.create_irqchip()?;
         }
@@ -322,8 +329,9 @@ impl Vmm {
             },
             msr_indices: Arc::new(msr_indices),
             memory,
-            memory_file,
             vm,
+            dirty_log: spec.track_dirty_pages,
+            diff_base: None,
             snapshot_on_request: spec.snapshot_on_request,
         })
     }

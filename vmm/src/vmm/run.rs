@@ -55,8 +55,10 @@ impl Vmm {
             vsock: self.vsock,
             control: self.control,
             machine: self.machine,
-            memory_file: self.memory_file,
+            memory: self.memory.clone(),
             vm: self.vm,
+            dirty_log: self.dirty_log,
+            diff_base: self.diff_base,
             snapshot_on_request: self.snapshot_on_request,
         }));
         let result = if start_error.is_none() {

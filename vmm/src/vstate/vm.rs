@@ -2,7 +2,7 @@
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
@@ -22,6 +22,8 @@ pub enum VmError {
     MissingCap(&'static str),
     #[error("cannot register guest memory with KVM: {0}")]
     SetMemory(kvm_ioctls::Error),
+    #[error("this /dev/kvm refuses dirty page logging (KVM_MEM_LOG_DIRTY_PAGES: {0}), so it cannot track the pages a diff snapshot needs; run without --track-dirty-pages (full snapshots still work)")]
+    DirtyLogUnsupported(kvm_ioctls::Error),
     #[error("cannot create the in-kernel interrupt controller: {0}")]
     Irqchip(kvm_ioctls::Error),
     #[error("cannot create the in-kernel PIT: {0}")]
@@ -47,8 +49,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM and registers every region of `memory` as a KVM memory slot.
-    pub fn new(memory: &Memory, vcpus: u8) -> Result<Self, VmError> {
+    /// Creates the VM and registers every region of `memory` as a KVM memory slot, slot `i`
+    /// for region `i`; with `dirty_log`, KVM logs the pages the guest writes in each.
+    pub fn new(memory: &Memory, vcpus: u8, dirty_log: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -72,16 +75,31 @@ impl Vm {
         for (slot, region) in memory.iter().enumerate() {
             let mem_region = kvm_userspace_memory_region {
                 slot: u32::try_from(slot).unwrap_or(u32::MAX),
-                flags: 0,
+                flags: if dirty_log {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
             };
             // SAFETY: the region is a live mapping of `region.len()` bytes owned by `memory`,
             // which the caller keeps alive for as long as the VM exists (Vmm holds both).
-            unsafe { fd.set_user_memory_region(mem_region) }.map_err(VmError::SetMemory)?;
+            unsafe { fd.set_user_memory_region(mem_region) }.map_err(if dirty_log {
+                VmError::DirtyLogUnsupported
+            } else {
+                VmError::SetMemory
+            })?;
         }
         Ok(Vm { kvm, fd })
+    }
+
+    /// The pages of slot `slot` (`len` bytes) the guest wrote since the last call, as KVM's
+    /// bitmap (bit `i` is page `i` of the slot). Needs the dirty log (see [`Vm::new`]).
+    pub fn take_dirty_log(&self, slot: u32, len: u64) -> Result<Vec<u64>, kvm_ioctls::Error> {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        self.fd.get_dirty_log(slot, len)
     }
 
     /// Creates the in-kernel PIC/IOAPIC/LAPIC and the PIT. Must come before the vCPUs.

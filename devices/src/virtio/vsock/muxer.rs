@@ -10,7 +10,7 @@ use event_manager::EventSet;
 use tracing::{debug, info, warn};
 
 use super::connection::{Connection, Fill};
-use super::packet_io::{Header, Pkt};
+use super::packet_io::{Header, RxPkt, TxPkt};
 use super::unix::{self, Handshake, PendingClient};
 use super::{op, VsockError, HOST_CID, MAX_CONNECTIONS, MAX_PENDING_RESETS, TYPE_STREAM};
 
@@ -229,7 +229,7 @@ impl Muxer {
         }
     }
 
-    fn reset_reply(&mut self, pkt: &Pkt<'_>) {
+    fn reset_reply(&mut self, pkt: &TxPkt<'_>) {
         if pkt.op() == op::RST {
             return;
         }
@@ -245,7 +245,7 @@ impl Muxer {
     }
 
     /// A packet from the guest's tx queue.
-    pub(crate) fn on_guest_packet(&mut self, pkt: &Pkt<'_>) {
+    pub(crate) fn on_guest_packet(&mut self, pkt: &TxPkt<'_>) {
         if pkt.src_cid() != self.guest_cid {
             warn!(
                 src_cid = pkt.src_cid(),
@@ -300,7 +300,7 @@ impl Muxer {
     }
 
     /// The guest connects to host port `dst_port`: connect `P_<dst_port>`.
-    fn guest_connect(&mut self, pkt: &Pkt<'_>) {
+    fn guest_connect(&mut self, pkt: &TxPkt<'_>) {
         let (local, peer) = (pkt.dst_port(), pkt.src_port());
         if self.conns.len() >= MAX_CONNECTIONS {
             warn!(
@@ -331,7 +331,7 @@ impl Muxer {
 
     /// Fill one rx buffer: pending resets first, then connections in turn. Returns the
     /// payload length, or `None` if there was nothing to send after all.
-    pub(crate) fn fill_rx(&mut self, pkt: &mut Pkt<'_>) -> Option<u32> {
+    pub(crate) fn fill_rx(&mut self, pkt: &mut RxPkt<'_>) -> Option<u32> {
         // Each queued connection gets one look: one that cannot use this buffer (no room
         // for data) goes to the back rather than round and round.
         let mut looks = self.rx_ready.len();

@@ -8,18 +8,23 @@
 //! `VsockPacket` takes a tx payload from one descriptor only, but a driver may split it over
 //! several: Linux 6.12 sends payloads over ~32 KiB as one descriptor per skb fragment. Such
 //! chains are checked the same way and their payload is gathered into a buffer
-//! ([`gather_tx`]).
+//! ([`gather_tx`]). Every tx packet is handled as such a copy ([`TxPkt`]), so that the
+//! connection logic sees one type whichever shape the chain had; rx packets ([`RxPkt`]) are
+//! written in place, through guest memory's dirty bitmap.
 
 use tracing::warn;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{Error as PacketError, VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestMemoryError};
 
 use super::{MAX_PKT_DATA, TYPE_STREAM};
 use crate::virtio::{GuestMemory, VirtioInterrupt};
 
-/// A packet in guest memory (guest memory without a dirty bitmap).
-pub(crate) type Pkt<'a> = VsockPacket<'a, ()>;
+/// A packet from the guest, copied out of guest memory.
+pub(crate) type TxPkt<'a> = VsockPacket<'a, ()>;
+/// A packet to the guest, in an rx buffer in guest memory (writes mark the pages dirty).
+pub(crate) type RxPkt<'a> = VsockPacket<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
 
 /// Size of the header in front of every packet.
 pub(crate) const HDR_LEN: u32 = 44;
@@ -40,7 +45,7 @@ pub(crate) struct Header {
 
 impl Header {
     /// Write this header, with payload length `len`, into `pkt`.
-    pub(crate) fn write_to(&self, pkt: &mut Pkt<'_>, len: u32) {
+    pub(crate) fn write_to(&self, pkt: &mut RxPkt<'_>, len: u32) {
         pkt.set_src_cid(self.src_cid)
             .set_dst_cid(self.dst_cid)
             .set_src_port(self.src_port)
@@ -79,7 +84,7 @@ pub(crate) fn drain_tx(
     queue: &mut Queue,
     mem: &GuestMemory,
     irq: &VirtioInterrupt,
-    mut handle: impl FnMut(&Pkt<'_>),
+    mut handle: impl FnMut(&TxPkt<'_>),
 ) -> bool {
     let mut used = false;
     let mut empty_rounds = 0;
@@ -92,7 +97,7 @@ pub(crate) fn drain_tx(
             let head = chain.head_index();
             let parsed =
                 match VsockPacket::from_tx_virtq_chain(mem, &mut chain.clone(), MAX_PKT_DATA) {
-                    Ok(pkt) => Ok(pkt),
+                    Ok(pkt) => Ok(copy_tx(&pkt, &mut scratch)),
                     // Not the one-payload-descriptor shape: maybe a split payload.
                     Err(_) => gather_tx(mem, chain, &mut scratch),
                 };
@@ -150,7 +155,7 @@ fn gather_tx<'s>(
     mem: &GuestMemory,
     mut chain: DescriptorChain<&GuestMemory>,
     scratch: &'s mut TxScratch,
-) -> Result<Pkt<'s>, PacketError> {
+) -> Result<TxPkt<'s>, PacketError> {
     let head = chain.next().ok_or(PacketError::DescriptorChainTooShort)?;
     if head.is_write_only() {
         return Err(PacketError::UnexpectedWriteOnlyDescriptor);
@@ -195,14 +200,38 @@ fn gather_tx<'s>(
             .map_err(PacketError::InvalidMemoryAccess)?;
         filled += take;
     }
-    let TxScratch { header, data } = scratch;
-    let raw_header = *header;
-    let data = (want > 0).then_some(&mut data[..]);
-    // SAFETY: both slices borrow `scratch` for 's, as long as the packet that points into
-    // them lives; nothing else touches them meanwhile.
-    let mut pkt = unsafe { VsockPacket::new(header, data) }?;
-    pkt.set_header_from_raw(&raw_header)?;
-    Ok(pkt)
+    scratch.packet()
+}
+
+/// Copies a packet `VsockPacket` parsed in place into `scratch`.
+fn copy_tx<'s, B: vm_memory::bitmap::BitmapSlice>(
+    pkt: &VsockPacket<'_, B>,
+    scratch: &'s mut TxScratch,
+) -> TxPkt<'s> {
+    pkt.header_slice().copy_to(&mut scratch.header[..]);
+    scratch.data.clear();
+    if let Some(data) = pkt.data_slice() {
+        scratch.data.resize(data.len(), 0);
+        data.copy_to(&mut scratch.data[..]);
+    }
+    // The header and length were checked by `from_tx_virtq_chain`, so this cannot fail.
+    scratch
+        .packet()
+        .expect("a packet that parsed in place is valid as a copy")
+}
+
+impl TxScratch {
+    /// The packet whose header and payload were copied into this scratch space.
+    fn packet(&mut self) -> Result<TxPkt<'_>, PacketError> {
+        let TxScratch { header, data } = self;
+        let raw_header = *header;
+        let data = (!data.is_empty()).then_some(&mut data[..]);
+        // SAFETY: both slices borrow `self` for as long as the packet that points into them
+        // lives; nothing else touches them meanwhile.
+        let mut pkt = unsafe { VsockPacket::new(header, data) }?;
+        pkt.set_header_from_raw(&raw_header)?;
+        Ok(pkt)
+    }
 }
 
 /// Fill rx chains while `fill` produces packets (`Some(payload length)`). A chain `fill`
@@ -213,7 +242,7 @@ pub(crate) fn fill_rx(
     mem: &GuestMemory,
     irq: &VirtioInterrupt,
     mut more: impl FnMut() -> bool,
-    mut fill: impl FnMut(&mut Pkt<'_>) -> Option<u32>,
+    mut fill: impl FnMut(&mut RxPkt<'_>) -> Option<u32>,
 ) -> bool {
     let mut used = false;
     let mut starved = false;

@@ -6,7 +6,7 @@ use std::num::Wrapping;
 use vm_memory::{ReadVolatile, VolatileMemoryError};
 
 use super::{bit, Connection, Fill, State, PENDING_ORDER};
-use crate::virtio::vsock::packet_io::{Header, Pkt};
+use crate::virtio::vsock::packet_io::{Header, RxPkt};
 use crate::virtio::vsock::{
     op, CONN_BUF_ALLOC, HOST_CID, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND,
 };
@@ -74,7 +74,7 @@ impl Connection {
 
     /// Put the next packet for the guest into `pkt`: control packets first, then data
     /// read straight from the host socket into guest memory, then SHUTDOWN.
-    pub(crate) fn fill_rx(&mut self, pkt: &mut Pkt<'_>, guest_cid: u64) -> Fill {
+    pub(crate) fn fill_rx(&mut self, pkt: &mut RxPkt<'_>, guest_cid: u64) -> Fill {
         if let Some(op) = PENDING_ORDER
             .into_iter()
             .find(|op| self.pending & bit(*op) != 0)
@@ -109,7 +109,7 @@ impl Connection {
 
     /// Read up to the guest's credit from the host socket into the packet's data buffer.
     /// Returns the byte count (0 when nothing was there or at end of stream).
-    fn read_host(&mut self, pkt: &Pkt<'_>) -> io::Result<u32> {
+    fn read_host(&mut self, pkt: &RxPkt<'_>) -> io::Result<u32> {
         let Some(data) = pkt.data_slice() else {
             return Ok(0);
         };
