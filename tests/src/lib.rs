@@ -10,6 +10,7 @@ mod nested;
 pub mod output;
 pub mod process;
 pub mod qemu;
+pub mod shell;
 pub mod testbed;
 pub mod tiny_kernel;
 pub mod tmp;
