@@ -3,6 +3,7 @@
 //! `cargo xtask bench`, which also collects them into `target/bench.json`.
 
 mod boot;
+mod restore_direct;
 mod snapshot;
 mod stats;
 mod vmm_setup;
@@ -19,7 +20,7 @@ struct Args {
     /// Guest boots to time for `boot` (at least 10 for a quotable median).
     #[arg(long, default_value_t = 10)]
     boot_runs: usize,
-    /// Runs for `vmm_setup`.
+    /// Runs for `vmm_setup` and `restore_direct`.
     #[arg(long, default_value_t = 30)]
     setup_runs: usize,
     /// Transfers to time for `vsock_throughput` (at least 5 for a quotable median).
@@ -51,6 +52,13 @@ fn main() -> Result<()> {
             args.setup_runs
         );
         results.extend(vmm_setup::run(&bins.kiln, args.setup_runs)?);
+    }
+    if wanted("restore_direct") {
+        eprintln!(
+            "bench restore_direct: {} restores on the direct path",
+            args.setup_runs
+        );
+        results.extend(restore_direct::run(&bins.kiln, args.setup_runs)?);
     }
     if wanted("boot") {
         let runner = kiln_tests::Runner::detect()?;
