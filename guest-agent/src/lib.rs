@@ -13,8 +13,10 @@
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "kiln-agent: {}", format_args!($($arg)*));
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("kiln-agent: {}\n", format_args!($($arg)*)),
+        );
     }};
 }
 

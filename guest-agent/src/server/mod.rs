@@ -149,12 +149,12 @@ impl Sender {
 
     fn frame(&self, frame: &Frame) -> Result<(), ProtocolError> {
         let bytes = protocol::encode(frame)?;
-        self.lock().write_all(&bytes)?;
+        PatientWriter(&mut **self.lock()).write_all(&bytes)?;
         Ok(())
     }
 
     fn raw(&self, kind: Kind, body: &[u8]) -> Result<(), ProtocolError> {
-        protocol::write_raw(&mut **self.lock(), kind, body)
+        protocol::write_raw(&mut PatientWriter(&mut **self.lock()), kind, body)
     }
 
     /// Sends `Error` with `message`, cut to a size that always fits in a frame.
@@ -164,6 +164,43 @@ impl Sender {
             end -= 1;
         }
         self.frame(&Frame::error(&message[..end]))
+    }
+}
+
+/// A writer that waits out a transient lack of kernel memory: an AF_VSOCK send whose
+/// packet buffer cannot be allocated fails with ENOMEM (or ENOBUFS) before any byte is
+/// sent, and a job's output must not be cut off by that. Other errors pass through.
+struct PatientWriter<'a>(&'a mut (dyn Write + Send));
+
+impl PatientWriter<'_> {
+    /// Retries for about this long in all before giving up.
+    const PATIENCE_MS: u64 = 30_000;
+}
+
+impl Write for PatientWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let (mut waited_ms, mut backoff_ms) = (0, 1);
+        loop {
+            match self.0.write(buf) {
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS))
+                        && waited_ms < Self::PATIENCE_MS =>
+                {
+                    if waited_ms == 0 {
+                        crate::say!("vsock send: {e}; retrying");
+                    }
+                    // Backing off while the kernel reclaims memory; nothing to wait on.
+                    std::thread::sleep(std::time::Duration::from_millis(backoff_ms));
+                    waited_ms += backoff_ms;
+                    backoff_ms = (backoff_ms * 2).min(100);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -178,4 +215,49 @@ fn uptime_ms() -> u64 {
     let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
     let millis = u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000;
     secs.saturating_mul(1000).saturating_add(millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails with `errno` `failures` times, then takes everything.
+    struct Flaky {
+        errno: i32,
+        failures: usize,
+        got: Vec<u8>,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.failures > 0 {
+                self.failures -= 1;
+                return Err(io::Error::from_raw_os_error(self.errno));
+            }
+            self.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sends_wait_out_a_lack_of_memory_but_not_other_errors() {
+        let mut flaky = Flaky {
+            errno: libc::ENOMEM,
+            failures: 3,
+            got: Vec::new(),
+        };
+        PatientWriter(&mut flaky).write_all(b"output").unwrap();
+        assert_eq!(flaky.got, b"output");
+
+        let mut broken = Flaky {
+            errno: libc::EPIPE,
+            failures: 1,
+            got: Vec::new(),
+        };
+        let e = PatientWriter(&mut broken).write_all(b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+    }
 }
