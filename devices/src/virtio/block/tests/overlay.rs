@@ -72,7 +72,7 @@ fn partial_cluster_writes_keep_the_base_data() {
     // The overlay file holds whole clusters 1..=3 (merged) and nothing else.
     let ovl = std::fs::read(dir.path("a.ovl")).unwrap();
     assert_eq!(ovl.len(), BASE);
-    let cs = CLUSTER_SIZE as usize;
+    let cs = usize::try_from(CLUSTER_SIZE).unwrap();
     assert_eq!(ovl[cs..4 * cs], model[cs..4 * cs]);
     assert!(ovl[..cs].iter().chain(&ovl[4 * cs..]).all(|&b| b == 0));
     assert_eq!(std::fs::read(&base_path).unwrap(), orig);
