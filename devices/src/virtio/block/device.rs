@@ -15,17 +15,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::*;
 use super::state::Backend;
-use super::{
-    request, BlockError, BLK_SIZE, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
-    QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SERIAL_LEN, VIRTIO_ID_BLOCK,
-};
+use super::{request, BlockError, QUEUE_SIZE, SECTOR_SIZE, SERIAL_LEN, VIRTIO_ID_BLOCK};
 use crate::virtio::{
     feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-
-/// Length of the config space we fill in (through `max_write_zeroes_seg`'s padding).
-pub(crate) const CONFIG_LEN: usize = 60;
 
 /// The queue and what the device needs to use it, from activation to reset.
 pub(crate) struct Active {
@@ -68,16 +62,6 @@ impl Block {
         })
     }
 
-    /// A serial that names the file at `path` on this host: its device and inode numbers in
-    /// hex (stable across restarts, distinct between files), at most 20 bytes.
-    pub fn default_serial(path: &std::path::Path) -> String {
-        use std::os::unix::fs::MetadataExt;
-        let id = std::fs::metadata(path).map_or((0, 0), |m| (m.dev(), m.ino()));
-        let mut s = format!("{:x}-{:x}", id.0, id.1);
-        s.truncate(SERIAL_LEN);
-        s
-    }
-
     /// The disk's capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.backend.disk().len() / SECTOR_SIZE
@@ -96,21 +80,6 @@ impl Block {
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
-    }
-
-    /// The config space (`struct virtio_blk_config` up to `max_write_zeroes_seg`).
-    pub(crate) fn config(&self) -> [u8; CONFIG_LEN] {
-        let mut c = [0u8; CONFIG_LEN];
-        let mut put = |at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
-        put(0, &self.capacity().to_le_bytes());
-        put(12, &SEG_MAX.to_le_bytes());
-        put(20, &BLK_SIZE.to_le_bytes());
-        if !self.is_read_only() {
-            put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
-            put(40, &MAX_DISCARD_SEG.to_le_bytes());
-            put(44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
-        }
-        c
     }
 
     pub(crate) fn wake_fd(&self) -> RawFd {

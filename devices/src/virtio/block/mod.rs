@@ -4,7 +4,8 @@
 //! request chains off its one queue and hands them to `request.rs`, which checks every
 //! guest-supplied descriptor, header field and length before any I/O, then runs the request
 //! against a [`Disk`] backend (`disk.rs`: [`RawFile`]; `overlay.rs`: the copy-on-write
-//! [`Overlay`]). `state.rs` holds the serializable [`BlockState`].
+//! [`Overlay`]). `config.rs` lays out the config space; `state.rs` holds the serializable
+//! [`BlockState`].
 //!
 //! I/O is synchronous: requests run on the event-loop thread with `pread`/`pwrite`
 //! (`std::os::unix::fs::FileExt`), through a bounded bounce buffer (at most [`BOUNCE_LEN`]
@@ -19,6 +20,7 @@
 //! returned with used length 0 when it has no writable status byte) and is logged; nothing the
 //! guest does can panic the device, make it spin, or grow its memory without bound.
 
+mod config;
 mod device;
 mod disk;
 mod overlay;

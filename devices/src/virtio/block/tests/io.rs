@@ -264,3 +264,34 @@ fn event_manager_drives_the_queue() {
     assert!(!dev.lock().unwrap().is_active());
     assert_eq!(dev.lock().unwrap().acked_features(), 0);
 }
+
+/// With EVENT_IDX the device asks for a kick at the next chain and interrupts only when
+/// the driver's `used_event` says so.
+#[test]
+fn event_idx_suppresses_interrupts_and_asks_for_kicks() {
+    let dir = TestDir::new();
+    let path = image(&dir.path("disk.img"), 64 * 1024, 6);
+    let mem = test_mem();
+    let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
+    let mut h = Harness::activate_with(&mem, dev, true);
+    let qsize = u64::from(driver::QSIZE);
+    let avail_event = h.q.mock.used_addr().unchecked_add(4 + 8 * qsize);
+    let used_event = h.q.mock.avail_addr().unchecked_add(4 + 2 * qsize);
+
+    // used_event 0: interrupt when the first entry is used.
+    h.read_ok(0, 1);
+    assert_eq!(h.irq.irq_evt().read().unwrap(), 1);
+    assert_eq!(
+        mem.read_obj::<u16>(avail_event).unwrap(),
+        1,
+        "kick me at chain 1"
+    );
+    // used_event still 0: no interrupt for the second.
+    h.read_ok(0, 1);
+    assert!(h.irq.irq_evt().read().is_err(), "interrupt suppressed");
+    assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2);
+    // The driver asks to hear about entry 2 (the third).
+    mem.write_obj(2u16, used_event).unwrap();
+    h.read_ok(0, 1);
+    assert_eq!(h.irq.irq_evt().read().unwrap(), 1);
+}

@@ -14,6 +14,7 @@ use driver::GuestQueue;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -82,13 +83,20 @@ impl<'m> Harness<'m> {
         Self::activate(mem, Block::new(backend, SERIAL).unwrap())
     }
 
-    pub(super) fn activate(mem: &'m GuestMemory, mut dev: Block) -> Self {
+    pub(super) fn activate(mem: &'m GuestMemory, dev: Block) -> Self {
+        Self::activate_with(mem, dev, false)
+    }
+
+    /// Activate `dev`, with VIRTIO_RING_F_EVENT_IDX in use or not.
+    pub(super) fn activate_with(mem: &'m GuestMemory, mut dev: Block, event_idx: bool) -> Self {
         let q = GuestQueue::new(mem, 0x0, 0x10_0000, 0xe0_0000);
+        let mut queue = q.queue();
+        queue.set_event_idx(event_idx);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let kick = evt.try_clone().unwrap();
         let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.ack_features(dev.device_features());
-        dev.activate(mem.clone(), vec![q.queue()], vec![evt], irq.clone())
+        dev.activate(mem.clone(), vec![queue], vec![evt], irq.clone())
             .unwrap();
         Self {
             mem,
