@@ -1,8 +1,9 @@
 //! Parsing and running one request chain (virtio 1.2, 5.2.6).
 //!
 //! A request is a device-readable 16-byte header (`le32 type, le32 reserved, le64 sector`),
-//! data descriptors whose direction the type fixes, and a device-writable status descriptor
-//! last (the status goes into its first byte, as Linux lays it out: a 1-byte descriptor).
+//! data descriptors whose direction the type fixes, and a device-writable status byte, the
+//! last byte of the chain. Linux gives header, each data segment and the status their own
+//! descriptors; data may also share the header's or the status's descriptor (any framing).
 //! Everything is checked before any I/O: descriptor directions, that every buffer lies in
 //! guest memory, that lengths add up without overflow and are whole sectors, and that the
 //! sector range lies inside the disk. A chain that fails a check completes with
@@ -13,7 +14,7 @@
 use tracing::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::consts::*;
 use super::disk::Disk;
@@ -74,10 +75,11 @@ pub(crate) fn handle(
         Some(d) if d.has_next() => Err("the chain is broken or loops"),
         _ if descs.len() < 2 => Err("the chain has no status descriptor"),
         Some(d) if !d.is_write_only() => Err("the status descriptor is device-readable"),
-        Some(d) if d.len() == 0 || !mem.check_range(d.addr(), 1) => {
-            Err("the status descriptor is empty or outside guest memory")
-        }
-        Some(d) => Ok(d.addr()),
+        // The status is the last byte of the chain; Linux gives it a descriptor of its own.
+        Some(d) => match d.addr().checked_add(u64::from(d.len()).wrapping_sub(1)) {
+            Some(a) if d.len() > 0 && mem.check_range(a, 1) => Ok(a),
+            _ => Err("the status descriptor is empty or outside guest memory"),
+        },
         None => Err("the chain is empty"),
     };
     let status_addr = match status {
@@ -105,6 +107,55 @@ pub(crate) fn handle(
     written.saturating_add(1)
 }
 
+/// A run of guest memory holding request data: a data descriptor, or what is left of the
+/// header or status descriptor besides the header or status.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    addr: GuestAddress,
+    len: u32,
+    /// Device-writable.
+    write: bool,
+}
+
+impl From<&Descriptor> for Piece {
+    fn from(d: &Descriptor) -> Self {
+        Piece {
+            addr: d.addr(),
+            len: d.len(),
+            write: d.is_write_only(),
+        }
+    }
+}
+
+/// The data of a chain of at least two descriptors, in order. The driver may put data after
+/// the header in its descriptor, or before the status in the last one (virtio 1.2, 2.6.4:
+/// the device must not assume a particular arrangement).
+fn data_pieces(descs: &[Descriptor]) -> Result<Vec<Piece>, Failure> {
+    let (hdr, last) = (descs[0], descs[descs.len() - 1]);
+    let mut pieces = Vec::with_capacity(descs.len());
+    if hdr.len() > HEADER_LEN {
+        let addr = hdr
+            .addr()
+            .checked_add(u64::from(HEADER_LEN))
+            .ok_or_else(|| ioerr("the header descriptor wraps around"))?;
+        let len = hdr.len() - HEADER_LEN;
+        pieces.push(Piece {
+            addr,
+            len,
+            write: false,
+        });
+    }
+    pieces.extend(descs[1..descs.len() - 1].iter().map(Piece::from));
+    if last.len() > 1 {
+        pieces.push(Piece {
+            addr: last.addr(),
+            len: last.len() - 1,
+            write: true,
+        });
+    }
+    Ok(pieces)
+}
+
 /// Check the header and run the request. Returns the data bytes written into the guest.
 fn execute(mem: &GuestMemory, descs: &[Descriptor], ctx: &mut Ctx<'_>) -> Result<u32, Failure> {
     let hdr = descs[0];
@@ -124,7 +175,8 @@ fn execute(mem: &GuestMemory, descs: &[Descriptor], ctx: &mut Ctx<'_>) -> Result
     let mut sector = [0u8; 8];
     sector.copy_from_slice(&raw[8..16]);
     let sector = u64::from_le_bytes(sector);
-    let data = &descs[1..descs.len() - 1];
+    let pieces = data_pieces(descs)?;
+    let data = pieces.as_slice();
     match ty {
         VIRTIO_BLK_T_IN => read_write(mem, data, sector, ctx, true),
         VIRTIO_BLK_T_OUT if ctx.disk.is_read_only() => Err(ioerr("write to a read-only disk")),
@@ -142,22 +194,21 @@ fn execute(mem: &GuestMemory, descs: &[Descriptor], ctx: &mut Ctx<'_>) -> Result
 
 /// Check that the data descriptors all have the direction `writable` and lie in guest
 /// memory; returns their total length.
-fn check_data(mem: &GuestMemory, data: &[Descriptor], writable: bool) -> Result<u64, Failure> {
+fn check_data(mem: &GuestMemory, data: &[Piece], writable: bool) -> Result<u64, Failure> {
     let mut total = 0u64;
     for d in data {
-        if d.is_write_only() != writable {
+        if d.write != writable {
             let dir = if writable { "writable" } else { "readable" };
             return Err(ioerr(format!("a data descriptor is not device-{dir}")));
         }
-        if !mem.check_range(d.addr(), d.len() as usize) {
+        if !mem.check_range(d.addr, d.len as usize) {
             return Err(ioerr(format!(
                 "data buffer {:#x}+{:#x} lies outside guest memory",
-                d.addr().0,
-                d.len()
+                d.addr.0, d.len
             )));
         }
         total = total
-            .checked_add(u64::from(d.len()))
+            .checked_add(u64::from(d.len))
             .ok_or_else(|| ioerr("data length overflows"))?;
     }
     Ok(total)
@@ -179,7 +230,7 @@ fn disk_range(disk: &dyn Disk, sector: u64, len: u64) -> Result<u64, Failure> {
 /// IN (`to_guest`) or OUT. Returns the bytes read into the guest.
 fn read_write(
     mem: &GuestMemory,
-    data: &[Descriptor],
+    data: &[Piece],
     sector: u64,
     ctx: &mut Ctx<'_>,
     to_guest: bool,
@@ -194,10 +245,10 @@ fn read_write(
     ctx.scratch.resize(chunk.max(ctx.scratch.len()), 0);
     for d in data {
         let mut done = 0u32;
-        while done < d.len() {
-            let n = (d.len() - done).min(u32::try_from(ctx.scratch.len()).unwrap_or(u32::MAX));
+        while done < d.len {
+            let n = (d.len - done).min(u32::try_from(ctx.scratch.len()).unwrap_or(u32::MAX));
             let buf = &mut ctx.scratch[..n as usize];
-            let addr = GuestAddress(d.addr().0 + u64::from(done));
+            let addr = GuestAddress(d.addr.0 + u64::from(done));
             let res = if to_guest {
                 ctx.disk
                     .read_at(buf, offset)
@@ -221,18 +272,14 @@ fn read_write(
 }
 
 /// GET_ID: the serial, cut to the driver's buffer. Returns the bytes written.
-fn get_id(
-    mem: &GuestMemory,
-    data: &[Descriptor],
-    serial: &[u8; SERIAL_LEN],
-) -> Result<u32, Failure> {
+fn get_id(mem: &GuestMemory, data: &[Piece], serial: &[u8; SERIAL_LEN]) -> Result<u32, Failure> {
     if check_data(mem, data, true)? == 0 {
         return Err(ioerr("GET_ID without a buffer"));
     }
     let mut rest: &[u8] = serial;
     for d in data {
-        let n = rest.len().min(d.len() as usize);
-        mem.write_slice(&rest[..n], d.addr())
+        let n = rest.len().min(d.len as usize);
+        mem.write_slice(&rest[..n], d.addr)
             .map_err(|e| ioerr(e.to_string()))?;
         rest = &rest[n..];
     }
@@ -240,7 +287,7 @@ fn get_id(
 }
 
 /// DISCARD: every segment is checked before any is applied.
-fn discard(mem: &GuestMemory, data: &[Descriptor], disk: &mut dyn Disk) -> Result<(), Failure> {
+fn discard(mem: &GuestMemory, data: &[Piece], disk: &mut dyn Disk) -> Result<(), Failure> {
     let total = check_data(mem, data, false)?;
     let segs = total / DISCARD_SEG_LEN as u64;
     if total % DISCARD_SEG_LEN as u64 != 0 || segs == 0 || segs > u64::from(MAX_DISCARD_SEG) {
@@ -250,8 +297,8 @@ fn discard(mem: &GuestMemory, data: &[Descriptor], disk: &mut dyn Disk) -> Resul
     let mut raw = Vec::with_capacity(MAX_DISCARD_SEG as usize * DISCARD_SEG_LEN);
     for d in data {
         let start = raw.len();
-        raw.resize(start + d.len() as usize, 0);
-        mem.read_slice(&mut raw[start..], d.addr())
+        raw.resize(start + d.len as usize, 0);
+        mem.read_slice(&mut raw[start..], d.addr)
             .map_err(|e| ioerr(e.to_string()))?;
     }
     let mut ranges = Vec::new();

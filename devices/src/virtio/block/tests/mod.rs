@@ -5,6 +5,7 @@
 //! handler). Disk images live in a scratch directory per test.
 
 mod driver;
+mod framing;
 mod io;
 mod overlay;
 mod robust;
