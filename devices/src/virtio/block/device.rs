@@ -105,6 +105,8 @@ impl Block {
     /// Run every available request. Returns whether any chain was used.
     pub(crate) fn process_queue(&mut self) -> bool {
         let discard = !self.is_read_only();
+        // Without FLUSH the driver cannot ask for durability, so every write gets it.
+        let writethrough = self.acked_features & feature(VIRTIO_BLK_F_FLUSH) == 0;
         let Self {
             active,
             backend,
@@ -125,6 +127,7 @@ impl Block {
             disk: backend.disk_mut(),
             serial,
             discard,
+            writethrough,
             scratch,
         };
         let mut used = false;

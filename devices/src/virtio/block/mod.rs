@@ -16,6 +16,10 @@
 //! no `unsafe` on the data path). An io_uring or thread-pool path would replace `request.rs`'s
 //! execution, not its validation.
 //!
+//! Durability: completed writes sit in the host page cache until the driver sends FLUSH
+//! (`fdatasync` of the image or overlay). A driver that did not negotiate FLUSH cannot ask
+//! for that, so for it every write and discard is synced before it completes (writethrough).
+//!
 //! Every chain is untrusted: a malformed request completes with `VIRTIO_BLK_S_IOERR` (or is
 //! returned with used length 0 when it has no writable status byte) and is logged; nothing the
 //! guest does can panic the device, make it spin, or grow its memory without bound.

@@ -55,6 +55,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) serial: &'a [u8; SERIAL_LEN],
     /// Whether DISCARD is offered (not on read-only disks).
     pub(crate) discard: bool,
+    /// The driver did not negotiate FLUSH: make every write durable before completing it.
+    pub(crate) writethrough: bool,
     /// The bounce buffer, grown up to [`BOUNCE_LEN`] and reused.
     pub(crate) scratch: &'a mut Vec<u8>,
 }
@@ -177,17 +179,29 @@ fn execute(mem: &GuestMemory, descs: &[Descriptor], ctx: &mut Ctx<'_>) -> Result
     let sector = u64::from_le_bytes(sector);
     let pieces = data_pieces(descs)?;
     let data = pieces.as_slice();
+    let durable = |disk: &mut dyn Disk, wt: bool| match wt {
+        true => disk
+            .flush()
+            .map_err(|e| ioerr(format!("writethrough flush: {e}"))),
+        false => Ok(()),
+    };
     match ty {
         VIRTIO_BLK_T_IN => read_write(mem, data, sector, ctx, true),
         VIRTIO_BLK_T_OUT if ctx.disk.is_read_only() => Err(ioerr("write to a read-only disk")),
-        VIRTIO_BLK_T_OUT => read_write(mem, data, sector, ctx, false).map(|_| 0),
+        VIRTIO_BLK_T_OUT => {
+            read_write(mem, data, sector, ctx, false)?;
+            durable(ctx.disk, ctx.writethrough).map(|()| 0)
+        }
         VIRTIO_BLK_T_FLUSH => ctx
             .disk
             .flush()
             .map(|()| 0)
             .map_err(|e| ioerr(format!("flush: {e}"))),
         VIRTIO_BLK_T_GET_ID => get_id(mem, data, ctx.serial),
-        VIRTIO_BLK_T_DISCARD if ctx.discard => discard(mem, data, ctx.disk).map(|()| 0),
+        VIRTIO_BLK_T_DISCARD if ctx.discard => {
+            discard(mem, data, ctx.disk)?;
+            durable(ctx.disk, ctx.writethrough).map(|()| 0)
+        }
         _ => Err(Failure::Unsupp(format!("request type {ty}"))),
     }
 }

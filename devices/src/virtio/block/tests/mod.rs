@@ -4,6 +4,7 @@
 //! status bytes) and the event loop (a kick writes the queue eventfd and calls the device's
 //! handler). Disk images live in a scratch directory per test.
 
+mod backend;
 mod driver;
 mod framing;
 mod io;
