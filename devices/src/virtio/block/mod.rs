@@ -38,7 +38,7 @@ use std::path::PathBuf;
 
 pub use device::Block;
 pub use disk::{Disk, RawFile};
-pub use overlay::{Overlay, CLUSTER_SIZE};
+pub use overlay::{Overlay, CLUSTER_SIZE, MAX_OVERLAY_LEN};
 pub use state::{Backend, BackendState, BlockConfigState, BlockState, BLOCK_STATE_VERSION};
 
 /// The virtio device ID of a block device.

@@ -55,10 +55,23 @@ pub struct Overlay {
     bitmap: Vec<u64>,
 }
 
+/// The largest base an overlay takes: 1 TiB, a 32 MiB bitmap. The bitmap lives in memory
+/// and in every snapshot, so a larger disk wants larger clusters or on-disk metadata.
+pub const MAX_OVERLAY_LEN: u64 = 1 << 40;
+
 fn bitmap_words(len: u64) -> usize {
-    // A disk of 2^64 bytes has 2^52 clusters: 2^46 words, which does not fit a 32-bit usize
-    // but does fit a 64-bit one; saturate rather than wrap.
+    // At most MAX_OVERLAY_LEN / 4096 / 64 = 2^22 words once `check_len` passed.
     usize::try_from(len.div_ceil(CLUSTER_SIZE).div_ceil(64)).unwrap_or(usize::MAX)
+}
+
+fn check_len(len: u64, overlay: &Path) -> Result<(), BlockError> {
+    if len > MAX_OVERLAY_LEN {
+        return Err(BlockError::OverlayMismatch {
+            path: overlay.to_path_buf(),
+            reason: format!("the base has {len} bytes; overlays take at most {MAX_OVERLAY_LEN}"),
+        });
+    }
+    Ok(())
 }
 
 impl Overlay {
@@ -70,6 +83,7 @@ impl Overlay {
         let (base_path, overlay_path) = (base.into(), overlay.into());
         let base = open_file(&base_path, false)?;
         let len = file_len(&base, &base_path)?;
+        check_len(len, &overlay_path)?;
         let open_err = |source| BlockError::Open {
             path: overlay_path.clone(),
             source,
@@ -100,6 +114,7 @@ impl Overlay {
         let (base_path, overlay_path) = (base.into(), overlay.into());
         let base = open_file(&base_path, false)?;
         let len = file_len(&base, &base_path)?;
+        check_len(len, &overlay_path)?;
         let file = open_file(&overlay_path, true)?;
         let overlay_len = file_len(&file, &overlay_path)?;
         let mismatch = |reason: String| BlockError::OverlayMismatch {

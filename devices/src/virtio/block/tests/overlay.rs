@@ -4,6 +4,7 @@
 use super::*;
 use crate::virtio::block::{
     BackendState, BlockError, BlockState, Disk, Overlay, BLOCK_STATE_VERSION, CLUSTER_SIZE,
+    MAX_OVERLAY_LEN,
 };
 
 const BASE: usize = 256 * 1024;
@@ -248,6 +249,17 @@ fn overlay_files_are_checked() {
         Overlay::reopen(&small, dir.path("s.ovl"), vec![1 << 10]),
         Err(BlockError::OverlayMismatch { .. })
     ));
+    // A base too large for an in-memory bitmap (sparse: no disk space used).
+    let huge = dir.path("huge.img");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(MAX_OVERLAY_LEN + 4096)
+        .unwrap();
+    assert!(matches!(
+        Overlay::create(&huge, dir.path("h.ovl")),
+        Err(BlockError::OverlayMismatch { .. })
+    ));
+    assert!(!dir.path("h.ovl").exists());
     // An overlay of another size.
     assert!(matches!(
         Overlay::reopen(&base_path, dir.path("s.ovl"), vec![0; 1]),
