@@ -10,6 +10,7 @@ mod framing;
 mod io;
 mod overlay;
 mod robust;
+mod transport;
 
 use driver::GuestQueue;
 
