@@ -11,6 +11,8 @@
 //! cannot be written (missing, device-readable, outside memory, or a broken or looping
 //! chain) is returned with used length 0, which is all the device can do.
 
+mod discard;
+
 use tracing::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
@@ -18,13 +20,11 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::consts::*;
 use super::disk::Disk;
-use super::{BOUNCE_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SERIAL_LEN};
+use super::{BOUNCE_LEN, SECTOR_SIZE, SERIAL_LEN};
 use crate::virtio::GuestMemory;
 
 /// Size of the request header.
 const HEADER_LEN: u32 = 16;
-/// Size of one discard segment (`le64 sector, le32 num_sectors, le32 flags`).
-const DISCARD_SEG_LEN: usize = 16;
 
 /// The status byte values.
 const S_OK: u8 = 0;
@@ -199,7 +199,7 @@ fn execute(mem: &GuestMemory, descs: &[Descriptor], ctx: &mut Ctx<'_>) -> Result
             .map_err(|e| ioerr(format!("flush: {e}"))),
         VIRTIO_BLK_T_GET_ID => get_id(mem, data, ctx.serial),
         VIRTIO_BLK_T_DISCARD if ctx.discard => {
-            discard(mem, data, ctx.disk)?;
+            discard::discard(mem, data, ctx.disk)?;
             durable(ctx.disk, ctx.writethrough).map(|()| 0)
         }
         _ => Err(Failure::Unsupp(format!("request type {ty}"))),
@@ -298,41 +298,4 @@ fn get_id(mem: &GuestMemory, data: &[Piece], serial: &[u8; SERIAL_LEN]) -> Resul
         rest = &rest[n..];
     }
     Ok(u32::try_from(SERIAL_LEN - rest.len()).unwrap_or(0))
-}
-
-/// DISCARD: every segment is checked before any is applied.
-fn discard(mem: &GuestMemory, data: &[Piece], disk: &mut dyn Disk) -> Result<(), Failure> {
-    let total = check_data(mem, data, false)?;
-    let segs = total / DISCARD_SEG_LEN as u64;
-    if total % DISCARD_SEG_LEN as u64 != 0 || segs == 0 || segs > u64::from(MAX_DISCARD_SEG) {
-        return Err(ioerr(format!("discard data of {total} bytes")));
-    }
-    // At most MAX_DISCARD_SEG * 16 bytes.
-    let mut raw = Vec::with_capacity(MAX_DISCARD_SEG as usize * DISCARD_SEG_LEN);
-    for d in data {
-        let start = raw.len();
-        raw.resize(start + d.len as usize, 0);
-        mem.read_slice(&mut raw[start..], d.addr)
-            .map_err(|e| ioerr(e.to_string()))?;
-    }
-    let mut ranges = Vec::new();
-    for seg in raw.chunks_exact(DISCARD_SEG_LEN) {
-        let le32 = |at: usize| u32::from_le_bytes([seg[at], seg[at + 1], seg[at + 2], seg[at + 3]]);
-        let sector = u64::from(le32(0)) | u64::from(le32(4)) << 32;
-        let (num, flags) = (le32(8), le32(12));
-        if flags != 0 {
-            // The unmap flag belongs to WRITE_ZEROES; unknown flags are unsupported too.
-            return Err(Failure::Unsupp(format!("discard flags {flags:#x}")));
-        }
-        if num > MAX_DISCARD_SECTORS {
-            return Err(ioerr(format!("discard of {num} sectors")));
-        }
-        let len = u64::from(num) * SECTOR_SIZE;
-        ranges.push((disk_range(disk, sector, len)?, len));
-    }
-    for (offset, len) in ranges {
-        disk.discard(offset, len)
-            .map_err(|e| ioerr(format!("discard at {offset}: {e}")))?;
-    }
-    Ok(())
 }
