@@ -36,6 +36,7 @@
 //! }
 //! ```
 
+pub mod block;
 pub mod mmio;
 mod state;
 pub mod vsock;
