@@ -3,6 +3,7 @@
 //! `cargo xtask bench`, which also collects them into `target/bench.json`.
 
 mod boot;
+mod fork;
 mod restore_direct;
 mod snapshot;
 mod stats;
@@ -35,6 +36,12 @@ struct Args {
     /// Runs for each of `snapshot` and `restore` (at least 3 for a median).
     #[arg(long, default_value_t = 3)]
     snapshot_runs: usize,
+    /// Forks to time for `fork` and `fork_memory` (at least 3 for a median).
+    #[arg(long, default_value_t = 3)]
+    fork_runs: usize,
+    /// Clones per fork for `fork` and `fork_memory`.
+    #[arg(long, default_value_t = 16)]
+    fork_count: u32,
 }
 
 fn main() -> Result<()> {
@@ -101,6 +108,20 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(snapshot::run(&runner, &params)?);
+    }
+    if wanted("fork") || wanted("fork_memory") {
+        let runner = kiln_tests::Runner::detect()?;
+        let params = fork::Params {
+            runs: args.fork_runs,
+            count: args.fork_count,
+        };
+        eprintln!(
+            "bench fork/fork_memory: {} forks of {} clones, {}",
+            params.runs,
+            params.count,
+            runner.describe()
+        );
+        results.extend(fork::run(&runner, &params)?);
     }
     for r in &results {
         println!("{r}");
