@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::seccomp::{Filters, ThreadKind};
 use crate::vmm::{Controller, Request, Response};
 
 /// The longest request line the server reads.
@@ -69,7 +70,12 @@ pub struct ApiServer {
 impl ApiServer {
     /// Creates the socket at `path` (which must not exist) and serves it on a thread of its
     /// own, a thread per connection.
-    pub fn start(path: &Path, controller: Controller) -> Result<ApiServer, ApiError> {
+    /// With `seccomp`, the API's threads run under the API filter.
+    pub fn start(
+        path: &Path,
+        controller: Controller,
+        seccomp: Option<Filters>,
+    ) -> Result<ApiServer, ApiError> {
         if path.symlink_metadata().is_ok() {
             return Err(ApiError::Exists(path.to_owned()));
         }
@@ -82,7 +88,15 @@ impl ApiServer {
         let stop = stopping.clone();
         let accept = std::thread::Builder::new()
             .name("kiln-api".into())
-            .spawn(move || accept_loop(&listener, &controller, &stop));
+            .spawn(move || {
+                if let Some(filters) = seccomp {
+                    if let Err(e) = filters.install(ThreadKind::Api) {
+                        tracing::error!("the control API is not served: {e}");
+                        return;
+                    }
+                }
+                accept_loop(&listener, &controller, &stop);
+            });
         let mut server = ApiServer {
             path: path.to_owned(),
             id,
@@ -284,7 +298,9 @@ mod tests {
         let path = dir.join("taken");
         std::fs::write(&path, b"not a socket").unwrap();
         let (controller, _queue) = crate::vmm::control_channel().unwrap();
-        let err = ApiServer::start(&path, controller).err().expect("refused");
+        let err = ApiServer::start(&path, controller, None)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("already exists"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -298,7 +314,7 @@ mod tests {
         let (controller, queue) = crate::vmm::control_channel().unwrap();
         // No event loop: requests fail cleanly, bad lines are answered before that.
         drop(queue);
-        let server = ApiServer::start(&path, controller).unwrap();
+        let server = ApiServer::start(&path, controller, None).unwrap();
         let mut stream = UnixStream::connect(&path).unwrap();
         stream
             .write_all(b"not json\n{\"cmd\":\"status\"}\n")

@@ -146,6 +146,10 @@ pub struct VmArgs {
     /// write only those. Needs a /dev/kvm with dirty page logging.
     #[arg(long)]
     pub track_dirty_pages: bool,
+    /// Do not confine kiln's threads with seccomp filters (for debugging a filter only:
+    /// the VMM then runs with every syscall open to it).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 #[derive(Args, Debug)]
@@ -231,6 +235,9 @@ pub struct RestoreArgs {
     /// over this snapshot.
     #[arg(long)]
     pub track_dirty_pages: bool,
+    /// Do not confine kiln's threads with seccomp filters (for debugging a filter only).
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
     #[arg(long)]
     pub json: bool,
@@ -316,6 +323,9 @@ impl VmArgs {
             config.serial = s.clone();
         }
         config.track_dirty_pages |= self.track_dirty_pages;
+        if self.no_seccomp {
+            config.seccomp = false;
+        }
         config.validate()?;
         Ok(config)
     }

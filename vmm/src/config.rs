@@ -68,6 +68,14 @@ pub struct VmConfig {
     /// write fault per page per snapshot interval; off by default.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Confine kiln's threads with seccomp filters once the VM runs (on by default; turn
+    /// off only to debug a filter).
+    #[serde(default = "default_seccomp")]
+    pub seccomp: bool,
+}
+
+fn default_seccomp() -> bool {
+    true
 }
 
 fn default_cmdline() -> String {
@@ -119,6 +127,7 @@ impl VmConfig {
             memory_mib: default_memory(),
             serial: SerialOutput::default(),
             track_dirty_pages: false,
+            seccomp: default_seccomp(),
         }
     }
 

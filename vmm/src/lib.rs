@@ -1,7 +1,8 @@
 //! kiln: a microVM monitor for CI jobs.
 //!
 //! Read top-down: [`config`] says what to boot, [`vmm`] builds and runs it from
-//! [`memory`], [`vstate`] (KVM VM and vCPUs), [`boot`] (kernel loading) and [`devices`].
+//! [`memory`], [`vstate`] (KVM VM and vCPUs), [`boot`] (kernel loading) and [`devices`];
+//! once it runs, [`seccomp`] confines each of its threads.
 
 pub mod api;
 pub mod arch;
@@ -11,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

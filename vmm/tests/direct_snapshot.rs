@@ -95,6 +95,7 @@ fn spec(code: Vec<u8>, console: &Captured, track_dirty_pages: bool) -> MachineSp
         boot_done: None,
         snapshot_on_request: None,
         track_dirty_pages,
+        seccomp: false,
     }
 }
 
@@ -107,6 +108,7 @@ fn restore(dir: &std::path::Path) -> (GuestExit, Vec<u8>) {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        seccomp: false,
     })
     .unwrap()
     .run()
@@ -216,6 +218,7 @@ fn snapshot_diff_layers_over_its_base() {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        seccomp: false,
     })
     .err()
     .expect("a diff over a changed base was restored")
@@ -255,6 +258,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         boot_done: None,
         snapshot_on_request: None,
         track_dirty_pages: false,
+        seccomp: false,
     };
     let vmm = Vmm::build(spec).unwrap();
     let controller = vmm.controller();
@@ -287,6 +291,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        seccomp: false,
     })
     .unwrap()
     .run()
@@ -307,6 +312,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        seccomp: false,
     })
     .unwrap()
     .run()

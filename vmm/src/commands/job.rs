@@ -70,6 +70,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
         }
         None => booted_vm(args, &uds, events.clone(), start)?,
     };
+    super::run::seccomp_filters(&vmm)?;
     let stop = Arc::new(vmm.stop_handle()?);
     let vm_thread = std::thread::Builder::new()
         .name("kiln-vmm".into())
@@ -158,6 +159,7 @@ fn restored_vm(args: &JobArgs, snapshot: &Path, uds: &Path, start: Instant) -> a
         start,
         boot_done: None,
         track_dirty_pages: args.vm.track_dirty_pages,
+        seccomp: !args.vm.no_seccomp,
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
     if vmm.vsock.is_none() {

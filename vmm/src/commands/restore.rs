@@ -31,6 +31,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         start,
         boot_done: None,
         track_dirty_pages: args.track_dirty_pages,
+        seccomp: !args.no_seccomp,
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     if vmm.vsock.is_none() {

@@ -13,6 +13,7 @@ use anyhow::Context;
 use crate::api::ApiServer;
 use crate::cli::RunArgs;
 use crate::config::{SerialOutput, VmConfig};
+use crate::seccomp::Filters;
 use crate::vmm::{GuestExit, MachineSpec, StopHandle, Vmm, VsockSpec};
 
 pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>> {
@@ -62,6 +63,19 @@ pub(crate) fn stop_on_signals(stop: StopHandle) -> anyhow::Result<Arc<AtomicI32>
     Ok(caught)
 }
 
+/// The seccomp filters the VM's threads will run under, or `None` (and a loud warning) when
+/// they are turned off.
+pub(crate) fn seccomp_filters(vmm: &Vmm) -> anyhow::Result<Option<Filters>> {
+    if vmm.seccomp_enabled() {
+        return Ok(Some(Filters::get()?));
+    }
+    eprintln!(
+        "kiln: WARNING: seccomp is off (--no-seccomp): the VMM's threads may make any syscall; \
+         use this only to debug a filter"
+    );
+    Ok(None)
+}
+
 /// Checks that the kernel and the initramfs can be read, naming the one that cannot.
 pub(crate) fn check_files(config: &VmConfig) -> anyhow::Result<()> {
     check_readable("kernel", &config.kernel)?;
@@ -89,8 +103,9 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
 /// it, 128 + N when signal N did, 1 on a panic or fault.
 pub(crate) fn run_to_end(vmm: Vmm, api: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
     let stopped_by = stop_on_signals(vmm.stop_handle()?)?;
+    let filters = seccomp_filters(&vmm)?;
     let api_server = match api {
-        Some(path) => Some(ApiServer::start(path, vmm.controller())?),
+        Some(path) => Some(ApiServer::start(path, vmm.controller(), filters)?),
         None => None,
     };
     let report = vmm.run();

@@ -27,6 +27,8 @@ pub struct RestoreSpec {
     pub boot_done: Option<BootDoneHook>,
     /// Log dirty pages, so that the restored VM can take diff snapshots over this one.
     pub track_dirty_pages: bool,
+    /// Confine the VMM's threads with seccomp once the VM runs.
+    pub seccomp: bool,
 }
 
 /// How many diffs deep a chain of snapshots may be.
@@ -123,6 +125,7 @@ impl Vmm {
                 digest,
             }),
             snapshot_on_request: None,
+            seccomp: spec.seccomp,
         })
     }
 }

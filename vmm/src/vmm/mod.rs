@@ -50,6 +50,8 @@ pub enum VmmError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What the guest runs.
@@ -90,6 +92,8 @@ pub struct MachineSpec {
     pub boot_done: Option<BootDoneHook>,
     /// Have KVM log the pages the guest writes, so that snapshots can be diffs.
     pub track_dirty_pages: bool,
+    /// Confine the VMM's threads with seccomp filters once the VM runs ([`crate::seccomp`]).
+    pub seccomp: bool,
 }
 
 impl MachineSpec {
@@ -115,6 +119,7 @@ impl MachineSpec {
             boot_done: None,
             snapshot_on_request: None,
             track_dirty_pages: config.track_dirty_pages,
+            seccomp: config.seccomp,
         }
     }
 }
@@ -210,6 +215,8 @@ pub struct Vmm {
     /// The snapshot a diff snapshot would layer over: the last one taken, or the one this
     /// VM was restored from.
     pub(crate) diff_base: Option<SnapshotRef>,
+    /// Whether [`Vmm::run`] confines its threads with seccomp.
+    pub(crate) seccomp: bool,
     pub(crate) snapshot_on_request: Option<PathBuf>,
 }
 
@@ -332,6 +339,7 @@ impl Vmm {
             vm,
             dirty_log: spec.track_dirty_pages,
             diff_base: None,
+            seccomp: spec.seccomp,
             snapshot_on_request: spec.snapshot_on_request,
         })
     }
@@ -339,6 +347,11 @@ impl Vmm {
     /// A handle for pause/resume/snapshot/status/shutdown requests from other threads.
     pub fn controller(&self) -> Controller {
         self.controller.clone()
+    }
+
+    /// Whether [`Vmm::run`] will confine the VM's threads with seccomp.
+    pub fn seccomp_enabled(&self) -> bool {
+        self.seccomp
     }
 
     /// A handle that stops the VM from another thread (or a signal handler thread).

@@ -10,12 +10,18 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::core::VmmCore;
 use super::{GuestExit, RunReport, Subscriber, Vmm, VmmError};
 use crate::devices::DeviceError;
+use crate::seccomp::{Filters, ThreadKind};
 use crate::vstate::vcpu::VcpuShared;
 use crate::vstate::vcpu_control::Command;
 
 impl Vmm {
     /// Runs the guest until it resets, halts, panics or faults, or is stopped.
     pub fn run(self) -> Result<RunReport, VmmError> {
+        // Compiled before any thread starts, so that a failure stops nothing half-way.
+        let filters = match self.seccomp {
+            true => Some(Filters::get().map_err(VmmError::Seccomp)?),
+            false => None,
+        };
         let first_run = Arc::new(OnceLock::new());
         let (tx, rx) = channel();
         let exited = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -30,6 +36,7 @@ impl Vmm {
                 first_run: first_run.clone(),
                 outcomes: tx.clone(),
                 exited: exited.try_clone().map_err(DeviceError::EventFd)?,
+                seccomp: filters.clone(),
             };
             match vcpu.start(shared) {
                 Ok(h) => handles.push(h),
@@ -62,7 +69,11 @@ impl Vmm {
             snapshot_on_request: self.snapshot_on_request,
         }));
         let result = if start_error.is_none() {
-            event_loop(&core, self.subscribers)
+            // From here on this thread runs the event loop, then tears the VM down.
+            match filters.as_ref().map(|f| f.install(ThreadKind::Vmm)) {
+                Some(Err(e)) => Err(VmmError::Seccomp(e)),
+                _ => event_loop(&core, self.subscribers),
+            }
         } else {
             Ok(())
         };

@@ -21,6 +21,7 @@ use super::vcpu_state;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, msr, regs, regs::CpuMode};
 use crate::devices::Buses;
+use crate::seccomp::{Filters, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -91,6 +92,8 @@ pub struct VcpuShared {
     pub first_run: Arc<OnceLock<Instant>>,
     pub outcomes: Sender<(u8, VcpuOutcome)>,
     pub exited: EventFd,
+    /// The filters to confine the thread with before its first KVM_RUN (`None`: off).
+    pub seccomp: Option<Filters>,
 }
 
 /// A vCPU that has been created and configured but not started.
@@ -170,7 +173,14 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("kiln-vcpu{index}"))
             .spawn(move || {
-                let outcome = self.run(&shared, &thread_control);
+                let confined = match &shared.seccomp {
+                    Some(filters) => filters.install(ThreadKind::Vcpu),
+                    None => Ok(()),
+                };
+                let outcome = match confined {
+                    Ok(()) => self.run(&shared, &thread_control),
+                    Err(e) => VcpuOutcome::Fault(e.to_string()),
+                };
                 thread_control.mark_ended();
                 // The receiver may be gone if the VMM is already exiting; nothing to do then.
                 let _ = shared.outcomes.send((index, outcome));
