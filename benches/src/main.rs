@@ -4,9 +4,11 @@
 
 mod boot;
 mod fork;
+mod kiln_process;
 mod restore_direct;
 mod snapshot;
 mod stats;
+mod vmm_memory;
 mod vmm_setup;
 mod vsock;
 
@@ -59,6 +61,10 @@ fn main() -> Result<()> {
             args.setup_runs
         );
         results.extend(vmm_setup::run(&bins.kiln, args.setup_runs)?);
+    }
+    if wanted("vmm_memory") {
+        eprintln!("bench vmm_memory: 5 VMs on the direct path");
+        results.extend(vmm_memory::run(&bins.kiln, 5)?);
     }
     if wanted("restore_direct") {
         eprintln!(

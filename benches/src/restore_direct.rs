@@ -6,17 +6,14 @@
 //! its own API socket once it serves it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
+use crate::kiln_process::{ctl, wait_for_socket, Stopper};
 use crate::stats;
 use crate::vmm_setup::last_json_line;
-
-/// How long a kiln process may take to serve its API socket.
-const SOCKET_WAIT: Duration = Duration::from_secs(30);
 
 pub fn run(kiln: &Path, runs: usize) -> Result<Vec<Value>> {
     let dir = kiln_tests::tmp::TempDir::new("bench-restore-direct")?;
@@ -41,7 +38,7 @@ pub fn run(kiln: &Path, runs: usize) -> Result<Vec<Value>> {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting kiln restore")?;
-        let child = Stopper(Some(child));
+        let child = Stopper::new(child);
         wait_for_socket(&api)?;
         ctl(kiln, &api, "shutdown")?;
         let out = child.finish()?;
@@ -85,7 +82,7 @@ fn take_snapshot(kiln: &Path, kernel: &Path, dir: &Path, snapshot: &Path) -> Res
         .stderr(Stdio::piped())
         .spawn()
         .context("starting kiln run")?;
-    let child = Stopper(Some(child));
+    let child = Stopper::new(child);
     wait_for_socket(&api)?;
     let snapshot_arg = snapshot.to_str().context("non-UTF-8 scratch path")?;
     ctl(kiln, &api, &format!("snapshot --dir {snapshot_arg}"))?;
@@ -98,55 +95,4 @@ fn take_snapshot(kiln: &Path, kernel: &Path, dir: &Path, snapshot: &Path) -> Res
         );
     }
     Ok(())
-}
-
-fn ctl(kiln: &Path, api: &Path, request: &str) -> Result<()> {
-    let out = Command::new(kiln)
-        .arg("ctl")
-        .arg("--api")
-        .arg(api)
-        .args(request.split(' '))
-        .output()
-        .context("running kiln ctl")?;
-    if !out.status.success() {
-        bail!(
-            "kiln ctl {request}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// Waits until `path` exists (kiln binds its API socket before it runs the VM).
-fn wait_for_socket(path: &Path) -> Result<()> {
-    let deadline = Instant::now() + SOCKET_WAIT;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            bail!("{} did not appear within {SOCKET_WAIT:?}", path.display());
-        }
-        // Polling for a file that has no other notification; bounded by the deadline.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-/// A kiln process killed if it is still running when dropped, so that a failed run leaves
-/// no spinning VM behind.
-struct Stopper(Option<Child>);
-
-impl Stopper {
-    fn finish(mut self) -> Result<std::process::Output> {
-        let child = self.0.take().context("process already collected")?;
-        Ok(child.wait_with_output()?)
-    }
-}
-
-impl Drop for Stopper {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }

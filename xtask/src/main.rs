@@ -1,12 +1,13 @@
 //! `cargo xtask …`: the project's entry points for set-up, the demo, the tests and the
 //! benchmarks. Run from anywhere in the checkout; paths are taken from the repo root.
 
+mod bench;
+mod budgets;
 mod demo;
 mod setup;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -31,9 +32,10 @@ enum Task {
     Demo,
     /// Set up, then cargo fmt --check, clippy -D warnings and every test of the workspace.
     Test,
-    /// Run the benchmarks (release build); prints one JSON object per line and writes
-    /// them all to target/bench.json.
-    Bench,
+    /// Run the benchmarks (release build); prints one JSON object per line, writes them
+    /// all to target/bench.json and prints a table; `--check` holds them to
+    /// benches/budgets.toml.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,7 +44,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
         Task::Test => test(),
-        Task::Bench => bench(),
+        Task::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,38 +101,4 @@ fn test() -> Result<()> {
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("xtask test: == {name} ==");
     f().with_context(|| format!("step `{name}` failed"))
-}
-
-fn bench() -> Result<()> {
-    setup::run()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    std::fs::create_dir_all(&target)
-        .with_context(|| format!("could not create {}", target.display()))?;
-    let out_path = target.join("bench.json");
-    let mut out = std::fs::File::create(&out_path)
-        .with_context(|| format!("could not create {}", out_path.display()))?;
-
-    let mut child = cargo()
-        .args(["run", "--quiet", "--release", "-p", "kiln-benches"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("could not run the kiln-benches binary")?;
-    let stdout = child.stdout.take().context("bench stdout not captured")?;
-    let mut records = 0;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading the benchmarks' output")?;
-        println!("{line}");
-        if serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|v| v.is_object()) {
-            writeln!(out, "{line}").with_context(|| format!("writing {}", out_path.display()))?;
-            records += 1;
-        }
-    }
-    let status = child.wait().context("waiting for kiln-benches")?;
-    eprintln!("xtask bench: {records} results in {}", out_path.display());
-    if !status.success() {
-        bail!("kiln-benches exited with {status}; the results printed so far are kept");
-    }
-    Ok(())
 }

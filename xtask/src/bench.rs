@@ -1,0 +1,122 @@
+//! `cargo xtask bench`: run the benchmarks (release build of `kiln-benches`), keep their
+//! JSON lines in `target/bench.json`, print them as a table, and with `--check` hold them
+//! to `benches/budgets.toml`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+
+use crate::budgets::{self, Budgets};
+use crate::{cargo, repo_root, setup};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Only benchmarks whose name contains this (comma-separated: any of these).
+    filter: Option<String>,
+    /// Check the results against benches/budgets.toml; fail if one is over budget.
+    #[arg(long)]
+    check: bool,
+    /// Do not run the benchmarks: take the results from this file (JSON lines).
+    #[arg(long, value_name = "FILE")]
+    results: Option<PathBuf>,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let results = match &args.results {
+        Some(path) => budgets::read_results(path)?,
+        None => run_benches(args.filter.as_deref())?,
+    };
+    print_table(&results);
+    if args.check {
+        let path = repo_root().join("benches/budgets.toml");
+        let verdicts = Budgets::load(&path)?.check(&results);
+        println!();
+        if !budgets::report(&verdicts) {
+            bail!(
+                "over budget (see the table above; budgets in {})",
+                path.display()
+            );
+        }
+        println!("xtask bench: every budget holds");
+    }
+    Ok(())
+}
+
+fn run_benches(filter: Option<&str>) -> Result<Vec<Value>> {
+    setup::run()?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    std::fs::create_dir_all(&target)
+        .with_context(|| format!("could not create {}", target.display()))?;
+    let out_path = target.join("bench.json");
+    let mut out = std::fs::File::create(&out_path)
+        .with_context(|| format!("could not create {}", out_path.display()))?;
+
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "--release", "-p", "kiln-benches", "--"]);
+    cmd.args(filter);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not run the kiln-benches binary")?;
+    let stdout = child.stdout.take().context("bench stdout not captured")?;
+    let mut results = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading the benchmarks' output")?;
+        println!("{line}");
+        if let Ok(value @ Value::Object(_)) = serde_json::from_str::<Value>(&line) {
+            writeln!(out, "{line}").with_context(|| format!("writing {}", out_path.display()))?;
+            results.push(value);
+        }
+    }
+    let status = child.wait().context("waiting for kiln-benches")?;
+    eprintln!(
+        "xtask bench: {} results in {}",
+        results.len(),
+        out_path.display()
+    );
+    if !status.success() {
+        bail!("kiln-benches exited with {status}; the results printed so far are kept");
+    }
+    Ok(results)
+}
+
+/// One row per result: its median, min and max in the unit its fields name.
+fn print_table(results: &[Value]) {
+    println!();
+    println!(
+        "{:<18} {:<8} {:>5} {:>12} {:>12} {:>12}  unit",
+        "bench", "path", "runs", "median", "min", "max"
+    );
+    for r in results {
+        let Some(fields) = r.as_object() else {
+            continue;
+        };
+        let unit = fields
+            .keys()
+            .find_map(|k| k.strip_prefix("median_"))
+            .unwrap_or("?");
+        let num = |key: &str| {
+            fields
+                .get(&format!("{key}_{unit}"))
+                .and_then(Value::as_f64)
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
+        };
+        println!(
+            "{:<18} {:<8} {:>5} {:>12} {:>12} {:>12}  {unit}",
+            r["bench"].as_str().unwrap_or("?"),
+            r["path"].as_str().unwrap_or("?"),
+            r["runs"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |n| n.to_string()),
+            num("median"),
+            num("min"),
+            num("max"),
+        );
+    }
+}
