@@ -42,7 +42,7 @@ mod state;
 pub mod vsock;
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -97,6 +97,8 @@ pub struct VirtioInterrupt {
     status: Arc<AtomicU32>,
     config_generation: Arc<AtomicU32>,
     irq: Arc<EventFd>,
+    /// Set when the device found the driver's rings corrupt; cleared by a reset.
+    broken: Arc<AtomicBool>,
 }
 
 impl VirtioInterrupt {
@@ -106,6 +108,7 @@ impl VirtioInterrupt {
             status: Arc::new(AtomicU32::new(0)),
             config_generation: Arc::new(AtomicU32::new(0)),
             irq: Arc::new(irq_evt),
+            broken: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -123,6 +126,24 @@ impl VirtioInterrupt {
     pub fn signal_config_change(&self) -> io::Result<()> {
         self.config_generation.fetch_add(1, Ordering::AcqRel);
         self.raise(INTERRUPT_CONFIG)
+    }
+
+    /// The device cannot go on with what the driver gave it (a corrupt ring): from now on
+    /// the transport's status register shows DEVICE_NEEDS_RESET, the guest gets a config
+    /// interrupt, and the device leaves its queues alone until the driver resets it. Logged
+    /// once per breakage.
+    pub fn device_broken(&self, why: &str) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            tracing::warn!("virtio: the device needs a reset: {why}");
+            if let Err(e) = self.signal_config_change() {
+                tracing::warn!("virtio: cannot raise the config interrupt: {e}");
+            }
+        }
+    }
+
+    /// Whether [`VirtioInterrupt::device_broken`] was called since the last reset.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     fn raise(&self, bit: u32) -> io::Result<()> {
@@ -145,9 +166,11 @@ impl VirtioInterrupt {
         self.config_generation.load(Ordering::Acquire)
     }
 
-    /// Clear the interrupt status (device reset). The generation keeps counting.
+    /// Clear the interrupt status and the broken mark (device reset). The generation keeps
+    /// counting.
     pub(crate) fn clear(&self) {
         self.status.store(0, Ordering::Release);
+        self.broken.store(false, Ordering::Release);
     }
 
     /// Put back a saved interrupt status and config generation (snapshot restore).

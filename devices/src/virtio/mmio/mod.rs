@@ -208,6 +208,7 @@ impl MmioTransport {
             reg::QUEUE_DEVICE_LOW => queue.map_or(0, |q| low(q.used_ring())),
             reg::QUEUE_DEVICE_HIGH => queue.map_or(0, |q| high(q.used_ring())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS if self.interrupt.is_broken() => self.status | status::DEVICE_NEEDS_RESET,
             reg::STATUS => self.status,
             // No shared memory regions: a length of all ones says "no such region".
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {

@@ -78,6 +78,19 @@ fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
     }
 }
 
+/// True if the queue must be left alone: the device is marked broken, or the driver's avail
+/// ring is corrupt (its index runs more than a ring ahead of ours), which marks it broken.
+fn unusable(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt, name: &str) -> bool {
+    if irq.is_broken() {
+        return true;
+    }
+    if let Err(e) = queue.iter(mem) {
+        irq.device_broken(&format!("vsock {name} queue: {e}"));
+        return true;
+    }
+    false
+}
+
 /// Pop every available tx chain and hand each packet that parses to `handle`. Returns
 /// whether any chain was used.
 pub(crate) fn drain_tx(
@@ -86,6 +99,9 @@ pub(crate) fn drain_tx(
     irq: &VirtioInterrupt,
     mut handle: impl FnMut(&TxPkt<'_>),
 ) -> bool {
+    if unusable(queue, mem, irq, "tx") {
+        return false;
+    }
     let mut used = false;
     let mut empty_rounds = 0;
     let mut scratch = TxScratch::default();
@@ -244,6 +260,9 @@ pub(crate) fn fill_rx(
     mut more: impl FnMut() -> bool,
     mut fill: impl FnMut(&mut RxPkt<'_>) -> Option<u32>,
 ) -> bool {
+    if unusable(queue, mem, irq, "rx") {
+        return false;
+    }
     let mut used = false;
     let mut starved = false;
     let mut retried = false;
@@ -302,6 +321,9 @@ pub(crate) fn write_event(
     irq: &VirtioInterrupt,
     id: u32,
 ) -> bool {
+    if unusable(queue, mem, irq, "event") {
+        return false;
+    }
     loop {
         let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
             let _ = queue.enable_notification(mem);
