@@ -150,6 +150,37 @@ pub struct VmArgs {
     /// the VMM then runs with every syscall open to it).
     #[arg(long)]
     pub no_seccomp: bool,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+}
+
+/// `--slot`: run in a cgroup v2 slot (see `kiln::slot`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SlotArgs {
+    /// Run the VM in the cgroup `kiln/slot-N` (cgroup v2), limited to the guest's memory
+    /// plus the VMM's overhead, its vCPUs' worth of CPU and a number of processes; a VM
+    /// already in that slot is stopped first.
+    #[arg(long, value_name = "N")]
+    pub slot: Option<u32>,
+    /// The slot's memory limit in MiB (default: guest memory + 64).
+    #[arg(long, value_name = "MIB", requires = "slot")]
+    pub slot_memory: Option<u64>,
+}
+
+impl SlotArgs {
+    /// Enters the slot, if one was asked for, for a guest of `memory_mib` and `vcpus`.
+    pub fn enter(
+        &self,
+        memory_mib: u64,
+        vcpus: u8,
+    ) -> Result<Option<crate::slot::Slot>, crate::slot::SlotError> {
+        let Some(n) = self.slot else { return Ok(None) };
+        let mut limits = crate::slot::SlotLimits::for_guest(memory_mib, vcpus);
+        if let Some(m) = self.slot_memory {
+            limits.memory_mib = m;
+        }
+        crate::slot::Slot::enter(n, limits).map(Some)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +269,8 @@ pub struct RestoreArgs {
     /// Do not confine kiln's threads with seccomp filters (for debugging a filter only).
     #[arg(long)]
     pub no_seccomp: bool,
+    #[command(flatten)]
+    pub slot: SlotArgs,
     /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
     #[arg(long)]
     pub json: bool,

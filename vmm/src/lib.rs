@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod memory;
 pub mod seccomp;
+pub mod slot;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

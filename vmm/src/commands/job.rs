@@ -20,6 +20,7 @@ use super::exec::parse_env;
 use super::run::{check_files, console_sink};
 use crate::cli::JobArgs;
 use crate::config::SerialOutput;
+use crate::slot::Slot;
 use crate::snapshot::restore::RestoreSpec;
 use crate::vmm::{GuestExit, MachineSpec, RunReport, StopHandle, Vmm, VsockSpec};
 
@@ -46,9 +47,13 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let runtime = RuntimeDir::create()?;
     let uds = runtime.path().join("vsock.sock");
     let (events, vm_events) = channel();
-    let vmm = match &args.from_snapshot {
+    let (vmm, _slot) = match &args.from_snapshot {
         Some(snapshot) => {
             let vmm = restored_vm(args, snapshot, &uds, start)?;
+            let slot = args
+                .vm
+                .slot
+                .enter(vmm.machine.memory_mib, vmm.machine.vcpus)?;
             // No boot-done mark comes from a restored guest: its agent is ready once it
             // answers, with the clock and entropy refreshed.
             let (ready, uds, timeout) = (
@@ -66,7 +71,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
                     let _ = ready.send(event);
                 })
                 .context("cannot start the guest refresh thread")?;
-            vmm
+            (vmm, slot)
         }
         None => booted_vm(args, &uds, events.clone(), start)?,
     };
@@ -126,12 +131,13 @@ fn booted_vm(
     uds: &Path,
     events: std::sync::mpsc::Sender<VmEvent>,
     start: Instant,
-) -> anyhow::Result<Vmm> {
+) -> anyhow::Result<(Vmm, Option<Slot>)> {
     let mut config = args.vm.to_config()?;
     if args.vm.serial.is_none() && !config_sets_serial(args.vm.config.as_deref())? {
         config.serial = SerialOutput::Null;
     }
     check_files(&config)?;
+    let slot = args.vm.slot.enter(config.memory_mib, config.vcpus)?;
     let mut spec = MachineSpec::from_config(&config, console_sink(&config.serial)?, start);
     spec.vsock = Some(VsockSpec {
         cid: 3,
@@ -145,7 +151,7 @@ fn booted_vm(
         Some(dir) => Some(std::path::absolute(dir).context("--snapshot-at")?),
         None => None,
     };
-    Ok(Vmm::build(spec)?)
+    Ok((Vmm::build(spec)?, slot))
 }
 
 /// A VM restored from `snapshot`, its vsock device at `uds`.

@@ -34,6 +34,8 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         seccomp: !args.no_seccomp,
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
+    // Guest memory is charged to the slot as the restored guest touches it.
+    let _slot = args.slot.enter(vmm.machine.memory_mib, vmm.machine.vcpus)?;
     if vmm.vsock.is_none() {
         if let Some(vsock) = &args.vsock {
             bail!(

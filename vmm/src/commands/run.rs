@@ -88,6 +88,7 @@ pub(crate) fn check_files(config: &VmConfig) -> anyhow::Result<()> {
 pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let config: VmConfig = args.vm.to_config()?;
     check_files(&config)?;
+    let _slot = args.vm.slot.enter(config.memory_mib, config.vcpus)?;
     let mut spec = MachineSpec::from_config(&config, console_sink(&config.serial)?, start);
     spec.vsock = args.vsock.as_ref().map(|uds_path| VsockSpec {
         cid: args.cid,
