@@ -8,6 +8,7 @@ mod kiln_process;
 mod restore_direct;
 mod snapshot;
 mod stats;
+mod timeline;
 mod vmm_memory;
 mod vmm_setup;
 mod vsock;
@@ -72,6 +73,14 @@ fn main() -> Result<()> {
             args.setup_runs
         );
         results.extend(restore_direct::run(&bins.kiln, args.setup_runs)?);
+    }
+    if wanted("boot_timeline") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench boot_timeline: one boot with initcall_debug, {}",
+            runner.describe()
+        );
+        results.extend(timeline::run(&runner)?);
     }
     if wanted("boot") {
         let runner = kiln_tests::Runner::detect()?;

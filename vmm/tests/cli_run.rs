@@ -43,6 +43,32 @@ fn run_reports_json_and_exits_zero_on_reset() {
     let boot_ms = report["boot_ms"].as_f64().expect("boot_ms is a number");
     let setup_ms = report["setup_ms"].as_f64().expect("setup_ms is a number");
     assert!(setup_ms > 0.0 && boot_ms >= setup_ms, "{report}");
+    // The set-up timeline: named phases in order, ending at the first KVM_RUN.
+    let phases: Vec<(String, f64)> = report["phases_ms"]
+        .as_array()
+        .expect("phases_ms is a list")
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_f64().unwrap()))
+        .collect();
+    let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cli_and_config",
+            "guest_memory",
+            "kvm_vm_and_irqchip",
+            "devices",
+            "kernel_load",
+            "vcpus",
+            "first_kvm_run"
+        ],
+        "{report}"
+    );
+    assert!(
+        phases.windows(2).all(|w| w[0].1 <= w[1].1),
+        "phases out of order: {report}"
+    );
+    assert!((phases[6].1 - setup_ms).abs() < 1e-6, "{report}");
     assert!(stderr.contains("guest boot done in"), "{stderr}");
 
     // The same VM from a TOML config file, console to a file.

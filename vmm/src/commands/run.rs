@@ -138,6 +138,12 @@ pub(crate) fn run_to_end(vmm: Vmm, api: Option<&Path>, json: bool) -> anyhow::Re
             "result": report.exit.kind(),
             "boot_ms": report.boot_time.map(|t| t.as_secs_f64() * 1e3),
             "setup_ms": report.setup_time.map(|t| t.as_secs_f64() * 1e3),
+            // Each set-up phase's end, from the process's start, in order.
+            "phases_ms": report
+                .phases
+                .iter()
+                .map(|(name, t)| serde_json::json!([name, t.as_secs_f64() * 1e3]))
+                .collect::<Vec<_>>(),
             "exit_code": code,
             "detail": detail,
         });

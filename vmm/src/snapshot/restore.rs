@@ -126,6 +126,7 @@ impl Vmm {
             }),
             snapshot_on_request: None,
             seccomp: spec.seccomp,
+            phases: crate::vmm::Phases::default(),
         })
     }
 }

@@ -105,12 +105,18 @@ impl Vmm {
             .exit
             .take()
             .unwrap_or_else(|| GuestExit::Fault("event loop ended without an exit".into()));
+        let mut phases = self.phases.since(self.start);
+        let setup_time = first_run
+            .get()
+            .map(|t| t.saturating_duration_since(self.start));
+        if let Some(t) = setup_time {
+            phases.push(("first_kvm_run", t));
+        }
         Ok(RunReport {
             exit,
             boot_time: boot_timer.boot_time(),
-            setup_time: first_run
-                .get()
-                .map(|t| t.saturating_duration_since(self.start)),
+            setup_time,
+            phases,
         })
     }
 }
