@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod devices;
+pub mod disk;
 pub mod memory;
 pub mod snapshot;
 pub mod vmm;

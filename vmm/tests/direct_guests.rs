@@ -57,6 +57,7 @@ impl Guest {
             boot_done: None,
             snapshot_on_request: None,
             track_dirty_pages: false,
+            disks: Vec::new(),
             start: Instant::now(),
         };
         let report = Vmm::build(spec).expect("build VM").run().expect("run VM");
@@ -237,6 +238,7 @@ fn vsock_device_answers_on_the_mmio_bus() {
         boot_done: None,
         snapshot_on_request: None,
         track_dirty_pages: false,
+        disks: Vec::new(),
     };
     let vmm = Vmm::build(spec).unwrap();
     assert!(uds.exists(), "the vsock device listens on its socket");

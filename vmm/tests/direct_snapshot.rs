@@ -95,6 +95,7 @@ fn spec(code: Vec<u8>, console: &Captured, track_dirty_pages: bool) -> MachineSp
         boot_done: None,
         snapshot_on_request: None,
         track_dirty_pages,
+        disks: Vec::new(),
     }
 }
 
@@ -107,6 +108,8 @@ fn restore(dir: &std::path::Path) -> (GuestExit, Vec<u8>) {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .unwrap()
     .run()
@@ -216,6 +219,8 @@ fn snapshot_diff_layers_over_its_base() {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .err()
     .expect("a diff over a changed base was restored")
@@ -255,6 +260,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         boot_done: None,
         snapshot_on_request: None,
         track_dirty_pages: false,
+        disks: Vec::new(),
     };
     let vmm = Vmm::build(spec).unwrap();
     let controller = vmm.controller();
@@ -287,6 +293,8 @@ fn snapshot_mid_computation_restores_and_finishes() {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .unwrap()
     .run()
@@ -307,6 +315,8 @@ fn snapshot_mid_computation_restores_and_finishes() {
         start: Instant::now(),
         boot_done: None,
         track_dirty_pages: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .unwrap()
     .run()
