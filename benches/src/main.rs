@@ -2,6 +2,7 @@
 //! scripts and CI rely on" in ARCHITECTURE.md); progress goes to stderr. Run them with
 //! `cargo xtask bench`, which also collects them into `target/bench.json`.
 
+mod blk;
 mod boot;
 mod restore_direct;
 mod snapshot;
@@ -35,6 +36,12 @@ struct Args {
     /// Runs for each of `snapshot` and `restore` (at least 3 for a median).
     #[arg(long, default_value_t = 3)]
     snapshot_runs: usize,
+    /// Runs of each direction for `blk` (at least 3 for a median).
+    #[arg(long, default_value_t = 3)]
+    blk_runs: usize,
+    /// MiB per `blk` transfer.
+    #[arg(long, default_value_t = 64)]
+    blk_mib: u64,
 }
 
 fn main() -> Result<()> {
@@ -101,6 +108,23 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(snapshot::run(&runner, &params)?);
+    }
+    if wanted("blk") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench blk: {} writes and {} reads of {} MiB, {}",
+            args.blk_runs,
+            args.blk_runs,
+            args.blk_mib,
+            runner.describe()
+        );
+        results.extend(blk::run(
+            &runner,
+            &blk::Params {
+                runs: args.blk_runs,
+                mib: args.blk_mib,
+            },
+        )?);
     }
     for r in &results {
         println!("{r}");
