@@ -331,3 +331,79 @@ fn run_with_an_overlay_disk_leaves_the_base_alone() {
     assert_eq!(std::fs::read(&base).unwrap(), vec![7u8; 1 << 20]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A diff snapshot carries the disks as a full one does (the memory part is what differs):
+/// its own copy of the overlay as it is at the diff, and a restore of the diff gives the
+/// clone a copy of that.
+#[test]
+fn diff_snapshots_carry_disks_too() {
+    let dir = scratch("diff");
+    let base = dir.join("base.img");
+    image(&base, 1 << 20, 0);
+    let overlay = dir.join("vm.overlay");
+    let mut disk = DiskConfig::new(&base);
+    disk.overlay = Some(overlay.clone());
+    let console = Captured::default();
+    let code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe];
+    let mut machine = spec(code, &console, vec![disk]);
+    machine.track_dirty_pages = true;
+    let vmm = match Vmm::build(machine) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            eprintln!("this /dev/kvm has no dirty page log ({e}); nothing to check");
+            return;
+        }
+    };
+    let written = overlay.clone();
+    let write = move |at: u64, what: &[u8]| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&written)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, what, at).unwrap();
+    };
+    write(0, b"first");
+    let controller = vmm.controller();
+    let stop = vmm.stop_handle().unwrap();
+    let (full, diff) = (dir.join("full"), dir.join("diff"));
+    let (watch, full_dir, diff_dir) = (console.clone(), full.clone(), diff.clone());
+    let asker = std::thread::spawn(move || {
+        watch.wait_for(1);
+        let snap = |dir: PathBuf, kind| {
+            controller.call(Request::Snapshot {
+                dir,
+                resume: true,
+                kind,
+            })
+        };
+        let first = snap(full_dir, SnapshotKind::Full);
+        write(8192, b"second");
+        let second = snap(diff_dir, SnapshotKind::Diff);
+        stop.stop();
+        (first, second)
+    });
+    assert_eq!(vmm.run().unwrap().exit, GuestExit::Stopped);
+    let (first, second) = asker.join().unwrap();
+    first.expect("full snapshot");
+    second.expect("diff snapshot");
+    let at_diff = std::fs::read(diff.join("disk-0.overlay")).unwrap();
+    assert_eq!(&at_diff[8192..8198], b"second");
+    let at_full = std::fs::read(full.join("disk-0.overlay")).unwrap();
+    assert_eq!(&at_full[..5], b"first");
+    assert_eq!(&at_full[8192..8198], &[0u8; 6]);
+    let mine = dir.join("clone.overlay");
+    let clone = Vmm::restore(RestoreSpec {
+        snapshot: diff.clone(),
+        console: Box::new(Captured::default()),
+        vsock_uds: None,
+        start: Instant::now(),
+        boot_done: None,
+        track_dirty_pages: false,
+        disk_overlays: vec![(0, mine.clone())],
+        disk_scratch: None,
+    })
+    .unwrap();
+    drop(clone);
+    assert_eq!(std::fs::read(&mine).unwrap(), at_diff);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -174,6 +174,8 @@ impl VmmCore {
                     })?;
                     let name = format!("disk-{index}.overlay");
                     let copy = dir.join(&name);
+                    // No state file here (checked above): a copy left by a failed attempt.
+                    let _ = std::fs::remove_file(&copy);
                     crate::disk::sparse_copy(overlay, &copy).map_err(|source| {
                         SnapshotError::Io {
                             what: "copy the disk overlay to",
