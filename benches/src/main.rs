@@ -76,6 +76,15 @@ fn main() -> Result<()> {
         );
         results.extend(boot::run(&runner, args.boot_runs)?);
     }
+    if wanted("boot_root_disk") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench boot (root disk): {} boots, {}",
+            args.boot_runs,
+            runner.describe()
+        );
+        results.extend(boot::run_root_disk(&runner, args.boot_runs)?);
+    }
     let (throughput, exec) = (wanted("vsock_throughput"), wanted("vsock_exec"));
     if throughput || exec {
         let runner = kiln_tests::Runner::detect()?;
