@@ -209,8 +209,20 @@ for i in 0 1; do
   echo "KILN-JOB-$i=$?"
   echo "KILN-JOB-OUT-$i=$(tr '\n' ' ' < "job$i.out")"
 done
+# Many disks: 15 besides the root (IRQs 5 to 21 with the vsock device), each one seen.
+extra=""
+for k in $(seq 1 15); do
+  dd if=/dev/zero of="x$k.img" bs=1M count=1 2>/dev/null
+  extra="$extra --disk $PWD/x$k.img,ro,serial=x$k"
+done
+echo 'ls /sys/block | grep vd | tr "\n" " "; cat /sys/block/vdp/serial' > many.sh
+"$KILN" job --kernel "$GUEST_VMLINUX" --root-disk "$R" --memory 128 $extra --script many.sh \
+  > many.out 2> many.err
+echo "KILN-MANY=$?"
+echo "KILN-MANY-OUT=$(tr '\n' ' ' < many.out)"
 [ "$(sum "$R")" = "$SHA0" ] && echo "KILN-ROOT-UNCHANGED=yes" || echo "KILN-ROOT-UNCHANGED=no"
 for i in 0 1; do echo "--- job $i stderr"; cat "job$i.err"; done
+echo "--- many stderr"; cat many.err
 "#;
     let files = vec![("root.img".to_string(), root)];
     let started = std::time::Instant::now();
@@ -229,6 +241,14 @@ for i in 0 1; do echo "--- job $i stderr"; cat "job$i.err"; done
             "job {i} output: {console}"
         );
     }
+    ensure!(get("KILN-MANY") == Some("0"), "16 disks: {console}");
+    let many = get("KILN-MANY-OUT").unwrap_or_default();
+    let want: Vec<String> = (b'a'..=b'p').map(|c| format!("vd{}", c as char)).collect();
+    let seen: Vec<&str> = many.split_whitespace().collect();
+    ensure!(
+        seen.len() == 17 && seen[..16] == want[..] && seen[16] == "x15",
+        "16 disks (vda..vdp, vdp's serial x15) expected, the guest listed {many:?}: {console}"
+    );
     ensure!(
         get("KILN-ROOT-UNCHANGED") == Some("yes"),
         "the root image changed: {console}"
