@@ -189,6 +189,21 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
     let clone = restore(Vec::new(), Some(scratch_dir.clone())).unwrap();
     assert!(scratch_dir.join("disk-0.overlay").exists());
     drop(clone);
+    // A base that changed after the snapshot is refused.
+    let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 0).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    let changed = restore(vec![(0, dir.join("changed.overlay"))], None)
+        .err()
+        .expect("a changed base was restored over");
+    assert!(
+        changed
+            .to_string()
+            .contains("was modified after the snapshot"),
+        "{changed}"
+    );
     let wrong = restore(vec![(3, dir.join("x"))], Some(scratch_dir.join("sub")))
         .err()
         .expect("an overlay for a disk that is not there");

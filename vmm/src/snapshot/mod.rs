@@ -64,6 +64,16 @@ pub struct DiskSnapshot {
     pub device: kiln_devices::virtio::block::BlockState,
     /// The copy of the overlay in the snapshot directory (a file name in it).
     pub overlay_file: Option<String>,
+    /// The image's (base's) modification time when the snapshot was taken, in seconds and
+    /// nanoseconds: a restore refuses an image that has changed since.
+    pub image_mtime: (i64, i64),
+}
+
+/// The modification time of the image at `path`, as [`DiskSnapshot::image_mtime`] keeps it.
+pub fn image_mtime(path: &Path) -> std::io::Result<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.mtime(), m.mtime_nsec()))
 }
 
 /// Full (all of guest memory) or diff (the pages written since the previous snapshot).

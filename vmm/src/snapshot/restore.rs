@@ -181,6 +181,19 @@ fn clone_disk_state(
 ) -> Result<kiln_devices::virtio::block::BlockState, VmmError> {
     use kiln_devices::virtio::block::BackendState;
     let mut state = saved.device.clone();
+    let image = match &state.backend {
+        BackendState::Raw { path, .. } => path,
+        BackendState::Overlay { base, .. } => base,
+    };
+    let now = super::image_mtime(image)
+        .map_err(|e| restore_err(format!("disk {index}: image {}: {e}", image.display())))?;
+    if now != saved.image_mtime {
+        return Err(restore_err(format!(
+            "disk {index}: image {} was modified after the snapshot was taken; a restore \
+             needs the image as it was",
+            image.display()
+        )));
+    }
     let BackendState::Overlay { overlay, .. } = &mut state.backend else {
         return Ok(state);
     };

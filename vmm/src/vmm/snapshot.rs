@@ -187,7 +187,17 @@ impl VmmCore {
                     Some(name)
                 }
             };
+            let image = match &state.backend {
+                BackendState::Raw { path, .. } => path,
+                BackendState::Overlay { base, .. } => base,
+            };
+            let image_mtime = snapshot::image_mtime(image).map_err(|source| SnapshotError::Io {
+                what: "stat disk image",
+                path: image.clone(),
+                source,
+            })?;
             disks.push(DiskSnapshot {
+                image_mtime,
                 transport: parts.transport.lock().map_err(|_| poisoned())?.save_state(),
                 device: state,
                 overlay_file,
