@@ -51,6 +51,10 @@ pub enum Command {
     /// If the VM has a vsock device, kiln then waits (up to 30 s, in the background) for
     /// the guest agent and sends it the host's wall-clock time and 32 fresh random bytes,
     /// so that each restored clone has the right clock and its own entropy.
+    ///
+    /// Disks: each overlay disk's overlay, copied into the snapshot, is copied again for
+    /// this clone (--disk-overlay N=PATH, else a private runtime directory removed at the
+    /// end), so clones never share a writable overlay. The images must be unchanged.
     Restore(RestoreArgs),
     /// Start N clones of a snapshot, each a `kiln restore` child process, and wait for them.
     ///
