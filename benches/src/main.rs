@@ -2,6 +2,7 @@
 //! scripts and CI rely on" in ARCHITECTURE.md); progress goes to stderr. Run them with
 //! `cargo xtask bench`, which also collects them into `target/bench.json`.
 
+mod blk;
 mod boot;
 mod fork;
 mod kiln_process;
@@ -45,6 +46,12 @@ struct Args {
     /// Clones per fork for `fork` and `fork_memory`.
     #[arg(long, default_value_t = 16)]
     fork_count: u32,
+    /// Runs of each direction for `blk` (at least 3 for a median).
+    #[arg(long, default_value_t = 3)]
+    blk_runs: usize,
+    /// MiB per `blk` transfer.
+    #[arg(long, default_value_t = 64)]
+    blk_mib: u64,
 }
 
 fn main() -> Result<()> {
@@ -90,6 +97,15 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(boot::run(&runner, args.boot_runs)?);
+    }
+    if wanted("boot_root_disk") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench boot (root disk): {} boots, {}",
+            args.boot_runs,
+            runner.describe()
+        );
+        results.extend(boot::run_root_disk(&runner, args.boot_runs)?);
     }
     let (throughput, exec) = (wanted("vsock_throughput"), wanted("vsock_exec"));
     if throughput || exec {
@@ -137,6 +153,23 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(fork::run(&runner, &params)?);
+    }
+    if wanted("blk") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench blk: {} writes and {} reads of {} MiB, {}",
+            args.blk_runs,
+            args.blk_runs,
+            args.blk_mib,
+            runner.describe()
+        );
+        results.extend(blk::run(
+            &runner,
+            &blk::Params {
+                runs: args.blk_runs,
+                mib: args.blk_mib,
+            },
+        )?);
     }
     for r in &results {
         println!("{r}");

@@ -51,6 +51,10 @@ pub enum Command {
     /// If the VM has a vsock device, kiln then waits (up to 30 s, in the background) for
     /// the guest agent and sends it the host's wall-clock time and 32 fresh random bytes,
     /// so that each restored clone has the right clock and its own entropy.
+    ///
+    /// Disks: each overlay disk's overlay, copied into the snapshot, is copied again for
+    /// this clone (--disk-overlay N=PATH, else a private runtime directory removed at the
+    /// end), so clones never share a writable overlay. The images must be unchanged.
     Restore(RestoreArgs),
     /// Start N clones of a snapshot, each a `kiln restore` child process, and wait for them.
     ///
@@ -139,7 +143,8 @@ pub struct VmArgs {
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
     /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial, track_dirty_pages); flags given as well override it.
+    /// memory_mib, serial, track_dirty_pages, and [[disk]] tables with path, read_only,
+    /// overlay, rw, root, serial); flags given as well override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Have KVM log the pages the guest writes, so that `kiln ctl snapshot --diff` can
@@ -150,6 +155,19 @@ pub struct VmArgs {
     /// the VMM then runs with every syscall open to it).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Attach a disk image as a virtio-blk device (repeatable; /dev/vda, /dev/vdb, … in
+    /// order): PATH[,ro][,rw][,root][,overlay=OVERLAY][,serial=ID]. `ro`: the guest cannot
+    /// write. `overlay=OVERLAY`: the image is a read-only base and this VM's writes go to
+    /// the new file OVERLAY (copy-on-write; many VMs can share one base). `root`: boot from
+    /// it (ext4; adds `root=/dev/vdX rw init=/sbin/kiln-agent` to the command line unless
+    /// it names an init). `kiln job` gives a disk without `ro`/`overlay=` a temporary
+    /// overlay, so a job never writes the image; `rw` opts out. Replaces the config's disks.
+    #[arg(long, value_name = "PATH[,OPTS]")]
+    pub disk: Vec<crate::disk::DiskConfig>,
+    /// Boot from this ext4 image: `--disk PATH,root` placed first (/dev/vda). Takes the
+    /// same options as --disk.
+    #[arg(long, value_name = "PATH[,OPTS]")]
+    pub root_disk: Option<crate::disk::DiskConfig>,
     #[command(flatten)]
     pub slot: SlotArgs,
 }
@@ -271,9 +289,26 @@ pub struct RestoreArgs {
     pub no_seccomp: bool,
     #[command(flatten)]
     pub slot: SlotArgs,
+    /// Give disk N (0 = /dev/vda) of the snapshot this new overlay file (repeatable): the
+    /// snapshot's copy of the disk's overlay is copied there and the clone writes to it.
+    /// Default: a copy in a private runtime directory, removed when the VM ends. Clones of
+    /// one snapshot never share a writable overlay.
+    #[arg(long, value_name = "N=PATH", value_parser = parse_disk_overlay)]
+    pub disk_overlay: Vec<(usize, PathBuf)>,
     /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_disk_overlay(s: &str) -> Result<(usize, PathBuf), String> {
+    let (n, path) = s
+        .split_once('=')
+        .filter(|(_, p)| !p.is_empty())
+        .ok_or_else(|| format!("{s:?}: expected N=PATH, e.g. 0=/run/clone0.overlay"))?;
+    let n = n
+        .parse()
+        .map_err(|e| format!("{s:?}: disk number {n:?}: {e}"))?;
+    Ok((n, PathBuf::from(path)))
 }
 
 #[derive(Args, Debug)]
@@ -311,7 +346,7 @@ pub struct JobArgs {
     /// Start the job in a VM restored from this snapshot (taken with `kiln ctl snapshot` of
     /// a VM with a vsock device) instead of booting one: no --kernel/--initrd then. The
     /// restored guest gets the current time and fresh entropy before the script runs.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk"])]
     pub from_snapshot: Option<PathBuf>,
     /// Let the job snapshot its VM at a point it chooses: when the script runs
     /// `kiln-snapshot` (in the guest), the VM is paused, snapshotted into DIR and resumed,
@@ -358,6 +393,14 @@ impl VmArgs {
         config.track_dirty_pages |= self.track_dirty_pages;
         if self.no_seccomp {
             config.seccomp = false;
+        }
+        if !self.disk.is_empty() || self.root_disk.is_some() {
+            config.disks = self.disk.clone();
+            if let Some(root) = &self.root_disk {
+                let mut root = root.clone();
+                root.root = true;
+                config.disks.insert(0, root);
+            }
         }
         config.validate()?;
         Ok(config)

@@ -72,6 +72,9 @@ pub struct VmConfig {
     /// off only to debug a filter).
     #[serde(default = "default_seccomp")]
     pub seccomp: bool,
+    /// Disks, `/dev/vda` first (`[[disk]]` tables in TOML; `--disk` on the command line).
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::DiskConfig>,
 }
 
 fn default_seccomp() -> bool {
@@ -114,6 +117,8 @@ pub enum ConfigError {
     MemoryTooLarge { asked: u64, host: u64 },
     #[error("kernel command line is {0} bytes; the limit is {max}", max = crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    #[error("{0} disks: a VM takes at most {max}", max = crate::disk::MAX_DISKS)]
+    TooManyDisks(usize),
 }
 
 impl VmConfig {
@@ -128,6 +133,7 @@ impl VmConfig {
             serial: SerialOutput::default(),
             track_dirty_pages: false,
             seccomp: default_seccomp(),
+            disks: Vec::new(),
         }
     }
 
@@ -150,6 +156,10 @@ impl VmConfig {
         if let SerialOutput::File(p) = &config.serial {
             config.serial = SerialOutput::File(base.join(p));
         }
+        for d in &mut config.disks {
+            d.path = base.join(&d.path);
+            d.overlay = d.overlay.as_ref().map(|p| base.join(p));
+        }
         Ok(config)
     }
 
@@ -168,6 +178,9 @@ impl VmConfig {
                 asked: self.memory_mib,
                 host,
             });
+        }
+        if self.disks.len() > crate::disk::MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
         if self.cmdline.len() >= crate::arch::x86_64::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
@@ -236,6 +249,16 @@ mod tests {
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.serial, SerialOutput::File(dir.join("out.log")));
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        std::fs::write(
+            &file,
+            "kernel = \"k\"\n[[disk]]\npath = \"base.img\"\noverlay = \"/o/v\"\n[[disk]]\npath = \"d.img\"\nread_only = true\n",
+        )
+        .unwrap();
+        let c = VmConfig::from_toml_file(&file).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, dir.join("base.img"));
+        assert_eq!(c.disks[0].overlay, Some(PathBuf::from("/o/v")));
+        assert!(c.disks[1].read_only);
         std::fs::write(&file, "kernel = \"k\"\nmemroy_mib = 5\n").unwrap();
         let err = VmConfig::from_toml_file(&file).unwrap_err().to_string();
         assert!(err.contains("memroy_mib"), "{err}");

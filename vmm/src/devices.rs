@@ -15,6 +15,7 @@ use kiln_devices::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vm::{Vm, VmError};
+use kiln_devices::virtio::block::{Block, BlockError, Overlay, RawFile};
 use kiln_devices::virtio::vsock::Vsock;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,33 @@ pub enum DeviceError {
     Virtio(String),
     #[error("cannot create the vsock device: {0}")]
     Vsock(#[from] kiln_devices::virtio::vsock::VsockError),
+    #[error("{0}")]
+    Block(#[from] BlockError),
+}
+
+/// A virtio-blk device for `disk`: over a new copy-on-write overlay if it names one, else
+/// over the image itself (opened read-only for `ro`).
+pub fn block_device(disk: &crate::disk::DiskConfig) -> Result<Block, DeviceError> {
+    let serial = disk
+        .serial
+        .clone()
+        .unwrap_or_else(|| Block::default_serial(&disk.path));
+    let device = match &disk.overlay {
+        Some(overlay) => {
+            let backend = Overlay::create(&disk.path, overlay).map_err(|e| match e {
+                BlockError::Open { path, source } if &path == overlay => DeviceError::Virtio(
+                    format!("cannot create overlay {}: {source}", path.display()),
+                ),
+                e => e.into(),
+            })?;
+            Block::new(backend, serial.as_bytes())?
+        }
+        None => Block::new(
+            RawFile::open(&disk.path, disk.read_only)?,
+            serial.as_bytes(),
+        )?,
+    };
+    Ok(device)
 }
 
 /// The port-I/O and MMIO buses the vCPU threads dispatch to.
@@ -170,31 +198,59 @@ impl VirtioAllocator {
         uds_path: &std::path::Path,
         snapshot: &crate::snapshot::VsockSnapshot,
     ) -> Result<(VirtioSlot, Arc<Mutex<Vsock>>), DeviceError> {
+        self.attach_restored(vm, buses, memory, 3, &snapshot.transport, |evts, irq| {
+            Ok(Vsock::restore(
+                &snapshot.device,
+                uds_path,
+                memory.clone(),
+                evts,
+                irq,
+            )?)
+        })
+    }
+
+    /// Brings back a snapshot's block device and transport at the next window; `state`
+    /// names the files to open (the caller points its overlay at the clone's own copy).
+    pub fn attach_restored_block(
+        &mut self,
+        vm: &Vm,
+        buses: &mut Buses,
+        memory: &crate::memory::GuestMemory,
+        state: &kiln_devices::virtio::block::BlockState,
+        transport: &kiln_devices::virtio::MmioTransportState,
+    ) -> Result<(VirtioSlot, Arc<Mutex<Block>>), DeviceError> {
+        self.attach_restored(vm, buses, memory, 1, transport, |evts, irq| {
+            Block::restore(state, memory.clone(), evts, irq).map_err(DeviceError::from)
+        })
+    }
+
+    /// A restored device `make` builds from the transport's queue eventfds (clones) and
+    /// interrupt, behind a transport restored from `transport`, at the next window.
+    fn attach_restored<D: kiln_devices::virtio::VirtioDevice + 'static>(
+        &mut self,
+        vm: &Vm,
+        buses: &mut Buses,
+        memory: &crate::memory::GuestMemory,
+        queues: usize,
+        transport: &kiln_devices::virtio::MmioTransportState,
+        make: impl FnOnce(Vec<EventFd>, kiln_devices::virtio::VirtioInterrupt) -> Result<D, DeviceError>,
+    ) -> Result<(VirtioSlot, Arc<Mutex<D>>), DeviceError> {
         use kiln_devices::virtio::{MmioTransport, VirtioInterrupt};
         let (base, irq) = self.next_window();
         let irq_evt = eventfd()?;
         vm.register_irqfd(&irq_evt, irq)?;
         let interrupt = VirtioInterrupt::new(irq_evt);
-        let evts = (0..3).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
+        let evts = (0..queues)
+            .map(|_| eventfd())
+            .collect::<Result<Vec<_>, _>>()?;
         let clones = evts
             .iter()
             .map(|e| e.try_clone().map_err(DeviceError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
-        let device = Arc::new(Mutex::new(Vsock::restore(
-            &snapshot.device,
-            uds_path,
-            memory.clone(),
-            clones,
-            interrupt.clone(),
-        )?));
-        let transport = MmioTransport::restore(
-            memory.clone(),
-            device.clone(),
-            interrupt,
-            evts,
-            &snapshot.transport,
-        )
-        .map_err(|e| DeviceError::Restore(format!("virtio-mmio transport: {e}")))?;
+        let device = Arc::new(Mutex::new(make(clones, interrupt.clone())?));
+        let transport =
+            MmioTransport::restore(memory.clone(), device.clone(), interrupt, evts, transport)
+                .map_err(|e| DeviceError::Restore(format!("virtio-mmio transport: {e}")))?;
         Ok((self.wire(vm, buses, transport, base, irq)?, device))
     }
 

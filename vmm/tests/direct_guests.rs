@@ -58,6 +58,7 @@ impl Guest {
             snapshot_on_request: None,
             track_dirty_pages: false,
             seccomp: false,
+            disks: Vec::new(),
             start: Instant::now(),
         };
         let report = Vmm::build(spec).expect("build VM").run().expect("run VM");
@@ -239,6 +240,7 @@ fn vsock_device_answers_on_the_mmio_bus() {
         snapshot_on_request: None,
         track_dirty_pages: false,
         seccomp: false,
+        disks: Vec::new(),
     };
     let vmm = Vmm::build(spec).unwrap();
     assert!(uds.exists(), "the vsock device listens on its socket");

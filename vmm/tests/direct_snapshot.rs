@@ -96,6 +96,7 @@ fn spec(code: Vec<u8>, console: &Captured, track_dirty_pages: bool) -> MachineSp
         snapshot_on_request: None,
         track_dirty_pages,
         seccomp: false,
+        disks: Vec::new(),
     }
 }
 
@@ -109,6 +110,8 @@ fn restore(dir: &std::path::Path) -> (GuestExit, Vec<u8>) {
         boot_done: None,
         track_dirty_pages: false,
         seccomp: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .unwrap()
     .run()
@@ -219,6 +222,8 @@ fn snapshot_diff_layers_over_its_base() {
         boot_done: None,
         track_dirty_pages: false,
         seccomp: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .err()
     .expect("a diff over a changed base was restored")
@@ -259,6 +264,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
         snapshot_on_request: None,
         track_dirty_pages: false,
         seccomp: false,
+        disks: Vec::new(),
     };
     let vmm = Vmm::build(spec).unwrap();
     let controller = vmm.controller();
@@ -292,6 +298,8 @@ fn snapshot_mid_computation_restores_and_finishes() {
         boot_done: None,
         track_dirty_pages: false,
         seccomp: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .unwrap()
     .run()
@@ -313,6 +321,8 @@ fn snapshot_mid_computation_restores_and_finishes() {
         boot_done: None,
         track_dirty_pages: false,
         seccomp: false,
+        disk_overlays: Vec::new(),
+        disk_scratch: None,
     })
     .unwrap()
     .run()

@@ -148,6 +148,7 @@ fn hostile_rings_mark_the_device_broken_and_nothing_else() {
         snapshot_on_request: None,
         track_dirty_pages: false,
         seccomp: false,
+        disks: Vec::new(),
     };
     let vmm = Vmm::build(spec).unwrap();
     // With an irqchip HLT waits for an interrupt: stop the VM once the guest has printed

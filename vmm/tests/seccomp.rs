@@ -63,6 +63,7 @@ fn child_vm_with_a_rogue_device() {
         snapshot_on_request: None,
         track_dirty_pages: false,
         seccomp: mode == "on",
+        disks: Vec::new(),
     };
     let report = Vmm::build(spec).unwrap().run().unwrap();
     assert_eq!(report.exit, GuestExit::Halted);

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 ///   the bzImage)
 /// - test bed: qemu-system-x86 (QEMU TCG with nested SVM), busybox-static and cpio for the
 ///   test-bed and guest initramfs images
+/// - disk tests: e2fsprogs (`mkfs.ext4 -d` builds the ext4 images the `image_` tests boot)
 pub const PACKAGES: &[&str] = &[
     "linux-source-6.12",
     "bc",
@@ -28,6 +29,7 @@ pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    "e2fsprogs",
 ];
 
 pub fn run() -> Result<()> {

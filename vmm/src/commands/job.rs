@@ -18,6 +18,7 @@ use kiln_agent::protocol::{ExecRequest, SignalTarget, AGENT_PORT};
 
 use super::exec::parse_env;
 use super::run::{check_files, console_sink};
+use super::RuntimeDir;
 use crate::cli::JobArgs;
 use crate::config::SerialOutput;
 use crate::slot::Slot;
@@ -44,12 +45,12 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     request.env = parse_env(&args.env)?;
     request.cwd = args.cwd.clone();
 
-    let runtime = RuntimeDir::create()?;
+    let runtime = RuntimeDir::create("job")?;
     let uds = runtime.path().join("vsock.sock");
     let (events, vm_events) = channel();
     let (vmm, _slot) = match &args.from_snapshot {
         Some(snapshot) => {
-            let vmm = restored_vm(args, snapshot, &uds, start)?;
+            let vmm = restored_vm(args, snapshot, &uds, runtime.path(), start)?;
             let slot = args
                 .vm
                 .slot
@@ -73,7 +74,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
                 .context("cannot start the guest refresh thread")?;
             (vmm, slot)
         }
-        None => booted_vm(args, &uds, events.clone(), start)?,
+        None => booted_vm(args, &uds, runtime.path(), events.clone(), start)?,
     };
     super::run::seccomp_filters(&vmm)?;
     let stop = Arc::new(vmm.stop_handle()?);
@@ -129,12 +130,20 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
 fn booted_vm(
     args: &JobArgs,
     uds: &Path,
+    runtime: &Path,
     events: std::sync::mpsc::Sender<VmEvent>,
     start: Instant,
 ) -> anyhow::Result<(Vmm, Option<Slot>)> {
     let mut config = args.vm.to_config()?;
     if args.vm.serial.is_none() && !config_sets_serial(args.vm.config.as_deref())? {
         config.serial = SerialOutput::Null;
+    }
+    // A job never writes an image: a disk with neither `ro`, `overlay=` nor `rw` gets a
+    // temporary overlay in the runtime directory, removed with it.
+    for (index, disk) in config.disks.iter_mut().enumerate() {
+        if !disk.read_only && !disk.rw && disk.overlay.is_none() {
+            disk.overlay = Some(runtime.join(format!("disk-{index}.overlay")));
+        }
     }
     check_files(&config)?;
     let slot = args.vm.slot.enter(config.memory_mib, config.vcpus)?;
@@ -155,7 +164,13 @@ fn booted_vm(
 }
 
 /// A VM restored from `snapshot`, its vsock device at `uds`.
-fn restored_vm(args: &JobArgs, snapshot: &Path, uds: &Path, start: Instant) -> anyhow::Result<Vmm> {
+fn restored_vm(
+    args: &JobArgs,
+    snapshot: &Path,
+    uds: &Path,
+    runtime: &Path,
+    start: Instant,
+) -> anyhow::Result<Vmm> {
     super::restore::check_snapshot_dir(snapshot)?;
     let serial = args.vm.serial.clone().unwrap_or(SerialOutput::Null);
     let vmm = Vmm::restore(RestoreSpec {
@@ -166,6 +181,8 @@ fn restored_vm(args: &JobArgs, snapshot: &Path, uds: &Path, start: Instant) -> a
         boot_done: None,
         track_dirty_pages: args.vm.track_dirty_pages,
         seccomp: !args.vm.no_seccomp,
+        disk_overlays: Vec::new(),
+        disk_scratch: Some(runtime.to_owned()),
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
     if vmm.vsock.is_none() {
@@ -343,41 +360,6 @@ fn cancel_exec(uds: &Path, exec_id: u64, finished: &Finished) {
     if !finished.wait(CANCEL_GRACE) {
         if let Err(e) = send(libc::SIGKILL) {
             tracing::warn!("cannot pass SIGKILL to the job: {e}");
-        }
-    }
-}
-
-/// A private directory for the VM's sockets, removed when dropped.
-struct RuntimeDir(PathBuf);
-
-impl RuntimeDir {
-    fn create() -> anyhow::Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = base.join(format!("kiln-job-{}-{nanos:x}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot create runtime directory {}", dir.display()))?;
-        Ok(RuntimeDir(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            tracing::warn!("cannot remove {}: {e}", self.0.display());
         }
     }
 }

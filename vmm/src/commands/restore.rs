@@ -24,6 +24,8 @@ pub const ENTROPY_BYTES: usize = 32;
 
 pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
     check_snapshot_dir(&args.snapshot)?;
+    // Overlay disks without --disk-overlay get their copies here, removed at the end.
+    let runtime = super::RuntimeDir::create("restore")?;
     let vmm = Vmm::restore(RestoreSpec {
         snapshot: args.snapshot.clone(),
         console: console_sink(&args.serial)?,
@@ -32,6 +34,8 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         boot_done: None,
         track_dirty_pages: args.track_dirty_pages,
         seccomp: !args.no_seccomp,
+        disk_overlays: args.disk_overlay.clone(),
+        disk_scratch: Some(runtime.path().to_owned()),
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     // Guest memory is charged to the slot as the restored guest touches it.
@@ -46,7 +50,9 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
     } else if let Some(uds) = &args.vsock {
         spawn_guest_refresh(uds.clone(), args.hostname.clone())?;
     }
-    run_to_end(vmm, args.api.as_deref(), args.json)
+    let code = run_to_end(vmm, args.api.as_deref(), args.json);
+    drop(runtime);
+    code
 }
 
 /// A clear error for a snapshot path that is missing or not a directory.

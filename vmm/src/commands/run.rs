@@ -82,6 +82,7 @@ pub(crate) fn check_files(config: &VmConfig) -> anyhow::Result<()> {
     if let Some(initrd) = &config.initrd {
         check_readable("initramfs", initrd)?;
     }
+    crate::disk::validate(&config.disks)?;
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
 /// The version of the `state` layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const MAGIC: &[u8; 8] = b"KILNSNAP";
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// A state file larger than this is not one of ours.
@@ -53,6 +53,27 @@ pub struct MachineInfo {
 pub struct VsockSnapshot {
     pub transport: MmioTransportState,
     pub device: VsockState,
+}
+
+/// A block device and its transport. The disk's contents are files: a read-only raw image
+/// is named by path in `device`; an overlay disk's overlay was copied into the snapshot
+/// directory as `overlay_file`, and a restore copies that again for each clone.
+#[derive(Serialize, Deserialize)]
+pub struct DiskSnapshot {
+    pub transport: MmioTransportState,
+    pub device: kiln_devices::virtio::block::BlockState,
+    /// The copy of the overlay in the snapshot directory (a file name in it).
+    pub overlay_file: Option<String>,
+    /// The image's (base's) modification time when the snapshot was taken, in seconds and
+    /// nanoseconds: a restore refuses an image that has changed since.
+    pub image_mtime: (i64, i64),
+}
+
+/// The modification time of the image at `path`, as [`DiskSnapshot::image_mtime`] keeps it.
+pub fn image_mtime(path: &Path) -> std::io::Result<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.mtime(), m.mtime_nsec()))
 }
 
 /// Full (all of guest memory) or diff (the pages written since the previous snapshot).
@@ -92,6 +113,8 @@ pub struct SnapshotState {
     pub serial: SerialState,
     pub i8042: I8042State,
     pub vsock: Option<VsockSnapshot>,
+    /// The block devices, /dev/vda first.
+    pub disks: Vec<DiskSnapshot>,
     /// Set for a diff snapshot.
     pub diff: Option<DiffInfo>,
 }
@@ -219,6 +242,7 @@ mod tests {
             serial: SerialState::default(),
             i8042: I8042State::default(),
             vsock: None,
+            disks: Vec::new(),
             diff: None,
         }
     }

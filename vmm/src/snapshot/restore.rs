@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{read_state_and_digest, SnapshotError, SnapshotRef, SnapshotState, MEMORY_FILE};
 use crate::devices::{self, Buses, DeviceError};
 use crate::memory::GuestMemory;
-use crate::vmm::{control_channel, BootDoneHook, Subscriber, Vmm, VmmError, VsockParts};
+use crate::vmm::{
+    control_channel, BlockParts, BootDoneHook, Subscriber, Vmm, VmmError, VsockParts,
+};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 
@@ -29,6 +31,11 @@ pub struct RestoreSpec {
     pub track_dirty_pages: bool,
     /// Confine the VMM's threads with seccomp once the VM runs.
     pub seccomp: bool,
+    /// (disk index, new overlay file) for this clone's overlay disks; each gets a copy of
+    /// the snapshot's overlay.
+    pub disk_overlays: Vec<(usize, PathBuf)>,
+    /// Where an overlay disk not in `disk_overlays` gets its copy (`disk-N.overlay`).
+    pub disk_scratch: Option<PathBuf>,
 }
 
 /// How many diffs deep a chain of snapshots may be.
@@ -43,6 +50,17 @@ impl Vmm {
     /// Nothing in the snapshot directory is written.
     pub fn restore(spec: RestoreSpec) -> Result<Vmm, VmmError> {
         let (state, digest) = read_state_and_digest(&spec.snapshot)?;
+        if let Some((index, path)) = spec
+            .disk_overlays
+            .iter()
+            .find(|(i, _)| state.disks.get(*i).is_none_or(|d| d.overlay_file.is_none()))
+        {
+            return Err(restore_err(format!(
+                "--disk-overlay {index}={}: the snapshot has no overlay disk {index} ({} disks)",
+                path.display(),
+                state.disks.len()
+            )));
+        }
         let machine = state.machine.clone();
         let memory = restore_memory(&spec.snapshot, &state)?;
         if state.vcpus.len() != usize::from(machine.vcpus) {
@@ -74,15 +92,38 @@ impl Vmm {
         )?;
         let mut subscribers: Vec<Subscriber> = Vec::new();
         let mut vsock = None;
+        let mut virtio = devices::VirtioAllocator::default();
         if let Some(saved) = &state.vsock {
             let uds = spec.vsock_uds.as_deref().ok_or_else(|| {
                 restore_err("the snapshot has a vsock device: give this clone its own --vsock path")
             })?;
-            let mut virtio = devices::VirtioAllocator::default();
             let (slot, device) =
                 virtio.attach_restored_vsock(&vm, &mut buses, &memory, uds, saved)?;
             subscribers.push(device.clone());
             vsock = Some(VsockParts {
+                device,
+                transport: slot.transport,
+            });
+        }
+
+        let mut disks = Vec::with_capacity(state.disks.len());
+        for (index, saved) in state.disks.iter().enumerate() {
+            let device_state = clone_disk_state(
+                &spec.snapshot,
+                &spec.disk_overlays,
+                spec.disk_scratch.as_deref(),
+                index,
+                saved,
+            )?;
+            let (slot, device) = virtio.attach_restored_block(
+                &vm,
+                &mut buses,
+                &memory,
+                &device_state,
+                &saved.transport,
+            )?;
+            subscribers.push(device.clone());
+            disks.push(BlockParts {
                 device,
                 transport: slot.transport,
             });
@@ -109,6 +150,7 @@ impl Vmm {
             buses: Arc::new(buses),
             legacy,
             vsock,
+            disks,
             subscribers,
             boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,
@@ -129,6 +171,67 @@ impl Vmm {
             phases: crate::vmm::Phases::default(),
         })
     }
+}
+
+/// Disk `index`'s state for this clone: an overlay disk gets a fresh copy of the
+/// snapshot's overlay (where `--disk-overlay` says, else in the scratch directory), so that
+/// clones never share a writable file and the snapshot is never written.
+fn clone_disk_state(
+    snapshot: &Path,
+    disk_overlays: &[(usize, PathBuf)],
+    disk_scratch: Option<&Path>,
+    index: usize,
+    saved: &super::DiskSnapshot,
+) -> Result<kiln_devices::virtio::block::BlockState, VmmError> {
+    use kiln_devices::virtio::block::BackendState;
+    let mut state = saved.device.clone();
+    let image = match &state.backend {
+        BackendState::Raw { path, .. } => path,
+        BackendState::Overlay { base, .. } => base,
+    };
+    let now = super::image_mtime(image)
+        .map_err(|e| restore_err(format!("disk {index}: image {}: {e}", image.display())))?;
+    if now != saved.image_mtime {
+        return Err(restore_err(format!(
+            "disk {index}: image {} was modified after the snapshot was taken; a restore \
+             needs the image as it was",
+            image.display()
+        )));
+    }
+    let BackendState::Overlay { overlay, .. } = &mut state.backend else {
+        return Ok(state);
+    };
+    let Some(name) = &saved.overlay_file else {
+        return Err(restore_err(format!(
+            "disk {index} is an overlay disk without a copy in the snapshot"
+        )));
+    };
+    if name.contains('/') || name.starts_with('.') {
+        return Err(restore_err(format!(
+            "disk {index}: bad overlay file name {name:?}"
+        )));
+    }
+    let target = match disk_overlays.iter().find(|(i, _)| *i == index) {
+        Some((_, path)) => path.clone(),
+        None => disk_scratch
+            .ok_or_else(|| {
+                restore_err(format!(
+                    "disk {index} has an overlay: give this clone its own (--disk-overlay {index}=PATH)"
+                ))
+            })?
+            .join(format!("disk-{index}.overlay")),
+    };
+    crate::disk::check_overlay_path(&target).map_err(restore_err)?;
+    let source = snapshot.join(name);
+    crate::disk::sparse_copy(&source, &target).map_err(|e| {
+        restore_err(format!(
+            "cannot copy disk {index}'s overlay {} to {}: {e}",
+            source.display(),
+            target.display()
+        ))
+    })?;
+    *overlay = target;
+    Ok(state)
 }
 
 /// The guest memory of the snapshot in `dir` (whose state is `state`): its full base mapped

@@ -36,6 +36,7 @@ pub(super) struct VmmCore {
     pub(super) paused: Option<Vec<VcpuState>>,
     pub(super) legacy: LegacyDevices,
     pub(super) vsock: Option<VsockParts>,
+    pub(super) disks: Vec<super::BlockParts>,
     pub(super) control: ControlQueue,
     pub(super) machine: MachineInfo,
     pub(super) memory: GuestMemory,

@@ -94,6 +94,8 @@ pub struct MachineSpec {
     pub track_dirty_pages: bool,
     /// Confine the VMM's threads with seccomp filters once the VM runs ([`crate::seccomp`]).
     pub seccomp: bool,
+    /// virtio-blk disks, /dev/vda first, on MMIO windows after the vsock device's.
+    pub disks: Vec<crate::disk::DiskConfig>,
 }
 
 impl MachineSpec {
@@ -120,6 +122,7 @@ impl MachineSpec {
             snapshot_on_request: None,
             track_dirty_pages: config.track_dirty_pages,
             seccomp: config.seccomp,
+            disks: config.disks.clone(),
         }
     }
 }
@@ -221,6 +224,8 @@ pub struct Vmm {
     pub(crate) buses: Arc<Buses>,
     pub(crate) legacy: LegacyDevices,
     pub(crate) vsock: Option<VsockParts>,
+    /// The block devices, /dev/vda first.
+    pub(crate) disks: Vec<BlockParts>,
     /// Devices with file descriptors the event loop watches (vsock).
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) boot_done: Option<BootDoneHook>,
@@ -244,6 +249,12 @@ pub struct Vmm {
     /// When each set-up phase ended.
     pub(crate) phases: Phases,
     pub(crate) snapshot_on_request: Option<PathBuf>,
+}
+
+/// A block device and its transport, for snapshots.
+pub(crate) struct BlockParts {
+    pub(crate) device: Arc<Mutex<kiln_devices::virtio::block::Block>>,
+    pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
 }
 
 /// The vsock device and its transport, for snapshots.
@@ -298,6 +309,20 @@ impl Vmm {
                 transport: slot.transport,
             });
         }
+        let mut disks = Vec::with_capacity(spec.disks.len());
+        for (index, disk) in spec.disks.iter().enumerate() {
+            let device = Arc::new(Mutex::new(devices::block_device(disk)?));
+            let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
+            device_cmdline.push(slot.cmdline);
+            subscribers.push(device.clone());
+            disks.push(BlockParts {
+                device,
+                transport: slot.transport,
+            });
+            if disk.root {
+                device_cmdline.push(crate::disk::root_cmdline(index, disk.read_only));
+            }
+        }
 
         phases.mark("devices");
         let (entry, mode) = match &spec.boot {
@@ -312,6 +337,11 @@ impl Vmm {
                 for fragment in &device_cmdline {
                     cmdline.push(' ');
                     cmdline.push_str(fragment);
+                }
+                let names_init = cmdline.split_whitespace().any(|w| w.starts_with("init="));
+                if spec.disks.iter().any(|d| d.root) && initrd.is_none() && !names_init {
+                    cmdline.push_str(" init=");
+                    cmdline.push_str(crate::disk::ROOT_INIT);
                 }
                 let k = boot::load_linux(&memory, kernel, initrd.as_deref(), &cmdline)?;
                 (k.entry.0, CpuMode::Long)
@@ -355,6 +385,7 @@ impl Vmm {
             buses: Arc::new(buses),
             legacy,
             vsock: vsock_parts,
+            disks,
             subscribers,
             boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,

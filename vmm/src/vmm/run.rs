@@ -60,6 +60,7 @@ impl Vmm {
             paused: None,
             legacy: self.legacy,
             vsock: self.vsock,
+            disks: self.disks,
             control: self.control,
             machine: self.machine,
             memory: self.memory.clone(),

@@ -7,14 +7,15 @@
 //! the last snapshot. If a snapshot fails after that, the pages it took are lost to the
 //! next diff; then the next snapshot must be full, and a diff is refused until it is.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::core::VmmCore;
 use crate::memory::ram_ranges;
 use crate::snapshot::memory::{take_bitmaps, write_memory};
 use crate::snapshot::pages::PageSet;
 use crate::snapshot::{
-    self, DiffInfo, SnapshotError, SnapshotKind, SnapshotRef, SnapshotState, VsockSnapshot,
+    self, DiffInfo, DiskSnapshot, SnapshotError, SnapshotKind, SnapshotRef, SnapshotState,
+    VsockSnapshot,
 };
 
 impl VmmCore {
@@ -53,6 +54,7 @@ impl VmmCore {
             serial: Default::default(),
             i8042: Default::default(),
             vsock: None,
+            disks: Vec::new(),
             diff: None,
         };
         let result = self.fill_and_write(&dir, &mut state, diff_parent);
@@ -118,6 +120,8 @@ impl VmmCore {
             });
         }
 
+        state.disks = self.snapshot_disks(dir)?;
+
         // From here on the dirty pages are taken: a failure must not leave a diff base.
         let size = self.machine.memory_mib << 20;
         let dirty = self.take_dirty_pages(size);
@@ -141,6 +145,65 @@ impl VmmCore {
             digest,
         });
         Ok(written)
+    }
+
+    /// Each block device's state; an overlay is flushed and copied into `dir` as
+    /// `disk-N.overlay` (the VM is paused and the event loop, which runs every request, is
+    /// here, so file and bitmap agree). A writable raw image cannot be snapshotted: a clone
+    /// would write to the same file as the original.
+    fn snapshot_disks(&self, dir: &Path) -> Result<Vec<DiskSnapshot>, SnapshotError> {
+        use kiln_devices::virtio::block::BackendState;
+        let mut disks = Vec::with_capacity(self.disks.len());
+        for (index, parts) in self.disks.iter().enumerate() {
+            let poisoned = || SnapshotError::NotSnapshottable(format!("disk {index} is poisoned"));
+            let mut device = parts.device.lock().map_err(|_| poisoned())?;
+            let mut state = device.save_state();
+            let overlay_file = match &mut state.backend {
+                BackendState::Raw { read_only: true, .. } => None,
+                BackendState::Raw { path, .. } => {
+                    return Err(SnapshotError::NotSnapshottable(format!(
+                        "disk {index} ({}) is a writable raw image, which clones would share;                          attach it with `ro` or `overlay=` to snapshot the VM",
+                        path.display()
+                    )))
+                }
+                BackendState::Overlay { overlay, .. } => {
+                    device.flush().map_err(|source| SnapshotError::Io {
+                        what: "flush disk overlay",
+                        path: overlay.clone(),
+                        source,
+                    })?;
+                    let name = format!("disk-{index}.overlay");
+                    let copy = dir.join(&name);
+                    // No state file here (checked above): a copy left by a failed attempt.
+                    let _ = std::fs::remove_file(&copy);
+                    crate::disk::sparse_copy(overlay, &copy).map_err(|source| {
+                        SnapshotError::Io {
+                            what: "copy the disk overlay to",
+                            path: copy.clone(),
+                            source,
+                        }
+                    })?;
+                    *overlay = PathBuf::from(&name);
+                    Some(name)
+                }
+            };
+            let image = match &state.backend {
+                BackendState::Raw { path, .. } => path,
+                BackendState::Overlay { base, .. } => base,
+            };
+            let image_mtime = snapshot::image_mtime(image).map_err(|source| SnapshotError::Io {
+                what: "stat disk image",
+                path: image.clone(),
+                source,
+            })?;
+            disks.push(DiskSnapshot {
+                image_mtime,
+                transport: parts.transport.lock().map_err(|_| poisoned())?.save_state(),
+                device: state,
+                overlay_file,
+            });
+        }
+        Ok(disks)
     }
 
     /// The pages written since the last call (empty without a dirty log), clearing both

@@ -77,6 +77,12 @@ impl Block {
         self.acked_features
     }
 
+    /// Make every completed write durable (the backend's `fdatasync`), as a guest FLUSH
+    /// does: the VMM calls it before it copies an overlay into a snapshot.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.backend.disk_mut().flush()
+    }
+
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
         self.active.is_some()

@@ -295,3 +295,16 @@ fn event_idx_suppresses_interrupts_and_asks_for_kicks() {
     h.read_ok(0, 1);
     assert_eq!(h.irq.irq_evt().read().unwrap(), 1);
 }
+
+#[test]
+fn host_side_flush_works_on_every_backend() {
+    // The VMM flushes a device before it copies its overlay into a snapshot.
+    let dir = TestDir::new();
+    let base = image(&dir.path("base.img"), 4096, 1);
+    let overlay = crate::virtio::block::Overlay::create(&base, dir.path("o.overlay")).unwrap();
+    Block::new(overlay, b"o").unwrap().flush().unwrap();
+    let ro = RawFile::open(&base, true).unwrap();
+    Block::new(ro, b"r").unwrap().flush().unwrap();
+    let rw = RawFile::open(&base, false).unwrap();
+    Block::new(rw, b"w").unwrap().flush().unwrap();
+}
