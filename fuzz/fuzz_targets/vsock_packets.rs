@@ -47,6 +47,9 @@ enum Port {
     Listen,
     /// One of a handful of guest-ish ports, 1024..1032.
     Small(u8),
+    /// One of the first ports the device gives host-initiated connections (2^30 + n): the
+    /// guest's RESPONSE to a host client's CONNECT goes there.
+    HostSide(u8),
     Any(u32),
 }
 
@@ -55,6 +58,7 @@ impl Port {
         match self {
             Port::Listen => LISTEN_PORT,
             Port::Small(n) => 1024 + u32::from(n % 8),
+            Port::HostSide(n) => (1 << 30) + u32::from(n % 8),
             Port::Any(p) => p,
         }
     }
