@@ -178,8 +178,13 @@ fn run_target(fuzz_dir: &Path, target: &str, time_s: u64) -> Result<Stats> {
     let secs = start.elapsed().as_secs_f64();
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
 
+    // libFuzzer also writes `slow-unit-*` files there; those are not failures.
     let found: Vec<PathBuf> = std::fs::read_dir(&artifacts)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_failure_artifact(p))
+                .collect()
+        })
         .unwrap_or_default();
     if !status.success() || !found.is_empty() {
         let tail: Vec<&str> = text.lines().rev().take(40).collect();
@@ -205,6 +210,15 @@ fn run_target(fuzz_dir: &Path, target: &str, time_s: u64) -> Result<Stats> {
         secs,
         seeds,
         corpus: corpus_len,
+    })
+}
+
+/// Whether libFuzzer wrote `path` for a failure (crash, leak, timeout, out of memory).
+fn is_failure_artifact(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        ["crash-", "leak-", "timeout-", "oom-"]
+            .iter()
+            .any(|p| n.starts_with(p))
     })
 }
 
@@ -260,5 +274,13 @@ mod tests {
         assert_eq!(stat(log, "stat::number_of_executed_units"), Some(98765));
         assert_eq!(stat(log, "stat::average_exec_per_sec"), Some(3292));
         assert_eq!(stat(log, "stat::new_units_added"), None);
+    }
+
+    #[test]
+    fn slow_units_are_not_failures() {
+        assert!(is_failure_artifact(Path::new("t/crash-0a1b")));
+        assert!(is_failure_artifact(Path::new("oom-ff")));
+        assert!(is_failure_artifact(Path::new("timeout-12")));
+        assert!(!is_failure_artifact(Path::new("t/slow-unit-0a1b")));
     }
 }
