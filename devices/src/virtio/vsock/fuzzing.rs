@@ -336,7 +336,12 @@ impl Harness {
             let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
             // SAFETY: `fds` is a valid array of `nfds` pollfd structs for the whole call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, 0) };
-            assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                // libFuzzer's SIGALRM (its timeout check) interrupts poll now and then.
+                assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll: {e}");
+                continue;
+            }
             assert_eq!(self.ep.errors, 0, "epoll bookkeeping error");
             if n == 0 {
                 return;
