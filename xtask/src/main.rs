@@ -1,9 +1,10 @@
-//! `cargo xtask …`: the project's entry points for set-up, the demo, the tests and the
-//! benchmarks. Run from anywhere in the checkout; paths are taken from the repo root.
+//! `cargo xtask …`: the project's entry points for set-up, the demo, the tests, the
+//! benchmarks and fuzzing. Run from anywhere in the checkout; paths are taken from the repo root.
 
 mod bench;
 mod budgets;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::path::PathBuf;
@@ -36,6 +37,16 @@ enum Task {
     /// all to target/bench.json and prints a table; `--check` holds them to
     /// benches/budgets.toml.
     Bench(bench::BenchArgs),
+    /// Build and run the cargo-fuzz targets in fuzz/ (each for --time seconds, on a scratch
+    /// copy of its seed corpus); fails on any crash. Installs cargo-fuzz if missing.
+    Fuzz {
+        /// Seconds to fuzz each target.
+        #[arg(long, default_value_t = 30)]
+        time: u64,
+        /// Run only this target (default: all of them).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +56,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Test => test(),
         Task::Bench(args) => bench::run(&args),
+        Task::Fuzz { time, target } => fuzz::run(time, target.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

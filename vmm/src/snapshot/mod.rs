@@ -179,45 +179,77 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
 /// [`read_state`], with the payload's SHA-256.
 pub fn read_state_and_digest(dir: &Path) -> Result<(SnapshotState, [u8; 32]), SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let corrupt = |why: &str| SnapshotError::Corrupt {
-        path: path.clone(),
-        why: why.to_string(),
-    };
     let mut file = File::open(&path).map_err(io("open snapshot state", &path))?;
     let mut header = [0u8; HEADER_LEN];
     file.read_exact(&mut header)
-        .map_err(|_| corrupt("shorter than its header"))?;
+        .map_err(|_| corrupt(&path, "shorter than its header"))?;
+    let len = check_header(&path, &header)?;
+    let mut payload = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.read_to_end(&mut payload).map_err(io("read", &path))?;
+    decode_payload(&path, &header, len, &payload)
+}
+
+/// Checks and decodes the bytes of a whole state file, as [`read_state`] does; `path` only
+/// names it in errors. The fuzzing entry point (`fuzz/`, target `snapshot_state`).
+#[doc(hidden)]
+pub fn parse_state(path: &Path, bytes: &[u8]) -> Result<SnapshotState, SnapshotError> {
+    let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+        return Err(corrupt(path, "shorter than its header"));
+    };
+    let len = check_header(path, header)?;
+    decode_payload(path, header, len, payload).map(|(state, _)| state)
+}
+
+fn corrupt(path: &Path, why: &str) -> SnapshotError {
+    SnapshotError::Corrupt {
+        path: path.to_owned(),
+        why: why.to_string(),
+    }
+}
+
+/// Checks the magic and the version; returns the payload length the header announces.
+fn check_header(path: &Path, header: &[u8; HEADER_LEN]) -> Result<u64, SnapshotError> {
     if &header[..8] != MAGIC {
-        return Err(SnapshotError::BadMagic(path));
+        return Err(SnapshotError::BadMagic(path.to_owned()));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
     if version != FORMAT_VERSION {
         return Err(SnapshotError::Version {
-            path,
+            path: path.to_owned(),
             found: version,
         });
     }
     let len = u64::from_le_bytes(header[12..20].try_into().unwrap_or_default());
     if len > MAX_PAYLOAD {
-        return Err(corrupt("its length field is absurd"));
+        return Err(corrupt(path, "its length field is absurd"));
     }
-    let mut payload = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.read_to_end(&mut payload).map_err(io("read", &path))?;
+    Ok(len)
+}
+
+/// Checks the payload's length and checksum against the header, then decodes it; returns
+/// the state and the payload's SHA-256.
+fn decode_payload(
+    path: &Path,
+    header: &[u8; HEADER_LEN],
+    len: u64,
+    payload: &[u8],
+) -> Result<(SnapshotState, [u8; 32]), SnapshotError> {
     if payload.len() as u64 != len {
-        return Err(corrupt(&format!(
-            "{} payload bytes, the header says {len}",
-            payload.len()
-        )));
+        return Err(corrupt(
+            path,
+            &format!("{} payload bytes, the header says {len}", payload.len()),
+        ));
     }
-    let digest: [u8; 32] = Sha256::digest(&payload).into();
+    let digest: [u8; 32] = Sha256::digest(payload).into();
     if digest[..] != header[20..52] {
-        return Err(corrupt("checksum mismatch"));
+        return Err(corrupt(path, "checksum mismatch"));
     }
     let state: SnapshotState =
-        bincode::deserialize(&payload).map_err(|e| corrupt(&format!("cannot decode: {e}")))?;
+        bincode::deserialize(payload).map_err(|e| corrupt(path, &format!("cannot decode: {e}")))?;
     if let Some(diff) = &state.diff {
         if !diff.pages.fits(state.machine.memory_mib << 20) {
             return Err(corrupt(
+                path,
                 "its diff page set does not match the guest's memory",
             ));
         }
@@ -290,5 +322,49 @@ mod tests {
         std::fs::write(&path, [0u8; 64]).unwrap();
         assert!(matches!(read_state(&d), Err(SnapshotError::BadMagic(_))));
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// `bytes` as a state file with a valid header (what fuzz target `snapshot_state` does).
+    fn wrap(payload: &[u8]) -> Vec<u8> {
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        file.extend_from_slice(&Sha256::digest(payload));
+        file.extend_from_slice(payload);
+        file
+    }
+
+    #[test]
+    fn parse_state_reads_what_write_state_wrote() {
+        let d = dir("parse");
+        write_state(&d, &sample()).unwrap();
+        let bytes = std::fs::read(d.join(STATE_FILE)).unwrap();
+        let state = parse_state(&d, &bytes).unwrap();
+        assert_eq!(state.machine, sample().machine);
+        assert_eq!(wrap(&bytes[HEADER_LEN..]), bytes);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Length prefixes in a hostile payload (which passed the checksum) do not make the
+    /// decoder allocate what they claim: serde preallocates at most 1 MiB per sequence and
+    /// bincode's slice reader checks byte lengths against the bytes that are there.
+    #[test]
+    fn huge_length_prefixes_are_refused_without_allocating_them() {
+        let machine = bincode::serialize(&sample().machine).unwrap();
+        for len in [u64::MAX, 1 << 40, u64::from(u32::MAX)] {
+            // `vcpus`: a Vec<VcpuState> claiming `len` entries, with none there.
+            let mut payload = machine.clone();
+            payload.extend_from_slice(&len.to_le_bytes());
+            let e = parse_state(Path::new("x"), &wrap(&payload)).err().unwrap();
+            assert!(e.to_string().contains("cannot decode"), "{e}");
+            // The serial console's `in_buffer` (a Vec<u8>) claiming `len` bytes.
+            let mut payload = machine.clone();
+            payload.extend_from_slice(&0u64.to_le_bytes()); // no vCPUs
+            payload.push(0); // vm: None
+            payload.extend_from_slice(&[0; 9]); // serial registers
+            payload.extend_from_slice(&len.to_le_bytes());
+            let e = parse_state(Path::new("x"), &wrap(&payload)).err().unwrap();
+            assert!(e.to_string().contains("cannot decode"), "{e}");
+        }
     }
 }

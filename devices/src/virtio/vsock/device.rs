@@ -160,9 +160,13 @@ impl Vsock {
     pub(crate) fn process_tx(&mut self) {
         let Self { active, muxer, .. } = self;
         if let Some(a) = active {
-            packet_io::drain_tx(&mut a.queues[TXQ], &a.mem, &a.interrupt, |pkt| {
+            let more = packet_io::drain_tx(&mut a.queues[TXQ], &a.mem, &a.interrupt, |pkt| {
                 muxer.on_guest_packet(pkt)
             });
+            if more {
+                // Come back after the event loop's other events.
+                let _ = a.evts[TXQ].write(1);
+            }
         }
     }
 
@@ -173,13 +177,17 @@ impl Vsock {
         };
         // The muxer is borrowed by both closures in turn, never at once.
         let muxer = std::cell::RefCell::new(muxer);
-        packet_io::fill_rx(
+        let more = packet_io::fill_rx(
             &mut a.queues[RXQ],
             &a.mem,
             &a.interrupt,
             || muxer.borrow().has_rx_work(),
             |pkt| muxer.borrow_mut().fill_rx(pkt),
         );
+        if more {
+            // Come back after the event loop's other events.
+            let _ = a.evts[RXQ].write(1);
+        }
     }
 
     /// Bring the epoll registrations in line with what the device wants, then close the

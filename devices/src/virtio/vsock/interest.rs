@@ -87,7 +87,7 @@ impl Registrations {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod fake {
     use super::*;
 
@@ -128,6 +128,7 @@ pub(crate) mod fake {
         }
     }
 
+    #[cfg(test)]
     #[test]
     fn sync_applies_the_difference() {
         let mut regs = Registrations::default();

@@ -32,6 +32,10 @@ mod unix;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 use std::path::PathBuf;
 
 pub use device::Vsock;

@@ -18,7 +18,7 @@ use virtio_vsock::packet::{Error as PacketError, VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestMemoryError};
 
-use super::{MAX_PKT_DATA, TYPE_STREAM};
+use super::{MAX_PKT_DATA, QUEUE_SIZE, TYPE_STREAM};
 use crate::virtio::{GuestMemory, VirtioInterrupt};
 
 /// A packet from the guest, copied out of guest memory.
@@ -59,6 +59,12 @@ impl Header {
     }
 }
 
+/// The most chains one call takes from a queue. A ring that refills as fast as it is
+/// drained (a vCPU that keeps adding chains, or a used ring laid over the avail ring so that
+/// each used entry makes a new available one) must not hold the event loop forever: the
+/// caller kicks the queue's eventfd itself and carries on after the other events.
+pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
+
 /// Raise the queue's interrupt if the driver wants one.
 fn notify(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt) {
     // An unreadable used_event means a broken driver; interrupting is the safe choice.
@@ -91,8 +97,8 @@ fn unusable(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt, name: &
     false
 }
 
-/// Pop every available tx chain and hand each packet that parses to `handle`. Returns
-/// whether any chain was used.
+/// Pop every available tx chain (at most [`CHAIN_BUDGET`]) and hand each packet that
+/// parses to `handle`. Returns true if it stopped on the budget: the caller must come back.
 pub(crate) fn drain_tx(
     queue: &mut Queue,
     mem: &GuestMemory,
@@ -104,8 +110,9 @@ pub(crate) fn drain_tx(
     }
     let mut used = false;
     let mut empty_rounds = 0;
+    let mut taken = 0;
     let mut scratch = TxScratch::default();
-    loop {
+    'rounds: loop {
         // Without EVENT_IDX this sets NO_NOTIFY while we work; with it, it is a no-op.
         let _ = queue.disable_notification(mem);
         let mut popped = false;
@@ -124,6 +131,10 @@ pub(crate) fn drain_tx(
             add_used(queue, mem, head, 0);
             used = true;
             popped = true;
+            taken += 1;
+            if taken >= CHAIN_BUDGET {
+                break 'rounds;
+            }
         }
         // More may have arrived while notifications were off. A ring that keeps saying so
         // without yielding chains is corrupt: stop rather than spin.
@@ -144,7 +155,7 @@ pub(crate) fn drain_tx(
     if used {
         notify(queue, mem, irq);
     }
-    used
+    taken >= CHAIN_BUDGET
 }
 
 /// Where [`gather_tx`] copies a packet whose payload spans several descriptors.
@@ -250,9 +261,9 @@ impl TxScratch {
     }
 }
 
-/// Fill rx chains while `fill` produces packets (`Some(payload length)`). A chain `fill`
-/// has no use for is put back. Returns whether the queue ran dry while `more` still said
-/// there was work.
+/// Fill rx chains while `fill` produces packets (`Some(payload length)`), at most
+/// [`CHAIN_BUDGET`] of them. A chain `fill` has no use for is put back. Returns true if it
+/// stopped on the budget while `more` still said there was work: the caller must come back.
 pub(crate) fn fill_rx(
     queue: &mut Queue,
     mem: &GuestMemory,
@@ -264,9 +275,14 @@ pub(crate) fn fill_rx(
         return false;
     }
     let mut used = false;
-    let mut starved = false;
     let mut retried = false;
+    let mut taken = 0;
+    let mut out_of_budget = false;
     while more() {
+        if taken >= CHAIN_BUDGET {
+            out_of_budget = true;
+            break;
+        }
         let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
             // Ask for a kick when the guest adds buffers (matters with EVENT_IDX); retry
             // once if some arrived meanwhile, but never spin on a corrupt ring.
@@ -275,10 +291,7 @@ pub(crate) fn fill_rx(
                     retried = true;
                     continue;
                 }
-                _ => {
-                    starved = true;
-                    break;
-                }
+                _ => break,
             }
         };
         let head = chain.head_index();
@@ -306,15 +319,16 @@ pub(crate) fn fill_rx(
         };
         add_used(queue, mem, head, len);
         used = true;
+        taken += 1;
     }
     if used {
         notify(queue, mem, irq);
     }
-    starved
+    out_of_budget
 }
 
 /// Put a 4-byte event (`le32 id`) into the next event-queue buffer. Returns false if the
-/// guest has posted no usable buffer.
+/// guest has posted no usable buffer (among the next [`CHAIN_BUDGET`] chains).
 pub(crate) fn write_event(
     queue: &mut Queue,
     mem: &GuestMemory,
@@ -324,7 +338,7 @@ pub(crate) fn write_event(
     if unusable(queue, mem, irq, "event") {
         return false;
     }
-    loop {
+    for _ in 0..CHAIN_BUDGET {
         let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
             let _ = queue.enable_notification(mem);
             return false;
@@ -351,4 +365,6 @@ pub(crate) fn write_event(
             }
         }
     }
+    warn!("vsock: event ring keeps yielding unusable chains; waiting for the next kick");
+    false
 }

@@ -393,3 +393,40 @@ fn event_idx_asks_for_kicks_when_starved() {
     assert_eq!(avail_event(&h, tx_used), 2, "RESPONSE and RW consumed");
     assert_eq!(read_available(&mut client).0, b"ok");
 }
+
+/// Found by fuzz target `virtq_chain` (a timeout): a tx ring whose used ring lies over its
+/// avail ring, with `next_used` ahead of `next_avail`, makes every used entry a new
+/// available chain, and `drain_tx` used to pop them forever, holding the event loop.
+#[test]
+fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
+    use crate::virtio::vsock::packet_io::{drain_tx, CHAIN_BUDGET};
+    use virtio_queue::Queue;
+
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x2_0000)]).unwrap();
+    let mut desc = [0u8; 16];
+    desc[..8].copy_from_slice(&0x1_0000u64.to_le_bytes());
+    desc[8..12].copy_from_slice(&44u32.to_le_bytes());
+    mem.write_slice(&desc, GuestAddress(0)).unwrap();
+    mem.write_obj(5u16, GuestAddress(0x1002)).unwrap(); // avail idx: 5 chains, all head 0
+    let mut q = Queue::new(16).unwrap();
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(0x1000), Some(0));
+    q.set_used_ring_address(Some(0x1000), Some(0)); // over the avail ring
+    q.set_next_used(5);
+    q.set_ready(true);
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut packets = 0;
+        let more = drain_tx(&mut q, &mem, &irq, |_| packets += 1);
+        let _ = done.send((more, packets));
+    });
+    let (more, packets) = result
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("drain_tx still popping a self-refilling ring after 20 s");
+    assert!(
+        more,
+        "stopping on the budget must ask the caller to come back"
+    );
+    assert_eq!(packets, CHAIN_BUDGET);
+}
