@@ -4,6 +4,7 @@
 
 mod blk;
 mod boot;
+mod empty_job;
 mod fork;
 mod kiln_process;
 mod restore_direct;
@@ -80,6 +81,11 @@ fn main() -> Result<()> {
             args.setup_runs
         );
         results.extend(restore_direct::run(&bins.kiln, args.setup_runs)?);
+    }
+    if wanted("empty_job") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!("bench empty_job: 5 jobs of `true`, {}", runner.describe());
+        results.extend(empty_job::run(&runner, 5)?);
     }
     if wanted("boot_timeline") {
         let runner = kiln_tests::Runner::detect()?;
