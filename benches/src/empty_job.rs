@@ -19,11 +19,12 @@ i=0
 while [ $i -lt {runs} ]; do
   t0=$(now_us)
   "$KILN" job --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 128 \
-    --script "$FILES/true.sh" > job.out 2> job.err
+    --script "$FILES/true.sh" --json > job.out 2> job.err
   rc=$?
   t1=$(now_us)
   [ $rc = 0 ] || {{ echo "kiln job exited $rc"; cat job.err; exit 1; }}
   echo "BENCH-EMPTY-JOB $((t1 - t0))"
+  grep '^{{' job.err | sed 's/^/BENCH-EMPTY-JOB-REPORT /'
   i=$((i + 1))
 done
 "#
@@ -44,7 +45,21 @@ done
     if ms.len() != runs {
         bail!("expected {runs} jobs, got {}:\n{}", ms.len(), out.console);
     }
+    // Where the time went, from kiln job's own report: boot (to the agent's mark) and the
+    // job (script copied in and run); the rest is start-up and teardown.
+    let reports: Vec<Value> = out
+        .console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("BENCH-EMPTY-JOB-REPORT "))
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect();
+    let median_of = |key: &str| {
+        let v: Vec<f64> = reports.iter().filter_map(|r| r[key].as_f64()).collect();
+        (!v.is_empty()).then(|| stats::summary(&v).0)
+    };
     let mut extra = Map::new();
+    extra.insert("median_boot_ms".into(), median_of("boot_ms").into());
+    extra.insert("median_job_ms".into(), median_of("job_ms").into());
     extra.insert(
         "what".into(),
         "kiln job of `true`: process start to exit, VM booted and torn down".into(),
