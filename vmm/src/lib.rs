@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod devices;
+pub mod jail;
 pub mod memory;
 pub mod seccomp;
 pub mod slot;

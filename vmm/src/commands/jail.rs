@@ -1,0 +1,66 @@
+//! `kiln jail`: run a kiln command confined (see `kiln::jail`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::JailArgs;
+use crate::jail::{host_paths, Jail, JailSpec, DEFAULT_BASE};
+
+pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
+    let base = args
+        .base
+        .clone()
+        .or_else(|| std::env::var_os("KILN_JAIL_BASE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BASE));
+    let spec = JailSpec {
+        id: args.id.clone(),
+        uid: args.uid,
+        gid: args.gid,
+        base,
+        files: args.file.clone(),
+        kiln: std::env::current_exe().context("cannot find the kiln executable")?,
+        args: args.command.clone(),
+        keep: args.keep,
+        max_fds: args.max_fds,
+        max_file_bytes: args.max_file_gib.saturating_mul(1 << 30),
+    };
+    let mut jail = Jail::start(&spec)?;
+    eprintln!(
+        "kiln jail: {} runs as pid {} (uid {}, gid {}) with the root {}",
+        spec.id,
+        jail.pid,
+        spec.uid,
+        spec.gid,
+        jail.dir.root.display()
+    );
+    for (flag, value, host) in host_paths(&spec.args, &jail.dir.root) {
+        eprintln!(
+            "kiln jail: {flag} {value} is {} on the host",
+            host.display()
+        );
+    }
+    forward_signals(jail.pid)?;
+    let code = jail.wait()?;
+    drop(jail);
+    Ok(ExitCode::from(code))
+}
+
+/// Passes SIGINT and SIGTERM on to the jailed kiln (from a thread, for as long as this
+/// process lives).
+fn forward_signals(pid: libc::pid_t) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install the SIGINT/SIGTERM handlers")?;
+    std::thread::Builder::new()
+        .name("jail-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                // SAFETY: kill takes no pointers; pid is our child, not yet reaped.
+                unsafe { libc::kill(pid, sig) };
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}

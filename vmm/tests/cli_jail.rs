@@ -1,0 +1,155 @@
+//! `kiln jail` on the direct path: its one-line errors (not root, a missing --file, a
+//! taken ID, a base that cannot be written) and a jailed `kiln run` of the tiny ELF kernel,
+//! which shows the namespaces, the root switch, `/dev/kvm` and the drop of privileges work
+//! on this machine's /dev/kvm.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-jail-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn kiln_jail(base: &Path, id: &str, extra: &[&str], inner: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["jail", "--id", id, "--base", base.to_str().unwrap()])
+        .args(extra)
+        .arg("--")
+        .args(inner);
+    cmd
+}
+
+/// Asserts a failure with exactly one line on stderr holding `needle`, and no panic.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(needle), "wanted {needle:?} in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn jail_refuses_without_root() {
+    let base = tmp("noroot");
+    let mut cmd = kiln_jail(&base, "j", &[], &["run", "--kernel", "k"]);
+    if is_root() {
+        // Run it as nobody (the binary and its directories are world-readable here).
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    assert_one_line_error(&out, "kiln jail must run as root");
+    std::fs::remove_dir_all(base).unwrap();
+}
+
+#[test]
+fn jail_reports_bad_input_in_one_line() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let base = tmp("errors");
+    // A missing --file.
+    let missing = base.join("no-such-kernel");
+    let out = kiln_jail(&base, "j", &["--file", missing.to_str().unwrap()], &["run"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--file");
+    assert!(
+        !base.join("j").exists(),
+        "nothing is created before the checks pass"
+    );
+
+    // A bad ID.
+    let out = kiln_jail(&base, "../x", &[], &["run"]).output().unwrap();
+    assert_one_line_error(&out, "is not valid");
+
+    // Root as the inner uid.
+    let out = kiln_jail(&base, "j", &["--uid", "0"], &["run"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--uid 0");
+
+    // An ID in use: its jail.pid names a live process (this one).
+    std::fs::create_dir_all(base.join("busy")).unwrap();
+    std::fs::write(
+        base.join("busy/jail.pid"),
+        format!("{}\n", std::process::id()),
+    )
+    .unwrap();
+    let out = kiln_jail(&base, "busy", &[], &["run"]).output().unwrap();
+    assert_one_line_error(&out, "is taken");
+    assert!(
+        base.join("busy/jail.pid").exists(),
+        "a jail in use is left alone"
+    );
+
+    // A base that cannot be made: below a regular file.
+    std::fs::write(base.join("file"), "").unwrap();
+    let bad = base.join("file/base");
+    let out = kiln_jail(&bad, "j", &[], &["run"]).output().unwrap();
+    assert_one_line_error(&out, "cannot create the jail directory");
+    std::fs::remove_dir_all(base).unwrap();
+}
+
+#[test]
+fn jail_runs_the_tiny_kernel_unprivileged_and_cleans_up() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tmp("run");
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(
+        &kernel,
+        kiln_tests::tiny_kernel::build("hello from the jail\n"),
+    )
+    .unwrap();
+    let base = dir.join("base");
+    // A stale jail directory (its owner is gone) is replaced.
+    std::fs::create_dir_all(base.join("t1/root")).unwrap();
+    std::fs::write(base.join("t1/jail.pid"), "999999999\n").unwrap();
+    let out = kiln_jail(
+        &base,
+        "t1",
+        &[
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--file",
+            kernel.to_str().unwrap(),
+        ],
+        &[
+            "run", "--kernel", "tiny.elf", "--memory", "64", "--json", "--api", "api.sock",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.starts_with("hello from the jail\n"), "{stdout}");
+    assert!(stdout.contains("\"result\":\"reset\""), "{stdout}");
+    assert!(stderr.contains("kiln jail: t1 runs as pid"), "{stderr}");
+    let mapped = base.join("t1/root/api.sock");
+    assert!(
+        stderr.contains(&format!(
+            "--api api.sock is {} on the host",
+            mapped.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!base.join("t1").exists(), "the jail directory is removed");
+    assert!(kernel.exists(), "the host's file stays");
+    std::fs::remove_dir_all(dir).unwrap();
+}
