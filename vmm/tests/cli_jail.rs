@@ -153,3 +153,130 @@ fn jail_runs_the_tiny_kernel_unprivileged_and_cleans_up() {
     assert!(kernel.exists(), "the host's file stays");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The jailed VMM seen from the host's /proc while a spinning guest runs: the ids, no
+/// capabilities, its own namespaces and root; then SIGTERM to `kiln jail` reaches it.
+#[test]
+fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
+    use kiln_tests::tiny_kernel::{build_with, End};
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tmp("proc");
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    let base = dir.join("base");
+    let mut child = kiln_jail(
+        &base,
+        "spin",
+        &[
+            "--uid",
+            "4321",
+            "--gid",
+            "4322",
+            "--file",
+            kernel.to_str().unwrap(),
+        ],
+        &[
+            "run", "--kernel", "spin.elf", "--memory", "32", "--api", "api.sock",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut pid = None;
+    let mut seen = String::new();
+    let mut line = String::new();
+    while pid.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
+        if let Some(rest) = line.split("runs as pid ").nth(1) {
+            pid = rest.split_whitespace().next().map(str::to_owned);
+        }
+        seen.push_str(&line);
+        line.clear();
+    }
+    let pid = pid.unwrap_or_else(|| panic!("no pid line: {seen}"));
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "spinning now\n");
+
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    // kiln installs its seccomp filters once the VM runs: give it a moment.
+    let mut status = String::new();
+    for _ in 0..50 {
+        status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+        if status
+            .lines()
+            .any(|l| l.starts_with("Seccomp:") && l.ends_with('2'))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid"), "4321 4321 4321 4321", "{status}");
+    assert_eq!(field("Gid"), "4322 4322 4322 4322", "{status}");
+    assert_eq!(field("Groups"), "", "{status}");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(caps), "0000000000000000", "{caps}: {status}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    assert_eq!(field("Seccomp"), "2", "kiln's own filters are on: {status}");
+    // In its PID namespace it is PID 1.
+    assert_eq!(field("NSpid").split(' ').nth(1), Some("1"), "{status}");
+    for ns in ["mnt", "pid", "net", "uts", "ipc"] {
+        let theirs = std::fs::read_link(proc_dir.join("ns").join(ns)).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace is the host's");
+    }
+    let list = |p: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let root = list(&proc_dir.join("root"));
+    for name in ["api.sock", "dev", "kiln", "spin.elf"] {
+        assert!(
+            root.contains(&name.to_string()),
+            "{name} missing from {root:?}"
+        );
+    }
+    // A debug kiln brings its loader and libraries; nothing else of the host is there.
+    for name in &root {
+        assert!(
+            ["api.sock", "dev", "kiln", "spin.elf", "lib", "lib64", "usr"].contains(&name.as_str()),
+            "unexpected {name} in the jail root: {root:?}"
+        );
+    }
+    let dev = list(&proc_dir.join("root/dev"));
+    assert!(dev == ["kvm"] || dev == ["kvm", "net"], "{dev:?}");
+    let cwd = std::fs::read_link(proc_dir.join("cwd")).unwrap();
+    assert_eq!(cwd, Path::new("/"));
+
+    // SAFETY: kill takes no pointers; the pid is our child's.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let rest = drain.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{seen}{rest}");
+    assert!(!base.join("spin").exists(), "the jail directory is removed");
+    std::fs::remove_dir_all(dir).unwrap();
+}
