@@ -44,7 +44,8 @@
 //!    clears the permitted and effective sets), the inheritable set zeroed with `capset`, and
 //!    `capget` checked to be all zero; `PR_SET_NO_NEW_PRIVS`.
 //! 9. `execve("/kiln", ["kiln", <args>...])` with the working directory `/` and an
-//!    environment of `PATH=/` plus `KILN_LOG` and `RUST_BACKTRACE` if set. Paths in the
+//!    environment of `PATH=/`, `TMPDIR=/` (`kiln job` makes its
+//!    socket directory there) plus `KILN_LOG` and `RUST_BACKTRACE` if set. Paths in the
 //!    inner arguments are therefore relative to the jail root: `--vsock v.sock` is
 //!    `<base>/<ID>/root/v.sock` on the host, which `kiln jail` prints.
 //!    The inner kiln installs its seccomp filters after its own set-up, as always.

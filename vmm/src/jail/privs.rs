@@ -46,7 +46,9 @@ impl Exec {
             .chain(spec.args.iter().cloned())
             .map(cstring)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut env = vec!["PATH=/".to_string()];
+        // No /tmp in the jail: kiln job makes its runtime directory in TMPDIR, the root
+        // (owned by the jail's uid).
+        let mut env = vec!["PATH=/".to_string(), "TMPDIR=/".to_string()];
         for key in ["KILN_LOG", "RUST_BACKTRACE"] {
             if let Ok(v) = std::env::var(key) {
                 env.push(format!("{key}={v}"));
