@@ -280,3 +280,118 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
     assert!(!base.join("spin").exists(), "the jail directory is removed");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `kiln ctl --api API ARGS`; its output.
+fn ctl(api: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("ctl")
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Polls `kiln ctl status` on `api` for up to 20 s; true once it answers ok.
+fn answers(api: &Path) -> bool {
+    for _ in 0..200 {
+        if api.exists() && ctl(api, &["--timeout", "5", "status"]).status.success() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+/// A snapshot taken inside one jail (written below its root by the jailed VMM) restores
+/// in another jail, under another uid, given as a `--file` directory.
+#[test]
+fn jail_snapshot_taken_in_one_jail_restores_in_another() {
+    use kiln_tests::tiny_kernel::{build_with, End};
+    use std::process::Stdio;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tmp("snap");
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    let base = dir.join("base");
+    let mut a = kiln_jail(
+        &base,
+        "a",
+        &[
+            "--uid",
+            "4321",
+            "--gid",
+            "4321",
+            "--file",
+            kernel.to_str().unwrap(),
+        ],
+        &[
+            "run", "--kernel", "spin.elf", "--memory", "32", "--api", "api.sock", "--serial",
+            "null",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let api_a = base.join("a/root/api.sock");
+    assert!(answers(&api_a), "jail a's API never answered");
+    let out = ctl(&api_a, &["snapshot", "--dir", "/snap"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The VMM wrote it into its root; take it out before jail a goes.
+    let snap = dir.join("snap");
+    std::fs::rename(base.join("a/root/snap"), &snap).unwrap();
+    // SAFETY: kill takes no pointers; the pid is our child's.
+    unsafe { libc::kill(i32::try_from(a.id()).unwrap(), libc::SIGTERM) };
+    let out = a.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut b = kiln_jail(
+        &base,
+        "b",
+        &[
+            "--uid",
+            "5000",
+            "--gid",
+            "5000",
+            "--file",
+            snap.to_str().unwrap(),
+        ],
+        &[
+            "restore",
+            "--snapshot",
+            "snap",
+            "--api",
+            "api.sock",
+            "--serial",
+            "null",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let api_b = base.join("b/root/api.sock");
+    let up = answers(&api_b);
+    // SAFETY: as above.
+    unsafe { libc::kill(i32::try_from(b.id()).unwrap(), libc::SIGTERM) };
+    let out = b.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(up, "the restored VM never answered: {stderr}");
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(!base.join("a").exists() && !base.join("b").exists());
+    assert!(snap.join("memory").exists(), "the host's snapshot stays");
+    std::fs::remove_dir_all(dir).unwrap();
+}
