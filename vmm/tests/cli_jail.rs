@@ -317,7 +317,7 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
     let kernel = dir.join("spin.elf");
     std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
     let base = dir.join("base");
-    let mut a = kiln_jail(
+    let a = kiln_jail(
         &base,
         "a",
         &[
@@ -358,7 +358,7 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut b = kiln_jail(
+    let b = kiln_jail(
         &base,
         "b",
         &[
