@@ -169,6 +169,10 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
     let kernel = dir.join("spin.elf");
     std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
     let base = dir.join("base");
+    // A file the jail's uid owns and may write is copied, not linked.
+    let mine = dir.join("mine.bin");
+    std::fs::write(&mine, "mine").unwrap();
+    std::os::unix::fs::chown(&mine, Some(4321), Some(4322)).unwrap();
     let mut child = kiln_jail(
         &base,
         "spin",
@@ -179,6 +183,8 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
             "4322",
             "--file",
             kernel.to_str().unwrap(),
+            "--file",
+            mine.to_str().unwrap(),
         ],
         &[
             "run", "--kernel", "spin.elf", "--memory", "32", "--api", "api.sock",
@@ -254,7 +260,7 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
         v
     };
     let root = list(&proc_dir.join("root"));
-    for name in ["api.sock", "dev", "kiln", "spin.elf"] {
+    for name in ["api.sock", "dev", "kiln", "spin.elf", "mine.bin"] {
         assert!(
             root.contains(&name.to_string()),
             "{name} missing from {root:?}"
@@ -263,10 +269,23 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
     // A debug kiln brings its loader and libraries; nothing else of the host is there.
     for name in &root {
         assert!(
-            ["api.sock", "dev", "kiln", "spin.elf", "lib", "lib64", "usr"].contains(&name.as_str()),
+            ["api.sock", "dev", "kiln", "spin.elf", "mine.bin", "lib", "lib64", "usr"]
+                .contains(&name.as_str()),
             "unexpected {name} in the jail root: {root:?}"
         );
     }
+    use std::os::unix::fs::MetadataExt;
+    let nlink = |name: &str| {
+        std::fs::metadata(proc_dir.join("root").join(name))
+            .unwrap()
+            .nlink()
+    };
+    assert_eq!(
+        nlink("spin.elf"),
+        2,
+        "a root-owned 0644 file is hard-linked"
+    );
+    assert_eq!(nlink("mine.bin"), 1, "a file the uid could write is copied");
     let dev = list(&proc_dir.join("root/dev"));
     assert!(dev == ["kvm"] || dev == ["kvm", "net"], "{dev:?}");
     let cwd = std::fs::read_link(proc_dir.join("cwd")).unwrap();

@@ -41,26 +41,7 @@ pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
             host.display()
         );
     }
-    forward_signals(jail.pid)?;
     let code = jail.wait()?;
     drop(jail);
     Ok(ExitCode::from(code))
-}
-
-/// Passes SIGINT and SIGTERM on to the jailed kiln (from a thread, for as long as this
-/// process lives).
-fn forward_signals(pid: libc::pid_t) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .context("cannot install the SIGINT/SIGTERM handlers")?;
-    std::thread::Builder::new()
-        .name("jail-signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                // SAFETY: kill takes no pointers; pid is our child, not yet reaped.
-                unsafe { libc::kill(pid, sig) };
-            }
-        })
-        .context("cannot start the signal thread")?;
-    Ok(())
 }

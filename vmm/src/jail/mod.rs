@@ -13,8 +13,9 @@
 //!    its `jail.pid` names a live process (or is missing), and replaced if it is stale.
 //! 3. `<base>/<ID>/root` (owned by uid:gid, mode 0755) gets each `--file` under its file
 //!    name (a directory recursively), hard-linked, or copied where a link is impossible
-//!    (another filesystem) or would not be readable by the jail's uid (the copy is then
-//!    chowned: a hard link shares the inode, so the host's file is never chowned); and the
+//!    (another filesystem), would not be readable by the jail's uid (the copy is then
+//!    chowned: a hard link shares the inode, so the host's file is never chowned), or would
+//!    be writable by it (the VMM must not be able to change the host's file); and the
 //!    running kiln binary as `/kiln`. A dynamically linked kiln (a debug build) also gets its
 //!    loader and libraries, as `ldd` lists them, at their paths; the static kiln of a
 //!    deployment needs none. An empty `dev` is the mount point of the jail's `/dev`.
@@ -50,8 +51,10 @@
 //!    `<base>/<ID>/root/v.sock` on the host, which `kiln jail` prints.
 //!    The inner kiln installs its seccomp filters after its own set-up, as always.
 //!
-//! The outer process forwards SIGTERM and SIGINT to the VMM (a namespace's PID 1 receives
-//! only signals it handles: a signal that arrives before kiln's handlers exist is lost),
+//! The outer process forwards SIGTERM and SIGINT to the VMM (they are blocked from before
+//! the `clone` until the forwarding thread runs, so none is missed; but a namespace's PID 1
+//! receives only signals it handles, so one forwarded before the inner kiln has installed
+//! its handlers is lost),
 //! waits for it, removes `<base>/<ID>` unless `--keep`, and exits with the VMM's exit code
 //! (128 + N if signal N killed it).
 
@@ -202,6 +205,9 @@ impl Jail {
         // SAFETY: both fds were just created and are owned by nothing else.
         let (read_end, write_end) =
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SIGINT/SIGTERM wait (blocked) until the thread that forwards them runs; the child
+        // unblocks them again before its execve.
+        let old_mask = block_signals(libc::SIG_BLOCK, None);
         // SAFETY: clone without CLONE_VM and with a null stack is fork, with the child in
         // a new PID namespace (as its PID 1). This process is single-threaded here (the
         // signal thread starts later), so the child may run any code; it ends in execve or
@@ -219,10 +225,13 @@ impl Jail {
         };
         let pid = libc::pid_t::try_from(pid).unwrap_or(-1);
         if pid < 0 {
-            return Err(JailError::Sys("fork", std::io::Error::last_os_error()));
+            let e = std::io::Error::last_os_error();
+            block_signals(libc::SIG_SETMASK, Some(old_mask));
+            return Err(JailError::Sys("fork", e));
         }
         if pid == 0 {
             drop(read_end);
+            block_signals(libc::SIG_SETMASK, Some(old_mask));
             let err = match plan.enter().and_then(|()| exec.run()) {
                 Err(e) => e,
                 Ok(never) => match never {},
@@ -236,15 +245,18 @@ impl Jail {
         drop(write_end);
         let mut message = String::new();
         let _ = std::fs::File::from(read_end).read_to_string(&mut message);
-        let mut jail = Jail {
+        let jail = Jail {
             pid,
             dir,
             reaped: false,
         };
-        if !message.is_empty() {
-            let _ = jail.wait();
-            return Err(JailError::Child(message));
-        }
+        let forwarding = if message.is_empty() {
+            forward_signals(pid)
+        } else {
+            Err(JailError::Child(message))
+        };
+        block_signals(libc::SIG_SETMASK, Some(old_mask));
+        forwarding?; // on an error, dropping the jail kills and reaps the child
         Ok(jail)
     }
 
@@ -272,6 +284,44 @@ impl Jail {
         };
         Ok(u8::try_from(code).unwrap_or(1))
     }
+}
+
+/// `pthread_sigmask(how, SIGINT + SIGTERM or old)`; returns the mask before.
+fn block_signals(how: libc::c_int, old: Option<libc::sigset_t>) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut before = set;
+    match old {
+        Some(old) => set = old,
+        // SAFETY: set is a valid sigset_t to write.
+        None => unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+        },
+    }
+    // SAFETY: both pointers are to valid sigset_t values we own.
+    unsafe { libc::pthread_sigmask(how, &set, &mut before) };
+    before
+}
+
+/// Passes SIGINT and SIGTERM on to the jailed kiln, from a thread, for as long as this
+/// process lives.
+fn forward_signals(pid: libc::pid_t) -> Result<(), JailError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| JailError::Sys("install the SIGINT/SIGTERM handlers", e))?;
+    std::thread::Builder::new()
+        .name("jail-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                // SAFETY: kill takes no pointers; pid is our child (reaped only when this
+                // process is about to exit).
+                unsafe { libc::kill(pid, sig) };
+            }
+        })
+        .map_err(|e| JailError::Sys("start the signal thread", e))?;
+    Ok(())
 }
 
 /// A NUL-terminated copy of a path (paths never hold NUL bytes).

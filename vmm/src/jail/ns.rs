@@ -32,23 +32,19 @@ impl Plan {
         let dev = dir.root.join("dev");
         let mut nodes = Vec::new();
         for (host, name) in [("/dev/kvm", "kvm"), ("/dev/net/tun", "net/tun")] {
-            let meta = match std::fs::metadata(host) {
-                Ok(m) if m.file_type().is_char_device() => m,
-                Ok(_) | Err(_) if name != "kvm" => continue,
-                Ok(_) => {
+            let meta = std::fs::metadata(host)
+                .ok()
+                .filter(|m| m.file_type().is_char_device());
+            let meta = match meta {
+                Some(m) => m,
+                None if name == "kvm" => {
                     return Err(JailError::Io {
-                        what: "use",
+                        what: "find the character device",
                         path: host.into(),
-                        source: std::io::Error::other("not a character device"),
+                        source: std::io::ErrorKind::NotFound.into(),
                     })
                 }
-                Err(source) => {
-                    return Err(JailError::Io {
-                        what: "find",
-                        path: host.into(),
-                        source,
-                    })
-                }
+                None => continue, // no /dev/net/tun: the VM gets no TAP device anyway
             };
             let path = dev.join(name);
             let dir = match Path::new(name).parent() {

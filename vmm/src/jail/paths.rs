@@ -160,7 +160,8 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
 }
 
 /// Puts `src` at `dst`: a directory recursively; a file hard-linked if the jail's uid can
-/// read it that way, else copied (across filesystems, or to be chowned to uid:gid).
+/// read it that way and not write it, else copied (across filesystems, to keep the host's
+/// file from the jail's uid, or to be chowned to uid:gid when it could not read it).
 fn place(src: &Path, dst: &Path, spec: &JailSpec) -> Result<(), JailError> {
     let io = |what, path: &Path| {
         let path = path.to_owned();
@@ -185,7 +186,11 @@ fn place(src: &Path, dst: &Path, spec: &JailSpec) -> Result<(), JailError> {
     let readable = mode & 0o004 != 0
         || (meta.gid() == spec.gid && mode & 0o040 != 0)
         || (meta.uid() == spec.uid && mode & 0o400 != 0);
-    if readable && fs::hard_link(src, dst).is_ok() {
+    // A link shares the inode: the VMM could write the host's file through it.
+    let writable = mode & 0o002 != 0
+        || (meta.gid() == spec.gid && mode & 0o020 != 0)
+        || (meta.uid() == spec.uid && mode & 0o200 != 0);
+    if readable && !writable && fs::hard_link(src, dst).is_ok() {
         return Ok(());
     }
     fs::copy(src, dst).map_err(io("copy into the jail", src))?;
