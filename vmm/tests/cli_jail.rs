@@ -414,3 +414,126 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
     assert!(snap.join("memory").exists(), "the host's snapshot stays");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// SIGKILL to `kiln jail` takes the VMM with it (parent-death signal); the directory it
+/// leaves is stale, and the next jail of that ID replaces it.
+#[test]
+fn jail_killed_outer_takes_the_vmm_along_and_its_id_is_reusable() {
+    use kiln_tests::tiny_kernel::{build_with, End};
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tmp("pdeath");
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    let base = dir.join("base");
+    let start = || {
+        kiln_jail(
+            &base,
+            "k",
+            &["--file", kernel.to_str().unwrap()],
+            &["run", "--kernel", "spin.elf", "--memory", "32"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let mut outer = start();
+    let mut stderr = BufReader::new(outer.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut pid = None;
+    while pid.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
+        pid = line
+            .split("runs as pid ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned);
+        line.clear();
+    }
+    let pid = pid.expect("no pid line");
+    let mut first = String::new();
+    BufReader::new(outer.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "spinning now\n");
+    outer.kill().unwrap();
+    outer.wait().unwrap();
+    let vmm = PathBuf::from(format!("/proc/{pid}"));
+    let gone = (0..100).any(|_| {
+        // A zombie is gone too: its parent was the killed kiln jail, and init reaps it.
+        let state = std::fs::read_to_string(vmm.join("stat")).unwrap_or_default();
+        let alive = state
+            .split(") ")
+            .nth(1)
+            .is_some_and(|s| !s.starts_with('Z'));
+        if alive {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        !alive
+    });
+    assert!(gone, "the VMM {pid} outlived kiln jail");
+    assert!(
+        base.join("k/jail.pid").exists(),
+        "SIGKILL leaves the directory"
+    );
+    let mut again = start();
+    let mut first = String::new();
+    BufReader::new(again.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "spinning now\n");
+    // SAFETY: kill takes no pointers; the pid is our child's.
+    unsafe { libc::kill(i32::try_from(again.id()).unwrap(), libc::SIGTERM) };
+    let out = again.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("removing the stale"), "{stderr}");
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(!base.join("k").exists(), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// SIGTERM right after the jail is up, before the inner kiln may have its handlers (PID 1
+/// of a namespace drops unhandled signals): kiln jail holds it until they exist.
+#[test]
+fn jail_early_sigterm_still_stops_the_vm() {
+    use kiln_tests::tiny_kernel::{build_with, End};
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tmp("early");
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    let base = dir.join("base");
+    for round in 0..3 {
+        let mut outer = kiln_jail(
+            &base,
+            "e",
+            &["--file", kernel.to_str().unwrap()],
+            &[
+                "run", "--kernel", "spin.elf", "--memory", "32", "--serial", "null",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let mut stderr = BufReader::new(outer.stderr.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains("runs as pid") && stderr.read_line(&mut seen).unwrap() > 0 {}
+        // SAFETY: kill takes no pointers; the pid is our child's.
+        unsafe { libc::kill(i32::try_from(outer.id()).unwrap(), libc::SIGTERM) };
+        let status = outer.wait().unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+        assert_eq!(status.code(), Some(143), "round {round}: {seen}{rest}");
+        assert!(!base.join("e").exists(), "round {round}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

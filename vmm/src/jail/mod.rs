@@ -43,7 +43,9 @@
 //!    error pipe lives until the `execve`); the capability bounding set and the ambient set
 //!    cleared; `setgroups([])`, `setresgid`, `setresuid` to the unprivileged ids (which
 //!    clears the permitted and effective sets), the inheritable set zeroed with `capset`, and
-//!    `capget` checked to be all zero; `PR_SET_NO_NEW_PRIVS`.
+//!    `capget` checked to be all zero; `PR_SET_PDEATHSIG` = SIGKILL (a killed `kiln jail`
+//!    takes its VMM along; its directory is then stale and replaced by the next jail of that
+//!    ID); `PR_SET_NO_NEW_PRIVS`.
 //! 9. `execve("/kiln", ["kiln", <args>...])` with the working directory `/` and an
 //!    environment of `PATH=/`, `TMPDIR=/` (`kiln job` makes its
 //!    socket directory there) plus `KILN_LOG` and `RUST_BACKTRACE` if set. Paths in the
@@ -51,10 +53,10 @@
 //!    `<base>/<ID>/root/v.sock` on the host, which `kiln jail` prints.
 //!    The inner kiln installs its seccomp filters after its own set-up, as always.
 //!
-//! The outer process forwards SIGTERM and SIGINT to the VMM (they are blocked from before
-//! the `clone` until the forwarding thread runs, so none is missed; but a namespace's PID 1
-//! receives only signals it handles, so one forwarded before the inner kiln has installed
-//! its handlers is lost),
+//! The outer process forwards SIGTERM and SIGINT to the VMM: they are blocked from its
+//! checks until the forwarding thread runs, so none is missed; and since a namespace's
+//! PID 1 receives only the signals it handles, each waits (up to 10 s, reading the VMM's
+//! `SigCgt`/`SigBlk` in the host's /proc) until the inner kiln has its handlers. It
 //! waits for it, removes `<base>/<ID>` unless `--keep`, and exits with the VMM's exit code
 //! (128 + N if signal N killed it).
 
@@ -190,6 +192,9 @@ impl Jail {
     /// VMM's `execve` succeeded (or with the set-up step that failed).
     pub fn start(spec: &JailSpec) -> Result<Jail, JailError> {
         spec.check()?;
+        // SIGINT/SIGTERM wait (blocked) until the thread that forwards them runs, so that
+        // none leaves the jail directory behind; the child unblocks them before its execve.
+        let mask = SignalMask::block();
         let dir = JailDir::create(&spec.base, &spec.id, spec.keep)?;
         dir.populate(spec)?;
         let plan = ns::Plan::new(spec, &dir)?;
@@ -205,9 +210,6 @@ impl Jail {
         // SAFETY: both fds were just created and are owned by nothing else.
         let (read_end, write_end) =
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SIGINT/SIGTERM wait (blocked) until the thread that forwards them runs; the child
-        // unblocks them again before its execve.
-        let old_mask = block_signals(libc::SIG_BLOCK, None);
         // SAFETY: clone without CLONE_VM and with a null stack is fork, with the child in
         // a new PID namespace (as its PID 1). This process is single-threaded here (the
         // signal thread starts later), so the child may run any code; it ends in execve or
@@ -225,13 +227,11 @@ impl Jail {
         };
         let pid = libc::pid_t::try_from(pid).unwrap_or(-1);
         if pid < 0 {
-            let e = std::io::Error::last_os_error();
-            block_signals(libc::SIG_SETMASK, Some(old_mask));
-            return Err(JailError::Sys("fork", e));
+            return Err(JailError::Sys("fork", std::io::Error::last_os_error()));
         }
         if pid == 0 {
             drop(read_end);
-            block_signals(libc::SIG_SETMASK, Some(old_mask));
+            mask.restore();
             let err = match plan.enter().and_then(|()| exec.run()) {
                 Err(e) => e,
                 Ok(never) => match never {},
@@ -255,8 +255,8 @@ impl Jail {
         } else {
             Err(JailError::Child(message))
         };
-        block_signals(libc::SIG_SETMASK, Some(old_mask));
         forwarding?; // on an error, dropping the jail kills and reaps the child
+        drop(mask);
         Ok(jail)
     }
 
@@ -286,23 +286,58 @@ impl Jail {
     }
 }
 
-/// `pthread_sigmask(how, SIGINT + SIGTERM or old)`; returns the mask before.
-fn block_signals(how: libc::c_int, old: Option<libc::sigset_t>) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    let mut before = set;
-    match old {
-        Some(old) => set = old,
-        // SAFETY: set is a valid sigset_t to write.
-        None => unsafe {
+/// SIGINT and SIGTERM blocked in this thread; the previous mask comes back when dropped.
+struct SignalMask(libc::sigset_t);
+
+impl SignalMask {
+    fn block() -> SignalMask {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old = set;
+        // SAFETY: set and old are valid sigset_t values we own.
+        unsafe {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
-        },
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        }
+        SignalMask(old)
     }
-    // SAFETY: both pointers are to valid sigset_t values we own.
-    unsafe { libc::pthread_sigmask(how, &set, &mut before) };
-    before
+
+    fn restore(&self) {
+        // SAFETY: self.0 is the mask pthread_sigmask gave back.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
+impl Drop for SignalMask {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+/// Waits (up to 10 s) until the jailed kiln catches or blocks `sig`, as its
+/// `/proc/<pid>/status` says: PID 1 of a namespace drops a signal it does not handle, and
+/// the inner kiln installs its handlers only a moment after it starts.
+fn wait_until_handled(pid: libc::pid_t, sig: libc::c_int) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let bit = 1u64 << (sig - 1);
+    let status = format!("/proc/{pid}/status");
+    while std::time::Instant::now() < deadline {
+        let Ok(text) = std::fs::read_to_string(&status) else {
+            return;
+        };
+        let mask = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        };
+        match (mask("SigCgt:"), mask("SigBlk:")) {
+            (Some(caught), Some(blocked)) if (caught | blocked) & bit != 0 => return,
+            (Some(_), Some(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            _ => return, // a zombie, or no /proc: send it anyway
+        }
+    }
 }
 
 /// Passes SIGINT and SIGTERM on to the jailed kiln, from a thread, for as long as this
@@ -315,6 +350,7 @@ fn forward_signals(pid: libc::pid_t) -> Result<(), JailError> {
         .name("jail-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                wait_until_handled(pid, sig);
                 // SAFETY: kill takes no pointers; pid is our child (reaped only when this
                 // process is about to exit).
                 unsafe { libc::kill(pid, sig) };

@@ -113,6 +113,12 @@ impl Exec {
         check("setresuid", unsafe {
             libc::setresuid(self.uid, self.uid, self.uid)
         })?;
+        // After the uid change, which clears it: if `kiln jail` dies, so does the VMM (and
+        // with it the jail's namespaces). It survives the execve of /kiln.
+        // SAFETY: integer arguments only.
+        check("set the parent-death signal", unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
+        })?;
         let mut header = CapHeader {
             version: CAP_VERSION_3,
             pid: 0,
