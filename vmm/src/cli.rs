@@ -81,6 +81,51 @@ pub enum Command {
     /// SIGINT/SIGTERM cancel the job: its process group in the guest gets SIGTERM, then
     /// SIGKILL after a second, and the VM is stopped; kiln job then exits 128 + signal.
     Job(JobArgs),
+    /// Run a kiln command (run, job, restore…) in a jail: its own directory as `/`, new
+    /// mount, PID, IPC, UTS and network namespaces, `/dev` with only kvm and net/tun, an
+    /// unprivileged uid/gid, no capabilities, no inherited fds, rlimits on fds and file size.
+    ///
+    /// `kiln jail --id job1 --uid 1000 --gid 1000 --file vmlinux --file agent.cpio -- run
+    /// --kernel vmlinux --initrd agent.cpio --vsock v.sock` runs the VM with the root
+    /// `<base>/job1/root`, where each --file is hard-linked (or copied) under its file name;
+    /// paths in the inner arguments are relative to that root, so the vsock socket is
+    /// `<base>/job1/root/v.sock` on the host (printed on stderr). Must run as root. Exits
+    /// with the inner kiln's exit code (128 + N if signal N killed it); SIGINT/SIGTERM are
+    /// forwarded to it; the jail directory is removed at the end unless --keep.
+    Jail(JailArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JailArgs {
+    /// The jail's name: its directory `<base>/<ID>` and its hostname (1 to 64 letters,
+    /// digits, '-' or '_'). Refused while another jail uses it.
+    #[arg(long, value_name = "ID")]
+    pub id: String,
+    /// The uid the VMM runs as (not 0).
+    #[arg(long, value_name = "UID", default_value_t = crate::jail::DEFAULT_ID)]
+    pub uid: u32,
+    /// The gid the VMM runs as (not 0); it gets no supplementary groups.
+    #[arg(long, value_name = "GID", default_value_t = crate::jail::DEFAULT_ID)]
+    pub gid: u32,
+    /// Where jail directories are made. Default: $KILN_JAIL_BASE, else /srv/kiln.
+    #[arg(long, value_name = "DIR")]
+    pub base: Option<PathBuf>,
+    /// A file (or directory, e.g. a snapshot) the VM needs, put in the jail root under its
+    /// file name (repeatable).
+    #[arg(long, value_name = "HOST_PATH")]
+    pub file: Vec<PathBuf>,
+    /// Leave the jail directory in place when the VM ends.
+    #[arg(long)]
+    pub keep: bool,
+    /// The VMM's limit on open files (RLIMIT_NOFILE).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_fds: u64,
+    /// The largest file the VMM may write, in GiB (RLIMIT_FSIZE; snapshots are files).
+    #[arg(long, value_name = "GIB", default_value_t = 64)]
+    pub max_file_gib: u64,
+    /// The kiln subcommand to run in the jail, and its arguments.
+    #[arg(last = true, required = true, value_name = "KILN_ARGS")]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Command::Exec(args) => commands::exec::exec(&args),
         Command::Cp(args) => commands::cp::cp(&args),
         Command::Job(args) => commands::job::job(&args, start),
+        Command::Jail(args) => commands::jail::jail(&args),
     };
     match result {
         Ok(code) => code,

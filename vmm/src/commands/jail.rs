@@ -1,0 +1,47 @@
+//! `kiln jail`: run a kiln command confined (see `kiln::jail`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::JailArgs;
+use crate::jail::{host_paths, Jail, JailSpec, DEFAULT_BASE};
+
+pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
+    let base = args
+        .base
+        .clone()
+        .or_else(|| std::env::var_os("KILN_JAIL_BASE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BASE));
+    let spec = JailSpec {
+        id: args.id.clone(),
+        uid: args.uid,
+        gid: args.gid,
+        base,
+        files: args.file.clone(),
+        kiln: std::env::current_exe().context("cannot find the kiln executable")?,
+        args: args.command.clone(),
+        keep: args.keep,
+        max_fds: args.max_fds,
+        max_file_bytes: args.max_file_gib.saturating_mul(1 << 30),
+    };
+    let mut jail = Jail::start(&spec)?;
+    eprintln!(
+        "kiln jail: {} runs as pid {} (uid {}, gid {}) with the root {}",
+        spec.id,
+        jail.pid,
+        spec.uid,
+        spec.gid,
+        jail.dir.root.display()
+    );
+    for (flag, value, host) in host_paths(&spec.args, &jail.dir.root) {
+        eprintln!(
+            "kiln jail: {flag} {value} is {} on the host",
+            host.display()
+        );
+    }
+    let code = jail.wait()?;
+    drop(jail);
+    Ok(ExitCode::from(code))
+}
