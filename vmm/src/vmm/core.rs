@@ -170,7 +170,11 @@ impl VmmCore {
             match h.control().wait_paused(PAUSE_TIMEOUT) {
                 Some(Ok(state)) => states.push(state),
                 Some(Err(e)) => failure = Some(e),
-                None => failure = Some(format!("vCPU {i} did not pause (it is no longer running)")),
+                None => {
+                    failure = Some(format!(
+                        "vCPU {i} did not pause within {PAUSE_TIMEOUT:?} (or its thread ended)"
+                    ))
+                }
             }
         }
         if let Some(e) = failure {

@@ -24,6 +24,10 @@ struct Inner {
     paused: Option<Result<VcpuState, String>>,
     /// The vCPU thread has ended (it will never pause).
     ended: bool,
+    /// Counts the commands set. A paused thread waits for it to move, not for the command
+    /// to differ from Pause: a resume followed at once by another pause must wake it too,
+    /// or it would sleep through the second pause without reporting its state.
+    generation: u64,
 }
 
 /// Shared between the main thread and one vCPU thread.
@@ -39,6 +43,7 @@ impl Default for VcpuControl {
                 command: Command::Run,
                 paused: None,
                 ended: false,
+                generation: 0,
             }),
             changed: Condvar::new(),
         }
@@ -55,6 +60,7 @@ impl VcpuControl {
         let mut inner = self.lock();
         if inner.command != command {
             inner.command = command;
+            inner.generation += 1;
             if command != Command::Pause {
                 inner.paused = None;
             }
@@ -83,9 +89,12 @@ impl VcpuControl {
         let mut inner = self.lock();
         inner.paused = Some(state);
         self.changed.notify_all();
-        while inner.command == Command::Pause {
+        let generation = inner.generation;
+        while inner.command == Command::Pause && inner.generation == generation {
             inner = self.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
+        // Run, Stop, or (after a resume this thread did not see) Pause again: the caller
+        // acts on it, saving and reporting its state anew for a new pause.
         inner.command
     }
 
@@ -93,5 +102,44 @@ impl VcpuControl {
     pub fn mark_ended(&self) {
         self.lock().ended = true;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A vCPU thread's loop, without KVM: pause when told, report a stand-in state.
+    fn fake_vcpu(control: Arc<VcpuControl>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || loop {
+            match control.command() {
+                Command::Run => std::thread::yield_now(),
+                Command::Pause => {
+                    if control.pause_here(Err("stand-in state".into())) == Command::Stop {
+                        break;
+                    }
+                }
+                Command::Stop => break,
+            }
+        })
+    }
+
+    #[test]
+    fn a_pause_right_after_a_resume_is_reported() {
+        let control = Arc::new(VcpuControl::default());
+        let thread = fake_vcpu(control.clone());
+        for round in 0..50 {
+            control.set(Command::Pause);
+            let state = control.wait_paused(Duration::from_secs(5));
+            assert!(state.is_some(), "pause {round} was not reported");
+            // Resume and pause again at once, before the thread can have woken: it must
+            // still report the second pause.
+            control.set(Command::Run);
+        }
+        control.set(Command::Pause);
+        assert!(control.wait_paused(Duration::from_secs(5)).is_some());
+        control.set(Command::Stop);
+        thread.join().unwrap();
     }
 }
