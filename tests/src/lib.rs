@@ -5,6 +5,7 @@ pub mod artifacts;
 pub mod busybox;
 pub mod cpio;
 mod direct;
+pub mod gitlab_harness;
 pub mod guest_initramfs;
 mod nested;
 pub mod output;
