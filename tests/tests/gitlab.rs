@@ -58,8 +58,9 @@ const LONG_BUILD: &str =
 
 /// Acceptance 1–3: a whole job through every stage; a failing build_script (with
 /// KILN_KEEP_FAILED: a snapshot that the printed commands reopen); VMs that cannot start
-/// and an unknown image (system failures); prepare retried; cancel by SIGTERM and by
-/// SIGKILL during build_script, after which cleanup leaves no VM and no file.
+/// and an unknown image, a VM that dies under a running stage (system failures); prepare
+/// retried; cancel by SIGTERM and by SIGKILL during build_script, after which cleanup
+/// leaves no VM and no file.
 #[test]
 fn gitlab_job_contract_in_microvms() -> Result<()> {
     let runner = Runner::detect()?;
@@ -93,6 +94,7 @@ fn gitlab_job_contract_in_microvms() -> Result<()> {
         Job::new("unknown", 104).var("CI_JOB_IMAGE", "ubuntu:22.04"),
         Job::new("term", 105).stage("build_script", &[LONG_BUILD]),
         Job::new("kill", 106).stage("build_script", &[LONG_BUILD]),
+        Job::new("vmdies", 107).stage("build_script", &[LONG_BUILD]),
     ];
     let script = format!(
         "{PRELUDE}{HARNESS}{}",
@@ -115,6 +117,24 @@ echo CASE=broken
 gl_job broken
 echo CASE=unknown
 gl_job unknown
+echo CASE=vmdies
+# The VM dies under a running stage: a system failure, and so is any later stage.
+gl_prepare vmdies
+gl_stage vmdies get_sources
+vm=$(gl_vm_pid 107)
+gl_call vmdies run "$FILES/vmdies/build_script" build_script &
+drv=$!
+n=0
+until grep -q build-running jobs/vmdies/log; do
+  n=$((n + 1)); [ $n -lt 600 ] && kill -0 $drv 2>/dev/null || break; sleep 0.1
+done
+kill -KILL "$vm"
+gl_wait $drv 60
+echo "GL-VMDIES-RUN=$?"
+gl_call vmdies run "$FILES/vmdies/after_script" after_script
+echo "GL-VMDIES-NEXT=$?"
+gl_call vmdies cleanup
+echo "GL-VMDIES-CLEANUP=$?"
 for j in term kill; do
   echo CASE=$j
   [ $j = term ] && id=105 || id=106
@@ -138,7 +158,7 @@ for j in term kill; do
 done
 echo "GL-STATE-LEFT=$(find state -mindepth 1 | wc -l)"
 echo "GL-KILN-LEFT=$(ps -o args | grep -c "^$KILN run")"
-for j in ok fail broken unknown term kill; do gl_log $j; done
+for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
 "#
     );
     let out = runner.run(&script, &files(&jobs)?, TIMEOUT)?;
@@ -215,6 +235,17 @@ for j in ok fail broken unknown term kill; do gl_log $j; done
     ensure!(
         log(c, "unknown").contains("no guest image \"ubuntu:22.04\"")
             && log(c, "unknown").contains("the images there are: broken, default"),
+        "{c}"
+    );
+
+    // 2. The VM dies under a running stage: system failure, for it and the next stage;
+    // cleanup still succeeds.
+    ensure!(value(c, "GL-VMDIES-RUN") == Some(system.as_str()), "{c}");
+    ensure!(value(c, "GL-VMDIES-NEXT") == Some(system.as_str()), "{c}");
+    ensure!(value(c, "GL-VMDIES-CLEANUP") == Some("0"), "{c}");
+    ensure!(
+        log(c, "vmdies").contains("the guest agent stopped answering during stage build_script")
+            && log(c, "vmdies").contains("the job's VM is not running"),
         "{c}"
     );
 
