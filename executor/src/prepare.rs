@@ -2,6 +2,7 @@
 //! named snapshot, detached from the driver so that it outlives this call (and a SIGKILL
 //! of any later one) until `cleanup` stops it.
 
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -90,30 +91,7 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
 /// Starts `kiln run` or `kiln restore` in its own session, stdio to the job's log.
 fn spawn(config: &Config, job: &JobDir, source: &Source, contract: &Contract) -> Result<Child> {
     let mut cmd = Command::new(&config.kiln);
-    match source {
-        Source::Image(image) => {
-            cmd.arg("run").arg("--kernel").arg(&image.kernel);
-            if let Some(initrd) = &image.initrd {
-                cmd.arg("--initrd").arg(initrd);
-            }
-            cmd.arg("--memory")
-                .arg(config.memory_mib.to_string())
-                .arg("--vcpus")
-                .arg(config.vcpus.to_string());
-        }
-        Source::Snapshot { dir, .. } => {
-            cmd.arg("restore").arg("--snapshot").arg(dir);
-            if let Some(job_id) = contract.var("CI_JOB_ID") {
-                cmd.arg("--hostname").arg(format!("kiln-job-{job_id}"));
-            }
-        }
-    }
-    cmd.arg("--vsock")
-        .arg(job.vsock())
-        .arg("--api")
-        .arg(job.api())
-        .arg("--serial")
-        .arg(job.console());
+    cmd.args(kiln_args(config, job, source, contract));
     let log = std::fs::File::create(job.log())
         .with_context(|| format!("cannot create {}", job.log().display()))?;
     cmd.stdin(Stdio::null())
@@ -132,6 +110,51 @@ fn spawn(config: &Config, job: &JobDir, source: &Source, contract: &Contract) ->
     }
     cmd.spawn()
         .with_context(|| format!("cannot start {}", config.kiln.display()))
+}
+
+/// The arguments of the job's `kiln run` or `kiln restore`.
+fn kiln_args(config: &Config, job: &JobDir, source: &Source, contract: &Contract) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut arg = |a: &dyn AsRef<OsStr>| args.push(a.as_ref().to_owned());
+    match source {
+        Source::Image(image) => {
+            arg(&"run");
+            if let Some(vm) = &image.vm_config {
+                arg(&"--config");
+                arg(vm);
+            }
+            if let Some(kernel) = &image.kernel {
+                arg(&"--kernel");
+                arg(kernel);
+            }
+            if let Some(initrd) = &image.initrd {
+                arg(&"--initrd");
+                arg(initrd);
+            }
+            if image.vm_config.is_none() {
+                arg(&"--memory");
+                arg(&config.memory_mib.to_string());
+                arg(&"--vcpus");
+                arg(&config.vcpus.to_string());
+            }
+        }
+        Source::Snapshot { dir, .. } => {
+            arg(&"restore");
+            arg(&"--snapshot");
+            arg(dir);
+            if let Some(job_id) = contract.var("CI_JOB_ID") {
+                arg(&"--hostname");
+                arg(&format!("kiln-job-{job_id}"));
+            }
+        }
+    }
+    arg(&"--vsock");
+    arg(&job.vsock());
+    arg(&"--api");
+    arg(&job.api());
+    arg(&"--serial");
+    arg(&job.console());
+    args
 }
 
 /// Waits until the guest agent answers, or fails early if kiln exits.
@@ -165,4 +188,52 @@ fn refresh(job: &JobDir) -> Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
     client.add_entropy(&entropy)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigFile, Env};
+
+    fn args(source: &Source) -> String {
+        let config = Config::from_file(ConfigFile::default(), &Env::default());
+        let job = JobDir { dir: "/s/j".into() };
+        let contract = Contract::from_vars([("CUSTOM_ENV_CI_JOB_ID".into(), "9".into())]);
+        let args = kiln_args(&config, &job, source, &contract);
+        let args: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+        args.join(" ")
+    }
+
+    #[test]
+    fn kiln_is_run_with_the_jobs_sockets() {
+        let image = store::Image {
+            name: "default".into(),
+            kernel: Some("/i/kernel".into()),
+            initrd: Some("/i/initrd".into()),
+            vm_config: None,
+        };
+        let tail = "--vsock /s/j/vsock.sock --api /s/j/api.sock --serial /s/j/console.log";
+        assert_eq!(
+            args(&Source::Image(image.clone())),
+            format!("run --kernel /i/kernel --initrd /i/initrd --memory 512 --vcpus 1 {tail}")
+        );
+        let sized = store::Image {
+            kernel: None,
+            initrd: None,
+            vm_config: Some("/i/vm.toml".into()),
+            ..image
+        };
+        assert_eq!(
+            args(&Source::Image(sized)),
+            format!("run --config /i/vm.toml {tail}")
+        );
+        let snap = Source::Snapshot {
+            name: "warm".into(),
+            dir: "/snaps/warm".into(),
+        };
+        assert_eq!(
+            args(&snap),
+            format!("restore --snapshot /snaps/warm --hostname kiln-job-9 {tail}")
+        );
+    }
 }

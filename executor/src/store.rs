@@ -7,12 +7,20 @@ use anyhow::{bail, Result};
 
 use crate::contract::Contract;
 
-/// A guest image: `<images_dir>/<name>/kernel` and, if present, `<images_dir>/<name>/initrd`.
+/// A guest image: the directory `<images_dir>/<name>/` with `kernel` (+ optional `initrd`),
+/// and/or `vm.toml`, a `kiln run --config` file (kernel, initrd, cmdline, vcpus,
+/// memory_mib; relative paths are taken from the image's directory), which then also sets
+/// the VM's size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
     pub name: String,
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    pub vm_config: Option<PathBuf>,
+}
+
+fn is_image(dir: &Path) -> bool {
+    dir.join("kernel").is_file() || dir.join("vm.toml").is_file()
 }
 
 /// Checks that `name` is a plain name usable as one path component.
@@ -40,19 +48,19 @@ pub fn image(images_dir: &Path, default: &str, contract: &Contract) -> Result<Im
     let name = contract.var("CI_JOB_IMAGE").unwrap_or(default);
     check_name("image", name)?;
     let dir = images_dir.join(name);
-    let kernel = dir.join("kernel");
-    if !kernel.is_file() {
+    if !is_image(&dir) {
         bail!(
             "no guest image {name:?} in {}; the images there are: {}",
             images_dir.display(),
-            listing(images_dir, |d| d.join("kernel").is_file())
+            listing(images_dir, is_image)
         );
     }
-    let initrd = Some(dir.join("initrd")).filter(|p| p.is_file());
+    let file = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
     Ok(Image {
         name: name.to_string(),
-        kernel,
-        initrd,
+        kernel: file("kernel"),
+        initrd: file("initrd"),
+        vm_config: file("vm.toml"),
     })
 }
 
@@ -125,11 +133,15 @@ mod tests {
             }
         }
         std::fs::create_dir_all(dir.join("empty")).unwrap();
+        std::fs::create_dir_all(dir.join("disk")).unwrap();
+        std::fs::write(dir.join("disk/vm.toml"), b"kernel = \"k\"\n").unwrap();
         let img = image(&dir, "default", &contract(&[])).unwrap();
         assert_eq!(img.name, "default");
         assert!(img.initrd.is_some());
         let img = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "alpine:3")])).unwrap();
         assert_eq!((img.name.as_str(), img.initrd), ("alpine:3", None));
+        let img = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "disk")])).unwrap();
+        assert_eq!((img.kernel, img.vm_config.is_some()), (None, true));
         let err = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "ubuntu")])).unwrap_err();
         assert!(
             err.to_string()
