@@ -199,12 +199,18 @@ pub fn api_call(
     Ok(response)
 }
 
-/// True if `pid` exists and is not a zombie.
+/// True if any thread of process `pid` is still running: neither gone nor a zombie (a
+/// process whose main thread has exited shows as a zombie while its other threads, e.g. a
+/// vCPU thread releasing guest memory, still run).
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat_fields(&stat).is_some_and(|f| f.first() != Some(&"Z")),
-        Err(_) => false,
-    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            stat_fields(&stat).is_some_and(|f| !matches!(f.first(), Some(&"Z" | &"X")))
+        })
+    })
 }
 
 /// The process's start time (clock ticks after boot), field 22 of `/proc/<pid>/stat`.
@@ -280,5 +286,16 @@ mod tests {
         assert_eq!(job.running_vm(), None);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(stat_fields("1 (a) b) S 0 1").unwrap().first() == Some(&"S"));
+    }
+
+    #[test]
+    fn zombies_are_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        // Not reaped yet: a zombie once it has exited.
+        assert!(wait_gone(pid, Duration::from_secs(10)), "true did not end");
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        child.wait().unwrap();
+        assert!(!alive(pid));
     }
 }

@@ -203,8 +203,9 @@ pub fn sh_quote(s: &str) -> String {
 ///   is in the log, then SIGTERM to the driver's process group (SIGKILL after 15 s) or
 ///   SIGKILL at once; prints `GL-CANCEL-RC-JOB=<driver's exit code>` and
 ///   `GL-CANCEL-SECS-JOB=<seconds from signal to exit>`.
-/// - `gl_vm_pid JOB`: the pid of the job's VM from the driver's state, `gl_alive PID`: is it
-///   running (zombies do not count), `gl_log JOB`: prints `GL-LOG=JOB` and the log.
+/// - `gl_vm_pid JOB`: the pid of the job's VM from the driver's state, `gl_alive PID`: does
+///   any of its threads still run (zombies do not count), `gl_log JOB`: prints `GL-LOG=JOB`
+///   and the log.
 /// - `gl_wait PID SECS`: waits for a background job up to SECS; if it is still running,
 ///   prints `GL-HUNG=PID`, the processes and the tails of the VMs' logs, and fails.
 pub const HARNESS: &str = r#"
@@ -317,7 +318,11 @@ gl_cancel() {
 gl_jobdir() { echo "$GL_ROOT/state/runner-$GL_RUNNER_ID/job-$1"; }
 gl_vm_pid() { cut -d' ' -f1 "$(gl_jobdir "$1")/kiln.pid" 2>/dev/null; }
 gl_alive() {
-  [ -n "$1" ] && [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+  [ -n "$1" ] || return 1
+  for gl_t in /proc/$1/task/*/status; do
+    [ -r "$gl_t" ] && ! grep -q '^State:[[:space:]]*[ZX]' "$gl_t" 2>/dev/null && return 0
+  done
+  return 1
 }
 gl_log() { echo "GL-LOG=$1"; cat "$(gl_dir "$1")/log"; }
 gl_wait() {
