@@ -207,7 +207,8 @@ pub fn sh_quote(s: &str) -> String {
 ///   any of its threads still run (zombies do not count), `gl_log JOB`: prints `GL-LOG=JOB`
 ///   and the log.
 /// - `gl_wait PID SECS`: waits for a background job up to SECS; if it is still running,
-///   prints `GL-HUNG=PID`, the processes and the tails of the VMs' logs, and fails.
+///   prints `GL-HUNG=PID`, the processes, the tails of the VMs' logs and, from each guest
+///   twice, its uptime, timer interrupts and processes, and fails.
 pub const HARNESS: &str = r#"
 GL_BUILD_FAILURE=71
 GL_SYSTEM_FAILURE=72
@@ -333,6 +334,15 @@ gl_wait() {
     ps -o pid,pgid,stat,args
     for gl_f in "$GL_ROOT"/state/*/*/kiln.log "$GL_ROOT"/state/*/*/console.log; do
       echo "== $gl_f"; tail -n 20 "$gl_f"
+    done
+    # Does the guest's clock run, do its timer interrupts come? Twice, 2 s apart.
+    for gl_i in 1 2; do
+      for gl_f in "$GL_ROOT"/state/*/*/vsock.sock; do
+        echo "== $gl_f ($gl_i)"
+        timeout 10 "$KILN" exec --vsock "$gl_f" -- sh -c \
+          'cat /proc/uptime; grep -E "LOC|timer" /proc/interrupts; ps -o pid,stat,args'
+      done
+      sleep 2
     done
     return 1
   fi
