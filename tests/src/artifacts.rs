@@ -16,6 +16,8 @@ pub struct StaticBinaries {
     pub kiln: PathBuf,
     /// The guest agent, `kiln-agent`.
     pub kiln_agent: PathBuf,
+    /// The GitLab Runner custom-executor driver, `kiln-gitlab`.
+    pub kiln_gitlab: PathBuf,
 }
 
 /// The static binaries: those in `$KILN_STATIC_BIN_DIR` if it is set, else a static release
@@ -35,8 +37,9 @@ fn in_dir(dir: &Path) -> Result<StaticBinaries> {
     let bins = StaticBinaries {
         kiln: dir.join("kiln"),
         kiln_agent: dir.join("kiln-agent"),
+        kiln_gitlab: dir.join("kiln-gitlab"),
     };
-    for bin in [&bins.kiln, &bins.kiln_agent] {
+    for bin in [&bins.kiln, &bins.kiln_agent, &bins.kiln_gitlab] {
         let bytes = std::fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
         if !is_static_elf(&bytes) {
             bail!(
@@ -55,12 +58,12 @@ fn build() -> Result<StaticBinaries> {
     let status = Command::new(&cargo)
         .current_dir(&root)
         .args(["build", "--release", "--target", STATIC_TARGET])
-        .args(["-p", "kiln", "-p", "kiln-agent"])
+        .args(["-p", "kiln", "-p", "kiln-agent", "-p", "kiln-gitlab"])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .status()
         .with_context(|| format!("running {}", Path::new(&cargo).display()))?;
     if !status.success() {
-        bail!("the static release build of kiln and kiln-agent failed ({status}); see cargo's output above");
+        bail!("the static release build of kiln, kiln-agent and kiln-gitlab failed ({status}); see cargo's output above");
     }
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

@@ -25,6 +25,7 @@ pub(crate) fn run(job: &Job) -> Result<RunOutput> {
     cmd.arg(dir.join("run-test.sh"))
         .current_dir(&work)
         .env("KILN", job.kiln)
+        .env("KILN_GITLAB", job.kiln_gitlab)
         .env("GUEST_VMLINUX", &job.guest.vmlinux)
         .env("GUEST_BZIMAGE", &job.guest.bzimage)
         .env("GUEST_INITRD", dir.join("guest-initrd.cpio"))

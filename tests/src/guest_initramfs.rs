@@ -7,6 +7,9 @@ use crate::{artifacts, busybox, cpio};
 /// Where the agent looks for the job script.
 pub const RC_PATH: &str = "/etc/kiln/rc";
 
+/// Where Debian's `bash-static` installs its (static) bash.
+pub const BASH_STATIC: &str = "/bin/bash-static";
+
 /// Empty directories every guest image has (mount points and homes).
 const DIRS: &[&str] = &["/proc", "/sys", "/dev", "/tmp", "/run", "/etc", "/root"];
 
@@ -23,6 +26,7 @@ pub struct GuestInitramfs {
     rc: Option<String>,
     files: Vec<(String, u32, Vec<u8>)>,
     device_nodes: bool,
+    bash: bool,
 }
 
 impl Default for GuestInitramfs {
@@ -39,6 +43,7 @@ impl GuestInitramfs {
             rc: None,
             files: Vec::new(),
             device_nodes: true,
+            bash: false,
         }
     }
 
@@ -67,6 +72,13 @@ impl GuestInitramfs {
         self
     }
 
+    /// Whether to add a static bash as `/bin/bash` (from Debian's `bash-static`, which
+    /// `cargo xtask setup` installs): GitLab Runner's job scripts are bash scripts.
+    pub fn bash(mut self, yes: bool) -> Self {
+        self.bash = yes;
+        self
+    }
+
     pub fn build(&self) -> Result<Vec<u8>> {
         let mut w = cpio::Writer::in_memory();
         for dir in DIRS {
@@ -89,6 +101,16 @@ impl GuestInitramfs {
         w.symlink("/bin/kiln-snapshot", "/init")?;
         if let Some(rc) = &self.rc {
             w.file(RC_PATH, 0o755, rc.as_bytes())?;
+        }
+        if self.bash {
+            let hint = "install Debian's bash-static (cargo xtask setup does)";
+            let bash = std::fs::read(BASH_STATIC)
+                .with_context(|| format!("reading {BASH_STATIC}; {hint}"))?;
+            anyhow::ensure!(
+                artifacts::is_static_elf(&bash),
+                "{BASH_STATIC} is not a static executable; {hint}"
+            );
+            w.file("/bin/bash", 0o755, &bash)?;
         }
         for (path, mode, data) in &self.files {
             w.file(path, *mode, data)?;

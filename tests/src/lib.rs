@@ -6,6 +6,7 @@ pub mod busybox;
 pub mod cpio;
 mod direct;
 pub mod ext4;
+pub mod gitlab_harness;
 pub mod guest_initramfs;
 mod nested;
 pub mod output;

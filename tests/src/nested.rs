@@ -47,6 +47,7 @@ fn write_image(job: &Job, out: &Path) -> Result<()> {
     busybox::add_to(&mut w)?;
     busybox::add_console_nodes(&mut w)?;
     w.file("/bin/kiln", 0o755, &read(job.kiln)?)?;
+    w.file("/bin/kiln-gitlab", 0o755, &read(job.kiln_gitlab)?)?;
     w.file("/guest/vmlinux", 0o644, &read(&job.guest.vmlinux)?)?;
     w.file("/guest/bzImage", 0o644, &read(&job.guest.bzimage)?)?;
     w.file("/guest/initrd.cpio", 0o644, job.guest_initrd)?;
@@ -77,7 +78,7 @@ while [ ! -e /dev/kvm ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/kvm ] || echo "kiln-testbed: /dev/kvm did not appear (no KVM_AMD, or no SVM in QEMU's CPU)"
 cd /tmp
 echo KILN-TESTBED-BEGIN
-KILN=/bin/kiln GUEST_VMLINUX=/guest/vmlinux GUEST_BZIMAGE=/guest/bzImage \
+KILN=/bin/kiln KILN_GITLAB=/bin/kiln-gitlab GUEST_VMLINUX=/guest/vmlinux GUEST_BZIMAGE=/guest/bzImage \
   GUEST_INITRD=/guest/initrd.cpio FILES=/files sh /run-test.sh </dev/null 2>&1
 rc=$?
 printf '\nKILN-TESTBED-EXIT=%d\n' "$rc"

@@ -3,7 +3,7 @@
 //! whose Linux gives kiln a real `/dev/kvm`).
 //!
 //! Either way a test hands over a POSIX shell script. It runs with these variables set:
-//! `$KILN` (the static `kiln`), `$GUEST_VMLINUX`, `$GUEST_BZIMAGE` (the guest kernel),
+//! `$KILN` (the static `kiln`), `$KILN_GITLAB` (the static `kiln-gitlab`), `$GUEST_VMLINUX`, `$GUEST_BZIMAGE` (the guest kernel),
 //! `$GUEST_INITRD` (a guest initramfs whose rc prints [`DEFAULT_RC_LINE`] and exits 0) and
 //! `$FILES` (a directory holding the test's extra files). Its working directory is
 //! writable scratch space.
@@ -126,6 +126,7 @@ impl Runner {
         let job = Job {
             dir: tmp.path(),
             kiln: &bins.kiln,
+            kiln_gitlab: &bins.kiln_gitlab,
             guest: &kernels::guest().context("building the guest kernel")?,
             guest_initrd: &guest_initramfs::build(&format!("echo '{DEFAULT_RC_LINE}'\n"))?,
             script,
@@ -144,6 +145,7 @@ pub(crate) struct Job<'a> {
     /// A fresh scratch directory for this run.
     pub dir: &'a Path,
     pub kiln: &'a Path,
+    pub kiln_gitlab: &'a Path,
     pub guest: &'a KernelImages,
     pub guest_initrd: &'a [u8],
     pub script: &'a str,

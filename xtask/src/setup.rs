@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 /// - kernels: linux-source-6.12 and its build tools (kernel-config/build.sh; lz4 compresses
 ///   the bzImage)
 /// - test bed: qemu-system-x86 (QEMU TCG with nested SVM), busybox-static and cpio for the
-///   test-bed and guest initramfs images
+///   test-bed and guest initramfs images, bash-static for guests that run GitLab jobs
 /// - disk tests: e2fsprogs (`mkfs.ext4 -d` builds the ext4 images the `image_` tests boot)
 pub const PACKAGES: &[&str] = &[
     "linux-source-6.12",
@@ -28,6 +28,7 @@ pub const PACKAGES: &[&str] = &[
     "lz4",
     "qemu-system-x86",
     "busybox-static",
+    "bash-static",
     "cpio",
     "e2fsprogs",
 ];

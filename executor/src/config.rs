@@ -1,0 +1,185 @@
+//! The driver's own configuration: a TOML file (`--config`, else `$KILN_GITLAB_CONFIG`,
+//! else `/etc/kiln-gitlab/config.toml` if it exists), every key optional.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// Where the driver looks for its config when neither `--config` nor
+/// `$KILN_GITLAB_CONFIG` names one.
+pub const DEFAULT_CONFIG: &str = "/etc/kiln-gitlab/config.toml";
+
+/// The configuration file's keys. See the README's "GitLab Runner" section.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The `kiln` binary. Default: `kiln` beside `kiln-gitlab`, else `kiln` on PATH.
+    pub kiln: Option<PathBuf>,
+    /// Per-job state (sockets, pid file, logs). Default: `$KILN_GITLAB_STATE_DIR`, else
+    /// `$XDG_RUNTIME_DIR/kiln-gitlab`, else `/run/kiln-gitlab`.
+    pub state_dir: Option<PathBuf>,
+    /// Guest images: `<images_dir>/<name>/kernel` (+ optional `initrd`). Default
+    /// `/var/lib/kiln-gitlab/images`.
+    pub images_dir: Option<PathBuf>,
+    /// The image of jobs that name none. Default `default`.
+    pub default_image: Option<String>,
+    /// Named snapshots. Default `/var/lib/kiln-gitlab/snapshots`.
+    pub snapshot_dir: Option<PathBuf>,
+    /// Guest memory in MiB. Default 512.
+    pub memory_mib: Option<u64>,
+    /// vCPUs per guest. Default 1.
+    pub vcpus: Option<u64>,
+    /// How long `prepare` waits for the guest agent. Default 60 s.
+    pub boot_timeout_secs: Option<u64>,
+    /// How long a cancelled stage's processes get between SIGTERM and SIGKILL. Default 5 s.
+    pub kill_grace_secs: Option<u64>,
+    /// The guest's builds and cache directories (the `config` answer). Defaults `/builds`,
+    /// `/cache`.
+    pub builds_dir: Option<String>,
+    pub cache_dir: Option<String>,
+    /// The guest's shell for stage scripts. Default `bash`.
+    pub shell: Option<String>,
+}
+
+/// The configuration with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub kiln: PathBuf,
+    pub state_dir: PathBuf,
+    pub images_dir: PathBuf,
+    pub default_image: String,
+    pub snapshot_dir: PathBuf,
+    pub memory_mib: u64,
+    pub vcpus: u64,
+    pub boot_timeout: Duration,
+    pub kill_grace: Duration,
+    pub builds_dir: String,
+    pub cache_dir: String,
+    pub shell: String,
+}
+
+impl Config {
+    /// Loads the file `explicit`, else `$KILN_GITLAB_CONFIG`, else [`DEFAULT_CONFIG`] if
+    /// it exists, else the defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config> {
+        let env_path = std::env::var_os("KILN_GITLAB_CONFIG").filter(|p| !p.is_empty());
+        let path = explicit
+            .map(Path::to_path_buf)
+            .or(env_path.map(PathBuf::from))
+            .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+        let file = match &path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the driver config {}", path.display()))?;
+                parse(&text).with_context(|| format!("driver config {}", path.display()))?
+            }
+            None => ConfigFile::default(),
+        };
+        Ok(Config::from_file(file, &Env::from_process()))
+    }
+
+    pub fn from_file(f: ConfigFile, env: &Env) -> Config {
+        let state_dir = f
+            .state_dir
+            .or_else(|| env.state_dir.clone())
+            .or_else(|| env.xdg_runtime_dir.as_ref().map(|d| d.join("kiln-gitlab")))
+            .unwrap_or_else(|| "/run/kiln-gitlab".into());
+        Config {
+            kiln: f.kiln.unwrap_or_else(|| default_kiln(env.exe.as_deref())),
+            state_dir,
+            images_dir: f
+                .images_dir
+                .unwrap_or_else(|| "/var/lib/kiln-gitlab/images".into()),
+            default_image: f.default_image.unwrap_or_else(|| "default".into()),
+            snapshot_dir: f
+                .snapshot_dir
+                .unwrap_or_else(|| "/var/lib/kiln-gitlab/snapshots".into()),
+            memory_mib: f.memory_mib.unwrap_or(512),
+            vcpus: f.vcpus.unwrap_or(1),
+            boot_timeout: Duration::from_secs(f.boot_timeout_secs.unwrap_or(60).max(1)),
+            kill_grace: Duration::from_secs(f.kill_grace_secs.unwrap_or(5)),
+            builds_dir: f.builds_dir.unwrap_or_else(|| "/builds".into()),
+            cache_dir: f.cache_dir.unwrap_or_else(|| "/cache".into()),
+            shell: f.shell.unwrap_or_else(|| "bash".into()),
+        }
+    }
+}
+
+/// The parts of the process environment the defaults depend on.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub state_dir: Option<PathBuf>,
+    pub xdg_runtime_dir: Option<PathBuf>,
+    pub exe: Option<PathBuf>,
+}
+
+impl Env {
+    pub fn from_process() -> Env {
+        let dir = |name| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Env {
+            state_dir: dir("KILN_GITLAB_STATE_DIR"),
+            xdg_runtime_dir: dir("XDG_RUNTIME_DIR"),
+            exe: std::env::current_exe().ok(),
+        }
+    }
+}
+
+fn parse(text: &str) -> Result<ConfigFile> {
+    let file: ConfigFile = toml::from_str(text)?;
+    if file.memory_mib == Some(0) || file.vcpus == Some(0) {
+        bail!("memory_mib and vcpus must be at least 1");
+    }
+    Ok(file)
+}
+
+/// `kiln` beside this executable if it is there, else `kiln` (looked up in PATH).
+fn default_kiln(exe: Option<&Path>) -> PathBuf {
+    exe.and_then(Path::parent)
+        .map(|dir| dir.join("kiln"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "kiln".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_file(ConfigFile::default(), &Env::default());
+        assert_eq!(c.state_dir, PathBuf::from("/run/kiln-gitlab"));
+        assert_eq!(c.kiln, PathBuf::from("kiln"));
+        assert_eq!((c.memory_mib, c.vcpus, c.shell.as_str()), (512, 1, "bash"));
+        let env = Env {
+            xdg_runtime_dir: Some("/run/user/7".into()),
+            ..Env::default()
+        };
+        let c = Config::from_file(ConfigFile::default(), &env);
+        assert_eq!(c.state_dir, PathBuf::from("/run/user/7/kiln-gitlab"));
+        let env = Env {
+            state_dir: Some("/s".into()),
+            ..env
+        };
+        assert_eq!(
+            Config::from_file(ConfigFile::default(), &env).state_dir,
+            PathBuf::from("/s")
+        );
+        let file = parse("state_dir = \"/x\"\nmemory_mib = 256\nkiln = \"/opt/kiln\"\n").unwrap();
+        let c = Config::from_file(file, &env);
+        assert_eq!(c.state_dir, PathBuf::from("/x"));
+        assert_eq!((c.memory_mib, c.kiln), (256, PathBuf::from("/opt/kiln")));
+    }
+
+    #[test]
+    fn bad_files_are_refused() {
+        assert!(parse("memroy_mib = 1\n").is_err(), "unknown keys are typos");
+        assert!(parse("vcpus = 0\n").is_err());
+        assert!(parse("memory_mib = \"big\"\n").is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! `kiln-gitlab`: GitLab Runner's custom-executor driver that runs every job in its own kiln
+//! microVM. The runner calls it as `config`, `prepare`, `run <script> <stage>` (once per
+//! stage) and `cleanup`; see the README's "GitLab Runner" section.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod contract;
+mod prepare;
+mod run;
+mod snapshot;
+mod state;
+mod store;
+
+use config::Config;
+use contract::{Contract, Failure};
+
+/// GitLab Runner custom-executor driver: every CI job in its own kiln microVM.
+///
+/// Configure the runner with `config_exec`, `prepare_exec`, `run_exec` and `cleanup_exec`
+/// all set to this binary and `*_args` to the subcommand. Exit codes follow the custom
+/// executor's contract: 0, $BUILD_FAILURE_EXIT_CODE (the script's own code written to
+/// $BUILD_EXIT_CODE_FILE), or $SYSTEM_FAILURE_EXIT_CODE.
+#[derive(Parser, Debug)]
+#[command(name = "kiln-gitlab", version)]
+struct Cli {
+    /// The driver's TOML config (default: $KILN_GITLAB_CONFIG, else
+    /// /etc/kiln-gitlab/config.toml if it exists, else built-in defaults).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the executor's settings as JSON (builds_dir, cache_dir, driver, shell).
+    Config,
+    /// Start the job's VM (from its image, or from KILN_FROM_SNAPSHOT) and wait for its agent.
+    Prepare,
+    /// Run one stage's script in the job's VM, streaming its output.
+    Run {
+        /// The script the runner wrote for this stage.
+        script: PathBuf,
+        /// The stage's name (prepare_script, get_sources, build_script, …).
+        stage: String,
+    },
+    /// Stop the job's VM and remove its files. Always exits 0.
+    Cleanup,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let contract = Contract::from_env();
+    let result = Config::load(cli.config.as_deref())
+        .map_err(Failure::System)
+        .and_then(|config| dispatch(&cli.command, &config, &contract));
+    let code = match result {
+        Ok(()) => 0,
+        Err(failure) => {
+            match &failure {
+                Failure::System(e) => eprintln!("kiln-gitlab: system failure: {e:#}"),
+                Failure::Build(code) => eprintln!("kiln-gitlab: the script exited with {code}"),
+                Failure::Cancelled(_) => {}
+            }
+            failure.exit_code(&contract)
+        }
+    };
+    if matches!(cli.command, Command::Cleanup) {
+        return ExitCode::SUCCESS;
+    }
+    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
+}
+
+fn dispatch(command: &Command, config: &Config, contract: &Contract) -> Result<(), Failure> {
+    match command {
+        Command::Config => {
+            println!("{}", config_json(config));
+            Ok(())
+        }
+        Command::Prepare => prepare::prepare(config, contract).map_err(Failure::System),
+        Command::Run { script, stage } => run::run(config, contract, script, stage),
+        Command::Cleanup => {
+            match state::JobDir::for_job(&config.state_dir, contract).and_then(|j| j.remove()) {
+                Ok(Some(how)) => println!("kiln-gitlab: {how}"),
+                Ok(None) => {}
+                Err(e) => eprintln!("kiln-gitlab: cleanup: {e:#}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn config_json(config: &Config) -> serde_json::Value {
+    serde_json::json!({
+        "builds_dir": config.builds_dir,
+        "cache_dir": config.cache_dir,
+        "builds_dir_is_shared": false,
+        "driver": {"name": "kiln-gitlab", "version": env!("CARGO_PKG_VERSION")},
+        "shell": "bash",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_answers_the_runner() {
+        let c = Config::from_file(config::ConfigFile::default(), &config::Env::default());
+        let json = config_json(&c);
+        assert_eq!(json["builds_dir"], "/builds");
+        assert_eq!(json["builds_dir_is_shared"], false);
+        assert_eq!(json["driver"]["name"], "kiln-gitlab");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let c = Contract::from_vars([
+            ("BUILD_FAILURE_EXIT_CODE".to_string(), "71".to_string()),
+            ("SYSTEM_FAILURE_EXIT_CODE".to_string(), "72".to_string()),
+        ]);
+        assert_eq!(Failure::Build(3).exit_code(&c), 71);
+        assert_eq!(Failure::System(anyhow::anyhow!("x")).exit_code(&c), 72);
+        assert_eq!(Failure::Cancelled(15).exit_code(&c), 143);
+    }
+}

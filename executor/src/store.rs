@@ -1,0 +1,170 @@
+//! Named things on the host that jobs pick by name: guest images (`CI_JOB_IMAGE`) and
+//! snapshots (`KILN_FROM_SNAPSHOT`, `KILN_SNAPSHOT_NAME`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+use crate::contract::Contract;
+
+/// A guest image: the directory `<images_dir>/<name>/` with `kernel` (+ optional `initrd`),
+/// and/or `vm.toml`, a `kiln run --config` file (kernel, initrd, cmdline, vcpus,
+/// memory_mib; relative paths are taken from the image's directory), which then also sets
+/// the VM's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub vm_config: Option<PathBuf>,
+}
+
+fn is_image(dir: &Path) -> bool {
+    dir.join("kernel").is_file() || dir.join("vm.toml").is_file()
+}
+
+/// Checks that `name` is a plain name usable as one path component.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if !ok {
+        bail!(
+            "{what} {name:?} is not a valid name: use letters, digits, `-`, `_`, `.` and `:`, \
+             starting with a letter or digit"
+        );
+    }
+    Ok(())
+}
+
+/// The image the job asks for (`CI_JOB_IMAGE`), else `default`.
+pub fn image(images_dir: &Path, default: &str, contract: &Contract) -> Result<Image> {
+    let name = contract.var("CI_JOB_IMAGE").unwrap_or(default);
+    check_name("image", name)?;
+    let dir = images_dir.join(name);
+    if !is_image(&dir) {
+        bail!(
+            "no guest image {name:?} in {}; the images there are: {}",
+            images_dir.display(),
+            listing(images_dir, is_image)
+        );
+    }
+    let file = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
+    Ok(Image {
+        name: name.to_string(),
+        kernel: file("kernel"),
+        initrd: file("initrd"),
+        vm_config: file("vm.toml"),
+    })
+}
+
+/// The snapshot store of the job's project: `<snapshot_dir>/project-<CI_PROJECT_ID>`
+/// (`<snapshot_dir>/shared` for jobs without a project id), so that one project's jobs
+/// never start from another project's VM.
+pub fn snapshot_scope(snapshot_dir: &Path, contract: &Contract) -> Result<PathBuf> {
+    Ok(match contract.var("CI_PROJECT_ID") {
+        Some(id) => {
+            check_name("CI_PROJECT_ID", id)?;
+            snapshot_dir.join(format!("project-{id}"))
+        }
+        None => snapshot_dir.join("shared"),
+    })
+}
+
+/// The existing snapshot `name` in `scope`.
+pub fn existing_snapshot(scope: &Path, name: &str) -> Result<PathBuf> {
+    check_name("snapshot", name)?;
+    let dir = scope.join(name);
+    if !dir.join("state").is_file() {
+        bail!(
+            "no snapshot {name:?} in {}; the snapshots there are: {} (a job makes one with \
+             KILN_SNAPSHOT_AFTER=<stage> and KILN_SNAPSHOT_NAME={name})",
+            scope.display(),
+            listing(scope, |d| d.join("state").is_file())
+        );
+    }
+    Ok(dir)
+}
+
+/// The names of the directories in `dir` that `keep` accepts, sorted, or `(none)`.
+fn listing(dir: &Path, keep: impl Fn(&Path) -> bool) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| keep(&e.path()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        "(none)".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contract(pairs: &[(&str, &str)]) -> Contract {
+        Contract::from_vars(
+            pairs
+                .iter()
+                .map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn images_are_chosen_by_name_and_unknown_ones_listed() {
+        let dir = std::env::temp_dir().join(format!("kiln-gitlab-images-{}", std::process::id()));
+        for (name, initrd) in [("default", true), ("alpine:3", false)] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("kernel"), b"k").unwrap();
+            if initrd {
+                std::fs::write(dir.join(name).join("initrd"), b"i").unwrap();
+            }
+        }
+        std::fs::create_dir_all(dir.join("empty")).unwrap();
+        std::fs::create_dir_all(dir.join("disk")).unwrap();
+        std::fs::write(dir.join("disk/vm.toml"), b"kernel = \"k\"\n").unwrap();
+        let img = image(&dir, "default", &contract(&[])).unwrap();
+        assert_eq!(img.name, "default");
+        assert!(img.initrd.is_some());
+        let img = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "alpine:3")])).unwrap();
+        assert_eq!((img.name.as_str(), img.initrd), ("alpine:3", None));
+        let img = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "disk")])).unwrap();
+        assert_eq!((img.kernel, img.vm_config.is_some()), (None, true));
+        let err = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "ubuntu")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the images there are: alpine:3, default"),
+            "{err}"
+        );
+        assert!(image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "../etc")])).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn snapshots_are_scoped_by_project() {
+        let root = Path::new("/snaps");
+        let s = snapshot_scope(root, &contract(&[("CI_PROJECT_ID", "12")])).unwrap();
+        assert_eq!(s, PathBuf::from("/snaps/project-12"));
+        assert_eq!(
+            snapshot_scope(root, &contract(&[])).unwrap(),
+            PathBuf::from("/snaps/shared")
+        );
+        let err = existing_snapshot(Path::new("/nonexistent"), "warm").unwrap_err();
+        assert!(err.to_string().contains("(none)"), "{err}");
+        assert!(check_name("snapshot", "a/b").is_err());
+        assert!(check_name("snapshot", ".hidden").is_err());
+        assert!(check_name("snapshot", "warm-1.x").is_ok());
+    }
+}
