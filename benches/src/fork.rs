@@ -84,6 +84,12 @@ stop_all() {{
 fail() {{
   echo "BENCH-FAIL $*"
   for f in run.err fork.err fork.out; do [ -f $f ] && {{ echo "--- $f"; tail -n 20 $f; }}; done
+  # The consoles of clones that are gone: why they ended.
+  i=0
+  while [ $i -lt $N ]; do
+    grep -q "\"clone\":$i,\"exit_code\"" fork.out 2>/dev/null && {{ echo "--- clone $i console"; tail -n 25 "$D/con-$i"; }}
+    i=$((i + 1))
+  done
   stop_all
   exit 1
 }}
@@ -116,9 +122,10 @@ wait $vm || fail "kiln run exited $?"
 echo "BENCH-MEMORY-FILE-MIB $(du -m "$D/snap/memory" | cut -f1)"
 r=0
 while [ $r -lt {runs} ]; do
-  rm -f "$D"/c-* fork.out fork.err ready*
+  rm -f "$D"/c-* "$D"/con-* fork.out fork.err ready*
   a=$(now_us)
-  "$KILN" fork --snapshot "$D/snap" --count $N --vsock-prefix "$D/c" > fork.out 2> fork.err &
+  "$KILN" fork --snapshot "$D/snap" --count $N --vsock-prefix "$D/c" \
+    --serial-prefix "$D/con" > fork.out 2> fork.err &
   fork=$!
   deadline=$((a + {READY_DEADLINE_S} * 1000000))
   # Clone 0 is polled alone (the clones restore side by side, and execs in flight to all

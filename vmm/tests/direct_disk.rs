@@ -6,13 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Instant;
 
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::disk::DiskConfig;
 use kiln::snapshot::restore::RestoreSpec;
 use kiln::snapshot::SnapshotKind;
-use kiln::vmm::{BootSource, GuestExit, MachineSpec, Request, Vmm};
+use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
 
 mod console_capture;
 use console_capture::Captured;
@@ -34,23 +33,9 @@ fn image(path: &Path, len: usize, fill: u8) {
 
 fn spec(code: Vec<u8>, console: &Captured, disks: Vec<DiskConfig>) -> MachineSpec {
     MachineSpec {
-        vcpus: 1,
-        memory_mib: 16,
-        boot: BootSource::Raw {
-            code,
-            load_addr: LOAD_ADDR,
-            mode: CpuMode::Long,
-        },
-        console: Box::new(console.clone()),
         irqchip: true,
-        extra_mmio: Vec::new(),
-        start: Instant::now(),
-        vsock: None,
-        boot_done: None,
-        snapshot_on_request: None,
-        track_dirty_pages: false,
-        seccomp: false,
         disks,
+        ..MachineSpec::raw(code, LOAD_ADDR, CpuMode::Long, Box::new(console.clone()))
     }
 }
 
@@ -161,15 +146,9 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
     let restore = |overlays: Vec<(usize, PathBuf)>, scratch: Option<PathBuf>| {
         let console = Captured::default();
         Vmm::restore(RestoreSpec {
-            snapshot: snap.clone(),
-            console: Box::new(console),
-            vsock_uds: None,
-            start: Instant::now(),
-            boot_done: None,
-            track_dirty_pages: false,
-            seccomp: false,
             disk_overlays: overlays,
             disk_scratch: scratch,
+            ..RestoreSpec::new(snap.clone(), Box::new(console))
         })
     };
     let refused = restore(Vec::new(), None)
@@ -410,15 +389,8 @@ fn diff_snapshots_carry_disks_too() {
     assert_eq!(&at_full[8192..8198], &[0u8; 6]);
     let mine = dir.join("clone.overlay");
     let clone = Vmm::restore(RestoreSpec {
-        snapshot: diff.clone(),
-        console: Box::new(Captured::default()),
-        vsock_uds: None,
-        start: Instant::now(),
-        boot_done: None,
-        track_dirty_pages: false,
-        seccomp: false,
         disk_overlays: vec![(0, mine.clone())],
-        disk_scratch: None,
+        ..RestoreSpec::new(diff.clone(), Box::new(Captured::default()))
     })
     .unwrap();
     drop(clone);

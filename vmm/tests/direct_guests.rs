@@ -5,10 +5,9 @@
 //! dispatch, serial, i8042 reset, panic detection — is tested in milliseconds.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use kiln::arch::x86_64::regs::CpuMode;
-use kiln::vmm::{BootSource, GuestExit, MachineSpec, RunReport, Vmm};
+use kiln::vmm::{GuestExit, MachineSpec, RunReport, Vmm};
 use kiln_devices::BusDevice;
 
 mod console_capture;
@@ -44,22 +43,9 @@ impl Guest {
         let console = Captured::default();
         let spec = MachineSpec {
             vcpus: self.vcpus,
-            memory_mib: 16,
-            boot: BootSource::Raw {
-                code: self.code,
-                load_addr: LOAD_ADDR,
-                mode: self.mode,
-            },
-            console: Box::new(console.clone()),
             irqchip: self.irqchip,
             extra_mmio: self.mmio,
-            vsock: None,
-            boot_done: None,
-            snapshot_on_request: None,
-            track_dirty_pages: false,
-            seccomp: false,
-            disks: Vec::new(),
-            start: Instant::now(),
+            ..MachineSpec::raw(self.code, LOAD_ADDR, self.mode, Box::new(console.clone()))
         };
         let report = Vmm::build(spec).expect("build VM").run().expect("run VM");
         (report, console.text())
@@ -221,26 +207,12 @@ fn vsock_device_answers_on_the_mmio_bus() {
     let uds = dir.join("v.sock");
     let console = Captured::default();
     let spec = MachineSpec {
-        vcpus: 1,
-        memory_mib: 16,
-        boot: BootSource::Raw {
-            code,
-            load_addr: LOAD_ADDR,
-            mode: CpuMode::Long,
-        },
-        console: Box::new(console.clone()),
         irqchip: true,
-        extra_mmio: Vec::new(),
-        start: Instant::now(),
         vsock: Some(kiln::vmm::VsockSpec {
             cid: 3,
             uds_path: uds.clone(),
         }),
-        boot_done: None,
-        snapshot_on_request: None,
-        track_dirty_pages: false,
-        seccomp: false,
-        disks: Vec::new(),
+        ..MachineSpec::raw(code, LOAD_ADDR, CpuMode::Long, Box::new(console.clone()))
     };
     let vmm = Vmm::build(spec).unwrap();
     assert!(uds.exists(), "the vsock device listens on its socket");

@@ -3,12 +3,11 @@
 //! without starting over.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::snapshot::restore::RestoreSpec;
 use kiln::snapshot::SnapshotKind;
-use kiln::vmm::{BootSource, GuestExit, MachineSpec, Request, Vmm};
+use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
 
 mod console_capture;
 use console_capture::Captured;
@@ -80,42 +79,17 @@ fn two_phase_guest() -> Vec<u8> {
 
 fn spec(code: Vec<u8>, console: &Captured, track_dirty_pages: bool) -> MachineSpec {
     MachineSpec {
-        vcpus: 1,
-        memory_mib: 16,
-        boot: BootSource::Raw {
-            code,
-            load_addr: 0x1000,
-            mode: CpuMode::Long,
-        },
-        console: Box::new(console.clone()),
-        irqchip: false,
-        extra_mmio: Vec::new(),
-        start: Instant::now(),
-        vsock: None,
-        boot_done: None,
-        snapshot_on_request: None,
         track_dirty_pages,
-        seccomp: false,
-        disks: Vec::new(),
+        ..MachineSpec::raw(code, 0x1000, CpuMode::Long, Box::new(console.clone()))
     }
 }
 
 fn restore(dir: &std::path::Path) -> (GuestExit, Vec<u8>) {
     let console = Captured::default();
-    let report = Vmm::restore(RestoreSpec {
-        snapshot: dir.to_owned(),
-        console: Box::new(console.clone()),
-        vsock_uds: None,
-        start: Instant::now(),
-        boot_done: None,
-        track_dirty_pages: false,
-        seccomp: false,
-        disk_overlays: Vec::new(),
-        disk_scratch: None,
-    })
-    .unwrap()
-    .run()
-    .unwrap();
+    let report = Vmm::restore(RestoreSpec::new(dir.to_owned(), Box::new(console.clone())))
+        .unwrap()
+        .run()
+        .unwrap();
     (report.exit, console.bytes())
 }
 
@@ -214,17 +188,10 @@ fn snapshot_diff_layers_over_its_base() {
     assert_eq!((exit, out), (GuestExit::Halted, expected_output()));
     base.serial.interrupt_enable ^= 0x01;
     kiln::snapshot::write_state(&full, &base).unwrap();
-    let refused = Vmm::restore(RestoreSpec {
-        snapshot: diff.clone(),
-        console: Box::new(Captured::default()),
-        vsock_uds: None,
-        start: Instant::now(),
-        boot_done: None,
-        track_dirty_pages: false,
-        seccomp: false,
-        disk_overlays: Vec::new(),
-        disk_scratch: None,
-    })
+    let refused = Vmm::restore(RestoreSpec::new(
+        diff.clone(),
+        Box::new(Captured::default()),
+    ))
     .err()
     .expect("a diff over a changed base was restored")
     .to_string();
@@ -247,25 +214,12 @@ fn scratch(name: &str) -> PathBuf {
 fn snapshot_mid_computation_restores_and_finishes() {
     let dir = scratch("mid");
     let console = Captured::default();
-    let spec = MachineSpec {
-        vcpus: 1,
-        memory_mib: 16,
-        boot: BootSource::Raw {
-            code: summing_guest(),
-            load_addr: 0x1000,
-            mode: CpuMode::Long,
-        },
-        console: Box::new(console.clone()),
-        irqchip: false,
-        extra_mmio: Vec::new(),
-        start: Instant::now(),
-        vsock: None,
-        boot_done: None,
-        snapshot_on_request: None,
-        track_dirty_pages: false,
-        seccomp: false,
-        disks: Vec::new(),
-    };
+    let spec = MachineSpec::raw(
+        summing_guest(),
+        0x1000,
+        CpuMode::Long,
+        Box::new(console.clone()),
+    );
     let vmm = Vmm::build(spec).unwrap();
     let controller = vmm.controller();
     let (snap_console, snap_dir) = (console.clone(), dir.clone());
@@ -290,17 +244,10 @@ fn snapshot_mid_computation_restores_and_finishes() {
 
     // The clone starts from the snapshot: it does not print 'S' again, and gets the sum.
     let restored_console = Captured::default();
-    let restored = Vmm::restore(RestoreSpec {
-        snapshot: dir.clone(),
-        console: Box::new(restored_console.clone()),
-        vsock_uds: None,
-        start: Instant::now(),
-        boot_done: None,
-        track_dirty_pages: false,
-        seccomp: false,
-        disk_overlays: Vec::new(),
-        disk_scratch: None,
-    })
+    let restored = Vmm::restore(RestoreSpec::new(
+        dir.clone(),
+        Box::new(restored_console.clone()),
+    ))
     .unwrap()
     .run()
     .unwrap();
@@ -313,20 +260,10 @@ fn snapshot_mid_computation_restores_and_finishes() {
 
     // A second restore of the same snapshot gives the same (the snapshot is unchanged).
     let again = Captured::default();
-    Vmm::restore(RestoreSpec {
-        snapshot: dir.clone(),
-        console: Box::new(again.clone()),
-        vsock_uds: None,
-        start: Instant::now(),
-        boot_done: None,
-        track_dirty_pages: false,
-        seccomp: false,
-        disk_overlays: Vec::new(),
-        disk_scratch: None,
-    })
-    .unwrap()
-    .run()
-    .unwrap();
+    Vmm::restore(RestoreSpec::new(dir.clone(), Box::new(again.clone())))
+        .unwrap()
+        .run()
+        .unwrap();
     assert_eq!(again.bytes(), expected_output());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use kiln::arch::x86_64::regs::CpuMode;
-use kiln::vmm::{BootSource, GuestExit, MachineSpec, Vmm, VsockSpec};
+use kiln::vmm::{GuestExit, MachineSpec, Vmm, VsockSpec};
 
 mod console_capture;
 use console_capture::Captured;
@@ -129,26 +129,17 @@ fn hostile_rings_mark_the_device_broken_and_nothing_else() {
     let uds = dir.join("v.sock");
     let console = Captured::default();
     let spec = MachineSpec {
-        vcpus: 1,
-        memory_mib: 16,
-        boot: BootSource::Raw {
-            code: hostile_guest(),
-            load_addr: 0x1000,
-            mode: CpuMode::Long,
-        },
-        console: Box::new(console.clone()),
         irqchip: true,
-        extra_mmio: Vec::new(),
-        start: Instant::now(),
         vsock: Some(VsockSpec {
             cid: 3,
             uds_path: uds.clone(),
         }),
-        boot_done: None,
-        snapshot_on_request: None,
-        track_dirty_pages: false,
-        seccomp: false,
-        disks: Vec::new(),
+        ..MachineSpec::raw(
+            hostile_guest(),
+            0x1000,
+            CpuMode::Long,
+            Box::new(console.clone()),
+        )
     };
     let vmm = Vmm::build(spec).unwrap();
     // With an irqchip HLT waits for an interrupt: stop the VM once the guest has printed

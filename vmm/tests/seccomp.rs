@@ -9,10 +9,9 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use kiln::arch::x86_64::regs::CpuMode;
-use kiln::vmm::{BootSource, GuestExit, MachineSpec, Vmm};
+use kiln::vmm::{GuestExit, MachineSpec, Vmm};
 use kiln_devices::BusDevice;
 
 mod console_capture;
@@ -47,23 +46,9 @@ fn child_vm_with_a_rogue_device() {
     code.extend_from_slice(&[0xc7, 0x00, 0x01, 0x00, 0x00, 0x00]); // mov dword [rax], 1
     code.push(0xf4); // hlt
     let spec = MachineSpec {
-        vcpus: 1,
-        memory_mib: 16,
-        boot: BootSource::Raw {
-            code,
-            load_addr: 0x1000,
-            mode: CpuMode::Long,
-        },
-        console: Box::new(Captured::default()),
-        irqchip: false,
         extra_mmio: vec![(MMIO_BASE, 0x1000, Arc::new(Mutex::new(Rogue)))],
-        start: Instant::now(),
-        vsock: None,
-        boot_done: None,
-        snapshot_on_request: None,
-        track_dirty_pages: false,
         seccomp: mode == "on",
-        disks: Vec::new(),
+        ..MachineSpec::raw(code, 0x1000, CpuMode::Long, Box::new(Captured::default()))
     };
     let report = Vmm::build(spec).unwrap().run().unwrap();
     assert_eq!(report.exit, GuestExit::Halted);

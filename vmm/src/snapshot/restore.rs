@@ -38,6 +38,25 @@ pub struct RestoreSpec {
     pub disk_scratch: Option<PathBuf>,
 }
 
+impl RestoreSpec {
+    /// A restore of `snapshot` with its console to `console`, and nothing else: no vsock
+    /// socket, no dirty log, seccomp off (set it when the process runs only this VM),
+    /// overlays copied nowhere. Change fields with struct update syntax.
+    pub fn new(snapshot: impl Into<PathBuf>, console: Box<dyn Write + Send>) -> Self {
+        RestoreSpec {
+            snapshot: snapshot.into(),
+            console,
+            vsock_uds: None,
+            start: Instant::now(),
+            boot_done: None,
+            track_dirty_pages: false,
+            seccomp: false,
+            disk_overlays: Vec::new(),
+            disk_scratch: None,
+        }
+    }
+}
+
 /// How many diffs deep a chain of snapshots may be.
 const MAX_CHAIN: usize = 64;
 

@@ -99,6 +99,36 @@ pub struct MachineSpec {
 }
 
 impl MachineSpec {
+    /// A VM that runs hand-made guest `code`, loaded at `load_addr` and entered in `mode`:
+    /// 1 vCPU, 16 MiB, no irqchip, only the legacy devices, seccomp off (the caller may be
+    /// a test whose own thread runs the VM). Change fields with struct update syntax.
+    pub fn raw(
+        code: Vec<u8>,
+        load_addr: u64,
+        mode: CpuMode,
+        console: Box<dyn Write + Send>,
+    ) -> Self {
+        MachineSpec {
+            vcpus: 1,
+            memory_mib: 16,
+            boot: BootSource::Raw {
+                code,
+                load_addr,
+                mode,
+            },
+            console,
+            irqchip: false,
+            extra_mmio: Vec::new(),
+            start: Instant::now(),
+            vsock: None,
+            snapshot_on_request: None,
+            boot_done: None,
+            track_dirty_pages: false,
+            seccomp: false,
+            disks: Vec::new(),
+        }
+    }
+
     /// A Linux VM as `config` describes it (in-kernel irqchip, no vsock, no boot hook).
     pub fn from_config(
         config: &crate::config::VmConfig,
