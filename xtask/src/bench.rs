@@ -90,17 +90,28 @@ fn run_benches(filter: Option<&str>) -> Result<Vec<Value>> {
 fn print_table(results: &[Value]) {
     println!();
     println!(
-        "{:<18} {:<8} {:>5} {:>12} {:>12} {:>12}  unit",
+        "{:<22} {:<8} {:>5} {:>12} {:>12} {:>12}  unit",
         "bench", "path", "runs", "median", "min", "max"
     );
     for r in results {
         let Some(fields) = r.as_object() else {
             continue;
         };
+        // The unit is the one with all three of median_, min_ and max_ (other median_
+        // fields are extras, like empty_job's median_boot_ms).
         let unit = fields
             .keys()
-            .find_map(|k| k.strip_prefix("median_"))
+            .filter_map(|k| k.strip_prefix("median_"))
+            .find(|u| {
+                fields.contains_key(&format!("min_{u}")) && fields.contains_key(&format!("max_{u}"))
+            })
             .unwrap_or("?");
+        // Results that share a name say what they measured in `direction` or `root`.
+        let name = r["bench"].as_str().unwrap_or("?");
+        let label = match ["direction", "root"].iter().find_map(|k| r[*k].as_str()) {
+            Some(variant) => format!("{name} ({variant})"),
+            None => name.to_string(),
+        };
         let num = |key: &str| {
             fields
                 .get(&format!("{key}_{unit}"))
@@ -108,8 +119,8 @@ fn print_table(results: &[Value]) {
                 .map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
         };
         println!(
-            "{:<18} {:<8} {:>5} {:>12} {:>12} {:>12}  {unit}",
-            r["bench"].as_str().unwrap_or("?"),
+            "{:<22} {:<8} {:>5} {:>12} {:>12} {:>12}  {unit}",
+            label,
             r["path"].as_str().unwrap_or("?"),
             r["runs"]
                 .as_u64()
