@@ -84,14 +84,30 @@ pub fn save(
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError {
-        index,
-        action: "read",
-        what: "msrs",
-        source: kvm_ioctls::Error::new(libc::E2BIG),
-    })?;
-    let read = fd.get_msrs(&mut msrs).map_err(err("msrs"))?;
-    let msrs = msrs.as_slice()[..read].to_vec();
+    // KVM stops at the first MSR it cannot read. Skip that one (logging it) and read on:
+    // stopping there would silently drop every MSR after it (the TSC deadline and the
+    // kvmclock MSRs among them), and a restored guest would wait for timers that never
+    // fire.
+    let mut saved = Vec::with_capacity(entries.len());
+    let mut rest: &[kvm_msr_entry] = &entries;
+    while !rest.is_empty() {
+        let mut chunk = Msrs::from_entries(rest).map_err(|_| VcpuStateError {
+            index,
+            action: "read",
+            what: "msrs",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let read = fd.get_msrs(&mut chunk).map_err(err("msrs"))?;
+        saved.extend_from_slice(&chunk.as_slice()[..read]);
+        if let Some(refused) = rest.get(read) {
+            tracing::warn!(
+                "vCPU {index}: KVM would not read MSR {:#x}; it is not saved",
+                refused.index
+            );
+        }
+        rest = rest.get(read + 1..).unwrap_or(&[]);
+    }
+    let msrs = saved;
     let vcpu_events = fd.get_vcpu_events().map_err(err("vcpu events"))?;
     let cpuid = fd
         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
