@@ -1,14 +1,41 @@
 //! Driving `kiln` processes from a benchmark: waiting for an API socket, `kiln ctl`
 //! requests, and a guard that kills a process a failed run leaves behind.
 
-use std::path::Path;
-use std::process::{Child, Command};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 /// How long a kiln process may take to serve its API socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
+
+/// Writes the tiny ELF kernel that spins forever into `dir`; returns its path.
+pub fn spin_kernel(dir: &Path) -> Result<PathBuf> {
+    let kernel = dir.join("spin.elf");
+    std::fs::write(
+        &kernel,
+        kiln_tests::tiny_kernel::build_with("", kiln_tests::tiny_kernel::End::Spin),
+    )?;
+    Ok(kernel)
+}
+
+/// Starts `kiln run` of `kernel` (128 MiB, console discarded) serving its control API on
+/// `api`, and waits until the socket is there.
+pub fn start_spinning_vm(kiln: &Path, kernel: &Path, api: &Path) -> Result<Stopper> {
+    let child = Command::new(kiln)
+        .args(["run", "--memory", "128", "--serial", "null", "--kernel"])
+        .arg(kernel)
+        .arg("--api")
+        .arg(api)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting kiln run")?;
+    let child = Stopper::new(child);
+    wait_for_socket(api)?;
+    Ok(child)
+}
 
 pub fn ctl(kiln: &Path, api: &Path, request: &str) -> Result<()> {
     let out = Command::new(kiln)

@@ -11,17 +11,13 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use crate::kiln_process::{ctl, wait_for_socket, Stopper};
+use crate::kiln_process::{ctl, spin_kernel, start_spinning_vm, wait_for_socket, Stopper};
 use crate::stats;
 use crate::vmm_setup::last_json_line;
 
 pub fn run(kiln: &Path, runs: usize) -> Result<Vec<Value>> {
     let dir = kiln_tests::tmp::TempDir::new("bench-restore-direct")?;
-    let kernel = dir.path().join("spin.elf");
-    std::fs::write(
-        &kernel,
-        kiln_tests::tiny_kernel::build_with("", kiln_tests::tiny_kernel::End::Spin),
-    )?;
+    let kernel = spin_kernel(dir.path())?;
     let snapshot = dir.path().join("snap");
     take_snapshot(kiln, &kernel, dir.path(), &snapshot)?;
     let memory_bytes = std::fs::metadata(snapshot.join("memory"))?.len();
@@ -73,17 +69,7 @@ pub fn run(kiln: &Path, runs: usize) -> Result<Vec<Value>> {
 /// Boots the spinning guest with an API socket, snapshots it into `snapshot`, stops it.
 fn take_snapshot(kiln: &Path, kernel: &Path, dir: &Path, snapshot: &Path) -> Result<()> {
     let api = dir.join("original.sock");
-    let child = Command::new(kiln)
-        .args(["run", "--memory", "128", "--serial", "null", "--kernel"])
-        .arg(kernel)
-        .arg("--api")
-        .arg(&api)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting kiln run")?;
-    let child = Stopper::new(child);
-    wait_for_socket(&api)?;
+    let child = start_spinning_vm(kiln, kernel, &api)?;
     let snapshot_arg = snapshot.to_str().context("non-UTF-8 scratch path")?;
     ctl(kiln, &api, &format!("snapshot --dir {snapshot_arg}"))?;
     ctl(kiln, &api, "shutdown")?;

@@ -6,35 +6,20 @@
 //! heap, stacks, and its share of the binary's pages.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use crate::kiln_process::{ctl, wait_for_socket, Stopper};
+use crate::kiln_process::{ctl, spin_kernel, start_spinning_vm};
 use crate::stats;
 
 pub fn run(kiln: &Path, runs: usize) -> Result<Vec<Value>> {
     let dir = kiln_tests::tmp::TempDir::new("bench-vmm-memory")?;
-    let kernel = dir.path().join("spin.elf");
-    std::fs::write(
-        &kernel,
-        kiln_tests::tiny_kernel::build_with("", kiln_tests::tiny_kernel::End::Spin),
-    )?;
+    let kernel = spin_kernel(dir.path())?;
     let (mut overhead, mut rss) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let api = dir.path().join(format!("api-{i}.sock"));
-        let child = Command::new(kiln)
-            .args(["run", "--memory", "128", "--serial", "null", "--kernel"])
-            .arg(&kernel)
-            .arg("--api")
-            .arg(&api)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting kiln run")?;
-        let child = Stopper::new(child);
-        wait_for_socket(&api)?;
+        let child = start_spinning_vm(kiln, &kernel, &api)?;
         // The API answering means the VM is built and running.
         ctl(kiln, &api, "status")?;
         let pid = child.id().context("no pid")?;
