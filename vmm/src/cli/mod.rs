@@ -6,6 +6,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{SerialOutput, VmConfig};
 
+mod snapshot;
+
+pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs};
+
 /// kiln: a microVM monitor for CI jobs.
 ///
 /// Boots a guest kernel in a KVM microVM with a serial console, and reports how the guest
@@ -265,114 +269,6 @@ pub struct RunArgs {
     /// Print a one-line JSON report on stdout when the VM ends: result, boot_ms, exit code.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct CtlArgs {
-    /// The VM's API socket (what `kiln run --api` or `kiln restore --api` was given).
-    #[arg(long, value_name = "PATH")]
-    pub api: PathBuf,
-    /// Give up if the VM has not answered after this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
-    pub timeout: u64,
-    #[command(subcommand)]
-    pub request: CtlRequest,
-}
-
-#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
-pub enum CtlRequest {
-    /// Stop the vCPUs where they are.
-    Pause,
-    /// Let paused vCPUs run again.
-    Resume,
-    /// Print whether the VM runs or is paused, its vCPUs, memory and boot time.
-    Status,
-    /// Stop the VM; `kiln run` then exits 0.
-    Shutdown,
-    /// Write a snapshot of the VM into a directory, pausing it meanwhile.
-    Snapshot {
-        /// The directory (created if needed; must not hold a snapshot already). A
-        /// relative path is taken from this command's working directory.
-        #[arg(long, value_name = "DIR")]
-        dir: PathBuf,
-        /// Leave the VM paused after the snapshot (default: it resumes).
-        #[arg(long)]
-        no_resume: bool,
-        /// Write only the pages changed since the VM's previous snapshot (or the one it
-        /// was restored from); a restore layers it over that one. Needs a VM started with
-        /// --track-dirty-pages.
-        #[arg(long)]
-        diff: bool,
-    },
-}
-
-#[derive(Args, Debug)]
-pub struct RestoreArgs {
-    /// The snapshot directory (holding `state` and `memory`).
-    #[arg(long, value_name = "DIR")]
-    pub snapshot: PathBuf,
-    /// Serve the control API on this Unix socket (as `kiln run --api`).
-    #[arg(long, value_name = "PATH")]
-    pub api: Option<PathBuf>,
-    /// The host side of the restored VM's vsock device: required if the snapshot has one,
-    /// and must not exist yet (each clone needs its own).
-    #[arg(long, value_name = "PATH")]
-    pub vsock: Option<PathBuf>,
-    /// Where the serial console goes: `stdout`, `null` or a file path (appended).
-    #[arg(long, value_name = "stdout|null|PATH", default_value = "stdout")]
-    pub serial: SerialOutput,
-    /// Set the restored guest's hostname (with its clock and entropy, through the agent).
-    /// `kiln fork` gives each clone its own.
-    #[arg(long, value_name = "NAME")]
-    pub hostname: Option<String>,
-    /// Log the pages the guest writes, so that `kiln ctl snapshot --diff` can write a diff
-    /// over this snapshot.
-    #[arg(long)]
-    pub track_dirty_pages: bool,
-    /// Do not confine kiln's threads with seccomp filters (for debugging a filter only).
-    #[arg(long)]
-    pub no_seccomp: bool,
-    #[command(flatten)]
-    pub slot: SlotArgs,
-    /// Give disk N (0 = /dev/vda) of the snapshot this new overlay file (repeatable): the
-    /// snapshot's copy of the disk's overlay is copied there and the clone writes to it.
-    /// Default: a copy in a private runtime directory, removed when the VM ends. Clones of
-    /// one snapshot never share a writable overlay.
-    #[arg(long, value_name = "N=PATH", value_parser = parse_disk_overlay)]
-    pub disk_overlay: Vec<(usize, PathBuf)>,
-    /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
-    #[arg(long)]
-    pub json: bool,
-}
-
-fn parse_disk_overlay(s: &str) -> Result<(usize, PathBuf), String> {
-    let (n, path) = s
-        .split_once('=')
-        .filter(|(_, p)| !p.is_empty())
-        .ok_or_else(|| format!("{s:?}: expected N=PATH, e.g. 0=/run/clone0.overlay"))?;
-    let n = n
-        .parse()
-        .map_err(|e| format!("{s:?}: disk number {n:?}: {e}"))?;
-    Ok((n, PathBuf::from(path)))
-}
-
-#[derive(Args, Debug)]
-pub struct ForkArgs {
-    /// The snapshot directory to clone.
-    #[arg(long, value_name = "DIR")]
-    pub snapshot: PathBuf,
-    /// How many clones to start (1 to 1024).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub count: u32,
-    /// Clone i's vsock socket is P-i (required if the snapshot has a vsock device).
-    #[arg(long, value_name = "P")]
-    pub vsock_prefix: Option<String>,
-    /// Clone i serves its control API on P-i.
-    #[arg(long, value_name = "P")]
-    pub api_prefix: Option<String>,
-    /// Clone i's serial console is appended to the file P-i (default: discarded).
-    #[arg(long, value_name = "P")]
-    pub serial_prefix: Option<String>,
 }
 
 #[derive(Args, Debug)]
