@@ -1,6 +1,7 @@
-//! A tiny ELF "kernel" for the direct path: a few bytes of 64-bit code that `kiln run`
-//! loads like a vmlinux (at 16 MiB, entered in long mode) and that resets the VM through
-//! the i8042 straight away — optionally after marking boot done and printing a line.
+//! Tiny ELF "kernels" for the direct path: a few bytes of 64-bit code that `kiln run`
+//! loads like a vmlinux (at 16 MiB, so the VM needs more memory than that, entered in long
+//! mode) and that reset the VM through the i8042 — straight away, optionally after marking
+//! boot done and printing a line, or after a stream of counted port writes.
 //!
 //! It lets `kiln run` itself, end to end, be tested and benchmarked on a /dev/kvm that
 //! cannot boot Linux.
@@ -49,7 +50,32 @@ pub fn build(message: &str) -> Vec<u8> {
 
 /// As [`build`], ending as `end` says.
 pub fn build_with(message: &str, end: End) -> Vec<u8> {
-    let code = code(message, end);
+    elf(&code(message, end))
+}
+
+/// A guest that writes the low byte of a counter 0, 1, 2, … to COM1, `count` times, then
+/// resets: every exit but the last is a port write, and what it prints shows whether any
+/// write was repeated or lost (see [`counting_output`]).
+pub fn counting(count: u32) -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    code.extend_from_slice(&[0x31, 0xc0]); // xor eax, eax
+    code.push(0xee); // loop: out dx, al
+    code.extend_from_slice(&[0xff, 0xc0]); // inc eax
+    code.push(0x3d); // cmp eax, count
+    code.extend_from_slice(&count.to_le_bytes());
+    code.extend_from_slice(&[0x75, 0xf6]); // jne loop
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
+    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    elf(&code)
+}
+
+/// What [`counting`]`(count)` prints.
+pub fn counting_output(count: u32) -> Vec<u8> {
+    (0..count).map(|i| i.to_le_bytes()[0]).collect()
+}
+
+/// An ELF64 executable with one PT_LOAD segment: the headers, then `code` (the entry).
+fn elf(code: &[u8]) -> Vec<u8> {
     let code_offset = EHDR_SIZE + PHDR_SIZE;
     let file_size = code_offset + code.len() as u64;
     let mut elf = Vec::with_capacity(usize::try_from(file_size).unwrap_or(0));
@@ -78,7 +104,7 @@ pub fn build_with(message: &str, end: End) -> Vec<u8> {
     elf.extend_from_slice(&file_size.to_le_bytes()); // p_filesz
     elf.extend_from_slice(&file_size.to_le_bytes()); // p_memsz
     elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    elf.extend_from_slice(&code);
+    elf.extend_from_slice(code);
     elf
 }
 

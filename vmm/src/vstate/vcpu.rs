@@ -207,6 +207,9 @@ impl Vcpu {
                 Command::Run => {}
                 Command::Stop => break VcpuOutcome::Stopped,
                 Command::Pause => {
+                    if let Some(outcome) = self.complete_pending_io(&shared.buses) {
+                        break outcome;
+                    }
                     let state =
                         vcpu_state::save(&self.fd, self.index, &shared.msr_indices, shared.irqchip)
                             .map_err(|e| e.to_string());
@@ -232,6 +235,37 @@ impl Vcpu {
             }
         };
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        outcome
+    }
+
+    /// Lets KVM finish the port or MMIO access whose exit was just handled, without running
+    /// any further guest instruction. KVM completes such an access (an IN's value into its
+    /// register, RIP past the instruction) only when KVM_RUN is entered again, and keeps
+    /// the half-done access where KVM_GET_REGS cannot see it: state saved before that
+    /// would have a restored guest redo a write, or lose a read whose side effect (a UART
+    /// interrupt acknowledged by reading IIR) already happened. Entering with
+    /// `immediate_exit` set completes the access and returns EINTR at once, as the KVM API
+    /// documentation prescribes before saving state.
+    fn complete_pending_io(&mut self, buses: &Buses) -> Option<VcpuOutcome> {
+        self.fd.set_kvm_immediate_exit(1);
+        let outcome = loop {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break None,
+                // A string instruction may need more than one exit to complete.
+                Ok(exit) => {
+                    if let Some(outcome) = handle_exit(exit, buses) {
+                        break Some(outcome);
+                    }
+                }
+                Err(e) => {
+                    break Some(VcpuOutcome::Fault(format!(
+                        "vCPU {}: KVM_RUN (completing I/O before a pause) failed: {e}",
+                        self.index
+                    )))
+                }
+            }
+        };
+        self.fd.set_kvm_immediate_exit(0);
         outcome
     }
 }
