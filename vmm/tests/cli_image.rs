@@ -1,0 +1,310 @@
+//! `kiln image` and `--image` from the command line, directly (no VM boots): bad input gets
+//! one error line and a non-zero exit, never a panic; an import makes, lists, replaces and
+//! removes an image, and a failed one leaves nothing in the store.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A static ELF every test machine has (busybox-static): enough to stand in for the agent
+/// where only its installation is under test.
+const STATIC_ELF: &str = "/bin/busybox";
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-image-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn kiln<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env_remove("KILN_IMAGE_STORE")
+        .env_remove("KILN_AGENT")
+        .output()
+        .expect("run kiln")
+}
+
+/// Asserts that `kiln ARGS` fails with one error line and no panic; returns that line.
+fn fails<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let out = kiln(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "kiln {args:?} succeeded: {stderr}");
+    assert_ne!(out.status.code(), Some(101), "kiln panicked: {stderr}");
+    assert!(!stderr.contains("panicked"), "kiln panicked: {stderr}");
+    // kiln's own error line (clap's start `error:`); tar's complaints may come before it.
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("kiln: error") || l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+    errors[0].to_string()
+}
+
+fn succeeds<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let out = kiln(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kiln {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A store image directory made by hand, its "filesystem" with or without the ext4 magic.
+fn fake_image(store: &Path, name: &str, ext4: bool) {
+    let dir = store.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut fs = vec![0u8; 64 << 10];
+    if ext4 {
+        fs[1080..1082].copy_from_slice(&[0x53, 0xef]);
+    }
+    std::fs::write(dir.join("rootfs.ext4"), fs).unwrap();
+}
+
+/// A file's contents read out of an ext4 image with e2fsprogs' debugfs.
+fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(image)
+        .output()
+        .expect("run debugfs (e2fsprogs)");
+    out.stdout
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_missing_image_is_named_with_the_ones_there_are() {
+    let store = scratch("missing");
+    let s = store.to_str().unwrap();
+    for cmd in ["run", "job"] {
+        let mut args = vec![cmd, "--kernel", "/dev/null", "--image", "deb", "--store", s];
+        if cmd == "job" {
+            args.extend(["--script", "/dev/null"]);
+        }
+        let line = fails(&args);
+        assert!(
+            line.contains("no image \"deb\"") && line.contains("(none)") && line.contains(s),
+            "{line}"
+        );
+    }
+    fake_image(&store, "alpha", true);
+    fake_image(&store, "beta", true);
+    let line = fails(&[
+        "run",
+        "--kernel",
+        "/dev/null",
+        "--image",
+        "deb",
+        "--store",
+        s,
+    ]);
+    assert!(line.contains("the images there are: alpha, beta"), "{line}");
+    let line = fails(&[
+        "run",
+        "--kernel",
+        "/dev/null",
+        "--image",
+        "../x",
+        "--store",
+        s,
+    ]);
+    assert!(line.contains("is not valid"), "{line}");
+    let line = fails(&["image", "rm", "deb", "--store", s]);
+    assert!(line.contains("no image \"deb\""), "{line}");
+    std::fs::remove_dir_all(store).unwrap();
+}
+
+#[test]
+fn an_image_that_is_not_ext4_is_refused() {
+    let store = scratch("notext4");
+    fake_image(&store, "junk", false);
+    let line = fails(&[
+        "run",
+        "--kernel",
+        "/dev/null",
+        "--image",
+        "junk",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert!(
+        line.contains("image \"junk\"") && line.contains("not an ext4 filesystem"),
+        "{line}"
+    );
+    // With the magic the image is accepted and kiln goes on to the kernel, which is bad.
+    fake_image(&store, "junk", true);
+    let line = fails(&[
+        "run",
+        "--kernel",
+        "/dev/null",
+        "--image",
+        "junk",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert!(!line.contains("image"), "{line}");
+    std::fs::remove_dir_all(store).unwrap();
+}
+
+#[test]
+fn image_flags_that_contradict_are_refused() {
+    let line = fails(&["run", "--kernel", "k", "--image", "a", "--root-disk", "r"]);
+    assert!(line.contains("--root-disk"), "{line}");
+    fails(&["run", "--kernel", "k", "--store", "/s"]);
+    let out = kiln(&["run", "--kernel", "k", "--store", "/s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--image"), "{stderr}");
+}
+
+#[test]
+fn builders_refuse_a_bad_agent_before_any_work() {
+    let store = scratch("agent");
+    let s = store.to_str().unwrap();
+    let line = fails(&[
+        "image",
+        "build",
+        "--name",
+        "x",
+        "--store",
+        s,
+        "--agent",
+        "/nonexistent/agent",
+    ]);
+    assert!(
+        line.contains("/nonexistent/agent") && line.contains("--agent"),
+        "{line}"
+    );
+    // The test binary itself is dynamically linked.
+    let me = std::env::current_exe().unwrap();
+    let line = fails(&[
+        "image",
+        "import",
+        "--name",
+        "x",
+        "--store",
+        s,
+        "--agent",
+        me.to_str().unwrap(),
+        "/dev/null",
+    ]);
+    assert!(line.contains("dynamically linked"), "{line}");
+    let line = fails(&[
+        "image",
+        "import",
+        "--name",
+        "no/pe",
+        "--store",
+        s,
+        "--agent",
+        STATIC_ELF,
+        "/dev/null",
+    ]);
+    assert!(
+        line.contains("not valid") || line.contains("needs root"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&store).unwrap().count(),
+        0,
+        "the store was written"
+    );
+    std::fs::remove_dir_all(store).unwrap();
+}
+
+#[test]
+fn import_makes_lists_replaces_and_removes_an_image() {
+    let dir = scratch("import");
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+    let not_tar = dir.join("not.tar");
+    std::fs::write(&not_tar, "this is not a tarball\n".repeat(100)).unwrap();
+    let import = |name: &str, tar: &Path, force: bool| {
+        let mut args = vec![
+            "image", "import", "--name", name, "--store", s, "--agent", STATIC_ELF,
+        ];
+        if force {
+            args.push("--force");
+        }
+        args.push(tar.to_str().unwrap());
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    if !is_root() {
+        let line = fails(&import("t", &not_tar, false));
+        assert!(line.contains("needs root"), "{line}");
+        return;
+    }
+    let line = fails(&import("t", &not_tar, false));
+    assert!(
+        line.contains("extracting") && line.contains("tar archive"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&store).unwrap().count(),
+        0,
+        "a failed import left {:?}",
+        std::fs::read_dir(&store).unwrap().collect::<Vec<_>>()
+    );
+
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/marker"), "imported\n").unwrap();
+    let tar = dir.join("rootfs.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&tree)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    succeeds(&import("t", &tar, false));
+    let line = fails(&import("t", &tar, false));
+    assert!(
+        line.contains("already exists") && line.contains("--force"),
+        "{line}"
+    );
+    succeeds(&import("t", &tar, true));
+
+    let table = succeeds(&["image", "ls", "--store", s]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("t "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("MiB") && row.contains("import"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&succeeds(&["image", "ls", "--json", "--store", s])).unwrap();
+    let image = &json[0];
+    assert_eq!(image["name"], "t");
+    let rootfs = PathBuf::from(image["path"].as_str().unwrap());
+    let bytes = std::fs::read(&rootfs).unwrap();
+    assert_eq!(&bytes[1080..1082], &[0x53, 0xef], "not ext4");
+    assert_eq!(image["size_bytes"].as_u64(), Some(bytes.len() as u64));
+    assert_eq!(image["sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(image["source"]["kind"], "import");
+    assert_eq!(debugfs_cat(&rootfs, "/etc/marker"), b"imported\n");
+    let agent = debugfs_cat(&rootfs, "/sbin/kiln-agent");
+    assert_eq!(
+        agent,
+        std::fs::read(STATIC_ELF).unwrap(),
+        "the agent is not /sbin/kiln-agent"
+    );
+    // Only the finished image is in the store: no staging or replaced directories.
+    let entries: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(entries, ["t"], "{entries:?}");
+
+    succeeds(&["image", "rm", "t", "--store", s]);
+    assert_eq!(
+        succeeds(&["image", "ls", "--json", "--store", s]).trim(),
+        "[]"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
