@@ -224,7 +224,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "PATH[,OPTS]")]
     pub root_disk: Option<crate::disk::DiskConfig>,
     /// Boot from image NAME of the image store (see `kiln image`): its ext4 file as the
-    /// root disk, which `kiln job` gives a temporary copy-on-write overlay.
+    /// root disk, never written: the VM's writes go to a temporary copy-on-write overlay.
     #[arg(long, value_name = "NAME", conflicts_with = "root_disk")]
     pub image: Option<String>,
     /// The image store for --image. Default: $KILN_IMAGE_STORE, else /var/lib/kiln/images.
