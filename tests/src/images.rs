@@ -63,20 +63,27 @@ pub fn debian(
 ) -> Result<StoreImage> {
     let agent = std::fs::read(&bins.kiln_agent)
         .with_context(|| format!("reading {}", bins.kiln_agent.display()))?;
-    let mut key = Sha256::new();
-    key.update(format!("{suite}\0{}\0{size_mib:?}\0", packages.join(",")));
-    key.update(&agent);
-    let hex: String = key.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    // Named by what it is made of (suite, packages, size) and then by the agent it holds,
+    // so that a new agent replaces the older builds of the same recipe in the cache.
+    let recipe = short_hash(format!("{suite}\0{}\0{size_mib:?}", packages.join(",")).as_bytes());
+    let prefix = format!("debian-{suite}-{recipe}-");
     let image = StoreImage {
         store: cache_store(),
-        name: format!("debian-{suite}-{hex}"),
+        name: format!("{prefix}{}", short_hash(&agent)),
         build_secs: None,
     };
     if image.dir().join("image.json").is_file() {
         return Ok(image);
+    }
+    for old in std::fs::read_dir(&image.store)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if old.file_name().to_string_lossy().starts_with(&prefix) {
+            std::fs::remove_dir_all(old.path())
+                .with_context(|| format!("removing the stale {}", old.path().display()))?;
+        }
     }
     ensure_debootstrap()?;
     let mut cmd = Command::new(&bins.kiln);
@@ -117,6 +124,14 @@ pub fn import(
         name: name.to_string(),
         build_secs: Some(secs),
     })
+}
+
+/// The first 8 bytes of a SHA-256, hex.
+fn short_hash(data: &[u8]) -> String {
+    Sha256::digest(data)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn run(mut cmd: Command, what: &str) -> Result<f64> {
