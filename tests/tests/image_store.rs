@@ -153,3 +153,43 @@ fn image_import_of_a_tarball_boots_and_runs_a_job() -> Result<()> {
     );
     Ok(())
 }
+
+/// `kiln-gitlab` (issue 5's driver part): a job whose `CI_JOB_IMAGE` names an image of
+/// kiln's store, not a kernel image directory, runs its stages in a VM booted from it.
+#[test]
+fn image_gitlab_job_boots_a_store_image() -> Result<()> {
+    use kiln_tests::gitlab_harness::{Job, HARNESS};
+    let bins = kiln_tests::artifacts::static_binaries()?;
+    let image = images::debian(&bins, "bookworm", &["bash", "git", "ca-certificates"], None)?;
+    let job = Job::new("deb", 301).var("CI_JOB_IMAGE", &image.name).stage(
+        "build_script",
+        &[
+            "git --version",
+            "echo \"debian=$(cat /etc/debian_version) bash=${BASH_VERSION%%.*}\"",
+        ],
+    );
+    let script = format!(
+        "{}{HARNESS}{}",
+        kiln_tests::shell::PRELUDE,
+        r#"
+gl_setup
+echo "image_store = \"$FILES/store\"" >> "$KILN_GITLAB_CONFIG"
+gl_job deb
+gl_log deb
+"#
+    );
+    let mut files = image.files("store")?;
+    files.extend(job.files());
+    let out = runner_for_images()?.run(&script, &files, Duration::from_secs(600))?;
+    let c = &out.console;
+    ensure!(value(c, "GL-EXIT-deb") == Some("0"), "the job failed: {c}");
+    ensure!(
+        c.contains("git version 2.") && c.contains("debian=12."),
+        "the build_script's output is not in the log: {c}"
+    );
+    ensure!(
+        c.contains(&format!("booted image \"{}\"", image.name)),
+        "prepare did not say which image it booted: {c}"
+    );
+    Ok(())
+}

@@ -7,6 +7,7 @@
 //! mounts it as `/` and runs [`crate::disk::ROOT_INIT`], the agent, as PID 1.
 
 pub mod build;
+mod cleanup;
 pub mod import;
 pub mod rootfs;
 pub mod store;

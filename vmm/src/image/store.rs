@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::cleanup::{process_alive, remove_tree};
 use super::{check_name, ImageError, ImageMeta, META_FILE, ROOTFS_FILE};
 
 /// The store used when neither `--store` nor `$KILN_IMAGE_STORE` names one.
@@ -140,6 +141,7 @@ impl Store {
         }
         std::fs::create_dir_all(&self.dir)
             .map_err(ImageError::io("cannot create the image store", &self.dir))?;
+        self.remove_stale();
         let dir = self
             .dir
             .join(format!("{STAGING_PREFIX}{name}-{}", std::process::id()));
@@ -154,6 +156,25 @@ impl Store {
             force,
             committed: false,
         })
+    }
+
+    /// Removes what builds and removals killed half-way left behind: hidden staging,
+    /// replaced and removing directories whose process (the pid ending their name) is gone.
+    fn remove_stale(&self) {
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = [STAGING_PREFIX, ".replaced-", ".removing-"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            let pid = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+            if let (true, Some(pid)) = (ours, pid) {
+                if !process_alive(pid) {
+                    if let Err(e) = remove_tree(&entry.path()) {
+                        tracing::warn!("cannot remove the stale {name}: {e}");
+                    }
+                }
+            }
+        }
     }
 
     fn exists(&self, name: &str) -> ImageError {
@@ -231,49 +252,6 @@ impl Drop for Staging {
     }
 }
 
-/// Removes a directory tree, first unmounting whatever is mounted below it: a debootstrap
-/// that failed half-way can leave the target's /proc or /sys mounted, and deleting through
-/// those would reach the host's.
-pub(crate) fn remove_tree(dir: &Path) -> Result<(), ImageError> {
-    for mount in mounts_below(dir) {
-        let Ok(c) = std::ffi::CString::new(mount.into_os_string().into_encoded_bytes()) else {
-            continue;
-        };
-        // SAFETY: umount2 only reads the NUL-terminated path, alive across the call.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-    if !mounts_below(dir).is_empty() {
-        return Err(ImageError::Io {
-            what: "cannot unmount what is mounted below",
-            path: dir.to_owned(),
-            source: std::io::Error::from(std::io::ErrorKind::ResourceBusy),
-        });
-    }
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(ImageError::io("cannot remove", dir)(e))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Mount points at or below `dir`, deepest first (from /proc/self/mounts).
-fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let Ok(dir) = dir.canonicalize() else {
-        return Vec::new();
-    };
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut below: Vec<PathBuf> = mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        // /proc/self/mounts writes a space in a path as \040.
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(&dir))
-        .collect();
-    below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    below
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +322,28 @@ mod tests {
         let names: Vec<_> = store.list().into_iter().map(|l| l.name).collect();
         assert_eq!(names, ["bad"]);
         assert!(store.rootfs("../etc").is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn what_a_killed_build_left_is_removed_by_the_next() {
+        let dir = scratch("stale");
+        let store = Store::locate(Some(&dir));
+        // No process has pid i32::MAX; this process is alive.
+        let dead = dir.join(format!(".staging-x-{}", i32::MAX));
+        let live = dir.join(format!(".staging-y-{}", std::process::id()));
+        for d in [&dead, &live] {
+            std::fs::create_dir_all(d.join("rootfs/etc")).unwrap();
+        }
+        make(&store, "z", false, true).unwrap();
+        assert!(
+            !dead.exists(),
+            "the dead build's staging directory was kept"
+        );
+        assert!(
+            live.exists(),
+            "a live build's staging directory was removed"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
