@@ -308,3 +308,49 @@ fn import_makes_lists_replaces_and_removes_an_image() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// SIGTERM during an import: kiln stops at its next step and leaves nothing in the store.
+/// The tarball is a FIFO, so the test knows when kiln is reading it (its open for writing
+/// returns then) without guessing at timing: it signals kiln, then lets the read end.
+#[test]
+fn an_interrupted_import_leaves_nothing() {
+    if !is_root() {
+        return; // import refuses to start without root (tested above).
+    }
+    let dir = scratch("interrupt");
+    let store = dir.join("store");
+    let fifo = dir.join("rootfs.tar");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo only reads the NUL-terminated path, alive across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "image", "import", "--name", "t", "--agent", STATIC_ELF, "--store",
+        ])
+        .arg(&store)
+        .arg(&fifo)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Returns once kiln has the tarball open to hash it: its signal handlers are in place.
+    let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill only sends a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    drop(writer);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted by signal 15"),
+        "kiln did not say it was interrupted: {stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&store)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "the interrupted import left {left:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -51,6 +51,7 @@ fn made(
     builder: impl FnOnce(&Store) -> Result<(std::path::PathBuf, ImageMeta), crate::image::ImageError>,
 ) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
+    crate::image::interrupt::install()?;
     let store = Store::locate(make.store.store.as_deref());
     let (dir, meta) = builder(&store)?;
     let secs = start.elapsed().as_secs_f64();

@@ -9,6 +9,7 @@
 pub mod build;
 mod cleanup;
 pub mod import;
+pub mod interrupt;
 pub mod rootfs;
 pub mod store;
 
@@ -69,6 +70,10 @@ pub enum ImageError {
         status: std::process::ExitStatus,
         hint: String,
     },
+    #[error("cannot catch signals during the build: {0}")]
+    Signals(std::io::Error),
+    #[error("interrupted by signal {0}; the unfinished image was removed")]
+    Interrupted(i32),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -174,11 +179,11 @@ pub(crate) fn run_tool(
     what: String,
     hint: &str,
 ) -> Result<(), ImageError> {
+    interrupt::check()?;
     let program = PathBuf::from(cmd.get_program());
-    let status = cmd
-        .stdout(std::process::Stdio::from(std::io::stderr()))
-        .status()
-        .map_err(ImageError::io("cannot run", &program))?;
+    cmd.stdout(std::process::Stdio::from(std::io::stderr()));
+    let status = interrupt::wait_for(&mut cmd).map_err(ImageError::io("cannot run", &program))?;
+    interrupt::check()?;
     if status.success() {
         Ok(())
     } else {

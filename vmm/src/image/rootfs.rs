@@ -174,10 +174,13 @@ pub fn finish(
 ) -> Result<(PathBuf, ImageMeta), ImageError> {
     let tree = staging.tree();
     let agent_sha256 = install_agent(&tree, agent)?;
+    super::interrupt::check()?;
     let size = tree_size(&tree)?;
     let size_mib = size_mib.unwrap_or_else(|| auto_size_mib(size));
     let ext4 = staging.ext4();
     pack(&tree, &ext4, size_mib, size)?;
+    let sha256 = sha256_file(&ext4)?;
+    super::interrupt::check()?;
     let meta = ImageMeta {
         version: META_VERSION,
         name: name.to_string(),
@@ -189,7 +192,7 @@ pub fn finish(
             .map_err(ImageError::io("cannot read", &ext4))?
             .len(),
         content_bytes: size.bytes,
-        sha256: sha256_file(&ext4)?,
+        sha256,
         agent_sha256,
     };
     let dir = staging.commit(&meta)?;
