@@ -38,6 +38,9 @@ impl Store {
             .or_else(|| std::env::var_os(STORE_ENV).map(PathBuf::from))
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE));
+        // Absolute, so that the paths it hands out (to `ls --json`, to a VM's disk) mean
+        // the same from any working directory.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         Store { dir }
     }
 
