@@ -1,6 +1,7 @@
 //! Store images in the test bed (issue 5): a Debian image made by `kiln image build`
 //! (debootstrap on the host, cached) and a busybox image made by `kiln image import` of a
-//! tarball each boot with `kiln job --image NAME --store DIR` and run a job.
+//! tarball each boot with `kiln job --image NAME --store DIR` and run a job; and a GitLab
+//! job through `kiln-gitlab` whose `CI_JOB_IMAGE` names the Debian store image.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -180,8 +181,13 @@ gl_log deb
     );
     let mut files = image.files("store")?;
     files.extend(job.files());
+    let started = Instant::now();
     let out = runner_for_images()?.run(&script, &files, Duration::from_secs(600))?;
+    eprintln!("test-bed run took {:.1} s", started.elapsed().as_secs_f64());
     let c = &out.console;
+    if let Some(line) = c.lines().find(|l| l.contains("kiln-gitlab: booted image")) {
+        eprintln!("{}", line.trim());
+    }
     ensure!(value(c, "GL-EXIT-deb") == Some("0"), "the job failed: {c}");
     ensure!(
         c.contains("git version 2.") && c.contains("debian=12."),

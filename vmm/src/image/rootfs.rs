@@ -222,6 +222,33 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_goes_into_the_tree_through_absolute_symlinks() {
+        let tree = std::env::temp_dir().join(format!("kiln-agent-tree-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tree);
+        std::fs::create_dir_all(tree.join("usr/sbin")).unwrap();
+        std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+        // As some container images have them: absolute, meaning the guest's /usr.
+        std::os::unix::fs::symlink("/usr/sbin", tree.join("sbin")).unwrap();
+        std::os::unix::fs::symlink("/usr/bin", tree.join("bin")).unwrap();
+        let agent = tree.join("agent");
+        std::fs::write(&agent, b"agent-bytes").unwrap();
+        let sha = install_agent(&tree, &agent).unwrap();
+        assert_eq!(sha.len(), 64);
+        assert_eq!(
+            std::fs::read(tree.join("usr/sbin/kiln-agent")).unwrap(),
+            b"agent-bytes"
+        );
+        assert_eq!(
+            std::fs::read_link(tree.join("usr/bin/kiln-snapshot")).unwrap(),
+            Path::new(ROOT_INIT)
+        );
+        for dir in ["proc", "sys", "dev", "tmp", "run"] {
+            assert!(tree.join(dir).is_dir(), "{dir}");
+        }
+        std::fs::remove_dir_all(tree).unwrap();
+    }
+
+    #[test]
     fn auto_size_leaves_room() {
         let size = TreeSize {
             bytes: 100 * MIB,
