@@ -354,3 +354,47 @@ fn an_interrupted_import_leaves_nothing() {
     assert!(left.is_empty(), "the interrupted import left {left:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Building and importing need root: anyone else gets one line saying so, before any work.
+#[test]
+fn builders_say_they_need_root() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        let line = fails(&["image", "build", "--name", "x", "--agent", STATIC_ELF]);
+        assert!(line.contains("needs root"), "{line}");
+        return;
+    }
+    let store = scratch("notroot");
+    let s = store.to_str().unwrap();
+    for args in [
+        vec![
+            "image", "build", "--name", "x", "--agent", STATIC_ELF, "--store", s,
+        ],
+        vec![
+            "image",
+            "import",
+            "--name",
+            "x",
+            "--agent",
+            STATIC_ELF,
+            "--store",
+            s,
+            "/dev/null",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run kiln as nobody");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("needs root") && stderr.contains("sudo"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0);
+    std::fs::remove_dir_all(store).unwrap();
+}

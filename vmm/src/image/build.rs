@@ -44,6 +44,7 @@ pub fn build(store: &Store, spec: &BuildSpec) -> Result<(PathBuf, ImageMeta), Im
         "debootstrap chroots into the new tree and creates its device nodes and root-owned files",
     )?;
     let debootstrap = find_tool("debootstrap", "debootstrap")?;
+    rootfs::mkfs()?;
     for p in &spec.packages {
         if p.is_empty()
             || !p

@@ -25,6 +25,7 @@ pub fn import(store: &Store, spec: &ImportSpec) -> Result<(PathBuf, ImageMeta), 
         "the archive's owners, modes and device nodes are kept only when root extracts it",
     )?;
     let tar = find_tool("tar", "tar")?;
+    rootfs::mkfs()?;
     let tarball = absolute(&spec.tarball)?;
     if tarball.is_dir() {
         return Err(ImageError::Io {

@@ -140,10 +140,16 @@ pub fn auto_size_mib(size: TreeSize) -> u64 {
     (need + need / 100 * 15).div_ceil(MIB) + 32
 }
 
+/// `mkfs.ext4`, looked up before a build starts so that a machine without it fails at
+/// once rather than after the download.
+pub fn mkfs() -> Result<PathBuf, ImageError> {
+    find_tool("mkfs.ext4", "e2fsprogs")
+}
+
 /// Packs `tree` into a new ext4 file `out` of `size_mib` MiB (with room for the tree's
 /// inodes: mkfs's default of one per 16 KiB runs out on a tree of small files).
 pub fn pack(tree: &Path, out: &Path, size_mib: u64, size: TreeSize) -> Result<(), ImageError> {
-    let mkfs = find_tool("mkfs.ext4", "e2fsprogs")?;
+    let mkfs = mkfs()?;
     let inodes = size.inodes + size.inodes / 5 + 4096;
     let mut cmd = Command::new(&mkfs);
     cmd.args(["-q", "-F", "-m", "0", "-E", "root_owner=0:0"])
