@@ -63,16 +63,25 @@ fn made(
         meta.content_bytes as f64 / MIB,
     );
     if make.json {
-        let mut value = serde_json::to_value(&meta)?;
-        value["path"] = dir
-            .join(crate::image::ROOTFS_FILE)
-            .display()
-            .to_string()
-            .into();
+        let mut value = image_json(Some(&meta), &meta.name, &dir);
         value["build_secs"] = secs.into();
         println!("{value}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An image's metadata as JSON with the path of its ext4 file (what a VM boots) added.
+fn image_json(meta: Option<&ImageMeta>, name: &str, dir: &std::path::Path) -> serde_json::Value {
+    let mut value = match meta {
+        Some(meta) => serde_json::to_value(meta).unwrap_or_default(),
+        None => serde_json::json!({"name": name, "error": "unreadable image.json"}),
+    };
+    value["path"] = dir
+        .join(crate::image::ROOTFS_FILE)
+        .display()
+        .to_string()
+        .into();
+    value
 }
 
 fn list(args: &LsArgs) -> anyhow::Result<ExitCode> {
@@ -81,15 +90,7 @@ fn list(args: &LsArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         let rows: Vec<serde_json::Value> = images
             .iter()
-            .map(|l| {
-                let path = store.dir().join(&l.name).join(crate::image::ROOTFS_FILE);
-                let mut row = match &l.meta {
-                    Some(meta) => serde_json::to_value(meta).unwrap_or_default(),
-                    None => serde_json::json!({"name": l.name, "error": "unreadable image.json"}),
-                };
-                row["path"] = path.display().to_string().into();
-                row
-            })
+            .map(|l| image_json(l.meta.as_ref(), &l.name, &store.dir().join(&l.name)))
             .collect();
         println!("{}", serde_json::Value::Array(rows));
         return Ok(ExitCode::SUCCESS);
