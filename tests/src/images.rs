@@ -61,6 +61,10 @@ pub fn debian(
     packages: &[&str],
     size_mib: Option<u64>,
 ) -> Result<StoreImage> {
+    // One build at a time in this process: tests that want the same image wait for it
+    // instead of running debootstrap twice.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let agent = std::fs::read(&bins.kiln_agent)
         .with_context(|| format!("reading {}", bins.kiln_agent.display()))?;
     // Named by what it is made of (suite, packages, size) and then by the agent it holds,
@@ -98,11 +102,15 @@ pub fn debian(
     if let Some(mib) = size_mib {
         cmd.arg("--size").arg(mib.to_string());
     }
-    let secs = run(cmd, "kiln image build")?;
-    Ok(StoreImage {
-        build_secs: Some(secs),
-        ..image
-    })
+    match run(cmd, "kiln image build") {
+        Ok(secs) => Ok(StoreImage {
+            build_secs: Some(secs),
+            ..image
+        }),
+        // Another process built it meanwhile (kiln refuses to overwrite it): use theirs.
+        Err(_) if image.dir().join("image.json").is_file() => Ok(image),
+        Err(e) => Err(e),
+    }
 }
 
 /// `kiln image import` of `tarball` as `name` into `store`.

@@ -128,9 +128,7 @@ impl Store {
     /// once), then deleted.
     pub fn remove(&self, name: &str) -> Result<(), ImageError> {
         let dir = self.image_dir(name)?;
-        let doomed = self
-            .dir
-            .join(format!(".removing-{name}-{}", std::process::id()));
+        let doomed = self.hidden_path(".removing-", name);
         std::fs::rename(&dir, &doomed).map_err(ImageError::io("cannot remove", &dir))?;
         std::fs::remove_dir_all(&doomed).map_err(ImageError::io("cannot remove", &doomed))
     }
@@ -145,9 +143,7 @@ impl Store {
         std::fs::create_dir_all(&self.dir)
             .map_err(ImageError::io("cannot create the image store", &self.dir))?;
         self.remove_stale();
-        let dir = self
-            .dir
-            .join(format!("{STAGING_PREFIX}{name}-{}", std::process::id()));
+        let dir = self.hidden_path(STAGING_PREFIX, name);
         if dir.exists() {
             remove_tree(&dir)?;
         }
@@ -178,6 +174,15 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// A new hidden path `<prefix><name>-<n>-<pid>` in the store, unique within this
+    /// process too (tests build concurrently); the pid comes last for `remove_stale`.
+    fn hidden_path(&self, prefix: &str, name: &str) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dir
+            .join(format!("{prefix}{name}-{n}-{}", std::process::id()))
     }
 
     fn exists(&self, name: &str) -> ImageError {
@@ -221,10 +226,7 @@ impl Staging {
         let json = serde_json::to_vec_pretty(meta).unwrap_or_default();
         std::fs::write(&meta_path, json).map_err(ImageError::io("cannot write", &meta_path))?;
         let target = self.store.dir.join(&self.name);
-        let old = self
-            .store
-            .dir
-            .join(format!(".replaced-{}-{}", self.name, std::process::id()));
+        let old = self.store.hidden_path(".replaced-", &self.name);
         let replacing = target.exists();
         if replacing {
             if !self.force {
