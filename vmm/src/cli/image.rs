@@ -46,7 +46,7 @@ pub struct StoreArg {
 /// What both builders take besides their source.
 #[derive(Args, Debug)]
 pub struct MakeArgs {
-    /// The image's name in the store (letters, digits, `-`, `_`, `.`).
+    /// The image's name in the store (letters, digits, `-`, `_`, `.`, `:`).
     #[arg(long, value_name = "NAME")]
     pub name: String,
     /// The filesystem's size in MiB. Default: what the files need plus 15 % and 32 MiB.

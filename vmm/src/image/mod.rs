@@ -30,8 +30,8 @@ pub const META_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(
-        "image name {0:?} is not valid: use 1 to 64 letters, digits, `-`, `_` and `.`, \
-         starting with a letter or digit"
+        "image name {0:?} is not valid: use 1 to 64 letters, digits, `-`, `_`, `.` and `:` \
+         (as in debian:bookworm, what a CI job's `image:` says), starting with a letter or digit"
     )]
     BadName(String),
     #[error("no image {name:?} in the store {store}; the images there are: {available} (make one with `kiln image build --name {name}` or `kiln image import`)")]
@@ -136,13 +136,15 @@ pub struct ImageMeta {
     pub agent_sha256: String,
 }
 
-/// Checks that `name` can be a directory in the store (and cannot climb out of it).
+/// Checks that `name` can be a directory in the store (and cannot climb out of it). The
+/// characters are those `kiln-gitlab` accepts in `CI_JOB_IMAGE`, so that a job's `image:
+/// debian:bookworm` can name a store image.
 pub fn check_name(name: &str) -> Result<(), ImageError> {
     let ok = (1..=64).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
     if ok {
         Ok(())
     } else {
@@ -214,7 +216,7 @@ mod tests {
 
     #[test]
     fn names_stay_inside_the_store() {
-        for good in ["deb", "bookworm-git", "a.b_c-1", "9"] {
+        for good in ["deb", "bookworm-git", "a.b_c-1", "9", "debian:bookworm"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
         for bad in [
