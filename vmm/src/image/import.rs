@@ -34,8 +34,9 @@ pub fn import(store: &Store, spec: &ImportSpec) -> Result<(PathBuf, ImageMeta), 
             source: std::io::Error::from(std::io::ErrorKind::IsADirectory),
         });
     }
-    let sha256 = sha256_file(&tarball)?;
+    // The name is checked before the (possibly long) read of the tarball.
     let staging = store.stage(&spec.name, spec.force)?;
+    let sha256 = sha256_file(&tarball)?;
     let tree = staging.tree();
     std::fs::create_dir(&tree).map_err(ImageError::io("cannot create", &tree))?;
     let mut cmd = Command::new(tar);
