@@ -33,34 +33,15 @@ pub fn locate_agent(flag: Option<&Path>) -> Result<PathBuf, ImageError> {
         reason,
     };
     let elf = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
-    match elf_interpreter(&elf) {
-        None => Err(bad("not an x86-64 ELF executable".into())),
-        Some(true) => Err(bad(
-            "dynamically linked (it has an ELF interpreter), but the image may have no \
-             C library for it"
+    if kiln_agent::binary::is_static_elf(&elf) {
+        Ok(path)
+    } else {
+        Err(bad(
+            "not a static x86-64 ELF executable (a dynamically linked one needs a C library \
+             the image may not have)"
                 .into(),
-        )),
-        Some(false) => Ok(path),
+        ))
     }
-}
-
-/// For a 64-bit little-endian ELF, whether it has a PT_INTERP program header (is
-/// dynamically linked); `None` for anything else.
-fn elf_interpreter(elf: &[u8]) -> Option<bool> {
-    const PT_INTERP: u32 = 3;
-    if elf.get(..6)? != b"\x7fELF\x02\x01" {
-        return None;
-    }
-    let u16_at = |at: usize| Some(u16::from_le_bytes(elf.get(at..at + 2)?.try_into().ok()?));
-    let phoff = usize::try_from(u64::from_le_bytes(elf.get(0x20..0x28)?.try_into().ok()?)).ok()?;
-    let (phentsize, phnum) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
-    let mut has_interp = false;
-    for i in 0..phnum {
-        let at = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        let kind = u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?);
-        has_interp |= kind == PT_INTERP;
-    }
-    Some(has_interp)
 }
 
 /// Puts the agent at [`ROOT_INIT`] (replacing whatever is there) with `kiln-snapshot`
@@ -208,24 +189,6 @@ pub fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn static_and_dynamic_elves_are_told_apart() {
-        // This test binary is dynamically linked unless built with crt-static.
-        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert!(elf_interpreter(&me).is_some());
-        assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None);
-        assert_eq!(elf_interpreter(b"\x7fELF\x02\x01"), None, "truncated");
-        let mut tiny = vec![0u8; 0x40 + 56];
-        tiny[..6].copy_from_slice(b"\x7fELF\x02\x01");
-        tiny[0x20] = 0x40;
-        tiny[0x36] = 56;
-        tiny[0x38] = 1;
-        tiny[0x40] = 1; // PT_LOAD
-        assert_eq!(elf_interpreter(&tiny), Some(false));
-        tiny[0x40] = 3; // PT_INTERP
-        assert_eq!(elf_interpreter(&tiny), Some(true));
-    }
 
     #[test]
     fn the_agent_goes_into_the_tree_through_absolute_symlinks() {
