@@ -176,6 +176,9 @@ fn image_gitlab_job_boots_a_store_image() -> Result<()> {
 gl_setup
 echo "image_store = \"$FILES/store\"" >> "$KILN_GITLAB_CONFIG"
 gl_job deb
+# kiln run's overlay for the store image lives in a runtime dir ($TMPDIR) that must go
+# with the VM.
+echo "GL-RUNDIR-LEFT=$(find /tmp -name 'kiln-run-*' | wc -l)"
 gl_log deb
 "#
     );
@@ -192,6 +195,10 @@ gl_log deb
     ensure!(
         c.contains("git version 2.") && c.contains("debian=12."),
         "the build_script's output is not in the log: {c}"
+    );
+    ensure!(
+        value(c, "GL-RUNDIR-LEFT") == Some("0"),
+        "the VM's runtime directory (with the image's overlay) was left behind: {c}"
     );
     ensure!(
         c.contains(&format!("booted image \"{}\"", image.name)),
