@@ -25,6 +25,12 @@ pub struct ConfigFile {
     pub images_dir: Option<PathBuf>,
     /// The image of jobs that name none. Default `default`.
     pub default_image: Option<String>,
+    /// The kiln image store (`kiln image build|import`), where a `CI_JOB_IMAGE` that is
+    /// not in `images_dir` is looked up and booted as the root disk. Default
+    /// `$KILN_IMAGE_STORE`, else `/var/lib/kiln/images`.
+    pub image_store: Option<PathBuf>,
+    /// The kernel that boots store images. Default `<images_dir>/<default_image>/kernel`.
+    pub image_kernel: Option<PathBuf>,
     /// Named snapshots. Default `/var/lib/kiln-gitlab/snapshots`.
     pub snapshot_dir: Option<PathBuf>,
     /// Guest memory in MiB. Default 512.
@@ -50,6 +56,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub images_dir: PathBuf,
     pub default_image: String,
+    pub image_store: PathBuf,
+    pub image_kernel: PathBuf,
     pub snapshot_dir: PathBuf,
     pub memory_mib: u64,
     pub vcpus: u64,
@@ -86,13 +94,22 @@ impl Config {
             .or_else(|| env.state_dir.clone())
             .or_else(|| env.xdg_runtime_dir.as_ref().map(|d| d.join("kiln-gitlab")))
             .unwrap_or_else(|| "/run/kiln-gitlab".into());
+        let images_dir = f
+            .images_dir
+            .unwrap_or_else(|| "/var/lib/kiln-gitlab/images".into());
+        let default_image = f.default_image.unwrap_or_else(|| "default".into());
         Config {
             kiln: f.kiln.unwrap_or_else(|| default_kiln(env.exe.as_deref())),
             state_dir,
-            images_dir: f
-                .images_dir
-                .unwrap_or_else(|| "/var/lib/kiln-gitlab/images".into()),
-            default_image: f.default_image.unwrap_or_else(|| "default".into()),
+            image_store: f
+                .image_store
+                .or_else(|| env.image_store.clone())
+                .unwrap_or_else(|| "/var/lib/kiln/images".into()),
+            image_kernel: f
+                .image_kernel
+                .unwrap_or_else(|| images_dir.join(&default_image).join("kernel")),
+            images_dir,
+            default_image,
             snapshot_dir: f
                 .snapshot_dir
                 .unwrap_or_else(|| "/var/lib/kiln-gitlab/snapshots".into()),
@@ -112,6 +129,7 @@ impl Config {
 pub struct Env {
     pub state_dir: Option<PathBuf>,
     pub xdg_runtime_dir: Option<PathBuf>,
+    pub image_store: Option<PathBuf>,
     pub exe: Option<PathBuf>,
 }
 
@@ -125,6 +143,7 @@ impl Env {
         Env {
             state_dir: dir("KILN_GITLAB_STATE_DIR"),
             xdg_runtime_dir: dir("XDG_RUNTIME_DIR"),
+            image_store: dir("KILN_IMAGE_STORE"),
             exe: std::env::current_exe().ok(),
         }
     }
@@ -156,6 +175,11 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/run/kiln-gitlab"));
         assert_eq!(c.kiln, PathBuf::from("kiln"));
         assert_eq!((c.memory_mib, c.vcpus, c.shell.as_str()), (512, 1, "bash"));
+        assert_eq!(c.image_store, PathBuf::from("/var/lib/kiln/images"));
+        assert_eq!(
+            c.image_kernel,
+            PathBuf::from("/var/lib/kiln-gitlab/images/default/kernel")
+        );
         let env = Env {
             xdg_runtime_dir: Some("/run/user/7".into()),
             ..Env::default()

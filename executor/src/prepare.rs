@@ -37,11 +37,13 @@ pub fn source(config: &Config, contract: &Contract) -> Result<Source> {
             dir,
         });
     }
-    Ok(Source::Image(store::image(
-        &config.images_dir,
-        &config.default_image,
-        contract,
-    )?))
+    let sources = store::ImageSources {
+        images_dir: &config.images_dir,
+        store: &config.image_store,
+        store_kernel: &config.image_kernel,
+        default: &config.default_image,
+    };
+    Ok(Source::Image(store::image(&sources, contract)?))
 }
 
 pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
@@ -131,6 +133,13 @@ fn kiln_args(config: &Config, job: &JobDir, source: &Source, contract: &Contract
                 arg(&"--initrd");
                 arg(initrd);
             }
+            if let Some(store) = &image.store {
+                // The store's image is the root disk; kiln gives the VM an overlay for it.
+                arg(&"--image");
+                arg(&image.name);
+                arg(&"--store");
+                arg(store);
+            }
             if image.vm_config.is_none() {
                 arg(&"--memory");
                 arg(&config.memory_mib.to_string());
@@ -211,6 +220,7 @@ mod tests {
             kernel: Some("/i/kernel".into()),
             initrd: Some("/i/initrd".into()),
             vm_config: None,
+            store: None,
         };
         let tail = "--vsock /s/j/vsock.sock --api /s/j/api.sock --serial /s/j/console.log";
         assert_eq!(
@@ -224,8 +234,19 @@ mod tests {
             ..image
         };
         assert_eq!(
-            args(&Source::Image(sized)),
+            args(&Source::Image(sized.clone())),
             format!("run --config /i/vm.toml {tail}")
+        );
+        let stored = store::Image {
+            name: "deb".into(),
+            kernel: Some("/k".into()),
+            vm_config: None,
+            store: Some("/st".into()),
+            ..sized
+        };
+        assert_eq!(
+            args(&Source::Image(stored)),
+            format!("run --kernel /k --image deb --store /st --memory 512 --vcpus 1 {tail}")
         );
         let snap = Source::Snapshot {
             name: "warm".into(),

@@ -10,13 +10,35 @@ use crate::contract::Contract;
 /// A guest image: the directory `<images_dir>/<name>/` with `kernel` (+ optional `initrd`),
 /// and/or `vm.toml`, a `kiln run --config` file (kernel, initrd, cmdline, vcpus,
 /// memory_mib; relative paths are taken from the image's directory), which then also sets
-/// the VM's size.
+/// the VM's size. Or, for a name not there, an image of kiln's image store (`kiln image
+/// build|import`), booted as the root disk with the configured `image_kernel`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
     pub name: String,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub vm_config: Option<PathBuf>,
+    /// The kiln image store holding the image, for `kiln run --image NAME --store DIR`.
+    pub store: Option<PathBuf>,
+}
+
+/// Where images are found.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageSources<'a> {
+    /// Kernel (+ initrd or vm.toml) directories.
+    pub images_dir: &'a Path,
+    /// kiln's image store, and the kernel its images boot with.
+    pub store: &'a Path,
+    pub store_kernel: &'a Path,
+    /// The image of jobs that name none.
+    pub default: &'a str,
+}
+
+/// The file of a kiln image store entry (kiln's `image::ROOTFS_FILE`).
+const STORE_ROOTFS: &str = "rootfs.ext4";
+
+fn is_store_image(dir: &Path) -> bool {
+    dir.join(STORE_ROOTFS).is_file()
 }
 
 fn is_image(dir: &Path) -> bool {
@@ -43,25 +65,47 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The image the job asks for (`CI_JOB_IMAGE`), else `default`.
-pub fn image(images_dir: &Path, default: &str, contract: &Contract) -> Result<Image> {
-    let name = contract.var("CI_JOB_IMAGE").unwrap_or(default);
+/// The image the job asks for (`CI_JOB_IMAGE`), else the default: a kernel image
+/// directory if there is one of that name, else an image of kiln's store.
+pub fn image(sources: &ImageSources, contract: &Contract) -> Result<Image> {
+    let name = contract.var("CI_JOB_IMAGE").unwrap_or(sources.default);
     check_name("image", name)?;
-    let dir = images_dir.join(name);
-    if !is_image(&dir) {
-        bail!(
-            "no guest image {name:?} in {}; the images there are: {}",
-            images_dir.display(),
-            listing(images_dir, is_image)
-        );
+    let dir = sources.images_dir.join(name);
+    if is_image(&dir) {
+        let file = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
+        return Ok(Image {
+            name: name.to_string(),
+            kernel: file("kernel"),
+            initrd: file("initrd"),
+            vm_config: file("vm.toml"),
+            store: None,
+        });
     }
-    let file = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
-    Ok(Image {
-        name: name.to_string(),
-        kernel: file("kernel"),
-        initrd: file("initrd"),
-        vm_config: file("vm.toml"),
-    })
+    if is_store_image(&sources.store.join(name)) {
+        if !sources.store_kernel.is_file() {
+            bail!(
+                "image {name:?} is in the kiln image store {}, but the kernel to boot it, {}, \
+                 is missing: set image_kernel in the driver config",
+                sources.store.display(),
+                sources.store_kernel.display()
+            );
+        }
+        return Ok(Image {
+            name: name.to_string(),
+            kernel: Some(sources.store_kernel.to_owned()),
+            initrd: None,
+            vm_config: None,
+            store: Some(sources.store.to_owned()),
+        });
+    }
+    bail!(
+        "no guest image {name:?} in {} (kernel images: {}) or in the kiln image store {} \
+         (images: {})",
+        sources.images_dir.display(),
+        listing(sources.images_dir, is_image),
+        sources.store.display(),
+        listing(sources.store, is_store_image)
+    )
 }
 
 /// The snapshot store of the job's project: `<snapshot_dir>/project-<CI_PROJECT_ID>`
@@ -135,20 +179,41 @@ mod tests {
         std::fs::create_dir_all(dir.join("empty")).unwrap();
         std::fs::create_dir_all(dir.join("disk")).unwrap();
         std::fs::write(dir.join("disk/vm.toml"), b"kernel = \"k\"\n").unwrap();
-        let img = image(&dir, "default", &contract(&[])).unwrap();
+        let store = dir.join("store");
+        std::fs::create_dir_all(store.join("deb")).unwrap();
+        std::fs::write(store.join("deb/rootfs.ext4"), b"fs").unwrap();
+        let kernel = dir.join("default/kernel");
+        let sources = ImageSources {
+            images_dir: &dir,
+            store: &store,
+            store_kernel: &kernel,
+            default: "default",
+        };
+        let image = |c: &Contract| image(&sources, c);
+        let img = image(&contract(&[])).unwrap();
         assert_eq!(img.name, "default");
         assert!(img.initrd.is_some());
-        let img = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "alpine:3")])).unwrap();
+        let img = image(&contract(&[("CI_JOB_IMAGE", "alpine:3")])).unwrap();
         assert_eq!((img.name.as_str(), img.initrd), ("alpine:3", None));
-        let img = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "disk")])).unwrap();
+        let img = image(&contract(&[("CI_JOB_IMAGE", "disk")])).unwrap();
         assert_eq!((img.kernel, img.vm_config.is_some()), (None, true));
-        let err = image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "ubuntu")])).unwrap_err();
+        let err = image(&contract(&[("CI_JOB_IMAGE", "ubuntu")])).unwrap_err();
         assert!(
             err.to_string()
-                .contains("the images there are: alpine:3, default"),
+                .contains("kernel images: alpine:3, default, disk) or in the kiln image store"),
             "{err}"
         );
-        assert!(image(&dir, "default", &contract(&[("CI_JOB_IMAGE", "../etc")])).is_err());
+        assert!(err.to_string().contains("(images: deb)"), "{err}");
+        assert!(image(&contract(&[("CI_JOB_IMAGE", "../etc")])).is_err());
+        let img = image(&contract(&[("CI_JOB_IMAGE", "deb")])).unwrap();
+        assert_eq!(img.store.as_deref(), Some(store.as_path()));
+        assert_eq!(img.kernel.as_deref(), Some(kernel.as_path()));
+        let no_kernel = ImageSources {
+            store_kernel: Path::new("/nonexistent/kernel"),
+            ..sources
+        };
+        let err = super::image(&no_kernel, &contract(&[("CI_JOB_IMAGE", "deb")])).unwrap_err();
+        assert!(err.to_string().contains("image_kernel"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

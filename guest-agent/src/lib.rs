@@ -1,5 +1,6 @@
 //! The contract between the kiln VMM and the guest agent, and both ends of it.
 //!
+//! - [`binary`]: what the agent's executable must be (static) to run in any image.
 //! - [`marks`]: the guest-signal port (boot done).
 //! - [`protocol`]: the framed request/response protocol spoken over vsock.
 //! - [`client`]: the host side (plain blocking std I/O over the VM's hybrid-vsock socket).
@@ -20,6 +21,7 @@ macro_rules! say {
     }};
 }
 
+pub mod binary;
 pub mod client;
 pub mod marks;
 pub mod protocol;

@@ -8,6 +8,7 @@ mod direct;
 pub mod ext4;
 pub mod gitlab_harness;
 pub mod guest_initramfs;
+pub mod images;
 mod nested;
 pub mod output;
 pub mod process;

@@ -234,7 +234,8 @@ for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
     ensure!(value(c, "GL-EXIT-unknown") == Some(system.as_str()), "{c}");
     ensure!(
         log(c, "unknown").contains("no guest image \"ubuntu:22.04\"")
-            && log(c, "unknown").contains("the images there are: broken, default"),
+            && log(c, "unknown").contains("(kernel images: broken, default)")
+            && log(c, "unknown").contains("or in the kiln image store"),
         "{c}"
     );
 

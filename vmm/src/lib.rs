@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod devices;
 pub mod disk;
+pub mod image;
 pub mod jail;
 pub mod memory;
 pub mod seccomp;

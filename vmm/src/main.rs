@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Command::Cp(args) => commands::cp::cp(&args),
         Command::Job(args) => commands::job::job(&args, start),
         Command::Jail(args) => commands::jail::jail(&args),
+        Command::Image(args) => commands::image::image(&args),
     };
     match result {
         Ok(code) => code,

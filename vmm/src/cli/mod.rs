@@ -6,8 +6,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{SerialOutput, VmConfig};
 
+mod image;
 mod snapshot;
 
+pub use image::{
+    BuildArgs, ImageArgs, ImageCommand, ImportArgs, LsArgs, MakeArgs, RmArgs, StoreArg,
+};
 pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs};
 
 /// kiln: a microVM monitor for CI jobs.
@@ -97,6 +101,8 @@ pub enum Command {
     /// with the inner kiln's exit code (128 + N if signal N killed it); SIGINT/SIGTERM are
     /// forwarded to it; the jail directory is removed at the end unless --keep.
     Jail(JailArgs),
+    /// Make, list and remove root-disk images (`kiln image build|import|ls|rm`).
+    Image(ImageArgs),
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +223,13 @@ pub struct VmArgs {
     /// same options as --disk.
     #[arg(long, value_name = "PATH[,OPTS]")]
     pub root_disk: Option<crate::disk::DiskConfig>,
+    /// Boot from image NAME of the image store (see `kiln image`): its ext4 file as the
+    /// root disk, never written: the VM's writes go to a temporary copy-on-write overlay.
+    #[arg(long, value_name = "NAME", conflicts_with = "root_disk")]
+    pub image: Option<String>,
+    /// The image store for --image. Default: $KILN_IMAGE_STORE, else /var/lib/kiln/images.
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub store: Option<PathBuf>,
     #[command(flatten)]
     pub slot: SlotArgs,
 }
@@ -287,7 +300,7 @@ pub struct JobArgs {
     /// Start the job in a VM restored from this snapshot (taken with `kiln ctl snapshot` of
     /// a VM with a vsock device) instead of booting one: no --kernel/--initrd then. The
     /// restored guest gets the current time and fresh entropy before the script runs.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk", "image"])]
     pub from_snapshot: Option<PathBuf>,
     /// Let the job snapshot its VM at a point it chooses: when the script runs
     /// `kiln-snapshot` (in the guest), the VM is paused, snapshotted into DIR and resumed,
@@ -304,7 +317,7 @@ pub struct JobArgs {
 }
 
 impl VmArgs {
-    pub fn to_config(&self) -> Result<VmConfig, crate::config::ConfigError> {
+    pub fn to_config(&self) -> anyhow::Result<VmConfig> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_toml_file(path)?,
             None => VmConfig::new(
@@ -335,10 +348,16 @@ impl VmArgs {
         if self.no_seccomp {
             config.seccomp = false;
         }
-        if !self.disk.is_empty() || self.root_disk.is_some() {
+        let image_root = match &self.image {
+            Some(name) => {
+                let store = crate::image::Store::locate(self.store.as_deref());
+                Some(crate::disk::DiskConfig::new(store.rootfs(name)?))
+            }
+            None => self.root_disk.clone(),
+        };
+        if !self.disk.is_empty() || image_root.is_some() {
             config.disks = self.disk.clone();
-            if let Some(root) = &self.root_disk {
-                let mut root = root.clone();
+            if let Some(mut root) = image_root {
                 root.root = true;
                 config.disks.insert(0, root);
             }

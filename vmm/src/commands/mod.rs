@@ -4,6 +4,7 @@ pub mod cp;
 pub mod ctl;
 pub mod exec;
 pub mod fork;
+pub mod image;
 pub mod jail;
 pub mod job;
 pub mod restore;

@@ -87,7 +87,17 @@ pub(crate) fn check_files(config: &VmConfig) -> anyhow::Result<()> {
 }
 
 pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
-    let config: VmConfig = args.vm.to_config()?;
+    let mut config: VmConfig = args.vm.to_config()?;
+    // A store image is shared by every VM that boots it: this VM's writes go to an overlay
+    // in a private runtime directory, removed when the VM ends.
+    let _runtime = match (&args.vm.image, config.disks.first_mut()) {
+        (Some(_), Some(root)) => {
+            let runtime = super::RuntimeDir::create("run")?;
+            root.overlay = Some(runtime.path().join("image.overlay"));
+            Some(runtime)
+        }
+        _ => None,
+    };
     check_files(&config)?;
     let _slot = args.vm.slot.enter(config.memory_mib, config.vcpus)?;
     let mut spec = MachineSpec::from_config(&config, console_sink(&config.serial)?, start);
