@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interest::{EpollOps, Registrations};
+use crate::virtio::interest::{EpollOps, Registrations};
 use super::muxer::Muxer;
 use super::packet_io;
 use super::{VsockError, EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_ID_VSOCK};

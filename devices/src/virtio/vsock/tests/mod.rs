@@ -23,7 +23,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interest::fake::FakeEpoll;
+use crate::virtio::interest::fake::FakeEpoll;
 use super::{op, Vsock, EVQ, HOST_CID, RXQ, TXQ};
 use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
 
