@@ -22,5 +22,6 @@ macro_rules! say {
 
 pub mod client;
 pub mod marks;
+pub mod netif;
 pub mod protocol;
 pub mod server;

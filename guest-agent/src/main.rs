@@ -33,6 +33,7 @@ use kiln_agent::server::Server;
 
 mod init;
 mod mark;
+mod net;
 mod power;
 mod rc;
 mod system;
@@ -55,6 +56,8 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
         return 2;
     }
     init::setup();
+    // Before boot done: a job may use the network from its first line.
+    net::setup();
     // Writes to a closed connection or pipe must fail with EPIPE, not kill the agent.
     // SAFETY: setting a signal's disposition to "ignore" installs no handler code.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };

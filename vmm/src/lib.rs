@@ -14,6 +14,7 @@ pub mod devices;
 pub mod disk;
 pub mod jail;
 pub mod memory;
+pub mod net;
 pub mod seccomp;
 pub mod slot;
 pub mod snapshot;

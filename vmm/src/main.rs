@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Command::Cp(args) => commands::cp::cp(&args),
         Command::Job(args) => commands::job::job(&args, start),
         Command::Jail(args) => commands::jail::jail(&args),
+        Command::Net(cmd) => commands::net::net(&cmd).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -97,6 +97,37 @@ pub enum Command {
     /// with the inner kiln's exit code (128 + N if signal N killed it); SIGINT/SIGTERM are
     /// forwarded to it; the jail directory is removed at the end unless --keep.
     Jail(JailArgs),
+    /// Set up or tear down the host side of a VM network: a persistent TAP with the host's
+    /// address (and optionally NAT to the host's other interfaces). Must run as root.
+    #[command(subcommand)]
+    Net(NetCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetCommand {
+    /// Create the persistent TAP NAME, give it the host's address and bring it up; with
+    /// --nat also turn on IPv4 forwarding and masquerade the TAP's subnet (nft or
+    /// iptables). VMs then attach with `--net tap=NAME,ip=<guest ip>/N,gw=<host ip>`.
+    Setup(NetSetupArgs),
+    /// Undo `kiln net setup`: the NAT rule and forwarding setting it made, and the TAP.
+    Teardown {
+        /// The TAP to remove.
+        #[arg(long, value_name = "NAME")]
+        tap: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct NetSetupArgs {
+    /// The TAP to create (must not exist).
+    #[arg(long, value_name = "NAME")]
+    pub tap: String,
+    /// The host's address on it, with the prefix length (e.g. 10.0.0.1/24).
+    #[arg(long, value_name = "A.B.C.D/N")]
+    pub host_ip: String,
+    /// Masquerade the TAP's subnet so that guests reach the host's other networks.
+    #[arg(long)]
+    pub nat: bool,
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +248,12 @@ pub struct VmArgs {
     /// same options as --disk.
     #[arg(long, value_name = "PATH[,OPTS]")]
     pub root_disk: Option<crate::disk::DiskConfig>,
+    /// Give the VM a virtio-net device (eth0) on the existing host TAP NAME (see `kiln net
+    /// setup`): tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]. Default MAC: a
+    /// random locally administered one. With ip=, the guest agent configures eth0 (and the
+    /// default route via gw=, /etc/resolv.conf with dns=). Replaces the config's [net].
+    #[arg(long, value_name = "tap=NAME[,OPTS]")]
+    pub net: Option<crate::net::NetConfig>,
     #[command(flatten)]
     pub slot: SlotArgs,
 }
@@ -342,6 +379,9 @@ impl VmArgs {
                 root.root = true;
                 config.disks.insert(0, root);
             }
+        }
+        if let Some(net) = &self.net {
+            config.net = Some(net.clone());
         }
         config.validate()?;
         Ok(config)

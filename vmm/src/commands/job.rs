@@ -183,6 +183,7 @@ fn restored_vm(
         seccomp: !args.vm.no_seccomp,
         disk_overlays: Vec::new(),
         disk_scratch: Some(runtime.to_owned()),
+        net: args.vm.net.clone(),
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
     if vmm.vsock.is_none() {

@@ -6,6 +6,7 @@ pub mod exec;
 pub mod fork;
 pub mod jail;
 pub mod job;
+pub mod net;
 pub mod restore;
 pub mod run;
 

@@ -36,6 +36,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         seccomp: !args.no_seccomp,
         disk_overlays: args.disk_overlay.clone(),
         disk_scratch: Some(runtime.path().to_owned()),
+        net: args.net.clone(),
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     // Guest memory is charged to the slot as the restored guest touches it.

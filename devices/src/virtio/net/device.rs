@@ -275,7 +275,10 @@ impl Net {
     pub(crate) fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
         let mut desired = vec![
             (self.wake_fd(), EventSet::IN),
-            (self.tap.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (
+                self.tap.as_raw_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
         ];
         if let Some(a) = &self.active {
             desired.extend(a.evts.iter().map(|e| (e.as_raw_fd(), EventSet::IN)));

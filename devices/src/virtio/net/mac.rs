@@ -60,7 +60,9 @@ impl FromStr for MacAddr {
             *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if b[0] & 1 != 0 {
-            return Err(format!("{s:?} is a multicast MAC address; give a unicast one"));
+            return Err(format!(
+                "{s:?} is a multicast MAC address; give a unicast one"
+            ));
         }
         Ok(MacAddr(b))
     }
@@ -75,7 +77,13 @@ mod tests {
         let m: MacAddr = "02:ab:CD:00:10:ff".parse().unwrap();
         assert_eq!(m.0, [2, 0xab, 0xcd, 0, 0x10, 0xff]);
         assert_eq!(m.to_string(), "02:ab:cd:00:10:ff");
-        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:0g", "01:00:00:00:00:00", "2:0:0:0:0:0"] {
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:0g",
+            "01:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad:?}");
         }
         let (a, b) = (MacAddr::random(), MacAddr::random());

@@ -65,7 +65,10 @@ impl Net {
         let mut dev = Net::new(tap, mac)?;
         dev.acked_features = state.acked_features;
         let bad = |what: String| NetError::BadState(what);
-        match (state.queues.as_slice(), <[EventFd; 2]>::try_from(queue_evts)) {
+        match (
+            state.queues.as_slice(),
+            <[EventFd; 2]>::try_from(queue_evts),
+        ) {
             ([], _) => {}
             ([rx, tx], Ok(evts)) => {
                 let rx = restore_queue(rx, &mem).map_err(|e| bad(format!("rx queue: {e}")))?;

@@ -138,9 +138,19 @@ pub fn delete_persistent(name: &str) -> Result<(), TapError> {
 fn set_persist(name: &str, on: bool) -> Result<(), TapError> {
     let file = open_tun(name, 0)?;
     // SAFETY: TUNSETPERSIST takes its argument by value.
-    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETPERSIST, libc::c_ulong::from(on)) } < 0
+    if unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETPERSIST,
+            libc::c_ulong::from(on),
+        )
+    } < 0
     {
-        return Err(ioctl_error(name, "TUNSETPERSIST", io::Error::last_os_error()));
+        return Err(ioctl_error(
+            name,
+            "TUNSETPERSIST",
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -163,25 +173,12 @@ fn open_tun(name: &str, extra: libc::c_int) -> Result<File, TapError> {
     Ok(file)
 }
 
-/// An `ifreq` with `name` in it and the rest zero.
-pub fn ifreq(name: &str) -> Result<libc::ifreq, TapError> {
-    check_name(name)?;
-    // SAFETY: ifreq is plain old data (a name array and a union of integers and arrays), for
-    // which all zero bytes are a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = libc::c_char::from_ne_bytes([s]);
-    }
-    Ok(req)
+fn ifreq(name: &str) -> Result<libc::ifreq, TapError> {
+    kiln_agent::netif::ifreq(name).map_err(|_| TapError::BadName(name.to_string()))
 }
 
 fn check_name(name: &str) -> Result<(), TapError> {
-    let ok = !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && !name.bytes().any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
-    if ok {
+    if kiln_agent::netif::valid_name(name) {
         Ok(())
     } else {
         Err(TapError::BadName(name.to_string()))
@@ -216,7 +213,10 @@ mod tests {
     #[test]
     fn bad_and_missing_names_are_clear_errors() {
         for bad in ["", "a/b", "0123456789abcdef", "a b", ".."] {
-            assert!(matches!(Tap::open(bad), Err(TapError::BadName(_))), "{bad:?}");
+            assert!(
+                matches!(Tap::open(bad), Err(TapError::BadName(_))),
+                "{bad:?}"
+            );
         }
         let e = Tap::open("kilnnosuchtap0").unwrap_err();
         assert!(matches!(e, TapError::Missing(_)), "{e}");

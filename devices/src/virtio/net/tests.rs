@@ -24,10 +24,8 @@ fn fake_tap() -> (Tap, File) {
     let mut fds = [0; 2];
     let kind = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
     // SAFETY: `fds` has room for the two descriptors socketpair writes.
-    assert_eq!(
-        unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) },
-        0
-    );
+    let rc = unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) };
+    assert_eq!(rc, 0);
     // SAFETY: both descriptors were just created and are owned by nobody else.
     let (dev, host) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
     (Tap::from_file(dev, "faketap0"), host)
@@ -36,7 +34,7 @@ fn fake_tap() -> (Tap, File) {
 /// A frame with a vnet header whose fields are all `hdr_fill`, and a payload from `seed`.
 fn frame(len: usize, seed: u8, hdr_fill: u8) -> Vec<u8> {
     let mut f = vec![hdr_fill; VNET_HDR_LEN];
-    f.extend((0..len).map(|i| (i % 253) as u8 ^ seed));
+    f.extend((0..len).map(|i| u8::try_from(i % 253).unwrap() ^ seed));
     f
 }
 
@@ -95,7 +93,7 @@ impl<'m> Harness<'m> {
             .map(|c| {
                 let addr = self.tx.alloc(c.len() as u64);
                 self.mem.write_slice(c, GuestAddress(addr)).unwrap();
-                (addr, c.len() as u32, false)
+                (addr, u32::try_from(c.len()).unwrap(), false)
             })
             .collect();
         let head = self.tx.add_chain(&descs);
@@ -142,7 +140,7 @@ impl<'m> Harness<'m> {
         let inbound = frame(90, 0x44, 0);
         self.host_send(&inbound);
         let len = inbound.len();
-        assert_eq!(self.rx.used(), [(head, len as u32)]);
+        assert_eq!(self.rx.used(), [(head, u32::try_from(len).unwrap())]);
         assert_eq!(self.read(addr + 12, len - 12), inbound[12..]);
     }
 }
@@ -202,11 +200,15 @@ fn hostile_tx_chains_are_dropped_and_the_device_goes_on() {
     let mem = test_mem();
     let mut h = Harness::new(&mem);
     let buf = h.tx.alloc(4096);
-    let cases: Vec<(&str, Vec<(u64, u32, u16, u16)>)> = vec![
+    type Case = (&'static str, Vec<(u64, u32, u16, u16)>);
+    let cases: Vec<Case> = vec![
         ("device-writable descriptor", vec![(buf, 100, F_WRITE, 0)]),
         ("shorter than the header", vec![(buf, 5, 0, 0)]),
         ("huge length", vec![(buf, u32::MAX, 0, 0)]),
-        ("outside guest memory", vec![(MEM_SIZE as u64 - 8, 64, 0, 0)]),
+        (
+            "outside guest memory",
+            vec![(MEM_SIZE as u64 - 8, 64, 0, 0)],
+        ),
         (
             "longer than a frame",
             vec![(buf, 60_000, F_NEXT, 1), (buf, 60_000, 0, 0)],
