@@ -7,29 +7,64 @@ use kiln_agent::netif::{self, GuestNet};
 /// The interface of kiln's one virtio-net device.
 const IFACE: &str = "eth0";
 
+/// Run as `/proc/1/exe net-refresh MAC` by the host after a restore: the clone's device has
+/// a new MAC, so eth0 takes it, and goes down and up so that no neighbour entry of the
+/// original's network survives; then the address and routes are set again. Returns the
+/// exit code.
+pub fn refresh(mac: Option<&std::ffi::OsStr>) -> i32 {
+    let Some(mac) = mac.and_then(|m| parse_mac(&m.to_string_lossy())) else {
+        say!("net-refresh: give the new MAC address, like 02:00:00:00:00:01");
+        return 2;
+    };
+    let steps = netif::set_down(IFACE).and_then(|()| netif::set_mac(IFACE, mac));
+    if let Err(e) = steps {
+        say!("net-refresh: {IFACE}: {e}");
+        return 1;
+    }
+    if setup() {
+        0
+    } else {
+        1
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// Configure the network if the command line asks for it. Failures are reported; the
 /// agent goes on (a job that needs no network still runs).
-pub fn setup() {
+/// Returns false if a step failed.
+pub fn setup() -> bool {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let Some(net) = GuestNet::from_cmdline(&cmdline) else {
-        return;
+        return true;
     };
     if let Err(e) = netif::set_up("lo") {
         say!("bringing up lo: {e}");
     }
     if let Err(e) = netif::configure(IFACE, net.addr, net.prefix) {
         say!("configuring {IFACE} as {}/{}: {e}", net.addr, net.prefix);
-        return;
+        return false;
     }
+    let mut ok = true;
     if let Some(gw) = net.gw {
         if let Err(e) = netif::add_default_route(gw) {
             say!("adding the default route via {gw}: {e}");
+            ok = false;
         }
     }
     if let Some(dns) = net.dns {
         let _ = std::fs::create_dir_all("/etc");
         if let Err(e) = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n")) {
             say!("writing /etc/resolv.conf: {e}");
+            ok = false;
         }
     }
+    ok
 }

@@ -151,6 +151,31 @@ pub fn set_up(name: &str) -> io::Result<()> {
     ioctl(&sock, libc::SIOCSIFFLAGS, &mut req, "SIOCSIFFLAGS")
 }
 
+/// Take interface `name` down (which also drops its neighbour entries and routes).
+pub fn set_down(name: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    ioctl(&sock, libc::SIOCGIFFLAGS, &mut req, "SIOCGIFFLAGS")?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags & !libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+    ioctl(&sock, libc::SIOCSIFFLAGS, &mut req, "SIOCSIFFLAGS")
+}
+
+/// Give interface `name` the Ethernet address `mac`.
+pub fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: sockaddr is plain old data; all zeros is a valid value.
+    let mut hw: libc::sockaddr = unsafe { std::mem::zeroed() };
+    hw.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in hw.sa_data.iter_mut().zip(mac) {
+        *d = libc::c_char::from_ne_bytes([s]);
+    }
+    req.ifr_ifru.ifru_hwaddr = hw;
+    ioctl(&sock, libc::SIOCSIFHWADDR, &mut req, "SIOCSIFHWADDR")
+}
+
 /// glibc's `struct rtentry` (the libc crate has it only for musl and uclibc).
 #[repr(C)]
 struct RtEntry {

@@ -93,6 +93,13 @@ impl NetConfig {
         )
     }
 
+    /// This config with a MAC: the given one, else a new random one (a restored clone's,
+    /// which the host must know to tell the guest).
+    pub fn with_fresh_mac(mut self) -> Self {
+        self.mac.get_or_insert_with(MacAddr::random);
+        self
+    }
+
     /// The device: attached to the TAP, with the given or a fresh random MAC.
     pub fn device(&self) -> Result<Net, NetError> {
         let tap = Tap::open(&self.tap)?;

@@ -129,4 +129,9 @@ pub struct ForkArgs {
     /// Clone i's serial console is appended to the file P-i (default: discarded).
     #[arg(long, value_name = "P")]
     pub serial_prefix: Option<String>,
+    /// Clone i's network device is on the existing TAP named by this pattern with {i}
+    /// replaced by i (e.g. kiln{i}); each clone gets a new random MAC. Required if the
+    /// snapshot has a network device.
+    #[arg(long, value_name = "PATTERN")]
+    pub net_tap: Option<String>,
 }
