@@ -57,7 +57,8 @@ serve
   --vsock "$PWD/v.sock" --api "$PWD/api.sock" --net tap=kilnorig,ip={GUEST_IP}/24,gw={HOST_IP} 2> run.err &
 vm=$!
 echo "KILN-READY=$(wait_exec "$PWD/v.sock" $vm)"
-echo "KILN-ORIG-GET=$("$KILN" exec --vsock "$PWD/v.sock" -- wget -q -T 60 -O - http://{HOST_IP}:8080/ping)"
+get() {{ "$KILN" exec --vsock "$1" -- sh -c "timeout 60 wget -q -O /tmp/ping http://{HOST_IP}:8080/ping; cat /tmp/ping"; }}
+echo "KILN-ORIG-GET=$(get "$PWD/v.sock")"
 KILN_ORIG_MAC_VALUE=$("$KILN" exec --vsock "$PWD/v.sock" -- cat /sys/class/net/eth0/address)
 echo "KILN-ORIG-MAC=$KILN_ORIG_MAC_VALUE"
 "$KILN" ctl --api "$PWD/api.sock" snapshot --dir "$PWD/snap" --no-resume > /dev/null
@@ -80,7 +81,7 @@ while [ $i -lt 300 ]; do
   i=$((i + 1)); sleep 0.1
 done
 echo "KILN-CLONE-MAC=$mac"
-echo "KILN-CLONE-GET=$("$KILN" exec --vsock "$PWD/c.sock" -- wget -q -T 60 -O - http://{HOST_IP}:8080/ping)"
+echo "KILN-CLONE-GET=$(get "$PWD/c.sock")"
 echo "KILN-HOST-NEIGH=$(awk '$1 == "{GUEST_IP}" {{ print $4 "@" $6 }}' /proc/net/arp)"
 "$KILN" ctl --api "$PWD/capi.sock" shutdown > /dev/null
 wait $clone || true

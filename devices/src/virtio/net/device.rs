@@ -165,6 +165,9 @@ impl Net {
             if *rx_pending == 0 {
                 match tap.read_frame(rx_buf) {
                     Ok(n) if n >= VNET_HDR_LEN => *rx_pending = n,
+                    // End of file: a TAP never says it, but a peer that went away must not
+                    // make this loop spin.
+                    Ok(0) => break,
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {

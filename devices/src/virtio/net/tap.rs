@@ -58,10 +58,13 @@ impl Tap {
         if !interface_exists(name) {
             return Err(TapError::Missing(name.to_string()));
         }
-        if !std::path::Path::new(&format!("/sys/class/net/{name}/tun_flags")).exists() {
-            return Err(TapError::NotTap(name.to_string()));
-        }
-        let file = open_tun(name, libc::IFF_VNET_HDR)?;
+        let file = match open_tun(name, libc::IFF_VNET_HDR) {
+            // The kernel's answer for an existing interface that is not a TAP.
+            Err(TapError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(TapError::NotTap(name.to_string()))
+            }
+            other => other?,
+        };
         let err = |what, source| ioctl_error(name, what, source);
         let hdr_len = libc::c_int::try_from(VNET_HDR_LEN).unwrap_or(12);
         // SAFETY: TUNSETVNETHDRSZ reads one c_int from the pointer, which outlives the call.
@@ -185,8 +188,14 @@ fn check_name(name: &str) -> Result<(), TapError> {
     }
 }
 
+/// Whether this thread's network namespace has an interface `name` (asked of the kernel,
+/// not of /sys, which shows the namespace it was mounted in).
 fn interface_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 fn ioctl_error(name: &str, what: &'static str, source: io::Error) -> TapError {

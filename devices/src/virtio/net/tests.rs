@@ -258,6 +258,19 @@ fn hostile_rx_chains_drop_the_frame_and_the_device_goes_on() {
 }
 
 #[test]
+fn a_backend_at_end_of_file_does_not_spin() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.post_rx(2048);
+    let (_, other_host) = fake_tap();
+    drop(std::mem::replace(&mut h.host, other_host));
+    // The device's end now reads 0 (end of file) for ever: the handler must return.
+    let fd = h.dev.tap.as_raw_fd();
+    h.dev.handle_event(fd);
+    assert!(h.rx.used().is_empty());
+}
+
+#[test]
 fn a_corrupt_avail_ring_marks_the_device_broken() {
     let mem = test_mem();
     let mut h = Harness::new(&mem);
