@@ -12,24 +12,54 @@ use kiln_agent::netif::{parse_cidr, GuestNet};
 use kiln_devices::virtio::net::{MacAddr, Net, NetError, Tap};
 use serde::{Deserialize, Serialize};
 
-/// The VM's network device.
+/// The VM's network device. In a config file it is the same string as on the command
+/// line: `net = "tap=kiln0,ip=10.0.0.2/24,gw=10.0.0.1"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "String", into = "String")]
 pub struct NetConfig {
     /// The host TAP device (must exist).
     pub tap: String,
     /// The guest's MAC address; default: a random locally administered one.
-    #[serde(default)]
     pub mac: Option<MacAddr>,
     /// The guest's address and prefix length, set by the agent.
-    #[serde(default)]
     pub ip: Option<(Ipv4Addr, u8)>,
     /// The guest's default gateway (needs `ip`).
-    #[serde(default)]
     pub gw: Option<Ipv4Addr>,
     /// A DNS server for the guest's /etc/resolv.conf (needs `ip`).
-    #[serde(default)]
     pub dns: Option<Ipv4Addr>,
+}
+
+impl TryFrom<String> for NetConfig {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<NetConfig> for String {
+    fn from(n: NetConfig) -> String {
+        n.to_string()
+    }
+}
+
+impl std::fmt::Display for NetConfig {
+    /// The `--net` form, which [`str::parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tap={}", self.tap)?;
+        if let Some(mac) = self.mac {
+            write!(f, ",mac={mac}")?;
+        }
+        if let Some((addr, prefix)) = self.ip {
+            write!(f, ",ip={addr}/{prefix}")?;
+        }
+        if let Some(gw) = self.gw {
+            write!(f, ",gw={gw}")?;
+        }
+        if let Some(dns) = self.dns {
+            write!(f, ",dns={dns}")?;
+        }
+        Ok(())
+    }
 }
 
 const FORMAT: &str = "tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]";
@@ -119,8 +149,17 @@ mod tests {
         assert_eq!(n.tap, "kiln0");
         assert_eq!(n.mac, Some(MacAddr([2, 0, 0, 0, 0, 5])));
         assert_eq!(n.cmdline().unwrap(), "kiln.ip=10.0.0.2/24 kiln.gw=10.0.0.1");
+        assert_eq!(n.to_string().parse::<NetConfig>().unwrap(), n);
         let plain: NetConfig = "tap=t".parse().unwrap();
         assert_eq!(plain.cmdline(), None);
+        let c: crate::config::VmConfig =
+            toml::from_str("kernel = \"k\"\nnet = \"tap=kiln0,ip=10.0.0.2/24\"\n").unwrap();
+        assert_eq!(c.net.map(|n| n.ip), Some(Some(([10, 0, 0, 2].into(), 24))));
+        let bad = toml::from_str::<crate::config::VmConfig>("kernel = \"k\"\nnet = \"tap=\"\n");
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("not an interface name"));
         for bad in [
             "",
             "kiln0",

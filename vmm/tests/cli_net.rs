@@ -72,3 +72,32 @@ fn net_setup_refuses_a_bad_address_before_creating_anything() {
     assert!(line.contains("prefix length"), "{line}");
     assert!(!std::path::Path::new("/sys/class/net").join(&name).exists());
 }
+
+#[test]
+fn net_setup_refuses_a_user_who_is_not_root() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let line = kiln_fails(&["net", "setup", "--tap", "kx0", "--host-ip", "10.0.0.1/24"]);
+        assert!(line.contains("must run as root"), "{line}");
+        return;
+    }
+    // As root: run it as nobody (the binary must be reachable by that user).
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["net", "setup", "--tap", "kx0", "--host-ip", "10.0.0.1/24"])
+        .uid(65534)
+        .gid(65534)
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipped: cannot run kiln as nobody here");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(126) || stderr.contains("Permission denied (os error 13)") {
+        eprintln!("skipped: nobody cannot reach the kiln binary: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("must run as root"), "{stderr}");
+    assert!(!std::path::Path::new("/sys/class/net/kx0").exists());
+}

@@ -223,8 +223,9 @@ pub struct VmArgs {
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
     /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial, track_dirty_pages, and [[disk]] tables with path, read_only,
-    /// overlay, rw, root, serial); flags given as well override it.
+    /// memory_mib, serial, track_dirty_pages, net = "tap=…" as for --net, and [[disk]]
+    /// tables with path, read_only, overlay, rw, root, serial); flags given as well
+    /// override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Have KVM log the pages the guest writes, so that `kiln ctl snapshot --diff` can
