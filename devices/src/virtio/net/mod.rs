@@ -1,9 +1,9 @@
 //! virtio-net (device type 1, virtio 1.2 section 5.1): an Ethernet interface backed by a
 //! host TAP device.
 //!
-//! Layout: [`Net`] (`device.rs`) is the virtio device and the event-loop subscriber; `frames.rs`
-//! copies one frame between a descriptor chain and a bounce buffer, checking every descriptor
-//! the guest supplies; `tap.rs` opens the TAP (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, no
+//! Layout: [`Net`] (`device.rs`) is the virtio device and the event-loop subscriber, and
+//! `io.rs` its two data paths; `frames.rs` copies one frame between a descriptor chain and a
+//! bounce buffer, checking every descriptor the guest supplies; `tap.rs` opens the TAP (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, no
 //! offloads, nonblocking); `state.rs` holds the serializable [`NetState`].
 //!
 //! Frames carry the 12-byte `virtio_net_hdr_v1` in front on both sides: the TAP is told the
@@ -23,6 +23,7 @@
 
 mod device;
 mod frames;
+mod io;
 mod mac;
 mod state;
 pub mod tap;

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -50,24 +51,26 @@ struct Harness<'m> {
 
 impl<'m> Harness<'m> {
     fn new(mem: &'m GuestMemory) -> Self {
-        let (tap, host) = fake_tap();
-        Self::activate(mem, Net::new(tap, MAC).unwrap(), host)
+        Self::with_event_idx(mem, false)
     }
 
-    fn activate(mem: &'m GuestMemory, mut dev: Net, host: File) -> Self {
+    fn with_event_idx(mem: &'m GuestMemory, event_idx: bool) -> Self {
+        let (tap, host) = fake_tap();
+        Self::activate(mem, Net::new(tap, MAC).unwrap(), host, event_idx)
+    }
+
+    fn activate(mem: &'m GuestMemory, mut dev: Net, host: File, event_idx: bool) -> Self {
         let rx = GuestQueue::new(mem, 0x0, 0x10_0000, 0x40_0000);
         let tx = GuestQueue::new(mem, 0x1_0000, 0x50_0000, 0x40_0000);
+        let (mut rxq, mut txq) = (rx.queue(), tx.queue());
+        rxq.set_event_idx(event_idx);
+        txq.set_event_idx(event_idx);
         let evts = [(); 2].map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let kicks = [0, 1].map(|i| evts[i].try_clone().unwrap());
         let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.ack_features(dev.device_features());
-        dev.activate(
-            mem.clone(),
-            vec![rx.queue(), tx.queue()],
-            evts.into(),
-            irq.clone(),
-        )
-        .unwrap();
+        dev.activate(mem.clone(), vec![rxq, txq], evts.into(), irq.clone())
+            .unwrap();
         Self {
             mem,
             dev,
@@ -152,7 +155,7 @@ fn offers_version_1_and_mac_and_shows_the_mac() {
     assert_eq!(dev.device_type(), VIRTIO_ID_NET);
     assert_eq!(dev.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
     let f = dev.device_features();
-    assert_eq!(f, (1 << 32) | (1 << consts::VIRTIO_NET_F_MAC));
+    assert_eq!(f, (1 << 32) | (1 << 29) | (1 << consts::VIRTIO_NET_F_MAC));
     let mut cfg = [0xff; 8];
     dev.read_config(0, &mut cfg);
     assert_eq!(cfg, [2, 0, 0, 0, 0, 9, 0, 0]);
@@ -255,6 +258,45 @@ fn hostile_rx_chains_drop_the_frame_and_the_device_goes_on() {
     }
     assert_eq!(h.dev.stats().dropped, 4);
     h.assert_alive();
+}
+
+#[test]
+fn event_idx_asks_for_kicks_where_the_device_stopped() {
+    let mem = test_mem();
+    let mut h = Harness::with_event_idx(&mem, true);
+    // avail_event sits after the used ring's entries.
+    let avail_event = |used: GuestAddress| -> u16 {
+        mem.read_obj(GuestAddress(used.0 + 4 + 8 * u64::from(QUEUE_SIZE)))
+            .unwrap()
+    };
+    let rx_used = h.rx.mock.used_addr();
+    h.post_rx(2048);
+    for seed in 0..3 {
+        h.host_send(&frame(100, seed, 0));
+    }
+    // One buffer for three frames: the device used it, then asked for a kick at the next.
+    assert_eq!(h.rx.used().len(), 1);
+    assert_eq!(avail_event(rx_used), 1);
+    h.post_rx(2048);
+    h.post_rx(2048);
+    h.kick(RX_QUEUE);
+    assert_eq!(
+        h.rx.used().len(),
+        2,
+        "the waiting frame and the one still in the TAP"
+    );
+    // The TAP ran dry first: no kick needed until the buffers run out.
+    assert_eq!(avail_event(rx_used), 1);
+    h.host_send(&frame(100, 4, 0));
+    assert_eq!(avail_event(rx_used), 3, "starved again after three buffers");
+    h.post_rx(2048);
+    h.kick(RX_QUEUE);
+    assert_eq!(h.rx.used().len(), 1);
+    // tx: after draining, the device asks for a kick at the next chain.
+    h.send(&frame(60, 9, 0), 4096);
+    h.send(&frame(60, 9, 0), 4096);
+    assert_eq!(avail_event(h.tx.mock.used_addr()), 2);
+    assert_eq!(h.dev.stats().tx_frames, 2);
 }
 
 #[test]
