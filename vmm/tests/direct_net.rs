@@ -15,29 +15,13 @@ use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
 use kiln_devices::virtio::net::{tap, MacAddr};
 
 mod console_capture;
+mod netns;
 use console_capture::Captured;
+use netns::in_netns;
 
 const LOAD_ADDR: u64 = 0x1000;
 const WINDOW: u64 = 0xd000_0000;
 const MAC: MacAddr = MacAddr([0x02, 0x6b, 0x69, 0x6c, 0x6e, 0x01]);
-
-/// Runs `f` on a thread in a new network namespace; `None` (and a note) without the
-/// privilege to make one.
-fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    std::thread::spawn(move || {
-        // SAFETY: unshare takes no pointers; it moves only this thread to a new namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            eprintln!(
-                "skipped: cannot make a network namespace: {}",
-                std::io::Error::last_os_error()
-            );
-            return None;
-        }
-        Some(f())
-    })
-    .join()
-    .unwrap()
-}
 
 fn net(tap: &str, mac: Option<MacAddr>) -> NetConfig {
     let mut n: NetConfig = format!("tap={tap}").parse().unwrap();
