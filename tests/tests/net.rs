@@ -38,75 +38,145 @@ fn net_guest_downloads_from_host_over_tap() -> Result<()> {
     Ok(())
 }
 
-/// A clone restored from a snapshot of a VM on one TAP comes up on its own TAP with its own
-/// MAC: the guest's eth0 takes the new address (the host tells the agent) and the clone
-/// reaches the host through the new TAP.
-#[test]
-fn net_clone_gets_its_own_tap_and_mac() -> Result<()> {
+/// The first half of the clone tests: a VM on the TAP `kilnorig` fetches a file from the
+/// host (`KILN-ORIG-GET`), prints its MAC (`KILN-ORIG-MAC`, also in `$orig_mac`), is
+/// snapshotted into `$PWD/snap` and stopped; the TAP is torn down. Defines `serve` (httpd
+/// on the host address, pid in `$httpd`), `get SOCK` (the guest fetches the file and prints
+/// it) and `new_mac SOCK` (waits, bounded, until the guest's eth0 has left `$orig_mac`: the
+/// change comes from the restore's refresh, after the agent first answers, and prints it).
+fn original_and_snapshot() -> String {
     use kiln_tests::net_download::{GUEST_IP, HOST_IP};
-    use kiln_tests::output::value;
-    let runner = Runner::detect()?;
-    let script = format!(
+    format!(
         r#"{prelude}
 set -e
 mkdir -p www; echo kiln-net-ping > www/ping
 serve() {{ httpd -f -p {HOST_IP}:8080 -h "$PWD/www" & httpd=$!; }}
+get() {{ "$KILN" exec --vsock "$1" -- sh -c "timeout 60 wget -q -O /tmp/ping http://{HOST_IP}:8080/ping; cat /tmp/ping"; }}
+new_mac() {{
+  i=0
+  while [ $i -lt 300 ]; do
+    mac=$("$KILN" exec --vsock "$1" -- cat /sys/class/net/eth0/address)
+    [ "$mac" != "$orig_mac" ] && break
+    i=$((i + 1)); sleep 0.1
+  done
+  echo "$mac"
+}}
 "$KILN" net setup --tap kilnorig --host-ip {HOST_IP}/24
 serve
 "$KILN" run --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 --serial null \
   --vsock "$PWD/v.sock" --api "$PWD/api.sock" --net tap=kilnorig,ip={GUEST_IP}/24,gw={HOST_IP} 2> run.err &
 vm=$!
 echo "KILN-READY=$(wait_exec "$PWD/v.sock" $vm)"
-get() {{ "$KILN" exec --vsock "$1" -- sh -c "timeout 60 wget -q -O /tmp/ping http://{HOST_IP}:8080/ping; cat /tmp/ping"; }}
 echo "KILN-ORIG-GET=$(get "$PWD/v.sock")"
-KILN_ORIG_MAC_VALUE=$("$KILN" exec --vsock "$PWD/v.sock" -- cat /sys/class/net/eth0/address)
-echo "KILN-ORIG-MAC=$KILN_ORIG_MAC_VALUE"
+orig_mac=$("$KILN" exec --vsock "$PWD/v.sock" -- cat /sys/class/net/eth0/address)
+echo "KILN-ORIG-MAC=$orig_mac"
 "$KILN" ctl --api "$PWD/api.sock" snapshot --dir "$PWD/snap" --no-resume > /dev/null
 "$KILN" ctl --api "$PWD/api.sock" shutdown > /dev/null
 wait $vm || true
 kill $httpd; wait $httpd || true
 "$KILN" net teardown --tap kilnorig
+"#,
+        prelude = kiln_tests::shell::PRELUDE
+    )
+}
+
+/// Runs `original_and_snapshot` then `rest`; checks the original's part.
+fn run_clone_script(rest: &str, timeout: Duration) -> Result<String> {
+    use kiln_tests::output::value;
+    let runner = Runner::detect()?;
+    let script = format!("{}{rest}", original_and_snapshot());
+    let files = [("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
+    let out = runner.run(&script, &files, timeout)?;
+    let c = out.console;
+    ensure!(out.exit_code == 0, "script failed:\n{c}");
+    ensure!(value(&c, "KILN-READY") == Some("yes"), "{c}");
+    ensure!(value(&c, "KILN-ORIG-GET") == Some("kiln-net-ping"), "{c}");
+    ensure!(value(&c, "KILN-ORIG-MAC").is_some(), "{c}");
+    Ok(c)
+}
+
+/// A clone restored from a snapshot of a VM on one TAP comes up on its own TAP with its own
+/// MAC: the guest's eth0 takes the new address (the host tells the agent) and the clone
+/// reaches the host through the new TAP, which knows it by the new MAC.
+#[test]
+fn net_clone_gets_its_own_tap_and_mac() -> Result<()> {
+    use kiln_tests::net_download::{GUEST_IP, HOST_IP};
+    use kiln_tests::output::value;
+    let rest = format!(
+        r#"
 "$KILN" net setup --tap kilnclone --host-ip {HOST_IP}/24
 serve
 "$KILN" restore --snapshot "$PWD/snap" --vsock "$PWD/c.sock" --api "$PWD/capi.sock" \
   --serial null --net tap=kilnclone 2> restore.err &
 clone=$!
 echo "KILN-CLONE-READY=$(wait_exec "$PWD/c.sock" $clone)"
-# The MAC change comes from the restore's refresh, after the agent first answers: wait
-# for it (bounded), then use the network.
-i=0
-while [ $i -lt 300 ]; do
-  mac=$("$KILN" exec --vsock "$PWD/c.sock" -- cat /sys/class/net/eth0/address)
-  [ "$mac" != "$KILN_ORIG_MAC_VALUE" ] && break
-  i=$((i + 1)); sleep 0.1
-done
-echo "KILN-CLONE-MAC=$mac"
+echo "KILN-CLONE-MAC=$(new_mac "$PWD/c.sock")"
 echo "KILN-CLONE-GET=$(get "$PWD/c.sock")"
 echo "KILN-HOST-NEIGH=$(awk '$1 == "{GUEST_IP}" {{ print $4 "@" $6 }}' /proc/net/arp)"
 "$KILN" ctl --api "$PWD/capi.sock" shutdown > /dev/null
 wait $clone || true
 kill $httpd
 "$KILN" net teardown --tap kilnclone
-"#,
-        prelude = kiln_tests::shell::PRELUDE
+"#
     );
-    let files = [("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
-    let out = runner.run(&script, &files, Duration::from_secs(600))?;
-    let c = &out.console;
-    ensure!(out.exit_code == 0, "script failed:\n{c}");
-    ensure!(value(c, "KILN-READY") == Some("yes"), "{c}");
-    ensure!(value(c, "KILN-ORIG-GET") == Some("kiln-net-ping"), "{c}");
-    ensure!(value(c, "KILN-CLONE-READY") == Some("yes"), "{c}");
-    let (orig, clone) = (value(c, "KILN-ORIG-MAC"), value(c, "KILN-CLONE-MAC"));
+    let c = run_clone_script(&rest, Duration::from_secs(600))?;
+    ensure!(value(&c, "KILN-CLONE-READY") == Some("yes"), "{c}");
+    let (orig, clone) = (value(&c, "KILN-ORIG-MAC"), value(&c, "KILN-CLONE-MAC"));
     ensure!(
-        orig.is_some() && clone.is_some() && orig != clone,
+        clone.is_some() && orig != clone,
         "MACs {orig:?} {clone:?}:\n{c}"
     );
-    ensure!(value(c, "KILN-CLONE-GET") == Some("kiln-net-ping"), "{c}");
+    ensure!(value(&c, "KILN-CLONE-GET") == Some("kiln-net-ping"), "{c}");
     let neigh = format!("{}@kilnclone", clone.unwrap_or_default());
     ensure!(
-        value(c, "KILN-HOST-NEIGH") == Some(neigh.as_str()),
+        value(&c, "KILN-HOST-NEIGH") == Some(neigh.as_str()),
         "the host should know the clone by its new MAC on the new TAP ({neigh}):\n{c}"
+    );
+    Ok(())
+}
+
+/// `kiln fork --net-tap kf{i}`: each clone is attached to its own TAP (the TAP has carrier
+/// while a queue is attached) and its eth0 has its own new MAC.
+#[test]
+fn net_fork_clones_each_get_their_own_tap_and_mac() -> Result<()> {
+    use kiln_tests::output::value;
+    let rest = r#"
+"$KILN" net setup --tap kf0 --host-ip 10.0.3.1/24
+"$KILN" net setup --tap kf1 --host-ip 10.0.4.1/24
+echo "KILN-CARRIER-BEFORE=$(cat /sys/class/net/kf0/carrier)$(cat /sys/class/net/kf1/carrier)"
+"$KILN" fork --snapshot "$PWD/snap" --count 2 --vsock-prefix "$PWD/f" --api-prefix "$PWD/fa" \
+  --net-tap 'kf{i}' > fork.out 2> fork.err &
+fork=$!
+for i in 0 1; do
+  # The socket exists once kiln fork has started the clone (bounded wait).
+  n=0; while [ ! -S "$PWD/f-$i" ] && [ $n -lt 600 ] && kill -0 $fork 2>/dev/null; do n=$((n + 1)); sleep 0.1; done
+  echo "KILN-FORK-READY-$i=$(wait_exec "$PWD/f-$i" $fork)"
+  echo "KILN-FORK-MAC-$i=$(new_mac "$PWD/f-$i")"
+done
+echo "KILN-CARRIER=$(cat /sys/class/net/kf0/carrier)$(cat /sys/class/net/kf1/carrier)"
+for i in 0 1; do "$KILN" ctl --api "$PWD/fa-$i" shutdown > /dev/null; done
+wait $fork || { echo "kiln fork failed"; cat fork.err; exit 1; }
+kill $httpd || true
+"$KILN" net teardown --tap kf0
+"$KILN" net teardown --tap kf1
+"#;
+    let c = run_clone_script(rest, Duration::from_secs(600))?;
+    let orig = value(&c, "KILN-ORIG-MAC");
+    let macs = [value(&c, "KILN-FORK-MAC-0"), value(&c, "KILN-FORK-MAC-1")];
+    for i in 0..2 {
+        ensure!(
+            value(&c, &format!("KILN-FORK-READY-{i}")) == Some("yes"),
+            "{c}"
+        );
+    }
+    ensure!(
+        macs[0].is_some() && macs[0] != macs[1] && !macs.contains(&orig),
+        "MACs: original {orig:?}, clones {macs:?}:\n{c}"
+    );
+    ensure!(value(&c, "KILN-CARRIER-BEFORE") == Some("00"), "{c}");
+    ensure!(
+        value(&c, "KILN-CARRIER") == Some("11"),
+        "each TAP has its clone:\n{c}"
     );
     Ok(())
 }
