@@ -219,3 +219,50 @@ echo "KILN-PLAIN-TAP=$(cat /sys/class/net/knat/operstate)"
     ensure!(value(c, "KILN-AFTER") == Some("none"), "{c}");
     Ok(())
 }
+
+/// `kiln job --net …,dns=…`: the job's first line can use the network (the agent configured
+/// eth0 before boot done), and /etc/resolv.conf names the DNS server given.
+#[test]
+fn net_job_uses_the_network_from_its_first_line() -> Result<()> {
+    use kiln_tests::net_download::{GUEST_IP, HOST_IP};
+    use kiln_tests::output::value;
+    let runner = Runner::detect()?;
+    let script = format!(
+        r#"
+mkdir -p www; echo kiln-net-job > www/ping
+"$KILN" net setup --tap kilnjob --host-ip {HOST_IP}/24
+httpd -f -p {HOST_IP}:8080 -h "$PWD/www" &
+httpd=$!
+"$KILN" job --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 --boot-timeout 60 \
+  --net tap=kilnjob,ip={GUEST_IP}/24,gw={HOST_IP},dns={HOST_IP} --script "$FILES/job.sh"
+echo "KILN-JOB-EXIT=$?"
+kill $httpd
+"$KILN" net teardown --tap kilnjob
+"#
+    );
+    let job = format!(
+        "echo \"KILN-GET=$(timeout 60 wget -q -O - http://{HOST_IP}:8080/ping)\"\n\
+         echo \"KILN-RESOLV=$(cat /etc/resolv.conf)\"\n\
+         echo \"KILN-ROUTE=$(awk '$2 == \"00000000\" {{ print $1 }}' /proc/net/route)\"\n"
+    );
+    let files = [
+        ("agent.cpio".to_string(), GuestInitramfs::new().build()?),
+        ("job.sh".to_string(), job.into_bytes()),
+    ];
+    let out = runner.run(&script, &files, Duration::from_secs(300))?;
+    let c = &out.console;
+    ensure!(
+        out.exit_code == 0 && value(c, "KILN-JOB-EXIT") == Some("0"),
+        "{c}"
+    );
+    ensure!(value(c, "KILN-GET") == Some("kiln-net-job"), "{c}");
+    ensure!(
+        value(c, "KILN-RESOLV") == Some(format!("nameserver {HOST_IP}").as_str()),
+        "{c}"
+    );
+    ensure!(
+        value(c, "KILN-ROUTE") == Some("eth0"),
+        "the default route: {c}"
+    );
+    Ok(())
+}
