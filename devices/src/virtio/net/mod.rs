@@ -31,6 +31,9 @@ pub mod tap;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
 pub use device::{Net, NetStats};
 pub use mac::MacAddr;
 pub use state::{NetState, NET_STATE_VERSION};

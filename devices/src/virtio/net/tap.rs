@@ -84,8 +84,8 @@ impl Tap {
     }
 
     /// A TAP stand-in over any nonblocking, frame-preserving file (a SOCK_SEQPACKET socket),
-    /// for tests.
-    #[cfg(test)]
+    /// for tests and fuzzing.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn from_file(file: File, name: &str) -> Self {
         Tap {
             file,
