@@ -93,6 +93,32 @@ fn net_device_answers_on_the_mmio_bus_with_its_mac() {
     });
 }
 
+/// Builds a VM that prints one byte and spins (so that it can be paused), with `net`,
+/// snapshots it into `dir` and stops it.
+fn snapshot_spinning_vm(net: Option<NetConfig>, dir: std::path::PathBuf) {
+    let code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe];
+    let console = Captured::default();
+    let vmm = Vmm::build(MachineSpec {
+        irqchip: true,
+        net,
+        ..MachineSpec::raw(code, LOAD_ADDR, CpuMode::Long, Box::new(console.clone()))
+    })
+    .unwrap();
+    let (controller, stop) = (vmm.controller(), Arc::new(vmm.stop_handle().unwrap()));
+    let asker = std::thread::spawn(move || {
+        console.wait_for(1);
+        let answer = controller.call(Request::Snapshot {
+            dir,
+            resume: true,
+            kind: SnapshotKind::Full,
+        });
+        stop.stop();
+        answer
+    });
+    assert_eq!(vmm.run().unwrap().exit, GuestExit::Stopped);
+    asker.join().unwrap().expect("snapshot");
+}
+
 #[test]
 fn net_snapshot_keeps_the_device_and_each_restore_needs_its_own_tap() {
     in_netns(|| {
@@ -102,41 +128,31 @@ fn net_snapshot_keeps_the_device_and_each_restore_needs_its_own_tap() {
         let dir = std::env::temp_dir().join(format!("kiln-direct-net-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let snap = dir.join("snap");
-        // Print one byte, then spin so that the vCPU can be paused.
-        let code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe];
-        let console = Captured::default();
-        let vmm = Vmm::build(spec(code, &console, net("ko", Some(MAC)))).unwrap();
-        let (controller, stop) = (vmm.controller(), Arc::new(vmm.stop_handle().unwrap()));
-        let (watch, snap_dir) = (console.clone(), snap.clone());
-        let asker = std::thread::spawn(move || {
-            watch.wait_for(1);
-            let answer = controller.call(Request::Snapshot {
-                dir: snap_dir,
-                resume: true,
-                kind: SnapshotKind::Full,
-            });
-            stop.stop();
-            answer
-        });
-        assert_eq!(vmm.run().unwrap().exit, GuestExit::Stopped);
-        asker.join().unwrap().expect("snapshot");
+        let (snap, plain) = (dir.join("snap"), dir.join("plain"));
+        snapshot_spinning_vm(Some(net("ko", Some(MAC))), snap.clone());
+        snapshot_spinning_vm(None, plain.clone());
         let state = kiln::snapshot::read_state(&snap).unwrap();
         let saved = state.net.expect("the snapshot has the network device");
         assert_eq!((saved.device.mac, saved.device.tap.as_str()), (MAC, "ko"));
 
-        let restore = |net: Option<NetConfig>| {
+        let restore = |from: &std::path::Path, net: Option<NetConfig>| {
             Vmm::restore(RestoreSpec {
                 net,
-                ..RestoreSpec::new(snap.clone(), Box::new(Captured::default()))
+                ..RestoreSpec::new(from.to_path_buf(), Box::new(Captured::default()))
             })
         };
-        let refused = restore(None).err().expect("restored without a TAP");
+        let refused = restore(&snap, None).err().expect("restored without a TAP");
         assert!(refused.to_string().contains("its own --net"), "{refused}");
-        let missing = restore(Some(net("kc2", None))).err().expect("no such TAP");
+        let missing = restore(&snap, Some(net("kc2", None)))
+            .err()
+            .expect("no such TAP");
         assert!(missing.to_string().contains("does not exist"), "{missing}");
-        let clone = restore(Some(net("kc1", None))).unwrap();
-        let busy = restore(Some(net("kc1", None)))
+        let extra = restore(&plain, Some(net("kc1", None)))
+            .err()
+            .expect("--net for a snapshot without a network device");
+        assert!(extra.to_string().contains("no network device"), "{extra}");
+        let clone = restore(&snap, Some(net("kc1", None))).unwrap();
+        let busy = restore(&snap, Some(net("kc1", None)))
             .err()
             .expect("two clones on one TAP");
         assert!(busy.to_string().contains("attached"), "{busy}");

@@ -153,6 +153,12 @@ impl Vmm {
         }
 
         let mut net = None;
+        if let (None, Some(config)) = (&state.net, &spec.net) {
+            return Err(restore_err(format!(
+                "--net tap={}: the snapshot has no network device; leave --net out",
+                config.tap
+            )));
+        }
         if let Some(saved) = &state.net {
             let config = spec.net.as_ref().ok_or_else(|| {
                 restore_err(

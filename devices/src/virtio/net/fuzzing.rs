@@ -23,8 +23,11 @@ pub fn run(mem: &GuestMemory, rx: Queue, tx: Queue, frames: &[Vec<u8>]) {
     assert_eq!(rc, 0, "socketpair");
     // SAFETY: both descriptors were just created and are owned by nobody else.
     let (dev_end, mut host) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    let mut dev = Net::new(Tap::from_file(dev_end, "fuzz0"), MacAddr([2, 0, 0, 0, 0, 1]))
-        .expect("device");
+    let mut dev = Net::new(
+        Tap::from_file(dev_end, "fuzz0"),
+        MacAddr([2, 0, 0, 0, 0, 1]),
+    )
+    .expect("device");
     let evts = [(); 2].map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     dev.ack_features(dev.device_features());
