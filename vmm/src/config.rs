@@ -75,7 +75,7 @@ pub struct VmConfig {
     /// Disks, `/dev/vda` first (`[[disk]]` tables in TOML; `--disk` on the command line).
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<crate::disk::DiskConfig>,
-    /// The network device (`[net]` in TOML; `--net` on the command line).
+    /// The network device (`net = "tap=…"` in TOML, the same string as `--net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::NetConfig>,
 }

@@ -1,5 +1,5 @@
 //! A VM's network: what `--net tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]`
-//! and the `[net]` table of a config file say.
+//! and `net = "…"` in a config file (the same string) say.
 //!
 //! The VM gets one virtio-net device attached to the existing host TAP `NAME` (see
 //! `kiln net setup`). With `ip=`, the guest agent configures `eth0` from `kiln.ip=` (and

@@ -252,7 +252,7 @@ pub struct VmArgs {
     /// Give the VM a virtio-net device (eth0) on the existing host TAP NAME (see `kiln net
     /// setup`): tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]. Default MAC: a
     /// random locally administered one. With ip=, the guest agent configures eth0 (and the
-    /// default route via gw=, /etc/resolv.conf with dns=). Replaces the config's [net].
+    /// default route via gw=, /etc/resolv.conf with dns=). Replaces the config's `net`.
     #[arg(long, value_name = "tap=NAME[,OPTS]")]
     pub net: Option<crate::net::NetConfig>,
     #[command(flatten)]
