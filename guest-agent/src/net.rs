@@ -8,15 +8,23 @@ use kiln_agent::netif::{self, GuestNet};
 const IFACE: &str = "eth0";
 
 /// Run as `/proc/1/exe net-refresh MAC` by the host after a restore: the clone's device has
-/// a new MAC, so eth0 takes it, and goes down and up so that no neighbour entry of the
-/// original's network survives; then the address and routes are set again. Returns the
-/// exit code.
+/// a new MAC, so eth0 takes it, going down and up (if it was up) so that no neighbour entry
+/// of the original's network survives; then the address and routes from the command line
+/// are set again. Returns the exit code.
 pub fn refresh(mac: Option<&std::ffi::OsStr>) -> i32 {
-    let Some(mac) = mac.and_then(|m| parse_mac(&m.to_string_lossy())) else {
+    let Some(mac) = mac.and_then(|m| netif::parse_mac(&m.to_string_lossy())) else {
         say!("net-refresh: give the new MAC address, like 02:00:00:00:00:01");
         return 2;
     };
-    let steps = netif::set_down(IFACE).and_then(|()| netif::set_mac(IFACE, mac));
+    let steps = netif::is_up(IFACE).and_then(|was_up| {
+        netif::set_down(IFACE)?;
+        netif::set_mac(IFACE, mac)?;
+        // Without kiln.ip the guest configured eth0 itself: leave it as it was.
+        if was_up {
+            netif::set_up(IFACE)?;
+        }
+        Ok(())
+    });
     if let Err(e) = steps {
         say!("net-refresh: {IFACE}: {e}");
         return 1;
@@ -26,15 +34,6 @@ pub fn refresh(mac: Option<&std::ffi::OsStr>) -> i32 {
     } else {
         1
     }
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 /// Configure the network if the command line asks for it. Failures are reported; the

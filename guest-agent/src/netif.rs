@@ -64,6 +64,17 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
     Ok((addr, prefix))
 }
 
+/// An Ethernet address written `aa:bb:cc:dd:ee:ff` (or with `-`), two hex digits each.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// Whether `name` can be an interface name (1 to 15 bytes, no '/', ':', whitespace, NUL).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -149,6 +160,16 @@ pub fn set_up(name: &str) -> io::Result<()> {
     // IFF_UP is 1: it fits.
     req.ifr_ifru.ifru_flags = flags | libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
     ioctl(&sock, libc::SIOCSIFFLAGS, &mut req, "SIOCSIFFLAGS")
+}
+
+/// Whether interface `name` is up.
+pub fn is_up(name: &str) -> io::Result<bool> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    ioctl(&sock, libc::SIOCGIFFLAGS, &mut req, "SIOCGIFFLAGS")?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(i32::from(flags) & libc::IFF_UP != 0)
 }
 
 /// Take interface `name` down (which also drops its neighbour entries and routes).
@@ -237,5 +258,16 @@ mod tests {
         assert!(parse_cidr("10.0.0.1/33").is_err());
         assert!(parse_cidr("10.0.0.1").is_err());
         assert!(!valid_name("a/b") && !valid_name("") && valid_name("kiln0"));
+        assert_eq!(parse_mac("02:0a:FF:00:00:01"), Some([2, 10, 255, 0, 0, 1]));
+        assert_eq!(parse_mac("02-0a-ff-00-00-01"), Some([2, 10, 255, 0, 0, 1]));
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "2:0:0:0:0:0",
+            "zz:00:00:00:00:00",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
     }
 }

@@ -47,18 +47,8 @@ impl FromStr for MacAddr {
     /// `aa:bb:cc:dd:ee:ff` (hex, `:` or `-` between octets); a multicast address is refused
     /// (a NIC cannot have one).
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not a MAC address like 02:00:00:00:00:01");
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(bad());
-        }
-        let mut b = [0u8; 6];
-        for (o, p) in b.iter_mut().zip(&parts) {
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
+        let b = kiln_agent::netif::parse_mac(s)
+            .ok_or_else(|| format!("{s:?} is not a MAC address like 02:00:00:00:00:01"))?;
         if b[0] & 1 != 0 {
             return Err(format!(
                 "{s:?} is a multicast MAC address; give a unicast one"
