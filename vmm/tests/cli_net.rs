@@ -3,12 +3,16 @@
 
 use std::process::Command;
 
+mod netns;
+
 /// Runs `kiln ARGS`, asserts failure without a panic, returns the error line.
 fn kiln_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln");
+    fails(Command::new(env!("CARGO_BIN_EXE_kiln")).args(args), args)
+}
+
+/// Runs `cmd`, asserts failure without a panic, returns the error line.
+fn fails(cmd: &mut Command, args: &[&str]) -> String {
+    let out = cmd.output().expect("run kiln");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "kiln {args:?} succeeded: {stderr}");
     assert_ne!(out.status.code(), Some(101), "kiln panicked: {stderr}");
@@ -100,4 +104,37 @@ fn net_setup_refuses_a_user_who_is_not_root() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("must run as root"), "{stderr}");
     assert!(!std::path::Path::new("/sys/class/net/kx0").exists());
+}
+
+/// linux/capability.h (not in the libc crate).
+const CAP_NET_ADMIN: libc::c_ulong = 12;
+
+#[test]
+fn a_tap_without_the_right_to_attach() {
+    use std::os::unix::process::CommandExt;
+    let kernel = kernel();
+    netns::in_netns(move || {
+        kiln_devices::virtio::net::tap::create_persistent("kp0", Some(12345)).unwrap();
+        let args = ["run", "--kernel", kernel.as_str(), "--net", "tap=kp0"];
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(args);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+        // which is async-signal-safe. Without CAP_NET_ADMIN in its bounding set, the exec'd
+        // kiln (still root, so /dev/kvm and /dev/net/tun open) may not attach to a TAP that
+        // another user owns.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let line = fails(&mut cmd, &args);
+        assert!(
+            line.contains("kp0") && line.contains("not permitted"),
+            "{line}"
+        );
+        assert!(line.contains("CAP_NET_ADMIN"), "{line}");
+    });
 }

@@ -78,7 +78,7 @@ fn run_until(vmm: Vmm, console: &Captured, bytes: usize) -> GuestExit {
 #[test]
 fn net_device_answers_on_the_mmio_bus_with_its_mac() {
     in_netns(|| {
-        tap::create_persistent("kt0").unwrap();
+        tap::create_persistent("kt0", None).unwrap();
         let console = Captured::default();
         let vmm = Vmm::build(spec(probe_mac(), &console, net("kt0", Some(MAC)))).unwrap();
         assert_eq!(run_until(vmm, &console, 11), GuestExit::Stopped);
@@ -123,7 +123,7 @@ fn snapshot_spinning_vm(net: Option<NetConfig>, dir: std::path::PathBuf) {
 fn net_snapshot_keeps_the_device_and_each_restore_needs_its_own_tap() {
     in_netns(|| {
         for name in ["ko", "kc1"] {
-            tap::create_persistent(name).unwrap();
+            tap::create_persistent(name, None).unwrap();
         }
         let dir = std::env::temp_dir().join(format!("kiln-direct-net-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -164,7 +164,7 @@ const HOSTILE_OUTPUT: [u8; 4] = [0x0f, 0x4f, 0x00, b'K'];
 #[test]
 fn hostile_net_rings_mark_the_device_broken_and_nothing_else() {
     in_netns(|| {
-        tap::create_persistent("kh0").unwrap();
+        tap::create_persistent("kh0", None).unwrap();
         let console = Captured::default();
         let spec = MachineSpec {
             irqchip: true,

@@ -128,6 +128,10 @@ pub struct NetSetupArgs {
     /// Masquerade the TAP's subnet so that guests reach the host's other networks.
     #[arg(long)]
     pub nat: bool,
+    /// Only this user (and root) may attach VMs to the TAP (TUNSETOWNER); without it, any
+    /// user who can open /dev/net/tun may.
+    #[arg(long, value_name = "UID")]
+    pub owner: Option<u32>,
 }
 
 #[derive(Args, Debug)]

@@ -53,7 +53,7 @@ fn setup(args: &NetSetupArgs) -> anyhow::Result<()> {
     let (addr, prefix) = netif::parse_cidr(&args.host_ip).map_err(anyhow::Error::msg)?;
     // Find the NAT tool before changing anything, so that a missing one leaves no TAP.
     let nat_tool = if args.nat { Some(nat_tool()?) } else { None };
-    tap::create_persistent(&args.tap)?;
+    tap::create_persistent(&args.tap, args.owner)?;
     let result = (|| -> anyhow::Result<Record> {
         netif::configure(&args.tap, addr, prefix)
             .with_context(|| format!("cannot give {} the address {}", args.tap, args.host_ip))?;

@@ -116,8 +116,9 @@ impl AsRawFd for Tap {
 }
 
 /// Create the persistent TAP `name` (it outlives this process, until [`delete_persistent`]).
-/// Fails if an interface of that name exists already.
-pub fn create_persistent(name: &str) -> Result<(), TapError> {
+/// With `owner`, only that user (or a process with CAP_NET_ADMIN) may attach to it; without,
+/// anyone who can open /dev/net/tun may. Fails if an interface of that name exists already.
+pub fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
     check_name(name)?;
     if interface_exists(name) {
         return Err(ioctl_error(
@@ -126,7 +127,21 @@ pub fn create_persistent(name: &str) -> Result<(), TapError> {
             io::Error::from_raw_os_error(libc::EEXIST),
         ));
     }
-    set_persist(name, true)
+    let file = open_tun(name, 0)?;
+    if let Some(uid) = owner {
+        // SAFETY: TUNSETOWNER takes its argument by value.
+        if unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                libc::TUNSETOWNER,
+                libc::c_ulong::from(uid),
+            )
+        } < 0
+        {
+            return Err(ioctl_error(name, "TUNSETOWNER", io::Error::last_os_error()));
+        }
+    }
+    set_persist(&file, name, true)
 }
 
 /// Delete the persistent TAP `name` (no VM may be attached to it).
@@ -135,11 +150,10 @@ pub fn delete_persistent(name: &str) -> Result<(), TapError> {
     if !interface_exists(name) {
         return Err(TapError::Missing(name.to_string()));
     }
-    set_persist(name, false)
+    set_persist(&open_tun(name, 0)?, name, false)
 }
 
-fn set_persist(name: &str, on: bool) -> Result<(), TapError> {
-    let file = open_tun(name, 0)?;
+fn set_persist(file: &File, name: &str, on: bool) -> Result<(), TapError> {
     // SAFETY: TUNSETPERSIST takes its argument by value.
     if unsafe {
         libc::ioctl(
