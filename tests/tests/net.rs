@@ -80,12 +80,14 @@ kill $httpd; wait $httpd || true
     )
 }
 
-/// Runs `original_and_snapshot` then `rest`; checks the original's part.
-fn run_clone_script(rest: &str, timeout: Duration) -> Result<String> {
+/// Runs `original_and_snapshot` then `rest` (with `extra` files beside the agent image);
+/// checks the original's part.
+fn run_clone_script(rest: &str, extra: &[(String, Vec<u8>)], timeout: Duration) -> Result<String> {
     use kiln_tests::output::value;
     let runner = Runner::detect()?;
     let script = format!("{}{rest}", original_and_snapshot());
-    let files = [("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
+    let mut files = vec![("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
+    files.extend_from_slice(extra);
     let out = runner.run(&script, &files, timeout)?;
     let c = out.console;
     ensure!(out.exit_code == 0, "script failed:\n{c}");
@@ -119,7 +121,7 @@ kill $httpd
 "$KILN" net teardown --tap kilnclone
 "#
     );
-    let c = run_clone_script(&rest, Duration::from_secs(600))?;
+    let c = run_clone_script(&rest, &[], Duration::from_secs(600))?;
     ensure!(value(&c, "KILN-CLONE-READY") == Some("yes"), "{c}");
     let (orig, clone) = (value(&c, "KILN-ORIG-MAC"), value(&c, "KILN-CLONE-MAC"));
     ensure!(
@@ -160,7 +162,7 @@ kill $httpd || true
 "$KILN" net teardown --tap kf0
 "$KILN" net teardown --tap kf1
 "#;
-    let c = run_clone_script(rest, Duration::from_secs(600))?;
+    let c = run_clone_script(rest, &[], Duration::from_secs(600))?;
     let orig = value(&c, "KILN-ORIG-MAC");
     let macs = [value(&c, "KILN-FORK-MAC-0"), value(&c, "KILN-FORK-MAC-1")];
     for i in 0..2 {
@@ -264,5 +266,37 @@ kill $httpd
         value(c, "KILN-ROUTE") == Some("eth0"),
         "the default route: {c}"
     );
+    Ok(())
+}
+
+/// `kiln job --from-snapshot … --net tap=…`: the job starts in a clone on its own TAP whose
+/// eth0 already has its new MAC, and reaches the host through that TAP.
+#[test]
+fn net_job_from_snapshot_runs_on_its_own_tap() -> Result<()> {
+    use kiln_tests::net_download::HOST_IP;
+    use kiln_tests::output::value;
+    let rest = format!(
+        r#"
+"$KILN" net setup --tap kilnjobc --host-ip {HOST_IP}/24
+serve
+"$KILN" job --from-snapshot "$PWD/snap" --net tap=kilnjobc --boot-timeout 60 --script "$FILES/job.sh"
+echo "KILN-JOB-EXIT=$?"
+kill $httpd
+"$KILN" net teardown --tap kilnjobc
+"#
+    );
+    let job = format!(
+        "echo \"KILN-JOB-MAC=$(cat /sys/class/net/eth0/address)\"\n\
+         echo \"KILN-JOB-GET=$(timeout 60 wget -q -O - http://{HOST_IP}:8080/ping)\"\n"
+    );
+    let c = run_clone_script(
+        &rest,
+        &[("job.sh".to_string(), job.into_bytes())],
+        Duration::from_secs(600),
+    )?;
+    ensure!(value(&c, "KILN-JOB-EXIT") == Some("0"), "{c}");
+    let (orig, mac) = (value(&c, "KILN-ORIG-MAC"), value(&c, "KILN-JOB-MAC"));
+    ensure!(mac.is_some() && mac != orig, "MACs {orig:?} {mac:?}:\n{c}");
+    ensure!(value(&c, "KILN-JOB-GET") == Some("kiln-net-ping"), "{c}");
     Ok(())
 }
