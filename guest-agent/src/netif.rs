@@ -64,6 +64,11 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
     Ok((addr, prefix))
 }
 
+/// The netmask of a prefix length (0..=32).
+pub fn netmask(prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
+}
+
 /// An Ethernet address written `aa:bb:cc:dd:ee:ff` (or with `-`), two hex digits each.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -144,8 +149,7 @@ pub fn configure(name: &str, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_addr = sockaddr(addr);
     ioctl(&sock, libc::SIOCSIFADDR, &mut req, "SIOCSIFADDR")?;
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
+    req.ifr_ifru.ifru_netmask = sockaddr(netmask(prefix));
     ioctl(&sock, libc::SIOCSIFNETMASK, &mut req, "SIOCSIFNETMASK")?;
     set_up(name)
 }

@@ -113,8 +113,7 @@ fn teardown(name: &str) -> anyhow::Result<()> {
 }
 
 fn network(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    Ipv4Addr::from(u32::from(addr) & mask)
+    Ipv4Addr::from(u32::from(addr) & u32::from(netif::netmask(prefix)))
 }
 
 /// `nft` if the host has it, else `iptables`.
@@ -135,58 +134,7 @@ fn nat_tool() -> anyhow::Result<String> {
 /// interface but the TAP. With nft the rule lives in its own table `kiln_<tap>`, so that
 /// deleting the table removes exactly it.
 fn nat_rule(tool: &str, tap: &str, subnet: &str, add: bool) -> anyhow::Result<()> {
-    let table = format!("kiln_{tap}");
-    let scripts: Vec<Vec<String>> = match (tool, add) {
-        ("nft", true) => vec![
-            vec!["add", "table", "ip", &table]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-            [
-                "add",
-                "chain",
-                "ip",
-                &table,
-                "post",
-                "{ type nat hook postrouting priority 100 ; }",
-            ]
-            .map(String::from)
-            .to_vec(),
-            [
-                "add",
-                "rule",
-                "ip",
-                &table,
-                "post",
-                "ip",
-                "saddr",
-                subnet,
-                "oifname",
-                "!=",
-                tap,
-                "masquerade",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ],
-        ("nft", false) => vec![["delete", "table", "ip", &table].map(String::from).to_vec()],
-        (_, add) => vec![[
-            "-t",
-            "nat",
-            if add { "-A" } else { "-D" },
-            "POSTROUTING",
-            "-s",
-            subnet,
-            "!",
-            "-o",
-            tap,
-            "-j",
-            "MASQUERADE",
-        ]
-        .map(String::from)
-        .to_vec()],
-    };
-    for args in scripts {
+    for args in nat_commands(tool, tap, subnet, add) {
         let out = Command::new(tool)
             .args(&args)
             .output()
@@ -200,4 +148,68 @@ fn nat_rule(tool: &str, tap: &str, subnet: &str, add: bool) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The argument lists of [`nat_rule`]'s `tool` runs. `tap` is an interface name (no
+/// whitespace) and `subnet` an address/prefix kiln formatted.
+fn nat_commands(tool: &str, tap: &str, subnet: &str, add: bool) -> Vec<Vec<String>> {
+    let table = format!("kiln_{tap}");
+    let words =
+        |line: String| -> Vec<String> { line.split_whitespace().map(String::from).collect() };
+    match (tool, add) {
+        ("nft", true) => vec![
+            words(format!("add table ip {table}")),
+            // One argument: nft parses the chain's spec itself.
+            vec![
+                "add".into(),
+                "chain".into(),
+                "ip".into(),
+                table.clone(),
+                "post".into(),
+                "{ type nat hook postrouting priority 100 ; }".into(),
+            ],
+            words(format!(
+                "add rule ip {table} post ip saddr {subnet} oifname != {tap} masquerade"
+            )),
+        ],
+        ("nft", false) => vec![words(format!("delete table ip {table}"))],
+        (_, add) => vec![words(format!(
+            "-t nat {} POSTROUTING -s {subnet} ! -o {tap} -j MASQUERADE",
+            if add { "-A" } else { "-D" }
+        ))],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_commands_add_and_remove_the_same_rule() {
+        let add = nat_commands("nft", "kiln0", "10.0.0.0/24", true);
+        assert_eq!(add.len(), 3);
+        assert_eq!(add[1][5], "{ type nat hook postrouting priority 100 ; }");
+        assert_eq!(
+            add[2].join(" "),
+            "add rule ip kiln_kiln0 post ip saddr 10.0.0.0/24 oifname != kiln0 masquerade"
+        );
+        assert_eq!(
+            nat_commands("nft", "kiln0", "10.0.0.0/24", false),
+            [["delete", "table", "ip", "kiln_kiln0"]]
+        );
+        let rule = |add| nat_commands("iptables", "kiln0", "10.0.0.0/24", add)[0].join(" ");
+        assert_eq!(
+            rule(true),
+            "-t nat -A POSTROUTING -s 10.0.0.0/24 ! -o kiln0 -j MASQUERADE"
+        );
+        assert_eq!(rule(false), rule(true).replace("-A", "-D"));
+        assert_eq!(
+            network(Ipv4Addr::new(10, 0, 0, 1), 24),
+            Ipv4Addr::new(10, 0, 0, 0)
+        );
+        assert_eq!(
+            network(Ipv4Addr::new(10, 1, 2, 3), 0),
+            Ipv4Addr::UNSPECIFIED
+        );
+    }
 }
