@@ -23,8 +23,8 @@ pub enum TapError {
     /// No interface has that name.
     #[error("TAP device {0:?} does not exist; create it first, e.g. `kiln net setup --tap {0} --host-ip 10.0.0.1/24`")]
     Missing(String),
-    /// The interface exists but is not a TAP.
-    #[error("network interface {0:?} is not a TAP device")]
+    /// The interface exists but is not a TAP kiln can attach to.
+    #[error("network interface {0:?} is not a TAP device (a single-queue TAP, as `kiln net setup` makes)")]
     NotTap(String),
     /// `/dev/net/tun` cannot be opened.
     #[error("cannot open {TUN_PATH}: {0} (is the tun module loaded?)")]
@@ -59,7 +59,8 @@ impl Tap {
             return Err(TapError::Missing(name.to_string()));
         }
         let file = match open_tun(name, libc::IFF_VNET_HDR) {
-            // The kernel's answer for an existing interface that is not a TAP.
+            // The kernel's answer for an existing interface that is not a TAP (or a TUN, or
+            // a multiqueue TAP).
             Err(TapError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
                 return Err(TapError::NotTap(name.to_string()))
             }
