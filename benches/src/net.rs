@@ -30,12 +30,13 @@ pub struct Params {
 pub fn run(runner: &Runner, p: &Params) -> Result<Vec<Value>> {
     ensure!(p.mib > 0 && p.runs > 0, "nothing to measure");
     let script = format!("{CLOCK_SH}{}", net_download::script(p.mib, p.runs));
-    let files = [(
+    let mut files = vec![(
         "agent.cpio".to_string(),
         GuestInitramfs::new()
             .build()
             .context("building the agent image")?,
     )];
+    let script = net_download::isolated(&script, &mut files);
     let timeout = Duration::from_secs(300 + 30 * p.mib * p.runs as u64);
     let (out, clock) = run_script(runner, "net", &script, &files, timeout)?;
     let (host_sha, runs) = net_download::parse(&out.console);

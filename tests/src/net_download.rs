@@ -12,6 +12,18 @@ pub const GUEST_IP: &str = "10.0.2.2";
 /// The TAP's name.
 pub const TAP: &str = "kilntap0";
 
+/// Runs `script` in a network namespace of its own: adds it to `files` as `net-test.sh`
+/// and returns the script to run instead. The test bed has no network to disturb, but the
+/// direct path runs on the machine itself, whose network a test must not touch (its TAPs,
+/// addresses and HTTP server live and die in the namespace). A private mount namespace
+/// with its own sysfs makes `/sys/class/net` show the new network namespace.
+pub fn isolated(script: &str, files: &mut Vec<(String, Vec<u8>)>) -> String {
+    files.push(("net-test.sh".to_string(), script.as_bytes().to_vec()));
+    "exec unshare -m -n --propagation private \\\n  \
+     sh -c 'mount -t sysfs sysfs /sys && exec sh \"$FILES/net-test.sh\"'\n"
+        .to_string()
+}
+
 /// A test-bed script that downloads `mib` MiB `runs` times. It prints `NET-HOST-SHA=<sha>`
 /// for the served file and one line per run: `NET-RUN <host µs> <guest start> <guest end>
 /// <sha>` (host µs around `kiln exec`, guest times from /proc/uptime around `wget`, the

@@ -17,7 +17,8 @@ const NOW_US: &str = r#"now_us() { read -r up _ < /proc/uptime; frac=${up#*.}; e
 fn net_guest_downloads_from_host_over_tap() -> Result<()> {
     let runner = Runner::detect()?;
     let script = format!("{NOW_US}{}", net_download::script(20, 1));
-    let files = [("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
+    let mut files = vec![("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
+    let script = net_download::isolated(&script, &mut files);
     let out = runner.run(&script, &files, Duration::from_secs(900))?;
     ensure!(out.exit_code == 0, "script failed:\n{}", out.console);
     let (host_sha, runs) = net_download::parse(&out.console);
@@ -88,6 +89,7 @@ fn run_clone_script(rest: &str, extra: &[(String, Vec<u8>)], timeout: Duration) 
     let script = format!("{}{rest}", original_and_snapshot());
     let mut files = vec![("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
     files.extend_from_slice(extra);
+    let script = net_download::isolated(&script, &mut files);
     let out = runner.run(&script, &files, timeout)?;
     let c = out.console;
     ensure!(out.exit_code == 0, "script failed:\n{c}");
@@ -202,7 +204,9 @@ echo "KILN-PLAIN-TAP=$(cat /sys/class/net/knat/operstate)"
 "$KILN" net teardown --tap knat
 [ -e /sys/class/net/knat ] && echo "KILN-AFTER=left" || echo "KILN-AFTER=none"
 "#;
-    let out = runner.run(script, &[], Duration::from_secs(300))?;
+    let mut files = Vec::new();
+    let script = net_download::isolated(script, &mut files);
+    let out = runner.run(&script, &files, Duration::from_secs(300))?;
     let c = &out.console;
     ensure!(out.exit_code == 0, "{c}");
     if value(c, "KILN-NAT") == Some("made") {
@@ -247,10 +251,11 @@ kill $httpd
          echo \"KILN-RESOLV=$(cat /etc/resolv.conf)\"\n\
          echo \"KILN-ROUTE=$(awk '$2 == \"00000000\" {{ print $1 }}' /proc/net/route)\"\n"
     );
-    let files = [
+    let mut files = vec![
         ("agent.cpio".to_string(), GuestInitramfs::new().build()?),
         ("job.sh".to_string(), job.into_bytes()),
     ];
+    let script = net_download::isolated(&script, &mut files);
     let out = runner.run(&script, &files, Duration::from_secs(300))?;
     let c = &out.console;
     ensure!(
