@@ -7,6 +7,7 @@ mod boot;
 mod empty_job;
 mod fork;
 mod kiln_process;
+mod net;
 mod restore_direct;
 mod snapshot;
 mod stats;
@@ -53,6 +54,12 @@ struct Args {
     /// MiB per `blk` transfer.
     #[arg(long, default_value_t = 64)]
     blk_mib: u64,
+    /// Downloads to time for `net` (at least 3 for a median).
+    #[arg(long, default_value_t = 3)]
+    net_runs: usize,
+    /// MiB per `net` download.
+    #[arg(long, default_value_t = 20)]
+    net_mib: u64,
 }
 
 fn main() -> Result<()> {
@@ -174,6 +181,22 @@ fn main() -> Result<()> {
             &blk::Params {
                 runs: args.blk_runs,
                 mib: args.blk_mib,
+            },
+        )?);
+    }
+    if wanted("net") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench net: {} downloads of {} MiB over a TAP, {}",
+            args.net_runs,
+            args.net_mib,
+            runner.describe()
+        );
+        results.extend(net::run(
+            &runner,
+            &net::Params {
+                runs: args.net_runs,
+                mib: args.net_mib,
             },
         )?);
     }

@@ -1,4 +1,4 @@
-//! Virtqueue descriptor-chain walking as the vsock device does it, on a guest-controlled
+//! Virtqueue descriptor-chain walking as the vsock and net devices do it, on a guest-controlled
 //! ring: guest memory (64 KiB, optionally a second region past a hole) holds a
 //! fuzzer-written descriptor table, avail ring and buffers (loops, out-of-range addresses,
 //! huge lengths, indirect descriptors, wrapping indices). Then:
@@ -6,7 +6,9 @@
 //! - the tx path pops every chain (`packet_io::drain_tx`: `VsockPacket::from_tx_virtq_chain`,
 //!   else the gather of a split payload) and reads each packet that parses;
 //! - the same ring, as an rx queue, is filled (`packet_io::fill_rx`:
-//!   `VsockPacket::from_rx_virtq_chain`) with packets of fuzzer-chosen lengths.
+//!   `VsockPacket::from_rx_virtq_chain`) with packets of fuzzer-chosen lengths;
+//! - a net device is activated with the same ring as its tx and rx queues: it sends every tx
+//!   chain it accepts to a stand-in TAP, then receives frames of fuzzer-chosen lengths.
 //!
 //! Work per input is bounded: at most 256 chains per pass, each chain bounded by the queue
 //! size (or by the indirect table, itself inside 80 KiB of memory).
@@ -92,6 +94,8 @@ struct Input {
     rings: Option<(Addr, Addr, Addr)>,
     /// Payload lengths of the rx packets the device tries to send.
     rx_payloads: Vec<u16>,
+    /// Lengths of the frames the net device's TAP delivers.
+    net_frames: Vec<u16>,
 }
 
 fn queue(input: &Input, size: u16, desc: u64, avail: u64, used: u64) -> Queue {
@@ -177,4 +181,17 @@ fuzz_target!(|input: Input| {
         .collect();
     let mut rx = queue(&input, size, desc, avail, used);
     fill_rx(&mut rx, &mem, &payloads);
+
+    let frames: Vec<Vec<u8>> = input
+        .net_frames
+        .iter()
+        .take(64)
+        .map(|&n| vec![0x5a; usize::from(n)])
+        .collect();
+    kiln_devices::virtio::net::fuzzing::run(
+        &mem,
+        queue(&input, size, desc, avail, used),
+        queue(&input, size, desc, avail, used),
+        &frames,
+    );
 });

@@ -24,5 +24,6 @@ macro_rules! say {
 pub mod binary;
 pub mod client;
 pub mod marks;
+pub mod netif;
 pub mod protocol;
 pub mod server;

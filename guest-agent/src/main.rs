@@ -33,6 +33,7 @@ use kiln_agent::server::Server;
 
 mod init;
 mod mark;
+mod net;
 mod power;
 mod rc;
 mod system;
@@ -49,12 +50,21 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     if Path::new(&name).file_name() == Some(std::ffi::OsStr::new("kiln-snapshot")) {
         return mark::request_snapshot();
     }
+    // Run by the host after a restore (`/proc/1/exe net-refresh MAC`): the clone's new MAC.
+    let mut args = std::env::args_os().skip(1);
+    if std::process::id() != 1
+        && args.next().as_deref() == Some(std::ffi::OsStr::new("net-refresh"))
+    {
+        return net::refresh(args.next().as_deref());
+    }
     if std::process::id() != 1 {
         // Mounting over /proc and rebooting are only right for a guest's init.
         say!("not running as PID 1; refusing to start (this program is a guest's /init)");
         return 2;
     }
     init::setup();
+    // Before boot done: a job may use the network from its first line.
+    let _ = net::setup();
     // Writes to a closed connection or pipe must fail with EPIPE, not kill the agent.
     // SAFETY: setting a signal's disposition to "ignore" installs no handler code.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };

@@ -1,5 +1,6 @@
 //! The nested test bed and what end-to-end tests build their images with.
 pub mod kernels;
+pub mod net_download;
 
 pub mod artifacts;
 pub mod busybox;

@@ -75,6 +75,9 @@ pub struct VmConfig {
     /// Disks, `/dev/vda` first (`[[disk]]` tables in TOML; `--disk` on the command line).
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<crate::disk::DiskConfig>,
+    /// The network device (`net = "tap=…"` in TOML, the same string as `--net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetConfig>,
 }
 
 fn default_seccomp() -> bool {
@@ -134,6 +137,7 @@ impl VmConfig {
             track_dirty_pages: false,
             seccomp: default_seccomp(),
             disks: Vec::new(),
+            net: None,
         }
     }
 

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vm::{Vm, VmError};
 use kiln_devices::virtio::block::{Block, BlockError, Overlay, RawFile};
+use kiln_devices::virtio::net::{MacAddr, Net, NetError, Tap};
 use kiln_devices::virtio::vsock::Vsock;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum DeviceError {
     Vsock(#[from] kiln_devices::virtio::vsock::VsockError),
     #[error("{0}")]
     Block(#[from] BlockError),
+    #[error("{0}")]
+    Net(#[from] NetError),
 }
 
 /// A virtio-blk device for `disk`: over a new copy-on-write overlay if it names one, else
@@ -221,6 +224,30 @@ impl VirtioAllocator {
     ) -> Result<(VirtioSlot, Arc<Mutex<Block>>), DeviceError> {
         self.attach_restored(vm, buses, memory, 1, transport, |evts, irq| {
             Block::restore(state, memory.clone(), evts, irq).map_err(DeviceError::from)
+        })
+    }
+
+    /// Brings back a snapshot's network device and transport at the next window, attached
+    /// to the clone's own TAP, with the clone's MAC (given, else a new random one).
+    pub fn attach_restored_net(
+        &mut self,
+        vm: &Vm,
+        buses: &mut Buses,
+        memory: &crate::memory::GuestMemory,
+        config: &crate::net::NetConfig,
+        snapshot: &crate::snapshot::NetSnapshot,
+    ) -> Result<(VirtioSlot, Arc<Mutex<Net>>), DeviceError> {
+        let tap = Tap::open(&config.tap).map_err(NetError::from)?;
+        let mac = config.mac.unwrap_or_else(MacAddr::random);
+        self.attach_restored(vm, buses, memory, 2, &snapshot.transport, |evts, irq| {
+            Ok(Net::restore(
+                &snapshot.device,
+                tap,
+                mac,
+                memory.clone(),
+                evts,
+                irq,
+            )?)
         })
     }
 

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod image;
 pub mod jail;
 pub mod memory;
+pub mod net;
 pub mod seccomp;
 pub mod slot;
 pub mod snapshot;

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Command::Job(args) => commands::job::job(&args, start),
         Command::Jail(args) => commands::jail::jail(&args),
         Command::Image(args) => commands::image::image(&args),
+        Command::Net(cmd) => commands::net::net(&cmd).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::mpsc::channel;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kiln::commands::restore::{refresh_guest, ENTROPY_BYTES};
+use kiln::commands::restore::{refresh_guest, CloneIdentity, ENTROPY_BYTES};
 use kiln_agent::protocol::{read_frame, write_frame, Frame, Pong, AGENT_PORT};
 
 /// What the fake agent was asked, connection by connection.
@@ -97,7 +97,7 @@ fn refresh_sets_the_time_and_sends_fresh_entropy() {
         // wait_ready's ping, then the refresh connection.
         let seen = fake_agent(&uds, 2);
         let before = now_nanos();
-        refresh_guest(&uds, Duration::from_secs(10), None).unwrap();
+        refresh_guest(&uds, Duration::from_secs(10), &CloneIdentity::default()).unwrap();
         let after = now_nanos();
         match seen.recv_timeout(Duration::from_secs(10)).unwrap() {
             Seen::Time(t) => assert!(before <= t && t <= after, "{before} <= {t} <= {after}"),
@@ -119,7 +119,8 @@ fn refresh_sets_the_time_and_sends_fresh_entropy() {
 fn refresh_gives_up_when_no_agent_answers() {
     let dir = scratch("none");
     let uds = dir.join("vsock.sock");
-    let err = refresh_guest(&uds, Duration::from_millis(200), None).unwrap_err();
+    let err =
+        refresh_guest(&uds, Duration::from_millis(200), &CloneIdentity::default()).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("did not answer"), "{msg}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -131,7 +132,7 @@ fn refresh_retries_a_connection_the_guest_dropped() {
     let uds = dir.join("vsock.sock");
     let seen = fake_agent_ignoring(&uds, 1, 2);
     let start = std::time::Instant::now();
-    refresh_guest(&uds, Duration::from_secs(30), None).unwrap();
+    refresh_guest(&uds, Duration::from_secs(30), &CloneIdentity::default()).unwrap();
     let took = start.elapsed();
     assert!(
         took < Duration::from_secs(10),

@@ -1,4 +1,4 @@
-//! Hostile guests on the direct path: a hand-made guest abuses the vsock device's
+//! Hostile guests on the direct path: a hand-made guest abuses the vsock (or net) device's
 //! virtio-mmio window (writes out of protocol, then an avail ring whose index runs far past
 //! the ring). kiln marks the device DEVICE_NEEDS_RESET and logs it; the VMM, the serial
 //! device and the host socket keep working, and a reset brings the device back.
@@ -9,7 +9,10 @@ use kiln::arch::x86_64::regs::CpuMode;
 use kiln::vmm::{GuestExit, MachineSpec, Vmm, VsockSpec};
 
 mod console_capture;
+mod netns;
 use console_capture::Captured;
+use kiln_devices::virtio::net::tap;
+use netns::in_netns;
 
 /// The vsock device's register window (the first virtio-mmio slot).
 const WINDOW: u64 = 0xd000_0000;
@@ -83,7 +86,9 @@ impl Code {
     }
 }
 
-fn hostile_guest() -> Vec<u8> {
+/// The hostile driver of a device with `queues` queues, queue 1 being the one it corrupts
+/// (tx for both vsock and net).
+fn hostile_guest(queues: u32) -> Vec<u8> {
     let mut c = Code::new();
     // Out of protocol: notify, ready and an absurd size before any negotiation, a write
     // past the config space, DRIVER_OK out of order; then a reset.
@@ -93,7 +98,7 @@ fn hostile_guest() -> Vec<u8> {
         .write(0x1f0, 0xdead_beef)
         .write(reg::STATUS, 0x04)
         .write(reg::STATUS, 0);
-    // By the book: ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK, three queues, DRIVER_OK.
+    // By the book: ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK, the queues, DRIVER_OK.
     c.write(reg::STATUS, 0x01)
         .write(reg::STATUS, 0x03)
         .write(reg::DRIVER_FEATURES_SEL, 1)
@@ -101,7 +106,7 @@ fn hostile_guest() -> Vec<u8> {
         .write(reg::DRIVER_FEATURES_SEL, 0)
         .write(reg::DRIVER_FEATURES, 0)
         .write(reg::STATUS, 0x0b);
-    for q in 0..3u32 {
+    for q in 0..queues {
         let base = RINGS + q * 0x1000;
         c.write(reg::QUEUE_SEL, q)
             .write(reg::QUEUE_NUM, QUEUE_SIZE)
@@ -121,6 +126,62 @@ fn hostile_guest() -> Vec<u8> {
     c.halt()
 }
 
+/// Runs `vmm` until the guest has printed its four bytes (or a minute has passed), calls
+/// `meanwhile` while the VM still runs, and returns what the guest printed and what
+/// `meanwhile` said.
+fn run_hostile<T>(
+    vmm: Vmm,
+    console: &Captured,
+    meanwhile: impl FnOnce() -> T + Send,
+) -> (Vec<u8>, T)
+where
+    T: Send,
+{
+    // With an irqchip HLT waits for an interrupt: stop the VM once the guest has printed
+    // its four bytes, or after a minute (then the output says how far it got).
+    let stop = vmm.stop_handle().unwrap();
+    let watcher = console.clone();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while watcher.bytes().len() < 4 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10)); // polling the console's length
+            }
+            let said = meanwhile();
+            stop.stop();
+            said
+        });
+        let report = vmm.run().expect("the VMM survives a hostile guest");
+        assert_eq!(report.exit, GuestExit::Stopped);
+        (console.bytes(), waiter.join().unwrap())
+    })
+}
+
+/// Status after DRIVER_OK, after the corrupt ring, after the reset; then the serial port
+/// still works.
+const HOSTILE_OUTPUT: [u8; 4] = [0x0f, 0x4f, 0x00, b'K'];
+
+#[test]
+fn hostile_net_rings_mark_the_device_broken_and_nothing_else() {
+    in_netns(|| {
+        tap::create_persistent("kh0", None).unwrap();
+        let console = Captured::default();
+        let spec = MachineSpec {
+            irqchip: true,
+            net: Some("tap=kh0".parse().unwrap()),
+            ..MachineSpec::raw(
+                hostile_guest(2),
+                0x1000,
+                CpuMode::Long,
+                Box::new(console.clone()),
+            )
+        };
+        let vmm = Vmm::build(spec).unwrap();
+        let (out, ()) = run_hostile(vmm, &console, || ());
+        assert_eq!(out, HOSTILE_OUTPUT);
+    });
+}
+
 #[test]
 fn hostile_rings_mark_the_device_broken_and_nothing_else() {
     let dir = std::env::temp_dir().join(format!("kiln-hostile-{}", std::process::id()));
@@ -135,36 +196,18 @@ fn hostile_rings_mark_the_device_broken_and_nothing_else() {
             uds_path: uds.clone(),
         }),
         ..MachineSpec::raw(
-            hostile_guest(),
+            hostile_guest(3),
             0x1000,
             CpuMode::Long,
             Box::new(console.clone()),
         )
     };
     let vmm = Vmm::build(spec).unwrap();
-    // With an irqchip HLT waits for an interrupt: stop the VM once the guest has printed
-    // its four bytes, or after a minute (then the output below says how far it got).
-    let stop = vmm.stop_handle().unwrap();
-    let (watcher, host_uds) = (console.clone(), uds.clone());
-    let waiter = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while watcher.bytes().len() < 4 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10)); // polling the console's length
-        }
-        // The host side still works while the VM runs: the socket takes a connection.
-        let connected = std::os::unix::net::UnixStream::connect(&host_uds).is_ok();
-        stop.stop();
-        connected
+    // The host side still works while the VM runs: the socket takes a connection.
+    let (out, host_connected) = run_hostile(vmm, &console, || {
+        std::os::unix::net::UnixStream::connect(&uds).is_ok()
     });
-    let report = vmm.run().expect("the VMM survives a hostile guest");
-    let host_connected = waiter.join().unwrap();
-    assert_eq!(report.exit, GuestExit::Stopped);
-    assert_eq!(
-        console.bytes(),
-        vec![0x0f, 0x4f, 0x00, b'K'],
-        "status after DRIVER_OK, after the corrupt ring, after the reset; then the serial \
-         port still works"
-    );
+    assert_eq!(out, HOSTILE_OUTPUT);
     assert!(host_connected, "the vsock socket stopped accepting");
     std::fs::remove_dir_all(&dir).unwrap();
 }

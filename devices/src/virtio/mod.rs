@@ -37,8 +37,13 @@
 //! ```
 
 pub mod block;
+pub(crate) mod interest;
 pub mod mmio;
-mod state;
+pub mod net;
+mod queue_ops;
+pub(crate) mod state;
+#[cfg(test)]
+pub(crate) mod test_queue;
 pub mod vsock;
 
 use std::io;

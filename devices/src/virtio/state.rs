@@ -57,3 +57,16 @@ impl From<QueueSnapshot> for QueueState {
         }
     }
 }
+
+/// A queue back from its snapshot, checked to be ready and inside `mem`.
+pub(crate) fn restore_queue(
+    q: &QueueSnapshot,
+    mem: &crate::virtio::GuestMemory,
+) -> Result<virtio_queue::Queue, String> {
+    use virtio_queue::QueueT;
+    let queue = virtio_queue::Queue::try_from(QueueState::from(*q)).map_err(|e| e.to_string())?;
+    if !queue.is_valid(mem) {
+        return Err("the queue is not ready or lies outside guest memory".into());
+    }
+    Ok(queue)
+}

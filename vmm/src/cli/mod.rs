@@ -103,6 +103,41 @@ pub enum Command {
     Jail(JailArgs),
     /// Make, list and remove root-disk images (`kiln image build|import|ls|rm`).
     Image(ImageArgs),
+    /// Set up or tear down the host side of a VM network: a persistent TAP with the host's
+    /// address (and optionally NAT to the host's other interfaces). Must run as root.
+    #[command(subcommand)]
+    Net(NetCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetCommand {
+    /// Create the persistent TAP NAME, give it the host's address and bring it up; with
+    /// --nat also turn on IPv4 forwarding and masquerade the TAP's subnet (nft or
+    /// iptables). VMs then attach with `--net tap=NAME,ip=<guest ip>/N,gw=<host ip>`.
+    Setup(NetSetupArgs),
+    /// Undo `kiln net setup`: the NAT rule and forwarding setting it made, and the TAP.
+    Teardown {
+        /// The TAP to remove.
+        #[arg(long, value_name = "NAME")]
+        tap: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct NetSetupArgs {
+    /// The TAP to create (must not exist).
+    #[arg(long, value_name = "NAME")]
+    pub tap: String,
+    /// The host's address on it, with the prefix length (e.g. 10.0.0.1/24).
+    #[arg(long, value_name = "A.B.C.D/N")]
+    pub host_ip: String,
+    /// Masquerade the TAP's subnet so that guests reach the host's other networks.
+    #[arg(long)]
+    pub nat: bool,
+    /// Only this user (and root) may attach VMs to the TAP (TUNSETOWNER); without it, any
+    /// user who can open /dev/net/tun may.
+    #[arg(long, value_name = "UID")]
+    pub owner: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -198,8 +233,9 @@ pub struct VmArgs {
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
     /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial, track_dirty_pages, and [[disk]] tables with path, read_only,
-    /// overlay, rw, root, serial); flags given as well override it.
+    /// memory_mib, serial, track_dirty_pages, net = "tap=…" as for --net, and [[disk]]
+    /// tables with path, read_only, overlay, rw, root, serial); flags given as well
+    /// override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Have KVM log the pages the guest writes, so that `kiln ctl snapshot --diff` can
@@ -230,6 +266,12 @@ pub struct VmArgs {
     /// The image store for --image. Default: $KILN_IMAGE_STORE, else /var/lib/kiln/images.
     #[arg(long, value_name = "DIR", requires = "image")]
     pub store: Option<PathBuf>,
+    /// Give the VM a virtio-net device (eth0) on the existing host TAP NAME (see `kiln net
+    /// setup`): tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]. Default MAC: a
+    /// random locally administered one. With ip=, the guest agent configures eth0 (and the
+    /// default route via gw=, /etc/resolv.conf with dns=). Replaces the config's `net`.
+    #[arg(long, value_name = "tap=NAME[,OPTS]")]
+    pub net: Option<crate::net::NetConfig>,
     #[command(flatten)]
     pub slot: SlotArgs,
 }
@@ -361,6 +403,9 @@ impl VmArgs {
                 root.root = true;
                 config.disks.insert(0, root);
             }
+        }
+        if let Some(net) = &self.net {
+            config.net = Some(net.clone());
         }
         config.validate()?;
         Ok(config)

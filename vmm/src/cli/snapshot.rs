@@ -81,9 +81,24 @@ pub struct RestoreArgs {
     /// one snapshot never share a writable overlay.
     #[arg(long, value_name = "N=PATH", value_parser = parse_disk_overlay)]
     pub disk_overlay: Vec<(usize, PathBuf)>,
+    /// This clone's network device: tap=NAME[,mac=MAC] (required if the snapshot has one;
+    /// each clone needs its own TAP). Default MAC: a new random one. The guest keeps the
+    /// address it had (ip=, gw=, dns= are refused here).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_clone_net)]
+    pub net: Option<crate::net::NetConfig>,
     /// Print a one-line JSON report on stdout when the VM ends (as `kiln run --json`).
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_clone_net(s: &str) -> Result<crate::net::NetConfig, String> {
+    let net: crate::net::NetConfig = s.parse()?;
+    if net.ip.is_some() {
+        return Err(format!(
+            "--net {s:?}: a restored guest keeps its address; give only tap= and mac="
+        ));
+    }
+    Ok(net)
 }
 
 fn parse_disk_overlay(s: &str) -> Result<(usize, PathBuf), String> {
@@ -114,4 +129,9 @@ pub struct ForkArgs {
     /// Clone i's serial console is appended to the file P-i (default: discarded).
     #[arg(long, value_name = "P")]
     pub serial_prefix: Option<String>,
+    /// Clone i's network device is on the existing TAP named by this pattern with {i}
+    /// replaced by i (e.g. kiln{i}); each clone gets a new random MAC. Required if the
+    /// snapshot has a network device.
+    #[arg(long, value_name = "PATTERN")]
+    pub net_tap: Option<String>,
 }

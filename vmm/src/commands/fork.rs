@@ -29,6 +29,8 @@ struct ClonePaths {
     vsock: Option<PathBuf>,
     api: Option<PathBuf>,
     serial: Option<PathBuf>,
+    /// The clone's TAP (`--net-tap` with `{i}` replaced).
+    tap: Option<String>,
 }
 
 /// The pids of the clones still running, for the signal thread; `None` once reaped.
@@ -44,6 +46,16 @@ pub fn fork(args: &ForkArgs) -> anyhow::Result<ExitCode> {
         (None, Some(_)) => bail!("the snapshot has no vsock device; leave --vsock-prefix out"),
         _ => {}
     }
+    match (&state.net, &args.net_tap) {
+        (Some(_), None) => {
+            bail!("the snapshot has a network device: give --net-tap, e.g. kiln{{i}}")
+        }
+        (None, Some(_)) => bail!("the snapshot has no network device; leave --net-tap out"),
+        (_, Some(p)) if !p.contains("{i}") => {
+            bail!("--net-tap {p:?}: put {{i}} in it, so that each clone gets its own TAP")
+        }
+        _ => {}
+    }
     drop(state);
     let snapshot = std::path::absolute(&args.snapshot)
         .with_context(|| format!("cannot make {} absolute", args.snapshot.display()))?;
@@ -56,6 +68,10 @@ pub fn fork(args: &ForkArgs) -> anyhow::Result<ExitCode> {
             vsock: per_clone(&args.vsock_prefix, i),
             api: per_clone(&args.api_prefix, i),
             serial: per_clone(&args.serial_prefix, i),
+            tap: args
+                .net_tap
+                .as_ref()
+                .map(|p| p.replace("{i}", &i.to_string())),
         })
         .collect();
     for p in paths.iter().flat_map(|p| [&p.vsock, &p.api]).flatten() {
@@ -148,6 +164,10 @@ fn clone_command(exe: &Path, snapshot: &Path, p: &ClonePaths) -> Command {
     }
     if let Some(a) = &p.api {
         cmd.arg("--api").arg(a);
+    }
+    if let Some(tap) = &p.tap {
+        // Each clone's restore picks a new random MAC.
+        cmd.arg("--net").arg(format!("tap={tap}"));
     }
     match &p.serial {
         Some(s) => cmd.arg("--serial").arg(s),

@@ -50,7 +50,16 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let (events, vm_events) = channel();
     let (vmm, _slot) = match &args.from_snapshot {
         Some(snapshot) => {
-            let vmm = restored_vm(args, snapshot, &uds, runtime.path(), start)?;
+            let net = args
+                .vm
+                .net
+                .clone()
+                .map(crate::net::NetConfig::with_fresh_mac);
+            let identity = super::restore::CloneIdentity {
+                hostname: None,
+                mac: net.as_ref().and_then(|n| n.mac),
+            };
+            let vmm = restored_vm(args, net, snapshot, &uds, runtime.path(), start)?;
             let slot = args
                 .vm
                 .slot
@@ -65,7 +74,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
             std::thread::Builder::new()
                 .name("kiln-refresh".into())
                 .spawn(move || {
-                    let event = match super::restore::refresh_guest(&uds, timeout, None) {
+                    let event = match super::restore::refresh_guest(&uds, timeout, &identity) {
                         Ok(()) => VmEvent::BootDone(start.elapsed()),
                         Err(e) => VmEvent::NotReady(format!("{e:#}")),
                     };
@@ -166,6 +175,7 @@ fn booted_vm(
 /// A VM restored from `snapshot`, its vsock device at `uds`.
 fn restored_vm(
     args: &JobArgs,
+    net: Option<crate::net::NetConfig>,
     snapshot: &Path,
     uds: &Path,
     runtime: &Path,
@@ -183,6 +193,7 @@ fn restored_vm(
         seccomp: !args.vm.no_seccomp,
         disk_overlays: Vec::new(),
         disk_scratch: Some(runtime.to_owned()),
+        net,
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
     if vmm.vsock.is_none() {

@@ -7,6 +7,7 @@ pub mod fork;
 pub mod image;
 pub mod jail;
 pub mod job;
+pub mod net;
 pub mod restore;
 pub mod run;
 

@@ -26,6 +26,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
     check_snapshot_dir(&args.snapshot)?;
     // Overlay disks without --disk-overlay get their copies here, removed at the end.
     let runtime = super::RuntimeDir::create("restore")?;
+    let net = args.net.clone().map(crate::net::NetConfig::with_fresh_mac);
     let vmm = Vmm::restore(RestoreSpec {
         snapshot: args.snapshot.clone(),
         console: console_sink(&args.serial)?,
@@ -36,6 +37,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         seccomp: !args.no_seccomp,
         disk_overlays: args.disk_overlay.clone(),
         disk_scratch: Some(runtime.path().to_owned()),
+        net: net.clone(),
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     // Guest memory is charged to the slot as the restored guest touches it.
@@ -48,7 +50,11 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
             );
         }
     } else if let Some(uds) = &args.vsock {
-        spawn_guest_refresh(uds.clone(), args.hostname.clone())?;
+        let identity = CloneIdentity {
+            hostname: args.hostname.clone(),
+            mac: net.and_then(|n| n.mac),
+        };
+        spawn_guest_refresh(uds.clone(), identity)?;
     }
     let code = run_to_end(vmm, args.api.as_deref(), args.json);
     drop(runtime);
@@ -64,11 +70,20 @@ pub(crate) fn check_snapshot_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn spawn_guest_refresh(uds: PathBuf, hostname: Option<String>) -> anyhow::Result<()> {
+/// What makes a restored clone itself, beyond clock and entropy.
+#[derive(Debug, Clone, Default)]
+pub struct CloneIdentity {
+    /// The guest's hostname.
+    pub hostname: Option<String>,
+    /// The MAC of the clone's network device, which the guest's eth0 must take.
+    pub mac: Option<kiln_devices::virtio::net::MacAddr>,
+}
+
+fn spawn_guest_refresh(uds: PathBuf, identity: CloneIdentity) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("kiln-refresh".into())
         .spawn(
-            move || match refresh_guest(&uds, AGENT_TIMEOUT, hostname.as_deref()) {
+            move || match refresh_guest(&uds, AGENT_TIMEOUT, &identity) {
                 Ok(()) => {
                     tracing::info!(
                         "guest clock set and {ENTROPY_BYTES} bytes of fresh entropy added"
@@ -96,15 +111,19 @@ pub const REFRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// is bounded by [`REFRESH_ATTEMPT_TIMEOUT`] and retried until `timeout` (both requests
 /// may be repeated safely: the clock is set to the then current time, and extra entropy
 /// does no harm).
-/// With `hostname`, the guest's hostname is set too (each clone its own).
-pub fn refresh_guest(uds: &Path, timeout: Duration, hostname: Option<&str>) -> anyhow::Result<()> {
+/// With `identity`, the guest's hostname and eth0's MAC are set too (each clone its own).
+pub fn refresh_guest(
+    uds: &Path,
+    timeout: Duration,
+    identity: &CloneIdentity,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = left
             .min(REFRESH_ATTEMPT_TIMEOUT)
             .max(Duration::from_millis(1));
-        match refresh_once(uds, attempt, hostname) {
+        match refresh_once(uds, attempt, identity) {
             Ok(()) => return Ok(()),
             Err(e) if deadline.saturating_duration_since(Instant::now()).is_zero() => {
                 return Err(e)
@@ -114,7 +133,7 @@ pub fn refresh_guest(uds: &Path, timeout: Duration, hostname: Option<&str>) -> a
     }
 }
 
-fn refresh_once(uds: &Path, timeout: Duration, hostname: Option<&str>) -> anyhow::Result<()> {
+fn refresh_once(uds: &Path, timeout: Duration, identity: &CloneIdentity) -> anyhow::Result<()> {
     wait_ready(uds, AGENT_PORT, timeout).context("the guest agent did not answer")?;
     let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(timeout))
         .context("cannot reach the guest agent")?;
@@ -125,19 +144,35 @@ fn refresh_once(uds: &Path, timeout: Duration, hostname: Option<&str>) -> anyhow
     client
         .add_entropy(&entropy)
         .context("cannot add entropy to the guest")?;
-    if let Some(name) = hostname {
-        let req = kiln_agent::protocol::ExecRequest::new(["hostname", name]);
-        let mut sink = std::io::sink();
-        let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(timeout))
-            .context("cannot reach the guest agent")?;
-        let status = client
-            .exec(&req, &mut sink, &mut std::io::sink())
-            .context("cannot set the guest's hostname")?;
-        anyhow::ensure!(
-            status.success(),
-            "`hostname {name}` failed in the guest: {status:?}"
-        );
+    if let Some(name) = &identity.hostname {
+        guest_exec(uds, timeout, &["hostname", name])?;
     }
+    if let Some(mac) = identity.mac {
+        // The agent itself does it (its own binary is /proc/1/exe): images need no `ip`.
+        guest_exec(
+            uds,
+            timeout,
+            &["/proc/1/exe", "net-refresh", &mac.to_string()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Run `argv` in the guest through the agent; an error unless it exits 0.
+fn guest_exec(uds: &Path, timeout: Duration, argv: &[&str]) -> anyhow::Result<()> {
+    let req = kiln_agent::protocol::ExecRequest::new(argv.iter().copied());
+    let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(timeout))
+        .context("cannot reach the guest agent")?;
+    let mut err = Vec::new();
+    let status = client
+        .exec(&req, &mut std::io::sink(), &mut err)
+        .with_context(|| format!("cannot run `{}` in the guest", argv.join(" ")))?;
+    anyhow::ensure!(
+        status.success(),
+        "`{}` failed in the guest: {status:?} {}",
+        argv.join(" "),
+        String::from_utf8_lossy(&err).trim()
+    );
     Ok(())
 }
 

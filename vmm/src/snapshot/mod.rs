@@ -29,7 +29,7 @@ use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
 /// The version of the `state` layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const MAGIC: &[u8; 8] = b"KILNSNAP";
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// A state file larger than this is not one of ours.
@@ -53,6 +53,14 @@ pub struct MachineInfo {
 pub struct VsockSnapshot {
     pub transport: MmioTransportState,
     pub device: VsockState,
+}
+
+/// The network device and its transport. The TAP is not in it: each restore attaches to
+/// its own.
+#[derive(Serialize, Deserialize)]
+pub struct NetSnapshot {
+    pub transport: MmioTransportState,
+    pub device: kiln_devices::virtio::net::NetState,
 }
 
 /// A block device and its transport. The disk's contents are files: a read-only raw image
@@ -115,6 +123,8 @@ pub struct SnapshotState {
     pub vsock: Option<VsockSnapshot>,
     /// The block devices, /dev/vda first.
     pub disks: Vec<DiskSnapshot>,
+    /// The network device.
+    pub net: Option<NetSnapshot>,
     /// Set for a diff snapshot.
     pub diff: Option<DiffInfo>,
 }
@@ -275,6 +285,7 @@ mod tests {
             i8042: I8042State::default(),
             vsock: None,
             disks: Vec::new(),
+            net: None,
             diff: None,
         }
     }

@@ -14,7 +14,7 @@ use super::{read_state_and_digest, SnapshotError, SnapshotRef, SnapshotState, ME
 use crate::devices::{self, Buses, DeviceError};
 use crate::memory::GuestMemory;
 use crate::vmm::{
-    control_channel, BlockParts, BootDoneHook, Subscriber, Vmm, VmmError, VsockParts,
+    control_channel, BlockParts, BootDoneHook, NetParts, Subscriber, Vmm, VmmError, VsockParts,
 };
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
@@ -36,6 +36,9 @@ pub struct RestoreSpec {
     pub disk_overlays: Vec<(usize, PathBuf)>,
     /// Where an overlay disk not in `disk_overlays` gets its copy (`disk-N.overlay`).
     pub disk_scratch: Option<PathBuf>,
+    /// This clone's TAP (and MAC; default a new random one); required if the snapshot has
+    /// a network device.
+    pub net: Option<crate::net::NetConfig>,
 }
 
 impl RestoreSpec {
@@ -53,6 +56,7 @@ impl RestoreSpec {
             seccomp: false,
             disk_overlays: Vec::new(),
             disk_scratch: None,
+            net: None,
         }
     }
 }
@@ -148,6 +152,28 @@ impl Vmm {
             });
         }
 
+        let mut net = None;
+        if let (None, Some(config)) = (&state.net, &spec.net) {
+            return Err(restore_err(format!(
+                "--net tap={}: the snapshot has no network device; leave --net out",
+                config.tap
+            )));
+        }
+        if let Some(saved) = &state.net {
+            let config = spec.net.as_ref().ok_or_else(|| {
+                restore_err(
+                    "the snapshot has a network device: give this clone its own --net tap=NAME",
+                )
+            })?;
+            let (slot, device) =
+                virtio.attach_restored_net(&vm, &mut buses, &memory, config, saved)?;
+            subscribers.push(device.clone());
+            net = Some(NetParts {
+                device,
+                transport: slot.transport,
+            });
+        }
+
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for saved in &state.vcpus {
             let vcpu = Vcpu::new(&vm, saved.index)?;
@@ -170,6 +196,7 @@ impl Vmm {
             legacy,
             vsock,
             disks,
+            net,
             subscribers,
             boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,

@@ -37,6 +37,7 @@ pub(super) struct VmmCore {
     pub(super) legacy: LegacyDevices,
     pub(super) vsock: Option<VsockParts>,
     pub(super) disks: Vec<super::BlockParts>,
+    pub(super) net: Option<super::NetParts>,
     pub(super) control: ControlQueue,
     pub(super) machine: MachineInfo,
     pub(super) memory: GuestMemory,

@@ -142,6 +142,8 @@ pub struct Vmm {
     pub(crate) vsock: Option<VsockParts>,
     /// The block devices, /dev/vda first.
     pub(crate) disks: Vec<BlockParts>,
+    /// The network device.
+    pub(crate) net: Option<NetParts>,
     /// Devices with file descriptors the event loop watches (vsock).
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) boot_done: Option<BootDoneHook>,
@@ -170,6 +172,12 @@ pub struct Vmm {
 /// A block device and its transport, for snapshots.
 pub(crate) struct BlockParts {
     pub(crate) device: Arc<Mutex<kiln_devices::virtio::block::Block>>,
+    pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
+}
+
+/// The network device and its transport, for snapshots.
+pub(crate) struct NetParts {
+    pub(crate) device: Arc<Mutex<kiln_devices::virtio::net::Net>>,
     pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
 }
 
@@ -240,6 +248,19 @@ impl Vmm {
             }
         }
 
+        let mut net = None;
+        if let Some(config) = &spec.net {
+            let device = Arc::new(Mutex::new(config.device().map_err(DeviceError::from)?));
+            let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
+            device_cmdline.push(slot.cmdline);
+            device_cmdline.extend(config.cmdline());
+            subscribers.push(device.clone());
+            net = Some(NetParts {
+                device,
+                transport: slot.transport,
+            });
+        }
+
         phases.mark("devices");
         let (entry, mode) = match &spec.boot {
             BootSource::Linux {
@@ -302,6 +323,7 @@ impl Vmm {
             legacy,
             vsock: vsock_parts,
             disks,
+            net,
             subscribers,
             boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,

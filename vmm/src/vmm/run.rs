@@ -61,6 +61,7 @@ impl Vmm {
             legacy: self.legacy,
             vsock: self.vsock,
             disks: self.disks,
+            net: self.net,
             control: self.control,
             machine: self.machine,
             memory: self.memory.clone(),

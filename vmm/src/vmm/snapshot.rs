@@ -55,6 +55,7 @@ impl VmmCore {
             i8042: Default::default(),
             vsock: None,
             disks: Vec::new(),
+            net: None,
             diff: None,
         };
         let result = self.fill_and_write(&dir, &mut state, diff_parent);
@@ -121,6 +122,20 @@ impl VmmCore {
         }
 
         state.disks = self.snapshot_disks(dir)?;
+        if let Some(parts) = &self.net {
+            state.net = Some(snapshot::NetSnapshot {
+                transport: parts
+                    .transport
+                    .lock()
+                    .map_err(|_| lock_err("net"))?
+                    .save_state(),
+                device: parts
+                    .device
+                    .lock()
+                    .map_err(|_| lock_err("net"))?
+                    .save_state(),
+            });
+        }
 
         // From here on the dirty pages are taken: a failure must not leave a diff base.
         let size = self.machine.memory_mib << 20;

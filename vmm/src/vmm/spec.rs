@@ -50,6 +50,8 @@ pub struct MachineSpec {
     pub seccomp: bool,
     /// virtio-blk disks, /dev/vda first, on MMIO windows after the vsock device's.
     pub disks: Vec<crate::disk::DiskConfig>,
+    /// A virtio-net device, on the MMIO window after the disks'.
+    pub net: Option<crate::net::NetConfig>,
 }
 
 impl MachineSpec {
@@ -80,6 +82,7 @@ impl MachineSpec {
             track_dirty_pages: false,
             seccomp: false,
             disks: Vec::new(),
+            net: None,
         }
     }
 
@@ -107,6 +110,7 @@ impl MachineSpec {
             track_dirty_pages: config.track_dirty_pages,
             seccomp: config.seccomp,
             disks: config.disks.clone(),
+            net: config.net.clone(),
         }
     }
 }

@@ -14,10 +14,10 @@ use tracing::{debug, info, warn};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interest::{EpollOps, Registrations};
 use super::muxer::Muxer;
 use super::packet_io;
 use super::{VsockError, EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_ID_VSOCK};
+use crate::virtio::interest::{EpollOps, Registrations};
 use crate::virtio::{
     feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,

@@ -14,9 +14,9 @@ use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interest::fake::FakeEpoll;
 use super::packet_io::{self, Header};
 use super::{Vsock, EVQ, RXQ, TXQ};
+use crate::virtio::interest::fake::FakeEpoll;
 use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
 
 fn interrupt() -> VirtioInterrupt {

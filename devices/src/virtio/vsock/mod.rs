@@ -23,7 +23,6 @@
 
 mod connection;
 mod device;
-mod interest;
 mod muxer;
 mod packet_io;
 mod state;

@@ -19,6 +19,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestMemoryError};
 
 use super::{MAX_PKT_DATA, QUEUE_SIZE, TYPE_STREAM};
+use crate::virtio::queue_ops::{add_used, notify, unusable};
 use crate::virtio::{GuestMemory, VirtioInterrupt};
 
 /// A packet from the guest, copied out of guest memory.
@@ -65,38 +66,6 @@ impl Header {
 /// caller kicks the queue's eventfd itself and carries on after the other events.
 pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
 
-/// Raise the queue's interrupt if the driver wants one.
-fn notify(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt) {
-    // An unreadable used_event means a broken driver; interrupting is the safe choice.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = irq.signal_used_queue() {
-            warn!("vsock: cannot raise the queue interrupt: {e}");
-        }
-    }
-}
-
-fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
-    if let Err(e) = queue.add_used(mem, head, len) {
-        warn!(
-            head,
-            "vsock: cannot return a descriptor chain to the guest: {e}"
-        );
-    }
-}
-
-/// True if the queue must be left alone: the device is marked broken, or the driver's avail
-/// ring is corrupt (its index runs more than a ring ahead of ours), which marks it broken.
-fn unusable(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt, name: &str) -> bool {
-    if irq.is_broken() {
-        return true;
-    }
-    if let Err(e) = queue.iter(mem) {
-        irq.device_broken(&format!("vsock {name} queue: {e}"));
-        return true;
-    }
-    false
-}
-
 /// Pop every available tx chain (at most [`CHAIN_BUDGET`]) and hand each packet that
 /// parses to `handle`. Returns true if it stopped on the budget: the caller must come back.
 pub(crate) fn drain_tx(
@@ -105,7 +74,7 @@ pub(crate) fn drain_tx(
     irq: &VirtioInterrupt,
     mut handle: impl FnMut(&TxPkt<'_>),
 ) -> bool {
-    if unusable(queue, mem, irq, "tx") {
+    if unusable(queue, mem, irq, "vsock tx") {
         return false;
     }
     let mut used = false;
@@ -128,7 +97,7 @@ pub(crate) fn drain_tx(
                 Ok(pkt) => handle(&pkt),
                 Err(e) => warn!(head, "vsock: dropping malformed tx chain: {e}"),
             }
-            add_used(queue, mem, head, 0);
+            add_used(queue, mem, head, 0, "vsock");
             used = true;
             popped = true;
             taken += 1;
@@ -153,7 +122,7 @@ pub(crate) fn drain_tx(
         }
     }
     if used {
-        notify(queue, mem, irq);
+        notify(queue, mem, irq, "vsock");
     }
     taken >= CHAIN_BUDGET
 }
@@ -271,7 +240,7 @@ pub(crate) fn fill_rx(
     mut more: impl FnMut() -> bool,
     mut fill: impl FnMut(&mut RxPkt<'_>) -> Option<u32>,
 ) -> bool {
-    if unusable(queue, mem, irq, "rx") {
+    if unusable(queue, mem, irq, "vsock rx") {
         return false;
     }
     let mut used = false;
@@ -317,12 +286,12 @@ pub(crate) fn fill_rx(
                 0
             }
         };
-        add_used(queue, mem, head, len);
+        add_used(queue, mem, head, len, "vsock");
         used = true;
         taken += 1;
     }
     if used {
-        notify(queue, mem, irq);
+        notify(queue, mem, irq, "vsock");
     }
     out_of_budget
 }
@@ -335,7 +304,7 @@ pub(crate) fn write_event(
     irq: &VirtioInterrupt,
     id: u32,
 ) -> bool {
-    if unusable(queue, mem, irq, "event") {
+    if unusable(queue, mem, irq, "vsock event") {
         return false;
     }
     for _ in 0..CHAIN_BUDGET {
@@ -355,13 +324,13 @@ pub(crate) fn write_event(
         };
         match written {
             Ok(()) => {
-                add_used(queue, mem, head, 4);
-                notify(queue, mem, irq);
+                add_used(queue, mem, head, 4, "vsock");
+                notify(queue, mem, irq, "vsock");
                 return true;
             }
             Err(e) => {
                 warn!(head, "vsock: dropping malformed event chain: {e}");
-                add_used(queue, mem, head, 0);
+                add_used(queue, mem, head, 0, "vsock");
             }
         }
     }

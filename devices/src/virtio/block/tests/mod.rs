@@ -5,13 +5,14 @@
 //! handler). Disk images live in a scratch directory per test.
 
 mod backend;
-mod driver;
+
 mod framing;
 mod io;
 mod overlay;
 mod robust;
 mod transport;
 
+use crate::virtio::test_queue as driver;
 use driver::GuestQueue;
 
 use std::path::{Path, PathBuf};

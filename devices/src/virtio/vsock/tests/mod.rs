@@ -23,8 +23,8 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interest::fake::FakeEpoll;
 use super::{op, Vsock, EVQ, HOST_CID, RXQ, TXQ};
+use crate::virtio::interest::fake::FakeEpoll;
 use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
 
 pub(super) const GUEST_CID: u64 = 3;

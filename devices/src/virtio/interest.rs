@@ -1,8 +1,9 @@
 //! Keeping the epoll registrations in step with what the device wants to hear about.
 //!
-//! Connections come and go and change what they wait for (readable when they have credit,
-//! writable when bytes wait for the host). After every batch of work the device computes the
-//! set it wants and [`Registrations::sync`] applies the difference through [`EpollOps`].
+//! Devices watch changing fd sets: vsock connections come and go and change what they wait
+//! for (readable when they have credit, writable when bytes wait for the host); net and vsock
+//! queue eventfds come with activation and go with reset. After every batch of work the
+//! device computes the set it wants and [`Registrations::sync`] applies the difference through [`EpollOps`].
 //!
 //! A socket that is being closed must leave the epoll set *before* its fd is closed:
 //! event-manager keeps its own fd → subscriber map, and an fd closed behind its back would
@@ -51,7 +52,7 @@ impl Registrations {
         for fd in retired {
             if self.registered.remove(fd).is_some() {
                 if let Err(e) = ops.remove(*fd) {
-                    warn!(fd, "vsock: cannot unregister a closing socket: {e}");
+                    warn!(fd, "virtio: cannot unregister a closing socket: {e}");
                 }
             }
         }
@@ -61,7 +62,7 @@ impl Registrations {
                 return true;
             }
             if let Err(e) = ops.remove(*fd) {
-                warn!(fd, "vsock: cannot unregister fd: {e}");
+                warn!(fd, "virtio: cannot unregister fd: {e}");
             }
             false
         });
@@ -75,7 +76,7 @@ impl Registrations {
                 Ok(()) => {
                     self.registered.insert(fd, set);
                 }
-                Err(e) => warn!(fd, "vsock: cannot register fd for {set:?}: {e}"),
+                Err(e) => warn!(fd, "virtio: cannot register fd for {set:?}: {e}"),
             }
         }
     }

@@ -1,4 +1,5 @@
-//! The guest driver's side of the request queue: descriptor chains in, used entries out.
+//! The guest driver's side of a virtqueue, for device tests: descriptor chains in, used
+//! entries out.
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

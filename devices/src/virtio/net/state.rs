@@ -1,0 +1,94 @@
+//! What a snapshot keeps of the network device.
+//!
+//! The TAP is not in the state: a restored VM attaches to the TAP it is given (each clone
+//! its own), and frames in flight when the snapshot was taken are lost, as on a real network.
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{Active, Net};
+use super::{MacAddr, NetError, Tap};
+use crate::virtio::state::restore_queue;
+use crate::virtio::{GuestMemory, QueueSnapshot, VirtioInterrupt};
+
+/// The format version of [`NetState`].
+pub const NET_STATE_VERSION: u32 = 1;
+
+/// The network device's snapshot state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// [`NET_STATE_VERSION`] when written.
+    pub version: u32,
+    /// The MAC address in the config space.
+    pub mac: MacAddr,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// The TAP the VM was attached to (informational; a restore is given its own).
+    pub tap: String,
+    /// rx and tx queue if the driver had activated the device, else empty.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl Net {
+    /// The device's state for a snapshot (taken with the vCPUs paused).
+    pub fn save_state(&self) -> NetState {
+        NetState {
+            version: NET_STATE_VERSION,
+            mac: self.mac,
+            acked_features: self.acked_features,
+            tap: self.tap.name().to_string(),
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| a.queues.iter().map(|q| q.state().into()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Rebuild a device from `state` over `tap`, with the config-space address `mac`. If
+    /// the state holds queues, the device comes back active on `mem` with the transport's
+    /// `queue_evts` and `interrupt`.
+    pub fn restore(
+        state: &NetState,
+        tap: Tap,
+        mac: MacAddr,
+        mem: GuestMemory,
+        queue_evts: Vec<EventFd>,
+        interrupt: VirtioInterrupt,
+    ) -> Result<Self, NetError> {
+        if state.version != NET_STATE_VERSION {
+            return Err(NetError::StateVersion {
+                found: state.version,
+                expected: NET_STATE_VERSION,
+            });
+        }
+        let mut dev = Net::new(tap, mac)?;
+        dev.acked_features = state.acked_features;
+        let bad = |what: String| NetError::BadState(what);
+        match (
+            state.queues.as_slice(),
+            <[EventFd; 2]>::try_from(queue_evts),
+        ) {
+            ([], _) => {}
+            ([rx, tx], Ok(evts)) => {
+                let rx = restore_queue(rx, &mem).map_err(|e| bad(format!("rx queue: {e}")))?;
+                let tx = restore_queue(tx, &mem).map_err(|e| bad(format!("tx queue: {e}")))?;
+                dev.active = Some(Active {
+                    mem,
+                    queues: [rx, tx],
+                    evts,
+                    interrupt,
+                });
+                // Kicks that were in flight are gone: look at both rings once.
+                dev.wake_event_loop();
+            }
+            (qs, _) => {
+                return Err(bad(format!(
+                    "{} queues; virtio-net has 2 (and 2 queue eventfds)",
+                    qs.len()
+                )))
+            }
+        }
+        Ok(dev)
+    }
+}

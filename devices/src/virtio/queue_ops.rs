@@ -1,0 +1,47 @@
+//! Queue chores every device does the same way: return a chain, raise the interrupt when the
+//! driver wants it, and refuse to touch a ring that is corrupt (which marks the device
+//! broken, so the guest sees DEVICE_NEEDS_RESET).
+
+use tracing::warn;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::virtio::{GuestMemory, VirtioInterrupt};
+
+/// Raise the queue's interrupt if the driver wants one. `dev` names the device in logs.
+pub(crate) fn notify(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt, dev: &str) {
+    // An unreadable used_event means a broken driver; interrupting is the safe choice.
+    if queue.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = irq.signal_used_queue() {
+            warn!("{dev}: cannot raise the queue interrupt: {e}");
+        }
+    }
+}
+
+/// Return chain `head` to the guest with `len` bytes written.
+pub(crate) fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, dev: &str) {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        warn!(
+            head,
+            "{dev}: cannot return a descriptor chain to the guest: {e}"
+        );
+    }
+}
+
+/// True if the queue must be left alone: the device is marked broken, or the driver's avail
+/// ring is corrupt (its index runs more than a ring ahead of ours), which marks it broken.
+/// `name` names the device and queue in logs ("vsock tx").
+pub(crate) fn unusable(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    irq: &VirtioInterrupt,
+    name: &str,
+) -> bool {
+    if irq.is_broken() {
+        return true;
+    }
+    if let Err(e) = queue.iter(mem) {
+        irq.device_broken(&format!("{name} queue: {e}"));
+        return true;
+    }
+    false
+}

@@ -1,0 +1,175 @@
+//! A VM's network: what `--net tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]`
+//! and `net = "…"` in a config file (the same string) say.
+//!
+//! The VM gets one virtio-net device attached to the existing host TAP `NAME` (see
+//! `kiln net setup`). With `ip=`, the guest agent configures `eth0` from `kiln.ip=` (and
+//! `kiln.gw=`, `kiln.dns=`) on the kernel command line; without it the guest's network is
+//! left to the guest.
+
+use std::net::Ipv4Addr;
+
+use kiln_agent::netif::{parse_cidr, GuestNet};
+use kiln_devices::virtio::net::{MacAddr, Net, NetError, Tap};
+use serde::{Deserialize, Serialize};
+
+/// The VM's network device. In a config file it is the same string as on the command
+/// line: `net = "tap=kiln0,ip=10.0.0.2/24,gw=10.0.0.1"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NetConfig {
+    /// The host TAP device (must exist).
+    pub tap: String,
+    /// The guest's MAC address; default: a random locally administered one.
+    pub mac: Option<MacAddr>,
+    /// The guest's address and prefix length, set by the agent.
+    pub ip: Option<(Ipv4Addr, u8)>,
+    /// The guest's default gateway (needs `ip`).
+    pub gw: Option<Ipv4Addr>,
+    /// A DNS server for the guest's /etc/resolv.conf (needs `ip`).
+    pub dns: Option<Ipv4Addr>,
+}
+
+impl TryFrom<String> for NetConfig {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<NetConfig> for String {
+    fn from(n: NetConfig) -> String {
+        n.to_string()
+    }
+}
+
+impl std::fmt::Display for NetConfig {
+    /// The `--net` form, which [`str::parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tap={}", self.tap)?;
+        if let Some(mac) = self.mac {
+            write!(f, ",mac={mac}")?;
+        }
+        if let Some((addr, prefix)) = self.ip {
+            write!(f, ",ip={addr}/{prefix}")?;
+        }
+        if let Some(gw) = self.gw {
+            write!(f, ",gw={gw}")?;
+        }
+        if let Some(dns) = self.dns {
+            write!(f, ",dns={dns}")?;
+        }
+        Ok(())
+    }
+}
+
+const FORMAT: &str = "tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]";
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut net = NetConfig {
+            tap: String::new(),
+            mac: None,
+            ip: None,
+            gw: None,
+            dns: None,
+        };
+        for opt in s.split(',') {
+            let addr = |v: &str, what: &str| {
+                v.parse::<Ipv4Addr>()
+                    .map_err(|_| format!("--net {s:?}: {what} {v:?} is not an IPv4 address"))
+            };
+            match opt.split_once('=') {
+                Some(("tap", v)) if kiln_agent::netif::valid_name(v) => net.tap = v.into(),
+                Some(("tap", v)) => {
+                    return Err(format!(
+                        "--net {s:?}: {v:?} is not an interface name (1 to 15 bytes)"
+                    ))
+                }
+                Some(("mac", v)) => net.mac = Some(v.parse().map_err(|e| format!("--net: {e}"))?),
+                Some(("ip", v)) => net.ip = Some(parse_cidr(v).map_err(|e| format!("--net: {e}"))?),
+                Some(("gw", v)) => net.gw = Some(addr(v, "gw")?),
+                Some(("dns", v)) => net.dns = Some(addr(v, "dns")?),
+                _ => {
+                    return Err(format!(
+                        "--net {s:?}: unknown option {opt:?}; expected {FORMAT}"
+                    ))
+                }
+            }
+        }
+        if net.tap.is_empty() {
+            return Err(format!("--net {s:?}: no tap=NAME; expected {FORMAT}"));
+        }
+        if net.ip.is_none() && (net.gw.is_some() || net.dns.is_some()) {
+            return Err(format!("--net {s:?}: gw= and dns= need ip="));
+        }
+        Ok(net)
+    }
+}
+
+impl NetConfig {
+    /// The `kiln.*` kernel command-line words the agent reads, if an address is given.
+    pub fn cmdline(&self) -> Option<String> {
+        let (addr, prefix) = self.ip?;
+        Some(
+            GuestNet {
+                addr,
+                prefix,
+                gw: self.gw,
+                dns: self.dns,
+            }
+            .cmdline(),
+        )
+    }
+
+    /// This config with a MAC: the given one, else a new random one (a restored clone's,
+    /// which the host must know to tell the guest).
+    pub fn with_fresh_mac(mut self) -> Self {
+        self.mac.get_or_insert_with(MacAddr::random);
+        self
+    }
+
+    /// The device: attached to the TAP, with the given or a fresh random MAC.
+    pub fn device(&self) -> Result<Net, NetError> {
+        let tap = Tap::open(&self.tap)?;
+        Net::new(tap, self.mac.unwrap_or_else(MacAddr::random))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses() {
+        let n: NetConfig = "tap=kiln0,mac=02:00:00:00:00:05,ip=10.0.0.2/24,gw=10.0.0.1"
+            .parse()
+            .unwrap();
+        assert_eq!(n.tap, "kiln0");
+        assert_eq!(n.mac, Some(MacAddr([2, 0, 0, 0, 0, 5])));
+        assert_eq!(n.cmdline().unwrap(), "kiln.ip=10.0.0.2/24 kiln.gw=10.0.0.1");
+        assert_eq!(n.to_string().parse::<NetConfig>().unwrap(), n);
+        let plain: NetConfig = "tap=t".parse().unwrap();
+        assert_eq!(plain.cmdline(), None);
+        let c: crate::config::VmConfig =
+            toml::from_str("kernel = \"k\"\nnet = \"tap=kiln0,ip=10.0.0.2/24\"\n").unwrap();
+        assert_eq!(c.net.map(|n| n.ip), Some(Some(([10, 0, 0, 2].into(), 24))));
+        let bad = toml::from_str::<crate::config::VmConfig>("kernel = \"k\"\nnet = \"tap=\"\n");
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("not an interface name"));
+        for bad in [
+            "",
+            "kiln0",
+            "tap=a/b",
+            "tap=t,ip=10.0.0.2",
+            "tap=t,gw=10.0.0.1",
+            "tap=t,mac=01:00:00:00:00:00",
+            "tap=t,speed=10",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+        }
+    }
+}
