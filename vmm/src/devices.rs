@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vm::{Vm, VmError};
 use kiln_devices::virtio::block::{Block, BlockError, Overlay, RawFile};
-use kiln_devices::virtio::net::{MacAddr, Net, NetError, Tap};
+use kiln_devices::virtio::net::{MacAddr, Net, NetError};
 use kiln_devices::virtio::vsock::Vsock;
 
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +237,7 @@ impl VirtioAllocator {
         config: &crate::net::NetConfig,
         snapshot: &crate::snapshot::NetSnapshot,
     ) -> Result<(VirtioSlot, Arc<Mutex<Net>>), DeviceError> {
-        let tap = Tap::open(&config.tap).map_err(NetError::from)?;
+        let tap = crate::net::open_tap(&config.tap)?;
         let mac = config.mac.unwrap_or_else(MacAddr::random);
         self.attach_restored(vm, buses, memory, 2, &snapshot.transport, |evts, irq| {
             Ok(Net::restore(

@@ -6,7 +6,10 @@
 //! `kiln.gw=`, `kiln.dns=`) on the kernel command line; without it the guest's network is
 //! left to the guest.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::{Mutex, OnceLock};
 
 use kiln_agent::netif::{parse_cidr, GuestNet};
 use kiln_devices::virtio::net::{MacAddr, Net, NetError, Tap};
@@ -132,14 +135,72 @@ impl NetConfig {
 
     /// The device: attached to the TAP, with the given or a fresh random MAC.
     pub fn device(&self) -> Result<Net, NetError> {
-        let tap = Tap::open(&self.tap)?;
+        let tap = open_tap(&self.tap)?;
         Net::new(tap, self.mac.unwrap_or_else(MacAddr::random))
     }
+}
+
+/// How `kiln jail --tap NAME` hands the VMM a TAP it attached in the host's network
+/// namespace (the jail's own namespace has no such device, and the VMM no right to make
+/// one): `NAME=FD[,NAME=FD]…`, each FD open across the `execve`.
+pub const INHERITED_TAPS_ENV: &str = "KILN_TAP_FDS";
+
+/// Attaches to the TAP `name`: the one the jailer handed over under that name, else the
+/// host's device of that name.
+pub fn open_tap(name: &str) -> Result<Tap, NetError> {
+    match take_inherited(name) {
+        Some(file) => Ok(Tap::from_attached(file, name)?),
+        None => Ok(Tap::open(name)?),
+    }
+}
+
+/// The fd handed over for `name`, at most once (after that the device owns it).
+fn take_inherited(name: &str) -> Option<std::fs::File> {
+    static INHERITED: OnceLock<Mutex<HashMap<String, RawFd>>> = OnceLock::new();
+    let inherited = INHERITED.get_or_init(|| {
+        let list = std::env::var(INHERITED_TAPS_ENV).unwrap_or_default();
+        Mutex::new(parse_inherited(&list))
+    });
+    let fd = inherited.lock().ok()?.remove(name)?;
+    // SAFETY: fcntl(F_GETFD) takes no pointers; it only asks whether the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        tracing::warn!("{INHERITED_TAPS_ENV} names fd {fd} for TAP {name}, but it is not open");
+        return None;
+    }
+    // SAFETY: the jailer opened this fd for this process and named it in the environment;
+    // it has just been taken out of the table, so this File is its only owner.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// `NAME=FD,…` as a table; malformed entries are skipped (and logged).
+fn parse_inherited(list: &str) -> HashMap<String, RawFd> {
+    list.split(',')
+        .filter(|entry| !entry.is_empty())
+        .filter_map(|entry| {
+            let parsed = entry
+                .split_once('=')
+                .and_then(|(name, fd)| Some((name.to_string(), fd.parse::<RawFd>().ok()?)))
+                .filter(|&(_, fd)| fd > 2);
+            if parsed.is_none() {
+                tracing::warn!("{INHERITED_TAPS_ENV}: ignoring {entry:?} (want NAME=FD, FD > 2)");
+            }
+            parsed
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inherited_taps_parse() {
+        let t = parse_inherited("kt0=3,kt1=17,bad,x=1,y=z,");
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["kt0"], 3);
+        assert_eq!(t["kt1"], 17);
+        assert!(parse_inherited("").is_empty());
+    }
 
     #[test]
     fn parses_and_refuses() {

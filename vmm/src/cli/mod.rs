@@ -159,6 +159,11 @@ pub struct JailArgs {
     /// file name (repeatable).
     #[arg(long, value_name = "HOST_PATH")]
     pub file: Vec<PathBuf>,
+    /// A host TAP (see `kiln net setup`) for the VM's `--net tap=NAME` (repeatable): kiln
+    /// jail attaches to it in the host's network namespace and hands the VMM only that open
+    /// device; the jail's own network namespace stays empty.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Vec<String>,
     /// Leave the jail directory in place when the VM ends.
     #[arg(long)]
     pub keep: bool,

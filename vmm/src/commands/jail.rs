@@ -20,6 +20,7 @@ pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
         gid: args.gid,
         base,
         files: args.file.clone(),
+        taps: args.tap.clone(),
         kiln: std::env::current_exe().context("cannot find the kiln executable")?,
         args: args.command.clone(),
         keep: args.keep,

@@ -40,7 +40,7 @@
 //!    (`--max-file-gib`, 64 GiB), `RLIMIT_CORE` 0. No `RLIMIT_NPROC`: it counts every process
 //!    of the uid host-wide; a cgroup slot's `pids.max` bounds the VMM's threads instead.
 //! 8. Every fd above 2 made close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`, so the
-//!    error pipe lives until the `execve`); the capability bounding set and the ambient set
+//!    error pipe lives until the `execve`), but for the attached TAPs of `--tap`; the capability bounding set and the ambient set
 //!    cleared; `setgroups([])`, `setresgid`, `setresuid` to the unprivileged ids (which
 //!    clears the permitted and effective sets), the inheritable set zeroed with `capset`, and
 //!    `capget` checked to be all zero; `PR_SET_PDEATHSIG` = SIGKILL (a killed `kiln jail`
@@ -48,10 +48,20 @@
 //!    ID); `PR_SET_NO_NEW_PRIVS`.
 //! 9. `execve("/kiln", ["kiln", <args>...])` with the working directory `/` and an
 //!    environment of `PATH=/`, `TMPDIR=/` (`kiln job` makes its
-//!    socket directory there) plus `KILN_LOG` and `RUST_BACKTRACE` if set. Paths in the
+//!    socket directory there) plus `KILN_LOG` and `RUST_BACKTRACE` if set, and with
+//!    `--tap`, `KILN_TAP_FDS` naming the attached TAP fds, which stay open (see below). Paths in the
 //!    inner arguments are therefore relative to the jail root: `--vsock v.sock` is
 //!    `<base>/<ID>/root/v.sock` on the host, which `kiln jail` prints.
 //!    The inner kiln installs its seccomp filters after its own set-up, as always.
+//!
+//! # Networking
+//!
+//! `--tap NAME` (for the VM's `--net tap=NAME`) attaches to the host TAP in the outer
+//! process, in the host's network namespace, and the VMM inherits only that open device.
+//! The TAP is not moved into the jail: it keeps the host side `kiln net setup` gave it
+//! (address, NAT), and the VMM's own network namespace holds nothing but a loopback that
+//! is down, so even a subverted VMM reaches no network; it can only pass the guest's
+//! frames, as it must.
 //!
 //! The outer process forwards SIGTERM and SIGINT to the VMM: they are blocked from its
 //! checks until the forwarding thread runs, so none is missed; and since a namespace's
@@ -71,6 +81,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
+use kiln_devices::virtio::net::Tap;
 pub use paths::JailDir;
 use signals::{forward_signals, SignalMask};
 
@@ -117,6 +128,9 @@ pub enum JailError {
     Sys(&'static str, std::io::Error),
     #[error("setting up the jail failed: {0}")]
     Child(String),
+    /// Shown with its source (the TAP's error) after it.
+    #[error("--tap")]
+    Tap(#[from] kiln_devices::virtio::net::TapError),
 }
 
 /// Everything the jailer needs to know.
@@ -127,6 +141,8 @@ pub struct JailSpec {
     pub gid: u32,
     pub base: PathBuf,
     pub files: Vec<PathBuf>,
+    /// Host TAPs to hand the VMM attached (see [`crate::net::INHERITED_TAPS_ENV`]).
+    pub taps: Vec<String>,
     /// The kiln binary to run inside (normally the running one).
     pub kiln: PathBuf,
     /// The inner kiln's arguments (without the program name).
@@ -200,7 +216,14 @@ impl Jail {
         let dir = JailDir::create(&spec.base, &spec.id, spec.keep)?;
         dir.populate(spec)?;
         let plan = ns::Plan::new(spec, &dir)?;
-        let exec = privs::Exec::new(spec)?;
+        // Attached here, in the host's network namespace; the child keeps the fds open
+        // across its execve, and this process closes its copies once the child exists.
+        let taps = spec
+            .taps
+            .iter()
+            .map(|name| Ok((name.clone(), Tap::open(name)?.into_file())))
+            .collect::<Result<Vec<_>, JailError>>()?;
+        let exec = privs::Exec::new(spec, &taps)?;
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two fds into the array we own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -245,6 +268,7 @@ impl Jail {
             unsafe { libc::_exit(127) };
         }
         drop(write_end);
+        drop(taps);
         let mut message = String::new();
         let _ = std::fs::File::from(read_end).read_to_string(&mut message);
         let jail = Jail {
@@ -361,6 +385,7 @@ mod tests {
             gid: 1000,
             base: "/nonexistent".into(),
             files: vec![],
+            taps: vec![],
             kiln: "/bin/true".into(),
             args: vec![],
             keep: false,

@@ -3,9 +3,12 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 
 use super::ns::check;
 use super::{JailError, JailSpec};
+use crate::net::INHERITED_TAPS_ENV;
 
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two 32-bit halves.
 const CAP_VERSION_3: u32 = 0x2008_0522;
@@ -34,10 +37,13 @@ pub(super) struct Exec {
     gid: u32,
     max_fds: u64,
     max_file_bytes: u64,
+    /// Fds that stay open across the execve (the attached TAPs).
+    inherit: Vec<RawFd>,
 }
 
 impl Exec {
-    pub(super) fn new(spec: &JailSpec) -> Result<Exec, JailError> {
+    /// `taps`: the attached TAPs to hand over, by name.
+    pub(super) fn new(spec: &JailSpec, taps: &[(String, File)]) -> Result<Exec, JailError> {
         let cstring = |s: String| {
             CString::new(s)
                 .map_err(|e| JailError::Child(format!("an argument holds a NUL byte: {e}")))
@@ -54,6 +60,13 @@ impl Exec {
                 env.push(format!("{key}={v}"));
             }
         }
+        if !taps.is_empty() {
+            let list: Vec<String> = taps
+                .iter()
+                .map(|(name, file)| format!("{name}={}", file.as_raw_fd()))
+                .collect();
+            env.push(format!("{INHERITED_TAPS_ENV}={}", list.join(",")));
+        }
         let envp = env
             .into_iter()
             .map(cstring)
@@ -65,6 +78,7 @@ impl Exec {
             gid: spec.gid,
             max_fds: spec.max_fds,
             max_file_bytes: spec.max_file_bytes,
+            inherit: taps.iter().map(|(_, file)| file.as_raw_fd()).collect(),
         })
     }
 
@@ -88,6 +102,12 @@ impl Exec {
             unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
         if r != 0 {
             close_each_above_2(self.max_fds);
+        }
+        for &fd in &self.inherit {
+            // SAFETY: fcntl with integer arguments; the fd is an attached TAP we hold open.
+            check("keep a TAP open for the VMM", unsafe {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            })?;
         }
         drop_bounding_set()?;
         // SAFETY: prctl with integer arguments only.

@@ -84,6 +84,49 @@ impl Tap {
         })
     }
 
+    /// Attach to the TAP `name` through `file`, which another process (the jailer, in the
+    /// host's network namespace, which this process may not see) attached with [`Tap::open`]
+    /// and handed over. TUNGETIFF checks that it is that TAP, with the vnet header.
+    pub fn from_attached(file: File, name: &str) -> Result<Self, TapError> {
+        check_name(name)?;
+        // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one ifreq through the pointer, which outlives the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(ioctl_error(name, "TUNGETIFF", io::Error::last_os_error()));
+        }
+        // The kernel NUL-terminates ifr_name; c_char is i8 or u8 depending on the target.
+        let attached: Vec<u8> = req
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c.to_ne_bytes()[0])
+            .collect();
+        // SAFETY: TUNGETIFF filled the flags member of the union.
+        let flags = libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags });
+        let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if attached != name.as_bytes() || flags & wanted != wanted {
+            return Err(TapError::NotTap(name.to_string()));
+        }
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl with integer arguments on an fd we own.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+            let source = io::Error::last_os_error();
+            return Err(ioctl_error(name, "F_SETFL O_NONBLOCK", source));
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    /// The attached file, to hand to another process (see [`Tap::from_attached`]).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// A TAP stand-in over any nonblocking, frame-preserving file (a SOCK_SEQPACKET socket),
     /// for tests and fuzzing.
     #[cfg(any(test, feature = "fuzzing"))]
