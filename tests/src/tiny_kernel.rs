@@ -49,7 +49,12 @@ pub fn build(message: &str) -> Vec<u8> {
 
 /// As [`build`], ending as `end` says.
 pub fn build_with(message: &str, end: End) -> Vec<u8> {
-    let code = code(message, end);
+    elf(&code(message, end))
+}
+
+/// An ELF64 x86-64 executable that `kiln run --kernel` loads at 16 MiB and enters in long
+/// mode (the first 4 GiB identity-mapped) at the first byte of `code`: any hand-made guest.
+pub fn elf(code: &[u8]) -> Vec<u8> {
     let code_offset = EHDR_SIZE + PHDR_SIZE;
     let file_size = code_offset + code.len() as u64;
     let mut elf = Vec::with_capacity(usize::try_from(file_size).unwrap_or(0));
@@ -78,7 +83,7 @@ pub fn build_with(message: &str, end: End) -> Vec<u8> {
     elf.extend_from_slice(&file_size.to_le_bytes()); // p_filesz
     elf.extend_from_slice(&file_size.to_le_bytes()); // p_memsz
     elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    elf.extend_from_slice(&code);
+    elf.extend_from_slice(code);
     elf
 }
 

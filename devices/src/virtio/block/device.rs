@@ -129,6 +129,9 @@ impl Block {
         else {
             return false;
         };
+        if interrupt.queue_unusable(queue, mem, "virtio-blk request") {
+            return false;
+        }
         let mut ctx = request::Ctx {
             disk: backend.disk_mut(),
             serial,

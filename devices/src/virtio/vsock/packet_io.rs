@@ -84,19 +84,6 @@ fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
     }
 }
 
-/// True if the queue must be left alone: the device is marked broken, or the driver's avail
-/// ring is corrupt (its index runs more than a ring ahead of ours), which marks it broken.
-fn unusable(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt, name: &str) -> bool {
-    if irq.is_broken() {
-        return true;
-    }
-    if let Err(e) = queue.iter(mem) {
-        irq.device_broken(&format!("vsock {name} queue: {e}"));
-        return true;
-    }
-    false
-}
-
 /// Pop every available tx chain (at most [`CHAIN_BUDGET`]) and hand each packet that
 /// parses to `handle`. Returns true if it stopped on the budget: the caller must come back.
 pub(crate) fn drain_tx(
@@ -105,7 +92,7 @@ pub(crate) fn drain_tx(
     irq: &VirtioInterrupt,
     mut handle: impl FnMut(&TxPkt<'_>),
 ) -> bool {
-    if unusable(queue, mem, irq, "tx") {
+    if irq.queue_unusable(queue, mem, "vsock tx") {
         return false;
     }
     let mut used = false;
@@ -271,7 +258,7 @@ pub(crate) fn fill_rx(
     mut more: impl FnMut() -> bool,
     mut fill: impl FnMut(&mut RxPkt<'_>) -> Option<u32>,
 ) -> bool {
-    if unusable(queue, mem, irq, "rx") {
+    if irq.queue_unusable(queue, mem, "vsock rx") {
         return false;
     }
     let mut used = false;
@@ -335,7 +322,7 @@ pub(crate) fn write_event(
     irq: &VirtioInterrupt,
     id: u32,
 ) -> bool {
-    if unusable(queue, mem, irq, "event") {
+    if irq.queue_unusable(queue, mem, "vsock event") {
         return false;
     }
     for _ in 0..CHAIN_BUDGET {

@@ -236,14 +236,22 @@ fn broken_and_looping_chains_are_returned_unused() {
 #[test]
 fn corrupt_avail_ring_does_not_spin() {
     let (mem, dir) = (test_mem(), TestDir::new());
-    let (mut h, path) = setup(&mem, &dir);
+    let (mut h, _) = setup(&mem, &dir);
     // The driver claims 1000 new chains in a 256-entry ring.
     let idx_addr = GuestAddress(h.q.mock.avail_addr().0 + 2);
     mem.write_obj(1000u16, idx_addr).unwrap();
     h.run(); // returns: nothing used, no hang
     assert!(h.q.used().is_empty());
-    // The driver repairs its ring.
+    assert!(h.irq.is_broken(), "not marked DEVICE_NEEDS_RESET");
+    // Broken stays broken until a reset, even once the ring looks sane again.
     mem.write_obj(0u16, idx_addr).unwrap();
+    let (hdr, s) = (h.header(VIRTIO_BLK_T_IN, 0), h.status_buf());
+    h.q.add_chain(&[(hdr, 16, false), (s, 1, true)]);
+    h.run();
+    assert!(h.q.used().is_empty(), "a broken device served a request");
+    // The driver resets the device and sets it up again (a fresh activation).
+    drop(h);
+    let (mut h, path) = setup(&mem, &dir);
     assert_alive(&mut h, &path);
     // An avail entry naming a descriptor past the table.
     let ring_entry = GuestAddress(h.q.mock.avail_addr().0 + 4);
