@@ -247,7 +247,9 @@ fn decode_payload(
     let state: SnapshotState =
         bincode::deserialize(payload).map_err(|e| corrupt(path, &format!("cannot decode: {e}")))?;
     if let Some(diff) = &state.diff {
-        if !diff.pages.fits(state.machine.memory_mib << 20) {
+        // checked: a hostile memory_mib must not wrap into a size the page set fits.
+        let bytes = state.machine.memory_mib.checked_mul(1 << 20);
+        if !bytes.is_some_and(|b| diff.pages.fits(b)) {
             return Err(corrupt(
                 path,
                 "its diff page set does not match the guest's memory",
