@@ -192,9 +192,8 @@ impl Code {
     pub fn print(&mut self, byte: u8) -> &mut Self {
         self.op(&[0xb0, byte, 0xee]) // mov al, byte; out dx, al
     }
-    /// Negotiates VERSION_1 only, sets up `queues` queues of [`QUEUE_SIZE`] at `rings[q]`,
-    /// sets DRIVER_OK and prints the status (0x0f when live), from a reset.
-    pub fn bring_up(&mut self, rings: &[Rings]) -> &mut Self {
+    /// From a reset: ACKNOWLEDGE, DRIVER, VERSION_1 only, FEATURES_OK.
+    pub fn negotiate(&mut self) -> &mut Self {
         self.write(reg::STATUS, 0)
             .write(reg::STATUS, 0x01)
             .write(reg::STATUS, 0x03)
@@ -202,9 +201,12 @@ impl Code {
             .write(reg::DRIVER_FEATURES, 1)
             .write(reg::DRIVER_FEATURES_SEL, 0)
             .write(reg::DRIVER_FEATURES, 0)
-            .write(reg::STATUS, 0x0b);
+            .write(reg::STATUS, 0x0b)
+    }
+    /// Sets up queue q of [`QUEUE_SIZE`] at `rings[q]`, each ready, with fresh (zeroed)
+    /// ring indices: the device starts from index 0 after a reset.
+    pub fn queues(&mut self, rings: &[Rings]) -> &mut Self {
         for (q, r) in (0u32..).zip(rings) {
-            // Fresh rings: the device starts from index 0 after a reset.
             self.poke16(r.avail() + 2, 0).poke16(r.used_idx(), 0);
             self.write(reg::QUEUE_SEL, q)
                 .write(reg::QUEUE_NUM, QUEUE_SIZE)
@@ -213,7 +215,15 @@ impl Code {
                 .write(reg::QUEUE_DEVICE_LOW, r.used())
                 .write(reg::QUEUE_READY, 1);
         }
-        self.write(reg::STATUS, 0x0f).print_status()
+        self
+    }
+    /// [`Code::negotiate`], [`Code::queues`], DRIVER_OK, then prints the status (0x0f
+    /// when live).
+    pub fn bring_up(&mut self, rings: &[Rings]) -> &mut Self {
+        self.negotiate()
+            .queues(rings)
+            .write(reg::STATUS, 0x0f)
+            .print_status()
     }
     /// The end: reset through the i8042 (`kiln run` exits 0), then spin.
     pub fn reset_vm(&mut self) -> Vec<u8> {

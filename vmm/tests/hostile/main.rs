@@ -32,31 +32,18 @@ fn hostile_guest() -> Vec<u8> {
         .write(0x1f0, 0xdead_beef)
         .write(reg::STATUS, 0x04)
         .write(reg::STATUS, 0);
-    // By the book: ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK, three queues, DRIVER_OK.
-    c.write(reg::STATUS, 0x01)
-        .write(reg::STATUS, 0x03)
-        .write(reg::DRIVER_FEATURES_SEL, 1)
-        .write(reg::DRIVER_FEATURES, 1)
-        .write(reg::DRIVER_FEATURES_SEL, 0)
-        .write(reg::DRIVER_FEATURES, 0)
-        .write(reg::STATUS, 0x0b);
-    for (q, r) in (0u32..).zip(vsock::RINGS) {
-        c.write(reg::QUEUE_SEL, q)
-            .write(reg::QUEUE_NUM, guest::QUEUE_SIZE)
-            .write(reg::QUEUE_DESC_LOW, r.desc())
-            .write(reg::QUEUE_DRIVER_LOW, r.avail())
-            .write(reg::QUEUE_DEVICE_LOW, r.used())
-            .write(reg::QUEUE_READY, 1);
-    }
-    c.write(reg::STATUS, 0x0f).print_status(); // 0x0f: live
-                                               // The tx queue's avail index jumps 200 entries ahead of a ring of 8.
+    // By the book: ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK, three queues, DRIVER_OK;
+    // prints 0x0f (live).
+    c.bring_up(&vsock::RINGS);
+    // The tx queue's avail index jumps 200 entries ahead of a ring of 8: prints 0x4f
+    // (DEVICE_NEEDS_RESET).
     let tx: Rings = vsock::RINGS[1];
     c.poke16(tx.avail() + 2, 200)
         .write(reg::QUEUE_NOTIFY, 1)
         .wait_needs_reset()
-        .print_status(); // 0x4f: DEVICE_NEEDS_RESET
-                         // A reset brings the device back to the start of the protocol.
-    c.write(reg::STATUS, 0).print_status().print(b'K'); // 0x00, then 'K'
+        .print_status();
+    // A reset brings the device back to the start of the protocol: prints 0x00, then 'K'.
+    c.write(reg::STATUS, 0).print_status().print(b'K');
     c.halt()
 }
 

@@ -92,3 +92,38 @@ fn hostile_mmio_accesses_out_of_protocol_are_ignored() {
         );
     }
 }
+
+/// Rings outside guest memory: DRIVER_OK is refused and the device shows
+/// DEVICE_NEEDS_RESET (0x4b: FEATURES_OK | DRIVER | ACKNOWLEDGE | NEEDS_RESET); a reset and
+/// a proper set-up bring it up.
+#[test]
+fn hostile_mmio_rings_outside_memory_are_refused_at_driver_ok() {
+    let mut c = Code::new(VSOCK);
+    for (window, rings) in [(VSOCK, &vsock::RINGS[..]), (BLOCK, &[block::RINGS][..])] {
+        c.window(window)
+            .negotiate()
+            .queues(rings)
+            .write(reg::QUEUE_SEL, 0)
+            .write(reg::QUEUE_DESC_HIGH, 0xdead)
+            .write(reg::STATUS, 0x0f)
+            .print_status()
+            .bring_up(rings);
+    }
+    block::probe(&mut c, 0);
+    vsock::probe(&mut c, 0);
+    c.print(b'K');
+    let out = guest::run("rings", &c.reset_vm());
+
+    let want = [
+        0x4b,
+        0x0f,
+        0x4b,
+        0x0f,
+        0,
+        guest::DISK_BYTE,
+        vsock::RST,
+        b'K',
+    ];
+    assert_eq!(out.console, want, "log:\n{}", out.log);
+    assert!(out.log.contains("DRIVER_OK refused"), "{}", out.log);
+}
