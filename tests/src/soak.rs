@@ -103,6 +103,9 @@ pub struct Report {
     pub peak: Counts,
     pub after_jobs: Counts,
     pub after: Counts,
+    /// The end of the script's output (failed jobs and VMs, the first failure's log), for
+    /// error messages.
+    pub tail: String,
 }
 
 impl Report {
@@ -197,6 +200,7 @@ pub fn run(runner: &Runner, soak: Soak) -> Result<Report> {
         peak: Counts::parse(c, "PEAK")?,
         after_jobs: Counts::parse(c, "AFTER-JOBS")?,
         after: Counts::parse(c, "AFTER")?,
+        tail: crate::process::tail(c, crate::testbed::TAIL).to_string(),
     })
 }
 

@@ -24,8 +24,9 @@ fn soak_jobs_and_concurrent_vms_leave_nothing_behind() -> Result<()> {
     );
     ensure!(
         report.concurrent_ok == want.concurrent,
-        "VMs that never answered: {}",
-        report.json()
+        "VMs that never answered: {}\n{}",
+        report.json(),
+        report.tail
     );
     // The peak must show the VMs, or the counts measure nothing.
     ensure!(

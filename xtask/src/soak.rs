@@ -49,6 +49,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         ));
     }
     if !problems.is_empty() {
+        eprintln!("--- the end of the soak's output ---\n{}", report.tail);
         bail!("soak failed: {}", problems.join("; "));
     }
     println!("xtask soak: no leaks");

@@ -347,6 +347,25 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A diff's page set is checked against the memory size without wrapping: 2^44 + 16
+    /// MiB in bytes wraps to 16 MiB in u64, which a 16 MiB page set would fit.
+    #[test]
+    fn a_memory_size_that_wraps_does_not_fit_a_page_set() {
+        let mut state = sample();
+        state.machine.memory_mib = (1 << 44) + 16;
+        state.diff = Some(DiffInfo {
+            parent: PathBuf::from("/parent"),
+            parent_digest: [0; 32],
+            pages: pages::PageSet::new(16 << 20),
+        });
+        let payload = bincode::serialize(&state).unwrap();
+        let e = parse_state(Path::new("x"), &wrap(&payload)).err().unwrap();
+        assert!(e.to_string().contains("diff page set"), "{e}");
+        state.machine.memory_mib = 16;
+        let payload = bincode::serialize(&state).unwrap();
+        parse_state(Path::new("x"), &wrap(&payload)).unwrap();
+    }
+
     /// Length prefixes in a hostile payload (which passed the checksum) do not make the
     /// decoder allocate what they claim: serde preallocates at most 1 MiB per sequence and
     /// bincode's slice reader checks byte lengths against the bytes that are there.
