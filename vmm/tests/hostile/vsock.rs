@@ -59,14 +59,20 @@ fn send(c: &mut Code, n: u16, descs: &[(u64, u32, u16)]) {
 /// A connection request to a host port nobody listens on, as tx chain `n` with one rx
 /// buffer offered as rx chain 0: prints the op of the device's answer ([`RST`]).
 pub fn probe(c: &mut Code, n: u16) {
+    probe_after(c, n, 0);
+}
+
+/// [`probe`], its rx buffer offered as rx chain `rx_n` (after `rx_n` others).
+fn probe_after(c: &mut Code, n: u16, rx_n: u16) {
     let rx = RINGS[0];
     c.window(VSOCK)
         .poke32(RX_BUF + OP_OFFSET, 0)
         .desc(rx.desc(), 0, u64::from(RX_BUF), 64, F_WRITE, 0)
-        .offer(rx, 0, 0, 0);
+        .offer(rx, 0, rx_n, 0);
     header(c, OP_REQUEST, 0);
     send(c, n, &[(u64::from(TX_HDR), HDR_LEN, 0)]);
-    c.wait_used(rx.used_idx(), 1).print_mem(RX_BUF + OP_OFFSET);
+    c.wait_used(rx.used_idx(), rx_n + 1)
+        .print_mem(RX_BUF + OP_OFFSET);
 }
 
 /// Brings vsock up (prints 0x0f).
@@ -91,7 +97,14 @@ fn hostile_vsock_chains_are_dropped_and_a_corrupt_ring_breaks_only_vsock() {
     send(&mut c, 3, &[(NOWHERE, 64, F_INDIRECT)]);
     send(&mut c, 4, &[(u64::from(TX_DATA), 8, F_INDIRECT)]);
     c.print_status();
-    probe(&mut c, 5);
+    // rx buffers outside guest memory and device-readable: dropped, and the answer to the
+    // next request lands in the good buffer offered after them.
+    let rx = RINGS[0];
+    c.desc(rx.desc(), 1, NOWHERE, 64, F_WRITE, 0)
+        .desc(rx.desc(), 2, u64::from(RX_BUF), 64, 0, 0)
+        .offer(rx, 0, 0, 1)
+        .offer(rx, 0, 1, 2);
+    probe_after(&mut c, 5, 2);
     // The tx avail index jumps 200 entries past a ring of 8.
     c.poke16(tx.avail() + 2, 200)
         .write(guest::reg::QUEUE_NOTIFY, 1)
@@ -120,6 +133,7 @@ fn hostile_vsock_chains_are_dropped_and_a_corrupt_ring_breaks_only_vsock() {
     assert_eq!(out.console, want, "log:\n{}", out.log);
     for line in [
         "vsock: dropping malformed tx chain",
+        "vsock: dropping malformed rx chain",
         "the device needs a reset: vsock tx queue",
     ] {
         assert!(
