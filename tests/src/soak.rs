@@ -285,3 +285,30 @@ counts AFTER
 for f in $L/failed.out $L/c1.out; do [ -e $f ] && { echo "--- $f"; tail -20 $f; }; done
 exit 0
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_compare_exactly_and_memory_within_the_tolerance() {
+        let console = "noise\nKILN-SOAK-BEFORE=fds=16 threads=3 mem_available_kib=2000000\n\
+                       KILN-SOAK-AFTER=fds=17 threads=3 mem_available_kib=1990000\n";
+        let before = Counts::parse(console, "BEFORE").unwrap();
+        let after = Counts::parse(console, "AFTER").unwrap();
+        assert_eq!(before.get("fds"), Some(16));
+        // 10 MB less memory is within the tolerance; one more fd is not.
+        assert_eq!(after.leaks_since(&before), ["fds 16 -> 17"]);
+        let short = Counts::parse("KILN-SOAK-X=mem_available_kib=1900000", "X").unwrap();
+        assert_eq!(
+            short.leaks_since(&before),
+            ["mem_available_kib 2000000 -> 1900000"]
+        );
+        assert!(Counts::parse(console, "PEAK").is_err());
+        assert!(Counts::parse("KILN-SOAK-Y=fds", "Y").is_err());
+        assert_eq!(
+            before.json(),
+            r#"{"fds":16,"threads":3,"mem_available_kib":2000000}"#
+        );
+    }
+}
