@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 /// - test bed: qemu-system-x86 (QEMU TCG with nested SVM), busybox-static and cpio for the
 ///   test-bed and guest initramfs images, bash-static for guests that run GitLab jobs
 /// - disk tests: e2fsprogs (`mkfs.ext4 -d` builds the ext4 images the `image_` tests boot)
+/// - fuzzing: g++ (libfuzzer-sys compiles libFuzzer, which is C++, for the fuzz step)
 pub const PACKAGES: &[&str] = &[
     "linux-source-6.12",
     "bc",
@@ -31,6 +32,7 @@ pub const PACKAGES: &[&str] = &[
     "bash-static",
     "cpio",
     "e2fsprogs",
+    "g++",
 ];
 
 pub fn run() -> Result<()> {
