@@ -15,6 +15,7 @@ pub mod output;
 pub mod process;
 pub mod qemu;
 pub mod shell;
+pub mod soak;
 pub mod testbed;
 pub mod tiny_kernel;
 pub mod tmp;

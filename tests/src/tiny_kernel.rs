@@ -74,8 +74,9 @@ pub fn counting_output(count: u32) -> Vec<u8> {
     (0..count).map(|i| i.to_le_bytes()[0]).collect()
 }
 
-/// An ELF64 executable with one PT_LOAD segment: the headers, then `code` (the entry).
-fn elf(code: &[u8]) -> Vec<u8> {
+/// An ELF64 x86-64 executable that `kiln run --kernel` loads at 16 MiB and enters in long
+/// mode (the first 4 GiB identity-mapped) at the first byte of `code`: any hand-made guest.
+pub fn elf(code: &[u8]) -> Vec<u8> {
     let code_offset = EHDR_SIZE + PHDR_SIZE;
     let file_size = code_offset + code.len() as u64;
     let mut elf = Vec::with_capacity(usize::try_from(file_size).unwrap_or(0));

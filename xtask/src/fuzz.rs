@@ -14,6 +14,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::{cargo, repo_root};
 
+/// Seconds per target in `cargo xtask test`: the floor for CI, enough to replay the
+/// seed corpus and explore a little; longer runs are `cargo xtask fuzz --time S`.
+pub const CI_SECS: u64 = 30;
 /// Per-target libFuzzer limits besides the time.
 const RSS_LIMIT_MB: u32 = 2048;
 /// One input taking longer than this is a hang.
@@ -32,9 +35,20 @@ pub fn run(time_s: u64, only: Option<&str>) -> Result<()> {
         ),
         None => all,
     };
+    // One build for all of them: cargo shares the instrumented dependencies and compiles
+    // in parallel, where a build per target would go one at a time.
+    let build_dir = fuzz_dir.join("target");
+    let build_start = Instant::now();
+    build(&fuzz_dir, &build_dir, only)?;
+    println!(
+        "fuzz: built {} target(s) in {:.0} s",
+        targets.len(),
+        build_start.elapsed().as_secs_f64()
+    );
+    let binaries = build_dir.join(host_triple()?).join("release");
     let mut failed = Vec::new();
     for target in &targets {
-        match run_target(&fuzz_dir, target, time_s) {
+        match run_target(&fuzz_dir, &binaries.join(target), target, time_s) {
             Ok(stats) => println!("{stats}"),
             Err(err) => {
                 println!("fuzz {target}: FAILED: {err:#}");
@@ -127,20 +141,24 @@ impl std::fmt::Display for Stats {
     }
 }
 
-fn run_target(fuzz_dir: &Path, target: &str, time_s: u64) -> Result<Stats> {
-    // An explicit target dir, so that the binary is where we look whatever CARGO_TARGET_DIR
-    // says.
-    let build_dir = fuzz_dir.join("target");
-    let status = cargo_fuzz(fuzz_dir)
-        .args(["build", target, "--target-dir"])
-        .arg(&build_dir)
+/// `cargo fuzz build` of `only`, else of every target, into `build_dir` (explicit, so that
+/// the binaries are where we look whatever CARGO_TARGET_DIR says).
+fn build(fuzz_dir: &Path, build_dir: &Path, only: Option<&str>) -> Result<()> {
+    let mut cmd = cargo_fuzz(fuzz_dir);
+    cmd.arg("build");
+    cmd.args(only);
+    let status = cmd
+        .arg("--target-dir")
+        .arg(build_dir)
         .status()
         .context("could not run cargo fuzz build")?;
     if !status.success() {
-        bail!("`cargo fuzz build {target}` exited with {status}");
+        bail!("`cargo fuzz build` exited with {status}");
     }
-    let binary = build_dir.join(host_triple()?).join("release").join(target);
+    Ok(())
+}
 
+fn run_target(fuzz_dir: &Path, binary: &Path, target: &str, time_s: u64) -> Result<Stats> {
     let scratch = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"))
@@ -164,7 +182,7 @@ fn run_target(fuzz_dir: &Path, target: &str, time_s: u64) -> Result<Stats> {
         log_path.display()
     );
     let start = Instant::now();
-    let status = Command::new(&binary)
+    let status = Command::new(binary)
         .arg(&corpus)
         .arg(format!("-max_total_time={time_s}"))
         .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))

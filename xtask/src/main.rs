@@ -6,6 +6,7 @@ mod budgets;
 mod demo;
 mod fuzz;
 mod setup;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -31,8 +32,16 @@ enum Task {
     /// Boot a microVM and run a sample CI job in it (direct /dev/kvm if the CPU has
     /// hardware virtualization, else inside the nested QEMU test bed).
     Demo,
-    /// Set up, then cargo fmt --check, clippy -D warnings and every test of the workspace.
-    Test,
+    /// Set up, then cargo fmt --check, clippy -D warnings, every test of the workspace and
+    /// every fuzz target for --fuzz-time seconds (CI runs all of it).
+    Test {
+        /// Skip the fuzz step (for quick local runs; CI never passes it).
+        #[arg(long)]
+        no_fuzz: bool,
+        /// Seconds to fuzz each target in the fuzz step.
+        #[arg(long, default_value_t = fuzz::CI_SECS)]
+        fuzz_time: u64,
+    },
     /// Run the benchmarks (release build); prints one JSON object per line, writes them
     /// all to target/bench.json and prints a table; `--check` holds them to
     /// benches/budgets.toml.
@@ -41,12 +50,16 @@ enum Task {
     /// copy of its seed corpus); fails on any crash. Installs cargo-fuzz if missing.
     Fuzz {
         /// Seconds to fuzz each target.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = fuzz::CI_SECS)]
         time: u64,
         /// Run only this target (default: all of them).
         #[arg(long)]
         target: Option<String>,
     },
+    /// Run `--jobs` sequential `kiln job`s, then `--concurrent` VMs at once (in the test
+    /// bed unless the CPU has hardware virtualization), and check that host fds, threads,
+    /// processes, sockets, network devices, cgroups and memory come back; prints figures.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,9 +67,10 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
-        Task::Test => test(),
+        Task::Test { no_fuzz, fuzz_time } => test(!no_fuzz, fuzz_time),
         Task::Bench(args) => bench::run(&args),
         Task::Fuzz { time, target } => fuzz::run(time, target.as_deref()),
+        Task::Soak(args) => soak::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,7 +91,8 @@ fn cargo() -> Command {
     cmd
 }
 
-fn test() -> Result<()> {
+/// `fuzz_s`: seconds per fuzz target, after the tests (`fuzz` false skips that step).
+fn test(fuzz: bool, fuzz_s: u64) -> Result<()> {
     step("setup", setup::run)?;
     let steps: [(&str, &[&str]); 3] = [
         ("cargo fmt", &["fmt", "--all", "--check"]),
@@ -106,11 +121,26 @@ fn test() -> Result<()> {
             Ok(())
         })?;
     }
+    // After the tests: a crash found here is a bug in code the tests already passed, and
+    // the fuzz build (AddressSanitizer, its own target dir) does not slow them down.
+    if fuzz {
+        step("cargo fuzz", || fuzz::run(fuzz_s, None))?;
+    } else {
+        println!("xtask test: fuzz step skipped (--no-fuzz)");
+    }
     println!("xtask test: all steps passed");
     Ok(())
 }
 
+/// Runs one step of `cargo xtask test` and says how long it took (CI logs show where the
+/// suite's time goes).
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("xtask test: == {name} ==");
-    f().with_context(|| format!("step `{name}` failed"))
+    let start = std::time::Instant::now();
+    let result = f().with_context(|| format!("step `{name}` failed"));
+    println!(
+        "xtask test: {name} took {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    result
 }

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 /// - disk tests: e2fsprogs (`mkfs.ext4 -d` builds the ext4 images the `image_` tests boot)
 /// - image tests: debootstrap (`kiln image build` makes the Debian image the acceptance
 ///   test boots) and tar (`kiln image import`)
+/// - fuzzing: g++ (libfuzzer-sys compiles libFuzzer, which is C++, for the fuzz step)
 pub const PACKAGES: &[&str] = &[
     "linux-source-6.12",
     "bc",
@@ -35,6 +36,7 @@ pub const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "debootstrap",
     "tar",
+    "g++",
 ];
 
 pub fn run() -> Result<()> {

@@ -151,6 +151,22 @@ impl VirtioInterrupt {
         self.broken.load(Ordering::Acquire)
     }
 
+    /// True if `queue` must be left alone: the device is marked broken, or the driver's
+    /// avail ring is corrupt (its index runs more than a ring ahead of the device's), which
+    /// marks it broken. `what` names the queue in the log line. Every device checks this
+    /// before walking a queue, so one corrupt ring is reported the same way everywhere.
+    pub(crate) fn queue_unusable(&self, queue: &mut Queue, mem: &GuestMemory, what: &str) -> bool {
+        use virtio_queue::QueueOwnedT;
+        if self.is_broken() {
+            return true;
+        }
+        if let Err(e) = queue.iter(mem) {
+            self.device_broken(&format!("{what} queue: {e}"));
+            return true;
+        }
+        false
+    }
+
     fn raise(&self, bit: u32) -> io::Result<()> {
         self.status.fetch_or(bit, Ordering::AcqRel);
         self.irq.write(1)

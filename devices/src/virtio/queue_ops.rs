@@ -1,9 +1,8 @@
-//! Queue chores every device does the same way: return a chain, raise the interrupt when the
-//! driver wants it, and refuse to touch a ring that is corrupt (which marks the device
-//! broken, so the guest sees DEVICE_NEEDS_RESET).
+//! Queue chores every device does the same way: return a chain, and raise the interrupt when
+//! the driver wants it. (A corrupt ring: [`VirtioInterrupt::queue_unusable`].)
 
 use tracing::warn;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 
 use crate::virtio::{GuestMemory, VirtioInterrupt};
 
@@ -25,23 +24,4 @@ pub(crate) fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32
             "{dev}: cannot return a descriptor chain to the guest: {e}"
         );
     }
-}
-
-/// True if the queue must be left alone: the device is marked broken, or the driver's avail
-/// ring is corrupt (its index runs more than a ring ahead of ours), which marks it broken.
-/// `name` names the device and queue in logs ("vsock tx").
-pub(crate) fn unusable(
-    queue: &mut Queue,
-    mem: &GuestMemory,
-    irq: &VirtioInterrupt,
-    name: &str,
-) -> bool {
-    if irq.is_broken() {
-        return true;
-    }
-    if let Err(e) = queue.iter(mem) {
-        irq.device_broken(&format!("{name} queue: {e}"));
-        return true;
-    }
-    false
 }

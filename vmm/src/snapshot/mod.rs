@@ -257,7 +257,9 @@ fn decode_payload(
     let state: SnapshotState =
         bincode::deserialize(payload).map_err(|e| corrupt(path, &format!("cannot decode: {e}")))?;
     if let Some(diff) = &state.diff {
-        if !diff.pages.fits(state.machine.memory_mib << 20) {
+        // checked: a hostile memory_mib must not wrap into a size the page set fits.
+        let bytes = state.machine.memory_mib.checked_mul(1 << 20);
+        if !bytes.is_some_and(|b| diff.pages.fits(b)) {
             return Err(corrupt(
                 path,
                 "its diff page set does not match the guest's memory",
@@ -354,6 +356,25 @@ mod tests {
         assert_eq!(state.machine, sample().machine);
         assert_eq!(wrap(&bytes[HEADER_LEN..]), bytes);
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A diff's page set is checked against the memory size without wrapping: 2^44 + 16
+    /// MiB in bytes wraps to 16 MiB in u64, which a 16 MiB page set would fit.
+    #[test]
+    fn a_memory_size_that_wraps_does_not_fit_a_page_set() {
+        let mut state = sample();
+        state.machine.memory_mib = (1 << 44) + 16;
+        state.diff = Some(DiffInfo {
+            parent: PathBuf::from("/parent"),
+            parent_digest: [0; 32],
+            pages: pages::PageSet::new(16 << 20),
+        });
+        let payload = bincode::serialize(&state).unwrap();
+        let e = parse_state(Path::new("x"), &wrap(&payload)).err().unwrap();
+        assert!(e.to_string().contains("diff page set"), "{e}");
+        state.machine.memory_mib = 16;
+        let payload = bincode::serialize(&state).unwrap();
+        parse_state(Path::new("x"), &wrap(&payload)).unwrap();
     }
 
     /// Length prefixes in a hostile payload (which passed the checksum) do not make the

@@ -22,6 +22,12 @@ use crate::virtio::{
 };
 
 /// The queue and what the device needs to use it, from activation to reset.
+/// The most requests one call takes from the queue. A driver that keeps adding them (a
+/// vCPU submitting as fast as the device completes) must not hold the event loop, and with
+/// it vsock and the control API, forever: past this the device kicks its own queue eventfd
+/// and carries on after the other events.
+pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
+
 pub(crate) struct Active {
     pub(crate) mem: GuestMemory,
     pub(crate) queue: Queue,
@@ -124,11 +130,14 @@ impl Block {
             mem,
             queue,
             interrupt,
-            ..
+            evt,
         }) = active
         else {
             return false;
         };
+        if interrupt.queue_unusable(queue, mem, "virtio-blk request") {
+            return false;
+        }
         let mut ctx = request::Ctx {
             disk: backend.disk_mut(),
             serial,
@@ -138,7 +147,8 @@ impl Block {
         };
         let mut used = false;
         let mut empty_rounds = 0;
-        loop {
+        let mut taken = 0;
+        'rounds: loop {
             // Without EVENT_IDX this sets NO_NOTIFY while we work; with it, it is a no-op.
             let _ = queue.disable_notification(mem);
             let mut popped = false;
@@ -150,6 +160,14 @@ impl Block {
                 }
                 used = true;
                 popped = true;
+                taken += 1;
+                if taken >= CHAIN_BUDGET {
+                    // Come back after the other events: kick our own queue eventfd.
+                    if let Err(e) = evt.write(1) {
+                        warn!("virtio-blk: cannot re-kick the request queue: {e}");
+                    }
+                    break 'rounds;
+                }
             }
             // A ring that keeps announcing chains it does not yield is corrupt: stop rather
             // than spin, and wait for the next kick.

@@ -8,7 +8,7 @@ use virtio_queue::QueueT;
 use super::device::Net;
 use super::frames::{read_chain, write_chain};
 use super::{CHAIN_BUDGET, TX_QUEUE, VNET_HDR_LEN};
-use crate::virtio::queue_ops::{add_used, notify, unusable};
+use crate::virtio::queue_ops::{add_used, notify};
 
 /// Where `num_buffers` sits in the vnet header. The TAP skips those bytes when it writes a
 /// frame, so the device sets it: one buffer per frame without MRG_RXBUF.
@@ -34,7 +34,7 @@ impl Net {
             return;
         };
         let [queue, _] = &mut a.queues;
-        if unusable(queue, &a.mem, &a.interrupt, "net rx") {
+        if a.interrupt.queue_unusable(queue, &a.mem, "net rx") {
             return;
         }
         let mut used = false;
@@ -105,7 +105,7 @@ impl Net {
         } = self;
         let Some(a) = active else { return };
         let [_, queue] = &mut a.queues;
-        if unusable(queue, &a.mem, &a.interrupt, "net tx") {
+        if a.interrupt.queue_unusable(queue, &a.mem, "net tx") {
             return;
         }
         let mut used = false;

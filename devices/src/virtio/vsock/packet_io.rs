@@ -19,7 +19,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestMemoryError};
 
 use super::{MAX_PKT_DATA, QUEUE_SIZE, TYPE_STREAM};
-use crate::virtio::queue_ops::{add_used, notify, unusable};
+use crate::virtio::queue_ops::{add_used, notify};
 use crate::virtio::{GuestMemory, VirtioInterrupt};
 
 /// A packet from the guest, copied out of guest memory.
@@ -74,7 +74,7 @@ pub(crate) fn drain_tx(
     irq: &VirtioInterrupt,
     mut handle: impl FnMut(&TxPkt<'_>),
 ) -> bool {
-    if unusable(queue, mem, irq, "vsock tx") {
+    if irq.queue_unusable(queue, mem, "vsock tx") {
         return false;
     }
     let mut used = false;
@@ -240,7 +240,7 @@ pub(crate) fn fill_rx(
     mut more: impl FnMut() -> bool,
     mut fill: impl FnMut(&mut RxPkt<'_>) -> Option<u32>,
 ) -> bool {
-    if unusable(queue, mem, irq, "vsock rx") {
+    if irq.queue_unusable(queue, mem, "vsock rx") {
         return false;
     }
     let mut used = false;
@@ -304,7 +304,7 @@ pub(crate) fn write_event(
     irq: &VirtioInterrupt,
     id: u32,
 ) -> bool {
-    if unusable(queue, mem, irq, "vsock event") {
+    if irq.queue_unusable(queue, mem, "vsock event") {
         return false;
     }
     for _ in 0..CHAIN_BUDGET {

@@ -236,14 +236,22 @@ fn broken_and_looping_chains_are_returned_unused() {
 #[test]
 fn corrupt_avail_ring_does_not_spin() {
     let (mem, dir) = (test_mem(), TestDir::new());
-    let (mut h, path) = setup(&mem, &dir);
+    let (mut h, _) = setup(&mem, &dir);
     // The driver claims 1000 new chains in a 256-entry ring.
     let idx_addr = GuestAddress(h.q.mock.avail_addr().0 + 2);
     mem.write_obj(1000u16, idx_addr).unwrap();
     h.run(); // returns: nothing used, no hang
     assert!(h.q.used().is_empty());
-    // The driver repairs its ring.
+    assert!(h.irq.is_broken(), "not marked DEVICE_NEEDS_RESET");
+    // Broken stays broken until a reset, even once the ring looks sane again.
     mem.write_obj(0u16, idx_addr).unwrap();
+    let (hdr, s) = (h.header(VIRTIO_BLK_T_IN, 0), h.status_buf());
+    h.q.add_chain(&[(hdr, 16, false), (s, 1, true)]);
+    h.run();
+    assert!(h.q.used().is_empty(), "a broken device served a request");
+    // The driver resets the device and sets it up again (a fresh activation).
+    drop(h);
+    let (mut h, path) = setup(&mem, &dir);
     assert_alive(&mut h, &path);
     // An avail entry naming a descriptor past the table.
     let ring_entry = GuestAddress(h.q.mock.avail_addr().0 + 4);
@@ -255,4 +263,48 @@ fn corrupt_avail_ring_does_not_spin() {
     // There is no descriptor 999 to give back (add_used refuses it); it is skipped.
     assert!(h.q.used().is_empty());
     assert_alive(&mut h, &path);
+}
+
+/// A ring whose used ring lies over its avail ring, with next_used ahead of next_avail
+/// (a restored state can say so): every used entry makes a new available one. One call
+/// serves at most CHAIN_BUDGET requests, then re-kicks the queue and returns.
+#[test]
+fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
+    use crate::virtio::block::device::CHAIN_BUDGET;
+
+    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mut h, path) = setup(&mem, &dir);
+    let (hdr, s) = (h.header(VIRTIO_BLK_T_FLUSH, 0), h.status_buf());
+    let head = h.q.add_chain(&[(hdr, 16, false), (s, 1, true)]);
+    let avail = h.q.mock.avail_addr();
+    for slot in 0..5u64 {
+        mem.write_obj(head, avail.unchecked_add(4 + 2 * slot))
+            .unwrap();
+    }
+    mem.write_obj(5u16, avail.unchecked_add(2)).unwrap();
+    let mut queue = h.q.queue();
+    queue.set_used_ring_address(Some(u32::try_from(avail.0).unwrap()), Some(0));
+    queue.set_next_used(5);
+    let mut dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
+    let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let kicked = evt.try_clone().unwrap();
+    let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    dev.ack_features(dev.device_features());
+    dev.activate(mem.clone(), vec![queue], vec![evt], irq)
+        .unwrap();
+
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        dev.process_queue();
+        let _ = done.send(dev.active.map(|a| a.queue.next_avail()));
+    });
+    let next_avail = result
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("process_queue still serving a self-refilling ring after 20 s");
+    assert_eq!(next_avail.map(usize::from), Some(CHAIN_BUDGET));
+    assert_eq!(
+        kicked.read().unwrap(),
+        1,
+        "the queue was not kicked to come back"
+    );
 }
