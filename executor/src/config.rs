@@ -47,6 +47,12 @@ pub struct ConfigFile {
     pub cache_dir: Option<String>,
     /// The guest's shell for stage scripts. Default `bash`.
     pub shell: Option<String>,
+    /// The network of each job's VM: a `kiln run --net` string in which `{id}` stands for
+    /// the job's `CI_CONCURRENT_ID` (0, 1, … among the jobs the runner runs at once), so
+    /// that each job gets a TAP of its own, e.g.
+    /// `tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1,dns=…` after `kiln net setup --tap
+    /// kiln{id} --host-ip 10.0.{id}.1/24 --nat` for each id. Default: no network.
+    pub net: Option<String>,
 }
 
 /// The configuration with every default filled in.
@@ -66,6 +72,7 @@ pub struct Config {
     pub builds_dir: String,
     pub cache_dir: String,
     pub shell: String,
+    pub net: Option<String>,
 }
 
 impl Config {
@@ -120,6 +127,7 @@ impl Config {
             builds_dir: f.builds_dir.unwrap_or_else(|| "/builds".into()),
             cache_dir: f.cache_dir.unwrap_or_else(|| "/cache".into()),
             shell: f.shell.unwrap_or_else(|| "bash".into()),
+            net: f.net,
         }
     }
 }

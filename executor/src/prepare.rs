@@ -163,6 +163,11 @@ fn kiln_args(config: &Config, job: &JobDir, source: &Source, contract: &Contract
     arg(&job.api());
     arg(&"--serial");
     arg(&job.console());
+    if let Some(net) = &config.net {
+        // A restored clone needs a TAP of its own just as a new VM does.
+        arg(&"--net");
+        arg(&net.replace("{id}", contract.var("CI_CONCURRENT_ID").unwrap_or("0")));
+    }
     args
 }
 
@@ -256,5 +261,46 @@ mod tests {
             args(&snap),
             format!("restore --snapshot /snaps/warm --hostname kiln-job-9 {tail}")
         );
+    }
+
+    #[test]
+    fn each_concurrent_job_gets_its_own_tap() {
+        let config = Config::from_file(
+            ConfigFile {
+                net: Some("tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1".into()),
+                ..ConfigFile::default()
+            },
+            &Env::default(),
+        );
+        let job = JobDir { dir: "/s/j".into() };
+        let image = Source::Image(store::Image {
+            name: "default".into(),
+            kernel: Some("/k".into()),
+            initrd: None,
+            vm_config: None,
+            store: None,
+        });
+        let snap = Source::Snapshot {
+            name: "warm".into(),
+            dir: "/snaps/warm".into(),
+        };
+        for (id, source) in [("3", &image), ("7", &snap)] {
+            let contract = Contract::from_vars([("CUSTOM_ENV_CI_CONCURRENT_ID".into(), id.into())]);
+            let args: Vec<String> = kiln_args(&config, &job, source, &contract)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let net = args
+                .iter()
+                .position(|a| a == "--net")
+                .map(|i| args[i + 1].as_str());
+            let want = format!("tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1");
+            assert_eq!(net, Some(want.as_str()), "{args:?}");
+        }
+        // Without the variable (one job at a time), id 0.
+        let args = kiln_args(&config, &job, &image, &Contract::from_vars([]));
+        assert!(args
+            .iter()
+            .any(|a| a == "tap=kiln0,ip=10.0.0.2/24,gw=10.0.0.1"));
     }
 }
