@@ -176,7 +176,14 @@ fn wait_agent(child: &mut Child, job: &JobDir, timeout: Duration) -> Result<()> 
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!("the VM did not start: kiln exited ({status}) before the guest agent answered");
+            // kiln says why on its stderr, which went to the job's log: quote its end.
+            let log = std::fs::read_to_string(job.log()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let said = lines[lines.len().saturating_sub(5)..].join("\n");
+            bail!(
+                "the VM did not start: kiln exited ({status}) before the guest agent answered; \
+                 it said:\n{said}"
+            );
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

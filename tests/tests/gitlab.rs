@@ -228,8 +228,10 @@ for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
     );
     ensure!(value(c, "GL-EXIT-broken") == Some(system.as_str()), "{c}");
     ensure!(
-        log(c, "broken").contains("the VM did not start") && stages(log(c, "broken")).is_empty(),
-        "{c}"
+        log(c, "broken").contains("the VM did not start")
+            && log(c, "broken").contains("kiln: error:")
+            && stages(log(c, "broken")).is_empty(),
+        "the job log says why the VM did not start (kiln's own words): {c}"
     );
     ensure!(value(c, "GL-EXIT-unknown") == Some(system.as_str()), "{c}");
     ensure!(
