@@ -107,12 +107,10 @@ fn image_debian_build_boots_and_runs_git_and_apt() -> Result<()> {
     Ok(())
 }
 
-/// `kiln image import` of a busybox tarball (a filesystem with a static busybox, as a
-/// minimal container would export it) boots and runs a job with the agent it added.
-#[test]
-fn image_import_of_a_tarball_boots_and_runs_a_job() -> Result<()> {
+/// A busybox root filesystem with `/etc/image-marker`, tarred and brought into a store
+/// under `tmp` with `kiln image import` as image `bb`.
+fn busybox_image(tmp: &TempDir) -> Result<StoreImage> {
     let bins = kiln_tests::artifacts::static_binaries()?;
-    let tmp = TempDir::new("image-import")?;
     let tree = tmp.path().join("tree");
     let bb = kiln_tests::busybox::busybox()?;
     std::fs::create_dir_all(tree.join("bin"))?;
@@ -142,6 +140,80 @@ fn image_import_of_a_tarball_boots_and_runs_a_job() -> Result<()> {
         image.build_secs.unwrap_or(0.0),
         std::fs::metadata(image.dir().join("rootfs.ext4"))?.len() >> 20
     );
+    Ok(image)
+}
+
+/// Issue 5, acceptance 2: two VMs booted at once from the same store image each write a
+/// file of their own to `/`; neither sees the other's, and the image is unchanged.
+#[test]
+fn image_vms_from_one_image_see_only_their_own_root_writes() -> Result<()> {
+    let tmp = TempDir::new("image-two-vms")?;
+    let image = busybox_image(&tmp)?;
+    let script = kiln_tests::shell::PRELUDE.to_string()
+        + &format!(
+            r#"
+S="$FILES/store"
+B="$S/{name}/rootfs.ext4"
+before=$(sha256sum "$B" | cut -d' ' -f1)
+for i in 0 1; do
+  "$KILN" run --kernel "$GUEST_VMLINUX" --image {name} --store "$S" --memory 128     --vsock "$PWD/v$i.sock" --serial null 2> "run$i.err" &
+  eval "vm$i=$!"
+done
+for i in 0 1; do
+  eval "pid=\$vm$i"
+  echo "KILN-READY-$i=$(wait_exec "$PWD/v$i.sock" $pid)"
+  "$KILN" exec --vsock "$PWD/v$i.sock" -- sh -c "echo vm-$i > /written-by-vm$i && sync"
+  echo "KILN-WRITE-$i=$?"
+done
+for i in 0 1; do
+  echo "KILN-SEES-$i=$("$KILN" exec --vsock "$PWD/v$i.sock" -- sh -c 'cat /written-by-vm*' | tr '
+' ' ')"
+  eval "pid=\$vm$i"
+  kill -TERM $pid 2>/dev/null
+  wait $pid
+done
+[ "$(sha256sum "$B" | cut -d' ' -f1)" = "$before" ] && echo "KILN-BASE-UNCHANGED=yes"
+echo "KILN-PROCESSES-LEFT=$(pidof kiln | wc -w)"
+for i in 0 1; do echo "--- run$i.err"; cat "run$i.err"; done
+"#,
+            name = image.name
+        );
+    let out =
+        runner_for_images()?.run(&script, &image.files("store")?, Duration::from_secs(300))?;
+    let console = &out.console;
+    for i in 0..2 {
+        let key = |k: &str| format!("KILN-{k}-{i}");
+        ensure!(
+            value(console, &key("READY")) == Some("yes"),
+            "VM {i}: {console}"
+        );
+        ensure!(
+            value(console, &key("WRITE")) == Some("0"),
+            "VM {i} write: {console}"
+        );
+        let own = format!("vm-{i}");
+        ensure!(
+            value(console, &key("SEES")) == Some(own.as_str()),
+            "VM {i} should see its own file only: {console}"
+        );
+    }
+    ensure!(
+        value(console, "KILN-BASE-UNCHANGED") == Some("yes"),
+        "the image changed: {console}"
+    );
+    ensure!(
+        value(console, "KILN-PROCESSES-LEFT") == Some("0"),
+        "kiln left running: {console}"
+    );
+    Ok(())
+}
+
+/// `kiln image import` of a busybox tarball (a filesystem with a static busybox, as a
+/// minimal container would export it) boots and runs a job with the agent it added.
+#[test]
+fn image_import_of_a_tarball_boots_and_runs_a_job() -> Result<()> {
+    let tmp = TempDir::new("image-import")?;
+    let image = busybox_image(&tmp)?;
     let console = job_in_testbed(
         &image,
         "cat /etc/image-marker; ls /sbin/kiln-agent; readlink /bin/kiln-snapshot",
