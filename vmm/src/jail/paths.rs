@@ -240,3 +240,60 @@ fn has_interpreter(exe: &Path) -> bool {
     };
     (0..phnum).any(|i| num(phoff + i * phentsize, 4) == Some(PT_INTERP as usize))
 }
+
+/// The flags of the inner kiln whose values are files the VMM creates, and where each
+/// of them is on the host: `(flag, value, host path)`.
+pub fn host_paths(args: &[String], root: &Path) -> Vec<(String, String, PathBuf)> {
+    const FLAGS: [&str; 3] = ["--vsock", "--api", "--serial"];
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        let pair = if let Some((flag, value)) = arg.split_once('=') {
+            Some((flag.to_string(), value.to_string()))
+        } else if FLAGS.contains(&arg.as_str()) {
+            i += 1;
+            args.get(i).map(|v| (arg.clone(), v.clone()))
+        } else {
+            None
+        };
+        if let Some((flag, value)) = pair {
+            if FLAGS.contains(&flag.as_str())
+                && !(flag == "--serial" && (value == "stdout" || value == "null"))
+            {
+                let host = root.join(value.trim_start_matches('/'));
+                out.push((flag, value, host));
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inner_paths_map_under_the_root() {
+        let args: Vec<String> = [
+            "run",
+            "--kernel",
+            "k",
+            "--vsock",
+            "v.sock",
+            "--api=/a.sock",
+            "--serial",
+            "null",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let root = Path::new("/srv/kiln/j/root");
+        let m = host_paths(&args, root);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].2, root.join("v.sock"));
+        assert_eq!(m[1].0, "--api");
+        assert_eq!(m[1].2, root.join("a.sock"));
+    }
+}
