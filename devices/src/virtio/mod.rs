@@ -202,6 +202,22 @@ impl VirtioInterrupt {
     }
 }
 
+/// The `N` queues, and their eventfds, that a device with `N` queues activates with; else
+/// the error saying how many the transport handed over.
+pub(crate) fn exact_queues<const N: usize>(
+    queues: Vec<Queue>,
+    evts: Vec<EventFd>,
+) -> Result<([Queue; N], [EventFd; N]), ActivateError> {
+    let got = queues.len().min(evts.len());
+    match (
+        <[Queue; N]>::try_from(queues),
+        <[EventFd; N]>::try_from(evts),
+    ) {
+        (Ok(queues), Ok(evts)) => Ok((queues, evts)),
+        _ => Err(ActivateError::QueueCount { expected: N, got }),
+    }
+}
+
 /// Why a device could not go live when the driver set DRIVER_OK.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

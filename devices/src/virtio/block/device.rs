@@ -17,8 +17,8 @@ use super::consts::*;
 use super::state::Backend;
 use super::{request, BlockError, QUEUE_SIZE, SECTOR_SIZE, SERIAL_LEN, VIRTIO_ID_BLOCK};
 use crate::virtio::{
-    feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    exact_queues, feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The queue and what the device needs to use it, from activation to reset.
@@ -271,13 +271,7 @@ impl VirtioDevice for Block {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<(), ActivateError> {
-        let got = queues.len().min(queue_evts.len());
-        let (Ok([queue]), Ok([evt])) = (
-            <[Queue; 1]>::try_from(queues),
-            <[EventFd; 1]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
+        let ([queue], [evt]) = exact_queues::<1>(queues, queue_evts)?;
         debug!(capacity = self.capacity(), "virtio-blk: activated");
         self.active = Some(Active {
             mem,

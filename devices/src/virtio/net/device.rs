@@ -17,8 +17,8 @@ use super::consts::VIRTIO_NET_F_MAC;
 use super::{MacAddr, NetError, Tap, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
 use crate::virtio::interest::{EpollOps, Registrations};
 use crate::virtio::{
-    feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    exact_queues, feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The queues and what the device needs to use them, from activation to reset.
@@ -198,13 +198,7 @@ impl VirtioDevice for Net {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<(), ActivateError> {
-        let got = queues.len().min(queue_evts.len());
-        let (Ok(queues), Ok(evts)) = (
-            <[Queue; 2]>::try_from(queues),
-            <[EventFd; 2]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
+        let (queues, evts) = exact_queues::<2>(queues, queue_evts)?;
         debug!(mac = %self.mac, tap = self.tap.name(), "virtio-net: activated");
         self.active = Some(Active {
             mem,

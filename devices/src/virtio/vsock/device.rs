@@ -19,8 +19,8 @@ use super::packet_io;
 use super::{VsockError, EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_ID_VSOCK};
 use crate::virtio::interest::{EpollOps, Registrations};
 use crate::virtio::{
-    feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    exact_queues, feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The device's queues and what it needs to use them, from activation to reset.
@@ -255,17 +255,12 @@ impl VirtioDevice for Vsock {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 || queue_evts.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
+        let (queues, evts) = exact_queues::<3>(queues, queue_evts)?;
         debug!(guest_cid = self.guest_cid, "vsock: activated");
         self.active = Some(Active {
             mem,
-            queues,
-            evts: queue_evts,
+            queues: queues.into(),
+            evts: evts.into(),
             interrupt,
         });
         self.wake_event_loop();
