@@ -163,6 +163,9 @@ fn snapshot_state() {
                 queues: vec![queue(); 3],
             },
         }),
+        disks: Vec::new(),
+        net: None,
+        diff: None,
     };
     let with_vcpu = SnapshotState {
         machine: MachineInfo {
@@ -176,6 +179,9 @@ fn snapshot_state() {
         serial: SerialState::default(),
         i8042: I8042State::default(),
         vsock: None,
+        disks: Vec::new(),
+        net: None,
+        diff: None,
     };
     let tmp = std::env::temp_dir().join(format!("kiln-gen-corpus-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
