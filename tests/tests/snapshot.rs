@@ -239,7 +239,7 @@ echo "KILN-AVAILABLE-BEFORE=$(meminfo MemAvailable)"
 i=0
 while [ $i -lt $N ]; do
   "$KILN" restore --snapshot "$D/snap" --vsock "$D/c$i.sock" --api "$D/capi$i.sock" \
-    --serial null > "restore$i.out" 2> "restore$i.err" &
+    --serial "$D/cconsole$i" > "restore$i.out" 2> "restore$i.err" &
   eval "clone$i=$!"
   i=$((i + 1))
 done
@@ -290,7 +290,12 @@ echo "KILN-PROCESSES-LEFT=$(pidof kiln | wc -w)"
 echo "KILN-SOCKETS-LEFT=$(ls -d "$D"/*.sock 2>/dev/null | wc -l)"
 echo "--- kiln run stderr"; cat run.err
 i=0
-while [ $i -lt $N ]; do echo "--- restore $i stderr"; tail -n 5 "restore$i.err"; cat "sum$i.err"; i=$((i + 1)); done
+while [ $i -lt $N ]; do
+  echo "--- restore $i stderr"; tail -n 5 "restore$i.err"; cat "sum$i.err"
+  # A clone that ended on its own: what its guest said last.
+  grep -q 'guest reset\|panic' "restore$i.err" && { echo "--- clone $i console tail"; tail -n 40 "$D/cconsole$i"; }
+  i=$((i + 1))
+done
 "#;
     let files = vec![("agent.cpio".to_string(), GuestInitramfs::new().build()?)];
     let out = runner.run(&script, &files, Duration::from_secs(900))?;

@@ -222,7 +222,11 @@ impl Vcpu {
             shared.first_run.get_or_init(Instant::now);
             match self.fd.run() {
                 Ok(exit) => {
+                    let triple_fault = matches!(exit, VcpuExit::Shutdown);
                     if let Some(outcome) = handle_exit(exit, &shared.buses) {
+                        if triple_fault {
+                            self.log_triple_fault();
+                        }
                         break outcome;
                     }
                 }
@@ -236,6 +240,22 @@ impl Vcpu {
         };
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
         outcome
+    }
+
+    /// KVM_EXIT_SHUTDOWN: the guest triple-faulted, which ends the VM like a reset. Says so,
+    /// with where the CPU was, since the guest itself could print nothing.
+    fn log_triple_fault(&self) {
+        let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
+        tracing::warn!(
+            "vCPU {}: the guest triple-faulted (KVM_EXIT_SHUTDOWN): rip {:#x} rsp {:#x} cr2 {:#x} \
+             cr3 {:#x}",
+            self.index,
+            regs.map_or(0, |r| r.rip),
+            regs.map_or(0, |r| r.rsp),
+            sregs.map_or(0, |s| s.cr2),
+            sregs.map_or(0, |s| s.cr3)
+        );
     }
 
     /// Lets KVM finish the port or MMIO access whose exit was just handled, without running
