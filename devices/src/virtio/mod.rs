@@ -258,11 +258,27 @@ pub trait VirtioDevice: Send {
     /// The driver accepted `features` (already checked to be a subset of the offer).
     fn ack_features(&mut self, features: u64);
 
-    /// Read `data.len()` bytes of the config space at `offset`; bytes past its end read 0.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The device's config space as the driver reads it (little-endian fields). Empty by
+    /// default; a device with a config space that is not plain bytes overrides `read_config`.
+    fn config_space(&self) -> Vec<u8> {
+        Vec::new()
+    }
 
-    /// The driver writes the config space. Read-only config spaces ignore it.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Read `data.len()` bytes of the config space at `offset`; bytes past its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    /// The driver writes the config space. The default is a read-only config space: kiln's
+    /// devices offer no feature that makes a config field writable, so the write is ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::warn!(
+            device_type = self.device_type(),
+            offset,
+            len = data.len(),
+            "virtio: the config space is read-only; write ignored"
+        );
+    }
 
     /// The driver set DRIVER_OK: go live with these queues (already validated), one
     /// notification eventfd per queue (the guest writes them through `QueueNotify`), and the

@@ -17,8 +17,8 @@ use super::consts::*;
 use super::state::Backend;
 use super::{request, BlockError, QUEUE_SIZE, SECTOR_SIZE, SERIAL_LEN, VIRTIO_ID_BLOCK};
 use crate::virtio::{
-    exact_queues, feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The queue and what the device needs to use it, from activation to reset.
@@ -251,17 +251,9 @@ impl VirtioDevice for Block {
         self.acked_features = features;
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
+    fn config_space(&self) -> Vec<u8> {
         // Only `writeback` is writable, and only with CONFIG_WCE, which is not offered.
-        warn!(
-            offset,
-            len = data.len(),
-            "virtio-blk: the config space is read-only; write ignored"
-        );
+        self.config().to_vec()
     }
 
     fn activate(

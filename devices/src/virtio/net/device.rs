@@ -17,8 +17,8 @@ use super::consts::VIRTIO_NET_F_MAC;
 use super::{MacAddr, NetError, Tap, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
 use crate::virtio::interest::{EpollOps, Registrations};
 use crate::virtio::{
-    exact_queues, feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The queues and what the device needs to use them, from activation to reset.
@@ -178,17 +178,9 @@ impl VirtioDevice for Net {
         self.acked_features = features;
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
+    fn config_space(&self) -> Vec<u8> {
         // The MAC is writable only in legacy devices; a modern driver uses the control queue.
-        warn!(
-            offset,
-            len = data.len(),
-            "virtio-net: the config space is read-only; write ignored"
-        );
+        self.config().to_vec()
     }
 
     fn activate(

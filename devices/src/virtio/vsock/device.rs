@@ -19,8 +19,8 @@ use super::packet_io;
 use super::{VsockError, EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_ID_VSOCK};
 use crate::virtio::interest::{EpollOps, Registrations};
 use crate::virtio::{
-    exact_queues, feature, read_config_bytes, ActivateError, GuestMemory, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The device's queues and what it needs to use them, from activation to reset.
@@ -235,17 +235,9 @@ impl VirtioDevice for Vsock {
         self.acked_features = features;
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn config_space(&self) -> Vec<u8> {
         // struct virtio_vsock_config { le64 guest_cid; }
-        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            offset,
-            len = data.len(),
-            "vsock: the config space is read-only; write ignored"
-        );
+        self.guest_cid.to_le_bytes().to_vec()
     }
 
     fn activate(
