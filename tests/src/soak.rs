@@ -269,7 +269,10 @@ while [ $i -le $CONC ]; do
 done
 ok=0; i=1
 for p in $pids; do
-  [ "$(wait_exec /tmp/c$i.sock $p)" = yes ] && ok=$((ok + 1)); i=$((i + 1))
+  if [ "$(wait_exec /tmp/c$i.sock $p)" = yes ]; then ok=$((ok + 1)); else
+    echo "KILN-SOAK-VM-NOT-READY=$i"; [ -e $L/failed-vm.out ] || cp $L/c$i.out $L/failed-vm.out
+  fi
+  i=$((i + 1))
 done
 echo "KILN-SOAK-CONCURRENT-OK=$ok"
 counts PEAK
@@ -277,12 +280,16 @@ i=1
 for p in $pids; do
   "$KILN" ctl --api /tmp/c$i.api shutdown > /dev/null 2>&1 || kill -TERM $p
   wait $p; rc=$?
-  [ $rc -eq 0 ] || echo "KILN-SOAK-VM-EXIT=$i exit $rc"
+  if [ $rc -ne 0 ]; then
+    echo "KILN-SOAK-VM-EXIT=$i exit $rc"; [ -e $L/failed-vm.out ] || cp $L/c$i.out $L/failed-vm.out
+  fi
   i=$((i + 1))
 done
 echo "KILN-SOAK-CONCURRENT-SECS=$(secs $t)"
 counts AFTER
-for f in $L/failed.out $L/c1.out; do [ -e $f ] && { echo "--- $f"; tail -20 $f; }; done
+# kiln's log of the first failed job and of the first failed VM (or of VM 1, as a sample).
+[ -e $L/failed-vm.out ] || cp $L/c1.out $L/failed-vm.out
+for f in $L/failed.out $L/failed-vm.out; do [ -e $f ] && { echo "--- $f"; tail -20 $f; }; done
 exit 0
 "#;
 
