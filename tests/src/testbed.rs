@@ -30,7 +30,8 @@ pub struct Testbed {
     pub memory_mib: u32,
     pub cpus: u32,
     /// The test-bed host's kernel command line: [`crate::TESTBED_CMDLINE`],
-    /// [`crate::qemu::tcg_tsc_params`] and `kvm_amd.npt=0` by default.
+    /// [`crate::qemu::tcg_tsc_params`] and `kvm_amd.npt=0` by default
+    /// (`KILN_TESTBED_NPT=1`: nested paging).
     pub cmdline: String,
 }
 
@@ -45,10 +46,16 @@ impl Testbed {
             // emulation of it, a VM among 8–16 running at once now and then triple-faulted
             // (2 of 5 runs of snapshot_clones_share_memory, and one soak run); with
             // npt=0, 6 of 6 runs passed. kiln itself never touches the paging mode.
+            // KILN_TESTBED_NPT=1 brings nested paging back, to retest that.
             cmdline: format!(
-                "{} {} kvm_amd.npt=0",
+                "{} {} kvm_amd.npt={}",
                 crate::TESTBED_CMDLINE,
-                crate::qemu::tcg_tsc_params()
+                crate::qemu::tcg_tsc_params(),
+                if std::env::var("KILN_TESTBED_NPT").as_deref() == Ok("1") {
+                    1
+                } else {
+                    0
+                }
             ),
         })
     }
@@ -102,9 +109,14 @@ impl Runner {
         match self {
             Runner::Direct => "direct: this machine's /dev/kvm".to_string(),
             Runner::Testbed(t) => format!(
-                "testbed: QEMU TCG (EPYC+svm+npt, {} MiB, {} CPUs) with kernel {}",
+                "testbed: QEMU TCG (EPYC+svm+npt, {} MiB, {} CPUs, {} paging in its KVM) with kernel {}",
                 t.memory_mib,
                 t.cpus,
+                if t.cmdline.contains("kvm_amd.npt=0") {
+                    "shadow"
+                } else {
+                    "nested"
+                },
                 t.kernel.bzimage.display()
             ),
         }
