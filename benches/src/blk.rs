@@ -13,12 +13,12 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use kiln_tests::guest_initramfs::GuestInitramfs;
+use kiln_tests::shell::WAIT_AGENT;
 use kiln_tests::Runner;
 use serde_json::{Map, Value};
 
 use crate::stats;
-use crate::vsock::{run_script, CLOCK_SH};
+use crate::vsock::{agent_files, run_script, CLOCK_SH};
 
 /// What to measure.
 pub struct Params {
@@ -40,12 +40,7 @@ dd if=/dev/zero of=b.img bs=1M count={mib} 2>/dev/null
 "$KILN" run --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --vcpus 1 --memory 256 \
   --vsock "$V" --serial null --disk "$PWD/a.img" --disk "$PWD/b.img" 2> run.err &
 vm=$!
-i=0
-until "$KILN" exec --vsock "$V" -- true 2>/dev/null; do
-  i=$((i + 1))
-  if [ $i -ge 600 ] || ! kill -0 $vm 2>/dev/null; then echo "agent not ready"; cat run.err; exit 1; fi
-  sleep 0.1
-done
+{WAIT_AGENT}
 # In the guest, /proc/uptime around dd (10 ms resolution) times the transfer alone.
 timed() {{ "$KILN" exec --vsock "$V" -- sh -c \
   "read a _ < /proc/uptime; $1 2>/dev/null || exit 1; read b _ < /proc/uptime; echo \$a \$b"; }}
@@ -68,12 +63,7 @@ rc=0; wait $vm || rc=$?
 [ $rc = 143 ] || {{ echo "kiln run ended with $rc"; cat run.err; exit 1; }}
 "#
     );
-    let files = [(
-        "agent.cpio".to_string(),
-        GuestInitramfs::new()
-            .build()
-            .context("building the agent image")?,
-    )];
+    let files = agent_files()?;
     let timeout = Duration::from_secs(150 + 2 * (10 + mib) * runs as u64);
     let (out, clock) = run_script(runner, "blk", &script, &files, timeout)?;
     let (mut write, mut read, mut guest_write, mut guest_read) =

@@ -30,12 +30,11 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::Runner;
 use serde_json::{Map, Value};
 
 use crate::stats;
-use crate::vsock::{run_script, CLOCK_SH};
+use crate::vsock::{agent_files, run_script, CLOCK_SH};
 
 /// What to measure.
 pub struct Params {
@@ -167,12 +166,7 @@ done
 echo "BENCH-LEFT $(live_kiln | wc -w)"
 "#
     );
-    let files = [(
-        "agent.cpio".to_string(),
-        GuestInitramfs::new()
-            .build()
-            .context("building the agent image")?,
-    )];
+    let files = agent_files()?;
     let timeout = Duration::from_secs(180 + (READY_DEADLINE_S + 30) * runs as u64);
     let (out, clock) = run_script(runner, "fork", &script, &files, timeout)?;
     let (mut ms, mut first_ms) = (Vec::new(), Vec::new());

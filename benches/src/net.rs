@@ -10,14 +10,13 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
-use kiln_tests::guest_initramfs::GuestInitramfs;
+use anyhow::{ensure, Result};
 use kiln_tests::net_download;
 use kiln_tests::Runner;
 use serde_json::{Map, Value};
 
 use crate::stats;
-use crate::vsock::{run_script, CLOCK_SH};
+use crate::vsock::{agent_files, run_script, CLOCK_SH};
 
 /// What to measure.
 pub struct Params {
@@ -30,12 +29,7 @@ pub struct Params {
 pub fn run(runner: &Runner, p: &Params) -> Result<Vec<Value>> {
     ensure!(p.mib > 0 && p.runs > 0, "nothing to measure");
     let script = format!("{CLOCK_SH}{}", net_download::script(p.mib, p.runs));
-    let mut files = vec![(
-        "agent.cpio".to_string(),
-        GuestInitramfs::new()
-            .build()
-            .context("building the agent image")?,
-    )];
+    let mut files = agent_files()?;
     let script = net_download::isolated(&script, &mut files);
     let timeout = Duration::from_secs(300 + 30 * p.mib * p.runs as u64);
     let (out, clock) = run_script(runner, "net", &script, &files, timeout)?;

@@ -10,12 +10,11 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::Runner;
 use serde_json::{Map, Value};
 
 use crate::stats;
-use crate::vsock::{run_script, CLOCK_SH};
+use crate::vsock::{agent_files, run_script, CLOCK_SH};
 
 /// What to measure.
 pub struct Params {
@@ -74,12 +73,7 @@ done
 echo "BENCH-LEFT $(pidof kiln | wc -w)"
 "#
     );
-    let files = [(
-        "agent.cpio".to_string(),
-        GuestInitramfs::new()
-            .build()
-            .context("building the agent image")?,
-    )];
+    let files = agent_files()?;
     let timeout = Duration::from_secs(120 + 10 * (snap_runs + restore_runs) as u64);
     let (out, clock) = run_script(runner, "snapshot", &script, &files, timeout)?;
     let (mut snap_ms, mut snap_mib, mut restore_ms) = (Vec::new(), Vec::new(), Vec::new());

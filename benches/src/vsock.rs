@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use kiln_tests::guest_initramfs::GuestInitramfs;
+use kiln_tests::shell::WAIT_AGENT;
 use kiln_tests::Runner;
 use serde_json::{Map, Value};
 
@@ -57,13 +58,7 @@ V="$PWD/v.sock"
 "$KILN" run --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --vcpus 1 --memory 256 \
   --vsock "$V" --serial null 2> run.err &
 vm=$!
-# The agent is ready once an exec goes through (bounded).
-i=0
-until "$KILN" exec --vsock "$V" -- true 2>/dev/null; do
-  i=$((i + 1))
-  if [ $i -ge 600 ] || ! kill -0 $vm 2>/dev/null; then echo "agent not ready"; cat run.err; exit 1; fi
-  sleep 0.1
-done
+{WAIT_AGENT}
 i=0
 while [ $i -lt {exec_runs} ]; do
   a=$(now_us)
@@ -85,12 +80,7 @@ rc=0; wait $vm || rc=$?
 [ $rc = 143 ] || {{ echo "kiln run ended with $rc"; cat run.err; exit 1; }}
 "#
     );
-    let files = [(
-        "agent.cpio".to_string(),
-        GuestInitramfs::new()
-            .build()
-            .context("building the agent image")?,
-    )];
+    let files = agent_files()?;
     let timeout = Duration::from_secs(120 + 5 * exec_runs as u64 + (5 + p.mib) * tp_runs as u64);
     let (out, clock) = run_script(runner, "vsock", &script, &files, timeout)?;
     let mut exec_ms = Vec::new();
@@ -153,6 +143,15 @@ rc=0; wait $vm || rc=$?
         ));
     }
     Ok(results)
+}
+
+/// The files of a bench script that boots a guest with the agent: `$FILES/agent.cpio`, the
+/// agent image (without an rc script, the agent serves until the VM is stopped).
+pub fn agent_files() -> Result<Vec<(String, Vec<u8>)>> {
+    let agent = GuestInitramfs::new()
+        .build()
+        .context("building the agent image")?;
+    Ok(vec![("agent.cpio".to_string(), agent)])
 }
 
 /// Runs a benchmark's test-bed script; a non-zero exit is an error quoting the console.

@@ -5,6 +5,8 @@
 //! Addresses: the TAP is [`HOST_IP`], the guest [`GUEST_IP`], a /24 that exists only
 //! inside the test bed (which has no other network device).
 
+use crate::shell::WAIT_AGENT;
+
 /// The host's (test-bed host's) address on the TAP.
 pub const HOST_IP: &str = "10.0.2.1";
 /// The guest's address.
@@ -43,12 +45,7 @@ V="$PWD/v.sock"
 "$KILN" run --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --vcpus 1 --memory 256 \
   --vsock "$V" --serial null --net tap={TAP},ip={GUEST_IP}/24,gw={HOST_IP} 2> run.err &
 vm=$!
-i=0
-until "$KILN" exec --vsock "$V" -- true 2>/dev/null; do
-  i=$((i + 1))
-  if [ $i -ge 600 ] || ! kill -0 $vm 2>/dev/null; then echo "agent not ready"; cat run.err; exit 1; fi
-  sleep 0.1
-done
+{WAIT_AGENT}
 i=0
 while [ $i -lt {runs} ]; do
   a=$(now_us)

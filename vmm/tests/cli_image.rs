@@ -18,6 +18,20 @@ fn fake_image(store: &Path, name: &str, ext4: bool) {
     std::fs::write(dir.join("rootfs.ext4"), fs).unwrap();
 }
 
+/// Runs `kiln run --kernel /dev/null --image IMAGE --store STORE`, which must fail with one
+/// error line; returns that line.
+fn run_fails(image: &str, store: &str) -> String {
+    fails(&[
+        "run",
+        "--kernel",
+        "/dev/null",
+        "--image",
+        image,
+        "--store",
+        store,
+    ])
+}
+
 #[test]
 fn a_missing_image_is_named_with_the_ones_there_are() {
     let store = scratch("missing");
@@ -35,25 +49,9 @@ fn a_missing_image_is_named_with_the_ones_there_are() {
     }
     fake_image(&store, "alpha", true);
     fake_image(&store, "beta", true);
-    let line = fails(&[
-        "run",
-        "--kernel",
-        "/dev/null",
-        "--image",
-        "deb",
-        "--store",
-        s,
-    ]);
+    let line = run_fails("deb", s);
     assert!(line.contains("the images there are: alpha, beta"), "{line}");
-    let line = fails(&[
-        "run",
-        "--kernel",
-        "/dev/null",
-        "--image",
-        "../x",
-        "--store",
-        s,
-    ]);
+    let line = run_fails("../x", s);
     assert!(line.contains("is not valid"), "{line}");
     let line = fails(&["image", "rm", "deb", "--store", s]);
     assert!(line.contains("no image \"deb\""), "{line}");
@@ -64,30 +62,14 @@ fn a_missing_image_is_named_with_the_ones_there_are() {
 fn an_image_that_is_not_ext4_is_refused() {
     let store = scratch("notext4");
     fake_image(&store, "junk", false);
-    let line = fails(&[
-        "run",
-        "--kernel",
-        "/dev/null",
-        "--image",
-        "junk",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    let line = run_fails("junk", store.to_str().unwrap());
     assert!(
         line.contains("image \"junk\"") && line.contains("not an ext4 filesystem"),
         "{line}"
     );
     // With the magic the image is accepted and kiln goes on to the kernel, which is bad.
     fake_image(&store, "junk", true);
-    let line = fails(&[
-        "run",
-        "--kernel",
-        "/dev/null",
-        "--image",
-        "junk",
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    let line = run_fails("junk", store.to_str().unwrap());
     assert!(!line.contains("image"), "{line}");
     std::fs::remove_dir_all(store).unwrap();
 }

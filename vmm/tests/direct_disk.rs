@@ -14,7 +14,7 @@ use kiln::snapshot::SnapshotKind;
 use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
 
 mod console_capture;
-use console_capture::Captured;
+use console_capture::{run_until, Captured};
 
 const LOAD_ADDR: u64 = 0x1000;
 const HLT: u8 = 0xf4;
@@ -59,19 +59,6 @@ fn probe_windows(windows: u64) -> Vec<u8> {
     }
     code.push(HLT);
     code
-}
-
-/// Runs `vmm` until its console has `bytes` bytes, then stops it.
-fn run_until(vmm: Vmm, console: &Captured, bytes: usize) -> GuestExit {
-    let stop = vmm.stop_handle().unwrap();
-    let watcher = console.clone();
-    let waiter = std::thread::spawn(move || {
-        watcher.wait_for(bytes);
-        stop.stop();
-    });
-    let report = vmm.run().unwrap();
-    waiter.join().unwrap();
-    report.exit
 }
 
 #[test]

@@ -11,7 +11,7 @@ use kiln::vmm::{GuestExit, MachineSpec, RunReport, Vmm};
 use kiln_devices::BusDevice;
 
 mod console_capture;
-use console_capture::Captured;
+use console_capture::{run_until, Captured};
 
 const LOAD_ADDR: u64 = 0x1000;
 
@@ -217,16 +217,8 @@ fn vsock_device_answers_on_the_mmio_bus() {
     let vmm = Vmm::build(spec).unwrap();
     assert!(uds.exists(), "the vsock device listens on its socket");
     // With an irqchip HLT waits for an interrupt; stop the VM once the guest has printed.
-    let stop = vmm.stop_handle().unwrap();
-    let watcher = console.clone();
-    let waiter = std::thread::spawn(move || {
-        watcher.wait_for(5);
-        stop.stop();
-    });
-    let report = vmm.run().unwrap();
-    waiter.join().unwrap();
     assert_eq!(
-        report.exit,
+        run_until(vmm, &console, 5),
         GuestExit::Stopped,
         "console: {:?}",
         console.text()

@@ -16,7 +16,7 @@ use kiln_devices::virtio::net::{tap, MacAddr};
 
 mod console_capture;
 mod netns;
-use console_capture::Captured;
+use console_capture::{run_until, Captured};
 use netns::in_netns;
 
 const LOAD_ADDR: u64 = 0x1000;
@@ -60,19 +60,6 @@ fn probe_mac() -> Vec<u8> {
     }
     code.push(0xf4); // hlt
     code
-}
-
-/// Runs `vmm` until its console has `bytes` bytes, then stops it.
-fn run_until(vmm: Vmm, console: &Captured, bytes: usize) -> GuestExit {
-    let stop = vmm.stop_handle().unwrap();
-    let watcher = console.clone();
-    let waiter = std::thread::spawn(move || {
-        watcher.wait_for(bytes);
-        stop.stop();
-    });
-    let report = vmm.run().unwrap();
-    waiter.join().unwrap();
-    report.exit
 }
 
 #[test]

@@ -26,35 +26,48 @@ pub struct QueueSnapshot {
     pub used_ring: u64,
 }
 
-impl From<QueueState> for QueueSnapshot {
-    fn from(s: QueueState) -> Self {
-        Self {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
+/// The conversions both ways between [`QueueSnapshot`] and `QueueState`, field for field.
+/// Each side is built with a struct literal, so a field added to either one stops the
+/// build until it is listed here.
+macro_rules! queue_state_conversions {
+    ($($field:ident),* $(,)?) => {
+        impl From<QueueState> for QueueSnapshot {
+            fn from(s: QueueState) -> Self {
+                Self { $($field: s.$field),* }
+            }
         }
-    }
+
+        impl From<QueueSnapshot> for QueueState {
+            fn from(s: QueueSnapshot) -> Self {
+                Self { $($field: s.$field),* }
+            }
+        }
+    };
 }
 
-impl From<QueueSnapshot> for QueueState {
-    fn from(s: QueueSnapshot) -> Self {
-        Self {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
+queue_state_conversions!(
+    max_size,
+    next_avail,
+    next_used,
+    event_idx_enabled,
+    size,
+    ready,
+    desc_table,
+    avail_ring,
+    used_ring,
+);
+
+/// Checks that a state to restore was written in the format version this build reads,
+/// `expected`. On a mismatch, `mismatch(found, expected)` makes the device's own error.
+pub(crate) fn check_version<E>(
+    found: u32,
+    expected: u32,
+    mismatch: impl FnOnce(u32, u32) -> E,
+) -> Result<(), E> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(mismatch(found, expected))
     }
 }
 

@@ -49,6 +49,15 @@ pub fn succeeds<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The names in the image store directory `store`: an error if it cannot be read (as when
+/// it does not exist).
+pub fn store_entries(store: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+    Ok(std::fs::read_dir(store)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect())
+}
+
 /// A file's contents read out of an ext4 image with e2fsprogs' debugfs.
 pub fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
     let out = Command::new("debugfs")

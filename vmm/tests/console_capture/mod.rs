@@ -1,9 +1,11 @@
 //! A guest console sink for direct tests: it keeps what the guest wrote and lets the test
-//! wait until enough has arrived.
+//! wait until enough has arrived, or run a VM until it has.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use kiln::vmm::{GuestExit, Vmm};
 
 #[derive(Clone, Default)]
 pub struct Captured(Arc<(Mutex<Vec<u8>>, Condvar)>);
@@ -37,4 +39,19 @@ impl Captured {
             .wait_timeout_while(guard, Duration::from_secs(20), |b| b.len() < len)
             .unwrap();
     }
+}
+
+/// Runs `vmm` until its console has `bytes` bytes (or 20 s have passed), then stops it:
+/// with an irqchip a guest's HLT waits for an interrupt instead of ending the VM.
+#[allow(dead_code)] // not every test file runs VMs this way
+pub fn run_until(vmm: Vmm, console: &Captured, bytes: usize) -> GuestExit {
+    let stop = vmm.stop_handle().unwrap();
+    let watcher = console.clone();
+    let waiter = std::thread::spawn(move || {
+        watcher.wait_for(bytes);
+        stop.stop();
+    });
+    let report = vmm.run().unwrap();
+    waiter.join().unwrap();
+    report.exit
 }

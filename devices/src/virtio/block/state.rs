@@ -15,6 +15,7 @@ use super::device::{Active, Block};
 use super::disk::{Disk, RawFile};
 use super::overlay::{Overlay, CLUSTER_SIZE};
 use super::{BlockError, SERIAL_LEN};
+use crate::virtio::state::check_version;
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
 
 /// The format version of [`BlockState`].
@@ -150,12 +151,9 @@ impl Block {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<Self, BlockError> {
-        if state.version != BLOCK_STATE_VERSION {
-            return Err(BlockError::StateVersion {
-                found: state.version,
-                expected: BLOCK_STATE_VERSION,
-            });
-        }
+        check_version(state.version, BLOCK_STATE_VERSION, |found, expected| {
+            BlockError::StateVersion { found, expected }
+        })?;
         let backend: Backend = match &state.backend {
             BackendState::Raw { path, read_only } => RawFile::open(path, *read_only)?.into(),
             BackendState::Overlay {

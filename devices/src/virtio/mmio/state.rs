@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MmioError, MmioTransport};
+use crate::virtio::state::check_version;
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
 
 /// The format version of [`MmioTransportState`].
@@ -66,12 +67,9 @@ impl MmioTransport {
         queue_evts: Vec<EventFd>,
         state: &MmioTransportState,
     ) -> Result<Self, MmioError> {
-        if state.version != MMIO_STATE_VERSION {
-            return Err(MmioError::StateVersion {
-                found: state.version,
-                expected: MMIO_STATE_VERSION,
-            });
-        }
+        check_version(state.version, MMIO_STATE_VERSION, |found, expected| {
+            MmioError::StateVersion { found, expected }
+        })?;
         let mut t = Self::with_parts(mem, device, interrupt, queue_evts)?;
         if state.driver_features & !t.device_features != 0 {
             return Err(MmioError::BadState(format!(

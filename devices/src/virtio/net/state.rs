@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Net};
 use super::{MacAddr, NetError, Tap};
-use crate::virtio::state::restore_queue;
+use crate::virtio::state::{check_version, restore_queue};
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioInterrupt};
 
 /// The format version of [`NetState`].
@@ -56,12 +56,9 @@ impl Net {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<Self, NetError> {
-        if state.version != NET_STATE_VERSION {
-            return Err(NetError::StateVersion {
-                found: state.version,
-                expected: NET_STATE_VERSION,
-            });
-        }
+        check_version(state.version, NET_STATE_VERSION, |found, expected| {
+            NetError::StateVersion { found, expected }
+        })?;
         let mut dev = Net::new(tap, mac)?;
         dev.acked_features = state.acked_features;
         let bad = |what: String| NetError::BadState(what);

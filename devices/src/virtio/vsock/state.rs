@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Vsock};
 use super::VsockError;
+use crate::virtio::state::check_version;
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioInterrupt};
 use std::path::PathBuf;
 
@@ -54,12 +55,9 @@ impl Vsock {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<Self, VsockError> {
-        if state.version != VSOCK_STATE_VERSION {
-            return Err(VsockError::StateVersion {
-                found: state.version,
-                expected: VSOCK_STATE_VERSION,
-            });
-        }
+        check_version(state.version, VSOCK_STATE_VERSION, |found, expected| {
+            VsockError::StateVersion { found, expected }
+        })?;
         let mut dev = Vsock::new(state.guest_cid, uds_path)?;
         dev.acked_features = state.acked_features;
         if state.queues.is_empty() {

@@ -1,18 +1,15 @@
 //! The guest driver's side of the queues: descriptor chains in, used entries out.
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::GUEST_CID;
+use crate::virtio::test_queue;
+pub(crate) use crate::virtio::test_queue::QSIZE;
 use crate::virtio::vsock::HOST_CID;
 use crate::virtio::GuestMemory;
-
-pub(crate) const QSIZE: u16 = 256;
 
 /// A guest packet header, as the guest driver writes it.
 #[derive(Debug, Clone, Copy)]
@@ -84,15 +81,13 @@ fn le<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     b[at..at + N].try_into().unwrap()
 }
 
-/// One virtqueue as the guest driver sees it.
+/// One virtqueue as the guest driver sees it: the shared test queue, plus where each chain's
+/// first buffer is, so that a used rx entry can be decoded as a packet.
+///
+/// Everything but `add_chain` and `used` (buffers, the mock rings, the device's `Queue`) is
+/// the shared queue's, reached through `Deref`.
 pub(crate) struct GuestQueue<'m> {
-    mem: &'m GuestMemory,
-    pub(crate) mock: MockSplitQueue<'m, GuestMemory>,
-    next_desc: u16,
-    buf_base: u64,
-    buf_len: u64,
-    buf_off: u64,
-    used_seen: u16,
+    inner: test_queue::GuestQueue<'m>,
     /// Head index → address of the chain's first buffer.
     heads: HashMap<u16, u64>,
 }
@@ -100,76 +95,39 @@ pub(crate) struct GuestQueue<'m> {
 impl<'m> GuestQueue<'m> {
     pub(crate) fn new(mem: &'m GuestMemory, ring: u64, buf_base: u64, buf_len: u64) -> Self {
         Self {
-            mem,
-            mock: MockSplitQueue::create(mem, GuestAddress(ring), QSIZE),
-            next_desc: 0,
-            buf_base,
-            buf_len,
-            buf_off: 0,
-            used_seen: 0,
+            inner: test_queue::GuestQueue::new(mem, ring, buf_base, buf_len),
             heads: HashMap::new(),
         }
     }
 
-    /// Guest memory for a buffer of `len` bytes.
-    pub(crate) fn alloc(&mut self, len: u64) -> u64 {
-        if self.buf_off + len > self.buf_len {
-            self.buf_off = 0;
-        }
-        let addr = self.buf_base + self.buf_off;
-        self.buf_off += len.div_ceil(16) * 16;
-        addr
-    }
-
     /// Make `(addr, len, device_writable)` descriptors one available chain.
     pub(crate) fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let n = u16::try_from(descs.len()).unwrap();
-        if self.next_desc + n > QSIZE {
-            self.next_desc = 0;
-        }
-        let head = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .zip(0u16..)
-            .map(|(&(addr, len, write), i)| {
-                let mut flags = if write {
-                    u16::try_from(VRING_DESC_F_WRITE).unwrap()
-                } else {
-                    0
-                };
-                let mut next = 0;
-                if i + 1 < n {
-                    flags |= u16::try_from(VRING_DESC_F_NEXT).unwrap();
-                    next = head + i + 1;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
-            .collect();
-        self.mock.add_desc_chains(&raw, head).unwrap();
-        self.next_desc += n;
+        let head = self.inner.add_chain(descs);
         self.heads.insert(head, descs.first().map_or(0, |d| d.0));
         head
     }
 
     /// New used-ring entries: (head, len, address of the chain's first buffer).
     pub(crate) fn used(&mut self) -> Vec<(u16, u32, u64)> {
-        let base = self.mock.used_addr();
-        let idx: u16 = self.mem.read_obj(base.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let slot = u64::from(self.used_seen % QSIZE);
-            let elem = base.unchecked_add(4 + 8 * slot);
-            let id: u32 = self.mem.read_obj(elem).unwrap();
-            let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
-            let head = u16::try_from(id).unwrap();
-            out.push((head, len, self.heads.get(&head).copied().unwrap_or(0)));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
+        self.inner
+            .used()
+            .into_iter()
+            .map(|(head, len)| (head, len, self.heads.get(&head).copied().unwrap_or(0)))
+            .collect()
     }
+}
 
-    pub(crate) fn queue(&self) -> Queue {
-        self.mock.create_queue::<Queue>().unwrap()
+impl<'m> Deref for GuestQueue<'m> {
+    type Target = test_queue::GuestQueue<'m>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl DerefMut for GuestQueue<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
     }
 }
 

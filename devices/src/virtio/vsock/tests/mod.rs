@@ -8,6 +8,7 @@
 mod driver;
 mod guest;
 mod host;
+mod lifecycle;
 mod robust;
 
 use driver::{GuestQueue, Hdr, RxPkt, QSIZE};

@@ -1,0 +1,282 @@
+//! The device around its data path: identity and config space, device resets, the
+//! transport-reset event, state for snapshots, event-idx kicks, and the whole stack (MMIO
+//! transport + device + event-manager) as the VMM wires it.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+use super::*;
+use crate::bus::BusDevice;
+use crate::virtio::vsock::{VsockError, VsockState, VSOCK_STATE_VERSION};
+use crate::virtio::{status, MmioTransport, VIRTIO_F_VERSION_1};
+
+#[test]
+fn transport_reset_event() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let (mut client, _) = h.connect_from_host(1024, 4096);
+    let buf = h.post_event_buf(8);
+    assert!(h.dev.send_transport_reset().unwrap(), "delivered at once");
+    let used = h.ev.used();
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].1, 4);
+    let id: u32 = mem.read_obj(GuestAddress(buf)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    h.run();
+    assert_eq!(
+        read_available(&mut client),
+        (vec![], true),
+        "connections dropped"
+    );
+    assert!(h.dev.muxer.conns.is_empty());
+
+    // Without an event buffer the event waits for one; a too-small one is skipped.
+    assert!(!h.dev.send_transport_reset().unwrap());
+    assert!(h.ev.used().is_empty());
+    h.post_event_buf(2);
+    let buf = h.post_event_buf(4);
+    let used = h.ev.used();
+    assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), [0, 4]);
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(buf)).unwrap(), 0);
+    // Delivered once only.
+    h.post_event_buf(4);
+    assert!(h.ev.used().is_empty());
+}
+
+#[test]
+fn transport_reset_needs_an_active_device() {
+    let mem = test_mem();
+    let mut h = Harness::inactive(&mem);
+    assert!(matches!(
+        h.dev.send_transport_reset(),
+        Err(VsockError::NotActive)
+    ));
+}
+
+#[test]
+fn device_reset_drops_connections_and_queue_fds() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let (mut client, _) = h.connect_from_host(1024, 4096);
+    h.dev.reset();
+    h.run();
+    assert_eq!(read_available(&mut client), (vec![], true));
+    assert!(!h.dev.is_active());
+    assert_eq!(
+        h.ep.fds.len(),
+        2,
+        "wake-up and listener only: {:?}",
+        h.ep.fds
+    );
+    // A host client can still connect; its request waits for the next activation.
+    let mut c = UnixStream::connect(&h.path).unwrap();
+    c.write_all(b"CONNECT 5\n").unwrap();
+    h.run();
+    assert_eq!(h.dev.muxer.conns.len(), 1);
+}
+
+#[test]
+fn config_space_and_identity() {
+    let mem = test_mem();
+    let h = Harness::inactive(&mem);
+    let mut b = [0u8; 8];
+    h.dev.read_config(0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), GUEST_CID);
+    let mut b = [0xffu8; 4];
+    h.dev.read_config(4, &mut b);
+    assert_eq!(b, [0; 4]);
+    assert_eq!(h.dev.device_type(), 19);
+    assert_eq!(h.dev.queue_max_sizes(), &[256, 256, 256]);
+    assert_ne!(h.dev.device_features() & (1 << VIRTIO_F_VERSION_1), 0);
+    for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+        assert!(matches!(
+            Vsock::new(cid, h.dir.0.join("x")),
+            Err(VsockError::BadCid(_))
+        ));
+    }
+    assert!(matches!(
+        Vsock::new(5, &h.path),
+        Err(VsockError::Bind { .. })
+    ));
+    // The socket file goes with the device.
+    let path = h.dir.0.join("solo.sock");
+    let solo = Vsock::new(7, &path).unwrap();
+    assert!(path.exists());
+    drop(solo);
+    assert!(!path.exists());
+}
+
+#[test]
+fn state_round_trip() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.dev.ack_features(1 << VIRTIO_F_VERSION_1);
+    h.post_rx(3, 4096);
+    let state = h.dev.save_state();
+    assert_eq!(state.version, VSOCK_STATE_VERSION);
+    assert_eq!(state.guest_cid, GUEST_CID);
+    assert_eq!(state.acked_features, 1 << VIRTIO_F_VERSION_1);
+    assert_eq!(state.queues.len(), 3);
+    assert!(state.queues.iter().all(|q| q.ready && q.size == 256));
+    let json = serde_json::to_string(&state).unwrap();
+    let back: VsockState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, state);
+
+    let evts = || (0..3).map(|_| EventFd::new(0).unwrap()).collect::<Vec<_>>();
+    let restored = Vsock::restore(
+        &back,
+        h.dir.0.join("restored.sock"),
+        mem.clone(),
+        evts(),
+        h.irq.clone(),
+    )
+    .unwrap();
+    assert!(restored.is_active());
+    assert_eq!(restored.save_state(), state);
+
+    let mut old = state.clone();
+    old.version = 99;
+    let err = Vsock::restore(&old, h.dir.0.join("a"), mem.clone(), evts(), h.irq.clone());
+    assert!(matches!(
+        err,
+        Err(VsockError::StateVersion { found: 99, .. })
+    ));
+    let mut bad = state.clone();
+    bad.queues[1].used_ring = MEM_SIZE as u64;
+    let err = Vsock::restore(&bad, h.dir.0.join("b"), mem.clone(), evts(), h.irq.clone());
+    assert!(matches!(err, Err(VsockError::BadState(_))));
+    let mut bad = state;
+    bad.queues[0].size = 3;
+    let err = Vsock::restore(&bad, h.dir.0.join("c"), mem.clone(), evts(), h.irq.clone());
+    assert!(matches!(err, Err(VsockError::BadState(_))));
+}
+
+/// The whole stack as the VMM wires it: the driver brings the device up through the MMIO
+/// registers, a host client connects, and event-manager runs the device.
+#[test]
+fn mmio_transport_and_event_manager_end_to_end() {
+    let mem = test_mem();
+    let dir = TestDir::new();
+    let path = dir.0.join("v.sock");
+    let mut rx = GuestQueue::new(&mem, 0x0, 0x10_0000, 0x10_0000);
+    let qs = [
+        (
+            rx.mock.desc_table_addr(),
+            rx.mock.avail_addr(),
+            rx.mock.used_addr(),
+        ),
+        {
+            let q = GuestQueue::new(&mem, 0x1_0000, 0x20_0000, 0x1000);
+            (
+                q.mock.desc_table_addr(),
+                q.mock.avail_addr(),
+                q.mock.used_addr(),
+            )
+        },
+        {
+            let q = GuestQueue::new(&mem, 0x2_0000, 0x30_0000, 0x1000);
+            (
+                q.mock.desc_table_addr(),
+                q.mock.avail_addr(),
+                q.mock.used_addr(),
+            )
+        },
+    ];
+    let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &path).unwrap()));
+    let mut mgr: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().unwrap();
+    mgr.add_subscriber(dev.clone());
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(mem.clone(), dev.clone(), irq).unwrap();
+
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let lo = |a: GuestAddress| u32::try_from(a.0 & 0xffff_ffff).unwrap();
+    w(&mut t, 0x70, status::ACKNOWLEDGE);
+    w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+    w(&mut t, 0x24, 1);
+    w(&mut t, 0x20, 1); // VERSION_1
+    let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    w(&mut t, 0x70, s);
+    for (i, (desc, avail, used)) in (0u32..).zip(qs) {
+        w(&mut t, 0x30, i);
+        w(&mut t, 0x38, 256);
+        w(&mut t, 0x80, lo(desc));
+        w(&mut t, 0x90, lo(avail));
+        w(&mut t, 0xa0, lo(used));
+        w(&mut t, 0x44, 1);
+    }
+    w(&mut t, 0x70, s | status::DRIVER_OK);
+    assert_eq!(t.device_status(), s | status::DRIVER_OK);
+    let mut cid = [0u8; 8];
+    t.read(0x100, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
+
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    let a = rx.alloc(4140);
+    rx.add_chain(&[(a, 4140, true)]);
+    w(&mut t, 0x50, 0); // QueueNotify for rx, no ioeventfd in between
+    let mut used = Vec::new();
+    for _ in 0..100 {
+        mgr.run_with_timeout(0).unwrap();
+        used = rx.used();
+        if !used.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(used.len(), 1, "the REQUEST arrived");
+    assert_eq!(used[0].1, 44);
+    let op_field: u16 = mem.read_obj(GuestAddress(a + 30)).unwrap();
+    assert_eq!(op_field, op::REQUEST);
+    let mut st = [0u8; 4];
+    t.read(0x60, &mut st);
+    assert_eq!(
+        u32::from_le_bytes(st) & 1,
+        1,
+        "used-buffer interrupt pending"
+    );
+
+    // A driver reset takes the queue fds out of the event loop again.
+    w(&mut t, 0x70, 0);
+    for _ in 0..10 {
+        mgr.run_with_timeout(0).unwrap();
+    }
+    assert!(!dev.lock().unwrap().is_active());
+}
+
+#[test]
+fn event_idx_asks_for_kicks_when_starved() {
+    let mem = test_mem();
+    let mut h = Harness::activated(&mem, true);
+    let (mut client, local) = h.connect_from_host(1024, 1 << 20);
+    // avail_event sits after the used ring's entries.
+    let avail_event = |h: &Harness<'_>, used: GuestAddress| -> u16 {
+        h.mem
+            .read_obj(used.unchecked_add(4 + 8 * u64::from(QSIZE)))
+            .unwrap()
+    };
+    let rx_used = h.rx.mock.used_addr();
+    // The REQUEST used the only rx buffer; the device then ran dry and asked to be
+    // kicked at the next one (index 1).
+    client.write_all(&[5u8; 10_000]).unwrap();
+    h.run();
+    assert_eq!(avail_event(&h, rx_used), 1);
+    h.post_rx(2, 4096);
+    let got = rw_bytes(&h.rx_packets());
+    assert_eq!(got.len(), 8192);
+    assert_eq!(
+        avail_event(&h, rx_used),
+        3,
+        "starved again after two buffers"
+    );
+    h.post_rx(2, 4096);
+    assert_eq!(rw_bytes(&h.rx_packets()).len(), 10_000 - 8192);
+    // tx: after draining, the device asks for a kick at the next chain.
+    h.send(Hdr::new(op::RW, 1024, local), b"ok");
+    let tx_used = h.tx.mock.used_addr();
+    assert_eq!(avail_event(&h, tx_used), 2, "RESPONSE and RW consumed");
+    assert_eq!(read_available(&mut client).0, b"ok");
+}
