@@ -105,7 +105,9 @@ cat bad.err
 }
 
 /// A job snapshots itself after "fetching sources" (`kiln-snapshot` inside the script,
-/// `kiln job --snapshot-at`), carries on to its end; a later job starts from that point.
+/// `kiln job --snapshot-at`), carries on to its end; a later job starts from that point and
+/// snapshots itself again after "installing dependencies"; a third starts from there. A
+/// job may not snapshot over the snapshot it started from.
 #[test]
 fn snapshot_job_takes_its_own_snapshot() -> Result<()> {
     let runner = Runner::detect()?;
@@ -115,8 +117,15 @@ D="$PWD"
   --snapshot-at "$D/warm" --script "$FILES/a.sh"
 echo "KILN-A-EXIT=$?"
 [ -f "$D/warm/state" ] && [ -f "$D/warm/memory" ] && echo "KILN-WARM=yes"
-"$KILN" job --from-snapshot "$D/warm" --script "$FILES/b.sh"
+"$KILN" job --from-snapshot "$D/warm" --snapshot-at "$D/deps" --script "$FILES/b.sh"
 echo "KILN-B-EXIT=$?"
+"$KILN" job --from-snapshot "$D/deps" --script "$FILES/c.sh"
+echo "KILN-C-EXIT=$?"
+before=$(cat "$D/warm/state" "$D/warm/memory" | sha256sum)
+"$KILN" job --from-snapshot "$D/warm" --snapshot-at "$D/warm" --script "$FILES/refused.sh"
+echo "KILN-OVER-EXIT=$?"
+after=$(cat "$D/warm/state" "$D/warm/memory" | sha256sum)
+[ "$before" = "$after" ] && echo "KILN-WARM-UNCHANGED=yes"
 "$KILN" job --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 \
   --script "$FILES/refused.sh"
 echo "KILN-REFUSED-EXIT=$?"
@@ -128,7 +137,15 @@ echo "KILN-REFUSED-EXIT=$?"
             b"mkdir -p /src && echo fetched > /src/STATUS\nkiln-snapshot || exit 7\necho after-snapshot\nexit 4\n"
                 .to_vec(),
         ),
-        ("b.sh".to_string(), b"cat /src/STATUS; exit 6\n".to_vec()),
+        (
+            "b.sh".to_string(),
+            b"cat /src/STATUS; echo installed > /src/DEPS\nkiln-snapshot || exit 8\nexit 6\n"
+                .to_vec(),
+        ),
+        (
+            "c.sh".to_string(),
+            b"echo \"c-sees $(cat /src/STATUS) $(cat /src/DEPS)\"; exit 3\n".to_vec(),
+        ),
         ("refused.sh".to_string(), b"kiln-snapshot; echo \"helper=$?\"\n".to_vec()),
     ];
     let out = runner.run(script, &files, TIMEOUT)?;
@@ -147,9 +164,18 @@ echo "KILN-REFUSED-EXIT=$?"
         "job B: {c}"
     );
     ensure!(
-        c.contains("helper=1"),
-        "kiln-snapshot without --snapshot-at must fail: {c}"
+        value(c, "KILN-C-EXIT") == Some("3") && c.contains("c-sees fetched installed"),
+        "job C, from job B's snapshot: {c}"
+    );
+    ensure!(
+        c.matches("helper=1").count() == 2,
+        "kiln-snapshot without --snapshot-at, or over the snapshot the job started from, must fail: {c}"
     );
     ensure!(value(c, "KILN-REFUSED-EXIT") == Some("0"), "{c}");
+    ensure!(value(c, "KILN-OVER-EXIT") == Some("0"), "{c}");
+    ensure!(
+        value(c, "KILN-WARM-UNCHANGED") == Some("yes"),
+        "the snapshot a job started from was written over: {c}"
+    );
     Ok(())
 }

@@ -323,7 +323,8 @@ pub struct JobArgs {
     /// Let the job snapshot its VM at a point it chooses: when the script runs
     /// `kiln-snapshot` (in the guest), the VM is paused, snapshotted into DIR and resumed,
     /// and `kiln-snapshot` returns 0 (1 if the snapshot failed). Later jobs start from it
-    /// with --from-snapshot DIR.
+    /// with --from-snapshot DIR. A job started --from-snapshot can take the next one (e.g.
+    /// sources fetched, then dependencies installed); DIR must not hold a snapshot already.
     #[arg(long, value_name = "DIR")]
     pub snapshot_at: Option<PathBuf>,
     /// Give up if the guest agent is not ready this many seconds after start.

@@ -164,12 +164,17 @@ fn booted_vm(
     spec.boot_done = Some(Box::new(move |t| {
         let _ = events.send(VmEvent::BootDone(t));
     }));
-    spec.snapshot_on_request = match &args.snapshot_at {
-        // Absolute, so the snapshot lands where the user meant whatever the VMM's cwd.
-        Some(dir) => Some(std::path::absolute(dir).context("--snapshot-at")?),
-        None => None,
-    };
+    spec.snapshot_on_request = snapshot_on_request(args)?;
     Ok((Vmm::build(spec)?, slot))
+}
+
+/// Where `kiln-snapshot` in the guest puts its snapshot: `--snapshot-at`, made absolute so
+/// that the snapshot lands where the user meant whatever the VMM's working directory.
+fn snapshot_on_request(args: &JobArgs) -> anyhow::Result<Option<PathBuf>> {
+    args.snapshot_at
+        .as_deref()
+        .map(|dir| std::path::absolute(dir).context("--snapshot-at"))
+        .transpose()
 }
 
 /// A VM restored from `snapshot`, its vsock device at `uds`.
@@ -194,6 +199,7 @@ fn restored_vm(
         disk_overlays: Vec::new(),
         disk_scratch: Some(runtime.to_owned()),
         net,
+        snapshot_on_request: snapshot_on_request(args)?,
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
     if vmm.vsock.is_none() {

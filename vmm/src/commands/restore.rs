@@ -38,6 +38,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         disk_overlays: args.disk_overlay.clone(),
         disk_scratch: Some(runtime.path().to_owned()),
         net: net.clone(),
+        snapshot_on_request: None,
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     // Guest memory is charged to the slot as the restored guest touches it.

@@ -39,6 +39,9 @@ pub struct RestoreSpec {
     /// This clone's TAP (and MAC; default a new random one); required if the snapshot has
     /// a network device.
     pub net: Option<crate::net::NetConfig>,
+    /// Where a snapshot the guest asks for goes (`kiln job --snapshot-at`), so that a job
+    /// started from a snapshot can take the next one; `None`: such requests fail.
+    pub snapshot_on_request: Option<PathBuf>,
 }
 
 impl RestoreSpec {
@@ -57,6 +60,7 @@ impl RestoreSpec {
             disk_overlays: Vec::new(),
             disk_scratch: None,
             net: None,
+            snapshot_on_request: None,
         }
     }
 }
@@ -212,7 +216,7 @@ impl Vmm {
                 dir: std::path::absolute(&spec.snapshot).map_err(restore_err)?,
                 digest,
             }),
-            snapshot_on_request: None,
+            snapshot_on_request: spec.snapshot_on_request,
             seccomp: spec.seccomp,
             phases: crate::vmm::Phases::default(),
         })

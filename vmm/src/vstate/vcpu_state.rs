@@ -152,7 +152,8 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuStateError> {
     fd.set_cpuid2(&cpuid).map_err(err("cpuid"))?;
     fd.set_mp_state(state.mp_state).map_err(err("mp_state"))?;
     fd.set_regs(&state.regs).map_err(err("regs"))?;
-    fd.set_sregs(&state.sregs).map_err(err("sregs"))?;
+    fd.set_sregs(&sregs_for_restore(state))
+        .map_err(err("sregs"))?;
     // SAFETY: kiln never asks KVM for guest permission to use dynamically enabled XSAVE
     // features (AMX tile data), so the guest's XSAVE area fits in the 4 KiB `kvm_xsave`
     // and KVM reads nothing past it.
@@ -181,4 +182,80 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuStateError> {
     fd.set_vcpu_events(&state.vcpu_events)
         .map_err(err("vcpu events"))?;
     Ok(())
+}
+
+/// The special registers to restore. On AMD, KVM reports the task register as a busy TSS
+/// (type 11) although the VMCB holds it as available (type 9): KVM sets the busy bit for
+/// Intel's VM-entry checks. Writing type 11 back into a VMCB is harmless to AMD hardware,
+/// but an emulated SVM CPU (QEMU TCG, the test bed) then refuses every I/O-bitmap check:
+/// user-space port I/O that `ioperm` allowed (the guest's `kiln-snapshot`) faults after a
+/// restore. So on AMD the task register goes back as the VMCB itself keeps it.
+fn sregs_for_restore(state: &VcpuState) -> kvm_sregs {
+    let mut sregs = state.sregs;
+    if cpuid_vendor_is_amd(&state.cpuid) && sregs.tr.type_ == TSS_BUSY {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    sregs
+}
+
+/// 64-bit TSS descriptor types.
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+/// Whether CPUID leaf 0 names an AMD (or Hygon, which is SVM too) processor.
+fn cpuid_vendor_is_amd(cpuid: &[kvm_cpuid_entry2]) -> bool {
+    cpuid
+        .iter()
+        .find(|e| e.function == 0 && e.index == 0)
+        .is_some_and(|e| {
+            let vendor: Vec<u8> = [e.ebx, e.edx, e.ecx]
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .collect();
+            vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf0(vendor: &[u8; 12]) -> kvm_cpuid_entry2 {
+        let reg = |i: usize| u32::from_le_bytes(vendor[i..i + 4].try_into().unwrap());
+        kvm_cpuid_entry2 {
+            function: 0,
+            ebx: reg(0),
+            edx: reg(4),
+            ecx: reg(8),
+            ..Default::default()
+        }
+    }
+
+    fn state(vendor: &[u8; 12], tr_type: u8) -> VcpuState {
+        let mut sregs = kvm_sregs::default();
+        sregs.tr.type_ = tr_type;
+        VcpuState {
+            index: 0,
+            cpuid: vec![leaf0(vendor)],
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs::default(),
+            sregs,
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debugregs: kvm_debugregs::default(),
+            lapic: None,
+            msrs: Vec::new(),
+            vcpu_events: kvm_vcpu_events::default(),
+        }
+    }
+
+    #[test]
+    fn amd_task_register_goes_back_available_intel_unchanged() {
+        assert_eq!(sregs_for_restore(&state(b"AuthenticAMD", 11)).tr.type_, 9);
+        assert_eq!(sregs_for_restore(&state(b"HygonGenuine", 11)).tr.type_, 9);
+        // Intel's VM entry requires a busy TSS: left as KVM reported it.
+        assert_eq!(sregs_for_restore(&state(b"GenuineIntel", 11)).tr.type_, 11);
+        // Anything else (a 16-bit TSS, a hand-made guest without one) is left alone.
+        assert_eq!(sregs_for_restore(&state(b"AuthenticAMD", 3)).tr.type_, 3);
+    }
 }
