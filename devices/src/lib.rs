@@ -13,6 +13,7 @@ pub mod console;
 pub mod guest_signal;
 pub mod i8042;
 pub mod interrupt;
+pub mod persist;
 pub mod serial;
 pub mod virtio;
 
@@ -21,8 +22,9 @@ pub use console::PanicWatch;
 pub use guest_signal::{
     BootTimer, GuestSignal, SnapshotRequests, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN,
 };
-pub use i8042::{I8042State, I8042, I8042_BASE, I8042_PORT_LEN};
+pub use i8042::{I8042RestoreArgs, I8042State, I8042, I8042_BASE, I8042_PORT_LEN};
 pub use interrupt::EventFdTrigger;
+pub use persist::Persist;
 pub use serial::{
     SerialConsole, SerialError, SerialState, COM1_BASE, COM1_IRQ, SERIAL_FIFO_LEN, SERIAL_PORT_LEN,
 };

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use kiln_devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
 use kiln_devices::{
-    BootTimer, Bus, BusError, EventFdTrigger, GuestSignal, PanicWatch, SharedBusDevice,
-    GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN, I8042, I8042_BASE, I8042_PORT_LEN,
+    BootTimer, Bus, BusError, EventFdTrigger, GuestSignal, I8042RestoreArgs, PanicWatch, Persist,
+    SharedBusDevice, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN, I8042, I8042_BASE, I8042_PORT_LEN,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -123,7 +123,15 @@ pub fn attach_legacy(
     let reset_evt = eventfd()?;
     let i8042_evt = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
     let i8042 = Arc::new(Mutex::new(match restore {
-        Some((_, state)) => I8042::from_state(state, i8042_evt),
+        Some((_, state)) => {
+            let Ok(i8042) = I8042::restore(
+                I8042RestoreArgs {
+                    reset_evt: i8042_evt,
+                },
+                &state,
+            );
+            i8042
+        }
         None => I8042::new(i8042_evt),
     }));
     buses

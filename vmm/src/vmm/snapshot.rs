@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_devices::Persist;
+
 use super::core::VmmCore;
 use crate::memory::ram_ranges;
 use crate::snapshot::memory::{take_bitmaps, write_memory};
@@ -105,7 +107,7 @@ impl VmmCore {
             .i8042
             .lock()
             .map_err(|_| lock_err("i8042"))?
-            .state();
+            .save();
         if let Some(parts) = &self.vsock {
             state.vsock = Some(VsockSnapshot {
                 transport: parts
