@@ -26,5 +26,6 @@ pub use i8042::{I8042RestoreArgs, I8042State, I8042, I8042_BASE, I8042_PORT_LEN}
 pub use interrupt::EventFdTrigger;
 pub use persist::Persist;
 pub use serial::{
-    SerialConsole, SerialError, SerialState, COM1_BASE, COM1_IRQ, SERIAL_FIFO_LEN, SERIAL_PORT_LEN,
+    SerialConsole, SerialError, SerialRestoreArgs, SerialState, COM1_BASE, COM1_IRQ,
+    SERIAL_FIFO_LEN, SERIAL_PORT_LEN,
 };

@@ -7,7 +7,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kiln_devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
+use kiln_devices::serial::{
+    SerialConsole, SerialRestoreArgs, COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN,
+};
 use kiln_devices::{
     BootTimer, Bus, BusError, EventFdTrigger, GuestSignal, I8042RestoreArgs, PanicWatch, Persist,
     SharedBusDevice, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN, I8042, I8042_BASE, I8042_PORT_LEN,
@@ -108,8 +110,14 @@ pub fn attach_legacy(
     }
     let serial_irq = EventFdTrigger::new(serial_irq);
     let serial = match restore {
-        Some((state, _)) => SerialConsole::from_state(state, serial_irq, console)
-            .map_err(|e| DeviceError::Restore(format!("serial console: {e}")))?,
+        Some((state, _)) => {
+            let args = SerialRestoreArgs {
+                irq: serial_irq,
+                out: console,
+            };
+            SerialConsole::restore(args, state)
+                .map_err(|e| DeviceError::Restore(format!("serial console: {e}")))?
+        }
         None => SerialConsole::new(serial_irq, console),
     };
     let panic_watch = serial.panic_watch();

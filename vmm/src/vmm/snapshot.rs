@@ -101,7 +101,7 @@ impl VmmCore {
             .serial
             .lock()
             .map_err(|_| lock_err("serial"))?
-            .state();
+            .save();
         state.i8042 = self
             .legacy
             .i8042
