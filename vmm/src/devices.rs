@@ -17,9 +17,9 @@ use kiln_devices::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vm::{Vm, VmError};
-use kiln_devices::virtio::block::{Block, BlockError, Overlay, RawFile};
-use kiln_devices::virtio::net::{MacAddr, Net, NetError};
-use kiln_devices::virtio::vsock::Vsock;
+use kiln_devices::virtio::block::{Block, BlockError, BlockRestoreArgs, Overlay, RawFile};
+use kiln_devices::virtio::net::{MacAddr, Net, NetError, NetRestoreArgs};
+use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -218,13 +218,13 @@ impl VirtioAllocator {
         snapshot: &crate::snapshot::VsockSnapshot,
     ) -> Result<(VirtioSlot, Arc<Mutex<Vsock>>), DeviceError> {
         self.attach_restored(vm, buses, memory, 3, &snapshot.transport, |evts, irq| {
-            Ok(Vsock::restore(
-                &snapshot.device,
-                uds_path,
-                memory.clone(),
-                evts,
-                irq,
-            )?)
+            let args = VsockRestoreArgs {
+                uds_path: uds_path.to_owned(),
+                mem: memory.clone(),
+                queue_evts: evts,
+                interrupt: irq,
+            };
+            Ok(Vsock::restore(args, &snapshot.device)?)
         })
     }
 
@@ -239,7 +239,12 @@ impl VirtioAllocator {
         transport: &kiln_devices::virtio::MmioTransportState,
     ) -> Result<(VirtioSlot, Arc<Mutex<Block>>), DeviceError> {
         self.attach_restored(vm, buses, memory, 1, transport, |evts, irq| {
-            Block::restore(state, memory.clone(), evts, irq).map_err(DeviceError::from)
+            let args = BlockRestoreArgs {
+                mem: memory.clone(),
+                queue_evts: evts,
+                interrupt: irq,
+            };
+            Block::restore(args, state).map_err(DeviceError::from)
         })
     }
 
@@ -256,14 +261,14 @@ impl VirtioAllocator {
         let tap = crate::net::open_tap(&config.tap)?;
         let mac = config.mac.unwrap_or_else(MacAddr::random);
         self.attach_restored(vm, buses, memory, 2, &snapshot.transport, |evts, irq| {
-            Ok(Net::restore(
-                &snapshot.device,
+            let args = NetRestoreArgs {
                 tap,
                 mac,
-                memory.clone(),
-                evts,
-                irq,
-            )?)
+                mem: memory.clone(),
+                queue_evts: evts,
+                interrupt: irq,
+            };
+            Ok(Net::restore(args, &snapshot.device)?)
         })
     }
 
@@ -278,7 +283,7 @@ impl VirtioAllocator {
         transport: &kiln_devices::virtio::MmioTransportState,
         make: impl FnOnce(Vec<EventFd>, kiln_devices::virtio::VirtioInterrupt) -> Result<D, DeviceError>,
     ) -> Result<(VirtioSlot, Arc<Mutex<D>>), DeviceError> {
-        use kiln_devices::virtio::{MmioTransport, VirtioInterrupt};
+        use kiln_devices::virtio::{MmioRestoreArgs, MmioTransport, VirtioInterrupt};
         let (base, irq) = self.next_window();
         let irq_evt = eventfd()?;
         vm.register_irqfd(&irq_evt, irq)?;
@@ -291,9 +296,14 @@ impl VirtioAllocator {
             .map(|e| e.try_clone().map_err(DeviceError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         let device = Arc::new(Mutex::new(make(clones, interrupt.clone())?));
-        let transport =
-            MmioTransport::restore(memory.clone(), device.clone(), interrupt, evts, transport)
-                .map_err(|e| DeviceError::Restore(format!("virtio-mmio transport: {e}")))?;
+        let args = MmioRestoreArgs {
+            mem: memory.clone(),
+            device: device.clone(),
+            interrupt,
+            queue_evts: evts,
+        };
+        let transport = MmioTransport::restore(args, transport)
+            .map_err(|e| DeviceError::Restore(format!("virtio-mmio transport: {e}")))?;
         Ok((self.wire(vm, buses, transport, base, irq)?, device))
     }
 

@@ -114,28 +114,16 @@ impl VmmCore {
                     .transport
                     .lock()
                     .map_err(|_| lock_err("vsock"))?
-                    .save_state(),
-                device: parts
-                    .device
-                    .lock()
-                    .map_err(|_| lock_err("vsock"))?
-                    .save_state(),
+                    .save(),
+                device: parts.device.lock().map_err(|_| lock_err("vsock"))?.save(),
             });
         }
 
         state.disks = self.snapshot_disks(dir)?;
         if let Some(parts) = &self.net {
             state.net = Some(snapshot::NetSnapshot {
-                transport: parts
-                    .transport
-                    .lock()
-                    .map_err(|_| lock_err("net"))?
-                    .save_state(),
-                device: parts
-                    .device
-                    .lock()
-                    .map_err(|_| lock_err("net"))?
-                    .save_state(),
+                transport: parts.transport.lock().map_err(|_| lock_err("net"))?.save(),
+                device: parts.device.lock().map_err(|_| lock_err("net"))?.save(),
             });
         }
 
@@ -174,7 +162,7 @@ impl VmmCore {
         for (index, parts) in self.disks.iter().enumerate() {
             let poisoned = || SnapshotError::NotSnapshottable(format!("disk {index} is poisoned"));
             let mut device = parts.device.lock().map_err(|_| poisoned())?;
-            let mut state = device.save_state();
+            let mut state = device.save();
             let overlay_file = match &mut state.backend {
                 BackendState::Raw { read_only: true, .. } => None,
                 BackendState::Raw { path, .. } => {
@@ -215,7 +203,7 @@ impl VmmCore {
             })?;
             disks.push(DiskSnapshot {
                 image_mtime,
-                transport: parts.transport.lock().map_err(|_| poisoned())?.save_state(),
+                transport: parts.transport.lock().map_err(|_| poisoned())?.save(),
                 device: state,
                 overlay_file,
             });
