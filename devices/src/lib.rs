@@ -7,6 +7,9 @@
 //!
 //! [`virtio`] holds the virtio-mmio transport and the virtio devices (vsock), which take
 //! queue notifications from eventfds the VMM registers as ioeventfds.
+//!
+//! A device whose state a snapshot carries implements [`Persist`]: its state is a
+//! serializable struct next to it, and the VMM saves and restores every device the same way.
 
 pub mod bus;
 pub mod console;
