@@ -14,10 +14,13 @@
 //! Layout on the bus: base 0x60, length 5; offset 0 is the data port (0x60), offset 4 the
 //! status (read) / command (write) port (0x64). Offsets 1..=3 read as 0 and ignore writes.
 
+use std::convert::Infallible;
+
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::persist::Persist;
 
 /// The controller's first I/O port.
 pub const I8042_BASE: u64 = 0x60;
@@ -76,6 +79,13 @@ impl Default for I8042State {
     }
 }
 
+/// What a restored [`I8042`] is built around besides its [`I8042State`].
+#[derive(Debug)]
+pub struct I8042RestoreArgs {
+    /// Signalled when the guest pulses the reset line (as for [`I8042::new`]).
+    pub reset_evt: EventFd,
+}
+
 /// The i8042 controller. Writing 0xFE to port 0x64 writes 1 to the reset eventfd.
 #[derive(Debug)]
 pub struct I8042 {
@@ -86,17 +96,10 @@ pub struct I8042 {
 impl I8042 {
     /// A controller that signals `reset_evt` when the guest pulses the reset line.
     pub fn new(reset_evt: EventFd) -> Self {
-        Self::from_state(I8042State::default(), reset_evt)
-    }
-
-    /// A controller restored from `state`.
-    pub fn from_state(state: I8042State, reset_evt: EventFd) -> Self {
-        Self { state, reset_evt }
-    }
-
-    /// The controller's state, for a snapshot.
-    pub fn state(&self) -> I8042State {
-        self.state
+        Self {
+            state: I8042State::default(),
+            reset_evt,
+        }
     }
 
     fn status(&self) -> u8 {
@@ -140,6 +143,24 @@ impl I8042 {
                 "i8042: no keyboard attached; ignoring keyboard command"
             );
         }
+    }
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    type ConstructorArgs = I8042RestoreArgs;
+    // Every I8042State is one the guest could have produced: nothing to reject.
+    type Error = Infallible;
+
+    fn save(&self) -> I8042State {
+        self.state
+    }
+
+    fn restore(args: I8042RestoreArgs, state: &I8042State) -> Result<Self, Infallible> {
+        Ok(Self {
+            state: *state,
+            reset_evt: args.reset_evt,
+        })
     }
 }
 
@@ -288,18 +309,21 @@ mod tests {
         assert_eq!(r.inb(CMD) & STATUS_OUTPUT_FULL, 0);
         assert_eq!(r.inb(DATA), 0, "empty output buffer reads 0");
         assert!(!r.reset_requested());
-        assert_eq!(r.dev.lock().unwrap().state().command_byte, 0x45);
+        assert_eq!(r.dev.lock().unwrap().save().command_byte, 0x45);
     }
 
     #[test]
     fn state_round_trips() {
         let r = rig();
         r.outb(CMD, CMD_WRITE_CB);
-        let state = r.dev.lock().unwrap().state();
+        let state = r.dev.lock().unwrap().save();
         assert!(state.awaiting_command_byte);
 
         let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut restored = I8042::from_state(state, reset.try_clone().unwrap());
+        let args = I8042RestoreArgs {
+            reset_evt: reset.try_clone().unwrap(),
+        };
+        let Ok(mut restored) = I8042::restore(args, &state);
         restored.write(DATA_OFFSET, &[0x11]);
         restored.write(COMMAND_OFFSET, &[CMD_READ_CB]);
         let mut b = [0u8];

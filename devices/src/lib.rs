@@ -7,12 +7,16 @@
 //!
 //! [`virtio`] holds the virtio-mmio transport and the virtio devices (vsock), which take
 //! queue notifications from eventfds the VMM registers as ioeventfds.
+//!
+//! A device whose state a snapshot carries implements [`Persist`]: its state is a
+//! serializable struct next to it, and the VMM saves and restores every device the same way.
 
 pub mod bus;
 pub mod console;
 pub mod guest_signal;
 pub mod i8042;
 pub mod interrupt;
+pub mod persist;
 pub mod serial;
 pub mod virtio;
 
@@ -21,8 +25,10 @@ pub use console::PanicWatch;
 pub use guest_signal::{
     BootTimer, GuestSignal, SnapshotRequests, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN,
 };
-pub use i8042::{I8042State, I8042, I8042_BASE, I8042_PORT_LEN};
+pub use i8042::{I8042RestoreArgs, I8042State, I8042, I8042_BASE, I8042_PORT_LEN};
 pub use interrupt::EventFdTrigger;
+pub use persist::Persist;
 pub use serial::{
-    SerialConsole, SerialError, SerialState, COM1_BASE, COM1_IRQ, SERIAL_FIFO_LEN, SERIAL_PORT_LEN,
+    SerialConsole, SerialError, SerialRestoreArgs, SerialState, COM1_BASE, COM1_IRQ,
+    SERIAL_FIFO_LEN, SERIAL_PORT_LEN,
 };

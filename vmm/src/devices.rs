@@ -7,17 +7,19 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kiln_devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
+use kiln_devices::serial::{
+    SerialConsole, SerialRestoreArgs, COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN,
+};
 use kiln_devices::{
-    BootTimer, Bus, BusError, EventFdTrigger, GuestSignal, PanicWatch, SharedBusDevice,
-    GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN, I8042, I8042_BASE, I8042_PORT_LEN,
+    BootTimer, Bus, BusError, EventFdTrigger, GuestSignal, I8042RestoreArgs, PanicWatch, Persist,
+    SharedBusDevice, GUEST_SIGNAL_BASE, GUEST_SIGNAL_LEN, I8042, I8042_BASE, I8042_PORT_LEN,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vm::{Vm, VmError};
-use kiln_devices::virtio::block::{Block, BlockError, Overlay, RawFile};
-use kiln_devices::virtio::net::{MacAddr, Net, NetError};
-use kiln_devices::virtio::vsock::Vsock;
+use kiln_devices::virtio::block::{Block, BlockError, BlockRestoreArgs, Overlay, RawFile};
+use kiln_devices::virtio::net::{MacAddr, Net, NetError, NetRestoreArgs};
+use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -108,8 +110,14 @@ pub fn attach_legacy(
     }
     let serial_irq = EventFdTrigger::new(serial_irq);
     let serial = match restore {
-        Some((state, _)) => SerialConsole::from_state(state, serial_irq, console)
-            .map_err(|e| DeviceError::Restore(format!("serial console: {e}")))?,
+        Some((state, _)) => {
+            let args = SerialRestoreArgs {
+                irq: serial_irq,
+                out: console,
+            };
+            SerialConsole::restore(args, state)
+                .map_err(|e| DeviceError::Restore(format!("serial console: {e}")))?
+        }
         None => SerialConsole::new(serial_irq, console),
     };
     let panic_watch = serial.panic_watch();
@@ -123,7 +131,15 @@ pub fn attach_legacy(
     let reset_evt = eventfd()?;
     let i8042_evt = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
     let i8042 = Arc::new(Mutex::new(match restore {
-        Some((_, state)) => I8042::from_state(state, i8042_evt),
+        Some((_, state)) => {
+            let Ok(i8042) = I8042::restore(
+                I8042RestoreArgs {
+                    reset_evt: i8042_evt,
+                },
+                &state,
+            );
+            i8042
+        }
         None => I8042::new(i8042_evt),
     }));
     buses
@@ -202,13 +218,13 @@ impl VirtioAllocator {
         snapshot: &crate::snapshot::VsockSnapshot,
     ) -> Result<(VirtioSlot, Arc<Mutex<Vsock>>), DeviceError> {
         self.attach_restored(vm, buses, memory, 3, &snapshot.transport, |evts, irq| {
-            Ok(Vsock::restore(
-                &snapshot.device,
-                uds_path,
-                memory.clone(),
-                evts,
-                irq,
-            )?)
+            let args = VsockRestoreArgs {
+                uds_path: uds_path.to_owned(),
+                mem: memory.clone(),
+                queue_evts: evts,
+                interrupt: irq,
+            };
+            Ok(Vsock::restore(args, &snapshot.device)?)
         })
     }
 
@@ -223,7 +239,12 @@ impl VirtioAllocator {
         transport: &kiln_devices::virtio::MmioTransportState,
     ) -> Result<(VirtioSlot, Arc<Mutex<Block>>), DeviceError> {
         self.attach_restored(vm, buses, memory, 1, transport, |evts, irq| {
-            Block::restore(state, memory.clone(), evts, irq).map_err(DeviceError::from)
+            let args = BlockRestoreArgs {
+                mem: memory.clone(),
+                queue_evts: evts,
+                interrupt: irq,
+            };
+            Block::restore(args, state).map_err(DeviceError::from)
         })
     }
 
@@ -240,14 +261,14 @@ impl VirtioAllocator {
         let tap = crate::net::open_tap(&config.tap)?;
         let mac = config.mac.unwrap_or_else(MacAddr::random);
         self.attach_restored(vm, buses, memory, 2, &snapshot.transport, |evts, irq| {
-            Ok(Net::restore(
-                &snapshot.device,
+            let args = NetRestoreArgs {
                 tap,
                 mac,
-                memory.clone(),
-                evts,
-                irq,
-            )?)
+                mem: memory.clone(),
+                queue_evts: evts,
+                interrupt: irq,
+            };
+            Ok(Net::restore(args, &snapshot.device)?)
         })
     }
 
@@ -262,7 +283,7 @@ impl VirtioAllocator {
         transport: &kiln_devices::virtio::MmioTransportState,
         make: impl FnOnce(Vec<EventFd>, kiln_devices::virtio::VirtioInterrupt) -> Result<D, DeviceError>,
     ) -> Result<(VirtioSlot, Arc<Mutex<D>>), DeviceError> {
-        use kiln_devices::virtio::{MmioTransport, VirtioInterrupt};
+        use kiln_devices::virtio::{MmioRestoreArgs, MmioTransport, VirtioInterrupt};
         let (base, irq) = self.next_window();
         let irq_evt = eventfd()?;
         vm.register_irqfd(&irq_evt, irq)?;
@@ -275,9 +296,14 @@ impl VirtioAllocator {
             .map(|e| e.try_clone().map_err(DeviceError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         let device = Arc::new(Mutex::new(make(clones, interrupt.clone())?));
-        let transport =
-            MmioTransport::restore(memory.clone(), device.clone(), interrupt, evts, transport)
-                .map_err(|e| DeviceError::Restore(format!("virtio-mmio transport: {e}")))?;
+        let args = MmioRestoreArgs {
+            mem: memory.clone(),
+            device: device.clone(),
+            interrupt,
+            queue_evts: evts,
+        };
+        let transport = MmioTransport::restore(args, transport)
+            .map_err(|e| DeviceError::Restore(format!("virtio-mmio transport: {e}")))?;
         Ok((self.wire(vm, buses, transport, base, irq)?, device))
     }
 

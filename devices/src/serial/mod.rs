@@ -15,6 +15,7 @@ use vm_superio::Serial;
 use crate::bus::BusDevice;
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::interrupt::EventFdTrigger;
+use crate::persist::Persist;
 
 mod state;
 pub use state::SerialState;
@@ -62,6 +63,15 @@ impl From<UartError<io::Error>> for SerialError {
     }
 }
 
+/// What a restored [`SerialConsole`] is built around besides its [`SerialState`]: the
+/// host side, which a snapshot cannot carry.
+pub struct SerialRestoreArgs {
+    /// The eventfd registered as the console's irqfd (as for [`SerialConsole::new`]).
+    pub irq: EventFdTrigger,
+    /// Receives the guest's console text from here on.
+    pub out: Box<dyn Write + Send>,
+}
+
 /// A 16550A UART whose output goes to a host sink and whose interrupt is an eventfd.
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, NoEvents, ConsoleOutput>,
@@ -80,33 +90,6 @@ impl SerialConsole {
             watch,
             irq_failed: false,
         }
-    }
-
-    /// A UART restored from `state`. Raises the interrupt at once if the state has one
-    /// pending and enabled. The panic watch starts empty: take a new [`Self::panic_watch`].
-    pub fn from_state(
-        state: &SerialState,
-        irq: EventFdTrigger,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, SerialError> {
-        if state.in_buffer.len() > SERIAL_FIFO_LEN {
-            return Err(SerialError::StateInputTooLong {
-                len: state.in_buffer.len(),
-            });
-        }
-        let out = ConsoleOutput::new(out);
-        let watch = out.panic_watch();
-        let uart = Serial::from_state(&state.into(), irq, NoEvents, out)?;
-        Ok(Self {
-            uart,
-            watch,
-            irq_failed: false,
-        })
-    }
-
-    /// The UART's state, for a snapshot.
-    pub fn state(&self) -> SerialState {
-        SerialState::from(&self.uart.state())
     }
 
     /// A handle that reports whether the guest kernel printed a panic on this console.
@@ -141,6 +124,36 @@ impl SerialConsole {
                 SerialError::from(e)
             );
         }
+    }
+}
+
+impl Persist for SerialConsole {
+    type State = SerialState;
+    type ConstructorArgs = SerialRestoreArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> SerialState {
+        SerialState::from(&self.uart.state())
+    }
+
+    /// Raises the interrupt at once if the state has one pending and enabled. The panic
+    /// watch starts empty: take a new [`SerialConsole::panic_watch`].
+    fn restore(args: SerialRestoreArgs, state: &SerialState) -> Result<Self, SerialError> {
+        // vm-superio rejects this too, but as FullFifo, which becomes InputFull ("retry
+        // later"); a state that cannot fit is a corrupt snapshot, and the error says so.
+        if state.in_buffer.len() > SERIAL_FIFO_LEN {
+            return Err(SerialError::StateInputTooLong {
+                len: state.in_buffer.len(),
+            });
+        }
+        let out = ConsoleOutput::new(args.out);
+        let watch = out.panic_watch();
+        let uart = Serial::from_state(&state.into(), args.irq, NoEvents, out)?;
+        Ok(Self {
+            uart,
+            watch,
+            irq_failed: false,
+        })
     }
 }
 
@@ -341,18 +354,17 @@ mod tests {
         r.outb(IER, 0x01);
         r.serial.lock().unwrap().enqueue_input(b"in").unwrap();
         r.irqs();
-        let state = r.serial.lock().unwrap().state();
+        let state = r.serial.lock().unwrap().save();
         assert_eq!(state.scratch, 0xab);
         assert_eq!(state.in_buffer, b"in");
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let sink = TestSink::default();
-        let restored = SerialConsole::from_state(
-            &state,
-            EventFdTrigger::new(irq.try_clone().unwrap()),
-            Box::new(sink.clone()),
-        )
-        .unwrap();
+        let args = SerialRestoreArgs {
+            irq: EventFdTrigger::new(irq.try_clone().unwrap()),
+            out: Box::new(sink.clone()),
+        };
+        let restored = SerialConsole::restore(args, &state).unwrap();
         let r2 = rig_with(restored, irq, sink);
         assert_eq!(r2.irqs(), 1, "pending RX interrupt is re-raised on restore");
         assert_eq!(r2.inb(SCR), 0xab);
@@ -369,7 +381,11 @@ mod tests {
             ..SerialState::default()
         };
         let irq = EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let err = SerialConsole::from_state(&state, irq, Box::new(io::sink())).err();
+        let args = SerialRestoreArgs {
+            irq,
+            out: Box::new(io::sink()),
+        };
+        let err = SerialConsole::restore(args, &state).err();
         assert!(matches!(
             err,
             Some(SerialError::StateInputTooLong { len: 65 })

@@ -53,7 +53,9 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use mmio::{mmio_cmdline_fragment, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE};
+pub use mmio::{
+    mmio_cmdline_fragment, MmioRestoreArgs, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE,
+};
 pub use state::QueueSnapshot;
 
 /// The guest memory type devices work on (the VMM's memfd-backed mapping). Its dirty bitmap

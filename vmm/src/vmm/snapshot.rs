@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_devices::Persist;
+
 use super::core::VmmCore;
 use crate::memory::ram_ranges;
 use crate::snapshot::memory::{take_bitmaps, write_memory};
@@ -99,41 +101,29 @@ impl VmmCore {
             .serial
             .lock()
             .map_err(|_| lock_err("serial"))?
-            .state();
+            .save();
         state.i8042 = self
             .legacy
             .i8042
             .lock()
             .map_err(|_| lock_err("i8042"))?
-            .state();
+            .save();
         if let Some(parts) = &self.vsock {
             state.vsock = Some(VsockSnapshot {
                 transport: parts
                     .transport
                     .lock()
                     .map_err(|_| lock_err("vsock"))?
-                    .save_state(),
-                device: parts
-                    .device
-                    .lock()
-                    .map_err(|_| lock_err("vsock"))?
-                    .save_state(),
+                    .save(),
+                device: parts.device.lock().map_err(|_| lock_err("vsock"))?.save(),
             });
         }
 
         state.disks = self.snapshot_disks(dir)?;
         if let Some(parts) = &self.net {
             state.net = Some(snapshot::NetSnapshot {
-                transport: parts
-                    .transport
-                    .lock()
-                    .map_err(|_| lock_err("net"))?
-                    .save_state(),
-                device: parts
-                    .device
-                    .lock()
-                    .map_err(|_| lock_err("net"))?
-                    .save_state(),
+                transport: parts.transport.lock().map_err(|_| lock_err("net"))?.save(),
+                device: parts.device.lock().map_err(|_| lock_err("net"))?.save(),
             });
         }
 
@@ -172,7 +162,7 @@ impl VmmCore {
         for (index, parts) in self.disks.iter().enumerate() {
             let poisoned = || SnapshotError::NotSnapshottable(format!("disk {index} is poisoned"));
             let mut device = parts.device.lock().map_err(|_| poisoned())?;
-            let mut state = device.save_state();
+            let mut state = device.save();
             let overlay_file = match &mut state.backend {
                 BackendState::Raw { read_only: true, .. } => None,
                 BackendState::Raw { path, .. } => {
@@ -213,7 +203,7 @@ impl VmmCore {
             })?;
             disks.push(DiskSnapshot {
                 image_mtime,
-                transport: parts.transport.lock().map_err(|_| poisoned())?.save_state(),
+                transport: parts.transport.lock().map_err(|_| poisoned())?.save(),
                 device: state,
                 overlay_file,
             });

@@ -15,6 +15,7 @@ use super::device::{Active, Block};
 use super::disk::{Disk, RawFile};
 use super::overlay::{Overlay, CLUSTER_SIZE};
 use super::{BlockError, SERIAL_LEN};
+use crate::persist::Persist;
 use crate::virtio::state::check_version;
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
 
@@ -109,10 +110,24 @@ pub struct BlockState {
     pub queues: Vec<QueueSnapshot>,
 }
 
-impl Block {
-    /// The device's state for a snapshot (taken with the vCPUs paused and the event loop
-    /// idle, so no request is half done).
-    pub fn save_state(&self) -> BlockState {
+/// What a restored [`Block`] is built around besides its [`BlockState`] (which names the
+/// files to reopen).
+pub struct BlockRestoreArgs {
+    /// Guest memory, for the queue if the state holds it.
+    pub mem: GuestMemory,
+    /// The transport's queue eventfd (a clone), in a one-element vector.
+    pub queue_evts: Vec<EventFd>,
+    /// The transport's interrupt.
+    pub interrupt: VirtioInterrupt,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type ConstructorArgs = BlockRestoreArgs;
+    type Error = BlockError;
+
+    /// Taken with the event loop idle as well, so no request is half done.
+    fn save(&self) -> BlockState {
         let backend = match &self.backend {
             Backend::Raw(r) => BackendState::Raw {
                 path: r.path().to_path_buf(),
@@ -143,14 +158,14 @@ impl Block {
         }
     }
 
-    /// Rebuild a device from `state`, reopening its files. If the state holds a queue, the
-    /// device comes back active on `mem` with the transport's `queue_evts` and `interrupt`.
-    pub fn restore(
-        state: &BlockState,
-        mem: GuestMemory,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<Self, BlockError> {
+    /// Reopens the state's files and checks the disk still looks as the guest saw it. If
+    /// the state holds a queue, the device comes back active.
+    fn restore(args: BlockRestoreArgs, state: &BlockState) -> Result<Self, BlockError> {
+        let BlockRestoreArgs {
+            mem,
+            queue_evts,
+            interrupt,
+        } = args;
         check_version(state.version, BLOCK_STATE_VERSION, |found, expected| {
             BlockError::StateVersion { found, expected }
         })?;

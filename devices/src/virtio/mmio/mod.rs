@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{feature, status, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
-pub use state::{MmioTransportState, MMIO_STATE_VERSION};
+pub use state::{MmioRestoreArgs, MmioTransportState, MMIO_STATE_VERSION};
 
 /// Size of one device's register window (registers + config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x200;

@@ -2,8 +2,9 @@
 //!
 //! The device behind the window is saved and restored on its own (its queues carry the
 //! ring progress). Restoring both: make one [`VirtioInterrupt`] and one eventfd per queue,
-//! restore the device with clones of them (e.g. `Vsock::restore`), then the transport with
-//! [`MmioTransport::restore`]; the transport does not re-activate the device.
+//! restore the device with clones of them (its [`Persist::restore`], e.g. with
+//! `VsockRestoreArgs`), then the transport around it with [`MmioRestoreArgs`]; the
+//! transport does not re-activate the device.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +13,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MmioError, MmioTransport};
+use crate::persist::Persist;
 use crate::virtio::state::check_version;
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
 
@@ -41,9 +43,25 @@ pub struct MmioTransportState {
     pub config_generation: u32,
 }
 
-impl MmioTransport {
-    /// The register state for a snapshot (taken with the vCPUs paused).
-    pub fn save_state(&self) -> MmioTransportState {
+/// What a restored [`MmioTransport`] is built around besides its [`MmioTransportState`].
+pub struct MmioRestoreArgs {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The device behind the window, already restored.
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    /// The interrupt the device was restored with.
+    pub interrupt: VirtioInterrupt,
+    /// One eventfd per queue (created with `EFD_NONBLOCK`), whose clones the device was
+    /// restored with. Register them with KVM as for a new transport.
+    pub queue_evts: Vec<EventFd>,
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type ConstructorArgs = MmioRestoreArgs;
+    type Error = MmioError;
+
+    fn save(&self) -> MmioTransportState {
         MmioTransportState {
             version: MMIO_STATE_VERSION,
             device_status: self.status,
@@ -57,16 +75,13 @@ impl MmioTransport {
         }
     }
 
-    /// Rebuild a transport from `state` around `device` (already restored), sharing its
-    /// `interrupt` and `queue_evts` (create those with `EFD_NONBLOCK`). Register the eventfds
-    /// with KVM as for a new transport.
-    pub fn restore(
-        mem: GuestMemory,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        interrupt: VirtioInterrupt,
-        queue_evts: Vec<EventFd>,
-        state: &MmioTransportState,
-    ) -> Result<Self, MmioError> {
+    fn restore(args: MmioRestoreArgs, state: &MmioTransportState) -> Result<Self, MmioError> {
+        let MmioRestoreArgs {
+            mem,
+            device,
+            interrupt,
+            queue_evts,
+        } = args;
         check_version(state.version, MMIO_STATE_VERSION, |found, expected| {
             MmioError::StateVersion { found, expected }
         })?;

@@ -36,7 +36,7 @@ pub mod fuzzing;
 
 pub use device::{Net, NetStats};
 pub use mac::MacAddr;
-pub use state::{NetState, NET_STATE_VERSION};
+pub use state::{NetRestoreArgs, NetState, NET_STATE_VERSION};
 pub use tap::{Tap, TapError};
 
 /// The virtio device ID of a network device.

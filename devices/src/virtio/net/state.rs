@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Net};
 use super::{MacAddr, NetError, Tap};
+use crate::persist::Persist;
 use crate::virtio::state::{check_version, restore_queue};
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioInterrupt};
 
@@ -29,9 +30,27 @@ pub struct NetState {
     pub queues: Vec<QueueSnapshot>,
 }
 
-impl Net {
-    /// The device's state for a snapshot (taken with the vCPUs paused).
-    pub fn save_state(&self) -> NetState {
+/// What a restored [`Net`] is built around besides its [`NetState`]: the host side, which
+/// a snapshot cannot carry, and the clone's own address.
+pub struct NetRestoreArgs {
+    /// The TAP this VM attaches to (each clone its own).
+    pub tap: Tap,
+    /// The MAC address for the config space; a clone may differ from the original.
+    pub mac: MacAddr,
+    /// Guest memory, for the queues if the state holds them.
+    pub mem: GuestMemory,
+    /// The transport's rx and tx queue eventfds (clones).
+    pub queue_evts: Vec<EventFd>,
+    /// The transport's interrupt.
+    pub interrupt: VirtioInterrupt,
+}
+
+impl Persist for Net {
+    type State = NetState;
+    type ConstructorArgs = NetRestoreArgs;
+    type Error = NetError;
+
+    fn save(&self) -> NetState {
         NetState {
             version: NET_STATE_VERSION,
             mac: self.mac,
@@ -45,17 +64,16 @@ impl Net {
         }
     }
 
-    /// Rebuild a device from `state` over `tap`, with the config-space address `mac`. If
-    /// the state holds queues, the device comes back active on `mem` with the transport's
-    /// `queue_evts` and `interrupt`.
-    pub fn restore(
-        state: &NetState,
-        tap: Tap,
-        mac: MacAddr,
-        mem: GuestMemory,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<Self, NetError> {
+    /// The saved `mac` is not reused: the args' one goes in the config space. If the state
+    /// holds queues, the device comes back active.
+    fn restore(args: NetRestoreArgs, state: &NetState) -> Result<Self, NetError> {
+        let NetRestoreArgs {
+            tap,
+            mac,
+            mem,
+            queue_evts,
+            interrupt,
+        } = args;
         check_version(state.version, NET_STATE_VERSION, |found, expected| {
             NetError::StateVersion { found, expected }
         })?;

@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::persist::Persist;
 use crate::virtio::test_queue::{GuestQueue, F_NEXT, F_WRITE};
 use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
 
@@ -350,7 +351,7 @@ fn state_round_trips_and_the_restored_device_works_on_a_new_tap() {
     let mem = test_mem();
     let mut h = Harness::new(&mem);
     h.assert_alive();
-    let state = h.dev.save_state();
+    let state = h.dev.save();
     assert_eq!(state.queues.len(), 2);
     assert_eq!(state.tap, "faketap0");
     let json = serde_json::to_string(&state).unwrap();
@@ -360,7 +361,14 @@ fn state_round_trips_and_the_restored_device_works_on_a_new_tap() {
     let mac = MacAddr([2, 0, 0, 0, 0, 10]);
     let evts = [(); 2].map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let kicks = [0, 1].map(|i| evts[i].try_clone().unwrap());
-    let dev = Net::restore(&state, tap, mac, mem.clone(), evts.into(), h.irq.clone()).unwrap();
+    let args = NetRestoreArgs {
+        tap,
+        mac,
+        mem: mem.clone(),
+        queue_evts: evts.into(),
+        interrupt: h.irq.clone(),
+    };
+    let dev = Net::restore(args, &state).unwrap();
     assert!(dev.is_active());
     assert_eq!(dev.mac(), mac);
     // The same guest rings, continued by the restored device.
@@ -371,13 +379,18 @@ fn state_round_trips_and_the_restored_device_works_on_a_new_tap() {
 
     let mut bad = state.clone();
     bad.version = 99;
-    let (tap, _) = fake_tap();
+    let no_queues = || NetRestoreArgs {
+        tap: fake_tap().0,
+        mac,
+        mem: mem.clone(),
+        queue_evts: vec![],
+        interrupt: h.irq.clone(),
+    };
     assert!(matches!(
-        Net::restore(&bad, tap, mac, mem.clone(), vec![], h.irq.clone()),
+        Net::restore(no_queues(), &bad),
         Err(NetError::StateVersion { .. })
     ));
     bad = state;
     bad.queues.pop();
-    let (tap, _) = fake_tap();
-    assert!(Net::restore(&bad, tap, mac, mem.clone(), vec![], h.irq.clone()).is_err());
+    assert!(Net::restore(no_queues(), &bad).is_err());
 }

@@ -38,7 +38,7 @@ pub mod fuzzing;
 use std::path::PathBuf;
 
 pub use device::Vsock;
-pub use state::{VsockState, VSOCK_STATE_VERSION};
+pub use state::{VsockRestoreArgs, VsockState, VSOCK_STATE_VERSION};
 
 /// The virtio device ID of vsock.
 pub const VIRTIO_ID_VSOCK: u32 = 19;

@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Vsock};
 use super::VsockError;
+use crate::persist::Persist;
 use crate::virtio::state::check_version;
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioInterrupt};
 use std::path::PathBuf;
@@ -30,9 +31,25 @@ pub struct VsockState {
     pub queues: Vec<QueueSnapshot>,
 }
 
-impl Vsock {
-    /// The device's state for a snapshot (taken with the vCPUs paused).
-    pub fn save_state(&self) -> VsockState {
+/// What a restored [`Vsock`] is built around besides its [`VsockState`]: the host side,
+/// which a snapshot cannot carry.
+pub struct VsockRestoreArgs {
+    /// Where the device listens for host connections (as for [`Vsock::new`]).
+    pub uds_path: PathBuf,
+    /// Guest memory, for the queues if the state holds them.
+    pub mem: GuestMemory,
+    /// The transport's three queue eventfds (clones).
+    pub queue_evts: Vec<EventFd>,
+    /// The transport's interrupt.
+    pub interrupt: VirtioInterrupt,
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+    type ConstructorArgs = VsockRestoreArgs;
+    type Error = VsockError;
+
+    fn save(&self) -> VsockState {
         VsockState {
             version: VSOCK_STATE_VERSION,
             guest_cid: self.guest_cid(),
@@ -45,16 +62,15 @@ impl Vsock {
         }
     }
 
-    /// Rebuild a device from `state`, listening on `uds_path`. If the state holds queues,
-    /// the device comes back active on `mem` with the transport's `queue_evts` and
-    /// `interrupt`; the caller then sends [`Vsock::send_transport_reset`].
-    pub fn restore(
-        state: &VsockState,
-        uds_path: impl Into<PathBuf>,
-        mem: GuestMemory,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<Self, VsockError> {
+    /// If the state holds queues, the device comes back active; the caller then sends
+    /// [`Vsock::send_transport_reset`].
+    fn restore(args: VsockRestoreArgs, state: &VsockState) -> Result<Self, VsockError> {
+        let VsockRestoreArgs {
+            uds_path,
+            mem,
+            queue_evts,
+            interrupt,
+        } = args;
         check_version(state.version, VSOCK_STATE_VERSION, |found, expected| {
             VsockError::StateVersion { found, expected }
         })?;

@@ -2,9 +2,10 @@
 //! partial clusters, discard, the base never written, and save/restore of the bitmap.
 
 use super::*;
+use crate::persist::Persist;
 use crate::virtio::block::{
-    BackendState, BlockError, BlockState, Disk, Overlay, BLOCK_STATE_VERSION, CLUSTER_SIZE,
-    MAX_OVERLAY_LEN,
+    BackendState, BlockError, BlockRestoreArgs, BlockState, Disk, Overlay, BLOCK_STATE_VERSION,
+    CLUSTER_SIZE, MAX_OVERLAY_LEN,
 };
 
 const BASE: usize = 256 * 1024;
@@ -93,7 +94,7 @@ fn overlay_discard_reads_back_zeros_not_the_base() {
     model[3 * 512..5 * 512].fill(0);
     assert_eq!(h.read_ok(0, 512), model);
     assert_eq!(std::fs::read(&base_path).unwrap(), orig);
-    let state = h.dev.save_state();
+    let state = h.dev.save();
     let BackendState::Overlay { bitmap, .. } = &state.backend else {
         panic!("{state:?}")
     };
@@ -153,7 +154,7 @@ fn overlay_state_round_trip() {
     h.write_ok(64, &pattern(8192, 4));
     h.discard(&[(128, 8, 0)]);
     let before = h.read_ok(0, 512);
-    let state = h.dev.save_state();
+    let state = h.dev.save();
     assert_eq!(state.version, BLOCK_STATE_VERSION);
     assert_eq!(state.queues.len(), 1);
     assert_eq!(state.config.capacity, 512);
@@ -162,34 +163,37 @@ fn overlay_state_round_trip() {
     assert_eq!(back, state);
 
     // Restored with its queue: active, and saves the same state.
-    let evt = || vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()];
-    let restored = Block::restore(&back, mem.clone(), evt(), h.irq.clone()).unwrap();
+    let args = |interrupt: &VirtioInterrupt| BlockRestoreArgs {
+        mem: mem.clone(),
+        queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+        interrupt: interrupt.clone(),
+    };
+    let restored = Block::restore(args(&h.irq), &back).unwrap();
     assert!(restored.is_active());
-    assert_eq!(restored.save_state(), state);
+    assert_eq!(restored.save(), state);
     drop(restored);
 
     // Restored before activation, then driven by a new guest: the same disk contents.
     drop(h);
     let mut idle = back.clone();
     idle.queues.clear();
-    let dev = Block::restore(
-        &idle,
-        mem.clone(),
-        vec![],
-        VirtioInterrupt::new(EventFd::new(0).unwrap()),
-    )
-    .unwrap();
+    let no_queue = BlockRestoreArgs {
+        mem: mem.clone(),
+        queue_evts: vec![],
+        interrupt: VirtioInterrupt::new(EventFd::new(0).unwrap()),
+    };
+    let dev = Block::restore(no_queue, &idle).unwrap();
     assert!(!dev.is_active());
     let mem2 = test_mem();
     let mut h2 = Harness::activate(&mem2, dev);
     assert_eq!(h2.read_ok(0, 512), before);
     let mut id = [0u8; 20];
     id[..SERIAL.len()].copy_from_slice(SERIAL);
-    assert_eq!(h2.dev.save_state().serial, id);
+    assert_eq!(h2.dev.save().serial, id);
     assert_eq!(std::fs::read(&base_path).unwrap(), orig);
 
     // States that cannot be restored.
-    let restore = |s: &BlockState| Block::restore(s, mem.clone(), evt(), h2.irq.clone());
+    let restore = |s: &BlockState| Block::restore(args(&h2.irq), s);
     let mut bad = state.clone();
     bad.version = 9;
     assert!(matches!(

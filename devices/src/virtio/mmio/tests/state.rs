@@ -1,6 +1,7 @@
 //! Transport construction errors and snapshot state.
 
 use super::*;
+use crate::persist::Persist;
 
 #[test]
 fn legacy_only_device_is_rejected() {
@@ -46,7 +47,7 @@ fn state_round_trip() {
     f.status(status::DRIVER_OK);
     f.t.interrupt().signal_config_change().unwrap();
     f.w(reg::QUEUE_SEL, 1);
-    let state = f.t.save_state();
+    let state = f.t.save();
     assert_eq!(state.version, MMIO_STATE_VERSION);
     assert_eq!(state.queues[1].size, 4);
     let json = serde_json::to_string(&state).unwrap();
@@ -55,8 +56,18 @@ fn state_round_trip() {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let evts = || (0..2).map(|_| EventFd::new(0).unwrap()).collect::<Vec<_>>();
+    let device: Arc<Mutex<dyn VirtioDevice>> = f.dev.clone();
+    let restore = |state: &MmioTransportState| {
+        let args = MmioRestoreArgs {
+            mem: mem.clone(),
+            device: device.clone(),
+            interrupt: irq.clone(),
+            queue_evts: evts(),
+        };
+        MmioTransport::restore(args, state)
+    };
     let mut g = Fixture {
-        t: MmioTransport::restore(mem.clone(), f.dev.clone(), irq.clone(), evts(), &state).unwrap(),
+        t: restore(&state).unwrap(),
         dev: f.dev.clone(),
     };
     for off in [
@@ -71,7 +82,7 @@ fn state_round_trip() {
     ] {
         assert_eq!(g.r(off), f.r(off), "register {off:#x}");
     }
-    assert_eq!(g.t.save_state(), state);
+    assert_eq!(g.t.save(), state);
     assert_eq!(
         f.dev.lock().unwrap().activations.len(),
         1,
@@ -83,18 +94,18 @@ fn state_round_trip() {
 
     let mut bad = state.clone();
     bad.version = 7;
-    let r = MmioTransport::restore(mem.clone(), f.dev.clone(), irq.clone(), evts(), &bad);
+    let r = restore(&bad);
     assert!(matches!(r, Err(MmioError::StateVersion { found: 7, .. })));
     let mut bad = state.clone();
     bad.driver_features |= 0b10;
-    let r = MmioTransport::restore(mem.clone(), f.dev.clone(), irq.clone(), evts(), &bad);
+    let r = restore(&bad);
     assert!(matches!(r, Err(MmioError::BadState(_))));
     let mut bad = state.clone();
     bad.queues.pop();
-    let r = MmioTransport::restore(mem.clone(), f.dev.clone(), irq.clone(), evts(), &bad);
+    let r = restore(&bad);
     assert!(matches!(r, Err(MmioError::BadState(_))));
     let mut bad = state;
     bad.queues[0].desc_table = 0x1001;
-    let r = MmioTransport::restore(mem, f.dev.clone(), irq, evts(), &bad);
+    let r = restore(&bad);
     assert!(matches!(r, Err(MmioError::BadState(_))));
 }

@@ -10,7 +10,8 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use super::*;
 use crate::bus::BusDevice;
-use crate::virtio::vsock::{VsockError, VsockState, VSOCK_STATE_VERSION};
+use crate::persist::Persist;
+use crate::virtio::vsock::{VsockError, VsockRestoreArgs, VsockState, VSOCK_STATE_VERSION};
 use crate::virtio::{status, MmioTransport, VIRTIO_F_VERSION_1};
 
 #[test]
@@ -115,7 +116,7 @@ fn state_round_trip() {
     let mut h = Harness::new(&mem);
     h.dev.ack_features(1 << VIRTIO_F_VERSION_1);
     h.post_rx(3, 4096);
-    let state = h.dev.save_state();
+    let state = h.dev.save();
     assert_eq!(state.version, VSOCK_STATE_VERSION);
     assert_eq!(state.guest_cid, GUEST_CID);
     assert_eq!(state.acked_features, 1 << VIRTIO_F_VERSION_1);
@@ -125,32 +126,33 @@ fn state_round_trip() {
     let back: VsockState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, state);
 
-    let evts = || (0..3).map(|_| EventFd::new(0).unwrap()).collect::<Vec<_>>();
-    let restored = Vsock::restore(
-        &back,
-        h.dir.0.join("restored.sock"),
-        mem.clone(),
-        evts(),
-        h.irq.clone(),
-    )
-    .unwrap();
+    let restore = |state: &VsockState, sock: &str| {
+        let args = VsockRestoreArgs {
+            uds_path: h.dir.0.join(sock),
+            mem: mem.clone(),
+            queue_evts: (0..3).map(|_| EventFd::new(0).unwrap()).collect(),
+            interrupt: h.irq.clone(),
+        };
+        Vsock::restore(args, state)
+    };
+    let restored = restore(&back, "restored.sock").unwrap();
     assert!(restored.is_active());
-    assert_eq!(restored.save_state(), state);
+    assert_eq!(restored.save(), state);
 
     let mut old = state.clone();
     old.version = 99;
-    let err = Vsock::restore(&old, h.dir.0.join("a"), mem.clone(), evts(), h.irq.clone());
+    let err = restore(&old, "a");
     assert!(matches!(
         err,
         Err(VsockError::StateVersion { found: 99, .. })
     ));
     let mut bad = state.clone();
     bad.queues[1].used_ring = MEM_SIZE as u64;
-    let err = Vsock::restore(&bad, h.dir.0.join("b"), mem.clone(), evts(), h.irq.clone());
+    let err = restore(&bad, "b");
     assert!(matches!(err, Err(VsockError::BadState(_))));
     let mut bad = state;
     bad.queues[0].size = 3;
-    let err = Vsock::restore(&bad, h.dir.0.join("c"), mem.clone(), evts(), h.irq.clone());
+    let err = restore(&bad, "c");
     assert!(matches!(err, Err(VsockError::BadState(_))));
 }
 
