@@ -120,14 +120,48 @@ fn sigterm_stops_the_vm_with_128_plus_signo() {
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line, "spinning now\n");
+    // A signal sent to the process must not be handled on a vCPU thread (its seccomp filter
+    // refuses what the handler does): the vCPU thread blocks SIGINT and SIGTERM.
+    let blocked = vcpu_thread_blocked_signals(child.id());
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        assert_ne!(
+            blocked & (1 << (sig - 1)),
+            0,
+            "signal {sig} not blocked in the vCPU thread: SigBlk {blocked:x}"
+        );
+    }
     // The guest is running (it printed); now stop it the way a runner cancels a job.
     // SAFETY: kill() with a pid we spawned and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{rest}");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{status:?}: {rest}"
+    );
     let report: serde_json::Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
     assert_eq!(report["result"], "stopped");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The `SigBlk` mask of process `pid`'s thread `kiln-vcpu0`.
+fn vcpu_thread_blocked_signals(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for task in tasks {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "kiln-vcpu0" {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .unwrap()
+            .trim();
+        return u64::from_str_radix(mask, 16).unwrap();
+    }
+    panic!("no kiln-vcpu0 thread in /proc/{pid}/task");
 }

@@ -81,6 +81,40 @@ fn install_kick_handler() {
     });
 }
 
+/// Blocks, in this vCPU thread, every signal but the kick and the faults the thread may cause
+/// itself. A signal sent to the process (a runner's SIGTERM cancelling a job, SIGINT) then
+/// goes to a thread that handles it: its handler, run here, would make a syscall this
+/// thread's seccomp filter refuses (signal-hook's `sendto`), and the process would die of
+/// SIGSYS instead of stopping the VM. Called before the filter is installed, so a signal
+/// that lands in between is still handled normally.
+fn block_process_signals() {
+    // SAFETY: sigfillset initializes the zeroed set before it is read; pthread_sigmask
+    // changes only this thread's mask and writes no old mask (null).
+    let blocked = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for keep in [
+            kick_signal(),
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGSYS,
+            libc::SIGABRT,
+            libc::SIGTRAP,
+        ] {
+            libc::sigdelset(&mut set, keep);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if blocked != 0 {
+        tracing::warn!(
+            "cannot block process signals in a vCPU thread: {}",
+            std::io::Error::from_raw_os_error(blocked)
+        );
+    }
+}
+
 /// What every vCPU thread of a VM shares with the main thread.
 pub struct VcpuShared {
     pub buses: Arc<Buses>,
@@ -173,6 +207,7 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("kiln-vcpu{index}"))
             .spawn(move || {
+                block_process_signals();
                 let confined = match &shared.seccomp {
                     Some(filters) => filters.install(ThreadKind::Vcpu),
                     None => Ok(()),
