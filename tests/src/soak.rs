@@ -231,9 +231,11 @@ counts() { # counts LABEL: one line of name=value
   # when it reads /proc, so counting with `ls | grep` is off by one now and then.
   fds=$(set -- /proc/[0-9]*/fd/[0-9]*; echo $#)
   # User processes and their threads: kernel threads (kthreadd, pid 2, and its children)
-  # come and go on their own.
-  pt=$(awk '/^Pid:/ { p = $2 } /^PPid:/ { pp = $2 }
-    /^Threads:/ { if (p != 2 && pp != 2) { n++; t += $2 } } END { print n, t }' /proc/[0-9]*/status 2>/dev/null)
+  # come and go on their own. The list is taken first and each file read on its own: a
+  # process that ends in between is skipped (busybox awk stops at a file it cannot open).
+  pt=$(set -- /proc/[0-9]*/status; for f; do cat "$f" 2>/dev/null; done | awk '
+    /^Pid:/ { p = $2 } /^PPid:/ { pp = $2 }
+    /^Threads:/ { if (p != 2 && pp != 2) { n++; t += $2 } } END { print n + 0, t + 0 }')
   unix=$(($(wc -l < /proc/net/unix) - 1))
   net=$(ls /sys/class/net | wc -l)
   # Slots (kiln/slot-N) are kept for reuse by design; every other cgroup must go.
