@@ -537,3 +537,70 @@ fn jail_early_sigterm_still_stops_the_vm() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `kiln jail --image NAME` brings a store image in as `/images/NAME` (hard-linked, not
+/// copied) and makes `/images` the inner kiln's store, so a jailed `kiln run --image NAME`
+/// boots with it; a missing image is refused before any jail is made, in one line.
+#[test]
+fn jail_brings_in_a_store_image_for_image() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tmp("image");
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(&kernel, kiln_tests::tiny_kernel::build("hello image\n")).unwrap();
+    // A store image made by hand: a small file with the ext4 superblock magic.
+    let store = dir.join("store");
+    std::fs::create_dir_all(store.join("tiny")).unwrap();
+    let mut rootfs = vec![0u8; 64 << 10];
+    rootfs[1080..1082].copy_from_slice(&[0x53, 0xef]);
+    std::fs::write(store.join("tiny/rootfs.ext4"), &rootfs).unwrap();
+    let base = dir.join("base");
+    let store_arg = store.to_str().unwrap();
+    let out = kiln_jail(
+        &base,
+        "img1",
+        &[
+            "--file",
+            kernel.to_str().unwrap(),
+            "--image",
+            "tiny",
+            "--store",
+            store_arg,
+            "--keep",
+        ],
+        &[
+            "run", "--kernel", "tiny.elf", "--image", "tiny", "--memory", "64", "--json",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.starts_with("hello image\n"), "{stdout}");
+    let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        inode(&store.join("tiny/rootfs.ext4")),
+        inode(&base.join("img1/root/images/tiny/rootfs.ext4")),
+        "the image is hard-linked into the jail"
+    );
+    assert_eq!(
+        std::fs::read(store.join("tiny/rootfs.ext4")).unwrap(),
+        rootfs
+    );
+
+    let out = kiln_jail(
+        &base,
+        "img2",
+        &["--image", "nope", "--store", store_arg],
+        &["run", "--kernel", "tiny.elf", "--image", "nope"],
+    )
+    .output()
+    .unwrap();
+    assert_one_line_error(&out, "nope");
+    assert!(!base.join("img2").exists(), "no jail is made");
+    std::fs::remove_dir_all(dir).unwrap();
+}

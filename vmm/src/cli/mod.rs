@@ -135,6 +135,14 @@ pub struct JailArgs {
     /// device; the jail's own network namespace stays empty.
     #[arg(long, value_name = "NAME")]
     pub tap: Vec<String>,
+    /// A store image for the inner kiln's `--image NAME` (repeatable): its directory is
+    /// hard-linked in as `/images/NAME`, and the inner kiln's image store is `/images`.
+    #[arg(long, value_name = "NAME")]
+    pub image: Vec<String>,
+    /// The image store --image names come from. Default: $KILN_IMAGE_STORE, else
+    /// /var/lib/kiln/images.
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub store: Option<PathBuf>,
     /// Leave the jail directory in place when the VM ends.
     #[arg(long)]
     pub keep: bool,

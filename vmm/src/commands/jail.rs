@@ -20,6 +20,7 @@ pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
         gid: args.gid,
         base,
         files: args.file.clone(),
+        images: store_images(args)?,
         taps: args.tap.clone(),
         kiln: std::env::current_exe().context("cannot find the kiln executable")?,
         args: args.command.clone(),
@@ -45,4 +46,20 @@ pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
     let code = jail.wait()?;
     drop(jail);
     Ok(ExitCode::from(code))
+}
+
+/// The store directory of each `--image`, checked to hold an ext4 root disk: a missing
+/// image is refused here, naming the images the store has, before any jail is made.
+fn store_images(args: &JailArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let store = crate::image::Store::locate(args.store.as_deref());
+    args.image
+        .iter()
+        .map(|name| {
+            let rootfs = store.rootfs(name)?;
+            Ok(rootfs
+                .parent()
+                .expect("a store image's root disk is in its directory")
+                .to_owned())
+        })
+        .collect()
 }

@@ -15,7 +15,8 @@
 //!    name (a directory recursively), hard-linked, or copied where a link is impossible
 //!    (another filesystem), would not be readable by the jail's uid (the copy is then
 //!    chowned: a hard link shares the inode, so the host's file is never chowned), or would
-//!    be writable by it (the VMM must not be able to change the host's file); and the
+//!    be writable by it (the VMM must not be able to change the host's file); each
+//!    `--image NAME` of the store likewise as `/images/NAME` (the inner kiln's store); and the
 //!    running kiln binary as `/kiln`. A dynamically linked kiln (a debug build) also gets its
 //!    loader and libraries, as `ldd` lists them, at their paths; the static kiln of a
 //!    deployment needs none. An empty `dev` is the mount point of the jail's `/dev`.
@@ -48,7 +49,8 @@
 //!    ID); `PR_SET_NO_NEW_PRIVS`.
 //! 9. `execve("/kiln", ["kiln", <args>...])` with the working directory `/` and an
 //!    environment of `PATH=/`, `TMPDIR=/` (`kiln job` makes its
-//!    socket directory there) plus `KILN_LOG` and `RUST_BACKTRACE` if set, and with
+//!    socket directory there) plus `KILN_LOG` and `RUST_BACKTRACE` if set,
+//!    `KILN_IMAGE_STORE=/images` with `--image`, and with
 //!    `--tap`, `KILN_TAP_FDS` naming the attached TAP fds, which stay open (see below). Paths in the
 //!    inner arguments are therefore relative to the jail root: `--vsock v.sock` is
 //!    `<base>/<ID>/root/v.sock` on the host, which `kiln jail` prints.
@@ -85,6 +87,8 @@ use kiln_devices::virtio::net::Tap;
 pub use paths::{host_paths, JailDir};
 use signals::{forward_signals, SignalMask};
 
+/// The image store inside a jail that has `--image`s.
+pub const JAIL_IMAGE_STORE: &str = "/images";
 /// Where jail directories go unless `--base` or `$KILN_JAIL_BASE` says otherwise.
 pub const DEFAULT_BASE: &str = "/srv/kiln";
 /// The uid and gid the VMM runs as unless told otherwise ("nobody").
@@ -141,6 +145,9 @@ pub struct JailSpec {
     pub gid: u32,
     pub base: PathBuf,
     pub files: Vec<PathBuf>,
+    /// Image directories of the host's store, placed under `/images` (the inner kiln's
+    /// store, [`JAIL_IMAGE_STORE`]) under their names.
+    pub images: Vec<PathBuf>,
     /// Host TAPs to hand the VMM attached (see [`crate::net::INHERITED_TAPS_ENV`]).
     pub taps: Vec<String>,
     /// The kiln binary to run inside (normally the running one).
@@ -333,6 +340,7 @@ mod tests {
             gid: 1000,
             base: "/nonexistent".into(),
             files: vec![],
+            images: vec![],
             taps: vec![],
             kiln: "/bin/true".into(),
             args: vec![],

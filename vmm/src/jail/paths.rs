@@ -106,6 +106,18 @@ impl JailDir {
             }
             place(file, &root.join(name), spec)?;
         }
+        if !spec.images.is_empty() {
+            let images = root.join(super::JAIL_IMAGE_STORE.trim_start_matches('/'));
+            if !names.insert(images.file_name().unwrap_or_default().to_owned()) {
+                return Err(JailError::DuplicateName("images".to_string()));
+            }
+            mkdir(&images)?;
+            chown(&images, spec.uid, spec.gid)?;
+            for image in &spec.images {
+                let name = image.file_name().unwrap_or_default();
+                place(image, &images.join(name), spec)?;
+            }
+        }
         place(&spec.kiln, &root.join("kiln"), spec)?;
         for lib in shared_libraries(&spec.kiln) {
             let dst = root.join(lib.strip_prefix("/").unwrap_or(&lib));

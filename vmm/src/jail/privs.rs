@@ -60,6 +60,13 @@ impl Exec {
                 env.push(format!("{key}={v}"));
             }
         }
+        if !spec.images.is_empty() {
+            env.push(format!(
+                "{}={}",
+                crate::image::store::STORE_ENV,
+                super::JAIL_IMAGE_STORE
+            ));
+        }
         if !taps.is_empty() {
             let list: Vec<String> = taps
                 .iter()
