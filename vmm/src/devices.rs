@@ -17,7 +17,7 @@ use kiln_devices::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vstate::vm::{Vm, VmError};
-use kiln_devices::virtio::block::{Block, BlockError, BlockRestoreArgs, Overlay, RawFile};
+use kiln_devices::virtio::block::{Block, BlockError, Overlay, RawFile};
 use kiln_devices::virtio::net::{MacAddr, Net, NetError, NetRestoreArgs};
 use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
 
@@ -217,12 +217,10 @@ impl VirtioAllocator {
         uds_path: &std::path::Path,
         snapshot: &crate::snapshot::VsockSnapshot,
     ) -> Result<(VirtioSlot, Arc<Mutex<Vsock>>), DeviceError> {
-        self.attach_restored(vm, buses, memory, 3, &snapshot.transport, |evts, irq| {
+        self.attach_restored(vm, buses, memory, 3, &snapshot.transport, |queues| {
             let args = VsockRestoreArgs {
                 uds_path: uds_path.to_owned(),
-                mem: memory.clone(),
-                queue_evts: evts,
-                interrupt: irq,
+                queues,
             };
             Ok(Vsock::restore(args, &snapshot.device)?)
         })
@@ -238,13 +236,8 @@ impl VirtioAllocator {
         state: &kiln_devices::virtio::block::BlockState,
         transport: &kiln_devices::virtio::MmioTransportState,
     ) -> Result<(VirtioSlot, Arc<Mutex<Block>>), DeviceError> {
-        self.attach_restored(vm, buses, memory, 1, transport, |evts, irq| {
-            let args = BlockRestoreArgs {
-                mem: memory.clone(),
-                queue_evts: evts,
-                interrupt: irq,
-            };
-            Block::restore(args, state).map_err(DeviceError::from)
+        self.attach_restored(vm, buses, memory, 1, transport, |queues| {
+            Block::restore(queues, state).map_err(DeviceError::from)
         })
     }
 
@@ -260,20 +253,15 @@ impl VirtioAllocator {
     ) -> Result<(VirtioSlot, Arc<Mutex<Net>>), DeviceError> {
         let tap = crate::net::open_tap(&config.tap)?;
         let mac = config.mac.unwrap_or_else(MacAddr::random);
-        self.attach_restored(vm, buses, memory, 2, &snapshot.transport, |evts, irq| {
-            let args = NetRestoreArgs {
-                tap,
-                mac,
-                mem: memory.clone(),
-                queue_evts: evts,
-                interrupt: irq,
-            };
+        self.attach_restored(vm, buses, memory, 2, &snapshot.transport, |queues| {
+            let args = NetRestoreArgs { tap, mac, queues };
             Ok(Net::restore(args, &snapshot.device)?)
         })
     }
 
-    /// A restored device `make` builds from the transport's queue eventfds (clones) and
-    /// interrupt, behind a transport restored from `transport`, at the next window.
+    /// A restored device `make` builds around the transport's memory, queue eventfds
+    /// (clones) and interrupt, behind a transport restored from `transport`, at the next
+    /// window.
     fn attach_restored<D: kiln_devices::virtio::VirtioDevice + 'static>(
         &mut self,
         vm: &Vm,
@@ -281,7 +269,7 @@ impl VirtioAllocator {
         memory: &crate::memory::GuestMemory,
         queues: usize,
         transport: &kiln_devices::virtio::MmioTransportState,
-        make: impl FnOnce(Vec<EventFd>, kiln_devices::virtio::VirtioInterrupt) -> Result<D, DeviceError>,
+        make: impl FnOnce(kiln_devices::virtio::QueueRestoreArgs) -> Result<D, DeviceError>,
     ) -> Result<(VirtioSlot, Arc<Mutex<D>>), DeviceError> {
         use kiln_devices::virtio::{MmioRestoreArgs, MmioTransport, VirtioInterrupt};
         let (base, irq) = self.next_window();
@@ -295,7 +283,11 @@ impl VirtioAllocator {
             .iter()
             .map(|e| e.try_clone().map_err(DeviceError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
-        let device = Arc::new(Mutex::new(make(clones, interrupt.clone())?));
+        let device = Arc::new(Mutex::new(make(kiln_devices::virtio::QueueRestoreArgs {
+            mem: memory.clone(),
+            queue_evts: clones,
+            interrupt: interrupt.clone(),
+        })?));
         let args = MmioRestoreArgs {
             mem: memory.clone(),
             device: device.clone(),

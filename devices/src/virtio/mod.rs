@@ -56,7 +56,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use mmio::{
     mmio_cmdline_fragment, MmioRestoreArgs, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE,
 };
-pub use state::QueueSnapshot;
+pub use state::{QueueRestoreArgs, QueueSnapshot};
 
 /// The guest memory type devices work on (the VMM's memfd-backed mapping). Its dirty bitmap
 /// records every page a device writes, so that a diff snapshot includes device writes

@@ -2,6 +2,18 @@
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{GuestMemory, VirtioInterrupt};
+
+/// What the transport hands every virtio device it restores, for the queues the device's
+/// state holds: guest memory, the queues' notification eventfds (clones of the
+/// transport's) and the interrupt to raise.
+pub struct QueueRestoreArgs {
+    pub mem: GuestMemory,
+    pub queue_evts: Vec<EventFd>,
+    pub interrupt: VirtioInterrupt,
+}
 
 /// One virtqueue's state, field for field `virtio_queue::QueueState`, serializable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

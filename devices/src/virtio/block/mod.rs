@@ -39,9 +39,7 @@ use std::path::PathBuf;
 pub use device::Block;
 pub use disk::{Disk, RawFile};
 pub use overlay::{Overlay, CLUSTER_SIZE, MAX_OVERLAY_LEN};
-pub use state::{
-    Backend, BackendState, BlockConfigState, BlockRestoreArgs, BlockState, BLOCK_STATE_VERSION,
-};
+pub use state::{Backend, BackendState, BlockConfigState, BlockState, BLOCK_STATE_VERSION};
 
 /// The virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;

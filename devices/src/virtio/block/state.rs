@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Block};
 use super::disk::{Disk, RawFile};
@@ -17,7 +16,7 @@ use super::overlay::{Overlay, CLUSTER_SIZE};
 use super::{BlockError, SERIAL_LEN};
 use crate::persist::Persist;
 use crate::virtio::state::check_version;
-use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{QueueRestoreArgs, QueueSnapshot, VirtioDevice};
 
 /// The format version of [`BlockState`].
 pub const BLOCK_STATE_VERSION: u32 = 1;
@@ -110,20 +109,10 @@ pub struct BlockState {
     pub queues: Vec<QueueSnapshot>,
 }
 
-/// What a restored [`Block`] is built around besides its [`BlockState`] (which names the
-/// files to reopen).
-pub struct BlockRestoreArgs {
-    /// Guest memory, for the queue if the state holds it.
-    pub mem: GuestMemory,
-    /// The transport's queue eventfd (a clone), in a one-element vector.
-    pub queue_evts: Vec<EventFd>,
-    /// The transport's interrupt.
-    pub interrupt: VirtioInterrupt,
-}
-
 impl Persist for Block {
     type State = BlockState;
-    type ConstructorArgs = BlockRestoreArgs;
+    /// Guest memory and the queue's eventfd (one) and interrupt; the state names the files.
+    type ConstructorArgs = QueueRestoreArgs;
     type Error = BlockError;
 
     /// Taken with the event loop idle as well, so no request is half done.
@@ -160,8 +149,8 @@ impl Persist for Block {
 
     /// Reopens the state's files and checks the disk still looks as the guest saw it. If
     /// the state holds a queue, the device comes back active.
-    fn restore(args: BlockRestoreArgs, state: &BlockState) -> Result<Self, BlockError> {
-        let BlockRestoreArgs {
+    fn restore(args: QueueRestoreArgs, state: &BlockState) -> Result<Self, BlockError> {
+        let QueueRestoreArgs {
             mem,
             queue_evts,
             interrupt,

@@ -10,7 +10,7 @@ use super::device::{Active, Net};
 use super::{MacAddr, NetError, Tap};
 use crate::persist::Persist;
 use crate::virtio::state::{check_version, restore_queue};
-use crate::virtio::{GuestMemory, QueueSnapshot, VirtioInterrupt};
+use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
 
 /// The format version of [`NetState`].
 pub const NET_STATE_VERSION: u32 = 1;
@@ -37,12 +37,8 @@ pub struct NetRestoreArgs {
     pub tap: Tap,
     /// The MAC address for the config space; a clone may differ from the original.
     pub mac: MacAddr,
-    /// Guest memory, for the queues if the state holds them.
-    pub mem: GuestMemory,
-    /// The transport's rx and tx queue eventfds (clones).
-    pub queue_evts: Vec<EventFd>,
-    /// The transport's interrupt.
-    pub interrupt: VirtioInterrupt,
+    /// For the rx and tx queues, if the state holds them.
+    pub queues: QueueRestoreArgs,
 }
 
 impl Persist for Net {
@@ -70,9 +66,12 @@ impl Persist for Net {
         let NetRestoreArgs {
             tap,
             mac,
-            mem,
-            queue_evts,
-            interrupt,
+            queues:
+                QueueRestoreArgs {
+                    mem,
+                    queue_evts,
+                    interrupt,
+                },
         } = args;
         check_version(state.version, NET_STATE_VERSION, |found, expected| {
             NetError::StateVersion { found, expected }

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::persist::Persist;
 use crate::virtio::test_queue::{GuestQueue, F_NEXT, F_WRITE};
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{GuestMemory, QueueRestoreArgs, VirtioDevice, VirtioInterrupt};
 
 const MEM_SIZE: usize = 16 << 20;
 const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 9]);
@@ -364,9 +364,11 @@ fn state_round_trips_and_the_restored_device_works_on_a_new_tap() {
     let args = NetRestoreArgs {
         tap,
         mac,
-        mem: mem.clone(),
-        queue_evts: evts.into(),
-        interrupt: h.irq.clone(),
+        queues: QueueRestoreArgs {
+            mem: mem.clone(),
+            queue_evts: evts.into(),
+            interrupt: h.irq.clone(),
+        },
     };
     let dev = Net::restore(args, &state).unwrap();
     assert!(dev.is_active());
@@ -382,9 +384,11 @@ fn state_round_trips_and_the_restored_device_works_on_a_new_tap() {
     let no_queues = || NetRestoreArgs {
         tap: fake_tap().0,
         mac,
-        mem: mem.clone(),
-        queue_evts: vec![],
-        interrupt: h.irq.clone(),
+        queues: QueueRestoreArgs {
+            mem: mem.clone(),
+            queue_evts: vec![],
+            interrupt: h.irq.clone(),
+        },
     };
     assert!(matches!(
         Net::restore(no_queues(), &bad),

@@ -6,13 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Active, Vsock};
 use super::VsockError;
 use crate::persist::Persist;
 use crate::virtio::state::check_version;
-use crate::virtio::{GuestMemory, QueueSnapshot, VirtioInterrupt};
+use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
 use std::path::PathBuf;
 
 /// The format version of [`VsockState`].
@@ -36,12 +35,8 @@ pub struct VsockState {
 pub struct VsockRestoreArgs {
     /// Where the device listens for host connections (as for [`Vsock::new`]).
     pub uds_path: PathBuf,
-    /// Guest memory, for the queues if the state holds them.
-    pub mem: GuestMemory,
-    /// The transport's three queue eventfds (clones).
-    pub queue_evts: Vec<EventFd>,
-    /// The transport's interrupt.
-    pub interrupt: VirtioInterrupt,
+    /// For the three queues, if the state holds them.
+    pub queues: QueueRestoreArgs,
 }
 
 impl Persist for Vsock {
@@ -67,9 +62,12 @@ impl Persist for Vsock {
     fn restore(args: VsockRestoreArgs, state: &VsockState) -> Result<Self, VsockError> {
         let VsockRestoreArgs {
             uds_path,
-            mem,
-            queue_evts,
-            interrupt,
+            queues:
+                QueueRestoreArgs {
+                    mem,
+                    queue_evts,
+                    interrupt,
+                },
         } = args;
         check_version(state.version, VSOCK_STATE_VERSION, |found, expected| {
             VsockError::StateVersion { found, expected }

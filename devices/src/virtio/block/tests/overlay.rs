@@ -4,9 +4,10 @@
 use super::*;
 use crate::persist::Persist;
 use crate::virtio::block::{
-    BackendState, BlockError, BlockRestoreArgs, BlockState, Disk, Overlay, BLOCK_STATE_VERSION,
-    CLUSTER_SIZE, MAX_OVERLAY_LEN,
+    BackendState, BlockError, BlockState, Disk, Overlay, BLOCK_STATE_VERSION, CLUSTER_SIZE,
+    MAX_OVERLAY_LEN,
 };
+use crate::virtio::QueueRestoreArgs;
 
 const BASE: usize = 256 * 1024;
 
@@ -163,7 +164,7 @@ fn overlay_state_round_trip() {
     assert_eq!(back, state);
 
     // Restored with its queue: active, and saves the same state.
-    let args = |interrupt: &VirtioInterrupt| BlockRestoreArgs {
+    let args = |interrupt: &VirtioInterrupt| QueueRestoreArgs {
         mem: mem.clone(),
         queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
         interrupt: interrupt.clone(),
@@ -177,7 +178,7 @@ fn overlay_state_round_trip() {
     drop(h);
     let mut idle = back.clone();
     idle.queues.clear();
-    let no_queue = BlockRestoreArgs {
+    let no_queue = QueueRestoreArgs {
         mem: mem.clone(),
         queue_evts: vec![],
         interrupt: VirtioInterrupt::new(EventFd::new(0).unwrap()),

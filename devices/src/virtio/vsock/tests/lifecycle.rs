@@ -12,7 +12,7 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::persist::Persist;
 use crate::virtio::vsock::{VsockError, VsockRestoreArgs, VsockState, VSOCK_STATE_VERSION};
-use crate::virtio::{status, MmioTransport, VIRTIO_F_VERSION_1};
+use crate::virtio::{status, MmioTransport, QueueRestoreArgs, VIRTIO_F_VERSION_1};
 
 #[test]
 fn transport_reset_event() {
@@ -129,9 +129,11 @@ fn state_round_trip() {
     let restore = |state: &VsockState, sock: &str| {
         let args = VsockRestoreArgs {
             uds_path: h.dir.0.join(sock),
-            mem: mem.clone(),
-            queue_evts: (0..3).map(|_| EventFd::new(0).unwrap()).collect(),
-            interrupt: h.irq.clone(),
+            queues: QueueRestoreArgs {
+                mem: mem.clone(),
+                queue_evts: (0..3).map(|_| EventFd::new(0).unwrap()).collect(),
+                interrupt: h.irq.clone(),
+            },
         };
         Vsock::restore(args, state)
     };
