@@ -278,18 +278,24 @@ impl Vcpu {
     }
 
     /// KVM_EXIT_SHUTDOWN: the guest triple-faulted, which ends the VM like a reset. Says so,
-    /// with where the CPU was, since the guest itself could print nothing.
+    /// with where the CPU was, since the guest itself could print nothing. On AMD, KVM has
+    /// already reset the vCPU by then (the VMCB is undefined after a shutdown), so the
+    /// registers read as the reset vector: the log says that rather than pass them off as
+    /// the faulting state.
     fn log_triple_fault(&self) {
         let regs = self.fd.get_regs().ok();
         let sregs = self.fd.get_sregs().ok();
+        let (rip, rsp) = regs.map_or((0, 0), |r| (r.rip, r.rsp));
+        let (cr2, cr3) = sregs.map_or((0, 0), |s| (s.cr2, s.cr3));
+        let reset = rip == 0xfff0 && cr3 == 0;
         tracing::warn!(
-            "vCPU {}: the guest triple-faulted (KVM_EXIT_SHUTDOWN): rip {:#x} rsp {:#x} cr2 {:#x} \
-             cr3 {:#x}",
+            "vCPU {}: the guest triple-faulted (KVM_EXIT_SHUTDOWN): {}",
             self.index,
-            regs.map_or(0, |r| r.rip),
-            regs.map_or(0, |r| r.rsp),
-            sregs.map_or(0, |s| s.cr2),
-            sregs.map_or(0, |s| s.cr3)
+            if reset {
+                "KVM already reset the vCPU, so where it faulted is lost".to_string()
+            } else {
+                format!("rip {rip:#x} rsp {rsp:#x} cr2 {cr2:#x} cr3 {cr3:#x}")
+            }
         );
     }
 
