@@ -2,5 +2,6 @@
 
 pub mod vcpu;
 pub mod vcpu_control;
+mod vcpu_signals;
 pub mod vcpu_state;
 pub mod vm;
