@@ -225,8 +225,7 @@ up() { cut -d' ' -f1 /proc/uptime; }
 secs() { awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.1f\n", b - a }'; }
 # Settle the kernel's caches where it lets us, so MemAvailable compares like with like.
 settle() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; }
-counts() { # counts LABEL: one line of name=value
-  settle
+measure() { # one line of name=value
   # Globbed by the shell itself: a pipeline's other commands may or may not have started
   # when it reads /proc, so counting with `ls | grep` is off by one now and then.
   fds=$(set -- /proc/[0-9]*/fd/[0-9]*; echo $#)
@@ -244,10 +243,31 @@ counts() { # counts LABEL: one line of name=value
   kilns=$(pidof kiln | wc -w)
   tmp=$(find /tmp | wc -l)
   mem=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
-  echo "KILN-SOAK-$1=fds=$fds processes=${pt% *} threads=${pt#* } unix_sockets=$unix net_devices=$net cgroups=$cg populated_cgroups=$pop kiln_processes=$kilns tmp_entries=$tmp mem_available_kib=$mem"
+  echo "fds=$fds processes=${pt% *} threads=${pt#* } unix_sockets=$unix net_devices=$net cgroups=$cg populated_cgroups=$pop kiln_processes=$kilns tmp_entries=$tmp mem_available_kib=$mem"
+}
+counts() { # counts LABEL: the counts, as KILN-SOAK-LABEL=…
+  settle
+  echo "KILN-SOAK-$1=$(measure)"
+}
+# settled_counts LABEL: the counts, retaken (up to 20 times, 0.25 s apart) while anything
+# but memory differs from BEFORE's. A process on its way out (busybox `timeout` leaves a
+# watcher that notices its command is gone only on its next 1 s tick) is not a leak; a
+# leak does not go away, and is reported as the last count shows it.
+settled_counts() {
+  settle
+  tries=0
+  while :; do
+    now=$(measure)
+    [ "${now% mem_available_kib=*}" = "${BEFORE% mem_available_kib=*}" ] && break
+    tries=$((tries + 1)); [ $tries -ge 20 ] && break
+    sleep 0.25
+  done
+  echo "KILN-SOAK-$1=$now"
 }
 
-counts BEFORE
+settle
+BEFORE=$(measure)
+echo "KILN-SOAK-BEFORE=$BEFORE"
 
 t=$(up); ok=0; i=1
 while [ $i -le $JOBS ]; do
@@ -261,7 +281,7 @@ while [ $i -le $JOBS ]; do
 done
 echo "KILN-SOAK-JOBS-OK=$ok"
 echo "KILN-SOAK-JOBS-SECS=$(secs $t)"
-counts AFTER-JOBS
+settled_counts AFTER-JOBS
 
 t=$(up); pids=""; i=1
 while [ $i -le $CONC ]; do
@@ -288,7 +308,7 @@ for p in $pids; do
   i=$((i + 1))
 done
 echo "KILN-SOAK-CONCURRENT-SECS=$(secs $t)"
-counts AFTER
+settled_counts AFTER
 # kiln's log of the first failed job and of the first failed VM (or of VM 1, as a sample).
 [ -e $L/failed-vm.out ] || cp $L/c1.out $L/failed-vm.out
 for f in $L/failed.out $L/failed-vm.out; do [ -e $f ] && { echo "--- $f"; tail -20 $f; }; done
