@@ -20,5 +20,5 @@ pub mod testbed;
 pub mod tiny_kernel;
 pub mod tmp;
 
-pub use nested::TESTBED_CMDLINE;
+pub use nested::{INCIDENT_LOG_ENV, TESTBED_CMDLINE};
 pub use testbed::{RunOutput, Runner, Testbed};

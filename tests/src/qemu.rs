@@ -7,13 +7,22 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The QEMU binary (Debian's `qemu-system-x86`).
+/// The QEMU binary (Debian's `qemu-system-x86`) unless `$KILN_QEMU` names another.
 pub const QEMU: &str = "qemu-system-x86_64";
+
+/// `$KILN_QEMU` if set (another build of QEMU, to compare), else [`QEMU`].
+pub fn binary() -> OsString {
+    std::env::var_os("KILN_QEMU")
+        .filter(|q| !q.is_empty())
+        .unwrap_or_else(|| QEMU.into())
+}
 
 /// One QEMU boot of a kernel and initramfs, console on the serial port, ending when the
 /// guest resets (`-no-reboot`).
 #[derive(Debug, Clone)]
 pub struct Qemu {
+    /// The QEMU to run: [`binary`] unless set otherwise.
+    pub binary: OsString,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
@@ -26,6 +35,7 @@ pub struct Qemu {
 impl Qemu {
     pub fn new(kernel: impl Into<PathBuf>, initrd: impl Into<PathBuf>, cmdline: &str) -> Self {
         Qemu {
+            binary: binary(),
             kernel: kernel.into(),
             initrd: initrd.into(),
             cmdline: cmdline.to_string(),
@@ -50,7 +60,7 @@ impl Qemu {
     }
 
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(QEMU);
+        let mut cmd = Command::new(&self.binary);
         cmd.args(["-accel", "tcg", "-cpu", "EPYC,+svm,+npt"])
             .args(["-m", &self.memory_mib.to_string()])
             // One socket per CPU: without ACPI the kernel finds CPUs through the MP table,

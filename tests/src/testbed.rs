@@ -25,6 +25,8 @@ pub(crate) const TAIL: usize = 4000;
 /// The nested test bed's machine.
 #[derive(Debug, Clone)]
 pub struct Testbed {
+    /// The QEMU that emulates the test bed's machine: [`crate::qemu::binary`].
+    pub qemu: std::ffi::OsString,
     /// The test-bed host kernel.
     pub kernel: KernelImages,
     pub memory_mib: u32,
@@ -39,6 +41,7 @@ impl Testbed {
     /// The test bed with the cached (or freshly built) test-bed host kernel, 2 GiB, 2 CPUs.
     pub fn new() -> Result<Self> {
         Ok(Testbed {
+            qemu: crate::qemu::binary(),
             kernel: kernels::testbed_host().context("building the test-bed host kernel")?,
             memory_mib: 2048,
             cpus: 2,
@@ -109,7 +112,8 @@ impl Runner {
         match self {
             Runner::Direct => "direct: this machine's /dev/kvm".to_string(),
             Runner::Testbed(t) => format!(
-                "testbed: QEMU TCG (EPYC+svm+npt, {} MiB, {} CPUs, {} paging in its KVM) with kernel {}",
+                "testbed: QEMU TCG ({}: EPYC+svm+npt, {} MiB, {} CPUs, {} paging in its KVM) with kernel {}",
+                t.qemu.to_string_lossy(),
                 t.memory_mib,
                 t.cpus,
                 if t.cmdline.contains("kvm_amd.npt=0") {

@@ -139,3 +139,71 @@ fn boot_direct_runner_runs_script() -> Result<()> {
     assert!(out.console.contains("to-stderr"), "{}", out.console);
     Ok(())
 }
+
+/// A stand-in for QEMU that plays a test bed whose host kernel panics on its first
+/// `panics` boots and runs the script on the next (it prints the markers, not the
+/// script's own output), counting boots in `$dir/boots`.
+fn panicking_qemu(dir: &std::path::Path, panics: u32) -> Result<std::ffi::OsString> {
+    let fake = dir.join("fake-qemu");
+    let boots = dir.join("boots");
+    std::fs::write(
+        &fake,
+        format!(
+            r#"#!/bin/sh
+echo x >> '{boots}'
+echo KILN-TESTBED-BEGIN
+if [ "$(wc -l < '{boots}')" -le {panics} ]; then
+    echo '[    8.724204] RIP: 0010:0xffffffff813a397c'
+    echo '[    8.724362] Kernel panic - not syncing: Fatal exception in interrupt'
+    exit 0
+fi
+echo after-the-panic
+printf '\nKILN-TESTBED-EXIT=5\n'
+"#,
+            boots = boots.display()
+        ),
+    )?;
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(fake.into_os_string())
+}
+
+fn boots(dir: &std::path::Path) -> usize {
+    std::fs::read_to_string(dir.join("boots")).map_or(0, |s| s.lines().count())
+}
+
+#[test]
+fn testbed_host_panic_boots_the_test_bed_once_more() -> Result<()> {
+    let dir = kiln_tests::tmp::TempDir::new("fake-qemu")?;
+    let testbed = Testbed {
+        qemu: panicking_qemu(dir.path(), 1)?,
+        ..Testbed::new()?
+    };
+    let out = Runner::Testbed(testbed).run("exit 5", &[], Duration::from_secs(60))?;
+    assert_eq!(
+        boots(dir.path()),
+        2,
+        "the panicked test bed was not booted again"
+    );
+    assert_eq!(out.exit_code, 5);
+    assert_eq!(out.console.trim(), "after-the-panic");
+    Ok(())
+}
+
+#[test]
+fn testbed_host_panicking_twice_fails_with_the_panic() -> Result<()> {
+    let dir = kiln_tests::tmp::TempDir::new("fake-qemu")?;
+    let testbed = Testbed {
+        qemu: panicking_qemu(dir.path(), 2)?,
+        ..Testbed::new()?
+    };
+    let err = Runner::Testbed(testbed)
+        .run("exit 5", &[], Duration::from_secs(60))
+        .unwrap_err();
+    assert_eq!(boots(dir.path()), 2, "booted {} times", boots(dir.path()));
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("Kernel panic - not syncing: Fatal exception"),
+        "{err}"
+    );
+    Ok(())
+}

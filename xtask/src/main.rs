@@ -8,7 +8,7 @@ mod fuzz;
 mod setup;
 mod soak;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
@@ -109,12 +109,18 @@ fn test(fuzz: bool, fuzz_s: u64) -> Result<()> {
         ),
         ("cargo test", &["test", "--workspace"]),
     ];
+    // Test-bed runs rebooted because the test-bed host's own kernel panicked are listed
+    // here and printed after the tests, pass or fail.
+    let incidents = repo_root().join("target/testbed-incidents.log");
+    let _ = std::fs::remove_file(&incidents);
     for (name, args) in steps {
         step(name, || {
             let status = cargo()
                 .args(args)
+                .env(kiln_tests::INCIDENT_LOG_ENV, &incidents)
                 .status()
                 .with_context(|| format!("could not run cargo {}", args.join(" ")))?;
+            print_incidents(&incidents);
             if !status.success() {
                 bail!("`cargo {}` exited with {status}", args.join(" "));
             }
@@ -130,6 +136,17 @@ fn test(fuzz: bool, fuzz_s: u64) -> Result<()> {
     }
     println!("xtask test: all steps passed");
     Ok(())
+}
+
+/// Prints the test-bed incidents recorded so far, if any.
+fn print_incidents(log: &Path) {
+    if let Ok(text) = std::fs::read_to_string(log) {
+        let n = text.lines().count();
+        println!("xtask test: {n} test-bed run(s) booted again after the test-bed host panicked:");
+        for line in text.lines() {
+            println!("xtask test:   {line}");
+        }
+    }
 }
 
 /// Runs one step of `cargo xtask test` and says how long it took (CI logs show where the
