@@ -5,7 +5,7 @@
 //! the VMM registered as an irqfd, and signals VMM-level events (guest reset, boot done)
 //! through eventfds the VMM hands it. Every device is testable without KVM.
 //!
-//! [`virtio`] holds the virtio-mmio transport and the virtio devices (vsock), which take
+//! [`virtio`] holds the virtio-mmio transport and the virtio devices (vsock, block, net, rng), which take
 //! queue notifications from eventfds the VMM registers as ioeventfds.
 //!
 //! A device whose state a snapshot carries implements [`Persist`]: its state is a
@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod console;
+pub mod entropy;
 pub mod guest_signal;
 pub mod i8042;
 pub mod interrupt;

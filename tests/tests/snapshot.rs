@@ -31,6 +31,9 @@ echo "KILN-READY=$(wait_exec "$D/v.sock" $vm)"
 echo "KILN-COUNTER-START=$?"
 "$KILN" exec --vsock "$D/v.sock" -- sh -c 'echo before-snapshot > /tmp/file'
 echo "KILN-FILE-WRITTEN=$?"
+# kiln's virtio-rng device, read straight from the guest's hwrng.
+echo "KILN-HWRNG=$("$KILN" exec --vsock "$D/v.sock" -- cat /sys/class/misc/hw_random/rng_current)"
+echo "KILN-HWRNG-BYTES=$("$KILN" exec --vsock "$D/v.sock" -- sh -c 'head -c 16 /dev/hwrng | od -An -x' | tr -d ' \n')"
 # The counter has started once it has counted past 2.
 n=0
 while [ $n -lt 300 ]; do
@@ -100,6 +103,7 @@ for i in 0 1 2; do
   else skew=0; fi
   echo "KILN-CLONE-CLOCK-$i=$skew $((after - before))"
   echo "KILN-CLONE-RANDOM-$i=$("$KILN" exec --vsock "$S" -- sh -c 'head -c 16 /dev/urandom | od -An -x' | tr -d ' \n')"
+  echo "KILN-CLONE-HWRNG-$i=$("$KILN" exec --vsock "$S" -- sh -c 'head -c 16 /dev/hwrng | od -An -x' | tr -d ' \n')"
 done
 for i in 0 1 2; do
   "$KILN" ctl --api "$D/capi$i.sock" shutdown > /dev/null
@@ -131,6 +135,14 @@ for i in 0 1 2; do echo "--- restore $i stderr"; cat "restore$i.err"; echo "--- 
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     ensure!(before > 2, "the counter never counted: {console}");
+    ensure!(
+        get("KILN-HWRNG").is_some_and(|d| d.starts_with("virtio_rng")),
+        "the guest's hwrng is not kiln's virtio-rng: {console}"
+    );
+    // The original's hwrng bytes, then each clone's: the restored device goes on serving
+    // and every clone draws its own from the host.
+    let mut hwrng = vec![get("KILN-HWRNG-BYTES").unwrap_or("").to_string()];
+    ensure!(hwrng[0].len() == 32, "no bytes from /dev/hwrng: {console}");
     let mut randoms = Vec::new();
     for i in 0..3 {
         let key = |k: &str| format!("KILN-CLONE-{k}-{i}");
@@ -191,6 +203,12 @@ for i in 0 1 2; do echo "--- restore $i stderr"; cat "restore$i.err"; echo "--- 
             "clone {i} repeats RNG output: {console}"
         );
         randoms.push(random);
+        let bytes = get(&key("HWRNG")).unwrap_or("").to_string();
+        ensure!(
+            bytes.len() == 32 && !hwrng.contains(&bytes),
+            "clone {i}: hwrng gave {bytes:?} after {hwrng:?}: {console}"
+        );
+        hwrng.push(bytes);
         ensure!(get(&key("EXIT")) == Some("0"), "clone {i} exit: {console}");
     }
     ensure!(

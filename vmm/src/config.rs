@@ -78,6 +78,14 @@ pub struct VmConfig {
     /// The network device (`net = "tap=…"` in TOML, the same string as `--net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::NetConfig>,
+    /// A virtio-rng device that feeds the guest's entropy pool from the host's (on by
+    /// default; `rng = false`, `--no-rng` to leave it out).
+    #[serde(default = "default_rng")]
+    pub rng: bool,
+}
+
+fn default_rng() -> bool {
+    true
 }
 
 fn default_seccomp() -> bool {
@@ -138,6 +146,7 @@ impl VmConfig {
             seccomp: default_seccomp(),
             disks: Vec::new(),
             net: None,
+            rng: default_rng(),
         }
     }
 

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::vstate::vm::{Vm, VmError};
 use kiln_devices::virtio::block::{Block, BlockError, Overlay, RawFile};
 use kiln_devices::virtio::net::{MacAddr, Net, NetError, NetRestoreArgs};
+use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ pub enum DeviceError {
     Block(#[from] BlockError),
     #[error("{0}")]
     Net(#[from] NetError),
+    #[error("{0}")]
+    Rng(#[from] kiln_devices::virtio::rng::RngError),
 }
 
 /// A virtio-blk device for `disk`: over a new copy-on-write overlay if it names one, else
@@ -256,6 +259,19 @@ impl VirtioAllocator {
         self.attach_restored(vm, buses, memory, 2, &snapshot.transport, |queues| {
             let args = NetRestoreArgs { tap, mac, queues };
             Ok(Net::restore(args, &snapshot.device)?)
+        })
+    }
+
+    /// Brings back a snapshot's entropy device and transport at the next window.
+    pub fn attach_restored_rng(
+        &mut self,
+        vm: &Vm,
+        buses: &mut Buses,
+        memory: &crate::memory::GuestMemory,
+        snapshot: &crate::snapshot::RngSnapshot,
+    ) -> Result<(VirtioSlot, Arc<Mutex<Rng>>), DeviceError> {
+        self.attach_restored(vm, buses, memory, 1, &snapshot.transport, |queues| {
+            Ok(Rng::restore(queues, &snapshot.device)?)
         })
     }
 

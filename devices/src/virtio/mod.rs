@@ -1,6 +1,6 @@
 //! virtio devices and the virtio-mmio transport that puts them on the MMIO bus.
 //!
-//! A concrete device (vsock, later block, net, rng) implements [`VirtioDevice`]: it says what
+//! A concrete device (vsock, block, net, rng) implements [`VirtioDevice`]: it says what
 //! it is and what it offers, and once the driver has negotiated features and set up the
 //! queues, the transport hands it guest memory, the queues, one notification eventfd per
 //! queue and a [`VirtioInterrupt`] in [`VirtioDevice::activate`]. From then on the device
@@ -41,6 +41,7 @@ pub(crate) mod interest;
 pub mod mmio;
 pub mod net;
 mod queue_ops;
+pub mod rng;
 pub(crate) mod state;
 #[cfg(test)]
 pub(crate) mod test_queue;

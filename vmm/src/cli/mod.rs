@@ -217,7 +217,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
     /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial, track_dirty_pages, net = "tap=…" as for --net, and [[disk]]
+    /// memory_mib, serial, track_dirty_pages, seccomp, rng, net = "tap=…" as for --net, and [[disk]]
     /// tables with path, read_only, overlay, rw, root, serial); flags given as well
     /// override it.
     #[arg(long, value_name = "PATH")]
@@ -230,6 +230,10 @@ pub struct VmArgs {
     /// the VMM then runs with every syscall open to it).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Leave out the virtio-rng device that otherwise feeds the guest's entropy pool from
+    /// the host's getrandom(2).
+    #[arg(long)]
+    pub no_rng: bool,
     /// Attach a disk image as a virtio-blk device (repeatable; /dev/vda, /dev/vdb, … in
     /// order): PATH[,ro][,rw][,root][,overlay=OVERLAY][,serial=ID]. `ro`: the guest cannot
     /// write. `overlay=OVERLAY`: the image is a read-only base and this VM's writes go to
@@ -374,6 +378,9 @@ impl VmArgs {
         config.track_dirty_pages |= self.track_dirty_pages;
         if self.no_seccomp {
             config.seccomp = false;
+        }
+        if self.no_rng {
+            config.rng = false;
         }
         let image_root = match &self.image {
             Some(name) => {

@@ -180,20 +180,7 @@ fn guest_exec(uds: &Path, timeout: Duration, argv: &[&str]) -> anyhow::Result<()
 /// `len` bytes from the kernel's CSPRNG (getrandom(2)).
 pub(crate) fn random_bytes(len: usize) -> anyhow::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        let rest = &mut buf[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`, which we own.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("getrandom failed");
-        }
-        filled += usize::try_from(n).unwrap_or(0);
-    }
+    kiln_devices::entropy::fill_random(&mut buf).context("getrandom failed")?;
     Ok(buf)
 }
 

@@ -29,7 +29,7 @@ use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
 /// The version of the `state` layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 const MAGIC: &[u8; 8] = b"KILNSNAP";
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// A state file larger than this is not one of ours.
@@ -48,20 +48,20 @@ pub struct MachineInfo {
     pub vsock_cid: Option<u64>,
 }
 
-/// The vsock device and its transport.
+/// A virtio device's state and its transport's.
 #[derive(Serialize, Deserialize)]
-pub struct VsockSnapshot {
+pub struct VirtioSnapshot<S> {
     pub transport: MmioTransportState,
-    pub device: VsockState,
+    pub device: S,
 }
 
+/// The vsock device and its transport.
+pub type VsockSnapshot = VirtioSnapshot<VsockState>;
 /// The network device and its transport. The TAP is not in it: each restore attaches to
 /// its own.
-#[derive(Serialize, Deserialize)]
-pub struct NetSnapshot {
-    pub transport: MmioTransportState,
-    pub device: kiln_devices::virtio::net::NetState,
-}
+pub type NetSnapshot = VirtioSnapshot<kiln_devices::virtio::net::NetState>;
+/// The entropy device and its transport.
+pub type RngSnapshot = VirtioSnapshot<kiln_devices::virtio::rng::RngState>;
 
 /// A block device and its transport. The disk's contents are files: a read-only raw image
 /// is named by path in `device`; an overlay disk's overlay was copied into the snapshot
@@ -125,6 +125,8 @@ pub struct SnapshotState {
     pub disks: Vec<DiskSnapshot>,
     /// The network device.
     pub net: Option<NetSnapshot>,
+    /// The entropy device.
+    pub rng: Option<RngSnapshot>,
     /// Set for a diff snapshot.
     pub diff: Option<DiffInfo>,
 }
@@ -288,6 +290,7 @@ mod tests {
             vsock: None,
             disks: Vec::new(),
             net: None,
+            rng: None,
             diff: None,
         }
     }

@@ -14,7 +14,8 @@ use super::{read_state_and_digest, SnapshotError, SnapshotRef, SnapshotState, ME
 use crate::devices::{self, Buses, DeviceError};
 use crate::memory::GuestMemory;
 use crate::vmm::{
-    control_channel, BlockParts, BootDoneHook, NetParts, Subscriber, Vmm, VmmError, VsockParts,
+    control_channel, BlockParts, BootDoneHook, NetParts, RngParts, Subscriber, Vmm, VmmError,
+    VsockParts,
 };
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
@@ -178,6 +179,16 @@ impl Vmm {
             });
         }
 
+        let mut rng = None;
+        if let Some(saved) = &state.rng {
+            let (slot, device) = virtio.attach_restored_rng(&vm, &mut buses, &memory, saved)?;
+            subscribers.push(device.clone());
+            rng = Some(RngParts {
+                device,
+                transport: slot.transport,
+            });
+        }
+
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for saved in &state.vcpus {
             let vcpu = Vcpu::new(&vm, saved.index)?;
@@ -201,6 +212,7 @@ impl Vmm {
             vsock,
             disks,
             net,
+            rng,
             subscribers,
             boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,

@@ -38,6 +38,7 @@ pub(super) struct VmmCore {
     pub(super) vsock: Option<VsockParts>,
     pub(super) disks: Vec<super::BlockParts>,
     pub(super) net: Option<super::NetParts>,
+    pub(super) rng: Option<super::RngParts>,
     pub(super) control: ControlQueue,
     pub(super) machine: MachineInfo,
     pub(super) memory: GuestMemory,

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::MutEventSubscriber;
+use kiln_devices::Persist;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -144,6 +145,8 @@ pub struct Vmm {
     pub(crate) disks: Vec<BlockParts>,
     /// The network device.
     pub(crate) net: Option<NetParts>,
+    /// The entropy device.
+    pub(crate) rng: Option<RngParts>,
     /// Devices with file descriptors the event loop watches (vsock).
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) boot_done: Option<BootDoneHook>,
@@ -169,23 +172,31 @@ pub struct Vmm {
     pub(crate) snapshot_on_request: Option<PathBuf>,
 }
 
-/// A block device and its transport, for snapshots.
-pub(crate) struct BlockParts {
-    pub(crate) device: Arc<Mutex<kiln_devices::virtio::block::Block>>,
+/// A virtio device and its transport, for snapshots.
+pub(crate) struct VirtioParts<D> {
+    pub(crate) device: Arc<Mutex<D>>,
     pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
 }
 
-/// The network device and its transport, for snapshots.
-pub(crate) struct NetParts {
-    pub(crate) device: Arc<Mutex<kiln_devices::virtio::net::Net>>,
-    pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
+impl<D: Persist> VirtioParts<D> {
+    /// The device's and its transport's state; `what` names the device if a lock is
+    /// poisoned.
+    pub(crate) fn save(
+        &self,
+        what: &str,
+    ) -> Result<crate::snapshot::VirtioSnapshot<D::State>, SnapshotError> {
+        let poisoned = || SnapshotError::NotSnapshottable(format!("{what} is poisoned"));
+        Ok(crate::snapshot::VirtioSnapshot {
+            transport: self.transport.lock().map_err(|_| poisoned())?.save(),
+            device: self.device.lock().map_err(|_| poisoned())?.save(),
+        })
+    }
 }
 
-/// The vsock device and its transport, for snapshots.
-pub(crate) struct VsockParts {
-    pub(crate) device: Arc<Mutex<kiln_devices::virtio::vsock::Vsock>>,
-    pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
-}
+pub(crate) type BlockParts = VirtioParts<kiln_devices::virtio::block::Block>;
+pub(crate) type NetParts = VirtioParts<kiln_devices::virtio::net::Net>;
+pub(crate) type VsockParts = VirtioParts<kiln_devices::virtio::vsock::Vsock>;
+pub(crate) type RngParts = VirtioParts<kiln_devices::virtio::rng::Rng>;
 
 impl Vmm {
     /// Creates memory, the VM, its devices and vCPUs, and loads what the guest boots.
@@ -261,6 +272,20 @@ impl Vmm {
             });
         }
 
+        let mut rng = None;
+        if spec.rng {
+            let device = Arc::new(Mutex::new(
+                kiln_devices::virtio::rng::Rng::new().map_err(DeviceError::from)?,
+            ));
+            let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
+            device_cmdline.push(slot.cmdline);
+            subscribers.push(device.clone());
+            rng = Some(RngParts {
+                device,
+                transport: slot.transport,
+            });
+        }
+
         phases.mark("devices");
         let (entry, mode) = match &spec.boot {
             BootSource::Linux {
@@ -324,6 +349,7 @@ impl Vmm {
             vsock: vsock_parts,
             disks,
             net,
+            rng,
             subscribers,
             boot_done: spec.boot_done,
             stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,

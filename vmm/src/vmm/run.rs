@@ -62,6 +62,7 @@ impl Vmm {
             vsock: self.vsock,
             disks: self.disks,
             net: self.net,
+            rng: self.rng,
             control: self.control,
             machine: self.machine,
             memory: self.memory.clone(),

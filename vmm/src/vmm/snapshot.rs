@@ -17,7 +17,6 @@ use crate::snapshot::memory::{take_bitmaps, write_memory};
 use crate::snapshot::pages::PageSet;
 use crate::snapshot::{
     self, DiffInfo, DiskSnapshot, SnapshotError, SnapshotKind, SnapshotRef, SnapshotState,
-    VsockSnapshot,
 };
 
 impl VmmCore {
@@ -58,6 +57,7 @@ impl VmmCore {
             vsock: None,
             disks: Vec::new(),
             net: None,
+            rng: None,
             diff: None,
         };
         let result = self.fill_and_write(&dir, &mut state, diff_parent);
@@ -108,24 +108,10 @@ impl VmmCore {
             .lock()
             .map_err(|_| lock_err("i8042"))?
             .save();
-        if let Some(parts) = &self.vsock {
-            state.vsock = Some(VsockSnapshot {
-                transport: parts
-                    .transport
-                    .lock()
-                    .map_err(|_| lock_err("vsock"))?
-                    .save(),
-                device: parts.device.lock().map_err(|_| lock_err("vsock"))?.save(),
-            });
-        }
-
+        state.vsock = self.vsock.as_ref().map(|p| p.save("vsock")).transpose()?;
         state.disks = self.snapshot_disks(dir)?;
-        if let Some(parts) = &self.net {
-            state.net = Some(snapshot::NetSnapshot {
-                transport: parts.transport.lock().map_err(|_| lock_err("net"))?.save(),
-                device: parts.device.lock().map_err(|_| lock_err("net"))?.save(),
-            });
-        }
+        state.net = self.net.as_ref().map(|p| p.save("net")).transpose()?;
+        state.rng = self.rng.as_ref().map(|p| p.save("rng")).transpose()?;
 
         // From here on the dirty pages are taken: a failure must not leave a diff base.
         let size = self.machine.memory_mib << 20;

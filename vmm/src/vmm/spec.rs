@@ -52,6 +52,8 @@ pub struct MachineSpec {
     pub disks: Vec<crate::disk::DiskConfig>,
     /// A virtio-net device, on the MMIO window after the disks'.
     pub net: Option<crate::net::NetConfig>,
+    /// A virtio-rng device, on the MMIO window after the network device's.
+    pub rng: bool,
 }
 
 impl MachineSpec {
@@ -83,6 +85,7 @@ impl MachineSpec {
             seccomp: false,
             disks: Vec::new(),
             net: None,
+            rng: false,
         }
     }
 
@@ -111,6 +114,7 @@ impl MachineSpec {
             seccomp: config.seccomp,
             disks: config.disks.clone(),
             net: config.net.clone(),
+            rng: config.rng,
         }
     }
 }

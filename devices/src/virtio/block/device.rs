@@ -10,24 +10,22 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::*;
 use super::state::Backend;
 use super::{request, BlockError, QUEUE_SIZE, SECTOR_SIZE, SERIAL_LEN, VIRTIO_ID_BLOCK};
+use crate::virtio::queue_ops::drain;
 use crate::virtio::{
     exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
-/// The queue and what the device needs to use it, from activation to reset.
-/// The most requests one call takes from the queue. A driver that keeps adding them (a
-/// vCPU submitting as fast as the device completes) must not hold the event loop, and with
-/// it vsock and the control API, forever: past this the device kicks its own queue eventfd
-/// and carries on after the other events.
+/// The most requests one call takes from the queue (see [`drain`]).
 pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
 
+/// The queue and what the device needs to use it, from activation to reset.
 pub(crate) struct Active {
     pub(crate) mem: GuestMemory,
     pub(crate) queue: Queue,
@@ -145,53 +143,14 @@ impl Block {
             writethrough,
             scratch,
         };
-        let mut used = false;
-        let mut empty_rounds = 0;
-        let mut taken = 0;
-        'rounds: loop {
-            // Without EVENT_IDX this sets NO_NOTIFY while we work; with it, it is a no-op.
-            let _ = queue.disable_notification(mem);
-            let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let len = request::handle(mem, chain, &mut ctx);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    warn!(head, "virtio-blk: cannot return a chain to the guest: {e}");
-                }
-                used = true;
-                popped = true;
-                taken += 1;
-                if taken >= CHAIN_BUDGET {
-                    // Come back after the other events: kick our own queue eventfd.
-                    if let Err(e) = evt.write(1) {
-                        warn!("virtio-blk: cannot re-kick the request queue: {e}");
-                    }
-                    break 'rounds;
-                }
-            }
-            // A ring that keeps announcing chains it does not yield is corrupt: stop rather
-            // than spin, and wait for the next kick.
-            empty_rounds = if popped { 0 } else { empty_rounds + 1 };
-            match queue.enable_notification(mem) {
-                Ok(true) if empty_rounds < 2 => continue,
-                Ok(true) => {
-                    warn!("virtio-blk: avail ring is inconsistent; waiting for the next kick");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("virtio-blk: cannot re-enable notifications: {e}");
-                    break;
-                }
-            }
-        }
-        // An unreadable used_event means a broken driver; interrupting is the safe choice.
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = interrupt.signal_used_queue() {
-                warn!("virtio-blk: cannot raise the queue interrupt: {e}");
-            }
-        }
-        used
+        drain(
+            queue,
+            mem,
+            evt,
+            (interrupt, "virtio-blk"),
+            CHAIN_BUDGET,
+            |chain| request::handle(mem, chain, &mut ctx),
+        )
     }
 
     /// Bring the epoll registrations in line: the wake-up eventfd always, the queue eventfd

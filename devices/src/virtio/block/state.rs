@@ -8,14 +8,13 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::device::{Active, Block};
 use super::disk::{Disk, RawFile};
 use super::overlay::{Overlay, CLUSTER_SIZE};
 use super::{BlockError, SERIAL_LEN};
 use crate::persist::Persist;
-use crate::virtio::state::check_version;
+use crate::virtio::state::{check_version, restore_single_queue};
 use crate::virtio::{QueueRestoreArgs, QueueSnapshot, VirtioDevice};
 
 /// The format version of [`BlockState`].
@@ -187,26 +186,12 @@ impl Persist for Block {
             )));
         }
         dev.acked_features = state.acked_features;
-        let queue = match (state.queues.as_slice(), queue_evts.len()) {
-            ([], _) => return Ok(dev),
-            ([q], 1) => Queue::try_from(QueueState::from(*q))
-                .map_err(|e| BlockError::BadState(format!("queue: {e}")))?,
-            (qs, n) => {
-                return Err(BlockError::BadState(format!(
-                    "{} queues and {n} queue eventfds; virtio-blk has 1",
-                    qs.len()
-                )))
-            }
+        let Some((queue, evt)) =
+            restore_single_queue(&state.queues, queue_evts, &mem, "virtio-blk")
+                .map_err(|e| BlockError::BadState(format!("queue: {e}")))?
+        else {
+            return Ok(dev);
         };
-        if !queue.is_valid(&mem) {
-            return Err(BlockError::BadState(
-                "the queue is not ready or lies outside guest memory".into(),
-            ));
-        }
-        let evt = queue_evts
-            .into_iter()
-            .next()
-            .ok_or_else(|| BlockError::BadState("no queue eventfd".into()))?;
         dev.active = Some(Active {
             mem,
             queue,

@@ -14,9 +14,7 @@ impl MacAddr {
     /// so that it never collides with a vendor's address and clones each get their own.
     pub fn random() -> Self {
         let mut b = [0u8; 6];
-        // SAFETY: the pointer and length describe `b`, which outlives the call.
-        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        if usize::try_from(n).ok() != Some(b.len()) {
+        if crate::entropy::fill_random(&mut b).is_err() {
             // No entropy source: the clock and pid still tell VMs on one host apart.
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
