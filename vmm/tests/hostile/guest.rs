@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use kiln_tests::process::{exit_code, run_captured};
 
-/// The vsock device's register window (the first virtio-mmio slot) and the disk's (the
-/// second), as `kiln run --vsock … --disk …` lays them out.
+/// The vsock device's register window (the first virtio-mmio slot), the disk's (the
+/// second) and the entropy device's (the third), as `kiln run --vsock … --disk …` lays
+/// them out.
 pub const VSOCK: u64 = 0xd000_0000;
 pub const BLOCK: u64 = 0xd000_1000;
+pub const RNG: u64 = 0xd000_2000;
 /// What every byte of the test disk holds.
 pub const DISK_BYTE: u8 = b'D';
 

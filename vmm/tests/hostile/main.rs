@@ -5,7 +5,7 @@
 //!
 //! This file: the vsock device in-process, with the host socket checked while the VM runs.
 //! `net`: the net device in-process, on a TAP in a network namespace of the test's own.
-//! `mmio`, `vsock` and `block`: `kiln run` end to end (seccomp on), one guest per case.
+//! `mmio`, `vsock`, `block` and `rng`: `kiln run` end to end (seccomp on), one guest per case.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ mod block;
 mod guest;
 mod mmio;
 mod net;
+mod rng;
 mod vsock;
 
 use guest::{reg, Code, Rings};
