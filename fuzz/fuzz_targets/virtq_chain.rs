@@ -8,7 +8,8 @@
 //! - the same ring, as an rx queue, is filled (`packet_io::fill_rx`:
 //!   `VsockPacket::from_rx_virtq_chain`) with packets of fuzzer-chosen lengths;
 //! - a net device is activated with the same ring as its tx and rx queues: it sends every tx
-//!   chain it accepts to a stand-in TAP, then receives frames of fuzzer-chosen lengths.
+//!   chain it accepts to a stand-in TAP, then receives frames of fuzzer-chosen lengths;
+//! - an entropy device is activated with the same ring and fills every chain it can.
 //!
 //! Work per input is bounded: at most 256 chains per pass, each chain bounded by the queue
 //! size (or by the indirect table, itself inside 80 KiB of memory).
@@ -194,4 +195,5 @@ fuzz_target!(|input: Input| {
         queue(&input, size, desc, avail, used),
         &frames,
     );
+    kiln_devices::virtio::rng::fuzzing::run(&mem, queue(&input, size, desc, avail, used));
 });

@@ -16,6 +16,8 @@
 //! allocate or spin without bound.
 
 mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod state;
 
 #[cfg(test)]
