@@ -217,9 +217,9 @@ pub struct VmArgs {
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
     /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial, track_dirty_pages, seccomp, rng, net = "tap=…" as for --net, and [[disk]]
-    /// tables with path, read_only, overlay, rw, root, serial); flags given as well
-    /// override it.
+    /// memory_mib, serial, track_dirty_pages, seccomp, rng, net = "tap=…" as for --net, and
+    /// `[[disk]]` tables with path, read_only, overlay, rw, root, serial); flags given as
+    /// well override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Have KVM log the pages the guest writes, so that `kiln ctl snapshot --diff` can
@@ -235,7 +235,7 @@ pub struct VmArgs {
     #[arg(long)]
     pub no_rng: bool,
     /// Attach a disk image as a virtio-blk device (repeatable; /dev/vda, /dev/vdb, … in
-    /// order): PATH[,ro][,rw][,root][,overlay=OVERLAY][,serial=ID]. `ro`: the guest cannot
+    /// order): `PATH[,ro][,rw][,root][,overlay=OVERLAY][,serial=ID]`. `ro`: the guest cannot
     /// write. `overlay=OVERLAY`: the image is a read-only base and this VM's writes go to
     /// the new file OVERLAY (copy-on-write; many VMs can share one base). `root`: boot from
     /// it (ext4; adds `root=/dev/vdX rw init=/sbin/kiln-agent` to the command line unless
@@ -255,7 +255,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "DIR", requires = "image")]
     pub store: Option<PathBuf>,
     /// Give the VM a virtio-net device (eth0) on the existing host TAP NAME (see `kiln net
-    /// setup`): tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]. Default MAC: a
+    /// setup`): `tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]`. Default MAC: a
     /// random locally administered one. With ip=, the guest agent configures eth0 (and the
     /// default route via gw=, /etc/resolv.conf with dns=). Replaces the config's `net`.
     #[arg(long, value_name = "tap=NAME[,OPTS]")]

@@ -25,7 +25,7 @@
 //!    namespace and everything in it end too). A close-on-exec pipe carries a set-up
 //!    failure back as one line; EOF means the `execve` succeeded.
 //!
-//! In the child (see [`ns`] and [`privs`]):
+//! In the child (see `ns.rs` and `privs.rs`):
 //!
 //! 5. `unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET)`; `/` made
 //!    recursively private; the root bind-mounted onto itself `nosuid,nodev`; a small tmpfs

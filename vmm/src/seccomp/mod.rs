@@ -1,5 +1,5 @@
 //! seccomp: each of kiln's threads, once the VM runs, may make only the syscalls its kind
-//! needs ([`allowlists`]): the vCPU threads, the event loop (which also tears the VM down),
+//! needs (`allowlists.rs`): the vCPU threads, the event loop (which also tears the VM down),
 //! and the control API's threads. Set-up (opening files, creating the VM, mapping memory,
 //! spawning threads) happens before any filter is installed, so it is not constrained.
 //!

@@ -2,7 +2,7 @@
 //! device buses.
 //!
 //! The main thread pauses or stops a vCPU by setting its command ([`VcpuControl`]) and
-//! sending it [`kick_signal`]: the handler sets `immediate_exit` in the vCPU's `kvm_run`,
+//! sending it the kick signal (`vcpu_signals.rs`): the handler sets `immediate_exit` in the vCPU's `kvm_run`,
 //! so KVM_RUN returns at once even when the signal lands just before the thread enters it.
 
 use std::sync::mpsc::Sender;
