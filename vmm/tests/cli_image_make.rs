@@ -146,6 +146,27 @@ fn import_makes_lists_replaces_and_removes_an_image() {
     let entries = store_entries(&store).unwrap();
     assert_eq!(entries, ["t"], "{entries:?}");
 
+    // verify: the file has the SHA-256 its metadata records, until a byte of it changes.
+    let sha = image["sha256"].as_str().unwrap();
+    assert_eq!(
+        succeeds(&["image", "verify", "--store", s]).trim(),
+        format!("t: ok (sha256 {sha})")
+    );
+    let mut changed = bytes.clone();
+    changed[4096] ^= 0x01;
+    std::fs::write(&rootfs, &changed).unwrap();
+    let line = fails(&["image", "verify", "t", "--store", s]);
+    assert!(
+        line.contains("image \"t\"")
+            && line.contains(sha)
+            && line.contains("changed or is corrupt"),
+        "{line}"
+    );
+    let line = fails(&["image", "verify", "nope", "--store", s]);
+    assert!(line.contains("no image \"nope\""), "{line}");
+    std::fs::write(&rootfs, &bytes).unwrap();
+    succeeds(&["image", "verify", "t", "--store", s]);
+
     succeeds(&["image", "rm", "t", "--store", s]);
     assert_eq!(
         succeeds(&["image", "ls", "--json", "--store", s]).trim(),

@@ -33,6 +33,9 @@ pub enum ImageCommand {
     Ls(LsArgs),
     /// Remove an image from the store.
     Rm(RmArgs),
+    /// Check that images' ext4 files still have the SHA-256 their image.json records
+    /// (reads each file whole). Exits 1 if any does not, naming it.
+    Verify(VerifyArgs),
 }
 
 /// Where the store is: shared by every image command.
@@ -95,6 +98,15 @@ pub struct LsArgs {
     /// One JSON array of the images' metadata (each with its "path") instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The images to check. Default: every image in the store.
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
     #[command(flatten)]
     pub store: StoreArg,
 }

@@ -10,7 +10,7 @@ mod snapshot;
 mod vm;
 
 pub use image::{
-    BuildArgs, ImageArgs, ImageCommand, ImportArgs, LsArgs, MakeArgs, RmArgs, StoreArg,
+    BuildArgs, ImageArgs, ImageCommand, ImportArgs, LsArgs, MakeArgs, RmArgs, StoreArg, VerifyArgs,
 };
 pub use net::{NetCommand, NetSetupArgs};
 pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs};

@@ -1,9 +1,9 @@
-//! `kiln image build|import|ls|rm`.
+//! `kiln image build|import|ls|rm|verify`.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use crate::cli::{ImageArgs, ImageCommand, LsArgs, MakeArgs};
+use crate::cli::{ImageArgs, ImageCommand, LsArgs, MakeArgs, VerifyArgs};
 use crate::image::build::{build, BuildSpec};
 use crate::image::import::{import, ImportSpec};
 use crate::image::rootfs::locate_agent;
@@ -41,7 +41,40 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<ExitCode> {
             eprintln!("kiln: removed image {}", rm.name);
             Ok(ExitCode::SUCCESS)
         }
+        ImageCommand::Verify(v) => verify(v),
     }
+}
+
+/// Checks each image named (default: all) and says on stdout which hold; the ones that do
+/// not, and why, go to stderr. Exit 1 if any failed, or if there was nothing to check.
+fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::locate(args.store.store.as_deref());
+    let names: Vec<String> = if args.names.is_empty() {
+        store.list().into_iter().map(|l| l.name).collect()
+    } else {
+        args.names.clone()
+    };
+    if names.is_empty() {
+        anyhow::bail!("no images in {} to verify", store.dir().display());
+    }
+    let mut failed = 0;
+    for name in &names {
+        match store.verify(name) {
+            Ok(meta) => println!("{name}: ok (sha256 {})", meta.sha256),
+            Err(e) => {
+                eprintln!("kiln: error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!(
+            "kiln: {failed} of {} image(s) failed verification",
+            names.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs a builder and reports the new image: one line on stderr, and its metadata on

@@ -44,6 +44,13 @@ pub enum ImageError {
     Exists { name: String, store: PathBuf },
     #[error("image {name:?}: {path} is not an ext4 filesystem (no superblock magic 0xEF53 at byte 1080); rebuild it with --force")]
     NotExt4 { name: String, path: PathBuf },
+    #[error("image {name:?}: {path} has SHA-256 {actual}, but its image.json records {recorded}: the file changed or is corrupt since it was made; rebuild it with --force")]
+    Modified {
+        name: String,
+        path: PathBuf,
+        recorded: String,
+        actual: String,
+    },
     #[error("image {name:?}: its metadata {path} cannot be read: {reason}")]
     BadMeta {
         name: String,

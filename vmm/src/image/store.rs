@@ -112,6 +112,23 @@ impl Store {
         Ok(path)
     }
 
+    /// Image `name`'s metadata, once its ext4 file is checked to still have the SHA-256 the
+    /// metadata records (reads the whole file).
+    pub fn verify(&self, name: &str) -> Result<ImageMeta, ImageError> {
+        let meta = self.meta(name)?;
+        let path = self.rootfs(name)?;
+        let actual = super::sha256_file(&path)?;
+        if actual != meta.sha256 {
+            return Err(ImageError::Modified {
+                name: name.to_string(),
+                path,
+                recorded: meta.sha256,
+                actual,
+            });
+        }
+        Ok(meta)
+    }
+
     /// The metadata of image `name`.
     pub fn meta(&self, name: &str) -> Result<ImageMeta, ImageError> {
         let path = self.image_dir(name)?.join(META_FILE);
