@@ -36,6 +36,7 @@
 //! }
 //! ```
 
+pub(crate) mod activation;
 pub mod block;
 pub(crate) mod interest;
 pub mod mmio;

@@ -95,23 +95,3 @@ pub(crate) fn restore_queue(
     }
     Ok(queue)
 }
-
-/// The one queue of a single-queue device (block, rng) back from its snapshot, with its
-/// notification eventfd; `None` if the device was not active when it was saved. `dev`
-/// names the device in the error.
-pub(crate) fn restore_single_queue(
-    queues: &[QueueSnapshot],
-    queue_evts: Vec<EventFd>,
-    mem: &crate::virtio::GuestMemory,
-    dev: &str,
-) -> Result<Option<(virtio_queue::Queue, EventFd)>, String> {
-    let evts = queue_evts.len();
-    match (queues, <[EventFd; 1]>::try_from(queue_evts)) {
-        ([], _) => Ok(None),
-        ([q], Ok([evt])) => Ok(Some((restore_queue(q, mem)?, evt))),
-        (qs, _) => Err(format!(
-            "{} queues and {evts} queue eventfds; {dev} has 1",
-            qs.len()
-        )),
-    }
-}

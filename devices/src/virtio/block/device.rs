@@ -1,49 +1,35 @@
 //! The block device: the [`VirtioDevice`] side (called by the MMIO transport from vCPU
 //! threads) and the [`MutEventSubscriber`] side (called by the VMM's event loop), on one
-//! object behind one mutex, as for vsock.
-//!
-//! Activation and reset happen on a vCPU thread, which cannot touch the event loop's epoll
-//! set; they write the device's wake-up eventfd, and the event loop then registers the new
-//! queue eventfd or unregisters the old one (before it is closed).
+//! object behind one mutex, as for vsock. Activation, reset and the epoll registrations
+//! are [`Queues`]'.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::{debug, warn};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::debug;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::*;
 use super::state::Backend;
 use super::{request, BlockError, QUEUE_SIZE, SECTOR_SIZE, SERIAL_LEN, VIRTIO_ID_BLOCK};
+use crate::virtio::activation::{Active, Queues, Ready};
+use crate::virtio::interest::EpollOps;
 use crate::virtio::queue_ops::drain;
 use crate::virtio::{
-    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The most requests one call takes from the queue (see [`drain`]).
 pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
-
-/// The queue and what the device needs to use it, from activation to reset.
-pub(crate) struct Active {
-    pub(crate) mem: GuestMemory,
-    pub(crate) queue: Queue,
-    pub(crate) evt: EventFd,
-    pub(crate) interrupt: VirtioInterrupt,
-}
 
 /// A virtio-blk device over a raw image or a copy-on-write overlay.
 pub struct Block {
     pub(crate) backend: Backend,
     pub(crate) serial: [u8; SERIAL_LEN],
     pub(crate) acked_features: u64,
-    wake_evt: EventFd,
-    pub(crate) active: Option<Active>,
-    /// Queue eventfds of a reset device, to unregister before they are closed.
-    retired_evts: Vec<EventFd>,
-    /// The queue eventfd registered with the event loop, if any.
-    registered_queue: Option<RawFd>,
+    pub(crate) queues: Queues<1>,
     scratch: Vec<u8>,
 }
 
@@ -58,10 +44,7 @@ impl Block {
             backend: backend.into(),
             serial: id,
             acked_features: 0,
-            wake_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            active: None,
-            retired_evts: Vec::new(),
-            registered_queue: None,
+            queues: Queues::new("virtio-blk").map_err(BlockError::EventFd)?,
             scratch: Vec::new(),
         })
     }
@@ -89,25 +72,17 @@ impl Block {
 
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.queues.is_active()
     }
 
-    pub(crate) fn wake_fd(&self) -> RawFd {
-        self.wake_evt.as_raw_fd()
-    }
-
+    #[cfg(test)]
     pub(crate) fn queue_fd(&self) -> Option<RawFd> {
-        self.active.as_ref().map(|a| a.evt.as_raw_fd())
+        self.queues.queue_fd(0)
     }
 
     /// Handle readiness of `fd` (one of ours). Tests call this directly.
     pub(crate) fn handle_event(&mut self, fd: RawFd) {
-        if fd == self.wake_fd() {
-            let _ = self.wake_evt.read();
-        } else if Some(fd) == self.queue_fd() {
-            if let Some(a) = &self.active {
-                let _ = a.evt.read();
-            }
+        if self.queues.ready(fd) == Ready::Queue(0) {
             self.process_queue();
         }
     }
@@ -118,7 +93,7 @@ impl Block {
         // Without FLUSH the driver cannot ask for durability, so every write gets it.
         let writethrough = self.acked_features & feature(VIRTIO_BLK_F_FLUSH) == 0;
         let Self {
-            active,
+            queues,
             backend,
             serial,
             scratch,
@@ -126,10 +101,10 @@ impl Block {
         } = self;
         let Some(Active {
             mem,
-            queue,
+            queues: [queue],
             interrupt,
-            evt,
-        }) = active
+            evts: [evt],
+        }) = &mut queues.active
         else {
             return false;
         };
@@ -153,33 +128,8 @@ impl Block {
         )
     }
 
-    /// Bring the epoll registrations in line: the wake-up eventfd always, the queue eventfd
-    /// while active; retired eventfds leave the epoll set before they are closed.
-    fn sync_interest(&mut self, ops: &mut EventOps) {
-        let want = self.queue_fd();
-        if self.registered_queue != want {
-            if let Some(fd) = self.registered_queue.take() {
-                if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                    warn!(
-                        fd,
-                        "virtio-blk: cannot unregister the old queue eventfd: {e}"
-                    );
-                }
-            }
-            if let Some(fd) = want {
-                match ops.add(Events::new_raw(fd, EventSet::IN)) {
-                    Ok(()) => self.registered_queue = Some(fd),
-                    Err(e) => warn!(fd, "virtio-blk: cannot register the queue eventfd: {e}"),
-                }
-            }
-        }
-        self.retired_evts.clear();
-    }
-
-    fn wake_event_loop(&self) {
-        if let Err(e) = self.wake_evt.write(1) {
-            warn!("virtio-blk: cannot wake the event loop: {e}");
-        }
+    fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
+        self.queues.sync(&[], ops);
     }
 }
 
@@ -222,33 +172,20 @@ impl VirtioDevice for Block {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<(), ActivateError> {
-        let ([queue], [evt]) = exact_queues::<1>(queues, queue_evts)?;
+        self.queues.activate(mem, queues, queue_evts, interrupt)?;
         debug!(capacity = self.capacity(), "virtio-blk: activated");
-        self.active = Some(Active {
-            mem,
-            queue,
-            evt,
-            interrupt,
-        });
-        self.wake_event_loop();
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
-            self.retired_evts.push(a.evt);
-        }
+        self.queues.reset();
         self.acked_features = 0;
-        self.wake_event_loop();
         debug!("virtio-blk: reset");
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new_raw(self.wake_fd(), EventSet::IN)) {
-            warn!("virtio-blk: cannot register the wake-up eventfd: {e}");
-        }
         self.sync_interest(ops);
     }
 

@@ -9,12 +9,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::device::{Active, Block};
+use super::device::Block;
 use super::disk::{Disk, RawFile};
 use super::overlay::{Overlay, CLUSTER_SIZE};
 use super::{BlockError, SERIAL_LEN};
 use crate::persist::Persist;
-use crate::virtio::state::{check_version, restore_single_queue};
+use crate::virtio::state::check_version;
 use crate::virtio::{QueueRestoreArgs, QueueSnapshot, VirtioDevice};
 
 /// The format version of [`BlockState`].
@@ -138,22 +138,13 @@ impl Persist for Block {
             },
             serial: self.serial,
             backend,
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| vec![a.queue.state().into()])
-                .unwrap_or_default(),
+            queues: self.queues.save(),
         }
     }
 
     /// Reopens the state's files and checks the disk still looks as the guest saw it. If
     /// the state holds a queue, the device comes back active.
     fn restore(args: QueueRestoreArgs, state: &BlockState) -> Result<Self, BlockError> {
-        let QueueRestoreArgs {
-            mem,
-            queue_evts,
-            interrupt,
-        } = args;
         check_version(state.version, BLOCK_STATE_VERSION, |found, expected| {
             BlockError::StateVersion { found, expected }
         })?;
@@ -186,18 +177,9 @@ impl Persist for Block {
             )));
         }
         dev.acked_features = state.acked_features;
-        let Some((queue, evt)) =
-            restore_single_queue(&state.queues, queue_evts, &mem, "virtio-blk")
-                .map_err(|e| BlockError::BadState(format!("queue: {e}")))?
-        else {
-            return Ok(dev);
-        };
-        dev.active = Some(Active {
-            mem,
-            queue,
-            evt,
-            interrupt,
-        });
+        dev.queues
+            .restore(&state.queues, args)
+            .map_err(|e| BlockError::BadState(format!("queue: {e}")))?;
         Ok(dev)
     }
 }

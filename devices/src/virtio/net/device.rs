@@ -1,33 +1,23 @@
 //! The network device: the [`VirtioDevice`] side (called by the MMIO transport from vCPU
 //! threads) and the [`MutEventSubscriber`] side (called by the VMM's event loop), on one
-//! object behind one mutex, as for block and vsock.
-//!
-//! Activation and reset happen on a vCPU thread, which cannot touch the event loop's epoll
-//! set; they write the wake-up eventfd, and the event loop then brings the registrations in
-//! line (new queue eventfds in, retired ones out before they are closed).
+//! object behind one mutex, as for block and vsock. Activation, reset and the epoll
+//! registrations are [`Queues`]'.
 
 use std::os::fd::{AsRawFd, RawFd};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::VIRTIO_NET_F_MAC;
 use super::{MacAddr, NetError, Tap, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
-use crate::virtio::interest::{EpollOps, Registrations};
+use crate::virtio::activation::{Queues, Ready};
+use crate::virtio::interest::EpollOps;
 use crate::virtio::{
-    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
-
-/// The queues and what the device needs to use them, from activation to reset.
-pub(crate) struct Active {
-    pub(crate) mem: GuestMemory,
-    pub(crate) queues: [Queue; 2],
-    pub(crate) evts: [EventFd; 2],
-    pub(crate) interrupt: VirtioInterrupt,
-}
 
 /// Frame counters, for tests and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,11 +35,7 @@ pub struct Net {
     pub(crate) tap: Tap,
     pub(crate) mac: MacAddr,
     pub(crate) acked_features: u64,
-    pub(super) wake_evt: EventFd,
-    pub(crate) active: Option<Active>,
-    /// Queue eventfds of a reset device, to unregister before they are closed.
-    pub(super) retired_evts: Vec<EventFd>,
-    pub(super) regs: Registrations,
+    pub(crate) queues: Queues<2>,
     /// A frame read from the TAP that waits for an rx buffer (its length; 0 = none).
     pub(super) rx_pending: usize,
     pub(super) rx_buf: Vec<u8>,
@@ -64,10 +50,7 @@ impl Net {
             tap,
             mac,
             acked_features: 0,
-            wake_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd)?,
-            active: None,
-            retired_evts: Vec::new(),
-            regs: Registrations::default(),
+            queues: Queues::new("virtio-net").map_err(NetError::EventFd)?,
             rx_pending: 0,
             rx_buf: vec![0; MAX_FRAME_LEN],
             tx_buf: Vec::new(),
@@ -92,65 +75,34 @@ impl Net {
 
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    pub(crate) fn wake_fd(&self) -> RawFd {
-        self.wake_evt.as_raw_fd()
-    }
-
-    pub(crate) fn queue_fd(&self, index: usize) -> Option<RawFd> {
-        self.active.as_ref().map(|a| a.evts[index].as_raw_fd())
+        self.queues.is_active()
     }
 
     /// Handle readiness of `fd` (one of ours). Tests call this directly.
     pub(crate) fn handle_event(&mut self, fd: RawFd) {
-        if fd == self.wake_fd() {
-            let _ = self.wake_evt.read();
-            // After activation or a restore: frames may wait in the TAP and chains in the
-            // tx ring whose kicks happened before anyone listened.
-            self.process_rx();
-            self.process_tx();
-        } else if fd == self.tap.as_raw_fd() {
-            self.process_rx();
-        } else if Some(fd) == self.queue_fd(RX_QUEUE) {
-            self.consume_kick(RX_QUEUE);
-            self.process_rx();
-        } else if Some(fd) == self.queue_fd(TX_QUEUE) {
-            self.consume_kick(TX_QUEUE);
-            self.process_tx();
+        match self.queues.ready(fd) {
+            Ready::Wake => {
+                // After activation or a restore: frames may wait in the TAP and chains in
+                // the tx ring whose kicks happened before anyone listened.
+                self.process_rx();
+                self.process_tx();
+            }
+            Ready::Queue(RX_QUEUE) => self.process_rx(),
+            Ready::Queue(TX_QUEUE) => self.process_tx(),
+            Ready::Queue(_) => {}
+            Ready::Other if fd == self.tap.as_raw_fd() => self.process_rx(),
+            Ready::Other => {}
         }
     }
 
-    fn consume_kick(&self, index: usize) {
-        if let Some(a) = &self.active {
-            let _ = a.evts[index].read();
-        }
-    }
-
-    /// Bring the epoll registrations in line: the wake-up eventfd and the TAP (edge-
-    /// triggered) always, the queue eventfds while active.
+    /// Bring the epoll registrations in line: the TAP (edge-triggered) besides the wake-up
+    /// and queue eventfds.
     pub(crate) fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
-        let mut desired = vec![
-            (self.wake_fd(), EventSet::IN),
-            (
-                self.tap.as_raw_fd(),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-            ),
-        ];
-        if let Some(a) = &self.active {
-            desired.extend(a.evts.iter().map(|e| (e.as_raw_fd(), EventSet::IN)));
-        }
-        let evts = std::mem::take(&mut self.retired_evts);
-        let retired: Vec<RawFd> = evts.iter().map(AsRawFd::as_raw_fd).collect();
-        self.regs.sync(&desired, &retired, ops);
-        drop(evts);
-    }
-
-    pub(crate) fn wake_event_loop(&self) {
-        if let Err(e) = self.wake_evt.write(1) {
-            warn!("virtio-net: cannot wake the event loop: {e}");
-        }
+        let tap = (
+            self.tap.as_raw_fd(),
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        );
+        self.queues.sync(&[tap], ops);
     }
 
     /// The config space: the MAC address (the only field without MQ/STATUS/MTU).
@@ -190,25 +142,15 @@ impl VirtioDevice for Net {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<(), ActivateError> {
-        let (queues, evts) = exact_queues::<2>(queues, queue_evts)?;
+        self.queues.activate(mem, queues, queue_evts, interrupt)?;
         debug!(mac = %self.mac, tap = self.tap.name(), "virtio-net: activated");
-        self.active = Some(Active {
-            mem,
-            queues,
-            evts,
-            interrupt,
-        });
-        self.wake_event_loop();
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
-            self.retired_evts.extend(a.evts);
-        }
+        self.queues.reset();
         self.acked_features = 0;
         self.rx_pending = 0;
-        self.wake_event_loop();
         debug!("virtio-net: reset");
     }
 }

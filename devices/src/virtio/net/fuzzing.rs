@@ -38,7 +38,7 @@ pub fn run(mem: &GuestMemory, rx: Queue, tx: Queue, frames: &[Vec<u8>]) {
         return;
     }
     for index in [TX_QUEUE, RX_QUEUE] {
-        if let Some(fd) = dev.queue_fd(index) {
+        if let Some(fd) = dev.queues.queue_fd(index) {
             dev.handle_event(fd);
         }
     }

@@ -20,14 +20,14 @@ impl Net {
     /// waits, and the guest's next rx kick resumes here).
     pub(crate) fn process_rx(&mut self) {
         let Self {
-            active,
+            queues,
             tap,
             rx_pending,
             rx_buf,
             stats,
             ..
         } = self;
-        let Some(a) = active else {
+        let Some(a) = &mut queues.active else {
             // No driver: like a NIC whose link is down, drop what arrives.
             while tap.read_frame(rx_buf).is_ok_and(|n| n > 0) {}
             *rx_pending = 0;
@@ -97,13 +97,15 @@ impl Net {
     /// the device kicks itself for the rest, after the event loop's other events).
     pub(crate) fn process_tx(&mut self) {
         let Self {
-            active,
+            queues,
             tap,
             tx_buf,
             stats,
             ..
         } = self;
-        let Some(a) = active else { return };
+        let Some(a) = &mut queues.active else {
+            return;
+        };
         let [_, queue] = &mut a.queues;
         if a.interrupt.queue_unusable(queue, &a.mem, "net tx") {
             return;

@@ -4,12 +4,11 @@
 //! its own), and frames in flight when the snapshot was taken are lost, as on a real network.
 
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{Active, Net};
+use super::device::Net;
 use super::{MacAddr, NetError, Tap};
 use crate::persist::Persist;
-use crate::virtio::state::{check_version, restore_queue};
+use crate::virtio::state::check_version;
 use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
 
 /// The format version of [`NetState`].
@@ -52,57 +51,24 @@ impl Persist for Net {
             mac: self.mac,
             acked_features: self.acked_features,
             tap: self.tap.name().to_string(),
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| a.queues.iter().map(|q| q.state().into()).collect())
-                .unwrap_or_default(),
+            queues: self.queues.save(),
         }
     }
 
     /// The saved `mac` is not reused: the args' one goes in the config space. If the state
     /// holds queues, the device comes back active.
     fn restore(args: NetRestoreArgs, state: &NetState) -> Result<Self, NetError> {
-        let NetRestoreArgs {
-            tap,
-            mac,
-            queues:
-                QueueRestoreArgs {
-                    mem,
-                    queue_evts,
-                    interrupt,
-                },
-        } = args;
+        let NetRestoreArgs { tap, mac, queues } = args;
         check_version(state.version, NET_STATE_VERSION, |found, expected| {
             NetError::StateVersion { found, expected }
         })?;
         let mut dev = Net::new(tap, mac)?;
         dev.acked_features = state.acked_features;
-        let bad = |what: String| NetError::BadState(what);
-        match (
-            state.queues.as_slice(),
-            <[EventFd; 2]>::try_from(queue_evts),
-        ) {
-            ([], _) => {}
-            ([rx, tx], Ok(evts)) => {
-                let rx = restore_queue(rx, &mem).map_err(|e| bad(format!("rx queue: {e}")))?;
-                let tx = restore_queue(tx, &mem).map_err(|e| bad(format!("tx queue: {e}")))?;
-                dev.active = Some(Active {
-                    mem,
-                    queues: [rx, tx],
-                    evts,
-                    interrupt,
-                });
-                // Kicks that were in flight are gone: look at both rings once.
-                dev.wake_event_loop();
-            }
-            (qs, _) => {
-                return Err(bad(format!(
-                    "{} queues; virtio-net has 2 (and 2 queue eventfds)",
-                    qs.len()
-                )))
-            }
-        }
+        // With its queues back, the device is woken to look at both rings once: kicks that
+        // were in flight are gone.
+        dev.queues
+            .restore(&state.queues, queues)
+            .map_err(NetError::BadState)?;
         Ok(dev)
     }
 }

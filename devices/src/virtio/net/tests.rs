@@ -86,7 +86,7 @@ impl<'m> Harness<'m> {
     /// Kick queue `index` and let the device handle it.
     fn kick(&mut self, index: usize) {
         self.kicks[index].write(1).unwrap();
-        let fd = self.dev.queue_fd(index).unwrap();
+        let fd = self.dev.queues.queue_fd(index).unwrap();
         self.dev.handle_event(fd);
     }
 

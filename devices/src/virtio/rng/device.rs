@@ -1,47 +1,33 @@
 //! The entropy device: the [`VirtioDevice`] side (called by the MMIO transport from vCPU
 //! threads) and the [`MutEventSubscriber`] side (called by the VMM's event loop), on one
-//! object behind one mutex, as for block.
-//!
-//! Activation and reset happen on a vCPU thread, which cannot touch the event loop's epoll
-//! set; they write the device's wake-up eventfd, and the event loop then registers the new
-//! queue eventfd or unregisters the old one (before it is closed).
+//! object behind one mutex, as for block. Activation, reset and the epoll registrations
+//! are [`Queues`]'.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{RngError, MAX_REQUEST_LEN, QUEUE_SIZE, VIRTIO_ID_RNG};
 use crate::entropy::fill_random;
-use crate::virtio::interest::{EpollOps, Registrations};
+use crate::virtio::activation::{Active, Queues, Ready};
+use crate::virtio::interest::EpollOps;
 use crate::virtio::queue_ops::drain;
 use crate::virtio::{
-    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The most requests one call takes from the queue (see [`drain`]).
 pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
 
-/// The queue and what the device needs to use it, from activation to reset.
-pub(crate) struct Active {
-    pub(crate) mem: GuestMemory,
-    pub(crate) queue: Queue,
-    pub(crate) evt: EventFd,
-    pub(crate) interrupt: VirtioInterrupt,
-}
-
 /// A virtio-rng device that hands the guest the host's random bytes.
 pub struct Rng {
     pub(crate) acked_features: u64,
-    wake_evt: EventFd,
-    pub(crate) active: Option<Active>,
-    /// Queue eventfds of a reset device, to unregister before they are closed.
-    retired_evts: Vec<EventFd>,
-    registrations: Registrations,
+    pub(crate) queues: Queues<1>,
     /// Reused for every request: at most [`MAX_REQUEST_LEN`] bytes.
     scratch: Vec<u8>,
 }
@@ -50,56 +36,43 @@ impl Rng {
     pub fn new() -> Result<Self, RngError> {
         Ok(Self {
             acked_features: 0,
-            wake_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(RngError::EventFd)?,
-            active: None,
-            retired_evts: Vec::new(),
-            registrations: Registrations::default(),
+            queues: Queues::new("virtio-rng").map_err(RngError::EventFd)?,
             scratch: Vec::new(),
         })
     }
 
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.queues.is_active()
     }
 
-    pub(crate) fn wake_fd(&self) -> RawFd {
-        self.wake_evt.as_raw_fd()
-    }
-
+    #[cfg(test)]
     pub(crate) fn queue_fd(&self) -> Option<RawFd> {
-        self.active.as_ref().map(|a| a.evt.as_raw_fd())
+        self.queues.queue_fd(0)
     }
 
     /// Handle readiness of `fd` (one of ours). Tests call this directly.
     pub(crate) fn handle_event(&mut self, fd: RawFd) {
-        if fd == self.wake_fd() {
-            let _ = self.wake_evt.read();
-        } else if Some(fd) == self.queue_fd() {
-            if let Some(a) = &self.active {
-                let _ = a.evt.read();
-            }
+        if self.queues.ready(fd) == Ready::Queue(0) {
             self.process_queue();
         }
     }
 
     /// Fill every available request. Returns whether any chain was used.
     pub(crate) fn process_queue(&mut self) -> bool {
-        let Self {
-            active, scratch, ..
-        } = self;
         let Some(Active {
             mem,
-            queue,
+            queues: [queue],
             interrupt,
-            evt,
-        }) = active
+            evts: [evt],
+        }) = &mut self.queues.active
         else {
             return false;
         };
         if interrupt.queue_unusable(queue, mem, "virtio-rng request") {
             return false;
         }
+        let scratch = &mut self.scratch;
         drain(
             queue,
             mem,
@@ -110,20 +83,8 @@ impl Rng {
         )
     }
 
-    /// Bring the epoll registrations in line: the wake-up eventfd always, the queue eventfd
-    /// while active; retired eventfds leave the epoll set before they are closed.
-    pub(crate) fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
-        let mut want = vec![(self.wake_fd(), EventSet::IN)];
-        want.extend(self.queue_fd().map(|fd| (fd, EventSet::IN)));
-        let retired: Vec<RawFd> = self.retired_evts.iter().map(AsRawFd::as_raw_fd).collect();
-        self.registrations.sync(&want, &retired, ops);
-        self.retired_evts.clear();
-    }
-
-    fn wake_event_loop(&self) {
-        if let Err(e) = self.wake_evt.write(1) {
-            warn!("virtio-rng: cannot wake the event loop: {e}");
-        }
+    fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
+        self.queues.sync(&[], ops);
     }
 }
 
@@ -184,24 +145,14 @@ impl VirtioDevice for Rng {
         queue_evts: Vec<EventFd>,
         interrupt: VirtioInterrupt,
     ) -> Result<(), ActivateError> {
-        let ([queue], [evt]) = exact_queues::<1>(queues, queue_evts)?;
+        self.queues.activate(mem, queues, queue_evts, interrupt)?;
         debug!("virtio-rng: activated");
-        self.active = Some(Active {
-            mem,
-            queue,
-            evt,
-            interrupt,
-        });
-        self.wake_event_loop();
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
-            self.retired_evts.push(a.evt);
-        }
+        self.queues.reset();
         self.acked_features = 0;
-        self.wake_event_loop();
         debug!("virtio-rng: reset");
     }
 }

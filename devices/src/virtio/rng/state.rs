@@ -3,10 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::device::{Active, Rng};
+use super::device::Rng;
 use super::RngError;
 use crate::persist::Persist;
-use crate::virtio::state::{check_version, restore_single_queue};
+use crate::virtio::state::check_version;
 use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
 
 /// The format version of [`RngState`].
@@ -30,36 +30,19 @@ impl Persist for Rng {
         RngState {
             version: RNG_STATE_VERSION,
             acked_features: self.acked_features,
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| vec![a.queue.state().into()])
-                .unwrap_or_default(),
+            queues: self.queues.save(),
         }
     }
 
     fn restore(args: QueueRestoreArgs, state: &RngState) -> Result<Self, RngError> {
-        let QueueRestoreArgs {
-            mem,
-            queue_evts,
-            interrupt,
-        } = args;
         check_version(state.version, RNG_STATE_VERSION, |found, expected| {
             RngError::StateVersion { found, expected }
         })?;
         let mut dev = Rng::new()?;
         dev.acked_features = state.acked_features;
-        if let Some((queue, evt)) =
-            restore_single_queue(&state.queues, queue_evts, &mem, "virtio-rng")
-                .map_err(RngError::BadState)?
-        {
-            dev.active = Some(Active {
-                mem,
-                queue,
-                evt,
-                interrupt,
-            });
-        }
+        dev.queues
+            .restore(&state.queues, args)
+            .map_err(RngError::BadState)?;
         Ok(dev)
     }
 }

@@ -296,7 +296,7 @@ fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
     let (done, result) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         dev.process_queue();
-        let _ = done.send(dev.active.map(|a| a.queue.next_avail()));
+        let _ = done.send(dev.queues.active.map(|a| a.queues[0].next_avail()));
     });
     let next_avail = result
         .recv_timeout(std::time::Duration::from_secs(20))
