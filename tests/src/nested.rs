@@ -25,8 +25,9 @@ const END: &str = "KILN-TESTBED-EXIT=";
 /// panicked. That says nothing about kiln, which runs as a process on that host; a test
 /// whose host panics twice in a row fails, panic quoted.
 const HOST_PANIC_REBOOTS: u32 = 1;
-/// Where each such reboot is recorded (one line per panic), if set: `cargo xtask test`
-/// prints the file at the end so a rerun is never silent.
+/// The default of [`Testbed::incident_log`], where each such reboot is recorded (one line
+/// per panic): `cargo xtask test` sets it and prints the file at the end, so a rerun is
+/// never silent.
 pub const INCIDENT_LOG_ENV: &str = "KILN_TESTBED_INCIDENTS";
 
 /// Boots the test bed with the job in its initramfs and reads the result off its console.
@@ -54,10 +55,13 @@ pub(crate) fn run(testbed: &Testbed, job: &Job) -> Result<RunOutput> {
         match host_panic(&console) {
             Some(panic) if result.is_err() && reboots < HOST_PANIC_REBOOTS => {
                 reboots += 1;
-                record_incident(&format!(
-                    "the test-bed host kernel panicked (QEMU TCG's emulation, not kiln); \
+                record_incident(
+                    testbed.incident_log.as_deref(),
+                    &format!(
+                        "the test-bed host kernel panicked (QEMU TCG's emulation, not kiln); \
                      booting the test bed again: {panic}"
-                ));
+                    ),
+                );
             }
             _ => return result,
         }
@@ -87,21 +91,21 @@ fn host_panic(console: &str) -> Option<String> {
     })
 }
 
-/// Says `what` on stderr and appends it to `$KILN_TESTBED_INCIDENTS`, if set.
-fn record_incident(what: &str) {
+/// Says `what` on stderr and appends it to `log`, if given.
+fn record_incident(log: Option<&Path>, what: &str) {
     eprintln!("kiln-tests: {what}");
-    let Some(path) = std::env::var_os(INCIDENT_LOG_ENV) else {
+    let Some(path) = log else {
         return;
     };
     let appended = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
+        .open(path)
         .and_then(|mut f| writeln!(f, "{what}"));
     if let Err(e) = appended {
         eprintln!(
             "kiln-tests: could not record that in {}: {e}",
-            Path::new(&path).display()
+            path.display()
         );
     }
 }

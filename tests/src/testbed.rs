@@ -27,6 +27,9 @@ pub(crate) const TAIL: usize = 4000;
 pub struct Testbed {
     /// The QEMU that emulates the test bed's machine: [`crate::qemu::binary`].
     pub qemu: std::ffi::OsString,
+    /// Where runs booted again after the test-bed host panicked are recorded, one line
+    /// each: `$KILN_TESTBED_INCIDENTS` (which `cargo xtask test` sets), if set.
+    pub incident_log: Option<std::path::PathBuf>,
     /// The test-bed host kernel.
     pub kernel: KernelImages,
     pub memory_mib: u32,
@@ -42,6 +45,7 @@ impl Testbed {
     pub fn new() -> Result<Self> {
         Ok(Testbed {
             qemu: crate::qemu::binary(),
+            incident_log: std::env::var_os(crate::INCIDENT_LOG_ENV).map(Into::into),
             kernel: kernels::testbed_host().context("building the test-bed host kernel")?,
             memory_mib: 2048,
             cpus: 2,

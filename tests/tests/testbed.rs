@@ -174,11 +174,19 @@ fn boots(dir: &std::path::Path) -> usize {
 #[test]
 fn testbed_host_panic_boots_the_test_bed_once_more() -> Result<()> {
     let dir = kiln_tests::tmp::TempDir::new("fake-qemu")?;
+    let log = dir.path().join("incidents");
     let testbed = Testbed {
         qemu: panicking_qemu(dir.path(), 1)?,
+        incident_log: Some(log.clone()),
         ..Testbed::new()?
     };
     let out = Runner::Testbed(testbed).run("exit 5", &[], Duration::from_secs(60))?;
+    let incidents = std::fs::read_to_string(&log)?;
+    assert_eq!(incidents.lines().count(), 1, "{incidents}");
+    assert!(
+        incidents.contains("Fatal exception in interrupt (RIP: 0010:0xffffffff813a397c)"),
+        "{incidents}"
+    );
     assert_eq!(
         boots(dir.path()),
         2,
@@ -194,6 +202,7 @@ fn testbed_host_panicking_twice_fails_with_the_panic() -> Result<()> {
     let dir = kiln_tests::tmp::TempDir::new("fake-qemu")?;
     let testbed = Testbed {
         qemu: panicking_qemu(dir.path(), 2)?,
+        incident_log: Some(dir.path().join("incidents")),
         ..Testbed::new()?
     };
     let err = Runner::Testbed(testbed)
