@@ -9,11 +9,12 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln::snapshot::{write_state, MachineInfo, SnapshotState, VsockSnapshot};
+use kiln::snapshot::{write_state, MachineInfo, RngSnapshot, SnapshotState, VsockSnapshot};
 use kiln::vstate::vcpu_state::VcpuState;
 use kiln_agent::protocol::{
     encode, ErrorMessage, ExecRequest, FileInfo, Frame, GetFile, Pong, PutFile, SetTime,
 };
+use kiln_devices::virtio::rng::{RngState, RNG_STATE_VERSION};
 use kiln_devices::virtio::vsock::{VsockState, VSOCK_STATE_VERSION};
 use kiln_devices::virtio::{MmioTransportState, QueueSnapshot};
 use kiln_devices::{I8042State, SerialState};
@@ -165,6 +166,24 @@ fn snapshot_state() {
         }),
         disks: Vec::new(),
         net: None,
+        rng: Some(RngSnapshot {
+            transport: MmioTransportState {
+                version: 1,
+                device_status: 0xf,
+                device_features_sel: 0,
+                driver_features: 1 << 32,
+                driver_features_sel: 1,
+                queue_sel: 0,
+                queues: vec![queue(); 1],
+                interrupt_status: 0,
+                config_generation: 0,
+            },
+            device: RngState {
+                version: RNG_STATE_VERSION,
+                acked_features: 1 << 32,
+                queues: vec![queue(); 1],
+            },
+        }),
         diff: None,
     };
     let with_vcpu = SnapshotState {
@@ -181,6 +200,7 @@ fn snapshot_state() {
         vsock: None,
         disks: Vec::new(),
         net: None,
+        rng: None,
         diff: None,
     };
     let tmp = std::env::temp_dir().join(format!("kiln-gen-corpus-{}", std::process::id()));
