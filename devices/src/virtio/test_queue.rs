@@ -120,3 +120,46 @@ impl<'m> GuestQueue<'m> {
         self.mock.create_queue::<Queue>().unwrap()
     }
 }
+
+impl GuestQueue<'_> {
+    /// The queue with chain `head` offered five times and its used ring laid over its avail
+    /// ring, next_used ahead of next_avail (a restored state can say so): every used entry
+    /// makes a new available one naming `head` again, so the ring never runs dry.
+    pub(crate) fn self_refilling(&self, head: u16) -> Queue {
+        use virtio_queue::QueueT;
+        let avail = self.mock.avail_addr();
+        for slot in 0..5u64 {
+            self.mem
+                .write_obj(head, avail.unchecked_add(4 + 2 * slot))
+                .unwrap();
+        }
+        self.mem.write_obj(5u16, avail.unchecked_add(2)).unwrap();
+        let mut queue = self.queue();
+        queue.set_used_ring_address(Some(u32::try_from(avail.0).unwrap()), Some(0));
+        queue.set_next_used(5);
+        queue
+    }
+}
+
+/// Runs `drain` (a device serving a [`GuestQueue::self_refilling`] queue, returning the
+/// queue's next_avail after) on its own thread, and checks that it came back after exactly
+/// `budget` chains and kicked its queue eventfd (`kicked`) to come back later.
+pub(crate) fn assert_drain_yields(
+    budget: usize,
+    kicked: &vmm_sys_util::eventfd::EventFd,
+    drain: impl FnOnce() -> Option<u16> + Send + 'static,
+) {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(drain());
+    });
+    let next_avail = result
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("still serving a self-refilling ring after 20 s");
+    assert_eq!(next_avail.map(usize::from), Some(budget));
+    assert_eq!(
+        kicked.read().unwrap(),
+        1,
+        "the queue was not kicked to come back"
+    );
+}
