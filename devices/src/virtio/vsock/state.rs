@@ -5,12 +5,11 @@
 //! ends of the old connections too.
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::device::{Active, Vsock};
 use super::VsockError;
 use crate::persist::Persist;
-use crate::virtio::state::check_version;
+use crate::virtio::state::{check_version, restore_queue};
 use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
 use std::path::PathBuf;
 
@@ -84,17 +83,14 @@ impl Persist for Vsock {
                 queue_evts.len()
             )));
         }
-        let mut queues = Vec::with_capacity(3);
-        for (i, q) in state.queues.iter().enumerate() {
-            let queue = Queue::try_from(QueueState::from(*q))
-                .map_err(|e| VsockError::BadState(format!("queue {i}: {e}")))?;
-            if !queue.is_valid(&mem) {
-                return Err(VsockError::BadState(format!(
-                    "queue {i} is not ready or lies outside guest memory"
-                )));
-            }
-            queues.push(queue);
-        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                restore_queue(q, &mem).map_err(|e| VsockError::BadState(format!("queue {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         dev.active = Some(Active {
             mem,
             queues,
