@@ -13,10 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{read_state_and_digest, SnapshotError, SnapshotRef, SnapshotState, MEMORY_FILE};
 use crate::devices::{self, Buses, DeviceError};
 use crate::memory::GuestMemory;
-use crate::vmm::{
-    control_channel, BlockParts, BootDoneHook, NetParts, RngParts, Subscriber, Vmm, VmmError,
-    VsockParts,
-};
+use crate::vmm::{control_channel, BootDoneHook, Subscriber, VirtioParts, Vmm, VmmError};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 
@@ -127,11 +124,11 @@ impl Vmm {
             })?;
             let (slot, device) =
                 virtio.attach_restored_vsock(&vm, &mut buses, &memory, uds, saved)?;
-            subscribers.push(device.clone());
-            vsock = Some(VsockParts {
+            vsock = Some(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
         }
 
         let mut disks = Vec::with_capacity(state.disks.len());
@@ -150,11 +147,11 @@ impl Vmm {
                 &device_state,
                 &saved.transport,
             )?;
-            subscribers.push(device.clone());
-            disks.push(BlockParts {
+            disks.push(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
         }
 
         let mut net = None;
@@ -172,21 +169,21 @@ impl Vmm {
             })?;
             let (slot, device) =
                 virtio.attach_restored_net(&vm, &mut buses, &memory, config, saved)?;
-            subscribers.push(device.clone());
-            net = Some(NetParts {
+            net = Some(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
         }
 
         let mut rng = None;
         if let Some(saved) = &state.rng {
             let (slot, device) = virtio.attach_restored_rng(&vm, &mut buses, &memory, saved)?;
-            subscribers.push(device.clone());
-            rng = Some(RngParts {
+            rng = Some(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
         }
 
         let mut vcpus = Vec::with_capacity(state.vcpus.len());

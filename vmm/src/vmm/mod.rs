@@ -178,6 +178,19 @@ pub(crate) struct VirtioParts<D> {
     pub(crate) transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
 }
 
+impl<D: MutEventSubscriber + Send + 'static> VirtioParts<D> {
+    /// `device` behind `transport`, handed to the event loop (it watches the device's
+    /// queue and host fds) as one of `subscribers`.
+    pub(crate) fn subscribed(
+        device: Arc<Mutex<D>>,
+        transport: Arc<Mutex<kiln_devices::virtio::MmioTransport>>,
+        subscribers: &mut Vec<Subscriber>,
+    ) -> Self {
+        subscribers.push(device.clone());
+        VirtioParts { device, transport }
+    }
+}
+
 impl<D: Persist> VirtioParts<D> {
     /// The device's and its transport's state; `what` names the device if a lock is
     /// poisoned.
@@ -238,22 +251,22 @@ impl Vmm {
             ));
             let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
             device_cmdline.push(slot.cmdline);
-            subscribers.push(device.clone());
-            vsock_parts = Some(VsockParts {
+            vsock_parts = Some(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
         }
         let mut disks = Vec::with_capacity(spec.disks.len());
         for (index, disk) in spec.disks.iter().enumerate() {
             let device = Arc::new(Mutex::new(devices::block_device(disk)?));
             let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
             device_cmdline.push(slot.cmdline);
-            subscribers.push(device.clone());
-            disks.push(BlockParts {
+            disks.push(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
             if disk.root {
                 device_cmdline.push(crate::disk::root_cmdline(index, disk.read_only));
             }
@@ -265,11 +278,11 @@ impl Vmm {
             let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
             device_cmdline.push(slot.cmdline);
             device_cmdline.extend(config.cmdline());
-            subscribers.push(device.clone());
-            net = Some(NetParts {
+            net = Some(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
         }
 
         let mut rng = None;
@@ -279,11 +292,11 @@ impl Vmm {
             ));
             let slot = virtio.attach(&vm, &mut buses, &memory, device.clone())?;
             device_cmdline.push(slot.cmdline);
-            subscribers.push(device.clone());
-            rng = Some(RngParts {
+            rng = Some(VirtioParts::subscribed(
                 device,
-                transport: slot.transport,
-            });
+                slot.transport,
+                &mut subscribers,
+            ));
         }
 
         phases.mark("devices");
