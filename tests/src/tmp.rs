@@ -43,6 +43,28 @@ impl TempDir {
     }
 }
 
+/// A copy of the program `bin` in a fresh temp directory that every user may enter, for a
+/// test that runs it as another user (nobody): the checkout it was built in may be out of
+/// that user's reach, as a clone in a `mktemp -d` directory (mode 0700) is. The copy goes
+/// when the returned directory is dropped.
+pub fn copy_for_all_users(bin: &Path) -> Result<(TempDir, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("bin")?;
+    let all = |path: &Path| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} reachable by every user", path.display()))
+    };
+    all(dir.path())?;
+    let name = bin
+        .file_name()
+        .with_context(|| format!("{} names no file", bin.display()))?;
+    let copy = dir.path().join(name);
+    std::fs::copy(bin, &copy)
+        .with_context(|| format!("copying {} to {}", bin.display(), copy.display()))?;
+    all(&copy)?;
+    Ok((dir, copy))
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         if !self.keep {

@@ -228,6 +228,8 @@ fn builders_say_they_need_root() {
     }
     let store = scratch("notroot");
     let s = store.to_str().unwrap();
+    let (_bin, kiln) =
+        kiln_tests::tmp::copy_for_all_users(Path::new(env!("CARGO_BIN_EXE_kiln"))).unwrap();
     for args in [
         vec![
             "image", "build", "--name", "x", "--agent", STATIC_ELF, "--store", s,
@@ -244,7 +246,7 @@ fn builders_say_they_need_root() {
             "/dev/null",
         ],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let out = Command::new(&kiln)
             .args(&args)
             .uid(65534)
             .gid(65534)

@@ -14,12 +14,19 @@ use cli_jail_util::*;
 #[test]
 fn jail_refuses_without_root() {
     let base = tmp("noroot");
-    let mut cmd = kiln_jail(&base, "j", &[], &["run", "--kernel", "k"]);
-    if is_root() {
-        // Run it as nobody (the binary and its directories are world-readable here).
-        cmd.uid(65534).gid(65534);
+    let inner = ["run", "--kernel", "k"];
+    let out = if is_root() {
+        // Run it as nobody, from a copy that nobody can reach wherever the checkout is.
+        let (_bin, copy) =
+            kiln_tests::tmp::copy_for_all_users(Path::new(env!("CARGO_BIN_EXE_kiln"))).unwrap();
+        kiln_jail_with(&copy, &base, "j", &[], &inner)
+            .uid(65534)
+            .gid(65534)
+            .output()
+    } else {
+        kiln_jail(&base, "j", &[], &inner).output()
     }
-    let out = cmd.output().unwrap();
+    .unwrap();
     assert_one_line_error(&out, "kiln jail must run as root");
     std::fs::remove_dir_all(base).unwrap();
 }

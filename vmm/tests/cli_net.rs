@@ -86,8 +86,11 @@ fn net_setup_refuses_a_user_who_is_not_root() {
         assert!(line.contains("must run as root"), "{line}");
         return;
     }
-    // As root: run it as nobody (the binary must be reachable by that user).
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    // As root: run it as nobody, from a copy that nobody can reach wherever the checkout is.
+    let (_bin, kiln) =
+        kiln_tests::tmp::copy_for_all_users(std::path::Path::new(env!("CARGO_BIN_EXE_kiln")))
+            .unwrap();
+    let out = Command::new(&kiln)
         .args(["net", "setup", "--tap", "kx0", "--host-ip", "10.0.0.1/24"])
         .uid(65534)
         .gid(65534)

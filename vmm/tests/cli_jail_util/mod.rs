@@ -19,7 +19,24 @@ pub fn tmp(name: &str) -> PathBuf {
 }
 
 pub fn kiln_jail(base: &Path, id: &str, extra: &[&str], inner: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    kiln_jail_with(
+        Path::new(env!("CARGO_BIN_EXE_kiln")),
+        base,
+        id,
+        extra,
+        inner,
+    )
+}
+
+/// [`kiln_jail`] with the kiln binary `kiln` (a copy another user can run, say).
+pub fn kiln_jail_with(
+    kiln: &Path,
+    base: &Path,
+    id: &str,
+    extra: &[&str],
+    inner: &[&str],
+) -> Command {
+    let mut cmd = Command::new(kiln);
     cmd.args(["jail", "--id", id, "--base", base.to_str().unwrap()])
         .args(extra)
         .arg("--")
