@@ -15,6 +15,7 @@ pub mod bus;
 pub mod console;
 pub mod entropy;
 pub mod guest_signal;
+pub mod guest_warn;
 pub mod i8042;
 pub mod interrupt;
 pub mod persist;

@@ -143,9 +143,9 @@ impl VirtioInterrupt {
     /// once per breakage.
     pub fn device_broken(&self, why: &str) {
         if !self.broken.swap(true, Ordering::AcqRel) {
-            tracing::warn!("virtio: the device needs a reset: {why}");
+            crate::guest_warn!(static, "virtio: the device needs a reset: {why}");
             if let Err(e) = self.signal_config_change() {
-                tracing::warn!("virtio: cannot raise the config interrupt: {e}");
+                crate::guest_warn!(static, "virtio: cannot raise the config interrupt: {e}");
             }
         }
     }
@@ -276,7 +276,8 @@ pub trait VirtioDevice: Send {
     /// The driver writes the config space. The default is a read-only config space: kiln's
     /// devices offer no feature that makes a config field writable, so the write is ignored.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
+            static,
             device_type = self.device_type(),
             offset,
             len = data.len(),

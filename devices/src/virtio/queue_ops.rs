@@ -1,7 +1,6 @@
 //! Queue chores every device does the same way: return a chain, raise the interrupt when
 //! the driver wants it, drain a request queue. (A corrupt ring: [`VirtioInterrupt::queue_unusable`].)
 
-use tracing::warn;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -12,7 +11,7 @@ pub(crate) fn notify(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt
     // An unreadable used_event means a broken driver; interrupting is the safe choice.
     if queue.needs_notification(mem).unwrap_or(true) {
         if let Err(e) = irq.signal_used_queue() {
-            warn!("{dev}: cannot raise the queue interrupt: {e}");
+            crate::guest_warn!(static, "{dev}: cannot raise the queue interrupt: {e}");
         }
     }
 }
@@ -20,7 +19,8 @@ pub(crate) fn notify(queue: &mut Queue, mem: &GuestMemory, irq: &VirtioInterrupt
 /// Return chain `head` to the guest with `len` bytes written.
 pub(crate) fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, dev: &str) {
     if let Err(e) = queue.add_used(mem, head, len) {
-        warn!(
+        crate::guest_warn!(
+            static,
             head,
             "{dev}: cannot return a descriptor chain to the guest: {e}"
         );
@@ -60,7 +60,7 @@ pub(crate) fn drain(
             taken += 1;
             if taken >= budget {
                 if let Err(e) = evt.write(1) {
-                    warn!("{dev}: cannot re-kick the request queue: {e}");
+                    crate::guest_warn!(static, "{dev}: cannot re-kick the request queue: {e}");
                 }
                 break 'rounds;
             }
@@ -69,12 +69,15 @@ pub(crate) fn drain(
         match queue.enable_notification(mem) {
             Ok(true) if empty_rounds < 2 => continue,
             Ok(true) => {
-                warn!("{dev}: avail ring is inconsistent; waiting for the next kick");
+                crate::guest_warn!(
+                    static,
+                    "{dev}: avail ring is inconsistent; waiting for the next kick"
+                );
                 break;
             }
             Ok(false) => break,
             Err(e) => {
-                warn!("{dev}: cannot re-enable notifications: {e}");
+                crate::guest_warn!(static, "{dev}: cannot re-enable notifications: {e}");
                 break;
             }
         }

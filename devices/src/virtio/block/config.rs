@@ -1,18 +1,20 @@
 //! The config space (virtio 1.2, 5.2.4) and the GET_ID serial.
 //!
-//! Only the fields of the offered features are filled in: `capacity`, `seg_max`, `blk_size`
+//! Only the fields of the offered features are filled in: `capacity`, `size_max`, `seg_max`, `blk_size`
 //! and, on writable disks, the three discard fields. The layout runs up to the padding after
 //! `write_zeroes_may_unmap` (60 bytes); everything past it reads as zero.
 
 use super::device::Block;
 use super::{
     BLK_SIZE, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, SERIAL_LEN,
+    SIZE_MAX,
 };
 
 /// Length of the config space we fill in.
 pub(crate) const CONFIG_LEN: usize = 60;
 /// Offsets of the fields in `struct virtio_blk_config`.
 const CAPACITY: usize = 0;
+const SIZE_MAX_AT: usize = 8;
 const SEG_MAX_AT: usize = 12;
 const BLK_SIZE_AT: usize = 20;
 const MAX_DISCARD_SECTORS_AT: usize = 36;
@@ -35,6 +37,7 @@ impl Block {
         let mut c = [0u8; CONFIG_LEN];
         let mut put = |at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
         put(CAPACITY, &self.capacity().to_le_bytes());
+        put(SIZE_MAX_AT, &SIZE_MAX.to_le_bytes());
         put(SEG_MAX_AT, &SEG_MAX.to_le_bytes());
         put(BLK_SIZE_AT, &BLK_SIZE.to_le_bytes());
         if !self.is_read_only() {

@@ -146,6 +146,7 @@ impl VirtioDevice for Block {
         let mut f = feature(VIRTIO_F_VERSION_1)
             | feature(VIRTIO_RING_F_EVENT_IDX)
             | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_SIZE_MAX)
             | feature(VIRTIO_BLK_F_BLK_SIZE)
             | feature(VIRTIO_BLK_F_FLUSH);
         if self.is_read_only() {

@@ -50,6 +50,14 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Largest number of data segments in one request (config `seg_max`): the queue size less
 /// the header and status descriptors, as Linux expects.
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest data segment the driver may put in one descriptor (config `size_max`, offered with
+/// `VIRTIO_BLK_F_SIZE_MAX`; Linux takes it as the queue's `max_segment_size`).
+pub const SIZE_MAX: u32 = 32 * 1024;
+/// Largest data length of one read or write request: [`SEG_MAX`] segments of [`SIZE_MAX`]
+/// bytes (7.9 MiB). A request runs synchronously on the event loop, so this bounds how long
+/// one request holds it; a larger one (a driver ignoring `size_max`/`seg_max`) completes with
+/// `VIRTIO_BLK_S_IOERR` without any of its data being read.
+pub const MAX_REQUEST_LEN: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 /// Largest number of sectors one discard segment may cover (config `max_discard_sectors`).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 /// Largest number of segments in one discard request (config `max_discard_seg`).
@@ -70,9 +78,9 @@ pub const BOUNCE_LEN: usize = 128 * 1024;
 pub mod consts {
     pub use virtio_bindings::bindings::virtio_blk::{
         VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-        VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+        VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
 }
 

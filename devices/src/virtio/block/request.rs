@@ -13,14 +13,13 @@
 
 mod discard;
 
-use tracing::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::consts::*;
 use super::disk::Disk;
-use super::{BOUNCE_LEN, SECTOR_SIZE, SERIAL_LEN};
+use super::{BOUNCE_LEN, MAX_REQUEST_LEN, SECTOR_SIZE, SEG_MAX, SERIAL_LEN};
 use crate::virtio::GuestMemory;
 
 /// Size of the request header.
@@ -87,23 +86,27 @@ pub(crate) fn handle(
     let status_addr = match status {
         Ok(a) => a,
         Err(e) => {
-            warn!(head, "virtio-blk: {e}; chain returned unused");
+            crate::guest_warn!(static, head, "virtio-blk: {e}; chain returned unused");
             return 0;
         }
     };
     let (code, written) = match execute(mem, &descs, ctx) {
         Ok(n) => (S_OK, n),
         Err(Failure::IoErr(e)) => {
-            warn!(head, "virtio-blk: request failed: {e}");
+            crate::guest_warn!(static, head, "virtio-blk: request failed: {e}");
             (S_IOERR, 0)
         }
         Err(Failure::Unsupp(e)) => {
-            warn!(head, "virtio-blk: unsupported request: {e}");
+            crate::guest_warn!(static, head, "virtio-blk: unsupported request: {e}");
             (S_UNSUPP, 0)
         }
     };
     if let Err(e) = mem.write_obj(code, status_addr) {
-        warn!(head, "virtio-blk: cannot write the status byte: {e}");
+        crate::guest_warn!(
+            static,
+            head,
+            "virtio-blk: cannot write the status byte: {e}"
+        );
         return 0;
     }
     written.saturating_add(1)
@@ -228,6 +231,25 @@ fn check_data(mem: &GuestMemory, data: &[Piece], writable: bool) -> Result<u64, 
     Ok(total)
 }
 
+/// The size cap of a read or write: at most [`MAX_REQUEST_LEN`] bytes in at most
+/// [`SEG_MAX`] segments, checked before any byte is read, so that one request cannot hold
+/// the event loop for gigabytes of I/O. (A segment longer than the advertised `size_max` is
+/// tolerated: the total is what bounds the work.)
+fn check_size(data: &[Piece], total: u64) -> Result<(), Failure> {
+    if total > MAX_REQUEST_LEN {
+        return Err(ioerr(format!(
+            "{total} data bytes exceed the {MAX_REQUEST_LEN}-byte request cap"
+        )));
+    }
+    if data.len() > SEG_MAX as usize {
+        return Err(ioerr(format!(
+            "{} data segments exceed seg_max {SEG_MAX}",
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The disk's byte range for `len` bytes at `sector`, checked against the disk's capacity
 /// (whole sectors only).
 fn disk_range(disk: &dyn Disk, sector: u64, len: u64) -> Result<u64, Failure> {
@@ -250,6 +272,7 @@ fn read_write(
     to_guest: bool,
 ) -> Result<u32, Failure> {
     let total = check_data(mem, data, to_guest)?;
+    check_size(data, total)?;
     if total % SECTOR_SIZE != 0 {
         return Err(ioerr(format!("data length {total} is not whole sectors")));
     }

@@ -1,10 +1,11 @@
 //! The device status state machine: feature acceptance, activation and reset.
 
-use tracing::{debug, info, warn};
+use tracing::debug;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{lock, MmioTransport};
+use crate::guest_warn;
 use crate::virtio::{feature, status, ActivateError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 impl MmioTransport {
@@ -15,7 +16,8 @@ impl MmioTransport {
         }
         let old = self.status;
         if value & old != old {
-            warn!(
+            guest_warn!(
+                self.warns,
                 old,
                 new = value,
                 "virtio-mmio: driver tried to clear status bits; ignored"
@@ -24,7 +26,8 @@ impl MmioTransport {
         }
         let added = value & !old;
         if added & status::FAILED != 0 {
-            info!(
+            guest_warn!(
+                self.warns,
                 device_type = self.device_type,
                 "virtio-mmio: the driver marked the device FAILED"
             );
@@ -32,7 +35,8 @@ impl MmioTransport {
         }
         let known = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
         if added & !(known | status::FAILED) != 0 {
-            warn!(
+            guest_warn!(
+                self.warns,
                 value,
                 "virtio-mmio: driver set reserved or device-only status bits; ignored"
             );
@@ -53,9 +57,11 @@ impl MmioTransport {
                 _ => self.has(status::FEATURES_OK) && self.activate(),
             };
             if !ok {
-                warn!(
+                guest_warn!(
+                    self.warns,
                     old = self.status,
-                    bit, "virtio-mmio: status bit refused (out of order or rejected)"
+                    bit,
+                    "virtio-mmio: status bit refused (out of order or rejected)"
                 );
                 return;
             }
@@ -67,7 +73,7 @@ impl MmioTransport {
     fn accept_features(&mut self) -> bool {
         let extra = self.driver_features & !self.device_features;
         if extra != 0 {
-            warn!(
+            guest_warn!(self.warns,
                 offered = self.device_features,
                 accepted = self.driver_features,
                 "virtio-mmio: driver accepted features the device did not offer; FEATURES_OK refused"
@@ -75,7 +81,10 @@ impl MmioTransport {
             return false;
         }
         if self.driver_features & feature(VIRTIO_F_VERSION_1) == 0 {
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused");
+            guest_warn!(
+                self.warns,
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused"
+            );
             return false;
         }
         lock(&self.device).ack_features(self.driver_features);
@@ -91,13 +100,17 @@ impl MmioTransport {
         match self.try_activate() {
             Ok(()) => true,
             Err(e) => {
-                warn!(
+                guest_warn!(
+                    self.warns,
                     device_type = self.device_type,
                     "virtio-mmio: DRIVER_OK refused: {e}"
                 );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.signal_config_change() {
-                    warn!("virtio-mmio: cannot raise the config interrupt: {e}");
+                    guest_warn!(
+                        self.warns,
+                        "virtio-mmio: cannot raise the config interrupt: {e}"
+                    );
                 }
                 false
             }

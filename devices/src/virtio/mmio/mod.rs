@@ -6,7 +6,7 @@
 //!
 //! The guest cannot break it: every out-of-protocol access (a register write in the wrong
 //! state, a feature the device did not offer, a queue outside guest memory, a misaligned or
-//! oddly sized register access) is ignored with a log line, or refused through the status
+//! oddly sized register access) is ignored with a log line (rate-limited per device: [`WarnLimiter`]), or refused through the status
 //! register the way the spec says, and never panics.
 //!
 //! Queue notifications: the transport owns one eventfd per queue. The VMM registers each as
@@ -16,12 +16,14 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{feature, status, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
+use crate::guest_warn;
+use crate::guest_warn::WarnLimiter;
 
 pub use state::{MmioRestoreArgs, MmioTransportState, MMIO_STATE_VERSION};
 
@@ -91,6 +93,8 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     queue_sel: u32,
     status: u32,
+    /// Rate limit for the warnings this window's guest accesses can trigger.
+    warns: WarnLimiter,
 }
 
 impl MmioTransport {
@@ -154,6 +158,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             queue_sel: 0,
             status: 0,
+            warns: WarnLimiter::new(),
         })
     }
 
@@ -242,16 +247,19 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
-            _ => warn!(
+            _ => guest_warn!(
+                self.warns,
                 offset,
-                value, "virtio-mmio: write to a read-only or unknown register ignored"
+                value,
+                "virtio-mmio: write to a read-only or unknown register ignored"
             ),
         }
     }
 
     fn write_driver_features(&mut self, value: u32) {
         if !self.has(status::DRIVER) || self.has(status::FEATURES_OK) {
-            warn!(
+            guest_warn!(
+                self.warns,
                 status = self.status,
                 "virtio-mmio: DriverFeatures written outside negotiation; ignored"
             );
@@ -264,9 +272,11 @@ impl MmioTransport {
                     (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
             }
             sel if value != 0 => {
-                warn!(
+                guest_warn!(
+                    self.warns,
                     sel,
-                    value, "virtio-mmio: driver accepts features in an unknown word; ignored"
+                    value,
+                    "virtio-mmio: driver accepts features in an unknown word; ignored"
                 )
             }
             _ => {}
@@ -275,7 +285,8 @@ impl MmioTransport {
 
     fn write_queue_reg(&mut self, offset: u64, value: u32) {
         if !self.has(status::FEATURES_OK) || self.has(status::DRIVER_OK) {
-            warn!(
+            guest_warn!(
+                self.warns,
                 offset,
                 status = self.status,
                 "virtio-mmio: queue register written outside queue set-up; ignored"
@@ -284,7 +295,8 @@ impl MmioTransport {
         }
         let sel = self.queue_sel;
         let Some(q) = self.selected_queue() else {
-            warn!(
+            guest_warn!(
+                self.warns,
                 sel,
                 "virtio-mmio: queue register written for a queue that does not exist"
             );
@@ -308,24 +320,29 @@ impl MmioTransport {
             _ => Ok(()),
         };
         if let Err(e) = result {
-            warn!(
+            guest_warn!(
+                self.warns,
                 sel,
-                offset, value, "virtio-mmio: bad queue setting ignored: {e}"
+                offset,
+                value,
+                "virtio-mmio: bad queue setting ignored: {e}"
             );
         }
     }
 
-    fn notify(&self, value: u32) {
+    fn notify(&mut self, value: u32) {
         match self.queue_evts.get(value as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    warn!(
+                    guest_warn!(
+                        self.warns,
                         queue = value,
                         "virtio-mmio: cannot signal queue notification: {e}"
                     );
                 }
             }
-            None => warn!(
+            None => guest_warn!(
+                self.warns,
                 queue = value,
                 "virtio-mmio: notification for a queue that does not exist"
             ),
@@ -340,7 +357,8 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            warn!(
+            guest_warn!(
+                self.warns,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register read not 32-bit aligned; reads 0"
@@ -357,7 +375,8 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(
+            guest_warn!(
+                self.warns,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register write not 32 bits wide; ignored"
@@ -365,7 +384,11 @@ impl BusDevice for MmioTransport {
             return;
         };
         if !offset.is_multiple_of(4) {
-            warn!(offset, "virtio-mmio: misaligned register write ignored");
+            guest_warn!(
+                self.warns,
+                offset,
+                "virtio-mmio: misaligned register write ignored"
+            );
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));

@@ -2,7 +2,7 @@
 
 use std::io;
 
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_queue::QueueT;
 
 use super::device::Net;
@@ -49,7 +49,11 @@ impl Net {
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        warn!("virtio-net: reading the TAP {}: {e}", tap.name());
+                        crate::guest_warn!(
+                            static,
+                            "virtio-net: reading the TAP {}: {e}",
+                            tap.name()
+                        );
                         break;
                     }
                 }
@@ -66,7 +70,10 @@ impl Net {
                     }
                     Ok(_) => break,
                     Err(e) => {
-                        warn!("virtio-net: cannot re-enable rx notifications: {e}");
+                        crate::guest_warn!(
+                            static,
+                            "virtio-net: cannot re-enable rx notifications: {e}"
+                        );
                         break;
                     }
                 }
@@ -79,7 +86,7 @@ impl Net {
                     len
                 }
                 Err(e) => {
-                    warn!(head, "virtio-net: dropping an rx frame: {e}");
+                    crate::guest_warn!(static, head, "virtio-net: dropping an rx frame: {e}");
                     stats.dropped += 1;
                     0
                 }
@@ -133,7 +140,7 @@ impl Net {
                         }
                     }
                     Err(e) => {
-                        warn!(head, "virtio-net: dropping a tx chain: {e}");
+                        crate::guest_warn!(static, head, "virtio-net: dropping a tx chain: {e}");
                         stats.dropped += 1;
                     }
                 }
@@ -152,12 +159,18 @@ impl Net {
             match queue.enable_notification(&a.mem) {
                 Ok(true) if empty_rounds < 2 => continue,
                 Ok(true) => {
-                    warn!("virtio-net: tx avail ring is inconsistent; waiting for the next kick");
+                    crate::guest_warn!(
+                        static,
+                        "virtio-net: tx avail ring is inconsistent; waiting for the next kick"
+                    );
                     break;
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    warn!("virtio-net: cannot re-enable tx notifications: {e}");
+                    crate::guest_warn!(
+                        static,
+                        "virtio-net: cannot re-enable tx notifications: {e}"
+                    );
                     break;
                 }
             }

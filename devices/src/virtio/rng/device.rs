@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::fd::RawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_queue::{DescriptorChain, Queue};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -99,7 +99,8 @@ fn fill_request(
     let mut writer = match chain.writer(mem) {
         Ok(w) => w,
         Err(e) => {
-            warn!(
+            crate::guest_warn!(
+                static,
                 head,
                 "virtio-rng: unusable request (buffers outside guest memory?): {e}"
             );
@@ -109,13 +110,17 @@ fn fill_request(
     let len = writer.available_bytes().min(MAX_REQUEST_LEN);
     scratch.resize(len, 0);
     if let Err(e) = fill_random(scratch) {
-        warn!(head, "virtio-rng: getrandom failed: {e}");
+        crate::guest_warn!(static, head, "virtio-rng: getrandom failed: {e}");
         return 0;
     }
     match writer.write_all(scratch) {
         Ok(()) => u32::try_from(len).unwrap_or(0),
         Err(e) => {
-            warn!(head, "virtio-rng: cannot write the request's buffers: {e}");
+            crate::guest_warn!(
+                static,
+                head,
+                "virtio-rng: cannot write the request's buffers: {e}"
+            );
             0
         }
     }

@@ -12,7 +12,6 @@
 //! connection logic sees one type whichever shape the chain had; rx packets ([`RxPkt`]) are
 //! written in place, through guest memory's dirty bitmap.
 
-use tracing::warn;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{Error as PacketError, VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::AtomicBitmap;
@@ -95,7 +94,9 @@ pub(crate) fn drain_tx(
                 };
             match parsed {
                 Ok(pkt) => handle(&pkt),
-                Err(e) => warn!(head, "vsock: dropping malformed tx chain: {e}"),
+                Err(e) => {
+                    crate::guest_warn!(static, head, "vsock: dropping malformed tx chain: {e}")
+                }
             }
             add_used(queue, mem, head, 0, "vsock");
             used = true;
@@ -111,12 +112,15 @@ pub(crate) fn drain_tx(
         match queue.enable_notification(mem) {
             Ok(true) if empty_rounds < 2 => continue,
             Ok(true) => {
-                warn!("vsock: tx avail ring is inconsistent; waiting for the next kick");
+                crate::guest_warn!(
+                    static,
+                    "vsock: tx avail ring is inconsistent; waiting for the next kick"
+                );
                 break;
             }
             Ok(false) => break,
             Err(e) => {
-                warn!("vsock: cannot re-enable tx notifications: {e}");
+                crate::guest_warn!(static, "vsock: cannot re-enable tx notifications: {e}");
                 break;
             }
         }
@@ -270,7 +274,8 @@ pub(crate) fn fill_rx(
                 // A buffer without room for payload cannot carry the data that is
                 // waiting; hand it back empty rather than let it block the ring.
                 None if pkt.data_slice().is_none_or(|d| d.is_empty()) => {
-                    warn!(
+                    crate::guest_warn!(
+                        static,
                         head,
                         "vsock: rx buffer has no room for payload; returned unused"
                     );
@@ -282,7 +287,7 @@ pub(crate) fn fill_rx(
                 }
             },
             Err(e) => {
-                warn!(head, "vsock: dropping malformed rx chain: {e}");
+                crate::guest_warn!(static, head, "vsock: dropping malformed rx chain: {e}");
                 0
             }
         };
@@ -329,11 +334,14 @@ pub(crate) fn write_event(
                 return true;
             }
             Err(e) => {
-                warn!(head, "vsock: dropping malformed event chain: {e}");
+                crate::guest_warn!(static, head, "vsock: dropping malformed event chain: {e}");
                 add_used(queue, mem, head, 0, "vsock");
             }
         }
     }
-    warn!("vsock: event ring keeps yielding unusable chains; waiting for the next kick");
+    crate::guest_warn!(
+        static,
+        "vsock: event ring keeps yielding unusable chains; waiting for the next kick"
+    );
     false
 }

@@ -190,6 +190,7 @@ fn config_space_and_identity() {
     for bit in [
         VIRTIO_F_VERSION_1,
         VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_SIZE_MAX,
         VIRTIO_BLK_F_BLK_SIZE,
         VIRTIO_BLK_F_FLUSH,
         VIRTIO_BLK_F_DISCARD,
@@ -205,6 +206,7 @@ fn config_space_and_identity() {
     let mut cap = [0u8; 8];
     dev.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 2048);
+    assert_eq!(le32(8), 32 * 1024, "size_max");
     assert_eq!(le32(12), 254, "seg_max");
     assert_eq!(le32(20), 512, "blk_size");
     assert_eq!(le32(36), 1 << 22, "max_discard_sectors");

@@ -290,3 +290,57 @@ fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
         dev.queues.active.map(|a| a.queues[0].next_avail())
     });
 }
+
+/// One request may move at most MAX_REQUEST_LEN bytes (seg_max segments of size_max, as the
+/// config space advertises): a larger read or write completes with IOERR before any data
+/// moves, and a request exactly at the cap goes through.
+#[test]
+fn requests_over_the_size_cap_are_ioerr_and_move_no_data() {
+    use crate::virtio::block::MAX_REQUEST_LEN;
+    const BIG_DISK: usize = 10 << 20;
+    let (mem, dir) = (test_mem(), TestDir::new());
+    let path = image(&dir.path("disk.img"), BIG_DISK, 4);
+    let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
+    let cap = u32::try_from(MAX_REQUEST_LEN).unwrap();
+    assert_eq!(cap % 1024, 0, "the cap is whole sectors, in two halves");
+    // Data lies past the harness's header and status buffers.
+    let base = 0x20_0000u64;
+    let half = cap / 2;
+    let over = |writable| {
+        [
+            (base, half, writable),
+            (base + u64::from(half), half + 512, writable),
+        ]
+    };
+    let fill = vec![0xab; (cap + 512) as usize];
+
+    mem.write_slice(&fill, GuestAddress(base)).unwrap();
+    assert_eq!(h.request(VIRTIO_BLK_T_OUT, 0, &over(false)), (IOERR, 1));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        pattern(BIG_DISK, 4),
+        "an oversized write changed the disk"
+    );
+
+    mem.write_slice(&vec![0xee; fill.len()], GuestAddress(base))
+        .unwrap();
+    assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, &over(true)), (IOERR, 1));
+    let mut back = vec![0u8; fill.len()];
+    mem.read_slice(&mut back, GuestAddress(base)).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0xee),
+        "an oversized read wrote guest memory"
+    );
+
+    // At the cap exactly: fine.
+    mem.write_slice(&fill[..cap as usize], GuestAddress(base))
+        .unwrap();
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_OUT, 0, &[(base, cap, false)]),
+        (OK, 1)
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap()[..cap as usize],
+        fill[..cap as usize]
+    );
+}
