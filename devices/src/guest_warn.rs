@@ -16,7 +16,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Lines a limiter lets through at once after a quiet period.
-pub const WARN_BURST: u32 = 20;
+pub const WARN_BURST: u32 = 64;
 /// Lines a limiter lets through per second once the burst is spent.
 pub const WARN_PER_SEC: u32 = 2;
 

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod disk;
 pub mod image;
 pub mod jail;
+pub mod logcap;
 pub mod memory;
 pub mod net;
 pub mod seccomp;

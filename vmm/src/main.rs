@@ -18,12 +18,25 @@ fn main() -> ExitCode {
         Command::Job(_) | Command::Ctl(_) => "warn",
         _ => "info",
     };
+    // kiln's log is its stderr; when that is a file (a job's state directory), a guest that
+    // triggers warnings must not grow it without bound.
+    let log_cap = match kiln::logcap::cap_from_env(
+        kiln::logcap::LOG_MAX_ENV,
+        kiln::logcap::DEFAULT_LOG_MAX_BYTES,
+    ) {
+        Ok(cap) => cap,
+        Err(e) => {
+            eprintln!("kiln: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(std::sync::Mutex::new(kiln::logcap::log_writer(log_cap)))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();

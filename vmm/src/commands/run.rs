@@ -13,6 +13,7 @@ use anyhow::Context;
 use crate::api::ApiServer;
 use crate::cli::RunArgs;
 use crate::config::{SerialOutput, VmConfig};
+use crate::logcap::CappedFile;
 use crate::seccomp::Filters;
 use crate::vmm::{GuestExit, MachineSpec, StopHandle, Vmm, VsockSpec};
 
@@ -20,13 +21,25 @@ pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Writ
     Ok(match serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Null => Box::new(std::io::sink()),
-        SerialOutput::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open serial output file {}", path.display()))?,
-        ),
+        SerialOutput::File(path) => {
+            let context = || format!("cannot open serial output file {}", path.display());
+            // The guest writes this file: keep it under its cap, rotating into `<path>.1`.
+            match crate::logcap::cap_from_env(
+                crate::logcap::CONSOLE_MAX_ENV,
+                crate::logcap::DEFAULT_CONSOLE_MAX_BYTES,
+            )
+            .map_err(anyhow::Error::msg)?
+            {
+                Some(cap) => Box::new(CappedFile::open(path, cap).with_context(context)?),
+                None => Box::new(
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .with_context(context)?,
+                ),
+            }
+        }
     })
 }
 

@@ -78,12 +78,22 @@ fn common() -> Vec<Allowed> {
     ]
     .into_iter()
     .map(Any)
-    .chain([ArgIn {
-        // Thread names: set by a spawning thread, read by the SIGSYS report.
-        syscall: libc::SYS_prctl,
-        arg: 0,
-        values: vec![libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64],
-    }])
+    .chain([
+        ArgIn {
+            // Thread names: set by a spawning thread, read by the SIGSYS report.
+            syscall: libc::SYS_prctl,
+            arg: 0,
+            values: vec![libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64],
+        },
+        // Rotating a capped console or log file (`logcap.rs`), from whichever thread writes
+        // the line: read the old contents, empty the file (length 0 only).
+        Any(libc::SYS_pread64),
+        ArgIn {
+            syscall: libc::SYS_ftruncate,
+            arg: 1,
+            values: vec![0],
+        },
+    ])
     .collect()
 }
 

@@ -232,6 +232,14 @@ impl Code {
         self.op(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
         std::mem::take(&mut self.0)
     }
+    /// Runs what `body` emits in a loop forever (`jmp rel32` back to its start).
+    pub fn forever(&mut self, body: impl FnOnce(&mut Code)) -> Vec<u8> {
+        let start = self.0.len();
+        body(self);
+        let back = i32::try_from(self.0.len() + 5 - start).unwrap();
+        self.op(&[0xe9]).op(&(-back).to_le_bytes());
+        std::mem::take(&mut self.0)
+    }
     /// hlt: for the in-process test, whose VMM stops on it.
     pub fn halt(&mut self) -> Vec<u8> {
         self.op(&[0xf4]);

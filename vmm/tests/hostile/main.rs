@@ -20,6 +20,7 @@ use console_capture::Captured;
 mod netns;
 
 mod block;
+mod flood;
 mod guest;
 mod mmio;
 mod net;
