@@ -78,6 +78,31 @@ fn net_setup_refuses_a_bad_address_before_creating_anything() {
 }
 
 #[test]
+fn net_setup_allow_needs_nat_and_a_network() {
+    let name = format!("kw{}", std::process::id());
+    let base = ["net", "setup", "--tap", &name, "--host-ip", "10.0.0.1/24"];
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([&base[..], &["--allow", "10.9.0.0/16"]].concat())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("required") && stderr.contains("--nat"),
+        "{stderr}"
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let line = kiln_fails(&[&base[..], &["--nat", "--allow", "10.9.0.0"]].concat());
+        assert!(
+            line.contains("--allow") && line.contains("prefix length"),
+            "{line}"
+        );
+    }
+    assert!(!std::path::Path::new("/sys/class/net").join(&name).exists());
+}
+
+#[test]
 fn net_setup_refuses_a_user_who_is_not_root() {
     use std::os::unix::process::CommandExt;
     // SAFETY: geteuid has no preconditions.

@@ -18,6 +18,8 @@ use anyhow::{bail, Context, Result};
 /// - image tests: debootstrap (`kiln image build` makes the Debian image the acceptance
 ///   test boots) and tar (`kiln image import`)
 /// - fuzzing: g++ (libfuzzer-sys compiles libFuzzer, which is C++, for the fuzz step)
+/// - network policy tests: nftables (`kiln net setup --nat` installs its rules with `nft`)
+///   and iproute2 (the tests' network namespaces and veth pairs)
 pub const PACKAGES: &[&str] = &[
     "linux-source-6.12",
     "bc",
@@ -37,6 +39,8 @@ pub const PACKAGES: &[&str] = &[
     "debootstrap",
     "tar",
     "g++",
+    "nftables",
+    "iproute2",
 ];
 
 pub fn run() -> Result<()> {
