@@ -21,6 +21,7 @@ use super::run::{check_files, console_sink};
 use super::RuntimeDir;
 use crate::cli::JobArgs;
 use crate::config::SerialOutput;
+use crate::seccomp::{spawn_filtered, ThreadKind};
 use crate::slot::Slot;
 use crate::snapshot::restore::RestoreSpec;
 use crate::vmm::{GuestExit, MachineSpec, RunReport, StopHandle, Vmm, VsockSpec};
@@ -71,21 +72,28 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
                 uds.clone(),
                 Duration::from_secs(args.boot_timeout),
             );
-            std::thread::Builder::new()
-                .name("kiln-refresh".into())
-                .spawn(move || {
+            let filters = match vmm.seccomp_enabled() {
+                true => Some(crate::seccomp::Filters::get()?),
+                false => None,
+            };
+            spawn_filtered(
+                filters.as_ref(),
+                ThreadKind::AgentClient,
+                "kiln-refresh",
+                move || {
                     let event = match super::restore::refresh_guest(&uds, timeout, &identity) {
                         Ok(()) => VmEvent::BootDone(start.elapsed()),
                         Err(e) => VmEvent::NotReady(format!("{e:#}")),
                     };
                     let _ = ready.send(event);
-                })
-                .context("cannot start the guest refresh thread")?;
+                },
+            )
+            .context("cannot start the guest refresh thread")?;
             (vmm, slot)
         }
         None => booted_vm(args, &uds, runtime.path(), events.clone(), start)?,
     };
-    super::run::seccomp_filters(&vmm)?;
+    let filters = super::run::seccomp_filters(&vmm)?;
     let stop = Arc::new(vmm.stop_handle()?);
     let vm_thread = std::thread::Builder::new()
         .name("kiln-vmm".into())
@@ -94,7 +102,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
             let _ = events.send(VmEvent::Ended(report));
         })
         .context("cannot start the VM thread")?;
-    let cancel = Cancel::install(uds.clone(), stop.clone())?;
+    let cancel = Cancel::install(uds.clone(), stop.clone(), filters.as_ref())?;
 
     let outcome = run_job(
         &uds,
@@ -331,7 +339,13 @@ impl Finished {
 }
 
 impl Cancel {
-    fn install(uds: PathBuf, stop: Arc<StopHandle>) -> anyhow::Result<Cancel> {
+    /// The job's signal thread, under the agent-client seccomp filter (it asks the guest
+    /// agent to signal the job) when `filters` is given.
+    fn install(
+        uds: PathBuf,
+        stop: Arc<StopHandle>,
+        filters: Option<&crate::seccomp::Filters>,
+    ) -> anyhow::Result<Cancel> {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
             .context("cannot install signal handlers")?;
@@ -339,9 +353,11 @@ impl Cancel {
         let signal = Arc::new(AtomicI32::new(0));
         let finished = Arc::new(Finished::default());
         let (target, caught, job_finished) = (exec_id.clone(), signal.clone(), finished.clone());
-        std::thread::Builder::new()
-            .name("kiln-job-signals".into())
-            .spawn(move || {
+        spawn_filtered(
+            filters,
+            ThreadKind::AgentClient,
+            "kiln-job-signals",
+            move || {
                 if let Some(signo) = signals.forever().next() {
                     caught.store(signo, Ordering::Relaxed);
                     if let Some(id) = target.get().copied() {
@@ -349,8 +365,9 @@ impl Cancel {
                     }
                     stop.stop();
                 }
-            })
-            .context("cannot start the signal thread")?;
+            },
+        )
+        .context("cannot start the signal thread")?;
         Ok(Cancel {
             exec_id,
             signal,

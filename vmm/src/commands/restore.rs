@@ -55,7 +55,13 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
             hostname: args.hostname.clone(),
             mac: net.and_then(|n| n.mac),
         };
-        spawn_guest_refresh(uds.clone(), identity)?;
+        // The refresh thread starts before the VM runs: it needs the filters now (without
+        // the warning that run_to_end prints when seccomp is off).
+        let filters = match vmm.seccomp_enabled() {
+            true => Some(crate::seccomp::Filters::get()?),
+            false => None,
+        };
+        spawn_guest_refresh(uds.clone(), identity, filters.as_ref())?;
     }
     let code = run_to_end(vmm, args.api.as_deref(), args.json);
     drop(runtime);
@@ -80,24 +86,26 @@ pub struct CloneIdentity {
     pub mac: Option<kiln_devices::virtio::net::MacAddr>,
 }
 
-fn spawn_guest_refresh(uds: PathBuf, identity: CloneIdentity) -> anyhow::Result<()> {
-    std::thread::Builder::new()
-        .name("kiln-refresh".into())
-        .spawn(
-            move || match refresh_guest(&uds, AGENT_TIMEOUT, &identity) {
-                Ok(()) => {
-                    tracing::info!(
-                        "guest clock set and {ENTROPY_BYTES} bytes of fresh entropy added"
-                    )
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "the restored guest's clock and entropy were not refreshed: {e:#}"
-                    )
-                }
-            },
-        )
-        .context("cannot start the guest refresh thread")?;
+fn spawn_guest_refresh(
+    uds: PathBuf,
+    identity: CloneIdentity,
+    filters: Option<&crate::seccomp::Filters>,
+) -> anyhow::Result<()> {
+    use crate::seccomp::{spawn_filtered, ThreadKind};
+    spawn_filtered(
+        filters,
+        ThreadKind::AgentClient,
+        "kiln-refresh",
+        move || match refresh_guest(&uds, AGENT_TIMEOUT, &identity) {
+            Ok(()) => {
+                tracing::info!("guest clock set and {ENTROPY_BYTES} bytes of fresh entropy added")
+            }
+            Err(e) => {
+                tracing::warn!("the restored guest's clock and entropy were not refreshed: {e:#}")
+            }
+        },
+    )
+    .context("cannot start the guest refresh thread")?;
     Ok(())
 }
 

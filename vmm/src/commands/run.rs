@@ -14,7 +14,7 @@ use crate::api::ApiServer;
 use crate::cli::RunArgs;
 use crate::config::{SerialOutput, VmConfig};
 use crate::logcap::CappedFile;
-use crate::seccomp::Filters;
+use crate::seccomp::{spawn_filtered, Filters, ThreadKind};
 use crate::vmm::{GuestExit, MachineSpec, StopHandle, Vmm, VsockSpec};
 
 pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Write + Send>> {
@@ -57,22 +57,24 @@ pub(crate) fn check_readable(what: &str, path: &std::path::Path) -> anyhow::Resu
 }
 
 /// On SIGINT or SIGTERM, stops the VM (its console is flushed and the report printed as
-/// for any other exit). Returns where the signal number is recorded.
-pub(crate) fn stop_on_signals(stop: StopHandle) -> anyhow::Result<Arc<AtomicI32>> {
+/// for any other exit), from a thread under the signal thread's seccomp filter (when
+/// `filters` is given). Returns where the signal number is recorded.
+pub(crate) fn stop_on_signals(
+    stop: StopHandle,
+    filters: Option<&Filters>,
+) -> anyhow::Result<Arc<AtomicI32>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("cannot install signal handlers")?;
     let caught = Arc::new(AtomicI32::new(0));
     let record = caught.clone();
-    std::thread::Builder::new()
-        .name("kiln-signals".into())
-        .spawn(move || {
-            if let Some(signo) = signals.forever().next() {
-                record.store(signo, Ordering::Relaxed);
-                stop.stop();
-            }
-        })
-        .context("cannot start the signal thread")?;
+    spawn_filtered(filters, ThreadKind::Signals, "kiln-signals", move || {
+        if let Some(signo) = signals.forever().next() {
+            record.store(signo, Ordering::Relaxed);
+            stop.stop();
+        }
+    })
+    .context("cannot start the signal thread")?;
     Ok(caught)
 }
 
@@ -127,8 +129,8 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
 /// returns the exit code: 0 when the guest reset, halted or a `shutdown` request stopped
 /// it, 128 + N when signal N did, 1 on a panic or fault.
 pub(crate) fn run_to_end(vmm: Vmm, api: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
-    let stopped_by = stop_on_signals(vmm.stop_handle()?)?;
     let filters = seccomp_filters(&vmm)?;
+    let stopped_by = stop_on_signals(vmm.stop_handle()?, filters.as_ref())?;
     let api_server = match api {
         Some(path) => Some(ApiServer::start(path, vmm.controller(), filters)?),
         None => None,

@@ -5,7 +5,17 @@
 //! filter is installed, plus what the SIGSYS report itself needs (`write`, `rt_sigaction`,
 //! `getpid`, `gettid`, `tgkill`, `rt_sigprocmask`, `rt_sigreturn`). Memory management
 //! (`mmap`, `munmap`, `mremap`, `madvise`, `brk`, `mprotect`) is allowed everywhere: the
-//! allocator uses it behind every `Vec`.
+//! allocator uses it behind every `Vec`; but `mmap` and `mprotect` only without
+//! `PROT_EXEC`: nothing in kiln makes code at run time, so an exploit cannot either.
+//!
+//! What stays, and why:
+//! - The event loop may `socket(AF_UNIX)` and `connect`: a guest's vsock connection to host
+//!   port N is connected to the Unix socket `<uds>_N` when the guest asks for it.
+//! - The event loop keeps the path syscalls (`openat`, `mkdir`, `rename`, `unlink`, …):
+//!   snapshots are written on it (into a directory named at request time, through
+//!   `create`+`rename` for atomic state files), and after the loop it tears the VM down
+//!   (removing sockets and runtime directories). No other thread may make path syscalls.
+//! - The agent-client threads `connect` to the VM's own vsock socket to reach the guest agent.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip, kvm_lapic_state,
@@ -51,11 +61,9 @@ use Allowed::{Any, ArgIn};
 fn common() -> Vec<Allowed> {
     [
         libc::SYS_brk,
-        libc::SYS_mmap,
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_madvise,
-        libc::SYS_mprotect,
         libc::SYS_futex,
         libc::SYS_sched_yield,
         libc::SYS_clock_gettime,
@@ -79,6 +87,17 @@ fn common() -> Vec<Allowed> {
     .into_iter()
     .map(Any)
     .chain([
+        // Memory, never executable: `prot` (argument 2) without PROT_EXEC.
+        ArgIn {
+            syscall: libc::SYS_mmap,
+            arg: 2,
+            values: NOT_EXEC.to_vec(),
+        },
+        ArgIn {
+            syscall: libc::SYS_mprotect,
+            arg: 2,
+            values: NOT_EXEC.to_vec(),
+        },
         ArgIn {
             // Thread names: set by a spawning thread, read by the SIGSYS report.
             syscall: libc::SYS_prctl,
@@ -96,6 +115,14 @@ fn common() -> Vec<Allowed> {
     ])
     .collect()
 }
+
+/// Every `prot` value without PROT_EXEC.
+const NOT_EXEC: [u64; 4] = [
+    libc::PROT_NONE as u64,
+    libc::PROT_READ as u64,
+    libc::PROT_WRITE as u64,
+    (libc::PROT_READ | libc::PROT_WRITE) as u64,
+];
 
 fn ioctls(values: Vec<u64>) -> Allowed {
     ArgIn {
@@ -235,6 +262,53 @@ pub(super) fn api() -> Vec<Allowed> {
             libc::SYS_unlink,
             libc::SYS_statx,
             libc::SYS_newfstatat,
+        ]
+        .into_iter()
+        .map(Any),
+    );
+    list
+}
+
+/// The signal thread: blocks reading signal-hook's socket, then stops the VM (an eventfd
+/// write). Every thread that does not block SIGINT/SIGTERM may run signal-hook's handler,
+/// which wakes this one with `send` (`sendto`), so that is here too.
+pub(super) fn signals() -> Vec<Allowed> {
+    let mut list = common();
+    list.extend(
+        [
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_sendto,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+        ]
+        .into_iter()
+        .map(Any),
+    );
+    list
+}
+
+/// An agent-client thread: connects to the VM's vsock Unix socket and talks to the guest
+/// agent (a restored guest's clock, entropy and identity; a cancelled job's signal), with
+/// timeouts and retries; the signal thread's calls too (the job's signal thread is one).
+pub(super) fn agent_client() -> Vec<Allowed> {
+    let mut list = signals();
+    list.push(ioctls(stdlib_ioctls()));
+    list.push(ArgIn {
+        syscall: libc::SYS_socket,
+        arg: 0,
+        values: vec![libc::AF_UNIX as u64],
+    });
+    list.extend(
+        [
+            libc::SYS_connect,
+            libc::SYS_writev,
+            libc::SYS_readv,
+            libc::SYS_sendmsg,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_shutdown,
         ]
         .into_iter()
         .map(Any),

@@ -1,7 +1,14 @@
 //! seccomp: each of kiln's threads, once the VM runs, may make only the syscalls its kind
 //! needs (`allowlists.rs`): the vCPU threads, the event loop (which also tears the VM down),
-//! and the control API's threads. Set-up (opening files, creating the VM, mapping memory,
-//! spawning threads) happens before any filter is installed, so it is not constrained.
+//! the control API's threads, the signal thread (SIGINT/SIGTERM stop the VM), and the
+//! agent-client threads (the restored guest's clock and entropy refresh, a cancelled job's
+//! signal to the guest). Set-up (opening files, creating the VM, mapping memory, spawning
+//! threads) happens before any filter is installed, so it is not constrained; helper
+//! threads start through [`spawn_filtered`], which installs the filter before anything else.
+//!
+//! No thread may map or protect memory as executable, only the event loop and the
+//! agent-client threads may connect Unix sockets (see `allowlists.rs` for why), and only the
+//! event loop may make path syscalls.
 //!
 //! A syscall outside a thread's list traps: a SIGSYS handler writes one line naming the
 //! syscall and the thread to stderr, then lets SIGSYS kill the process (as
@@ -26,6 +33,10 @@ pub enum ThreadKind {
     Vcpu,
     Vmm,
     Api,
+    /// Waits for SIGINT/SIGTERM and stops the VM.
+    Signals,
+    /// Talks to the guest agent through the vsock Unix socket.
+    AgentClient,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +57,12 @@ pub struct Filters {
     vcpu: Arc<BpfProgram>,
     vmm: Arc<BpfProgram>,
     api: Arc<BpfProgram>,
+    signals: Arc<BpfProgram>,
+    agent_client: Arc<BpfProgram>,
 }
 
 impl Filters {
-    /// Compiles the three filters (once per process; later calls share them).
+    /// Compiles the filters (once per process; later calls share them).
     pub fn get() -> Result<Filters, SeccompError> {
         static FILTERS: OnceLock<Result<Filters, String>> = OnceLock::new();
         FILTERS
@@ -63,6 +76,11 @@ impl Filters {
             vcpu: Arc::new(compile(ThreadKind::Vcpu, allowlists::vcpu())?),
             vmm: Arc::new(compile(ThreadKind::Vmm, allowlists::vmm())?),
             api: Arc::new(compile(ThreadKind::Api, allowlists::api())?),
+            signals: Arc::new(compile(ThreadKind::Signals, allowlists::signals())?),
+            agent_client: Arc::new(compile(
+                ThreadKind::AgentClient,
+                allowlists::agent_client(),
+            )?),
         })
     }
 
@@ -73,9 +91,34 @@ impl Filters {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::Vmm => &self.vmm,
             ThreadKind::Api => &self.api,
+            ThreadKind::Signals => &self.signals,
+            ThreadKind::AgentClient => &self.agent_client,
         };
         seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(kind, e))
     }
+}
+
+/// Spawns a thread named `name` that installs `kind`'s filter (when `filters` is given,
+/// i.e. seccomp is on) before it runs `f`. If the filter cannot be installed, the thread
+/// says so and ends without running `f`: no kiln thread runs unfiltered by accident.
+pub fn spawn_filtered<T: Send + 'static>(
+    filters: Option<&Filters>,
+    kind: ThreadKind,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<Option<T>>> {
+    let filters = filters.cloned();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Some(filters) = filters {
+                if let Err(e) = filters.install(kind) {
+                    tracing::error!("{e}; the thread does not run");
+                    return None;
+                }
+            }
+            Some(f())
+        })
 }
 
 fn compile(kind: ThreadKind, list: Vec<Allowed>) -> Result<BpfProgram, SeccompError> {
@@ -218,7 +261,15 @@ mod tests {
     #[test]
     fn filters_compile() {
         let filters = Filters::get().unwrap();
-        assert!(!filters.vcpu.is_empty() && !filters.vmm.is_empty() && !filters.api.is_empty());
+        for program in [
+            &filters.vcpu,
+            &filters.vmm,
+            &filters.api,
+            &filters.signals,
+            &filters.agent_client,
+        ] {
+            assert!(!program.is_empty());
+        }
     }
 
     #[test]
