@@ -117,12 +117,17 @@ pub struct JailArgs {
     /// digits, '-' or '_'). Refused while another jail uses it.
     #[arg(long, value_name = "ID")]
     pub id: String,
-    /// The uid the VMM runs as (not 0).
-    #[arg(long, value_name = "UID", default_value_t = crate::jail::DEFAULT_ID)]
-    pub uid: u32,
-    /// The gid the VMM runs as (not 0); it gets no supplementary groups.
-    #[arg(long, value_name = "GID", default_value_t = crate::jail::DEFAULT_ID)]
-    pub gid: u32,
+    /// The uid the VMM runs as (not 0). Default: a uid of the jail's own from --uid-range.
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// The range the jail's own uid comes from: START:COUNT, each uid held by at most one
+    /// running jail. Default: 1800000000:65536. Use uids no account of the host has.
+    #[arg(long, value_name = "START:COUNT", conflicts_with = "uid")]
+    pub uid_range: Option<crate::jail::UidRange>,
+    /// The gid the VMM runs as (not 0); it gets no supplementary groups. Default: the
+    /// number of the uid taken from --uid-range, or 65534 ("nogroup") with --uid.
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
     /// Where jail directories are made. Default: $KILN_JAIL_BASE, else /srv/kiln.
     #[arg(long, value_name = "DIR")]
     pub base: Option<PathBuf>,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::cli::JailArgs;
-use crate::jail::{host_paths, Jail, JailSpec, DEFAULT_BASE};
+use crate::jail::{host_paths, Jail, JailSpec, DEFAULT_BASE, DEFAULT_ID, DEFAULT_UID_RANGE};
 
 pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
     let base = args
@@ -14,10 +14,18 @@ pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .or_else(|| std::env::var_os("KILN_JAIL_BASE").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BASE));
+    // Without --uid, the jail takes a uid of its own from the range (Jail::start), and
+    // the gid of the same number unless --gid names one.
+    let uid_range = match args.uid {
+        Some(_) => None,
+        None => Some(args.uid_range.unwrap_or(DEFAULT_UID_RANGE)),
+    };
     let spec = JailSpec {
         id: args.id.clone(),
-        uid: args.uid,
-        gid: args.gid,
+        uid: args.uid.unwrap_or(0),
+        gid: args.gid.unwrap_or(DEFAULT_ID),
+        uid_range,
+        gid_from_uid: args.uid.is_none() && args.gid.is_none(),
         base,
         files: args.file.clone(),
         images: store_images(args)?,
@@ -33,8 +41,8 @@ pub fn jail(args: &JailArgs) -> anyhow::Result<ExitCode> {
         "kiln jail: {} runs as pid {} (uid {}, gid {}) with the root {}",
         spec.id,
         jail.pid,
-        spec.uid,
-        spec.gid,
+        jail.uid,
+        jail.gid,
         jail.dir.root.display()
     );
     for (flag, value, host) in host_paths(&spec.args, &jail.dir.root) {

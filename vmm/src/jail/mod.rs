@@ -7,11 +7,16 @@
 //! In the outer `kiln jail` process (root, in the host's namespaces):
 //!
 //! 1. Checks: root, a valid ID (`[A-Za-z0-9_-]`, ≤ 64 bytes: it becomes the hostname), a
-//!    non-root `--uid`/`--gid` (default 65534, "nobody"), every `--file` present.
+//!    non-root `--uid`/`--gid`, every `--file` present. Without `--uid`, the jail takes a uid
+//!    of its own from `--uid-range START:COUNT` (default [`DEFAULT_UID_RANGE`]), held for its
+//!    lifetime (`uids.rs`), and the gid of the same number unless `--gid` says otherwise.
 //! 2. The jail directory `<base>/<ID>` (`--base`, else `$KILN_JAIL_BASE`, else
 //!    `/srv/kiln`) is created with `mkdir`, which is atomic: an existing one is refused if
 //!    its `jail.pid` names a live process (or is missing), and replaced if it is stale.
-//! 3. `<base>/<ID>/root` (owned by uid:gid, mode 0755) gets each `--file` under its file
+//! 3. `<base>/<ID>/root` (owned by uid:gid, mode 0755, but only once it is complete: until
+//!    then root owns everything in it, so the jail's uid cannot plant a symlink for root to
+//!    follow; copies are created with `O_EXCL | O_NOFOLLOW` and ownership is handed over
+//!    last, bottom-up, with `lchown`) gets each `--file` under its file
 //!    name (a directory recursively), hard-linked, or copied where a link is impossible
 //!    (another filesystem), would not be readable by the jail's uid (the copy is then
 //!    chowned: a hard link shares the inode, so the host's file is never chowned), or would
@@ -76,6 +81,7 @@ mod ns;
 mod paths;
 mod privs;
 mod signals;
+mod uids;
 
 use std::ffi::CString;
 use std::io::Read;
@@ -86,6 +92,7 @@ use std::path::PathBuf;
 use kiln_devices::virtio::net::Tap;
 pub use paths::{host_paths, JailDir};
 use signals::{forward_signals, SignalMask};
+pub use uids::{UidLease, UidRange, DEFAULT_UID_RANGE};
 
 /// The image store inside a jail that has `--image`s.
 pub const JAIL_IMAGE_STORE: &str = "/images";
@@ -130,6 +137,8 @@ pub enum JailError {
     },
     #[error("cannot {0}: {1}")]
     Sys(&'static str, std::io::Error),
+    #[error("every uid of the range {start}:{count} is held by a running jail; wait for one to end or give a larger --uid-range")]
+    NoFreeUid { start: u32, count: u32 },
     #[error("setting up the jail failed: {0}")]
     Child(String),
     /// Shown with its source (the TAP's error) after it.
@@ -141,8 +150,13 @@ pub enum JailError {
 #[derive(Debug, Clone)]
 pub struct JailSpec {
     pub id: String,
+    /// The VMM's uid, unless `uid_range` is given.
     pub uid: u32,
     pub gid: u32,
+    /// Take a uid of the jail's own from this range instead of `uid` (see `uids.rs`).
+    pub uid_range: Option<UidRange>,
+    /// With `uid_range`: the gid is the number of the uid taken, not `gid`.
+    pub gid_from_uid: bool,
     pub base: PathBuf,
     pub files: Vec<PathBuf>,
     /// Image directories of the host's store, placed under `/images` (the inner kiln's
@@ -176,10 +190,10 @@ impl JailSpec {
         if !id_ok {
             return Err(JailError::BadId(self.id.clone()));
         }
-        if self.uid == 0 {
+        if self.uid == 0 && self.uid_range.is_none() {
             return Err(JailError::RootIds("uid"));
         }
-        if self.gid == 0 {
+        if self.gid == 0 && !(self.gid_from_uid && self.uid_range.is_some()) {
             return Err(JailError::RootIds("gid"));
         }
         for path in &self.files {
@@ -197,7 +211,13 @@ impl JailSpec {
 pub struct Jail {
     pub pid: libc::pid_t,
     pub dir: JailDir,
+    /// The ids the VMM runs as.
+    pub uid: u32,
+    pub gid: u32,
     reaped: bool,
+    /// The jail's own uid, held until the VMM is reaped and the directory removed (fields
+    /// drop after [`Drop::drop`], in order: the directory, then this).
+    _lease: Option<UidLease>,
 }
 
 impl Drop for Jail {
@@ -221,6 +241,19 @@ impl Jail {
         // none leaves the jail directory behind; the child unblocks them before its execve.
         let mask = SignalMask::block();
         let dir = JailDir::create(&spec.base, &spec.id, spec.keep)?;
+        let mut spec = spec.clone();
+        let lease = match spec.uid_range {
+            Some(range) => {
+                let lease = UidLease::take(&spec.base, range)?;
+                spec.uid = lease.uid;
+                if spec.gid_from_uid {
+                    spec.gid = lease.uid;
+                }
+                Some(lease)
+            }
+            None => None,
+        };
+        let spec = &spec;
         dir.populate(spec)?;
         let plan = ns::Plan::new(spec, &dir)?;
         // Attached here, in the host's network namespace; the child keeps the fds open
@@ -281,7 +314,10 @@ impl Jail {
         let jail = Jail {
             pid,
             dir,
+            uid: spec.uid,
+            gid: spec.gid,
             reaped: false,
+            _lease: lease,
         };
         let forwarding = if message.is_empty() {
             forward_signals(pid)
@@ -338,6 +374,8 @@ mod tests {
             id: id.into(),
             uid: 1000,
             gid: 1000,
+            uid_range: None,
+            gid_from_uid: false,
             base: "/nonexistent".into(),
             files: vec![],
             images: vec![],

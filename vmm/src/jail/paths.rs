@@ -88,9 +88,17 @@ impl JailDir {
 
     /// Fills the root: the kiln binary (and, if it is dynamically linked, its libraries),
     /// each `--file`, the `dev` mount point; then hands the root to uid:gid.
+    ///
+    /// Everything is created as root, in directories root owns, and handed to the jail's
+    /// uid only at the end, deepest first, with `lchown` (never following a symlink): at
+    /// every step all the ancestors of the path being changed still belong to root, so a
+    /// process of the jail's uid (a previous jail's VMM, with a shared `--uid`) can neither
+    /// swap an entry for a symlink nor have root write or chown through one.
     pub fn populate(&self, spec: &JailSpec) -> Result<(), JailError> {
         let root = &self.root;
         mkdir(root)?;
+        // Directories for the jail's uid, children before their parents.
+        let mut handover = Vec::new();
         let mut names = std::collections::HashSet::new();
         names.insert(std::ffi::OsString::from("kiln"));
         names.insert(std::ffi::OsString::from("dev"));
@@ -104,7 +112,7 @@ impl JailDir {
                     name.to_string_lossy().into_owned(),
                 ));
             }
-            place(file, &root.join(name), spec)?;
+            place(file, &root.join(name), spec, &mut handover)?;
         }
         if !spec.images.is_empty() {
             let images = root.join(super::JAIL_IMAGE_STORE.trim_start_matches('/'));
@@ -112,13 +120,13 @@ impl JailDir {
                 return Err(JailError::DuplicateName("images".to_string()));
             }
             mkdir(&images)?;
-            chown(&images, spec.uid, spec.gid)?;
             for image in &spec.images {
                 let name = image.file_name().unwrap_or_default();
-                place(image, &images.join(name), spec)?;
+                place(image, &images.join(name), spec, &mut handover)?;
             }
+            handover.push(images);
         }
-        place(&spec.kiln, &root.join("kiln"), spec)?;
+        place(&spec.kiln, &root.join("kiln"), spec, &mut Vec::new())?;
         for lib in shared_libraries(&spec.kiln) {
             let dst = root.join(lib.strip_prefix("/").unwrap_or(&lib));
             if let Some(parent) = dst.parent() {
@@ -128,10 +136,13 @@ impl JailDir {
                     source,
                 })?;
             }
-            place(&lib, &dst, spec)?;
+            place(&lib, &dst, spec, &mut Vec::new())?;
         }
         mkdir(&root.join("dev"))?;
-        chown(root, spec.uid, spec.gid)?;
+        handover.push(root.clone());
+        for dir in &handover {
+            lchown(dir, spec.uid, spec.gid)?;
+        }
         fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(|source| {
             JailError::Io {
                 what: "set the mode of",
@@ -155,26 +166,39 @@ impl Drop for JailDir {
     }
 }
 
+/// A directory only root can write to (0755), whatever the umask.
 fn mkdir(path: &Path) -> Result<(), JailError> {
-    fs::create_dir(path).map_err(|source| JailError::Io {
-        what: "create",
-        path: path.to_owned(),
-        source,
-    })
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(path)
+        .map_err(|source| JailError::Io {
+            what: "create",
+            path: path.to_owned(),
+            source,
+        })
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| JailError::Io {
+/// `fchownat(AT_SYMLINK_NOFOLLOW)`: a symlink at `path` is changed itself, never followed.
+fn lchown(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|source| JailError::Io {
         what: "chown",
         path: path.to_owned(),
         source,
     })
 }
 
-/// Puts `src` at `dst`: a directory recursively; a file hard-linked if the jail's uid can
-/// read it that way and not write it, else copied (across filesystems, to keep the host's
-/// file from the jail's uid, or to be chowned to uid:gid when it could not read it).
-fn place(src: &Path, dst: &Path, spec: &JailSpec) -> Result<(), JailError> {
+/// Puts `src` at `dst`: a directory recursively (added to `handover`, after its
+/// subdirectories, to become the jail's uid's at the end); a file hard-linked if the jail's
+/// uid can read it that way and not write it, else copied into a new file (across
+/// filesystems, to keep the host's file from the jail's uid, or to be given to uid:gid
+/// when it could not read it).
+fn place(
+    src: &Path,
+    dst: &Path,
+    spec: &JailSpec,
+    handover: &mut Vec<PathBuf>,
+) -> Result<(), JailError> {
     let io = |what, path: &Path| {
         let path = path.to_owned();
         move |source| JailError::Io { what, path, source }
@@ -185,11 +209,11 @@ fn place(src: &Path, dst: &Path, spec: &JailSpec) -> Result<(), JailError> {
     })?;
     if meta.is_dir() {
         mkdir(dst)?;
-        chown(dst, spec.uid, spec.gid)?;
         for entry in fs::read_dir(src).map_err(io("read", src))? {
             let entry = entry.map_err(io("read", src))?;
-            place(&entry.path(), &dst.join(entry.file_name()), spec)?;
+            place(&entry.path(), &dst.join(entry.file_name()), spec, handover)?;
         }
+        handover.push(dst.to_owned());
         return Ok(());
     }
     // A hard link to a symlink would be a symlink: link what it points to.
@@ -205,11 +229,34 @@ fn place(src: &Path, dst: &Path, spec: &JailSpec) -> Result<(), JailError> {
     if readable && !writable && fs::hard_link(src, dst).is_ok() {
         return Ok(());
     }
-    fs::copy(src, dst).map_err(io("copy into the jail", src))?;
-    if !readable {
-        chown(dst, spec.uid, spec.gid)?;
+    // Without set-id bits: a set-uid copy owned by root must not appear on the host.
+    copy_new(
+        src,
+        dst,
+        mode & 0o777,
+        (!readable).then_some((spec.uid, spec.gid)),
+    )
+    .map_err(io("copy into the jail", src))
+}
+
+/// Copies `src` into a new file `dst` (`O_EXCL | O_NOFOLLOW`: never through an existing
+/// name or a symlink) with permissions `mode`, owned by `owner` if given (`fchown` on the
+/// open file, not on the path).
+fn copy_new(src: &Path, dst: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut from = fs::File::open(src)?;
+    let mut to = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dst)?;
+    std::io::copy(&mut from, &mut to)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&to, Some(uid), Some(gid))?;
     }
-    Ok(())
+    // After the chown (which would clear set-id bits; `mode` has none anyway).
+    to.set_permissions(fs::Permissions::from_mode(mode))
 }
 
 /// The loader and libraries of a dynamically linked executable (as `ldd` prints them), or
@@ -307,5 +354,28 @@ mod tests {
         assert_eq!(m[0].2, root.join("v.sock"));
         assert_eq!(m[1].0, "--api");
         assert_eq!(m[1].2, root.join("a.sock"));
+    }
+
+    #[test]
+    fn copies_never_go_through_an_existing_name_or_a_symlink() {
+        let dir = std::env::temp_dir().join(format!("kiln-jail-copy-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (src, target, link) = (dir.join("src"), dir.join("target"), dir.join("link"));
+        fs::write(&src, "new").unwrap();
+        fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for dst in [&link, &target] {
+            assert!(
+                copy_new(&src, dst, 0o644, None).is_err(),
+                "{}",
+                dst.display()
+            );
+        }
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+        copy_new(&src, &dir.join("fresh"), 0o640, None).unwrap();
+        let fresh = fs::metadata(dir.join("fresh")).unwrap();
+        assert_eq!(fresh.mode() & 0o7777, 0o640);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
