@@ -31,7 +31,9 @@ pub(crate) fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32
 /// rng) to `handle`, returns each used with the length `handle` reports, and raises the
 /// interrupt if the driver wants it. Returns whether any chain was used.
 ///
-/// At most `budget` chains per call: a driver that keeps adding requests (a vCPU submitting
+/// `handle` also says what the chain cost, in budget units (1 for a small request; a
+/// device whose requests vary in work charges more for more). At most `budget` units per
+/// call: a driver that keeps adding requests (a vCPU submitting
 /// as fast as the device completes) must not hold the event loop, and with it vsock and the
 /// control API, forever; past the budget the device kicks its own queue eventfd `evt` and
 /// carries on after the other events. A ring that keeps announcing chains it does not yield
@@ -42,7 +44,7 @@ pub(crate) fn drain(
     evt: &EventFd,
     (irq, dev): (&VirtioInterrupt, &str),
     budget: usize,
-    mut handle: impl FnMut(DescriptorChain<&GuestMemory>) -> u32,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemory>) -> (u32, usize),
 ) -> bool {
     let mut used = false;
     let mut empty_rounds = 0;
@@ -53,11 +55,11 @@ pub(crate) fn drain(
         let mut popped = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = handle(chain);
+            let (len, cost) = handle(chain);
             add_used(queue, mem, head, len, dev);
             used = true;
             popped = true;
-            taken += 1;
+            taken += cost.max(1);
             if taken >= budget {
                 if let Err(e) = evt.write(1) {
                     crate::guest_warn!(static, "{dev}: cannot re-kick the request queue: {e}");

@@ -23,6 +23,10 @@ use crate::virtio::{
 
 /// The most requests one call takes from the queue (see [`drain`]).
 pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
+/// A request costs one budget unit plus one per this many bytes it moved: one call moves
+/// at most ~[`CHAIN_BUDGET`] × 64 KiB (32 MiB) before the event loop gets its turn, however
+/// large the requests (each at most `MAX_REQUEST_LEN`).
+pub(crate) const BYTES_PER_UNIT: u64 = 64 * 1024;
 
 /// A virtio-blk device over a raw image or a copy-on-write overlay.
 pub struct Block {
@@ -117,6 +121,7 @@ impl Block {
             discard,
             writethrough,
             scratch,
+            moved: 0,
         };
         drain(
             queue,
@@ -124,7 +129,12 @@ impl Block {
             evt,
             (interrupt, "virtio-blk"),
             CHAIN_BUDGET,
-            |chain| request::handle(mem, chain, &mut ctx),
+            |chain| {
+                let before = ctx.moved;
+                let used = request::handle(mem, chain, &mut ctx);
+                let units = (ctx.moved - before) / BYTES_PER_UNIT;
+                (used, 1 + usize::try_from(units).unwrap_or(CHAIN_BUDGET))
+            },
         )
     }
 

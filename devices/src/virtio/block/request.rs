@@ -58,6 +58,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) writethrough: bool,
     /// The bounce buffer, grown up to [`BOUNCE_LEN`] and reused.
     pub(crate) scratch: &'a mut Vec<u8>,
+    /// Data bytes read and written so far (what a request cost, for the drain's budget).
+    pub(crate) moved: u64,
 }
 
 /// Run the request in `chain` and write its status. Returns the used length: the bytes
@@ -278,6 +280,7 @@ fn read_write(
     }
     let written = u32::try_from(total).map_err(|_| ioerr("data length exceeds 4 GiB"))?;
     let mut offset = disk_range(ctx.disk, sector, total)?;
+    ctx.moved = ctx.moved.saturating_add(total);
     let chunk = BOUNCE_LEN.min(usize::try_from(total).unwrap_or(BOUNCE_LEN));
     ctx.scratch.resize(chunk.max(ctx.scratch.len()), 0);
     for d in data {

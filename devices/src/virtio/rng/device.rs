@@ -79,7 +79,7 @@ impl Rng {
             evt,
             (interrupt, "virtio-rng"),
             CHAIN_BUDGET,
-            |chain| fill_request(mem, chain, scratch),
+            |chain| (fill_request(mem, chain, scratch), 1),
         )
     }
 

@@ -111,6 +111,7 @@ impl<'m> Bench<'m> {
             discard: true,
             writethrough: self.writethrough,
             scratch: &mut scratch,
+            moved: 0,
         };
         let used = handle(self.mem, chain, &mut ctx);
         (self.mem.read_obj(GuestAddress(status)).unwrap(), used)

@@ -344,3 +344,47 @@ fn requests_over_the_size_cap_are_ioerr_and_move_no_data() {
         fill[..cap as usize]
     );
 }
+
+/// Budget by work, not only by count: large requests end a drain sooner (each costs one
+/// unit plus one per BYTES_PER_UNIT it moves), the device re-kicks itself, and the rest run
+/// on the next turns.
+#[test]
+fn large_requests_spend_the_drain_budget_sooner() {
+    use crate::virtio::block::device::{BYTES_PER_UNIT, CHAIN_BUDGET};
+    const N: usize = 60;
+    let (mem, dir) = (test_mem(), TestDir::new());
+    let path = image(&dir.path("disk.img"), 1 << 20, 2);
+    let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
+    let big = 1u32 << 20;
+    for _ in 0..N {
+        let (hdr, s) = (h.header(VIRTIO_BLK_T_OUT, 0), h.status_buf());
+        h.q.add_chain(&[(hdr, 16, false), (0x20_0000, big, false), (s, 1, true)]);
+    }
+    h.run();
+    let first = h.q.used().len();
+    let cost = 1 + usize::try_from(u64::from(big) / BYTES_PER_UNIT).unwrap();
+    assert_eq!(
+        first,
+        CHAIN_BUDGET.div_ceil(cost),
+        "requests in the first turn"
+    );
+    let mut kick = 0u64;
+    // SAFETY: reads 8 bytes into `kick` from the device's nonblocking queue eventfd.
+    let n = unsafe {
+        libc::read(
+            h.dev.queue_fd().unwrap(),
+            std::ptr::addr_of_mut!(kick).cast(),
+            8,
+        )
+    };
+    assert_eq!((n, kick), (8, 1), "the device re-kicked its queue");
+    let mut total = first;
+    for _ in 0..N {
+        if total == N {
+            break;
+        }
+        h.run();
+        total += h.q.used().len();
+    }
+    assert_eq!(total, N);
+}
