@@ -332,11 +332,15 @@ pub fn check_command(shown: &Shown, helps: &dyn HelpSource) -> Result<Vec<String
         if subs.contains(word.as_str()) {
             path.push(word.clone());
             help = helps.help(program, &path)?;
-        } else if path.is_empty() && !subs.is_empty() {
+        } else if !subs.is_empty() && (path.is_empty() || help.contains("<COMMAND>")) {
+            // Where a subcommand is due (clap's usage says `<COMMAND>`), any other word
+            // (flag values aside, skipped above) is a subcommand that does not exist.
+            let at = format!("{program} {}", path.join(" "));
             problems.push(format!(
-                "README.md:{}: `{}`: {program} has no subcommand {word}",
+                "README.md:{}: `{}`: `{}` has no subcommand {word}",
                 shown.line,
-                shown.words.join(" ")
+                shown.words.join(" "),
+                at.trim_end()
             ));
             break;
         }
@@ -357,6 +361,8 @@ mod tests {
                 ("kiln", "") => "Usage: kiln <COMMAND>\n\nCommands:\n  run   Boot\n  exec  Run\n  help  Print\n\nOptions:\n      --config <PATH>\n  -h, --help\n".into(),
                 ("kiln", "run") => "Usage: kiln run [OPTIONS]\n\nOptions:\n      --kernel <PATH>\n      --vsock <UDS>\n      --no-rng\n".into(),
                 ("kiln", "exec") => "Usage: kiln exec --vsock <UDS> -- <CMD>...\n\nOptions:\n      --vsock <UDS>\n".into(),
+                ("kiln", "ctl") => "Usage: kiln ctl --api <PATH> <COMMAND>\n\nCommands:\n  status  Ask\n\nOptions:\n      --api <PATH>\n".into(),
+                ("kiln", "ctl status") => "Usage: kiln ctl status\n".into(),
                 (p, s) => bail!("no help for {p} {s}"),
             })
         }
