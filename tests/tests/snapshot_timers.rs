@@ -9,7 +9,8 @@ use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::output::value;
 use kiln_tests::{shell, Runner};
 
-const TIMEOUT: Duration = Duration::from_secs(500);
+// Generous: a clone whose timers hang costs each of its bounded waits in full.
+const TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Snapshots taken of one running guest.
 const SNAPSHOTS: usize = 3;
@@ -35,7 +36,7 @@ echo "KILN-READY=$(wait_exec "$D/v.sock" $vm)"
 # wait_file SOCK FILE: bounded wait until FILE exists in the guest behind SOCK.
 wait_file() {
   n=0
-  while [ $n -lt 300 ]; do
+  while [ $n -lt 150 ]; do
     timeout 10 "$KILN" exec --vsock "$1" -- test -e "$2" 2>/dev/null && { echo yes; return; }
     n=$((n + 1))
     sleep 0.1

@@ -47,7 +47,7 @@ enum Task {
     },
     /// Run the benchmarks (release build); prints one JSON object per line, writes them
     /// all to target/bench.json and prints a table; `--check` holds them to
-    /// benches/budgets.toml.
+    /// benches/budgets.toml; `--report` writes docs/performance.md from a results file.
     Bench(bench::BenchArgs),
     /// Build and run the cargo-fuzz targets in fuzz/ (each for --time seconds, on a scratch
     /// copy of its seed corpus); fails on any crash. Installs cargo-fuzz if missing.
