@@ -279,10 +279,9 @@ for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
 }
 
 /// How B and C wait, mid-build, until the harness has seen both running: for the file
-/// the harness puts into each guest. A spin, not `sleep`: sleeping in a restored guest
-/// sometimes never returns (see the report on issue 6: a kiln restore bug, not the
-/// driver's), which would make this test flaky for a reason it does not test.
-const WAIT_FOR_GO: &str = "until [ -e /tmp/go ]; do :; done";
+/// the harness puts into each guest. Both are restored clones, so this also sleeps in
+/// restored guests (`snapshot_clones_timers_fire_after_restore` tests that alone).
+const WAIT_FOR_GO: &str = "until [ -e /tmp/go ]; do sleep 0.1; done";
 
 /// Acceptance 4 and 5: job A snapshots after get_sources; jobs B and C start from that
 /// snapshot at the same time, find A's checkout (and not what A did after the snapshot),

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: run the benchmarks (release build of `kiln-benches`), keep their
 //! JSON lines in `target/bench.json`, print them as a table, and with `--check` hold them
-//! to `benches/budgets.toml`.
+//! to `benches/budgets.toml`; with `--report`, write `docs/performance.md` from a results
+//! file (see report.rs).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::budgets::{self, Budgets};
-use crate::{cargo, repo_root, setup};
+use crate::{cargo, repo_root, report, setup};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -21,16 +22,37 @@ pub struct BenchArgs {
     #[arg(long)]
     check: bool,
     /// Do not run the benchmarks: take the results from this file (JSON lines).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", visible_alias = "from")]
     results: Option<PathBuf>,
+    /// Do not run the benchmarks: write docs/performance.md (or --out) from
+    /// target/bench.json (or --from FILE), with the run's commit, date, host and the budgets.
+    #[arg(long)]
+    report: bool,
+    /// Where --report writes the page.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "docs/performance.md",
+        requires = "report"
+    )]
+    out: PathBuf,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let results = match &args.results {
+    let root = repo_root();
+    let results_path = match &args.results {
+        Some(path) => Some(path.clone()),
+        None if args.report => Some(target_dir().join("bench.json")),
+        None => None,
+    };
+    let results = match &results_path {
         Some(path) => budgets::read_results(path)?,
         None => run_benches(args.filter.as_deref())?,
     };
     print_table(&results);
+    if let (true, Some(from)) = (args.report, &results_path) {
+        report::write(&root, from, &root.join(&args.out))?;
+    }
     if args.check {
         let path = repo_root().join("benches/budgets.toml");
         let verdicts = Budgets::load(&path)?.check(&results);
@@ -46,16 +68,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
 fn run_benches(filter: Option<&str>) -> Result<Vec<Value>> {
     setup::run()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
+    let target = target_dir();
     std::fs::create_dir_all(&target)
         .with_context(|| format!("could not create {}", target.display()))?;
     let out_path = target.join("bench.json");
     let mut out = std::fs::File::create(&out_path)
         .with_context(|| format!("could not create {}", out_path.display()))?;
+    // Where and when this run measured, for `--report` (and whoever reads the file later).
+    writeln!(out, "{}", report::RunInfo::here(&repo_root()).to_line())
+        .with_context(|| format!("writing {}", out_path.display()))?;
 
     let mut cmd = cargo();
     cmd.args(["run", "--quiet", "--release", "-p", "kiln-benches", "--"]);
@@ -94,7 +123,8 @@ fn print_table(results: &[Value]) {
         "bench", "path", "runs", "median", "min", "max"
     );
     for r in results {
-        let Some(fields) = r.as_object() else {
+        // The `{"run": …}` line describes the run, not a result.
+        let (Some(fields), Some(_)) = (r.as_object(), r.get("bench")) else {
             continue;
         };
         // The unit is the one with all three of median_, min_ and max_ (other median_

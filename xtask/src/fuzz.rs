@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{cargo, repo_root};
 
-/// Seconds per target in `cargo xtask test`: the floor for CI, enough to replay the
+/// Seconds per target in `cargo xtask test`: CI's minimum, enough to replay the
 /// seed corpus and explore a little; longer runs are `cargo xtask fuzz --time S`.
 pub const CI_SECS: u64 = 30;
 /// Per-target libFuzzer limits besides the time.

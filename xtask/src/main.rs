@@ -4,9 +4,12 @@
 mod bench;
 mod budgets;
 mod demo;
+mod docs;
 mod fuzz;
+mod report;
 mod setup;
 mod soak;
+mod words;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -44,7 +47,7 @@ enum Task {
     },
     /// Run the benchmarks (release build); prints one JSON object per line, writes them
     /// all to target/bench.json and prints a table; `--check` holds them to
-    /// benches/budgets.toml.
+    /// benches/budgets.toml; `--report` writes docs/performance.md from a results file.
     Bench(bench::BenchArgs),
     /// Build and run the cargo-fuzz targets in fuzz/ (each for --time seconds, on a scratch
     /// copy of its seed corpus); fails on any crash. Installs cargo-fuzz if missing.
@@ -60,6 +63,12 @@ enum Task {
     /// bed unless the CPU has hardware virtualization), and check that host fds, threads,
     /// processes, sockets, network devices, cgroups and memory come back; prints figures.
     Soak(soak::SoakArgs),
+    /// Check that the docs hold: links in README.md and docs/ resolve, every kiln,
+    /// kiln-gitlab and cargo xtask command line in README.md has the subcommands and flags
+    /// it shows (builds kiln's static binaries to ask their --help), and no tracked file
+    /// tells how kiln was made ("session N", "issue N", remarks on machine load). Prints
+    /// each problem; xtask's tests make the same checks.
+    DocsCheck,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +80,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args),
         Task::Fuzz { time, target } => fuzz::run(time, target.as_deref()),
         Task::Soak(args) => soak::run(&args),
+        Task::DocsCheck => docs_check(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,6 +145,36 @@ fn test(fuzz: bool, fuzz_s: u64) -> Result<()> {
         println!("xtask test: fuzz step skipped (--no-fuzz)");
     }
     println!("xtask test: all steps passed");
+    Ok(())
+}
+
+/// `cargo xtask docs-check`: the link and wording checks, every finding printed.
+fn docs_check() -> Result<()> {
+    let root = repo_root();
+    let mut problems = Vec::new();
+    for file in docs::markdown_files(&root)? {
+        problems.extend(docs::broken_links(&root, &file)?);
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).context("reading README.md")?;
+    let bins = kiln_tests::artifacts::static_binaries()?;
+    let helps = docs::Binaries {
+        kiln: bins.kiln,
+        kiln_gitlab: bins.kiln_gitlab,
+    };
+    for shown in docs::shown_commands(&readme) {
+        problems.extend(docs::check_command(&shown, &helps)?);
+    }
+    problems.extend(words::scan_repo(&root)?.iter().map(ToString::to_string));
+    for p in &problems {
+        println!("{p}");
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} problem(s) in the docs and tracked files",
+            problems.len()
+        );
+    }
+    println!("xtask docs-check: links resolve, no development-log wording");
     Ok(())
 }
 

@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 /// - test bed: qemu-system-x86 (QEMU TCG with nested SVM), busybox-static and cpio for the
 ///   test-bed and guest initramfs images, bash-static for guests that run GitLab jobs
 /// - disk tests: e2fsprogs (`mkfs.ext4 -d` builds the ext4 images the `image_` tests boot)
-/// - image tests: debootstrap (`kiln image build` makes the Debian image the acceptance
-///   test boots) and tar (`kiln image import`)
+/// - image tests: debootstrap (`kiln image build` makes the Debian image that
+///   `image_debian_build_boots_and_runs_git_and_apt` boots) and tar (`kiln image import`)
 /// - fuzzing: g++ (libfuzzer-sys compiles libFuzzer, which is C++, for the fuzz step)
 /// - network policy tests: nftables (`kiln net setup --nat` installs its rules with `nft`)
 ///   and iproute2 (the tests' network namespaces and veth pairs)
