@@ -1,4 +1,4 @@
-//! `fork` and `fork_memory`: N clones of one snapshot with `kiln fork` (issue 4), timed in
+//! `fork` and `fork_memory`: N clones of one snapshot with `kiln fork`, timed in
 //! one test-bed boot (or directly on a host with hardware virtualization). The snapshot is
 //! of the agent image (no rc script), 1 vCPU, 256 MiB, booted with `kiln run --vsock --api`
 //! and snapshotted once; every run forks N clones of it.

@@ -1,4 +1,4 @@
-//! `snapshot` and `restore`: snapshots of a real guest (issue 4), timed in one
+//! `snapshot` and `restore`: snapshots of a real guest, timed in one
 //! test-bed boot (or directly on a host with hardware virtualization). The guest is the
 //! agent image (no rc script), 1 vCPU, 256 MiB, booted with `kiln run --vsock --api`.
 //!

@@ -51,7 +51,7 @@ impl Testbed {
             cpus: 2,
             // Shadow paging in the test-bed host's KVM: with nested paging, under QEMU TCG's
             // emulation of it, a VM among 8–16 running at once now and then triple-faulted
-            // (3 of 10 runs of snapshot_clones_share_memory over two sessions; one soak run);
+            // (3 of 10 runs of snapshot_clones_share_memory; one soak run);
             // with npt=0, 11 of 11 runs passed. kiln itself never touches the paging mode.
             // KILN_TESTBED_NPT=1 brings nested paging back, to retest that.
             cmdline: format!(

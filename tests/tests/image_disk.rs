@@ -1,4 +1,4 @@
-//! Disks in the test bed (issue 5, acceptance 2 with a hand-made ext4 image): two VMs boot
+//! Disks in the test bed, with a hand-made ext4 image: two VMs boot
 //! from the busybox agent initramfs with one shared base image, each over its own overlay;
 //! each sees the base's file and its own writes, never the other's, and the base image is
 //! unchanged. Then a snapshot of one of them with its disk, a clone restored from it that

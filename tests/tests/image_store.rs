@@ -1,4 +1,4 @@
-//! Store images in the test bed (issue 5): a Debian image made by `kiln image build`
+//! Store images in the test bed: a Debian image made by `kiln image build`
 //! (debootstrap on the host, cached) and a busybox image made by `kiln image import` of a
 //! tarball each boot with `kiln job --image NAME --store DIR` and run a job; and a GitLab
 //! job through `kiln-gitlab` whose `CI_JOB_IMAGE` names the Debian store image.
@@ -69,7 +69,7 @@ echo "--- job stderr"; cat job.err
     Ok(console)
 }
 
-/// Acceptance: `kiln image build --packages bash,git,ca-certificates` and a job that runs
+/// `kiln image build --packages bash,git,ca-certificates` and a job that runs
 /// `git --version` and counts the installed packages with apt in a VM booted from it.
 #[test]
 fn image_debian_build_boots_and_runs_git_and_apt() -> Result<()> {
@@ -143,7 +143,7 @@ fn busybox_image(tmp: &TempDir) -> Result<StoreImage> {
     Ok(image)
 }
 
-/// Issue 5, acceptance 2: two VMs booted at once from the same store image each write a
+/// Two VMs booted at once from the same store image each write a
 /// file of their own to `/`; neither sees the other's, and the image is unchanged.
 #[test]
 fn image_vms_from_one_image_see_only_their_own_root_writes() -> Result<()> {
@@ -227,7 +227,7 @@ fn image_import_of_a_tarball_boots_and_runs_a_job() -> Result<()> {
     Ok(())
 }
 
-/// `kiln-gitlab` (issue 5's driver part): a job whose `CI_JOB_IMAGE` names an image of
+/// `kiln-gitlab`: a job whose `CI_JOB_IMAGE` names an image of
 /// kiln's store, not a kernel image directory, runs its stages in a VM booted from it.
 #[test]
 fn image_gitlab_job_boots_a_store_image() -> Result<()> {

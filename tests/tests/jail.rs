@@ -1,4 +1,4 @@
-//! The jailer in the test bed (issue 7, acceptance 2): a jailed VM boots the agent guest
+//! The jailer in the test bed: a jailed VM boots the agent guest
 //! and runs commands; from the host's /proc, its VMM runs as the unprivileged ids with no
 //! capabilities, in namespaces of its own, with a root that holds only its own files; a
 //! jailed `kiln job` runs a script; the jail directories are gone afterwards.
@@ -120,7 +120,7 @@ for f in vm1 job2; do echo "--- $f.err"; cat $f.err; done
     Ok(())
 }
 
-/// A jailed VM on a host TAP (issue 7, what to build 2): `kiln jail --tap` attaches to the
+/// A jailed VM on a host TAP: `kiln jail --tap` attaches to the
 /// TAP that `kiln net setup` made and hands the VMM only that device. The guest downloads a
 /// file from the host over it, byte-exact, while the VMM's network namespace has no
 /// interface but its loopback. A TAP that does not exist is refused before the jail starts.

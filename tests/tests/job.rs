@@ -155,7 +155,7 @@ for s in got-out got-err want-out want-err; do show "$s" "$s"; done
             "std{stream}: got {got:?}, want {want:?}:\n{console}"
         );
     }
-    // The expected sizes are what the issue asks for: 50 MiB and 5 MiB at least.
+    // The throughput floors: 50 MiB and 5 MiB at least.
     let bytes = |key: &str| -> Option<u64> { value(console, key)?.split(' ').nth(1)?.parse().ok() };
     ensure!(
         bytes("KILN-want-out") >= Some(50 << 20),

@@ -1,4 +1,4 @@
-//! cgroup v2 slots in the test bed (issue 7, acceptance 3): a slot's memory.max holds the
+//! cgroup v2 slots in the test bed: a slot's memory.max holds the
 //! whole VM to it, and a second VM started in an occupied slot stops the first.
 
 use std::time::Duration;

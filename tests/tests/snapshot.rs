@@ -1,5 +1,5 @@
 //! Snapshots of a real guest in the test bed: `kiln run --api`, `kiln ctl snapshot`, and
-//! clones brought up with `kiln restore` (issue 4, acceptance 1 and 3).
+//! clones brought up with `kiln restore`.
 
 use std::time::Duration;
 
@@ -222,7 +222,7 @@ for i in 0 1 2; do echo "--- restore $i stderr"; cat "restore$i.err"; echo "--- 
     Ok(())
 }
 
-/// Memory sharing is real (issue 4, acceptance 2): a 256 MiB guest that touched ~200 MiB
+/// Memory sharing is real: a 256 MiB guest that touched ~200 MiB
 /// before the snapshot, restored as 8 clones that all read those pages, adds far less
 /// than 8 × 200 MiB of test-bed memory. Prints each clone's Pss and Rss and the page cache
 /// and MemAvailable before and after.

@@ -1,4 +1,4 @@
-//! Diff snapshots in the test bed (issue 4, acceptance 4): a diff taken after a small
+//! Diff snapshots in the test bed: a diff taken after a small
 //! change is much smaller than the full snapshot under it, and restoring it (base + diff,
 //! and a diff of a restored diff) gives the right guest state.
 

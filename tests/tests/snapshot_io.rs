@@ -1,4 +1,4 @@
-//! A snapshot taken while a vCPU is in the middle of a port write (issue 4). KVM finishes
+//! A snapshot taken while a vCPU is in the middle of a port write. KVM finishes
 //! a port or MMIO access only when KVM_RUN is entered again; state saved before that
 //! makes the restored guest repeat the write (or lose a read's result). On hardware KVM
 //! (and so in the test bed) RIP still points at the OUT until then; this machine's PVM

@@ -1,5 +1,5 @@
-//! `kiln job --from-snapshot`: jobs that start from a warm VM's snapshot (issue 4, what to
-//! build 7), in the test bed.
+//! `kiln job --from-snapshot`: jobs that start from a warm VM's snapshot, in the
+//! test bed.
 
 use std::time::Duration;
 

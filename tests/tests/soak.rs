@@ -1,4 +1,4 @@
-//! The soak in the normal suite (issue 7): a shorter `cargo xtask soak`. Sequential
+//! The soak in the normal suite: a shorter `cargo xtask soak`. Sequential
 //! `kiln job`s, then 16 VMs at once in cgroup slots; the machine running kiln (the test-bed
 //! host) must get back its fds, threads, processes, sockets, network devices, cgroups and
 //! memory. See `kiln_tests::soak`.

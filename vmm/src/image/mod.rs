@@ -67,7 +67,7 @@ pub enum ImageError {
         tool: &'static str,
         package: &'static str,
     },
-    #[error("the guest agent {path}: {reason}; build it statically (see README: `cargo xtask setup`) and pass --agent PATH")]
+    #[error("the guest agent {path}: {reason}; build it statically (docs/disks-and-images.md) and pass --agent PATH")]
     BadAgent { path: PathBuf, reason: String },
     #[error("package name {0:?} is not valid: Debian package names are letters, digits, `+`, `-`, `.` (and `:arch`)")]
     BadPackage(String),

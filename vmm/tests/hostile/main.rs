@@ -1,4 +1,4 @@
-//! Hostile guests on the direct path (issue 7): hand-made guests abuse the virtio devices'
+//! Hostile guests on the direct path: hand-made guests abuse the virtio devices'
 //! MMIO windows and rings. kiln ignores what is out of protocol (with a log line), marks a
 //! device whose rings are corrupt DEVICE_NEEDS_RESET, answers bad requests with an error,
 //! and never panics; the VMM, the other devices and the host keep working.
