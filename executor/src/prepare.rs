@@ -65,6 +65,9 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         Ownership::Foreign => bail!("{}", job.foreign(&identity)),
     }
     let source = source(config, contract, &identity)?;
+    if let Some(note) = jail_copies_the_disk(config, &source) {
+        println!("kiln-gitlab: note: {note}");
+    }
     job.create(&identity)?;
     let slot = Slot::claim(&config.state_dir, config.slots)?;
     let launch = launch::launch(config, &job, &source, &identity, slot.index)?;
@@ -112,6 +115,39 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A store image's disk is linked into a jail only from the jails' filesystem; from another
+/// one, each jail gets a copy: slow for a large disk, and a snapshot's disk (checked by its
+/// modification time) never matches the next jail's copy. Says so, if that is the case.
+fn jail_copies_the_disk(config: &Config, source: &Source) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let jail = config.jail.as_ref()?;
+    let image = match source {
+        Source::Image(image) if image.store.is_some() => image.name.clone(),
+        Source::Snapshot { dir, .. } => {
+            let name = std::fs::read_to_string(dir.join(launch::SNAPSHOT_IMAGE_FILE)).ok()?;
+            name.trim().to_string()
+        }
+        Source::Image(_) => return None,
+    };
+    let disk = config.image_store.join(&image).join("rootfs.ext4");
+    let disk_dev = std::fs::metadata(&disk).ok()?.dev();
+    // The base, or the nearest of its parents that exists yet.
+    let base_dev = jail
+        .base
+        .ancestors()
+        .find_map(|dir| std::fs::metadata(dir).ok())?
+        .dev();
+    (disk_dev != base_dev).then(|| {
+        format!(
+            "the image store {} is not on the filesystem of jail_base {}: every jail gets \
+             its own copy of image {image:?}, and snapshots of VMs booted from it cannot be \
+             restored; put both on one filesystem",
+            config.image_store.display(),
+            jail.base.display()
+        )
+    })
 }
 
 /// Starts kiln in its own session, stdio to the job's log, holding the slot's lock.
