@@ -48,11 +48,32 @@ pub struct ConfigFile {
     /// The guest's shell for stage scripts. Default `bash`.
     pub shell: Option<String>,
     /// The network of each job's VM: a `kiln run --net` string in which `{id}` stands for
-    /// the job's `CI_CONCURRENT_ID` (0, 1, … among the jobs the runner runs at once), so
-    /// that each job gets a TAP of its own, e.g.
+    /// the job's slot (0, 1, … among the jobs running at once, numbered by the driver, see
+    /// `slots`), so that each job gets a TAP of its own, e.g.
     /// `tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1,dns=…` after `kiln net setup --tap
     /// kiln{id} --host-ip 10.0.{id}.1/24 --nat` for each id. Default: no network.
     pub net: Option<String>,
+    /// How many jobs may run at once: slots 0 … slots-1 (the `{id}` of `net`). Default 16.
+    pub slots: Option<u32>,
+    /// Run every VM's kiln in `kiln jail` (own root, namespaces, unprivileged ids, no
+    /// capabilities). Default true; false runs kiln as the driver's user (root), unconfined.
+    pub jail: Option<bool>,
+    /// Where the jails are made (`kiln jail --base`). Keep it on the filesystem of
+    /// `snapshot_dir`, `images_dir` and `image_store`: files are hard-linked into a jail
+    /// (copied across filesystems) and snapshots moved out of it. Default
+    /// `/var/lib/kiln-gitlab/jails`.
+    pub jail_base: Option<PathBuf>,
+    /// The uid and gid jailed VMMs run as. Default 65534 (nobody).
+    pub jail_uid: Option<u32>,
+    pub jail_gid: Option<u32>,
+}
+
+/// How VMs are confined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailConfig {
+    pub base: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// The configuration with every default filled in.
@@ -73,6 +94,9 @@ pub struct Config {
     pub cache_dir: String,
     pub shell: String,
     pub net: Option<String>,
+    pub slots: u32,
+    /// `None`: VMs run unjailed (`jail = false`).
+    pub jail: Option<JailConfig>,
 }
 
 impl Config {
@@ -128,6 +152,14 @@ impl Config {
             cache_dir: f.cache_dir.unwrap_or_else(|| "/cache".into()),
             shell: f.shell.unwrap_or_else(|| "bash".into()),
             net: f.net,
+            slots: f.slots.unwrap_or(16),
+            jail: f.jail.unwrap_or(true).then(|| JailConfig {
+                base: f
+                    .jail_base
+                    .unwrap_or_else(|| "/var/lib/kiln-gitlab/jails".into()),
+                uid: f.jail_uid.unwrap_or(65534),
+                gid: f.jail_gid.unwrap_or(65534),
+            }),
         }
     }
 }
@@ -159,8 +191,11 @@ impl Env {
 
 fn parse(text: &str) -> Result<ConfigFile> {
     let file: ConfigFile = toml::from_str(text)?;
-    if file.memory_mib == Some(0) || file.vcpus == Some(0) {
-        bail!("memory_mib and vcpus must be at least 1");
+    if file.memory_mib == Some(0) || file.vcpus == Some(0) || file.slots == Some(0) {
+        bail!("memory_mib, vcpus and slots must be at least 1");
+    }
+    if file.jail_uid == Some(0) || file.jail_gid == Some(0) {
+        bail!("jail_uid and jail_gid must not be 0: jailed VMMs run unprivileged");
     }
     Ok(file)
 }
@@ -183,6 +218,16 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/run/kiln-gitlab"));
         assert_eq!(c.kiln, PathBuf::from("kiln"));
         assert_eq!((c.memory_mib, c.vcpus, c.shell.as_str()), (512, 1, "bash"));
+        assert_eq!(c.slots, 16);
+        assert_eq!(
+            c.jail,
+            Some(JailConfig {
+                base: "/var/lib/kiln-gitlab/jails".into(),
+                uid: 65534,
+                gid: 65534
+            }),
+            "jailed by default"
+        );
         assert_eq!(c.image_store, PathBuf::from("/var/lib/kiln/images"));
         assert_eq!(
             c.image_kernel,
@@ -206,12 +251,20 @@ mod tests {
         let c = Config::from_file(file, &env);
         assert_eq!(c.state_dir, PathBuf::from("/x"));
         assert_eq!((c.memory_mib, c.kiln), (256, PathBuf::from("/opt/kiln")));
+        let c = Config::from_file(parse("jail = false\nslots = 4\n").unwrap(), &env);
+        assert_eq!((c.jail, c.slots), (None, 4));
+        let c = Config::from_file(parse("jail_base = \"/j\"\njail_uid = 900\n").unwrap(), &env);
+        let jail = c.jail.unwrap();
+        assert_eq!((jail.base, jail.uid, jail.gid), ("/j".into(), 900, 65534));
     }
 
     #[test]
     fn bad_files_are_refused() {
         assert!(parse("memroy_mib = 1\n").is_err(), "unknown keys are typos");
         assert!(parse("vcpus = 0\n").is_err());
+        assert!(parse("slots = 0\n").is_err());
+        assert!(parse("jail_uid = 0\n").is_err());
+        assert!(parse("jail = \"no\"\n").is_err());
         assert!(parse("memory_mib = \"big\"\n").is_err());
     }
 }

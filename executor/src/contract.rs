@@ -1,5 +1,9 @@
 //! What GitLab Runner's custom executor hands every driver call: exit codes to use, the
-//! exit-code file, and the job's variables as `CUSTOM_ENV_<KEY>`.
+//! exit-code file, the job response file, and the job's variables as `CUSTOM_ENV_<KEY>`.
+//!
+//! The job's variables are the job's own word: any of them, predefined names included, can
+//! be set in its `.gitlab-ci.yml`. They choose what the job asked for (an image, a
+//! snapshot); who the job is comes from the job response file (`crate::identity`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,6 +21,8 @@ pub struct Contract {
     pub system_failure: i32,
     /// Where the real exit code of a failed script goes (first line).
     pub build_exit_code_file: Option<PathBuf>,
+    /// `$JOB_RESPONSE_FILE`: GitLab's job response, written by the runner.
+    pub job_response_file: Option<PathBuf>,
     /// The job's variables: `CUSTOM_ENV_<KEY>` without the prefix.
     pub vars: BTreeMap<String, String>,
 }
@@ -47,6 +53,9 @@ impl Contract {
                 }
                 "BUILD_EXIT_CODE_FILE" if !value.is_empty() => {
                     c.build_exit_code_file = Some(value.into());
+                }
+                crate::identity::JOB_RESPONSE_FILE if !value.is_empty() => {
+                    c.job_response_file = Some(value.into());
                 }
                 _ => {
                     if let Some(name) = key.strip_prefix("CUSTOM_ENV_") {
@@ -119,6 +128,8 @@ mod tests {
             ("BUILD_FAILURE_EXIT_CODE", "71"),
             ("SYSTEM_FAILURE_EXIT_CODE", "72"),
             ("BUILD_EXIT_CODE_FILE", "/tmp/x/code"),
+            ("JOB_RESPONSE_FILE", "/tmp/x/response.json"),
+            ("CUSTOM_ENV_JOB_RESPONSE_FILE", "/tmp/forged.json"),
             ("CUSTOM_ENV_CI_JOB_ID", "42"),
             ("CUSTOM_ENV_KILN_KEEP_FAILED", "True"),
             ("CUSTOM_ENV_EMPTY", ""),
@@ -126,6 +137,8 @@ mod tests {
         ]));
         assert_eq!((c.build_failure, c.system_failure), (71, 72));
         assert_eq!(c.build_exit_code_file, Some("/tmp/x/code".into()));
+        // Only the runner's own variable names the response file.
+        assert_eq!(c.job_response_file, Some("/tmp/x/response.json".into()));
         assert_eq!(c.var("CI_JOB_ID"), Some("42"));
         assert_eq!(c.var("EMPTY"), None);
         assert_eq!(c.var("PATH"), None);

@@ -9,8 +9,11 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod contract;
+mod identity;
+mod launch;
 mod prepare;
 mod run;
+mod slot;
 mod snapshot;
 mod state;
 mod store;
@@ -84,13 +87,24 @@ fn dispatch(command: &Command, config: &Config, contract: &Contract) -> Result<(
         Command::Prepare => prepare::prepare(config, contract).map_err(Failure::System),
         Command::Run { script, stage } => run::run(config, contract, script, stage),
         Command::Cleanup => {
-            match state::JobDir::for_job(&config.state_dir, contract).and_then(|j| j.remove()) {
+            match cleanup(config, contract) {
                 Ok(Some(how)) => println!("kiln-gitlab: {how}"),
                 Ok(None) => {}
                 Err(e) => eprintln!("kiln-gitlab: cleanup: {e:#}"),
             }
             Ok(())
         }
+    }
+}
+
+/// Stops this job's VM and removes its files; another token's job directory is left alone.
+fn cleanup(config: &Config, contract: &Contract) -> anyhow::Result<Option<String>> {
+    let identity = identity::Identity::load(contract.job_response_file.as_deref())?;
+    let job = state::JobDir::for_job(&config.state_dir, &identity)?;
+    match job.ownership(&identity) {
+        state::Ownership::Absent => Ok(None),
+        state::Ownership::Ours => job.remove(),
+        state::Ownership::Foreign => anyhow::bail!("{}", job.foreign(&identity)),
     }
 }
 

@@ -1,8 +1,9 @@
 //! `kiln-gitlab prepare`: one VM per job, booted from the job's image or restored from a
 //! named snapshot, detached from the driver so that it outlives this call (and a SIGKILL
-//! of any later one) until `cleanup` stops it.
+//! of any later one) until `cleanup` stops it. The job is who its job response says
+//! (`crate::identity`); its VM gets the lowest free slot (`crate::slot`) and runs jailed
+//! (`crate::launch`) unless the config says otherwise.
 
-use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -14,7 +15,10 @@ use kiln_agent::protocol::AGENT_PORT;
 
 use crate::config::Config;
 use crate::contract::Contract;
-use crate::state::JobDir;
+use crate::identity::Identity;
+use crate::launch::{self, Launch};
+use crate::slot::{keep_across_exec, Slot};
+use crate::state::{JobDir, Ownership};
 use crate::store;
 
 /// Where the VM comes from.
@@ -27,10 +31,11 @@ pub enum Source {
     },
 }
 
-/// Chooses the job's source: `KILN_FROM_SNAPSHOT` if set, else its image.
-pub fn source(config: &Config, contract: &Contract) -> Result<Source> {
+/// Chooses the job's source: `KILN_FROM_SNAPSHOT` if set (from the job's own snapshot
+/// scope), else its image.
+pub fn source(config: &Config, contract: &Contract, identity: &Identity) -> Result<Source> {
     if let Some(name) = contract.var("KILN_FROM_SNAPSHOT") {
-        let scope = store::snapshot_scope(&config.snapshot_dir, contract)?;
+        let scope = store::snapshot_scope(&config.snapshot_dir, identity);
         let dir = store::existing_snapshot(&scope, name)?;
         return Ok(Source::Snapshot {
             name: name.to_string(),
@@ -47,17 +52,33 @@ pub fn source(config: &Config, contract: &Contract) -> Result<Source> {
 }
 
 pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
-    let job = JobDir::for_job(&config.state_dir, contract)?;
-    // A retry (or a job id reused after a crash): whatever the last attempt left goes first.
-    if job.exists() {
-        if let Some(how) = job.remove()? {
-            println!("kiln-gitlab: a previous attempt's VM was still there: {how}");
+    let identity = Identity::load(contract.job_response_file.as_deref())?;
+    let job = JobDir::for_job(&config.state_dir, &identity)?;
+    match job.ownership(&identity) {
+        Ownership::Absent => {}
+        // A retry: whatever this job's last attempt left goes first.
+        Ownership::Ours => {
+            if let Some(how) = job.remove()? {
+                println!("kiln-gitlab: a previous attempt's VM was still there: {how}");
+            }
         }
+        Ownership::Foreign => bail!("{}", job.foreign(&identity)),
     }
-    let source = source(config, contract)?;
-    job.create()?;
+    let source = source(config, contract, &identity)?;
+    if let Some(note) = jail_copies_the_disk(config, &source) {
+        println!("kiln-gitlab: note: {note}");
+    }
+    job.create(&identity)?;
+    let slot = Slot::claim(&config.state_dir, config.slots)?;
+    let launch = launch::launch(config, &job, &source, &identity, slot.index)?;
+    let store_image = match &source {
+        Source::Image(image) if image.store.is_some() => Some(image.name.as_str()),
+        _ => None,
+    };
+    job.record_launch(slot.index, store_image, launch.jail_root.as_deref())?;
     let start = Instant::now();
-    let mut child = spawn(config, &job, &source, contract)?;
+    let mut child = spawn(config, &job, &launch, &slot)?;
+    drop(slot); // the VM's kiln holds the slot from here on
     job.write_pid(i32::try_from(child.id()).context("pid out of range")?)?;
     match wait_agent(&mut child, &job, config.boot_timeout) {
         Ok(()) => {}
@@ -81,94 +102,78 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         Source::Image(i) => format!("booted image {:?}", i.name),
         Source::Snapshot { name, .. } => format!("restored snapshot {name:?}"),
     };
+    let how = if launch.jail_root.is_some() {
+        "jailed"
+    } else {
+        "unjailed"
+    };
     println!(
-        "kiln-gitlab: {what} in a kiln microVM ({} MiB, {} vCPU) in {:.1} s",
+        "kiln-gitlab: {what} in a kiln microVM ({} MiB, {} vCPU, slot {}, {how}) in {:.1} s",
         config.memory_mib,
         config.vcpus,
+        job.slot().map_or("?".to_string(), |s| s.to_string()),
         start.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
-/// Starts `kiln run` or `kiln restore` in its own session, stdio to the job's log.
-fn spawn(config: &Config, job: &JobDir, source: &Source, contract: &Contract) -> Result<Child> {
+/// A store image's disk is linked into a jail only from the jails' filesystem; from another
+/// one, each jail gets a copy: slow for a large disk, and a snapshot's disk (checked by its
+/// modification time) never matches the next jail's copy. Says so, if that is the case.
+fn jail_copies_the_disk(config: &Config, source: &Source) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let jail = config.jail.as_ref()?;
+    let image = match source {
+        Source::Image(image) if image.store.is_some() => image.name.clone(),
+        Source::Snapshot { dir, .. } => {
+            let name = std::fs::read_to_string(dir.join(launch::SNAPSHOT_IMAGE_FILE)).ok()?;
+            name.trim().to_string()
+        }
+        Source::Image(_) => return None,
+    };
+    let disk = config.image_store.join(&image).join("rootfs.ext4");
+    let disk_dev = std::fs::metadata(&disk).ok()?.dev();
+    // The base, or the nearest of its parents that exists yet.
+    let base_dev = jail
+        .base
+        .ancestors()
+        .find_map(|dir| std::fs::metadata(dir).ok())?
+        .dev();
+    (disk_dev != base_dev).then(|| {
+        format!(
+            "the image store {} is not on the filesystem of jail_base {}: every jail gets \
+             its own copy of image {image:?}, and snapshots of VMs booted from it cannot be \
+             restored; put both on one filesystem",
+            config.image_store.display(),
+            jail.base.display()
+        )
+    })
+}
+
+/// Starts kiln in its own session, stdio to the job's log, holding the slot's lock.
+fn spawn(config: &Config, job: &JobDir, launch: &Launch, slot: &Slot) -> Result<Child> {
     let mut cmd = Command::new(&config.kiln);
-    cmd.args(kiln_args(config, job, source, contract));
+    cmd.args(&launch.args);
     let log = std::fs::File::create(job.log())
         .with_context(|| format!("cannot create {}", job.log().display()))?;
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .current_dir(&job.dir);
-    // SAFETY: setsid is async-signal-safe; the child leaves the driver's session and process
-    // group, so the runner's signals to the driver's group never reach the VM.
+    let slot_fd = slot.fd();
+    // SAFETY: setsid and fcntl are async-signal-safe; the child leaves the driver's session
+    // and process group, so the runner's signals to the driver's group never reach the VM,
+    // and it keeps the slot's lock open for as long as it runs.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            keep_across_exec(slot_fd)
         });
     }
     cmd.spawn()
         .with_context(|| format!("cannot start {}", config.kiln.display()))
-}
-
-/// The arguments of the job's `kiln run` or `kiln restore`.
-fn kiln_args(config: &Config, job: &JobDir, source: &Source, contract: &Contract) -> Vec<OsString> {
-    let mut args: Vec<OsString> = Vec::new();
-    let mut arg = |a: &dyn AsRef<OsStr>| args.push(a.as_ref().to_owned());
-    match source {
-        Source::Image(image) => {
-            arg(&"run");
-            if let Some(vm) = &image.vm_config {
-                arg(&"--config");
-                arg(vm);
-            }
-            if let Some(kernel) = &image.kernel {
-                arg(&"--kernel");
-                arg(kernel);
-            }
-            if let Some(initrd) = &image.initrd {
-                arg(&"--initrd");
-                arg(initrd);
-            }
-            if let Some(store) = &image.store {
-                // The store's image is the root disk; kiln gives the VM an overlay for it.
-                arg(&"--image");
-                arg(&image.name);
-                arg(&"--store");
-                arg(store);
-            }
-            if image.vm_config.is_none() {
-                arg(&"--memory");
-                arg(&config.memory_mib.to_string());
-                arg(&"--vcpus");
-                arg(&config.vcpus.to_string());
-            }
-        }
-        Source::Snapshot { dir, .. } => {
-            arg(&"restore");
-            arg(&"--snapshot");
-            arg(dir);
-            if let Some(job_id) = contract.var("CI_JOB_ID") {
-                arg(&"--hostname");
-                arg(&format!("kiln-job-{job_id}"));
-            }
-        }
-    }
-    arg(&"--vsock");
-    arg(&job.vsock());
-    arg(&"--api");
-    arg(&job.api());
-    arg(&"--serial");
-    arg(&job.console());
-    if let Some(net) = &config.net {
-        // A restored clone needs a TAP of its own just as a new VM does.
-        arg(&"--net");
-        arg(&net.replace("{id}", contract.var("CI_CONCURRENT_ID").unwrap_or("0")));
-    }
-    args
 }
 
 /// Waits until the guest agent answers, or fails early if kiln exits.
@@ -209,105 +214,4 @@ fn refresh(job: &JobDir) -> Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
     client.add_entropy(&entropy)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{ConfigFile, Env};
-
-    fn args(source: &Source) -> String {
-        let config = Config::from_file(ConfigFile::default(), &Env::default());
-        let job = JobDir { dir: "/s/j".into() };
-        let contract = Contract::from_vars([("CUSTOM_ENV_CI_JOB_ID".into(), "9".into())]);
-        let args = kiln_args(&config, &job, source, &contract);
-        let args: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
-        args.join(" ")
-    }
-
-    #[test]
-    fn kiln_is_run_with_the_jobs_sockets() {
-        let image = store::Image {
-            name: "default".into(),
-            kernel: Some("/i/kernel".into()),
-            initrd: Some("/i/initrd".into()),
-            vm_config: None,
-            store: None,
-        };
-        let tail = "--vsock /s/j/vsock.sock --api /s/j/api.sock --serial /s/j/console.log";
-        assert_eq!(
-            args(&Source::Image(image.clone())),
-            format!("run --kernel /i/kernel --initrd /i/initrd --memory 512 --vcpus 1 {tail}")
-        );
-        let sized = store::Image {
-            kernel: None,
-            initrd: None,
-            vm_config: Some("/i/vm.toml".into()),
-            ..image
-        };
-        assert_eq!(
-            args(&Source::Image(sized.clone())),
-            format!("run --config /i/vm.toml {tail}")
-        );
-        let stored = store::Image {
-            name: "deb".into(),
-            kernel: Some("/k".into()),
-            vm_config: None,
-            store: Some("/st".into()),
-            ..sized
-        };
-        assert_eq!(
-            args(&Source::Image(stored)),
-            format!("run --kernel /k --image deb --store /st --memory 512 --vcpus 1 {tail}")
-        );
-        let snap = Source::Snapshot {
-            name: "warm".into(),
-            dir: "/snaps/warm".into(),
-        };
-        assert_eq!(
-            args(&snap),
-            format!("restore --snapshot /snaps/warm --hostname kiln-job-9 {tail}")
-        );
-    }
-
-    #[test]
-    fn each_concurrent_job_gets_its_own_tap() {
-        let config = Config::from_file(
-            ConfigFile {
-                net: Some("tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1".into()),
-                ..ConfigFile::default()
-            },
-            &Env::default(),
-        );
-        let job = JobDir { dir: "/s/j".into() };
-        let image = Source::Image(store::Image {
-            name: "default".into(),
-            kernel: Some("/k".into()),
-            initrd: None,
-            vm_config: None,
-            store: None,
-        });
-        let snap = Source::Snapshot {
-            name: "warm".into(),
-            dir: "/snaps/warm".into(),
-        };
-        for (id, source) in [("3", &image), ("7", &snap)] {
-            let contract = Contract::from_vars([("CUSTOM_ENV_CI_CONCURRENT_ID".into(), id.into())]);
-            let args: Vec<String> = kiln_args(&config, &job, source, &contract)
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
-            let net = args
-                .iter()
-                .position(|a| a == "--net")
-                .map(|i| args[i + 1].as_str());
-            let want = format!("tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1");
-            assert_eq!(net, Some(want.as_str()), "{args:?}");
-        }
-        // Without the variable (one job at a time), id 0.
-        let args = kiln_args(&config, &job, &image, &Contract::from_vars([]));
-        assert!(args
-            .iter()
-            .any(|a| a == "tap=kiln0,ip=10.0.0.2/24,gw=10.0.0.1"));
-    }
 }

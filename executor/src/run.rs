@@ -17,6 +17,7 @@ use kiln_agent::protocol::{ExecRequest, SignalTarget, StdinMode, AGENT_PORT};
 
 use crate::config::Config;
 use crate::contract::{Contract, Failure};
+use crate::identity::Identity;
 use crate::snapshot;
 use crate::state::JobDir;
 use crate::store;
@@ -37,7 +38,9 @@ pub fn run(
     script_path: &std::path::Path,
     stage: &str,
 ) -> Result<(), Failure> {
-    let job = JobDir::for_job(&config.state_dir, contract)?;
+    let identity = Identity::load(contract.job_response_file.as_deref())?;
+    let job = JobDir::for_job(&config.state_dir, &identity)?;
+    job.check_owner(&identity)?;
     let script = std::fs::read(script_path)
         .with_context(|| format!("cannot read the stage script {}", script_path.display()))?;
     if job.running_vm().is_none() {
@@ -88,12 +91,12 @@ pub fn run(
     let code = status.shell_code();
     if code == 0 {
         if contract.var("KILN_SNAPSHOT_AFTER") == Some(stage) {
-            snapshot_after(config, contract, &job, stage)?;
+            snapshot_after(config, contract, &identity, &job, stage)?;
         }
         return Ok(());
     }
     if is_user_script(stage) && contract.flag("KILN_KEEP_FAILED") {
-        keep_failed(config, contract, &job, stage);
+        keep_failed(config, contract, &identity, &job, stage);
     }
     if let Some(file) = &contract.build_exit_code_file {
         std::fs::write(file, format!("{code}\n"))
@@ -106,6 +109,7 @@ pub fn run(
 fn snapshot_after(
     config: &Config,
     contract: &Contract,
+    identity: &Identity,
     job: &JobDir,
     stage: &str,
 ) -> anyhow::Result<()> {
@@ -113,9 +117,8 @@ fn snapshot_after(
         .var("KILN_SNAPSHOT_NAME")
         .context("KILN_SNAPSHOT_AFTER is set but KILN_SNAPSHOT_NAME is not")?;
     store::check_name("KILN_SNAPSHOT_NAME", name)?;
-    let scope = store::snapshot_scope(&config.snapshot_dir, contract)?;
-    let tag = tag(contract);
-    let (dir, took) = snapshot::take(job, &scope, name, &tag)?;
+    let scope = store::snapshot_scope(&config.snapshot_dir, identity);
+    let (dir, took) = snapshot::take(job, &scope, name, &tag(identity))?;
     println!(
         "kiln-gitlab: snapshot {name:?} taken after {stage} in {:.1} s ({}); jobs with \
          KILN_FROM_SNAPSHOT={name} start from it",
@@ -127,17 +130,19 @@ fn snapshot_after(
 
 /// `KILN_KEEP_FAILED=1`: snapshot the failed job and print how to reopen it. A failure here
 /// is only reported: the job has failed already.
-fn keep_failed(config: &Config, contract: &Contract, job: &JobDir, stage: &str) {
-    let result = store::snapshot_scope(&config.snapshot_dir, contract).and_then(|scope| {
-        let name = format!("failed-job-{}", contract.var("CI_JOB_ID").unwrap_or("0"));
-        snapshot::take(job, &scope, &name, &tag(contract))
-    });
+fn keep_failed(
+    config: &Config,
+    contract: &Contract,
+    identity: &Identity,
+    job: &JobDir,
+    stage: &str,
+) {
+    let scope = store::snapshot_scope(&config.snapshot_dir, identity);
+    let name = format!("failed-job-{}", identity.job_id);
+    let result = snapshot::take(job, &scope, &name, &tag(identity));
     match result {
         Ok((dir, _)) => {
-            let base = format!(
-                "/tmp/kiln-debug-{}",
-                contract.var("CI_JOB_ID").unwrap_or("0")
-            );
+            let base = format!("/tmp/kiln-debug-{}", identity.job_id);
             let project = contract.var("CI_PROJECT_DIR").unwrap_or(&config.builds_dir);
             println!(
                 "kiln-gitlab: {stage} failed; kept a snapshot of the job's VM in {dir}\n\
@@ -154,12 +159,9 @@ fn keep_failed(config: &Config, contract: &Contract, job: &JobDir, stage: &str) 
     }
 }
 
-fn tag(contract: &Contract) -> String {
-    format!(
-        "{}-{}",
-        contract.var("CI_RUNNER_ID").unwrap_or("0"),
-        contract.var("CI_JOB_ID").unwrap_or("0")
-    )
+/// Unique among the jobs that may snapshot into one scope at once.
+fn tag(identity: &Identity) -> String {
+    format!("job-{}", identity.job_id)
 }
 
 /// Sends `signo` to an exec's process group, on a connection of its own.

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::launch::SNAPSHOT_IMAGE_FILE;
 use crate::state::{api_call, JobDir};
 
 /// How long a snapshot may take (the VM is paused meanwhile).
@@ -15,6 +16,11 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// name only once the new one is complete (clones running from the old one keep their
 /// mapping: its files are unlinked, not changed). The VM resumes afterwards. `tag` makes
 /// the temporary names unique per job.
+///
+/// A jailed VM can write only inside its jail: it writes the snapshot into its root, and the
+/// driver moves it into the store and makes its files the driver's own and read-only to
+/// others, so that no later jail can change a snapshot that other jobs start from (a jail
+/// links such files in instead of copying them).
 pub fn take(job: &JobDir, scope: &Path, name: &str, tag: &str) -> Result<(PathBuf, Duration)> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -23,14 +29,39 @@ pub fn take(job: &JobDir, scope: &Path, name: &str, tag: &str) -> Result<(PathBu
         .with_context(|| format!("cannot create the snapshot store {}", scope.display()))?;
     let tmp = scope.join(format!(".tmp-{name}-{tag}"));
     let _ = std::fs::remove_dir_all(&tmp);
+    let jail_root = job.jail_root();
+    // Where the VM writes it: its own path for it, and that place on the host.
+    let (asked, written) = match &jail_root {
+        Some(root) => {
+            let inside = format!("snapshot-{tag}");
+            let _ = std::fs::remove_dir_all(root.join(&inside));
+            (PathBuf::from("/").join(&inside), root.join(&inside))
+        }
+        None => (tmp.clone(), tmp.clone()),
+    };
     let start = Instant::now();
     let request =
-        serde_json::json!({"cmd": "snapshot", "dir": tmp, "resume": true, "kind": "full"});
+        serde_json::json!({"cmd": "snapshot", "dir": asked, "resume": true, "kind": "full"});
     if let Err(e) = api_call(&job.api(), &request, SNAPSHOT_TIMEOUT) {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_dir_all(&written);
         return Err(e.context(format!("snapshot {name:?} failed")));
     }
     let took = start.elapsed();
+    if jail_root.is_some() {
+        let moved = move_dir(&written, &tmp)
+            .and_then(|()| {
+                if let Some(image) = job.store_image() {
+                    std::fs::write(tmp.join(SNAPSHOT_IMAGE_FILE), format!("{image}\n"))?;
+                }
+                seal(&tmp)
+            })
+            .with_context(|| format!("cannot move the snapshot into {}", scope.display()));
+        if let Err(e) = moved {
+            let _ = std::fs::remove_dir_all(&written);
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    }
     let dest = scope.join(name);
     let old = scope.join(format!(".old-{name}-{tag}"));
     let had_old = std::fs::rename(&dest, &old).is_ok();
@@ -40,6 +71,59 @@ pub fn take(job: &JobDir, scope: &Path, name: &str, tag: &str) -> Result<(PathBu
         let _ = std::fs::remove_dir_all(&old);
     }
     Ok((dest, took))
+}
+
+/// Moves a directory of plain files: a rename, or a copy across filesystems.
+fn move_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        other => return other,
+    }
+    std::fs::create_dir(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            move_dir(&entry.path(), &to.join(entry.file_name()))?;
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    std::fs::remove_dir_all(from)
+}
+
+/// Makes everything in `dir` the driver's: files 0644, directories 0700.
+fn seal(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !std::fs::symlink_metadata(dir)?.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            seal(&entry.path())?;
+        } else {
+            // The VMM writes new plain files. Anything else (a symlink, or a hard link to a
+            // file the jail was given, whose owner and mode must not change) is refused.
+            let meta = entry.metadata()?;
+            if !kind.is_file() || meta.nlink() != 1 {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a plain file that the VM wrote",
+                    entry.path().display()
+                )));
+            }
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -80,7 +164,7 @@ mod tests {
         let job = JobDir {
             dir: root.join("job"),
         };
-        job.create().unwrap();
+        job.create(&crate::state::tests::identity(1, "t")).unwrap();
         let scope = root.join("snaps/project-1");
         for tag in ["first", "second"] {
             let server = fake_api(job.api(), 1, tag);

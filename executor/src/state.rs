@@ -1,9 +1,12 @@
-//! A job's state directory (`<state_dir>/runner-<id>/job-<id>/`) and the VM recorded in it.
+//! A job's state directory (`<state_dir>/job-<id>/`) and the VM recorded in it.
 //!
-//! Files: `vsock.sock` and `api.sock` (the VM's), `kiln.pid` (`<pid> <start time>`: the
-//! detached `kiln` process and its start time in clock ticks, so that a reused pid is never
-//! signalled), `kiln.log` (kiln's stdout and stderr), `console.log` (the guest's serial
-//! console).
+//! The id is GitLab's job id from the job response file (`crate::identity`), never a job
+//! variable. Files: `owner` (SHA-256 of the job token: every later call must hold the same
+//! token), `slot` (the job's concurrency slot, for the log), `vsock.sock` and `api.sock` (the
+//! VM's; links into the jail's root when the VM is jailed), `kiln.pid` (`<pid> <start
+//! time>`: the detached `kiln` process and its start time in clock ticks, so that a reused
+//! pid is never signalled), `kiln.log` (kiln's stdout and stderr), `console.log` (the
+//! guest's serial console), `store-image` (the kiln store image the VM boots from, if any).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::DirBuilderExt;
@@ -13,10 +16,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::contract::Contract;
+use crate::identity::Identity;
 
 /// Longest Unix socket path (sun_path is 108 bytes, with the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// The file holding the hash of the job token that owns a job directory.
+const OWNER_FILE: &str = "owner";
+const SLOT_FILE: &str = "slot";
+const STORE_IMAGE_FILE: &str = "store-image";
+const JAIL_ROOT_FILE: &str = "jail-root";
 
 /// One job's state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,21 +32,23 @@ pub struct JobDir {
     pub dir: PathBuf,
 }
 
+/// Whether a job directory belongs to the calling job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// There is no directory.
+    Absent,
+    /// It holds this job's token hash.
+    Ours,
+    /// It holds another token's hash, or none.
+    Foreign,
+}
+
 impl JobDir {
-    /// `<state_dir>/runner-<CI_RUNNER_ID>/job-<CI_JOB_ID>`; both ids must be present and
-    /// plain (digits, letters, `-`, `_`, `.`) since they become path components.
-    pub fn for_job(state_dir: &Path, contract: &Contract) -> Result<JobDir> {
-        let id = |key: &str| -> Result<String> {
-            let value = contract.var(key).with_context(|| {
-                format!("CUSTOM_ENV_{key} is not set: kiln-gitlab must be run by GitLab Runner's custom executor")
-            })?;
-            check_component(key, value)?;
-            Ok(value.to_string())
+    /// `<state_dir>/job-<job id>`.
+    pub fn for_job(state_dir: &Path, identity: &Identity) -> Result<JobDir> {
+        let job = JobDir {
+            dir: state_dir.join(format!("job-{}", identity.job_id)),
         };
-        let dir = state_dir
-            .join(format!("runner-{}", id("CI_RUNNER_ID")?))
-            .join(format!("job-{}", id("CI_JOB_ID")?));
-        let job = JobDir { dir };
         let longest = job.vsock().as_os_str().len() + "_4294967295".len();
         if longest > MAX_SOCKET_PATH {
             bail!(
@@ -48,6 +58,74 @@ impl JobDir {
             );
         }
         Ok(job)
+    }
+
+    /// Whether the directory is there and whose it is.
+    pub fn ownership(&self, identity: &Identity) -> Ownership {
+        match std::fs::read_to_string(self.dir.join(OWNER_FILE)) {
+            Ok(owner) if owner.trim() == identity.token_hash => Ownership::Ours,
+            Ok(_) => Ownership::Foreign,
+            Err(_) if !self.dir.exists() => Ownership::Absent,
+            Err(_) => Ownership::Foreign,
+        }
+    }
+
+    /// Fails unless the directory exists and belongs to the job holding this token: `run`
+    /// and `cleanup` act only on their own job's VM.
+    pub fn check_owner(&self, identity: &Identity) -> Result<()> {
+        match self.ownership(identity) {
+            Ownership::Ours => Ok(()),
+            Ownership::Absent => bail!(
+                "job {} has no state in {} (did prepare succeed?)",
+                identity.job_id,
+                self.dir.display()
+            ),
+            Ownership::Foreign => bail!("{}", self.foreign(identity)),
+        }
+    }
+
+    /// The message for a directory that another job's token owns.
+    pub fn foreign(&self, identity: &Identity) -> String {
+        format!(
+            "the state directory {} of job {} belongs to another job token: refusing to \
+             touch it (two GitLab instances with one state_dir, or a forged job response?)",
+            self.dir.display(),
+            identity.job_id
+        )
+    }
+
+    /// Creates the directory (mode 0700, parents as needed) with its owner file in one
+    /// step: it is made under a temporary name and renamed into place, so a job directory
+    /// never exists without its owner, and an existing one is never replaced.
+    pub fn create(&self, identity: &Identity) -> Result<()> {
+        let parent = self
+            .dir
+            .parent()
+            .context("the job directory has no parent")?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("cannot create the state dir {}", parent.display()))?;
+        let name = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = parent.join(format!(".new-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .with_context(|| format!("cannot create the job state dir {}", tmp.display()))?;
+        let made = std::fs::write(tmp.join(OWNER_FILE), format!("{}\n", identity.token_hash))
+            .context("cannot write the job's owner file")
+            .and_then(|()| {
+                // rename(2) onto an existing non-empty directory fails: never replaces one.
+                std::fs::rename(&tmp, &self.dir).with_context(|| {
+                    format!("cannot create the job state dir {}", self.dir.display())
+                })
+            });
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        made
     }
 
     pub fn vsock(&self) -> PathBuf {
@@ -66,17 +144,54 @@ impl JobDir {
         self.dir.join("console.log")
     }
 
-    /// Creates the directory (mode 0700, parents as needed).
-    pub fn create(&self) -> Result<()> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .with_context(|| format!("cannot create the job state dir {}", self.dir.display()))
+    /// Records how the VM is started: its slot, the store image it boots (which a snapshot
+    /// of it must name), and for a jailed VM the jail's root, with links to the sockets
+    /// and console that the VM makes there.
+    pub fn record_launch(
+        &self,
+        slot: u32,
+        store_image: Option<&str>,
+        jail_root: Option<&Path>,
+    ) -> Result<()> {
+        let write = |name: &str, text: &str| {
+            let path = self.dir.join(name);
+            std::fs::write(&path, format!("{text}\n"))
+                .with_context(|| format!("cannot write {}", path.display()))
+        };
+        write(SLOT_FILE, &slot.to_string())?;
+        if let Some(image) = store_image {
+            write(STORE_IMAGE_FILE, image)?;
+        }
+        if let Some(root) = jail_root {
+            let root = root.to_str().context("the jail's root is not UTF-8")?;
+            write(JAIL_ROOT_FILE, root)?;
+            for link in [self.vsock(), self.api(), self.console()] {
+                let name = link.file_name().unwrap_or_default();
+                std::os::unix::fs::symlink(Path::new(root).join(name), &link)
+                    .with_context(|| format!("cannot link {}", link.display()))?;
+            }
+        }
+        Ok(())
     }
 
-    pub fn exists(&self) -> bool {
-        self.dir.exists()
+    /// The job's slot, as recorded at prepare.
+    pub fn slot(&self) -> Option<u32> {
+        self.read(SLOT_FILE)?.parse().ok()
+    }
+
+    /// The store image the VM boots, if it boots one.
+    pub fn store_image(&self) -> Option<String> {
+        self.read(STORE_IMAGE_FILE)
+    }
+
+    /// The jail's root on the host, if the VM is jailed.
+    pub fn jail_root(&self) -> Option<PathBuf> {
+        self.read(JAIL_ROOT_FILE).map(PathBuf::from)
+    }
+
+    fn read(&self, name: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join(name)).ok()?;
+        Some(text.trim().to_string()).filter(|t| !t.is_empty())
     }
 
     /// Records the VM process.
@@ -132,32 +247,24 @@ impl JobDir {
         Some(format!("the VM (pid {pid}) did not end even after SIGKILL"))
     }
 
-    /// Stops the VM and removes the directory, and the runner's directory if that is now
-    /// empty.
+    /// Stops the VM and removes the directory, and the VM's jail directory if `kiln jail`
+    /// could not (it was killed). Callers check the owner first.
     pub fn remove(&self) -> Result<Option<String>> {
         let stopped = self.stop_vm();
+        if let Some(jail) = self.jail_root().as_deref().and_then(Path::parent) {
+            match std::fs::remove_dir_all(jail) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", jail.display())),
+            }
+        }
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", self.dir.display())),
         }
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir(parent); // fails while other jobs of the runner run
-        }
         Ok(stopped)
     }
-}
-
-fn check_component(key: &str, value: &str) -> Result<()> {
-    let ok = !value.starts_with('.')
-        && value.len() <= 64
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
-        bail!("CUSTOM_ENV_{key}={value:?} is not a plain id (letters, digits, - _ .)");
-    }
-    Ok(())
 }
 
 /// Sends `{"cmd":"shutdown"}` to the VM's control API.
@@ -241,34 +348,62 @@ pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn contract(runner: &str, job: &str) -> Contract {
-        Contract::from_vars([
-            ("CUSTOM_ENV_CI_RUNNER_ID".to_string(), runner.to_string()),
-            ("CUSTOM_ENV_CI_JOB_ID".to_string(), job.to_string()),
-        ])
+    pub fn identity(job_id: u64, token: &str) -> Identity {
+        Identity {
+            job_id,
+            project_id: 7,
+            protected: false,
+            token_hash: crate::identity::token_hash(token),
+        }
     }
 
     #[test]
-    fn job_dirs_are_keyed_by_runner_and_job() {
-        let j = JobDir::for_job(Path::new("/run/kg"), &contract("7", "1234")).unwrap();
-        assert_eq!(j.dir, PathBuf::from("/run/kg/runner-7/job-1234"));
-        assert_eq!(
-            j.vsock(),
-            PathBuf::from("/run/kg/runner-7/job-1234/vsock.sock")
-        );
-        for bad in ["../x", "a/b", ".", "", "x y"] {
-            assert!(
-                JobDir::for_job(Path::new("/r"), &contract("1", bad)).is_err(),
-                "{bad:?}"
-            );
-        }
+    fn job_dirs_are_keyed_by_the_job_id() {
+        let j = JobDir::for_job(Path::new("/run/kg"), &identity(1234, "t")).unwrap();
+        assert_eq!(j.dir, PathBuf::from("/run/kg/job-1234"));
+        assert_eq!(j.vsock(), PathBuf::from("/run/kg/job-1234/vsock.sock"));
         let long = "/x".repeat(50);
-        let err = JobDir::for_job(Path::new(&long), &contract("1", "2")).unwrap_err();
+        let err = JobDir::for_job(Path::new(&long), &identity(2, "t")).unwrap_err();
         assert!(err.to_string().contains("shorter state_dir"), "{err}");
-        assert!(JobDir::for_job(Path::new("/r"), &Contract::default()).is_err());
+    }
+
+    #[test]
+    fn job_dirs_belong_to_one_token() {
+        let root = std::env::temp_dir().join(format!("kiln-gitlab-owner-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (mine, other) = (identity(5, "mine"), identity(5, "other"));
+        let job = JobDir::for_job(&root, &mine).unwrap();
+        assert_eq!(job.ownership(&mine), Ownership::Absent);
+        assert!(job.check_owner(&mine).is_err());
+        job.create(&mine).unwrap();
+        assert_eq!(job.ownership(&mine), Ownership::Ours);
+        job.check_owner(&mine).unwrap();
+        assert_eq!(job.ownership(&other), Ownership::Foreign);
+        let err = job.check_owner(&other).unwrap_err();
+        assert!(err.to_string().contains("another job token"), "{err}");
+        // The token itself is never written, only its hash.
+        let owner = std::fs::read_to_string(job.dir.join(OWNER_FILE)).unwrap();
+        assert!(
+            !owner.contains("mine") && owner.trim().len() == 64,
+            "{owner}"
+        );
+        // An existing directory is never replaced by another create.
+        std::fs::write(job.dir.join("kiln.log"), "x").unwrap();
+        assert!(job.create(&other).is_err());
+        assert_eq!(job.ownership(&mine), Ownership::Ours);
+        // A directory without an owner file is nobody's: not ours either.
+        std::fs::remove_file(job.dir.join(OWNER_FILE)).unwrap();
+        assert_eq!(job.ownership(&mine), Ownership::Foreign);
+        // Nothing temporary is left beside it.
+        let names: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["job-5"]);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -278,7 +413,7 @@ mod tests {
         assert!(start_time(me).is_some());
         let dir = std::env::temp_dir().join(format!("kiln-gitlab-state-{me}"));
         let job = JobDir { dir: dir.clone() };
-        job.create().unwrap();
+        job.create(&identity(1, "t")).unwrap();
         job.write_pid(me).unwrap();
         assert_eq!(job.running_vm(), Some(me));
         // The same pid with another start time is another process.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 
 use crate::contract::Contract;
+use crate::identity::Identity;
 
 /// A guest image: the directory `<images_dir>/<name>/` with `kernel` (+ optional `initrd`),
 /// and/or `vm.toml`, a `kiln run --config` file (kernel, initrd, cmdline, vcpus,
@@ -108,17 +109,21 @@ pub fn image(sources: &ImageSources, contract: &Contract) -> Result<Image> {
     )
 }
 
-/// The snapshot store of the job's project: `<snapshot_dir>/project-<CI_PROJECT_ID>`
-/// (`<snapshot_dir>/shared` for jobs without a project id), so that one project's jobs
-/// never start from another project's VM.
-pub fn snapshot_scope(snapshot_dir: &Path, contract: &Contract) -> Result<PathBuf> {
-    Ok(match contract.var("CI_PROJECT_ID") {
-        Some(id) => {
-            check_name("CI_PROJECT_ID", id)?;
-            snapshot_dir.join(format!("project-{id}"))
-        }
-        None => snapshot_dir.join("shared"),
-    })
+/// The snapshot store of the job's project and ref protection:
+/// `<snapshot_dir>/project-<id>/protected` or `…/unprotected`, both from the job response
+/// (never from job variables), so that one project's jobs never start from another
+/// project's VM, and a job on a protected ref never starts from (nor sees) what a job on an
+/// unprotected ref wrote, nor the other way round (a protected job's VM can hold protected
+/// variables).
+pub fn snapshot_scope(snapshot_dir: &Path, identity: &Identity) -> PathBuf {
+    let protection = if identity.protected {
+        "protected"
+    } else {
+        "unprotected"
+    };
+    snapshot_dir
+        .join(format!("project-{}", identity.project_id))
+        .join(protection)
 }
 
 /// The existing snapshot `name` in `scope`.
@@ -218,13 +223,18 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_are_scoped_by_project() {
+    fn snapshots_are_scoped_by_project_and_protection() {
         let root = Path::new("/snaps");
-        let s = snapshot_scope(root, &contract(&[("CI_PROJECT_ID", "12")])).unwrap();
-        assert_eq!(s, PathBuf::from("/snaps/project-12"));
+        let mut id = crate::state::tests::identity(1, "t");
+        id.project_id = 12;
         assert_eq!(
-            snapshot_scope(root, &contract(&[])).unwrap(),
-            PathBuf::from("/snaps/shared")
+            snapshot_scope(root, &id),
+            PathBuf::from("/snaps/project-12/unprotected")
+        );
+        id.protected = true;
+        assert_eq!(
+            snapshot_scope(root, &id),
+            PathBuf::from("/snaps/project-12/protected")
         );
         let err = existing_snapshot(Path::new("/nonexistent"), "warm").unwrap_err();
         assert!(err.to_string().contains("(none)"), "{err}");

@@ -2,8 +2,10 @@
 //!
 //! Jobs are described in Rust ([`Job`]): their variables and the commands of each stage.
 //! [`Job::files`] turns them into the files a test-bed script needs: `<job>/env` (the
-//! job's variables as `CUSTOM_ENV_*`) and one script per stage, of the shape the runner
-//! generates for its bash shell ([`stage_script`]). [`HARNESS`] is the runner itself, in
+//! job's variables as `CUSTOM_ENV_*`), `<job>/response.json` (GitLab's job response, which
+//! the runner names in `$JOB_RESPONSE_FILE`: job id, token, project id, and the
+//! predefined variables followed by the job's own) and one script per stage, of the shape
+//! the runner generates for its bash shell ([`stage_script`]). [`HARNESS`] is the runner itself, in
 //! POSIX shell (busybox in the test bed): `gl_setup` writes the driver config and the image
 //! store, `gl_job NAME` drives one whole job (config, prepare with the runner's retries,
 //! every stage in order, cleanup), `gl_cancel` cancels a stage the way the runner does.
@@ -17,6 +19,8 @@ pub const SYSTEM_FAILURE: i32 = 72;
 pub const PROJECT_DIR: &str = "/builds/group/project";
 /// `CUSTOM_ENV_CI_RUNNER_ID` of every job.
 pub const RUNNER_ID: &str = "1";
+/// The project of jobs that name none.
+pub const PROJECT_ID: u64 = 7;
 
 /// The stages up to and including the user's script, in the runner's order.
 pub const MAIN_STAGES: &[&str] = &[
@@ -46,24 +50,32 @@ pub const FAILURE_STAGES: &[&str] = &[
 pub struct Job {
     pub name: String,
     pub id: u32,
-    /// Job variables, handed to the driver as `CUSTOM_ENV_<KEY>` and exported in every
-    /// stage script.
-    pub vars: Vec<(String, String)>,
+    /// GitLab's project id (`job_info.project_id` of the job response).
+    pub project_id: u64,
+    /// The job token (`token` of the job response).
+    pub token: String,
+    /// The variables GitLab predefines (`CI_JOB_ID`, `CI_PROJECT_ID`,
+    /// `CI_COMMIT_REF_PROTECTED`, …), first in the job response's list.
+    pub predefined: Vec<(String, String)>,
+    /// The job's own (`.gitlab-ci.yml`) variables, after them in that list; one of the same
+    /// key as a predefined one shadows it.
+    pub yaml: Vec<(String, String)>,
     /// Commands per stage; a stage without an entry prints `stage-output <job> <stage>`.
     pub stages: Vec<(String, Vec<String>)>,
 }
 
 impl Job {
     pub fn new(name: &str, id: u32) -> Job {
-        let vars = [
+        let predefined = [
             ("CI", "true"),
             ("GITLAB_CI", "true"),
             ("CI_RUNNER_ID", RUNNER_ID),
             ("CI_JOB_ID", &id.to_string()),
             ("CI_JOB_NAME", name),
-            ("CI_PROJECT_ID", "7"),
+            ("CI_PROJECT_ID", &PROJECT_ID.to_string()),
             ("CI_PROJECT_DIR", PROJECT_DIR),
             ("CI_BUILDS_DIR", "/builds"),
+            ("CI_COMMIT_REF_PROTECTED", "false"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -71,16 +83,85 @@ impl Job {
         Job {
             name: name.to_string(),
             id,
-            vars,
+            project_id: PROJECT_ID,
+            token: format!("glcbt-token-of-job-{id}"),
+            predefined,
+            yaml: Vec::new(),
             stages: Vec::new(),
         }
     }
 
-    /// Sets (or replaces) a job variable.
+    /// Sets (or replaces) a job variable of the job's own, as `variables:` in
+    /// `.gitlab-ci.yml` does: it may shadow a predefined one.
     pub fn var(mut self, key: &str, value: &str) -> Job {
-        self.vars.retain(|(k, _)| k != key);
-        self.vars.push((key.to_string(), value.to_string()));
+        self.yaml.retain(|(k, _)| k != key);
+        self.yaml.push((key.to_string(), value.to_string()));
         self
+    }
+
+    /// Makes the job one of project `id` (GitLab's word, and the predefined variable).
+    pub fn project(mut self, id: u64) -> Job {
+        self.project_id = id;
+        self.predefine("CI_PROJECT_ID", &id.to_string())
+    }
+
+    /// Makes the job one of a protected ref.
+    pub fn protected(self) -> Job {
+        self.predefine("CI_COMMIT_REF_PROTECTED", "true")
+    }
+
+    /// Gives the job another token (another job, as far as the driver can tell).
+    pub fn token(mut self, token: &str) -> Job {
+        self.token = token.to_string();
+        self
+    }
+
+    fn predefine(mut self, key: &str, value: &str) -> Job {
+        for (k, v) in &mut self.predefined {
+            if k == key {
+                *v = value.to_string();
+            }
+        }
+        self
+    }
+
+    /// The variables as the job sees them (and the driver gets them as `CUSTOM_ENV_*`):
+    /// the predefined ones, each shadowed by a job variable of the same key.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        let mut vars: Vec<(String, String)> = self
+            .predefined
+            .iter()
+            .filter(|(k, _)| !self.yaml.iter().any(|(y, _)| y == k))
+            .cloned()
+            .collect();
+        vars.extend(self.yaml.iter().cloned());
+        vars
+    }
+
+    /// GitLab's job response for this job, in the shape of gitlab-runner's `JobResponse`.
+    pub fn response(&self) -> String {
+        let variables: Vec<serde_json::Value> = self
+            .predefined
+            .iter()
+            .chain(&self.yaml)
+            .map(|(k, v)| {
+                serde_json::json!({"key": k, "value": v, "public": true, "internal": false,
+                                   "file": false, "masked": false, "raw": false})
+            })
+            .collect();
+        serde_json::json!({
+            "id": self.id,
+            "token": self.token,
+            "allow_git_fetch": true,
+            "job_info": {"name": self.name, "stage": "test", "project_id": self.project_id,
+                         "project_name": "project"},
+            "git_info": {"repo_url": "https://gitlab.example/group/project.git", "ref": "main",
+                         "sha": "0123456789abcdef0123456789abcdef01234567",
+                         "before_sha": "0000000000000000000000000000000000000000",
+                         "ref_type": "branch", "refspecs": [], "depth": 20},
+            "variables": variables,
+        })
+        .to_string()
     }
 
     /// Sets a stage's commands.
@@ -101,13 +182,21 @@ impl Job {
             .unwrap_or_else(|| vec![format!("echo stage-output {} {stage}", self.name)])
     }
 
-    /// `<name>/env` and `<name>/<stage>` for every stage, for `Runner::run`'s `$FILES`.
+    /// `<name>/env`, `<name>/response.json` and `<name>/<stage>` for every stage, for
+    /// `Runner::run`'s `$FILES`.
     pub fn files(&self) -> Vec<(String, Vec<u8>)> {
+        let vars = self.vars();
         let mut env = String::new();
-        for (k, v) in &self.vars {
+        for (k, v) in &vars {
             env.push_str(&format!("export CUSTOM_ENV_{k}={}\n", sh_quote(v)));
         }
-        let mut files = vec![(format!("{}/env", self.name), env.into_bytes())];
+        let mut files = vec![
+            (format!("{}/env", self.name), env.into_bytes()),
+            (
+                format!("{}/response.json", self.name),
+                self.response().into_bytes(),
+            ),
+        ];
         let mut stages: Vec<&str> = Vec::new();
         for stage in MAIN_STAGES
             .iter()
@@ -119,7 +208,7 @@ impl Job {
             }
         }
         for stage in stages {
-            let script = stage_script(&self.vars, stage, &self.commands(stage));
+            let script = stage_script(&vars, stage, &self.commands(stage));
             files.push((format!("{}/{stage}", self.name), script.into_bytes()));
         }
         files
@@ -187,11 +276,13 @@ pub fn sh_quote(s: &str) -> String {
 ///
 /// - `gl_setup`: the driver's config (`$KILN_GITLAB_CONFIG`), an image store with
 ///   `default` (the guest kernel + `bash.cpio`) and `broken` (a kernel that is not one),
-///   state under `./state`, snapshots under `./snaps`.
+///   state under `./state`, snapshots under `./snaps`, jails (the default) under `./jails`,
+///   and `net = "$GL_NET"` if `$GL_NET` is set.
 /// - `gl_call JOB ARGS…`: one driver call as the runner makes it: in its own process group
 ///   (its pid, which is the group's id, in `jobs/JOB/driver.pid`), cwd = the job's
-///   `$TMPDIR`, the contract's variables and the job's `CUSTOM_ENV_*`; output appended to
-///   the job log `jobs/JOB/log` (or to `$GL_OUT` if set).
+///   `$TMPDIR`, the contract's variables (`$JOB_RESPONSE_FILE` naming the job's
+///   `response.json`) and the job's `CUSTOM_ENV_*`; output appended to the job log
+///   `jobs/JOB/log` (or to `$GL_OUT` if set).
 /// - `gl_prepare JOB`: `prepare`, retried up to 3 times on a system failure, as the runner
 ///   does; prints `GL-PREPARE-JOB=<code> <attempts>`.
 /// - `gl_stage JOB STAGE`: writes the stage's script into the job's `$TMPDIR`, logs the
@@ -203,19 +294,20 @@ pub fn sh_quote(s: &str) -> String {
 ///   is in the log, then SIGTERM to the driver's process group (SIGKILL after 15 s) or
 ///   SIGKILL at once; prints `GL-CANCEL-RC-JOB=<driver's exit code>` and
 ///   `GL-CANCEL-SECS-JOB=<seconds from signal to exit>`.
-/// - `gl_vm_pid JOB`: the pid of the job's VM from the driver's state, `gl_alive PID`: does
-///   any of its threads still run (zombies do not count), `gl_log JOB`: prints `GL-LOG=JOB`
-///   and the log.
+/// - `gl_jobdir ID`: the driver's state directory of job ID; `gl_vm_pid ID`: the pid of
+///   the job's VM (its `kiln jail`, or its kiln if unjailed) from the driver's state;
+///   `gl_vmm_pid ID`: the pid of the jailed VMM itself (as `kiln jail` logged it);
+///   `gl_alive PID`: does any of its threads still run (zombies do not count); `gl_log
+///   JOB`: prints `GL-LOG=JOB` and the log.
 /// - `gl_wait PID SECS`: waits for a background job up to SECS; if it is still running,
 ///   prints `GL-HUNG=PID`, the processes, the tails of the VMs' logs and, from each guest
 ///   twice, its uptime, timer interrupts and processes, and fails.
 pub const HARNESS: &str = r#"
 GL_BUILD_FAILURE=71
 GL_SYSTEM_FAILURE=72
-GL_RUNNER_ID=1
 gl_setup() {
   GL_ROOT=$PWD
-  mkdir -p "$GL_ROOT/images/default" "$GL_ROOT/images/broken" "$GL_ROOT/state" "$GL_ROOT/snaps" "$GL_ROOT/jobs"
+  mkdir -p "$GL_ROOT/images/default" "$GL_ROOT/images/broken" "$GL_ROOT/state" "$GL_ROOT/snaps" "$GL_ROOT/jobs" "$GL_ROOT/jails"
   ln -sf "$GUEST_VMLINUX" "$GL_ROOT/images/default/kernel"
   ln -sf "$FILES/bash.cpio" "$GL_ROOT/images/default/initrd"
   echo "not a kernel" > "$GL_ROOT/images/broken/kernel"
@@ -224,10 +316,12 @@ kiln = "$KILN"
 state_dir = "$GL_ROOT/state"
 images_dir = "$GL_ROOT/images"
 snapshot_dir = "$GL_ROOT/snaps"
+jail_base = "$GL_ROOT/jails"
 memory_mib = 256
 boot_timeout_secs = 60
 kill_grace_secs = 3
 EOF
+  [ -z "$GL_NET" ] || echo "net = \"$GL_NET\"" >> "$GL_ROOT/kiln-gitlab.toml"
   export KILN_GITLAB_CONFIG="$GL_ROOT/kiln-gitlab.toml"
 }
 gl_dir() { echo "$GL_ROOT/jobs/$1"; }
@@ -239,7 +333,7 @@ gl_call() {
     export TMPDIR="$gl_d/tmp" BUILD_FAILURE_EXIT_CODE=$GL_BUILD_FAILURE \
       SYSTEM_FAILURE_EXIT_CODE=$GL_SYSTEM_FAILURE \
       BUILD_EXIT_CODE_FILE="$gl_d/tmp/build-exit-code" \
-      JOB_RESPONSE_FILE="$gl_d/tmp/response.json"
+      JOB_RESPONSE_FILE="$FILES/$gl_j/response.json"
     . "$FILES/$gl_j/env"
     exec sh -c 'echo $$ > "$0"; exec setsid "$KILN_GITLAB" "$@"' "$gl_d/driver.pid" "$@"
   ) >> "${GL_OUT:-$gl_d/log}" 2>&1
@@ -269,7 +363,6 @@ gl_job() {
   gl_d=$(gl_dir "$1")
   mkdir -p "$gl_d/tmp"
   : > "$gl_d/log"
-  echo '{"id": 0, "token": "test"}' > "$gl_d/tmp/response.json"
   GL_OUT="$gl_d/config.json" gl_call "$1" config
   gl_result=0
   gl_prepare "$1" || gl_result=$gl_rc
@@ -316,8 +409,9 @@ gl_cancel() {
   echo "GL-CANCEL-SECS-$1=$(( $(cut -d. -f1 /proc/uptime) - gl_t0 ))"
   rm -f "$gl_d/tmp/script-$2"
 }
-gl_jobdir() { echo "$GL_ROOT/state/runner-$GL_RUNNER_ID/job-$1"; }
+gl_jobdir() { echo "$GL_ROOT/state/job-$1"; }
 gl_vm_pid() { cut -d' ' -f1 "$(gl_jobdir "$1")/kiln.pid" 2>/dev/null; }
+gl_vmm_pid() { sed -n 's/^kiln jail: .* runs as pid \([0-9]*\) .*/\1/p' "$(gl_jobdir "$1")/kiln.log" 2>/dev/null; }
 gl_alive() {
   [ -n "$1" ] || return 1
   for gl_t in /proc/$1/task/*/status; do
@@ -332,12 +426,12 @@ gl_wait() {
   if kill -0 "$1" 2>/dev/null; then
     echo "GL-HUNG=$1"
     ps -o pid,pgid,stat,args
-    for gl_f in "$GL_ROOT"/state/*/*/kiln.log "$GL_ROOT"/state/*/*/console.log; do
+    for gl_f in "$GL_ROOT"/state/*/kiln.log "$GL_ROOT"/state/*/console.log; do
       echo "== $gl_f"; tail -n 20 "$gl_f"
     done
     # Does the guest's clock run, do its timer interrupts come? Twice, 2 s apart.
     for gl_i in 1 2; do
-      for gl_f in "$GL_ROOT"/state/*/*/vsock.sock; do
+      for gl_f in "$GL_ROOT"/state/*/vsock.sock; do
         echo "== $gl_f ($gl_i)"
         timeout 10 "$KILN" exec --vsock "$gl_f" -- sh -c \
           'cat /proc/uptime; grep -E "LOC|timer" /proc/interrupts; ps -o pid,stat,args'
@@ -379,6 +473,34 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(count, names.len(), "one file per stage");
+    }
+
+    #[test]
+    fn responses_hold_the_predefined_variables_then_the_jobs() {
+        let job = Job::new("x", 9)
+            .project(8)
+            .protected()
+            .var("CI_PROJECT_ID", "7")
+            .token("secret");
+        let r: serde_json::Value = serde_json::from_str(&job.response()).unwrap();
+        assert_eq!(
+            (r["id"].as_u64(), r["token"].as_str()),
+            (Some(9), Some("secret"))
+        );
+        assert_eq!(r["job_info"]["project_id"], 8);
+        let vars = r["variables"].as_array().unwrap();
+        let of = |key: &str| -> Vec<&str> {
+            vars.iter()
+                .filter(|v| v["key"] == key)
+                .map(|v| v["value"].as_str().unwrap())
+                .collect()
+        };
+        assert_eq!(of("CI_PROJECT_ID"), ["8", "7"]);
+        assert_eq!(of("CI_COMMIT_REF_PROTECTED"), ["true"]);
+        // The job sees (and the driver gets as CUSTOM_ENV_) its own value.
+        let seen = job.vars();
+        assert!(seen.contains(&("CI_PROJECT_ID".into(), "7".into())));
+        assert_eq!(seen.iter().filter(|(k, _)| k == "CI_PROJECT_ID").count(), 1);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `kiln-gitlab`, the GitLab Runner custom-executor driver (issue 6), driven through the
+//! `kiln-gitlab`, the GitLab Runner custom-executor driver, driven through the
 //! contract harness (`kiln_tests::gitlab_harness`) that plays the runner's side: argv, the
 //! contract's environment, TMPDIR as cwd, the exit-code file, SIGTERM/SIGKILL to the
 //! driver's process group. Each test is one test-bed run holding several jobs.
@@ -56,7 +56,7 @@ fn stages(log: &str) -> Vec<(String, String)> {
 const LONG_BUILD: &str =
     "trap 'echo got-sigterm; exit 143' TERM; echo build-running; sleep 600 & wait";
 
-/// Acceptance 1–3: a whole job through every stage; a failing build_script (with
+/// A whole job through every stage; a failing build_script (with
 /// KILN_KEEP_FAILED: a snapshot that the printed commands reopen); VMs that cannot start
 /// and an unknown image, a VM that dies under a running stage (system failures); prepare
 /// retried; cancel by SIGTERM and by SIGKILL during build_script, after which cleanup
@@ -156,8 +156,9 @@ for j in term kill; do
   gl_alive "$vm" && echo "GL-VM-LEFT-$j=yes" || echo "GL-VM-LEFT-$j=no"
   [ -e "$(gl_jobdir $id)" ] && echo "GL-FILES-LEFT-$j=yes" || echo "GL-FILES-LEFT-$j=no"
 done
-echo "GL-STATE-LEFT=$(find state -mindepth 1 | wc -l)"
-echo "GL-KILN-LEFT=$(ps -o args | grep -c "^$KILN run")"
+echo "GL-STATE-LEFT=$(find state -mindepth 1 ! -path 'state/slots*' | wc -l)"
+echo "GL-JAILS-LEFT=$(find jails -mindepth 1 | wc -l)"
+echo "GL-KILN-LEFT=$(ps -o args | grep -c -e "^$KILN " -e "^/kiln ")"
 for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
 "#
     );
@@ -274,7 +275,9 @@ for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
         ensure!(value(c, &format!("GL-FILES-LEFT-{j}")) == Some("no"), "{c}");
     }
     ensure!(value(c, "GL-STATE-LEFT") == Some("0"), "{c}");
+    ensure!(value(c, "GL-JAILS-LEFT") == Some("0"), "{c}");
     ensure!(value(c, "GL-KILN-LEFT") == Some("0"), "{c}");
+    ensure!(log(c, "ok").contains(", jailed) in"), "not jailed: {c}");
     Ok(())
 }
 
@@ -283,11 +286,15 @@ for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
 /// restored guests (`snapshot_clones_timers_fire_after_restore` tests that alone).
 const WAIT_FOR_GO: &str = "until [ -e /tmp/go ]; do sleep 0.1; done";
 
-/// Acceptance 4 and 5: job A snapshots after get_sources; jobs B and C start from that
-/// snapshot at the same time, find A's checkout (and not what A did after the snapshot),
-/// run different commands on it, and see neither each other's files nor processes; their
-/// state (sockets, pid files) lives in separate private directories. A snapshot is only
-/// found within its project.
+/// Job A snapshots after get_sources; jobs B and C start from that snapshot at the same
+/// time, find A's checkout (and not what A did after the snapshot), run different commands
+/// on it, and see neither each other's files nor processes; their state (sockets, pid
+/// files) lives in separate private directories. A snapshot is only found within its
+/// project and its ref protection, whatever the job's variables claim: F, of project 8,
+/// sets `CI_PROJECT_ID: 7` and snapshots as `warm`, which lands in project 8's store and
+/// leaves A's untouched (B and C still find A's checkout); D, of project 8, claims project 7
+/// too and restores its own project's `warm` (F's), not A's; P, a protected job of project 7, does not find the
+/// `warm` that the unprotected A wrote.
 #[test]
 fn gitlab_snapshot_branches_and_parallel_jobs() -> Result<()> {
     let runner = Runner::detect()?;
@@ -333,16 +340,38 @@ fn gitlab_snapshot_branches_and_parallel_jobs() -> Result<()> {
         ),
         branch("c", 203, "echo \"lines-c=$(wc -l < numbers)\""),
         Job::new("d", 204)
-            .var("CI_PROJECT_ID", "8")
-            .var("KILN_FROM_SNAPSHOT", "warm"),
+            .project(8)
+            .var("CI_PROJECT_ID", "7")
+            .var("KILN_FROM_SNAPSHOT", "warm")
+            .stage("get_sources", &["echo \"d-restored: $(cat README)\""]),
         Job::new("e", 205).var("KILN_FROM_SNAPSHOT", "cold"),
+        Job::new("f", 206)
+            .project(8)
+            .var("CI_PROJECT_ID", "7")
+            .var("KILN_SNAPSHOT_AFTER", "get_sources")
+            .var("KILN_SNAPSHOT_NAME", "warm")
+            .stage(
+                "get_sources",
+                &[
+                    "mkdir -p .git && echo ref > .git/HEAD",
+                    "echo checkout-of-f > README",
+                ],
+            ),
+        Job::new("p", 207)
+            .protected()
+            .var("KILN_FROM_SNAPSHOT", "warm"),
     ];
     let script = format!(
         "{HARNESS}{}",
         r#"
 gl_setup
 gl_job a
-[ -f snaps/project-7/warm/state ] && echo GL-WARM=yes
+A7=snaps/project-7/unprotected/warm/state
+[ -f $A7 ] && echo GL-WARM=yes
+sum7=$(sha256sum $A7)
+gl_job f
+[ -f snaps/project-8/unprotected/warm/state ] && echo GL-F-WARM=yes
+[ "$(sha256sum $A7)" = "$sum7" ] && echo GL-A-WARM-UNTOUCHED=yes
 gl_job b > b.out &
 bj=$!
 gl_job c > c.out &
@@ -366,9 +395,10 @@ gl_wait $cj 30
 cat b.out c.out
 gl_job d
 gl_job e
-echo "GL-STATE-LEFT=$(find state -mindepth 1 | wc -l)"
-echo "GL-SNAPS=$(ls snaps/project-7 | tr '\n' ' ')"
-for j in a b c d e; do gl_log $j; done
+gl_job p
+echo "GL-STATE-LEFT=$(find state -mindepth 1 ! -path 'state/slots*' | wc -l)"
+echo "GL-SNAPS=$(find snaps -name state | sort | tr '\n' ' ')"
+for j in a b c d e f p; do gl_log $j; done
 "#
     );
     let out = runner.run(&script, &files(&jobs)?, TIMEOUT)?;
@@ -428,14 +458,149 @@ for j in a b c d e; do gl_log $j; done
         "{c}"
     );
     let system = SYSTEM_FAILURE.to_string();
-    ensure!(value(c, "GL-EXIT-d") == Some(system.as_str()), "{c}");
+    ensure!(value(c, "GL-EXIT-d") == Some("0"), "job d: {c}");
     ensure!(
-        log(c, "d").contains("no snapshot \"warm\"") && log(c, "d").contains("(none)"),
-        "another project's job must not find the snapshot: {c}"
+        log(c, "d").contains("d-restored: checkout-of-f"),
+        "a job claiming project 7 restored another project's snapshot: {c}"
     );
     ensure!(value(c, "GL-EXIT-e") == Some(system.as_str()), "{c}");
     ensure!(log(c, "e").contains("the snapshots there are: warm"), "{c}");
+    ensure!(value(c, "GL-EXIT-f") == Some("0"), "job f: {c}");
+    ensure!(
+        value(c, "GL-F-WARM") == Some("yes") && value(c, "GL-A-WARM-UNTOUCHED") == Some("yes"),
+        "a job claiming project 7 wrote its snapshot there: {c}"
+    );
+    ensure!(value(c, "GL-EXIT-p") == Some(system.as_str()), "{c}");
+    ensure!(
+        log(c, "p").contains("no snapshot \"warm\"") && log(c, "p").contains("(none)"),
+        "a protected job must not find an unprotected job's snapshot: {c}"
+    );
     ensure!(value(c, "GL-STATE-LEFT") == Some("0"), "{c}");
+    Ok(())
+}
+
+/// Jobs that claim to be other jobs get nothing of them. V (job 301) is running on slot 0
+/// (TAP kiln0). X (job 302) sets `CI_JOB_ID: 301` and `CI_CONCURRENT_ID: 0`: its prepare
+/// leaves V's VM and state alone, and its VM gets the next free slot's TAP (kiln1), not
+/// V's. An imposter whose job response says 301 but holds another token (another GitLab's
+/// job 301, or a forged response) cannot prepare, run or clean up job 301. V then runs its
+/// stages as if nothing happened. Meanwhile, from the host's /proc: V's VMM is jailed (the
+/// default), as nobody with no capabilities, in namespaces of its own, in its jail's root.
+#[test]
+fn gitlab_forged_job_ids_get_nothing_of_other_jobs() -> Result<()> {
+    let runner = Runner::detect()?;
+    let jobs = [
+        Job::new("v", 301).stage("build_script", &["echo v-still-works"]),
+        Job::new("x", 302)
+            .var("CI_JOB_ID", "301")
+            .var("CI_CONCURRENT_ID", "0")
+            .stage("build_script", &["echo x-ran job=$CI_JOB_ID"]),
+        Job::new("imp", 301).token("glcbt-another-token"),
+    ];
+    let script = format!(
+        "{HARNESS}{}",
+        r#"
+GL_NET='tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1'
+gl_setup
+for i in 0 1; do "$KILN" net setup --tap kiln$i --host-ip 10.0.$i.1/24 > /dev/null; done
+for j in v x imp; do mkdir -p jobs/$j/tmp; done
+tap_of() { tr '\0' '\n' < /proc/$1/cmdline | awk 'p { print; exit } $0 == "--tap" { p = 1 }'; }
+gl_prepare v
+gl_stage v prepare_script
+gl_stage v get_sources
+vm=$(gl_vm_pid 301)
+vmm=$(gl_vmm_pid 301)
+echo "GL-V-TAP=$(tap_of $vm)"
+st=/proc/$vmm/status
+echo "GL-VMM-UID=$(awk '/^Uid:/ { print $2, $3, $4, $5 }' $st)"
+echo "GL-VMM-GID=$(awk '/^Gid:/ { print $2, $3, $4, $5 }' $st)"
+echo "GL-VMM-CAPEFF=$(awk '$1 == "CapEff:" { print $2 }' $st)"
+for ns in mnt pid net uts ipc; do
+  [ "$(readlink /proc/$vmm/ns/$ns)" != "$(readlink /proc/self/ns/$ns)" ] && echo "GL-VMM-NS-$ns=own"
+done
+echo "GL-VMM-ROOT=$(ls /proc/$vmm/root | tr '\n' ' ')"
+# X claims V's job id and slot.
+gl_prepare x
+gl_stage x prepare_script
+gl_stage x get_sources
+gl_stage x build_script
+echo "GL-X-TAP=$(tap_of $(gl_vm_pid 302))"
+gl_alive "$vm" && echo GL-V-AFTER-X=running
+# The imposter: job 301 by its response, with another token.
+gl_prepare imp
+gl_call imp run "$FILES/imp/build_script" build_script
+echo "GL-IMP-RUN=$?"
+gl_call imp cleanup
+echo "GL-IMP-CLEANUP=$?"
+gl_alive "$vm" && echo GL-V-AFTER-IMP=running
+[ -e "$(gl_jobdir 301)/kiln.pid" ] && echo GL-V-STATE=kept
+gl_stage v build_script
+echo "GL-V-BUILD=$?"
+gl_call x cleanup
+gl_call v cleanup
+gl_alive "$vm" && echo GL-V-LEFT=yes || echo GL-V-LEFT=no
+echo "GL-STATE-LEFT=$(find state -mindepth 1 ! -path 'state/slots*' | wc -l)"
+echo "GL-JAILS-LEFT=$(find jails -mindepth 1 | wc -l)"
+for j in v x imp; do gl_log $j; done
+"#
+    );
+    let mut files = files(&jobs)?;
+    let script = kiln_tests::net_download::isolated(&script, &mut files);
+    let out = runner.run(&script, &files, TIMEOUT)?;
+    let c = &out.console;
+    eprintln!("{c}"); // shown with --nocapture
+    let system = SYSTEM_FAILURE.to_string();
+    ensure!(value(c, "GL-PREPARE-v") == Some("0 1"), "{c}");
+    ensure!(value(c, "GL-V-TAP") == Some("kiln0"), "{c}");
+    // The jail, seen from the host.
+    ensure!(
+        value(c, "GL-VMM-UID") == Some("65534 65534 65534 65534")
+            && value(c, "GL-VMM-GID") == Some("65534 65534 65534 65534"),
+        "the VMM does not run as nobody: {c}"
+    );
+    ensure!(value(c, "GL-VMM-CAPEFF") == Some("0000000000000000"), "{c}");
+    for ns in ["mnt", "pid", "net", "uts", "ipc"] {
+        ensure!(
+            value(c, &format!("GL-VMM-NS-{ns}")) == Some("own"),
+            "the VMM shares the host's {ns} namespace: {c}"
+        );
+    }
+    ensure!(
+        value(c, "GL-VMM-ROOT") == Some("api.sock console.log dev initrd kernel kiln vsock.sock"),
+        "the VMM's root: {c}"
+    );
+    // X: its own job, its own slot.
+    ensure!(value(c, "GL-PREPARE-x") == Some("0 1"), "{c}");
+    ensure!(log(c, "x").contains("x-ran job=301"), "{c}");
+    ensure!(
+        value(c, "GL-X-TAP") == Some("kiln1"),
+        "a job claiming CI_CONCURRENT_ID=0 got V's slot: {c}"
+    );
+    ensure!(
+        value(c, "GL-V-AFTER-X") == Some("running"),
+        "a job claiming CI_JOB_ID=301 stopped V's VM: {c}"
+    );
+    // The imposter: refused at every call, V untouched.
+    ensure!(
+        value(c, "GL-PREPARE-imp") == Some(&format!("{system} 3")),
+        "{c}"
+    );
+    ensure!(value(c, "GL-IMP-RUN") == Some(system.as_str()), "{c}");
+    ensure!(value(c, "GL-IMP-CLEANUP") == Some("0"), "{c}");
+    ensure!(
+        log(c, "imp")
+            .matches("belongs to another job token")
+            .count()
+            >= 5,
+        "prepare (3 times), run and cleanup must each refuse job 301's state: {c}"
+    );
+    ensure!(value(c, "GL-V-AFTER-IMP") == Some("running"), "{c}");
+    ensure!(value(c, "GL-V-STATE") == Some("kept"), "{c}");
+    ensure!(value(c, "GL-V-BUILD") == Some("0"), "{c}");
+    ensure!(log(c, "v").contains("v-still-works"), "{c}");
+    ensure!(value(c, "GL-V-LEFT") == Some("no"), "{c}");
+    ensure!(value(c, "GL-STATE-LEFT") == Some("0"), "{c}");
+    ensure!(value(c, "GL-JAILS-LEFT") == Some("0"), "{c}");
     Ok(())
 }
 
@@ -452,6 +617,6 @@ fn gitlab_real_runner_if_installed() {
     }
     eprintln!(
         "gitlab_real_runner_if_installed: skipped: gitlab-runner is on PATH, but the fake \
-         coordinator this test needs is not written yet (see issue 6)"
+         coordinator this test needs is not written yet"
     );
 }
