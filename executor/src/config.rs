@@ -63,17 +63,29 @@ pub struct ConfigFile {
     /// (copied across filesystems) and snapshots moved out of it. Default
     /// `/var/lib/kiln-gitlab/jails`.
     pub jail_base: Option<PathBuf>,
-    /// The uid and gid jailed VMMs run as. Default 65534 (nobody).
+    /// A fixed uid for every jailed VMM. Default: none, so that each jail takes a uid of its
+    /// own from `jail_uid_range` (one compromised VMM cannot signal or ptrace another job's).
     pub jail_uid: Option<u32>,
+    /// The gid of every jailed VMM: the group that may read the snapshots jobs start from
+    /// (files `0640`, owned by root). Default [`JAIL_GID`].
     pub jail_gid: Option<u32>,
+    /// `START:COUNT`: the uids jails take one each (`kiln jail --uid-range`). Default:
+    /// `kiln jail`'s own range.
+    pub jail_uid_range: Option<String>,
 }
+
+/// The default group of jailed VMMs: a number no account uses, like `kiln jail`'s uids.
+pub const JAIL_GID: u32 = 1_799_999_999;
 
 /// How VMs are confined.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailConfig {
     pub base: PathBuf,
-    pub uid: u32,
+    /// A fixed uid; `None`: a uid of the jail's own from `uid_range`.
+    pub uid: Option<u32>,
+    /// The jails' group, which snapshots are readable by.
     pub gid: u32,
+    pub uid_range: Option<String>,
 }
 
 /// The configuration with every default filled in.
@@ -157,8 +169,9 @@ impl Config {
                 base: f
                     .jail_base
                     .unwrap_or_else(|| "/var/lib/kiln-gitlab/jails".into()),
-                uid: f.jail_uid.unwrap_or(65534),
-                gid: f.jail_gid.unwrap_or(65534),
+                uid: f.jail_uid,
+                gid: f.jail_gid.unwrap_or(JAIL_GID),
+                uid_range: f.jail_uid_range,
             }),
         }
     }
@@ -197,6 +210,9 @@ fn parse(text: &str) -> Result<ConfigFile> {
     if file.jail_uid == Some(0) || file.jail_gid == Some(0) {
         bail!("jail_uid and jail_gid must not be 0: jailed VMMs run unprivileged");
     }
+    if file.jail_uid.is_some() && file.jail_uid_range.is_some() {
+        bail!("jail_uid and jail_uid_range exclude each other: one fixed uid, or one per jail");
+    }
     Ok(file)
 }
 
@@ -223,8 +239,9 @@ mod tests {
             c.jail,
             Some(JailConfig {
                 base: "/var/lib/kiln-gitlab/jails".into(),
-                uid: 65534,
-                gid: 65534
+                uid: None,
+                gid: JAIL_GID,
+                uid_range: None,
             }),
             "jailed by default"
         );
@@ -255,7 +272,12 @@ mod tests {
         assert_eq!((c.jail, c.slots), (None, 4));
         let c = Config::from_file(parse("jail_base = \"/j\"\njail_uid = 900\n").unwrap(), &env);
         let jail = c.jail.unwrap();
-        assert_eq!((jail.base, jail.uid, jail.gid), ("/j".into(), 900, 65534));
+        assert_eq!(
+            (jail.base, jail.uid, jail.gid),
+            ("/j".into(), Some(900), JAIL_GID)
+        );
+        let c = Config::from_file(parse("jail_uid_range = \"5000:10\"\n").unwrap(), &env);
+        assert_eq!(c.jail.unwrap().uid_range.as_deref(), Some("5000:10"));
     }
 
     #[test]
@@ -264,6 +286,7 @@ mod tests {
         assert!(parse("vcpus = 0\n").is_err());
         assert!(parse("slots = 0\n").is_err());
         assert!(parse("jail_uid = 0\n").is_err());
+        assert!(parse("jail_uid = 9\njail_uid_range = \"5000:10\"\n").is_err());
         assert!(parse("jail = \"no\"\n").is_err());
         assert!(parse("memory_mib = \"big\"\n").is_err());
     }

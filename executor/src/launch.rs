@@ -161,11 +161,21 @@ pub fn launch(
             args: inner,
             jail_root: None,
         },
-        Some(JailConfig { base, uid, gid }) => {
+        Some(JailConfig {
+            base,
+            uid,
+            gid,
+            uid_range,
+        }) => {
             let id = jail_id(identity);
             let mut args: Vec<OsString> = vec!["jail".into(), "--id".into(), id.clone().into()];
-            args.extend(["--uid".into(), uid.to_string().into()]);
+            if let Some(uid) = uid {
+                args.extend(["--uid".into(), uid.to_string().into()]);
+            }
             args.extend(["--gid".into(), gid.to_string().into()]);
+            if let Some(range) = uid_range {
+                args.extend(["--uid-range".into(), range.into()]);
+            }
             args.extend(["--base".into(), base.clone().into()]);
             args.extend(outer);
             args.push("--".into());
@@ -264,7 +274,7 @@ mod tests {
     #[test]
     fn jailed_kiln_gets_its_files_and_tap_from_the_jail() {
         let c = config(true, Some("tap=kiln{id},ip=10.0.{id}.2/24,gw=10.0.{id}.1"));
-        let jail = "jail --id job-9 --uid 65534 --gid 65534 --base /jails";
+        let jail = "jail --id job-9 --gid 1799999999 --base /jails";
         let tail = "--vsock /vsock.sock --api /api.sock --serial /console.log";
         assert_eq!(
             args(&c, &Source::Image(image()), 3),

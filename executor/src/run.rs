@@ -105,6 +105,11 @@ pub fn run(
     Err(Failure::Build(code))
 }
 
+/// The group a jailed VM's snapshot is made readable by (unused when not jailed).
+fn jail_gid(config: &Config) -> u32 {
+    config.jail.as_ref().map_or(0, |jail| jail.gid)
+}
+
 /// `KILN_SNAPSHOT_AFTER=<stage>` + `KILN_SNAPSHOT_NAME=<name>`.
 fn snapshot_after(
     config: &Config,
@@ -118,7 +123,7 @@ fn snapshot_after(
         .context("KILN_SNAPSHOT_AFTER is set but KILN_SNAPSHOT_NAME is not")?;
     store::check_name("KILN_SNAPSHOT_NAME", name)?;
     let scope = store::snapshot_scope(&config.snapshot_dir, identity);
-    let (dir, took) = snapshot::take(job, &scope, name, &tag(identity))?;
+    let (dir, took) = snapshot::take(job, &scope, name, &tag(identity), jail_gid(config))?;
     println!(
         "kiln-gitlab: snapshot {name:?} taken after {stage} in {:.1} s ({}); jobs with \
          KILN_FROM_SNAPSHOT={name} start from it",
@@ -139,7 +144,7 @@ fn keep_failed(
 ) {
     let scope = store::snapshot_scope(&config.snapshot_dir, identity);
     let name = format!("failed-job-{}", identity.job_id);
-    let result = snapshot::take(job, &scope, &name, &tag(identity));
+    let result = snapshot::take(job, &scope, &name, &tag(identity), jail_gid(config));
     match result {
         Ok((dir, _)) => {
             let base = format!("/tmp/kiln-debug-{}", identity.job_id);

@@ -18,10 +18,17 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// the temporary names unique per job.
 ///
 /// A jailed VM can write only inside its jail: it writes the snapshot into its root, and the
-/// driver moves it into the store and makes its files the driver's own and read-only to
-/// others, so that no later jail can change a snapshot that other jobs start from (a jail
-/// links such files in instead of copying them).
-pub fn take(job: &JobDir, scope: &Path, name: &str, tag: &str) -> Result<(PathBuf, Duration)> {
+/// driver moves it into the store and makes its files the driver's own, readable only by the
+/// jails' group `jail_gid` (`0640`), so that no later jail can change a snapshot that other
+/// jobs start from (a jail links such files in instead of copying them) and no other user of
+/// the host can read the guest memory they hold.
+pub fn take(
+    job: &JobDir,
+    scope: &Path,
+    name: &str,
+    tag: &str,
+    jail_gid: u32,
+) -> Result<(PathBuf, Duration)> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -53,7 +60,7 @@ pub fn take(job: &JobDir, scope: &Path, name: &str, tag: &str) -> Result<(PathBu
                 if let Some(image) = job.store_image() {
                     std::fs::write(tmp.join(SNAPSHOT_IMAGE_FILE), format!("{image}\n"))?;
                 }
-                seal(&tmp)
+                seal(&tmp, jail_gid)
             })
             .with_context(|| format!("cannot move the snapshot into {}", scope.display()));
         if let Err(e) = moved {
@@ -92,7 +99,7 @@ fn move_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Makes everything in `dir` the driver's: files 0644, directories 0700.
-fn seal(dir: &Path) -> std::io::Result<()> {
+fn seal(dir: &Path, group: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if !std::fs::symlink_metadata(dir)?.is_dir() {
         return Err(std::io::Error::other(format!(
@@ -108,7 +115,7 @@ fn seal(dir: &Path) -> std::io::Result<()> {
         let entry = entry?;
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            seal(&entry.path())?;
+            seal(&entry.path(), group)?;
         } else {
             // The VMM writes new plain files. Anything else (a symlink, or a hard link to a
             // file the jail was given, whose owner and mode must not change) is refused.
@@ -119,8 +126,8 @@ fn seal(dir: &Path) -> std::io::Result<()> {
                     entry.path().display()
                 )));
             }
-            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
-            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(group))?;
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o640))?;
         }
     }
     Ok(())
@@ -168,14 +175,14 @@ mod tests {
         let scope = root.join("snaps/project-1");
         for tag in ["first", "second"] {
             let server = fake_api(job.api(), 1, tag);
-            let (dir, _) = take(&job, &scope, "warm", "1-2").unwrap();
+            let (dir, _) = take(&job, &scope, "warm", "1-2", 0).unwrap();
             server.join().unwrap();
             std::fs::remove_file(job.api()).unwrap();
             assert_eq!(dir, scope.join("warm"));
             assert_eq!(std::fs::read_to_string(dir.join("state")).unwrap(), tag);
         }
         let server = fake_api(job.api(), 1, "fail");
-        let err = take(&job, &scope, "warm", "1-2").unwrap_err();
+        let err = take(&job, &scope, "warm", "1-2", 0).unwrap_err();
         server.join().unwrap();
         assert!(format!("{err:#}").contains("disk full"), "{err:#}");
         // The old snapshot is intact and no temporary directory is left.

@@ -15,6 +15,8 @@ use kiln_tests::shell::PRELUDE;
 use kiln_tests::Runner;
 
 const TIMEOUT: Duration = Duration::from_secs(420);
+/// The jails' group: `kiln-gitlab`'s default `jail_gid`.
+const JAIL_GID: u32 = 1_799_999_999;
 
 /// The files of `jobs` plus the guest image with bash.
 fn files(jobs: &[Job]) -> Result<Vec<(String, Vec<u8>)>> {
@@ -525,6 +527,7 @@ gl_stage x prepare_script
 gl_stage x get_sources
 gl_stage x build_script
 echo "GL-X-TAP=$(tap_of $(gl_vm_pid 302))"
+echo "GL-X-VMM-UID=$(awk '/^Uid:/ { print $2 }' /proc/$(gl_vmm_pid 302)/status)"
 gl_alive "$vm" && echo GL-V-AFTER-X=running
 # The imposter: job 301 by its response, with another token.
 gl_prepare imp
@@ -553,10 +556,27 @@ for j in v x imp; do gl_log $j; done
     ensure!(value(c, "GL-PREPARE-v") == Some("0 1"), "{c}");
     ensure!(value(c, "GL-V-TAP") == Some("kiln0"), "{c}");
     // The jail, seen from the host.
+    // Each jail runs as a uid of its own from `kiln jail`'s range (real, effective, saved
+    // and fs ids all the same), in the jails' group that may read snapshots.
+    let ids = |key: &str| -> Vec<u32> {
+        value(c, key)
+            .unwrap_or_default()
+            .split(' ')
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let (uids, gids) = (ids("GL-VMM-UID"), ids("GL-VMM-GID"));
     ensure!(
-        value(c, "GL-VMM-UID") == Some("65534 65534 65534 65534")
-            && value(c, "GL-VMM-GID") == Some("65534 65534 65534 65534"),
-        "the VMM does not run as nobody: {c}"
+        uids.len() == 4
+            && uids.iter().all(|&u| u == uids[0] && u >= 1_800_000_000)
+            && gids == [JAIL_GID; 4],
+        "the VMM does not run as a jail uid of its own: {c}"
+    );
+    ensure!(
+        ids("GL-X-VMM-UID")
+            .first()
+            .is_some_and(|&x| x != uids[0] && x >= 1_800_000_000),
+        "two jobs' VMMs share a uid: {c}"
     );
     ensure!(value(c, "GL-VMM-CAPEFF") == Some("0000000000000000"), "{c}");
     for ns in ["mnt", "pid", "net", "uts", "ipc"] {
