@@ -11,7 +11,7 @@ use serde::Deserialize;
 /// `$KILN_GITLAB_CONFIG` names one.
 pub const DEFAULT_CONFIG: &str = "/etc/kiln-gitlab/config.toml";
 
-/// The configuration file's keys. See the README's "GitLab Runner" section.
+/// The configuration file's keys; `docs/gitlab.md` describes each.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {

@@ -1,6 +1,6 @@
 //! `kiln-gitlab`: GitLab Runner's custom-executor driver that runs every job in its own kiln
 //! microVM. The runner calls it as `config`, `prepare`, `run <script> <stage>` (once per
-//! stage) and `cleanup`; see the README's "GitLab Runner" section.
+//! stage) and `cleanup`; see `docs/gitlab.md`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
