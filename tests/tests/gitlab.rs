@@ -159,7 +159,7 @@ for j in term kill; do
   [ -e "$(gl_jobdir $id)" ] && echo "GL-FILES-LEFT-$j=yes" || echo "GL-FILES-LEFT-$j=no"
 done
 echo "GL-STATE-LEFT=$(find state -mindepth 1 ! -path 'state/slots*' | wc -l)"
-echo "GL-JAILS-LEFT=$(find jails -mindepth 1 | wc -l)"
+echo "GL-JAILS-LEFT=$(find jails -mindepth 1 ! -path 'jails/.uids*' | wc -l)"
 echo "GL-KILN-LEFT=$(ps -o args | grep -c -e "^$KILN " -e "^/kiln ")"
 for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
 "#
@@ -543,7 +543,7 @@ gl_call x cleanup
 gl_call v cleanup
 gl_alive "$vm" && echo GL-V-LEFT=yes || echo GL-V-LEFT=no
 echo "GL-STATE-LEFT=$(find state -mindepth 1 ! -path 'state/slots*' | wc -l)"
-echo "GL-JAILS-LEFT=$(find jails -mindepth 1 | wc -l)"
+echo "GL-JAILS-LEFT=$(find jails -mindepth 1 ! -path 'jails/.uids*' | wc -l)"
 for j in v x imp; do gl_log $j; done
 "#
     );
@@ -586,7 +586,8 @@ for j in v x imp; do gl_log $j; done
         );
     }
     ensure!(
-        value(c, "GL-VMM-ROOT") == Some("api.sock console.log dev initrd kernel kiln vsock.sock"),
+        value(c, "GL-VMM-ROOT")
+            == Some("api.sock console.log console.log.1 dev initrd kernel kiln vsock.sock"),
         "the VMM's root: {c}"
     );
     // X: its own job, its own slot.
