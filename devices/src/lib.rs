@@ -18,6 +18,7 @@ pub mod guest_signal;
 pub mod i8042;
 pub mod interrupt;
 pub mod persist;
+pub mod private;
 pub mod serial;
 pub mod virtio;
 

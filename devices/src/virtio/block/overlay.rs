@@ -88,12 +88,8 @@ impl Overlay {
             path: overlay_path.clone(),
             source,
         };
-        let overlay = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&overlay_path)
-            .map_err(open_err)?;
+        // Guest disk contents: private to this user, never through a planted link.
+        let overlay = crate::private::create_file(&overlay_path).map_err(open_err)?;
         overlay.set_len(len).map_err(open_err)?;
         Ok(Self {
             base,
