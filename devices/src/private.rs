@@ -59,7 +59,10 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     if meta.nlink() != 1 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("the file has {} hard links; kiln writes only to a file with one", meta.nlink()),
+            format!(
+                "the file has {} hard links; kiln writes only to a file with one",
+                meta.nlink()
+            ),
         ));
     }
     Ok(file)
@@ -177,7 +180,9 @@ impl PeerPolicy {
         if uid == me || uid == 0 {
             Ok(())
         } else {
-            Err(format!("peer uid {uid} is neither this user ({me}) nor root"))
+            Err(format!(
+                "peer uid {uid} is neither this user ({me}) nor root"
+            ))
         }
     }
 }

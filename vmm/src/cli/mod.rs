@@ -13,7 +13,7 @@ pub use image::{
     BuildArgs, ImageArgs, ImageCommand, ImportArgs, LsArgs, MakeArgs, RmArgs, StoreArg, VerifyArgs,
 };
 pub use net::{NetCommand, NetSetupArgs};
-pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs};
+pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs, SnapshotImages};
 pub use vm::{JobArgs, RunArgs, SlotArgs, VmArgs};
 
 /// kiln: a microVM monitor for CI jobs.
@@ -181,6 +181,14 @@ pub struct CpArgs {
     /// Permission bits for a file copied into the guest (default: the source's).
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     pub mode: Option<u32>,
+    /// For a file copied out of the guest: keep the guest's rwx bits as they are. Default:
+    /// the guest's rwx bits less the umask. Setuid, setgid and sticky are never kept.
+    #[arg(long)]
+    pub preserve_mode: bool,
+    /// For a file copied out of the guest: if DST is a symbolic link, replace the file it
+    /// points to. Default: refuse a DST that is a symbolic link.
+    #[arg(long)]
+    pub follow_symlinks: bool,
     /// Source: a host path, or vm:/path in the guest.
     pub src: String,
     /// Destination: a host path, or vm:/path in the guest.

@@ -25,7 +25,7 @@
 //! `cp --sparse=always` or a reflink) while the VM is paused, after a flush, so that file and
 //! bitmap agree.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -139,7 +139,10 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(why) = self.peers.allows(&stream) {
-                        warn!("vsock: refusing a host client on {}: {why}", self.uds_path.display());
+                        warn!(
+                            "vsock: refusing a host client on {}: {why}",
+                            self.uds_path.display()
+                        );
                         self.retired.push(stream);
                         continue;
                     }

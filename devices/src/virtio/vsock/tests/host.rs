@@ -278,16 +278,15 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while h.dev.muxer.pending_len() > 0 {
         assert!(std::time::Instant::now() < deadline, "never dropped");
-        let mut fds: Vec<libc::pollfd> = h
-            .ep
-            .fds
-            .iter()
-            .map(|(fd, _)| libc::pollfd {
-                fd: *fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut fds: Vec<libc::pollfd> =
+            h.ep.fds
+                .iter()
+                .map(|(fd, _)| libc::pollfd {
+                    fd: *fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
         let nfds = libc::nfds_t::try_from(fds.len()).unwrap();
         // SAFETY: `fds` is a valid array of `nfds` pollfd structs for the whole call.
         unsafe { libc::poll(fds.as_mut_ptr(), nfds, 2000) };
