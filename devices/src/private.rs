@@ -162,21 +162,36 @@ pub fn group_id(name: &str) -> io::Result<u32> {
 
 /// Who may use a VM's sockets besides the file mode: this user and root always; with a
 /// socket group, anyone the file mode lets in (the group's members).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerPolicy {
     /// Set when the socket was opened to a group: the kernel's mode check is the gate.
-    pub group: Option<u32>,
+    group: Option<u32>,
+    /// This process's effective uid, read when the policy is made (the threads that check
+    /// peers run under seccomp filters that do not allow asking again).
+    me: u32,
+}
+
+impl Default for PeerPolicy {
+    fn default() -> Self {
+        Self::new(None)
+    }
 }
 
 impl PeerPolicy {
+    /// Only this user and root, or with `group`, whoever the socket's mode lets in.
+    pub fn new(group: Option<u32>) -> Self {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        PeerPolicy { group, me }
+    }
+
     /// Whether the connected `peer` may talk to the VM (logged by the caller if not).
     pub fn allows(&self, peer: &UnixStream) -> Result<(), String> {
         if self.group.is_some() {
             return Ok(());
         }
         let uid = peer_uid(peer).map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
-        // SAFETY: geteuid has no arguments and cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let me = self.me;
         if uid == me || uid == 0 {
             Ok(())
         } else {

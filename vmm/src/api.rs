@@ -67,7 +67,7 @@ impl SocketAccess {
 
     /// The peer check that goes with this access.
     pub fn peers(&self) -> kiln_devices::private::PeerPolicy {
-        kiln_devices::private::PeerPolicy { group: self.group }
+        kiln_devices::private::PeerPolicy::new(self.group)
     }
 
     /// Applies the group (if any) to the socket file at `path`.
