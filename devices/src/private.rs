@@ -239,7 +239,8 @@ pub fn random_suffix() -> String {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        bytes = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+        bytes = (u64::from(t.subsec_nanos()) ^ t.as_secs() ^ u64::from(std::process::id()))
+            .to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -280,8 +280,8 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
         assert!(std::time::Instant::now() < deadline, "never dropped");
         let mut fds: Vec<libc::pollfd> =
             h.ep.fds
-                .iter()
-                .map(|(fd, _)| libc::pollfd {
+                .keys()
+                .map(|fd| libc::pollfd {
                     fd: *fd,
                     events: libc::POLLIN,
                     revents: 0,
