@@ -312,6 +312,55 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A client running as another uid is told apart by `SO_PEERCRED` (needs root, to be
+    /// that other uid; a child process switches to `nobody` and connects).
+    #[test]
+    fn a_peer_of_another_uid_is_refused_unless_a_group_opens_the_socket() {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to connect as another uid");
+            return;
+        }
+        let d = scratch("peer");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = d.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let mut addr = libc::sockaddr_un {
+            sun_family: libc::sa_family_t::try_from(libc::AF_UNIX).unwrap(),
+            sun_path: [0; 108],
+        };
+        for (dst, src) in addr.sun_path.iter_mut().zip(c_path.as_bytes()) {
+            *dst = libc::c_char::from_ne_bytes([*src]);
+        }
+        let addr_len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap();
+        // SAFETY: the child only makes async-signal-safe calls (setuid, socket, connect,
+        // _exit) on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: see the fork above; `addr` is a valid sockaddr_un for the call.
+            unsafe {
+                let ok = libc::setuid(65534) == 0 && {
+                    let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                    fd >= 0 && libc::connect(fd, std::ptr::from_ref(&addr).cast(), addr_len) == 0
+                };
+                libc::_exit(if ok { 0 } else { 1 });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 0, "the child could not connect");
+        let (stream, _) = listener.accept().unwrap();
+        assert_eq!(peer_uid(&stream).unwrap(), 65534);
+        let refused = PeerPolicy::new(None).allows(&stream).unwrap_err();
+        assert!(refused.contains("peer uid 65534"), "{refused}");
+        PeerPolicy::new(Some(0)).allows(&stream).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn groups_by_name_and_number() {
         assert_eq!(group_id("0").unwrap(), 0);

@@ -254,3 +254,38 @@ fn hostile_every_file_and_socket_of_a_vm_is_private() {
     let line = one_error_line("kiln run --socket-group", &out);
     assert!(line.contains("no-such-group-kiln"), "{line}");
 }
+
+/// A client that connects to the API or the vsock socket and says nothing is dropped after
+/// the handshake timeout (5 s), and while it waits the VM goes on answering.
+#[test]
+fn hostile_silent_clients_are_dropped_without_blocking_the_vm() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+    let dir = scratch("silent");
+    let mut vm = start_vm(&dir, &[]);
+    let api = dir.join("api.sock");
+    let start = Instant::now();
+    let mut silent = [
+        ("API", UnixStream::connect(&api).unwrap()),
+        ("vsock", UnixStream::connect(dir.join("v.sock")).unwrap()),
+    ];
+    assert_eq!(ctl_ok(&api, &["status"])["state"], "running");
+    for (what, client) in &mut silent {
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let n = client
+            .read(&mut [0u8; 1])
+            .unwrap_or_else(|e| panic!("{what}: not closed by kiln: {e}"));
+        assert_eq!(n, 0, "{what}: EOF");
+    }
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(20),
+        "dropped after {waited:?}"
+    );
+    assert_eq!(ctl_ok(&api, &["status"])["state"], "running");
+    signal(&vm.child, libc::SIGTERM);
+    assert_eq!(vm.wait().code(), Some(128 + libc::SIGTERM));
+}
