@@ -349,4 +349,128 @@ pub(crate) mod tests {
         });
         assert!(refused(&s).contains("diff page set"));
     }
+
+    /// A read-only raw disk at `path`, as a snapshot records it.
+    fn raw_disk(path: &Path) -> crate::snapshot::DiskSnapshot {
+        use kiln_devices::virtio::block::{BlockConfigState, BlockState, SERIAL_LEN};
+        crate::snapshot::DiskSnapshot {
+            transport: MmioTransportState {
+                version: kiln_devices::virtio::mmio::MMIO_STATE_VERSION,
+                device_status: 0,
+                device_features_sel: 0,
+                driver_features: 0,
+                driver_features_sel: 0,
+                queue_sel: 0,
+                queues: Vec::new(),
+                interrupt_status: 0,
+                config_generation: 0,
+            },
+            device: BlockState {
+                version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,
+                acked_features: 0,
+                config: BlockConfigState {
+                    capacity: 0,
+                    read_only: true,
+                    device_features: 0,
+                },
+                serial: [0; SERIAL_LEN],
+                backend: BackendState::Raw {
+                    path: path.to_owned(),
+                    read_only: true,
+                },
+                queues: Vec::new(),
+            },
+            overlay_file: None,
+            image_mtime: (0, 0),
+        }
+    }
+
+    fn image_of(state: &SnapshotState) -> PathBuf {
+        match &state.disks[0].device.backend {
+            BackendState::Raw { path, .. } | BackendState::Overlay { base: path, .. } => {
+                path.clone()
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_paths_outside_the_snapshot_and_the_store_are_refused() {
+        let root = std::env::temp_dir().join(format!("kiln-confine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (family, store, elsewhere) = (root.join("snaps"), root.join("store"), root.join("x"));
+        let snap = family.join("snap");
+        for d in [
+            &snap,
+            &family.join("parent"),
+            &store.join("img"),
+            &elsewhere,
+        ] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for f in [
+            snap.join("disk.img"),
+            store.join("img/rootfs.ext4"),
+            elsewhere.join("disk.img"),
+        ] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        // A link inside the snapshot to a file outside it resolves outside: refused.
+        std::os::unix::fs::symlink(elsewhere.join("disk.img"), snap.join("link.img")).unwrap();
+        let rules = PathRules {
+            store: Some(store.clone()),
+            disk_images: Vec::new(),
+        };
+        let with_disk = |path: &Path| {
+            let mut s = sample();
+            s.disks.push(raw_disk(path));
+            s
+        };
+        for ok in [snap.join("disk.img"), store.join("img/rootfs.ext4")] {
+            let mut s = with_disk(&ok);
+            confine_paths(&snap, &mut s, &rules).unwrap();
+            assert_eq!(image_of(&s), std::fs::canonicalize(&ok).unwrap());
+        }
+        for bad in [
+            PathBuf::from("/etc/shadow"),
+            elsewhere.join("disk.img"),
+            snap.join("link.img"),
+            snap.join("../../x/disk.img"),
+        ] {
+            let e = confine_paths(&snap, &mut with_disk(&bad), &rules).unwrap_err();
+            assert!(
+                e.0.contains("outside the snapshot directory"),
+                "{bad:?}: {e}"
+            );
+        }
+        // Given again on the command line, it is used (in place of the state's path).
+        let given = PathRules {
+            disk_images: vec![(0, elsewhere.join("disk.img"))],
+            ..rules.clone()
+        };
+        let mut s = with_disk(Path::new("/etc/shadow"));
+        confine_paths(&snap, &mut s, &given).unwrap();
+        assert_eq!(image_of(&s), elsewhere.join("disk.img"));
+        let too_many = PathRules {
+            disk_images: vec![(3, elsewhere.join("disk.img"))],
+            ..rules.clone()
+        };
+        assert!(confine_paths(&snap, &mut sample(), &too_many).is_err());
+
+        // A diff's parent sits beside the snapshot.
+        let with_parent = |parent: &Path| {
+            let mut s = sample();
+            s.diff = Some(DiffInfo {
+                parent: parent.to_owned(),
+                parent_digest: [0; 32],
+                pages: pages::PageSet::new(16 << 20),
+            });
+            s
+        };
+        confine_paths(&snap, &mut with_parent(&family.join("parent")), &rules).unwrap();
+        for bad in [elsewhere.clone(), snap.clone(), PathBuf::from("/etc")] {
+            let e = confine_paths(&snap, &mut with_parent(&bad), &rules).unwrap_err();
+            assert!(e.0.contains("diff parent"), "{bad:?}: {e}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
