@@ -64,7 +64,10 @@ pub enum Command {
     ///
     /// Disks: each overlay disk's overlay, copied into the snapshot, is copied again for
     /// this clone (--disk-overlay N=PATH, else a private runtime directory removed at the
-    /// end), so clones never share a writable overlay. The images must be unchanged.
+    /// end), so clones never share a writable overlay. The images must be unchanged, and
+    /// in the snapshot directory or the image store, or given again with --disk-image: a
+    /// restore opens no other host file the snapshot names. A diff snapshot's parents must
+    /// sit in the same directory as it.
     Restore(RestoreArgs),
     /// Start N clones of a snapshot, each a `kiln restore` child process, and wait for them.
     ///
@@ -84,6 +87,11 @@ pub enum Command {
     Exec(ExecArgs),
     /// Copy a file into or out of a running VM: `kiln cp --vsock S ./f vm:/tmp/f` or
     /// `kiln cp --vsock S vm:/etc/os-release ./os-release`.
+    ///
+    /// A file copied out never gets the setuid, setgid or sticky bit; it gets the guest's
+    /// rwx bits less the umask (--preserve-mode: without the umask). It is written to a new
+    /// temporary file next to DST and renamed over it, so a failed copy leaves DST as it
+    /// was; a DST that is a symbolic link is refused unless --follow-symlinks.
     Cp(CpArgs),
     /// Run one CI job in a fresh VM: boot it, run the script through the guest agent,
     /// stream its output live, tear the VM down, and exit with the script's exit code.

@@ -69,6 +69,16 @@ impl Muxer {
         let timer_err = |e: vmm_sys_util::errno::Error| VsockError::EventFd(e.into());
         let mut tick = TimerFd::new().map_err(timer_err)?;
         tick.reset(TICK, Some(TICK)).map_err(timer_err)?;
+        // Non-blocking, so that reading it can never stall the event loop.
+        // SAFETY: fcntl on the timer's own open fd, with integer arguments only.
+        let nonblocking = unsafe {
+            let fd = tick.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(VsockError::EventFd(std::io::Error::last_os_error()));
+        }
         Ok(Self {
             uds_path,
             listener,
@@ -165,7 +175,7 @@ impl Muxer {
     /// An event on a host socket that is not the listener.
     pub(crate) fn on_host_event(&mut self, fd: RawFd, set: EventSet) {
         if fd == self.tick.as_raw_fd() {
-            // Readable only once expired, so this read does not block.
+            // Non-blocking: drains the expirations, if any.
             let _ = self.tick.wait();
             self.expire_pending(Instant::now());
             return;
