@@ -19,6 +19,7 @@ pub mod guest_warn;
 pub mod i8042;
 pub mod interrupt;
 pub mod persist;
+pub mod private;
 pub mod serial;
 pub mod virtio;
 

@@ -136,12 +136,12 @@ fn snapshot_state() {
     let dir = corpus("snapshot_state");
     let small = SnapshotState {
         machine: MachineInfo {
-            vcpus: 0,
+            vcpus: 1,
             memory_mib: 16,
             irqchip: false,
             vsock_cid: Some(3),
         },
-        vcpus: Vec::new(),
+        vcpus: vec![vcpu(0)],
         vm: None,
         serial: SerialState::default(),
         i8042: I8042State::default(),

@@ -5,7 +5,12 @@
 //!   the header checks are fuzzed;
 //! - odd: the rest is a bincode payload, wrapped in a valid header with the right length
 //!   and SHA-256, so the fuzzer gets past the checksum into the bincode decode of
-//!   `SnapshotState`.
+//!   `SnapshotState` and the checks a restore relies on (`validate::check_state`: counts,
+//!   sizes, parts that must agree).
+//!
+//! A state that passes must hold what `Vmm::restore` assumes without checking again: at
+//! least one vCPU state, one per vCPU, a memory size whose byte count does not wrap, at
+//! most `MAX_DISKS` disks, and a diff page set over exactly that memory.
 //!
 //! Must never panic or allocate absurdly (libFuzzer's -rss_limit_mb / -malloc_limit_mb
 //! catch the latter).
@@ -14,7 +19,8 @@
 
 use std::path::Path;
 
-use kiln::snapshot::{parse_state, FORMAT_VERSION};
+use kiln::snapshot::validate::{check_state, MAX_MEMORY_MIB};
+use kiln::snapshot::{parse_state, SnapshotError, SnapshotState, FORMAT_VERSION};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 
@@ -24,7 +30,9 @@ fuzz_target!(|input: &[u8]| {
     };
     let path = Path::new("fuzz-input/state");
     if mode & 1 == 0 {
-        let _ = parse_state(path, rest);
+        if let Ok(state) = parse_state(path, rest) {
+            holds_what_restore_assumes(&state);
+        }
         return;
     }
     let mut file = Vec::with_capacity(52 + rest.len());
@@ -33,13 +41,23 @@ fuzz_target!(|input: &[u8]| {
     file.extend_from_slice(&(rest.len() as u64).to_le_bytes());
     file.extend_from_slice(&Sha256::digest(rest));
     file.extend_from_slice(rest);
-    if let Err(e) = parse_state(path, &file) {
-        // The header is valid: only the payload decode, or the checks of what it decoded
-        // (a diff page set for another memory size), may fail.
-        let msg = e.to_string();
-        assert!(
-            msg.contains("cannot decode") || msg.contains("diff page set"),
-            "valid header refused: {msg}"
-        );
+    match parse_state(path, &file) {
+        Ok(state) => holds_what_restore_assumes(&state),
+        // The header is valid: only the payload decode, or the checks of what it decoded,
+        // may fail, and they say the file is corrupt.
+        Err(SnapshotError::Corrupt { .. }) => {}
+        Err(e) => panic!("valid header refused: {e}"),
     }
 });
+
+fn holds_what_restore_assumes(state: &SnapshotState) {
+    assert_eq!(check_state(state), Ok(()), "accepted, but the checks refuse it");
+    let machine = &state.machine;
+    assert!(machine.vcpus >= 1 && state.vcpus.len() == usize::from(machine.vcpus));
+    assert!(machine.memory_mib <= MAX_MEMORY_MIB);
+    let bytes = machine.memory_mib.checked_mul(1 << 20).expect("memory size wraps");
+    assert!(state.disks.len() <= kiln::disk::MAX_DISKS);
+    if let Some(diff) = &state.diff {
+        assert!(diff.pages.fits(bytes));
+    }
+}

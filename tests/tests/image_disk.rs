@@ -57,8 +57,9 @@ cat snap.out snap.err
 SNAPSHA=$(sum "$D/snap/disk-0.overlay")
 ex "$D/v0.sock" "echo after-the-snapshot > /mnt/after.txt && sync"
 echo "KILN-AFTER=$?"
+# The base is neither in the snapshot nor in an image store: the restore is given it again.
 "$KILN" restore --snapshot "$D/snap" --vsock "$D/c.sock" --api "$D/capi.sock" \
-  --disk-overlay "0=$D/clone.overlay" --serial "$D/cconsole" > restore.out 2> restore.err &
+  --disk-overlay "0=$D/clone.overlay" --disk-image "0=$B" --serial "$D/cconsole" > restore.out 2> restore.err &
 clone=$!
 echo "KILN-CLONE-READY=$(wait_exec "$D/c.sock" $clone)"
 echo "KILN-CLONE-SEES=$(ex "$D/c.sock" cat /mnt/vm0.txt)"

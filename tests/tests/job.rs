@@ -372,6 +372,13 @@ made=$("$KILN" exec --vsock "$V" -- sh -c \
 echo "KILN-GUEST-MADE=$(echo "$made" | cut -d' ' -f1)"
 "$KILN" cp --vsock "$V" vm:/tmp/made made; echo "KILN-CP-OUT=$?"
 echo "KILN-HOST-MADE=$(sha256sum made | cut -d' ' -f1) $(wc -c < made) $(stat -c %a made)"
+# A setuid file made in the guest lands without its setuid bit; a symbolic link at the
+# destination is refused and what it points to is left alone.
+"$KILN" exec --vsock "$V" -- sh -c 'echo suid > /tmp/suid && chmod 4755 /tmp/suid'
+"$KILN" cp --vsock "$V" vm:/tmp/suid suid; echo "KILN-CP-SUID=$? $(stat -c %a suid)"
+echo precious > victim; ln -s "$PWD/victim" link
+"$KILN" cp --vsock "$V" vm:/tmp/suid link 2> link.err
+echo "KILN-CP-LINK=$? $(cat victim) $(grep -c 'symbolic link' link.err)"
 # Shut the VM down the way a runner would.
 kill -TERM $vm
 wait $vm
@@ -418,6 +425,14 @@ echo "--- kiln run stderr"; cat run.err
     ensure!(
         made == format!("{guest_made} {made_len} 640"),
         "guest -> host copy (sum, size, mode): {made:?}: {console}"
+    );
+    ensure!(
+        value(console, "KILN-CP-SUID") == Some("0 755"),
+        "a setuid guest file copied out (exit, mode): {console}"
+    );
+    ensure!(
+        value(console, "KILN-CP-LINK") == Some("1 precious 1"),
+        "kiln cp to a symbolic link (exit, target, error): {console}"
     );
     ensure!(
         value(console, "KILN-RUN-EXIT") == Some("143"),

@@ -14,6 +14,12 @@
 //! [`MAX_LINE`] bytes gets an error response and the connection is closed.
 //!
 //! The socket file is removed when the [`ApiServer`] is dropped (when the VM ends).
+//!
+//! Access: the socket is created mode 0600, so only the user kiln runs as (and root) can
+//! connect; [`SocketAccess`] (`--socket-group NAME` or `$KILN_SOCKET_GROUP`) opens it and
+//! the vsock socket to one group (mode 0660). Without a group, a client whose uid is
+//! neither kiln's nor root's is refused (`SO_PEERCRED`). A client must send its first
+//! request line within [`HANDSHAKE_TIMEOUT`], or the connection is closed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -31,6 +37,47 @@ use crate::vmm::{Controller, Request, Response};
 
 /// The longest request line the server reads.
 pub const MAX_LINE: usize = 64 * 1024;
+/// How long a new connection has to send its first request line.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The variable that gives the socket group when `--socket-group` is not given (clones
+/// started by `kiln fork` inherit it).
+pub const SOCKET_GROUP_ENV: &str = "KILN_SOCKET_GROUP";
+
+/// Who may use a VM's API and vsock sockets besides the user kiln runs as and root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Open the sockets to this group (mode 0660, group owner), else they stay 0600.
+    pub group: Option<u32>,
+}
+
+impl SocketAccess {
+    /// From `--socket-group` (a group name or number), else `$KILN_SOCKET_GROUP`, else
+    /// none.
+    pub fn from_flag(flag: Option<&str>) -> Result<SocketAccess, ApiError> {
+        let env = std::env::var(SOCKET_GROUP_ENV).ok();
+        let Some(name) = flag.or(env.as_deref()).filter(|s| !s.is_empty()) else {
+            return Ok(SocketAccess::default());
+        };
+        let gid = kiln_devices::private::group_id(name).map_err(|source| ApiError::Group {
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(SocketAccess { group: Some(gid) })
+    }
+
+    /// The peer check that goes with this access.
+    pub fn peers(&self) -> kiln_devices::private::PeerPolicy {
+        kiln_devices::private::PeerPolicy::new(self.group)
+    }
+
+    /// Applies the group (if any) to the socket file at `path`.
+    pub fn apply(&self, path: &Path) -> std::io::Result<()> {
+        match self.group {
+            Some(gid) => kiln_devices::private::share_with_group(path, gid),
+            None => Ok(()),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -56,6 +103,16 @@ pub enum ApiError {
     },
     #[error("API socket {path} answered something that is not a response: {answer:?}")]
     BadAnswer { path: PathBuf, answer: String },
+    #[error("--socket-group {name}: {source}")]
+    Group {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("cannot give socket {path} to its group: {source}")]
+    Share {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A listening API socket; serves until dropped.
@@ -70,20 +127,32 @@ pub struct ApiServer {
 impl ApiServer {
     /// Creates the socket at `path` (which must not exist) and serves it on a thread of its
     /// own, a thread per connection.
-    /// With `seccomp`, the API's threads run under the API filter.
+    /// With `seccomp`, the API's threads run under the API filter. The socket is 0600, or
+    /// 0660 with `access`'s group.
     pub fn start(
         path: &Path,
         controller: Controller,
         seccomp: Option<Filters>,
+        access: SocketAccess,
     ) -> Result<ApiServer, ApiError> {
         if path.symlink_metadata().is_ok() {
             return Err(ApiError::Exists(path.to_owned()));
         }
-        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        let listener =
+            kiln_devices::private::bind_socket(path).map_err(|source| ApiError::Bind {
+                path: path.to_owned(),
+                source,
+            })?;
+        let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let share = access.apply(path).map_err(|source| ApiError::Share {
             path: path.to_owned(),
             source,
-        })?;
-        let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        });
+        if let Err(e) = share {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        let peers = access.peers();
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let accept = std::thread::Builder::new()
@@ -95,7 +164,7 @@ impl ApiServer {
                         return;
                     }
                 }
-                accept_loop(&listener, &controller, &stop);
+                accept_loop(&listener, &controller, &stop, peers);
             });
         let mut server = ApiServer {
             path: path.to_owned(),
@@ -132,7 +201,12 @@ impl Drop for ApiServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, controller: &Controller, stopping: &AtomicBool) {
+fn accept_loop(
+    listener: &UnixListener,
+    controller: &Controller,
+    stopping: &AtomicBool,
+    peers: kiln_devices::private::PeerPolicy,
+) {
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             return;
@@ -144,6 +218,10 @@ fn accept_loop(listener: &UnixListener, controller: &Controller, stopping: &Atom
                 continue;
             }
         };
+        if let Err(why) = peers.allows(&stream) {
+            tracing::warn!("API socket: refusing a client: {why}");
+            continue;
+        }
         let controller = controller.clone();
         let spawned = std::thread::Builder::new()
             .name("kiln-api-conn".into())
@@ -154,8 +232,18 @@ fn accept_loop(listener: &UnixListener, controller: &Controller, stopping: &Atom
     }
 }
 
-/// Answers requests on one connection until the client closes it.
+/// Answers requests on one connection until the client closes it. The first request
+/// line must come within [`HANDSHAKE_TIMEOUT`] (this thread's own wait: the VM's event
+/// loop is not involved until a request is complete).
 fn serve_connection(stream: UnixStream, controller: &Controller) {
+    serve_connection_within(stream, controller, HANDSHAKE_TIMEOUT);
+}
+
+fn serve_connection_within(stream: UnixStream, controller: &Controller, first_line: Duration) {
+    if stream.set_read_timeout(Some(first_line)).is_err() {
+        return;
+    }
+    let mut waiting_for_first = true;
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
@@ -166,10 +254,28 @@ fn serve_connection(stream: UnixStream, controller: &Controller) {
         line.clear();
         let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
         match reader.by_ref().take(limit).read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
+            Err(e) => {
+                if waiting_for_first
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                {
+                    tracing::info!("API socket: closing a connection that sent no request within {first_line:?}");
+                }
+                return;
+            }
             Ok(_) => {}
         }
         let complete = line.last() == Some(&b'\n');
+        if complete && waiting_for_first {
+            // A client that spoke may stay connected and idle between its requests.
+            waiting_for_first = false;
+            if reader.get_ref().set_read_timeout(None).is_err() {
+                return;
+            }
+        }
         if !complete && line.len() > MAX_LINE {
             let answer = error_response(&format!(
                 "request line longer than {MAX_LINE} bytes; closing the connection"
@@ -298,11 +404,41 @@ mod tests {
         let path = dir.join("taken");
         std::fs::write(&path, b"not a socket").unwrap();
         let (controller, _queue) = crate::vmm::control_channel().unwrap();
-        let err = ApiServer::start(&path, controller, None)
+        let err = ApiServer::start(&path, controller, None, SocketAccess::default())
             .err()
             .expect("refused");
         assert!(err.to_string().contains("already exists"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_socket_is_private_and_a_silent_client_is_dropped() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kiln-api-unit3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let (controller, _queue) = crate::vmm::control_channel().unwrap();
+        let server =
+            ApiServer::start(&path, controller.clone(), None, SocketAccess::default()).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        drop(server);
+
+        // A connection that sends nothing is closed once the first-line timeout passes.
+        let (mut client, server_end) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || {
+            serve_connection_within(server_end, &controller, Duration::from_millis(100));
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF: the server hung up");
+        serving.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -314,7 +450,7 @@ mod tests {
         let (controller, queue) = crate::vmm::control_channel().unwrap();
         // No event loop: requests fail cleanly, bad lines are answered before that.
         drop(queue);
-        let server = ApiServer::start(&path, controller, None).unwrap();
+        let server = ApiServer::start(&path, controller, None, SocketAccess::default()).unwrap();
         let mut stream = UnixStream::connect(&path).unwrap();
         stream
             .write_all(b"not json\n{\"cmd\":\"status\"}\n")

@@ -247,12 +247,9 @@ pub fn root_cmdline(index: usize, read_only: bool) -> String {
 /// filesystem cannot report extents, every byte is copied.
 pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<u64> {
     use std::os::fd::AsRawFd;
-    let from = File::open(src)?;
+    let from = kiln_devices::private::open_nofollow(src)?;
     let len = from.metadata()?.len();
-    let to = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)?;
+    let to = kiln_devices::private::create_file(dst)?;
     to.set_len(len)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut copied = 0u64;

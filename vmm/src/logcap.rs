@@ -13,7 +13,7 @@
 //! seccomp filters allow no path syscalls. What it needs, `pread64` and `ftruncate` to
 //! length 0, is in every thread's filter.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -63,12 +63,9 @@ pub fn rotated_path(path: &Path) -> PathBuf {
 
 impl CappedFile {
     /// Opens (creating it) `path` for appending under `cap` bytes, with `<path>.1` beside it.
+    /// Both are created 0600 and never through a link (guest output is private).
     pub fn open(path: &Path, cap: u64) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(path)?;
+        let file = kiln_devices::private::open_read_append(path)?;
         let reader = file.try_clone().ok();
         let rotated = open_rotated(path);
         Self::from_parts(file, reader, rotated, cap)
@@ -115,11 +112,7 @@ impl CappedFile {
 
 /// `<path>.1` for appending, if it can be opened.
 fn open_rotated(path: &Path) -> Option<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(rotated_path(path))
-        .ok()
+    kiln_devices::private::open_append(&rotated_path(path)).ok()
 }
 
 impl Write for CappedFile {
@@ -221,7 +214,7 @@ mod tests {
     fn without_a_rotated_file_the_file_is_emptied_at_the_cap() {
         let dir = scratch("norotate");
         let path = dir.join("log");
-        let file = OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)

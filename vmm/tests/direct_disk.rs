@@ -10,6 +10,7 @@ use std::sync::Arc;
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::disk::DiskConfig;
 use kiln::snapshot::restore::RestoreSpec;
+use kiln::snapshot::validate::PathRules;
 use kiln::snapshot::SnapshotKind;
 use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
 
@@ -130,11 +131,30 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
         std::fs::read(&overlay).unwrap()
     );
 
+    // The base is outside the snapshot directory and any image store: a restore takes it
+    // only when it is given again.
+    let outside = Vmm::restore(RestoreSpec {
+        disk_overlays: vec![(0, dir.join("unused.overlay"))],
+        ..RestoreSpec::new(snap.clone(), Box::new(Captured::default()))
+    })
+    .err()
+    .expect("an image outside the snapshot directory was taken")
+    .to_string();
+    assert!(
+        outside.contains("outside the snapshot directory") && outside.contains("--disk-image 0="),
+        "{outside}"
+    );
+    assert!(!dir.join("unused.overlay").exists());
+    let given_base = PathRules {
+        disk_images: vec![(0, base.clone())],
+        ..PathRules::default()
+    };
     let restore = |overlays: Vec<(usize, PathBuf)>, scratch: Option<PathBuf>| {
         let console = Captured::default();
         Vmm::restore(RestoreSpec {
             disk_overlays: overlays,
             disk_scratch: scratch,
+            paths: given_base.clone(),
             ..RestoreSpec::new(snap.clone(), Box::new(console))
         })
     };
@@ -377,6 +397,10 @@ fn diff_snapshots_carry_disks_too() {
     let mine = dir.join("clone.overlay");
     let clone = Vmm::restore(RestoreSpec {
         disk_overlays: vec![(0, mine.clone())],
+        paths: PathRules {
+            disk_images: vec![(0, dir.join("base.img"))],
+            ..PathRules::default()
+        },
         ..RestoreSpec::new(diff.clone(), Box::new(Captured::default()))
     })
     .unwrap();

@@ -13,7 +13,7 @@ pub use image::{
     BuildArgs, ImageArgs, ImageCommand, ImportArgs, LsArgs, MakeArgs, RmArgs, StoreArg, VerifyArgs,
 };
 pub use net::{NetCommand, NetSetupArgs};
-pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs};
+pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs, SnapshotImages};
 pub use vm::{JobArgs, RunArgs, SlotArgs, VmArgs};
 
 /// kiln: a microVM monitor for CI jobs.
@@ -64,7 +64,10 @@ pub enum Command {
     ///
     /// Disks: each overlay disk's overlay, copied into the snapshot, is copied again for
     /// this clone (--disk-overlay N=PATH, else a private runtime directory removed at the
-    /// end), so clones never share a writable overlay. The images must be unchanged.
+    /// end), so clones never share a writable overlay. The images must be unchanged, and
+    /// in the snapshot directory or the image store, or given again with --disk-image: a
+    /// restore opens no other host file the snapshot names. A diff snapshot's parents must
+    /// sit in the same directory as it.
     Restore(RestoreArgs),
     /// Start N clones of a snapshot, each a `kiln restore` child process, and wait for them.
     ///
@@ -84,6 +87,11 @@ pub enum Command {
     Exec(ExecArgs),
     /// Copy a file into or out of a running VM: `kiln cp --vsock S ./f vm:/tmp/f` or
     /// `kiln cp --vsock S vm:/etc/os-release ./os-release`.
+    ///
+    /// A file copied out never gets the setuid, setgid or sticky bit; it gets the guest's
+    /// rwx bits less the umask (--preserve-mode: without the umask). It is written to a new
+    /// temporary file next to DST and renamed over it, so a failed copy leaves DST as it
+    /// was; a DST that is a symbolic link is refused unless --follow-symlinks.
     Cp(CpArgs),
     /// Run one CI job in a fresh VM: boot it, run the script through the guest agent,
     /// stream its output live, tear the VM down, and exit with the script's exit code.
@@ -186,6 +194,14 @@ pub struct CpArgs {
     /// Permission bits for a file copied into the guest (default: the source's).
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     pub mode: Option<u32>,
+    /// For a file copied out of the guest: keep the guest's rwx bits as they are. Default:
+    /// the guest's rwx bits less the umask. Setuid, setgid and sticky are never kept.
+    #[arg(long)]
+    pub preserve_mode: bool,
+    /// For a file copied out of the guest: if DST is a symbolic link, replace the file it
+    /// points to. Default: refuse a DST that is a symbolic link.
+    #[arg(long)]
+    pub follow_symlinks: bool,
     /// Source: a host path, or vm:/path in the guest.
     pub src: String,
     /// Destination: a host path, or vm:/path in the guest.

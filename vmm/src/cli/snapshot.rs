@@ -55,6 +55,10 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket (as `kiln run --api`).
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Open the API and vsock sockets to this group (name or number): mode 0660 with that
+    /// group, instead of 0600 (this user and root only). Default: $KILN_SOCKET_GROUP.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// The host side of the restored VM's vsock device: required if the snapshot has one,
     /// and must not exist yet (each clone needs its own).
     #[arg(long, value_name = "PATH")]
@@ -81,6 +85,8 @@ pub struct RestoreArgs {
     /// one snapshot never share a writable overlay.
     #[arg(long, value_name = "N=PATH", value_parser = parse_disk_overlay)]
     pub disk_overlay: Vec<(usize, PathBuf)>,
+    #[command(flatten)]
+    pub images: SnapshotImages,
     /// This clone's network device: tap=NAME[,mac=MAC] (required if the snapshot has one;
     /// each clone needs its own TAP). Default MAC: a new random one. The guest keeps the
     /// address it had (ip=, gw=, dns= are refused here).
@@ -101,6 +107,47 @@ fn parse_clone_net(s: &str) -> Result<crate::net::NetConfig, String> {
     Ok(net)
 }
 
+/// Where a restore may take the snapshot's disk images from.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SnapshotImages {
+    /// Use this file as disk N's image (its raw image, or its overlay's base), instead of
+    /// the path the snapshot names (repeatable). Needed for an image that is neither in the
+    /// snapshot directory nor in the image store: a restore takes no other host file a
+    /// snapshot names. The image must still be unchanged since the snapshot.
+    #[arg(long, value_name = "N=PATH", value_parser = parse_disk_overlay)]
+    pub disk_image: Vec<(usize, PathBuf)>,
+    /// The image store whose images a snapshot may name. Default: $KILN_IMAGE_STORE, else
+    /// /var/lib/kiln/images.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+impl SnapshotImages {
+    /// The rules [`crate::snapshot::validate::confine_paths`] applies.
+    pub fn rules(&self) -> crate::snapshot::validate::PathRules {
+        let store = crate::image::store::Store::locate(self.store.as_deref());
+        crate::snapshot::validate::PathRules {
+            store: Some(store.dir().to_owned()),
+            disk_images: self.disk_image.clone(),
+        }
+    }
+
+    /// The same flags, for a `kiln restore` child.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        for (n, path) in &self.disk_image {
+            let mut a = std::ffi::OsString::from(format!("--disk-image={n}="));
+            a.push(path);
+            args.push(a);
+        }
+        if let Some(store) = &self.store {
+            args.push("--store".into());
+            args.push(store.into());
+        }
+        args
+    }
+}
+
 fn parse_disk_overlay(s: &str) -> Result<(usize, PathBuf), String> {
     let (n, path) = s
         .split_once('=')
@@ -117,6 +164,8 @@ pub struct ForkArgs {
     /// The snapshot directory to clone.
     #[arg(long, value_name = "DIR")]
     pub snapshot: PathBuf,
+    #[command(flatten)]
+    pub images: SnapshotImages,
     /// How many clones to start (1 to 1024).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub count: u32,

@@ -125,6 +125,10 @@ pub struct RunArgs {
     /// snapshot, status, shutdown. See the protocol above; `kiln ctl` is its client.
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Open the API and vsock sockets to this group (name or number): mode 0660 with that
+    /// group, instead of 0600 (this user and root only). Default: $KILN_SOCKET_GROUP.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Print a one-line JSON report on stdout when the VM ends: result, boot_ms, exit code.
     #[arg(long)]
     pub json: bool,

@@ -88,7 +88,7 @@ pub fn fork(args: &ForkArgs) -> anyhow::Result<ExitCode> {
     let caught = forward_signals(running.clone())?;
     let mut children: Vec<Child> = Vec::with_capacity(paths.len());
     for (i, p) in paths.iter().enumerate() {
-        let spawned = clone_command(&exe, &snapshot, p).spawn();
+        let spawned = clone_command(&exe, &snapshot, &args.images, p).spawn();
         let mut list = running.lock().unwrap_or_else(|e| e.into_inner());
         let child = match spawned {
             Ok(c) => c,
@@ -155,9 +155,15 @@ pub fn fork(args: &ForkArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn clone_command(exe: &Path, snapshot: &Path, p: &ClonePaths) -> Command {
+fn clone_command(
+    exe: &Path,
+    snapshot: &Path,
+    images: &crate::cli::SnapshotImages,
+    p: &ClonePaths,
+) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("restore").arg("--snapshot").arg(snapshot);
+    cmd.args(images.to_args());
     if let Some(v) = &p.vsock {
         cmd.arg("--vsock").arg(v);
         cmd.arg("--hostname").arg(&p.hostname);

@@ -208,6 +208,8 @@ fn restored_vm(
         disk_scratch: Some(runtime.to_owned()),
         net,
         snapshot_on_request: snapshot_on_request(args)?,
+        // Disk images from the snapshot directory or the image store only.
+        paths: crate::cli::SnapshotImages::default().rules(),
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
     if vmm.vsock.is_none() {

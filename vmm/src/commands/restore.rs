@@ -24,6 +24,7 @@ pub const ENTROPY_BYTES: usize = 32;
 
 pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
     check_snapshot_dir(&args.snapshot)?;
+    let access = crate::api::SocketAccess::from_flag(args.socket_group.as_deref())?;
     // Overlay disks without --disk-overlay get their copies here, removed at the end.
     let runtime = super::RuntimeDir::create("restore")?;
     let net = args.net.clone().map(crate::net::NetConfig::with_fresh_mac);
@@ -39,6 +40,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         disk_scratch: Some(runtime.path().to_owned()),
         net: net.clone(),
         snapshot_on_request: None,
+        paths: args.images.rules(),
     })
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     // Guest memory is charged to the slot as the restored guest touches it.
@@ -63,7 +65,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         };
         spawn_guest_refresh(uds.clone(), identity, filters.as_ref())?;
     }
-    let code = run_to_end(vmm, args.api.as_deref(), args.json);
+    let code = run_to_end(vmm, args.api.as_deref(), args.json, access);
     drop(runtime);
     code
 }

@@ -1,6 +1,5 @@
 //! `kiln run`: boot a VM and run it until the guest ends it.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::api::ApiServer;
+use crate::api::{ApiServer, SocketAccess};
 use crate::cli::RunArgs;
 use crate::config::{SerialOutput, VmConfig};
 use crate::logcap::CappedFile;
@@ -23,7 +22,9 @@ pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Writ
         SerialOutput::Null => Box::new(std::io::sink()),
         SerialOutput::File(path) => {
             let context = || format!("cannot open serial output file {}", path.display());
-            // The guest writes this file: keep it under its cap, rotating into `<path>.1`.
+            // The guest writes this file: created 0600, an existing path must be a plain file
+            // (a planted link is not followed), and it is kept under its cap, rotating into
+            // `<path>.1`.
             match crate::logcap::cap_from_env(
                 crate::logcap::CONSOLE_MAX_ENV,
                 crate::logcap::DEFAULT_CONSOLE_MAX_BYTES,
@@ -31,13 +32,7 @@ pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Writ
             .map_err(anyhow::Error::msg)?
             {
                 Some(cap) => Box::new(CappedFile::open(path, cap).with_context(context)?),
-                None => Box::new(
-                    OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .with_context(context)?,
-                ),
+                None => Box::new(kiln_devices::private::open_append(path).with_context(context)?),
             }
         }
     })
@@ -120,19 +115,43 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
         cid: args.cid,
         uds_path: uds_path.clone(),
     });
+    let access = SocketAccess::from_flag(args.socket_group.as_deref())?;
     let vmm = Vmm::build(spec)?;
-    run_to_end(vmm, args.api.as_deref(), args.json)
+    run_to_end(vmm, args.api.as_deref(), args.json, access)
+}
+
+/// Gives the VM's vsock socket (if any) the peer check and group of `access`.
+fn share_vsock(vmm: &Vmm, access: SocketAccess) -> anyhow::Result<()> {
+    let Some(parts) = &vmm.vsock else {
+        return Ok(());
+    };
+    let mut device = parts
+        .device
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the vsock device is poisoned"))?;
+    device.set_peer_policy(access.peers());
+    let path = device.uds_path();
+    access
+        .apply(path)
+        .with_context(|| format!("cannot give vsock socket {} to its group", path.display()))
 }
 
 /// Runs a built (or restored) VM until it ends, with its API socket if `api` is given, and
 /// SIGINT/SIGTERM stopping it; prints how it ended (and the JSON report if `json`) and
 /// returns the exit code: 0 when the guest reset, halted or a `shutdown` request stopped
 /// it, 128 + N when signal N did, 1 on a panic or fault.
-pub(crate) fn run_to_end(vmm: Vmm, api: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+/// Both sockets are 0600 unless `access` opens them to a group.
+pub(crate) fn run_to_end(
+    vmm: Vmm,
+    api: Option<&Path>,
+    json: bool,
+    access: SocketAccess,
+) -> anyhow::Result<ExitCode> {
+    share_vsock(&vmm, access)?;
     let filters = seccomp_filters(&vmm)?;
     let stopped_by = stop_on_signals(vmm.stop_handle()?, filters.as_ref())?;
     let api_server = match api {
-        Some(path) => Some(ApiServer::start(path, vmm.controller(), filters)?),
+        Some(path) => Some(ApiServer::start(path, vmm.controller(), filters, access)?),
         None => None,
     };
     let report = vmm.run();

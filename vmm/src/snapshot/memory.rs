@@ -39,7 +39,13 @@ pub fn write_memory(
             source,
         }
     };
-    let out = File::create(path).map_err(io("create"))?;
+    // Guest RAM: a new private file (0600), never written through a planted link. The
+    // caller checked that the directory holds no snapshot, so a file here is a leftover.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove")(e)),
+        _ => {}
+    }
+    let out = kiln_devices::private::create_file(path).map_err(io("create"))?;
     out.set_len(size).map_err(io("size"))?;
     let extents = match only {
         Some(pages) => pages

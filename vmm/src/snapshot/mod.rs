@@ -10,11 +10,18 @@
 //! pages written since the snapshot it names as its parent; its state names that parent by
 //! path and by the SHA-256 of the parent's state, so a restore that layers it over a parent
 //! that has since changed is refused.
+//!
+//! Both files are created private (0600, exclusively, never through a symbolic link) in a
+//! directory created 0700; a restore opens them without following a link, checks every
+//! count and size in the state ([`validate::check_state`]) and takes host files only from
+//! the snapshot directory, the image store, or the command line
+//! ([`validate::confine_paths`]).
 
 pub mod memory;
 pub mod pages;
 pub mod restore;
 mod state_file;
+pub mod validate;
 
 pub use state_file::{parse_state, read_state, read_state_and_digest, write_state};
 

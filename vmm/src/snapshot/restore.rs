@@ -40,6 +40,9 @@ pub struct RestoreSpec {
     /// Where a snapshot the guest asks for goes (`kiln job --snapshot-at`), so that a job
     /// started from a snapshot can take the next one; `None`: such requests fail.
     pub snapshot_on_request: Option<PathBuf>,
+    /// Where disk images may come from besides the snapshot directory (the image store,
+    /// images given again); see [`super::validate::confine_paths`].
+    pub paths: super::validate::PathRules,
 }
 
 impl RestoreSpec {
@@ -59,6 +62,7 @@ impl RestoreSpec {
             disk_scratch: None,
             net: None,
             snapshot_on_request: None,
+            paths: super::validate::PathRules::default(),
         }
     }
 }
@@ -74,7 +78,9 @@ impl Vmm {
     /// Rebuilds the VM saved in `spec.snapshot`, ready to [`Vmm::run`] from where it was.
     /// Nothing in the snapshot directory is written.
     pub fn restore(spec: RestoreSpec) -> Result<Vmm, VmmError> {
-        let (state, digest) = read_state_and_digest(&spec.snapshot)?;
+        let (mut state, digest) = read_state_and_digest(&spec.snapshot)?;
+        super::validate::confine_paths(&spec.snapshot, &mut state, &spec.paths)
+            .map_err(restore_err)?;
         if let Some((index, path)) = spec
             .disk_overlays
             .iter()
@@ -297,7 +303,13 @@ fn clone_disk_state(
 /// privately, then each diff above it laid over, lowest first. Every parent must still be
 /// the snapshot the diff above it was taken over, for the same machine.
 fn restore_memory(dir: &Path, state: &SnapshotState) -> Result<GuestMemory, VmmError> {
+    // Checked against MAX_MEMORY_MIB when the state was read: this cannot wrap.
     let size = state.machine.memory_mib << 20;
+    // Every parent down the chain sits beside `dir` (confine_paths checked the first).
+    let family = std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|d| d.parent().map(Path::to_owned))
+        .ok_or_else(|| restore_err(format!("{} has no parent directory", dir.display())))?;
     let mut diffs = Vec::new();
     let (mut layer_dir, mut diff) = (dir.to_owned(), state.diff.clone());
     while let Some(info) = diff {
@@ -305,6 +317,13 @@ fn restore_memory(dir: &Path, state: &SnapshotState) -> Result<GuestMemory, VmmE
             return Err(restore_err(format!(
                 "{} is more than {MAX_CHAIN} diffs above a full snapshot (or its parents form a loop)",
                 dir.display()
+            )));
+        }
+        if !std::fs::canonicalize(&info.parent).is_ok_and(|p| p.starts_with(&family)) {
+            return Err(restore_err(format!(
+                "diff snapshot {} layers over {}, which is not a snapshot beside it",
+                layer_dir.display(),
+                info.parent.display()
             )));
         }
         let (parent, digest) = read_state_and_digest(&info.parent).map_err(|e| {
@@ -346,7 +365,7 @@ fn restore_memory(dir: &Path, state: &SnapshotState) -> Result<GuestMemory, VmmE
 
 /// Opens the memory file read-only and checks it holds exactly the guest's RAM.
 fn open_memory(path: &Path, size: u64) -> Result<File, VmmError> {
-    let file = File::open(path).map_err(|source| SnapshotError::Io {
+    let file = kiln_devices::private::open_nofollow(path).map_err(|source| SnapshotError::Io {
         what: "open snapshot memory",
         path: path.to_owned(),
         source,

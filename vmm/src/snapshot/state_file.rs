@@ -3,7 +3,6 @@
 //! temporary file and a rename; read back only if magic, version, length and checksum all
 //! hold, so that a truncated, corrupt or foreign file is refused with what is wrong.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -37,14 +36,22 @@ pub fn write_state(dir: &Path, state: &SnapshotState) -> Result<[u8; 32], Snapsh
     bytes.extend_from_slice(&payload);
     let path = dir.join(STATE_FILE);
     let tmp = dir.join(".state.tmp");
-    let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
+    // A leftover of a failed attempt goes first: the new file is created exclusively,
+    // private (0600), never through a link planted under that name.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", &tmp)(e)),
+        _ => {}
+    }
+    let mut file = kiln_devices::private::create_file(&tmp).map_err(io("create", &tmp))?;
     file.write_all(&bytes).map_err(io("write", &tmp))?;
     file.sync_all().map_err(io("sync", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(io("rename into place", &path))?;
     Ok(digest)
 }
 
-/// Reads and checks `dir/state`: magic, version, length and checksum, then decodes it.
+/// Reads and checks `dir/state`: magic, version, length and checksum, then decodes it and
+/// checks its counts and sizes ([`super::validate::check_state`]). A `state` that is a
+/// symbolic link is refused.
 pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     read_state_and_digest(dir).map(|(state, _)| state)
 }
@@ -52,7 +59,8 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
 /// [`read_state`], with the payload's SHA-256.
 pub fn read_state_and_digest(dir: &Path) -> Result<(SnapshotState, [u8; 32]), SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let mut file = File::open(&path).map_err(io("open snapshot state", &path))?;
+    let mut file =
+        kiln_devices::private::open_nofollow(&path).map_err(io("open snapshot state", &path))?;
     let mut header = [0u8; HEADER_LEN];
     file.read_exact(&mut header)
         .map_err(|_| corrupt(&path, "shorter than its header"))?;
@@ -119,16 +127,8 @@ fn decode_payload(
     }
     let state: SnapshotState =
         bincode::deserialize(payload).map_err(|e| corrupt(path, &format!("cannot decode: {e}")))?;
-    if let Some(diff) = &state.diff {
-        // checked: a hostile memory_mib must not wrap into a size the page set fits.
-        let bytes = state.machine.memory_mib.checked_mul(1 << 20);
-        if !bytes.is_some_and(|b| diff.pages.fits(b)) {
-            return Err(corrupt(
-                path,
-                "its diff page set does not match the guest's memory",
-            ));
-        }
-    }
+    // Every count and size, before anyone sizes anything by them.
+    super::validate::check_state(&state).map_err(|e| corrupt(path, &e.0))?;
     Ok((state, digest))
 }
 
@@ -149,7 +149,7 @@ mod tests {
                 irqchip: false,
                 vsock_cid: None,
             },
-            vcpus: Vec::new(),
+            vcpus: vec![crate::snapshot::validate::tests::zeroed_vcpu(0)],
             vm: None,
             serial: SerialState::default(),
             i8042: I8042State::default(),
@@ -228,7 +228,8 @@ mod tests {
     }
 
     /// A diff's page set is checked against the memory size without wrapping: 2^44 + 16
-    /// MiB in bytes wraps to 16 MiB in u64, which a 16 MiB page set would fit.
+    /// MiB in bytes wraps to 16 MiB in u64, which a 16 MiB page set would fit (the size
+    /// itself is refused first).
     #[test]
     fn a_memory_size_that_wraps_does_not_fit_a_page_set() {
         let mut state = sample();
@@ -238,6 +239,10 @@ mod tests {
             parent_digest: [0; 32],
             pages: pages::PageSet::new(16 << 20),
         });
+        let payload = bincode::serialize(&state).unwrap();
+        let e = parse_state(Path::new("x"), &wrap(&payload)).err().unwrap();
+        assert!(e.to_string().contains("MiB of memory"), "{e}");
+        state.machine.memory_mib = 32;
         let payload = bincode::serialize(&state).unwrap();
         let e = parse_state(Path::new("x"), &wrap(&payload)).err().unwrap();
         assert!(e.to_string().contains("diff page set"), "{e}");
@@ -260,7 +265,7 @@ mod tests {
             assert!(e.to_string().contains("cannot decode"), "{e}");
             // The serial console's `in_buffer` (a Vec<u8>) claiming `len` bytes.
             let mut payload = machine.clone();
-            payload.extend_from_slice(&0u64.to_le_bytes()); // no vCPUs
+            payload.extend_from_slice(&0u64.to_le_bytes()); // no vCPUs (decoding fails first)
             payload.push(0); // vm: None
             payload.extend_from_slice(&[0; 9]); // serial registers
             payload.extend_from_slice(&len.to_le_bytes());

@@ -33,7 +33,7 @@ impl VmmCore {
             SnapshotKind::Full => None,
             SnapshotKind::Diff => Some(self.diff_parent()?),
         };
-        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+        kiln_devices::private::ensure_dir(dir).map_err(|source| SnapshotError::Io {
             what: "create snapshot directory",
             path: dir.to_owned(),
             source,

@@ -25,7 +25,7 @@
 //! `cp --sparse=always` or a reflink) while the VM is paused, after a flush, so that file and
 //! bitmap agree.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -88,12 +88,8 @@ impl Overlay {
             path: overlay_path.clone(),
             source,
         };
-        let overlay = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&overlay_path)
-            .map_err(open_err)?;
+        // Guest disk contents: private to this user, never through a planted link.
+        let overlay = crate::private::create_file(&overlay_path).map_err(open_err)?;
         overlay.set_len(len).map_err(open_err)?;
         Ok(Self {
             base,

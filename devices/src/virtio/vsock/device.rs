@@ -64,6 +64,12 @@ impl Vsock {
         })
     }
 
+    /// Who may connect to the host socket besides what its mode allows: by default only
+    /// this user and root (checked on each accepted client with `SO_PEERCRED`).
+    pub fn set_peer_policy(&mut self, peers: crate::private::PeerPolicy) {
+        self.muxer.peers = peers;
+    }
+
     /// The guest's CID (the config space value).
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid

@@ -5,9 +5,11 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
 use tracing::{debug, info, warn};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, Fill};
 use super::packet_io::{Header, RxPkt, TxPkt};
@@ -40,7 +42,17 @@ pub(crate) struct Muxer {
     /// Closed sockets, kept open until they have left the epoll set.
     retired: Vec<UnixStream>,
     next_local_port: u32,
+    /// Ticks while host clients are in their handshake (in the epoll set only then), so
+    /// that one that never sends its `CONNECT` line is dropped after the timeout. Armed
+    /// once, periodic, so the event loop never re-arms it (no timer syscalls at run time).
+    tick: TimerFd,
+    pub(crate) handshake_timeout: Duration,
+    /// Who may connect besides what the socket's mode allows.
+    pub(crate) peers: crate::private::PeerPolicy,
 }
+
+/// The period of [`Muxer::tick`].
+const TICK: Duration = Duration::from_secs(1);
 
 impl Drop for Muxer {
     /// The listening socket's file goes with the device, so no stale socket is left behind.
@@ -54,6 +66,19 @@ impl Drop for Muxer {
 impl Muxer {
     pub(crate) fn new(uds_path: PathBuf, guest_cid: u64) -> Result<Self, VsockError> {
         let listener = unix::bind_listener(&uds_path)?;
+        let timer_err = |e: vmm_sys_util::errno::Error| VsockError::EventFd(e.into());
+        let mut tick = TimerFd::new().map_err(timer_err)?;
+        tick.reset(TICK, Some(TICK)).map_err(timer_err)?;
+        // Non-blocking, so that reading it can never stall the event loop.
+        // SAFETY: fcntl on the timer's own open fd, with integer arguments only.
+        let nonblocking = unsafe {
+            let fd = tick.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(VsockError::EventFd(std::io::Error::last_os_error()));
+        }
         Ok(Self {
             uds_path,
             listener,
@@ -65,6 +90,9 @@ impl Muxer {
             resets: VecDeque::new(),
             retired: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            tick,
+            handshake_timeout: unix::HANDSHAKE_TIMEOUT,
+            peers: crate::private::PeerPolicy::default(),
         })
     }
 
@@ -86,6 +114,9 @@ impl Muxer {
             out.push((self.listener_fd(), EventSet::IN));
         }
         out.extend(self.pending.keys().map(|fd| (*fd, EventSet::IN)));
+        if !self.pending.is_empty() {
+            out.push((self.tick.as_raw_fd(), EventSet::IN));
+        }
         for conn in self.conns.values() {
             if let Some(set) = conn.interest() {
                 out.push((conn.stream.as_raw_fd(), set));
@@ -117,6 +148,14 @@ impl Muxer {
         while self.accepting() {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if let Err(why) = self.peers.allows(&stream) {
+                        warn!(
+                            "vsock: refusing a host client on {}: {why}",
+                            self.uds_path.display()
+                        );
+                        self.retired.push(stream);
+                        continue;
+                    }
                     if let Err(e) = stream.set_nonblocking(true) {
                         warn!("vsock: cannot make a host client non-blocking: {e}");
                         continue;
@@ -135,6 +174,12 @@ impl Muxer {
 
     /// An event on a host socket that is not the listener.
     pub(crate) fn on_host_event(&mut self, fd: RawFd, set: EventSet) {
+        if fd == self.tick.as_raw_fd() {
+            // Non-blocking: drains the expirations, if any.
+            let _ = self.tick.wait();
+            self.expire_pending(Instant::now());
+            return;
+        }
         if let Some(client) = self.pending.get_mut(&fd) {
             match client.poll() {
                 Handshake::Pending => {}
@@ -163,6 +208,29 @@ impl Muxer {
             }
         }
         self.touch(key);
+    }
+
+    /// Drops the host clients that have not sent their `CONNECT` line in time.
+    pub(crate) fn expire_pending(&mut self, now: Instant) {
+        let timeout = self.handshake_timeout;
+        let late: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, c)| c.expired(now, timeout))
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in late {
+            if let Some(client) = self.pending.remove(&fd) {
+                info!("vsock: closing host client: no CONNECT line within {timeout:?}");
+                self.retired.push(client.stream);
+            }
+        }
+    }
+
+    /// The number of host clients still in their handshake.
+    #[cfg(test)]
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
     }
 
     fn connect_to_guest(&mut self, stream: UnixStream, peer_port: u32) {

@@ -7,19 +7,23 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::VsockError;
 
 /// Longest `CONNECT` line accepted, newline excluded ("CONNECT 4294967295" is 18 bytes).
 pub(crate) const MAX_CONNECT_LINE: usize = 32;
 
-/// Bind the device's listening socket, non-blocking.
+/// How long a host client has to send its `CONNECT` line before it is dropped.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bind the device's listening socket, non-blocking, mode 0600 (see [`crate::private`]).
 pub(crate) fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
     let bind_err = |source| VsockError::Bind {
         path: path.to_path_buf(),
         source,
     };
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    let listener = crate::private::bind_socket(path).map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
     Ok(listener)
 }
@@ -47,6 +51,8 @@ pub(crate) enum Handshake {
 pub(crate) struct PendingClient {
     pub(crate) stream: UnixStream,
     line: Vec<u8>,
+    /// When it connected: past [`HANDSHAKE_TIMEOUT`] without a full line, it is dropped.
+    since: Instant,
 }
 
 impl PendingClient {
@@ -54,7 +60,13 @@ impl PendingClient {
         Self {
             stream,
             line: Vec::with_capacity(MAX_CONNECT_LINE),
+            since: Instant::now(),
         }
+    }
+
+    /// Whether the client has had longer than `timeout` to send its line, at `now`.
+    pub(crate) fn expired(&self, now: Instant, timeout: Duration) -> bool {
+        now.saturating_duration_since(self.since) > timeout
     }
 
     /// Read what the client sent so far. Reads one byte at a time so that nothing after the
@@ -187,6 +199,15 @@ mod tests {
         let mut rest = [0u8; 7];
         p.stream.read_exact(&mut rest).unwrap();
         assert_eq!(&rest, b"payload");
+    }
+
+    #[test]
+    fn a_pending_client_expires_after_the_timeout() {
+        let (_client, server) = UnixStream::pair().unwrap();
+        let p = PendingClient::new(server);
+        let t = Duration::from_secs(5);
+        assert!(!p.expired(p.since + Duration::from_secs(4), t));
+        assert!(p.expired(p.since + Duration::from_secs(6), t));
     }
 
     #[test]

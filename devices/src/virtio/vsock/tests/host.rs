@@ -256,3 +256,50 @@ fn many_connections_are_kept_apart() {
         assert_eq!(read_available(c).0, format!("from {port}").into_bytes());
     }
 }
+
+/// A host client that connects and never sends its `CONNECT` line is dropped once the
+/// handshake timeout has passed, by the device's own tick (the event loop is never
+/// blocked waiting for it), and a client that sends its line in time is not.
+#[test]
+fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.dev.muxer.handshake_timeout = std::time::Duration::ZERO;
+    let mut silent = UnixStream::connect(&h.path).unwrap();
+    silent.set_nonblocking(true).unwrap();
+    h.run();
+    assert_eq!(h.dev.muxer.pending_len(), 1, "accepted, in its handshake");
+    assert!(
+        h.ep.fds.len() > 5,
+        "the tick is registered while a client is pending"
+    );
+    // Wait for the tick (1 s period) the way the event loop would: poll on the device's
+    // fds, with a bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.dev.muxer.pending_len() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never dropped");
+        let mut fds: Vec<libc::pollfd> =
+            h.ep.fds
+                .keys()
+                .map(|fd| libc::pollfd {
+                    fd: *fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap();
+        // SAFETY: `fds` is a valid array of `nfds` pollfd structs for the whole call.
+        unsafe { libc::poll(fds.as_mut_ptr(), nfds, 2000) };
+        h.run();
+    }
+    assert_eq!(read_available(&mut silent), (vec![], true), "EOF");
+    assert_eq!(h.ep.fds.len(), 5, "the tick left the epoll set with it");
+
+    // With the default timeout, a prompt client gets through.
+    h.dev.muxer.handshake_timeout = std::time::Duration::from_secs(5);
+    let mut prompt = UnixStream::connect(&h.path).unwrap();
+    prompt.write_all(b"CONNECT 1024\n").unwrap();
+    h.run();
+    h.post_rx(1, 4096);
+    assert_eq!(h.rx_packets()[0].op, op::REQUEST);
+}
