@@ -10,6 +10,8 @@
 
 pub mod backend;
 pub mod config;
+#[cfg(test)]
+pub mod fake;
 pub mod kiln;
 pub mod provider;
 pub mod records;
