@@ -74,10 +74,60 @@ enum NestingCommand {
         #[arg(long, value_name = "tcp://ADDR:PORT")]
         listen: Option<String>,
     },
+    /// Make one of the runner's calls on a nesting server and print the answer as JSON.
+    Call {
+        /// The server's Unix socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kiln/nesting.sock")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        call: NestingCall,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NestingCall {
+    /// Init with a nesting_config JSON (default `null`).
+    Init {
+        #[arg(default_value = "null", value_name = "JSON")]
+        json: String,
+    },
+    /// Create a VM of IMAGE in --slot.
+    Create {
+        image: String,
+        #[arg(long, allow_negative_numbers = true)]
+        slot: Option<i32>,
+    },
+    /// Delete the VM ID.
+    Delete { id: String },
+    /// List the VMs.
+    List,
+    /// Delete every VM.
+    Shutdown,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Nesting(NestingCommand::Call { socket, call }) = &cli.command {
+        let call = match call {
+            NestingCall::Init { json } => nesting::client::Call::Init {
+                config: json.clone(),
+            },
+            NestingCall::Create { image, slot } => nesting::client::Call::Create {
+                image: image.clone(),
+                slot: *slot,
+            },
+            NestingCall::Delete { id } => nesting::client::Call::Delete { id: id.clone() },
+            NestingCall::List => nesting::client::Call::List,
+            NestingCall::Shutdown => nesting::client::Call::Shutdown,
+        };
+        return match nesting::client::call(socket, &call) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln-gitlab nesting call: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // The nesting server has a config of its own and none of the custom executor's contract.
     if let Command::Nesting(NestingCommand::Serve { socket, listen }) = &cli.command {
         let args = nesting::ServeArgs {
@@ -160,6 +210,12 @@ fn config_json(config: &Config) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn config_answers_the_runner() {

@@ -9,6 +9,7 @@
 //! - [`service`]: the gRPC service; [`config`]: the server's settings.
 
 pub mod backend;
+pub mod client;
 pub mod config;
 #[cfg(test)]
 pub mod fake;
