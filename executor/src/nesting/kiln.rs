@@ -179,7 +179,14 @@ impl KilnBackend {
                 tokio::time::sleep(step).await;
             }
         }
-        self.provision(spec, &vsock, deadline).await?;
+        if let Err(e) = self.provision(spec, &vsock, deadline).await {
+            // An agent that stopped answering as time ran out is the boot timeout too.
+            return Err(if Instant::now() >= deadline {
+                timeout()
+            } else {
+                e
+            });
+        }
         let addr: std::net::SocketAddr = vm
             .addr
             .parse()
