@@ -11,6 +11,7 @@ mod config;
 mod contract;
 mod identity;
 mod launch;
+mod nesting;
 mod prepare;
 mod run;
 mod slot;
@@ -53,10 +54,95 @@ enum Command {
     },
     /// Stop the job's VM and remove its files. Always exits 0.
     Cleanup,
+    /// GitLab Runner's VM-isolation ("nesting") provider: `nesting serve`.
+    #[command(subcommand)]
+    Nesting(NestingCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum NestingCommand {
+    /// Serve the runner's nesting gRPC interface: each Create boots a kiln VM of a store
+    /// image in the given slot and returns its SSH address. --config names the server's
+    /// TOML config (default: $KILN_NESTING_CONFIG, else /etc/kiln-gitlab/nesting.toml if
+    /// it exists, else built-in defaults).
+    Serve {
+        /// The Unix socket (default: the config's `socket`, else $NESTING_SOCKET, else
+        /// /run/kiln/nesting.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Also serve on TCP, tcp://ADDR:PORT (plaintext, unauthenticated).
+        #[arg(long, value_name = "tcp://ADDR:PORT")]
+        listen: Option<String>,
+    },
+    /// Make one of the runner's calls on a nesting server and print the answer as JSON.
+    Call {
+        /// The server's Unix socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/kiln/nesting.sock")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        call: NestingCall,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NestingCall {
+    /// Init with a nesting_config JSON (default `null`).
+    Init {
+        #[arg(default_value = "null", value_name = "JSON")]
+        json: String,
+    },
+    /// Create a VM of IMAGE in --slot.
+    Create {
+        image: String,
+        #[arg(long, allow_negative_numbers = true)]
+        slot: Option<i32>,
+    },
+    /// Delete the VM ID.
+    Delete { id: String },
+    /// List the VMs.
+    List,
+    /// Delete every VM.
+    Shutdown,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Nesting(NestingCommand::Call { socket, call }) = &cli.command {
+        let call = match call {
+            NestingCall::Init { json } => nesting::client::Call::Init {
+                config: json.clone(),
+            },
+            NestingCall::Create { image, slot } => nesting::client::Call::Create {
+                image: image.clone(),
+                slot: *slot,
+            },
+            NestingCall::Delete { id } => nesting::client::Call::Delete { id: id.clone() },
+            NestingCall::List => nesting::client::Call::List,
+            NestingCall::Shutdown => nesting::client::Call::Shutdown,
+        };
+        return match nesting::client::call(socket, &call) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln-gitlab nesting call: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // The nesting server has a config of its own and none of the custom executor's contract.
+    if let Command::Nesting(NestingCommand::Serve { socket, listen }) = &cli.command {
+        let args = nesting::ServeArgs {
+            socket: socket.clone(),
+            listen: listen.clone(),
+            config: cli.config.clone(),
+        };
+        return match nesting::serve(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln-gitlab nesting: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let contract = Contract::from_env();
     let result = Config::load(cli.config.as_deref())
         .map_err(Failure::System)
@@ -86,6 +172,9 @@ fn dispatch(command: &Command, config: &Config, contract: &Contract) -> Result<(
         }
         Command::Prepare => prepare::prepare(config, contract).map_err(Failure::System),
         Command::Run { script, stage } => run::run(config, contract, script, stage),
+        Command::Nesting(_) => Err(Failure::System(anyhow::anyhow!(
+            "nesting commands do not take the executor's config"
+        ))),
         Command::Cleanup => {
             match cleanup(config, contract) {
                 Ok(Some(how)) => println!("kiln-gitlab: {how}"),
@@ -121,6 +210,12 @@ fn config_json(config: &Config) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn config_answers_the_runner() {
