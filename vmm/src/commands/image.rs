@@ -1,9 +1,9 @@
-//! `kiln image build|import|ls|rm|verify`.
+//! `kiln image build|import|pull|ls|rm|verify`.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use crate::cli::{ImageArgs, ImageCommand, LsArgs, MakeArgs, VerifyArgs};
+use crate::cli::{ImageArgs, ImageCommand, LsArgs, MakeArgs, PullArgs, VerifyArgs};
 use crate::image::build::{build, BuildSpec};
 use crate::image::import::{import, ImportSpec};
 use crate::image::rootfs::locate_agent;
@@ -35,6 +35,7 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<ExitCode> {
             };
             made(&i.make, |store| import(store, &spec))
         }
+        ImageCommand::Pull(p) => pull(p),
         ImageCommand::Ls(ls) => list(ls),
         ImageCommand::Rm(rm) => {
             Store::locate(rm.store.store.as_deref()).remove(&rm.name)?;
@@ -73,6 +74,44 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             names.len()
         );
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln image pull`: one line on stderr when done, the metadata on stdout with --json.
+fn pull(args: &PullArgs) -> anyhow::Result<ExitCode> {
+    use crate::image::oci::{pull, PullSpec};
+    let start = Instant::now();
+    let spec = PullSpec {
+        reference: args.reference.clone(),
+        name: args.name.clone(),
+        platform: args.platform.parse()?,
+        insecure: args.insecure_registry.clone(),
+        size_mib: args.size,
+        agent: locate_agent(args.agent.as_deref())?,
+        force: args.force,
+    };
+    crate::image::interrupt::install()?;
+    let store = Store::locate(args.store.store.as_deref());
+    let pulled = pull(&store, &spec)?;
+    let secs = start.elapsed().as_secs_f64();
+    let what = if pulled.fetched {
+        "pulled"
+    } else {
+        "already in the store"
+    };
+    eprintln!(
+        "kiln: image {} ({}) {what}: {} in {secs:.1} s",
+        pulled.meta.name,
+        pulled.digest,
+        pulled.dir.display(),
+    );
+    if args.json {
+        let mut value = image_json(Some(&pulled.meta), &pulled.meta.name, &pulled.dir);
+        value["digest"] = pulled.digest.into();
+        value["fetched"] = pulled.fetched.into();
+        value["pull_secs"] = secs.into();
+        println!("{value}");
     }
     Ok(ExitCode::SUCCESS)
 }
