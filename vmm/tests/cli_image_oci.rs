@@ -610,6 +610,133 @@ fn image_pull_uses_credentials_and_says_when_they_are_wrong() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A bearer-token front for `registry`, as Docker Hub and most registries work: every
+/// request without the token gets `401` with a `WWW-Authenticate: Bearer` challenge that
+/// names the token endpoint (`/token` here); the token endpoint hands out the token to
+/// anyone (`user` None: an anonymous pull) or to that user's basic credentials alone.
+/// Requests with the token are passed on to the registry. Returns the front's port.
+fn token_front(upstream: u16, user: Option<(&'static str, &'static str)>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let header = |name: &str| {
+                text.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(": ")?;
+                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            let target = text.split(' ').nth(1).unwrap_or("/").to_string();
+            let reply = |conn: &mut TcpStream, status: &str, extra: &str, body: &str| {
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n{extra}\r\n{body}",
+                    body.len()
+                );
+            };
+            if target.starts_with("/token") {
+                let wanted = user.map(|(u, p)| {
+                    let b = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+                    format!("Basic {b}")
+                });
+                if wanted.is_none_or(|w| header("Authorization") == w) {
+                    reply(&mut conn, "200 OK", "", r#"{"token": "kiln-test-token"}"#);
+                } else {
+                    reply(
+                        &mut conn,
+                        "401 Unauthorized",
+                        "",
+                        r#"{"details": "bad credentials"}"#,
+                    );
+                }
+                continue;
+            }
+            if header("Authorization") != "Bearer kiln-test-token" {
+                let challenge = format!(
+                    "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"kiln-test\"\r\n"
+                );
+                reply(&mut conn, "401 Unauthorized", &challenge, "{}");
+                continue;
+            }
+            // GETs and HEADs only (a pull): no body to pass on.
+            let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let request = text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+            let _ = up.write_all(request.as_bytes());
+            let _ = std::io::copy(&mut up, &mut conn);
+        }
+    });
+    port
+}
+
+#[test]
+fn image_pull_takes_a_bearer_token_anonymously_or_for_credentials() {
+    if !is_root() {
+        eprintln!("skipped: kiln image pull needs root");
+        return;
+    }
+    let dir = scratch("oci-token");
+    let registry = Registry::start(&dir, None);
+    let layer = tar(|b| file(b, "hello", b"token\n"));
+    registry.image(
+        "app",
+        "1",
+        false,
+        "amd64",
+        &[(OCI_GZIP, gzip(&layer), layer)],
+        serde_json::json!({}),
+    );
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+
+    let anonymous = format!("127.0.0.1:{}", token_front(registry.port, None));
+    let reference = format!("{anonymous}/app:1");
+    pulled(&kiln(
+        &pull_args(&anonymous, s, &reference, "anon"),
+        &dir,
+        None,
+    ));
+    assert_eq!(
+        cli_image_util::debugfs_cat(&store.join("anon/rootfs.ext4"), "/hello"),
+        b"token\n"
+    );
+
+    let private = format!(
+        "127.0.0.1:{}",
+        token_front(registry.port, Some(("ci", "t0ken")))
+    );
+    let reference = format!("{private}/app:1");
+    let args = pull_args(&private, s, &reference, "private");
+    let creds = |password: &str| {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("ci:{password}"));
+        format!(r#"{{"auths": {{"{private}": {{"auth": "{auth}"}}}}}}"#)
+    };
+    let line = refused(&kiln(&args, &dir, Some(&creds("wrong"))));
+    assert!(
+        line.contains("refused the credentials") && line.contains("$DOCKER_AUTH_CONFIG"),
+        "{line}"
+    );
+    assert!(!store.join("private").exists());
+    pulled(&kiln(&args, &dir, Some(&creds("t0ken"))));
+    assert_eq!(
+        cli_image_util::debugfs_cat(&store.join("private/rootfs.ext4"), "/hello"),
+        b"token\n"
+    );
+    drop(registry);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn image_pull_refuses_bad_input_and_leaves_nothing() {
     if !is_root() {
