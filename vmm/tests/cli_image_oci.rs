@@ -392,6 +392,13 @@ fn two_layers() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
         h.set_uid(1000);
         h.set_gid(1001);
         b.append_data(&mut h, "srv/owned", &b"own"[..]).unwrap();
+        add_dir(b, "dev");
+        let mut h = header(tar::EntryType::Char, 0o666, 0);
+        h.set_device_major(1).unwrap();
+        h.set_device_minor(3).unwrap();
+        b.append_data(&mut h, "dev/null", &[][..]).unwrap();
+        let mut h = header(tar::EntryType::Fifo, 0o600, 0);
+        b.append_data(&mut h, "srv/fifo", &[][..]).unwrap();
     });
     let upper = tar(|b| {
         file(b, ".wh.gone.txt", b"");
@@ -464,6 +471,13 @@ fn image_pull_by_tag_and_by_digest_applies_layers_in_order() {
         "{owned}"
     );
     assert!(owned.contains("Mode:  04750"), "{owned}");
+    let null = debugfs(&image, "stat /dev/null");
+    assert!(
+        null.contains("Type: character special") && null.contains("Mode:  0666"),
+        "{null}"
+    );
+    assert!(null.contains("major/minor number: 01:03"), "{null}");
+    assert!(debugfs(&image, "stat /srv/fifo").contains("Type: FIFO"));
     let alias = debugfs(&image, "stat /etc/alias");
     assert!(
         alias.contains("Type: symlink") && alias.contains("\"hostname\""),

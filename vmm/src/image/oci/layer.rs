@@ -66,6 +66,10 @@ pub fn apply(tree: &Path, blob: &Path) -> Result<(), LayerError> {
     let corrupt = |e: std::io::Error| LayerError::Corrupt(e.to_string());
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() {
+            continue; // metadata the tar reader has applied; no file
+        }
         let raw = entry.path_bytes().into_owned();
         let Some(rel) = relative(&raw)? else {
             continue; // the layer's root itself
@@ -85,7 +89,6 @@ pub fn apply(tree: &Path, blob: &Path) -> Result<(), LayerError> {
             continue;
         }
         let dst = tree.join(&rel);
-        let kind = entry.header().entry_type();
         let existing = dst.symlink_metadata().ok();
         if kind.is_dir() {
             // A directory merges with a lower one; anything else at its path goes.
@@ -110,6 +113,9 @@ pub fn apply(tree: &Path, blob: &Path) -> Result<(), LayerError> {
                 _ => return Err(escape(&raw, "is a hard link to no file of the image")),
             }
             std::fs::hard_link(&src, &dst).map_err(io("link", &dst))?;
+        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+            // The tar reader would make these empty files.
+            special(&dst, entry.header())?;
         } else {
             entry.unpack(&dst).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -129,6 +135,40 @@ pub fn apply(tree: &Path, blob: &Path) -> Result<(), LayerError> {
     // bytes cut off after the tar's end still fail the layer.
     std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(corrupt)?;
     Ok(())
+}
+
+/// A device node or FIFO at `dst`, with the entry's mode, numbers and owner.
+fn special(dst: &Path, header: &tar::Header) -> Result<(), LayerError> {
+    let field = |v: std::io::Result<Option<u32>>| v.ok().flatten().unwrap_or(0);
+    let bad = |e: std::io::Error| LayerError::Corrupt(e.to_string());
+    let kind = header.entry_type();
+    let file_type = if kind.is_character_special() {
+        libc::S_IFCHR
+    } else if kind.is_block_special() {
+        libc::S_IFBLK
+    } else {
+        libc::S_IFIFO
+    };
+    let perms = header.mode().map_err(bad)? & 0o7777;
+    let dev = libc::makedev(field(header.device_major()), field(header.device_minor()));
+    let (uid, gid) = (header.uid().map_err(bad)?, header.gid().map_err(bad)?);
+    let path = std::ffi::CString::new(dst.as_os_str().as_bytes())
+        .map_err(|e| LayerError::Corrupt(e.to_string()))?;
+    // SAFETY: mknod only reads the NUL-terminated path, alive across the call.
+    if unsafe { libc::mknod(path.as_ptr(), file_type | perms, dev) } != 0 {
+        return Err(io("make the device node", dst)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let (uid, gid) = (
+        u32::try_from(uid).unwrap_or(u32::MAX),
+        u32::try_from(gid).unwrap_or(u32::MAX),
+    );
+    std::os::unix::fs::lchown(dst, Some(uid), Some(gid)).map_err(io("set the owner of", dst))?;
+    // mknod's mode went through the umask, and chown clears set-id bits: set it last.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(perms))
+        .map_err(io("set the mode of", dst))
 }
 
 fn escape(raw: &[u8], why: &str) -> LayerError {
