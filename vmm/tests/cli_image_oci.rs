@@ -873,3 +873,100 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
     drop(registry);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn image_import_takes_docker_save_archives_and_oci_layouts() {
+    if !is_root() {
+        eprintln!("skipped: kiln image import needs root");
+        return;
+    }
+    let dir = scratch("oci-archive");
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+    let layers = two_layers();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"WorkingDir": "/w"},
+    }))
+    .unwrap();
+    let import = |name: &str, path: &Path| {
+        let args = [
+            "image",
+            "import",
+            "--name",
+            name,
+            "--store",
+            s,
+            "--agent",
+            STATIC_ELF,
+            "--json",
+            path.to_str().unwrap(),
+        ];
+        kiln(&args, &dir, None)
+    };
+    let check = |name: &str| {
+        let image = store.join(name).join("rootfs.ext4");
+        assert_eq!(
+            cli_image_util::debugfs_cat(&image, "/etc/hostname"),
+            b"upper\n"
+        );
+        assert_eq!(names_in(&image, "/opq"), ["new"], "the opaque directory");
+        assert!(!names_in(&image, "/").contains(&"gone.txt".to_string()));
+    };
+
+    // What `docker save` writes: manifest.json naming the config and the layer files.
+    let saved = dir.join("saved.tar");
+    let archive = tar(|b| {
+        file(b, "cfg.json", &config);
+        add_dir(b, "l1");
+        file(b, "l1/layer.tar", &layers[0].2);
+        add_dir(b, "l2");
+        file(b, "l2/layer.tar", &layers[1].1); // compressed layers are fine too
+        let manifest = serde_json::json!([{
+            "Config": "cfg.json", "RepoTags": ["t:1"], "Layers": ["l1/layer.tar", "l2/layer.tar"],
+        }]);
+        file(b, "manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    });
+    std::fs::write(&saved, archive).unwrap();
+    let json = pulled(&import("saved", &saved));
+    assert_eq!(json["source"]["defaults"]["working_dir"], "/w", "{json}");
+    check("saved");
+
+    // An OCI image layout directory.
+    let layout = dir.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |media_type: &str, data: &[u8]| {
+        let digest = sha256(data);
+        std::fs::write(blobs.join(&digest[7..]), data).unwrap();
+        serde_json::json!({"mediaType": media_type, "digest": digest, "size": data.len()})
+    };
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": put(OCI_CONFIG, &config),
+        "layers": [put(OCI_GZIP, &layers[0].1), put(OCI_ZSTD, &layers[1].1)],
+    });
+    let mut desc = put(OCI_MANIFEST, &serde_json::to_vec(&manifest).unwrap());
+    desc["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc]});
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion": "1.0.0"}"#,
+    )
+    .unwrap();
+    pulled(&import("layout", &layout));
+    check("layout");
+
+    // A layout blob that does not match its digest is refused, and nothing is kept.
+    let layer = blobs.join(&sha256(&layers[1].1)[7..]);
+    let mut data = std::fs::read(&layer).unwrap();
+    data[20] ^= 0xff;
+    std::fs::write(&layer, data).unwrap();
+    let line = refused(&import("corrupt", &layout));
+    assert!(line.contains("corrupt"), "{line}");
+    assert!(!store.join("corrupt").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -26,8 +26,9 @@ pub enum ImageCommand {
     /// into place when complete: a failed build leaves nothing behind.
     Build(BuildArgs),
     /// Make an image from a tarball of a filesystem (what `docker export` writes; gzip,
-    /// xz or zstd compressed is fine), adding the static kiln agent as /sbin/kiln-agent.
-    /// Needs root, to keep the archive's owners and device nodes.
+    /// xz or zstd compressed is fine), a `docker save` archive or an OCI image layout
+    /// directory (their layers applied in order), adding the static kiln agent as
+    /// /sbin/kiln-agent. Needs root, to keep the archive's owners and device nodes.
     Import(ImportArgs),
     /// Pull an OCI or Docker image from a registry and make it a root disk: its layers
     /// applied in order (whiteouts and opaque directories honoured, owners, modes, xattrs
@@ -96,8 +97,8 @@ pub struct BuildArgs {
 pub struct ImportArgs {
     #[command(flatten)]
     pub make: MakeArgs,
-    /// The tarball.
-    #[arg(value_name = "ROOTFS.TAR")]
+    /// The tarball, `docker save` archive or OCI layout directory.
+    #[arg(value_name = "ROOTFS.TAR|IMAGE.TAR|OCI-DIR")]
     pub tarball: PathBuf,
 }
 

@@ -33,7 +33,13 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<ExitCode> {
                 agent: locate_agent(i.make.agent.as_deref())?,
                 force: i.make.force,
             };
-            made(&i.make, |store| import(store, &spec))
+            // A `docker save` archive or an OCI layout has layers to apply, not a tree.
+            match crate::image::oci::archive::detect(&i.tarball) {
+                Some(kind) => made(&i.make, |store| {
+                    crate::image::oci::archive::import(store, &spec, kind, &i.tarball)
+                }),
+                None => made(&i.make, |store| import(store, &spec)),
+            }
         }
         ImageCommand::Pull(p) => pull(p),
         ImageCommand::Ls(ls) => list(ls),
@@ -118,9 +124,9 @@ fn pull(args: &PullArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs a builder and reports the new image: one line on stderr, and its metadata on
 /// stdout with --json.
-fn made(
+fn made<E: std::error::Error + Send + Sync + 'static>(
     make: &MakeArgs,
-    builder: impl FnOnce(&Store) -> Result<(std::path::PathBuf, ImageMeta), crate::image::ImageError>,
+    builder: impl FnOnce(&Store) -> Result<(std::path::PathBuf, ImageMeta), E>,
 ) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     crate::image::interrupt::install()?;

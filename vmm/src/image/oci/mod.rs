@@ -10,6 +10,7 @@
 //! made from that manifest. A pull of the same digest under another name hard-links the
 //! existing ext4 file instead of rebuilding it.
 
+pub mod archive;
 pub mod auth;
 pub mod layer;
 pub mod registry;
@@ -62,6 +63,17 @@ impl std::str::FromStr for Platform {
                 variant: parts.get(2).map(|v| v.to_string()),
             }),
             _ => Err(PullError::BadPlatform(s.to_string())),
+        }
+    }
+}
+
+/// linux/amd64: what kiln's guests run.
+impl Default for Platform {
+    fn default() -> Self {
+        Platform {
+            os: "linux".into(),
+            arch: "amd64".into(),
+            variant: None,
         }
     }
 }
@@ -137,6 +149,8 @@ pub enum PullError {
         digest: String,
         cause: layer::LayerError,
     },
+    #[error("the image archive {path}: {reason}")]
+    BadArchive { path: PathBuf, reason: String },
     #[error("cannot start the network runtime: {0}")]
     Runtime(std::io::Error),
 }
