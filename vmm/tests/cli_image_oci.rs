@@ -388,6 +388,8 @@ fn two_layers() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
         add_dir(b, "opq/sub");
         file(b, "opq/sub/old2", b"hidden above\n");
         add_dir(b, "srv");
+        b.append_pax_extensions([("SCHILY.xattr.user.kiln", &b"kept"[..])])
+            .unwrap();
         let mut h = header(tar::EntryType::Regular, 0o4750, 3);
         h.set_uid(1000);
         h.set_gid(1001);
@@ -471,6 +473,11 @@ fn image_pull_by_tag_and_by_digest_applies_layers_in_order() {
         "{owned}"
     );
     assert!(owned.contains("Mode:  04750"), "{owned}");
+    let xattrs = debugfs(&image, "ea_list /srv/owned");
+    assert!(
+        xattrs.contains("user.kiln") && xattrs.contains("kept"),
+        "{xattrs}"
+    );
     let null = debugfs(&image, "stat /dev/null");
     assert!(
         null.contains("Type: character special") && null.contains("Mode:  0666"),
