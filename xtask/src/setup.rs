@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 /// - disk tests: e2fsprogs (`mkfs.ext4 -d` builds the ext4 images the `image_` tests boot)
 /// - image tests: debootstrap (`kiln image build` makes the Debian image that
 ///   `image_debian_build_boots_and_runs_git_and_apt` boots) and tar (`kiln image import`)
+/// - image pull tests: docker-registry (the loopback registry `kiln image pull` is tested
+///   against) and apache2-utils (`htpasswd` writes its bcrypt password file)
 /// - fuzzing: g++ (libfuzzer-sys compiles libFuzzer, which is C++, for the fuzz step)
 /// - network policy tests: nftables (`kiln net setup --nat` installs its rules with `nft`)
 ///   and iproute2 (the tests' network namespaces and veth pairs)
@@ -38,6 +40,8 @@ pub const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "debootstrap",
     "tar",
+    "docker-registry",
+    "apache2-utils",
     "g++",
     "nftables",
     "iproute2",

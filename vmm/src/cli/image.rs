@@ -26,9 +26,18 @@ pub enum ImageCommand {
     /// into place when complete: a failed build leaves nothing behind.
     Build(BuildArgs),
     /// Make an image from a tarball of a filesystem (what `docker export` writes; gzip,
-    /// xz or zstd compressed is fine), adding the static kiln agent as /sbin/kiln-agent.
-    /// Needs root, to keep the archive's owners and device nodes.
+    /// xz or zstd compressed is fine), a `docker save` archive or an OCI image layout
+    /// directory (their layers applied in order), adding the static kiln agent as
+    /// /sbin/kiln-agent. Needs root, to keep the archive's owners and device nodes.
     Import(ImportArgs),
+    /// Pull an OCI or Docker image from a registry and make it a root disk: its layers
+    /// applied in order (whiteouts and opaque directories honoured, owners, modes, xattrs
+    /// and hard links kept), the static kiln agent added as /sbin/kiln-agent. Needs root.
+    ///
+    /// Credentials come from $DOCKER_AUTH_CONFIG (config.json text), else
+    /// $DOCKER_CONFIG/config.json, else ~/.docker/config.json; without, the pull is
+    /// anonymous. A digest the store already has costs only the manifest request.
+    Pull(PullArgs),
     /// List the images in the store.
     Ls(LsArgs),
     /// Remove an image from the store.
@@ -88,9 +97,43 @@ pub struct BuildArgs {
 pub struct ImportArgs {
     #[command(flatten)]
     pub make: MakeArgs,
-    /// The tarball.
-    #[arg(value_name = "ROOTFS.TAR")]
+    /// The tarball, `docker save` archive or OCI layout directory.
+    #[arg(value_name = "ROOTFS.TAR|IMAGE.TAR|OCI-DIR")]
     pub tarball: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// The image: [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST] (Docker Hub without a
+    /// registry), e.g. debian:bookworm or registry.example:5000/ci/build@sha256:….
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// The image's name in the store. Default: the repository's last part and the tag
+    /// (debian:bookworm), or the digest's first 12 digits without a tag.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Which image of a multi-platform index to take.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]", default_value = "linux/amd64")]
+    pub platform: String,
+    /// Speak plain HTTP (not HTTPS) to this registry; repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    /// The filesystem's size in MiB. Default: what the files need plus 15 % and 32 MiB.
+    #[arg(long, value_name = "MIB")]
+    pub size: Option<u64>,
+    /// The static guest agent to install. Default: $KILN_AGENT, else `kiln-agent` beside
+    /// this `kiln`.
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// Replace an image of the same name made from something else (only once the new one
+    /// is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the image's metadata (with "digest" and "fetched") as one JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArg,
 }
 
 #[derive(Args, Debug)]

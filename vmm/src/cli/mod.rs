@@ -10,7 +10,8 @@ mod snapshot;
 mod vm;
 
 pub use image::{
-    BuildArgs, ImageArgs, ImageCommand, ImportArgs, LsArgs, MakeArgs, RmArgs, StoreArg, VerifyArgs,
+    BuildArgs, ImageArgs, ImageCommand, ImportArgs, LsArgs, MakeArgs, PullArgs, RmArgs, StoreArg,
+    VerifyArgs,
 };
 pub use net::{NetCommand, NetSetupArgs};
 pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs, SnapshotImages};

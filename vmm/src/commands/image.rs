@@ -1,9 +1,9 @@
-//! `kiln image build|import|ls|rm|verify`.
+//! `kiln image build|import|pull|ls|rm|verify`.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use crate::cli::{ImageArgs, ImageCommand, LsArgs, MakeArgs, VerifyArgs};
+use crate::cli::{ImageArgs, ImageCommand, LsArgs, MakeArgs, PullArgs, VerifyArgs};
 use crate::image::build::{build, BuildSpec};
 use crate::image::import::{import, ImportSpec};
 use crate::image::rootfs::locate_agent;
@@ -33,8 +33,15 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<ExitCode> {
                 agent: locate_agent(i.make.agent.as_deref())?,
                 force: i.make.force,
             };
-            made(&i.make, |store| import(store, &spec))
+            // A `docker save` archive or an OCI layout has layers to apply, not a tree.
+            match crate::image::oci::archive::detect(&i.tarball) {
+                Some(kind) => made(&i.make, |store| {
+                    crate::image::oci::archive::import(store, &spec, kind, &i.tarball)
+                }),
+                None => made(&i.make, |store| import(store, &spec)),
+            }
         }
+        ImageCommand::Pull(p) => pull(p),
         ImageCommand::Ls(ls) => list(ls),
         ImageCommand::Rm(rm) => {
             Store::locate(rm.store.store.as_deref()).remove(&rm.name)?;
@@ -77,11 +84,49 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kiln image pull`: one line on stderr when done, the metadata on stdout with --json.
+fn pull(args: &PullArgs) -> anyhow::Result<ExitCode> {
+    use crate::image::oci::{pull, PullSpec};
+    let start = Instant::now();
+    let spec = PullSpec {
+        reference: args.reference.clone(),
+        name: args.name.clone(),
+        platform: args.platform.parse()?,
+        insecure: args.insecure_registry.clone(),
+        size_mib: args.size,
+        agent: locate_agent(args.agent.as_deref())?,
+        force: args.force,
+    };
+    crate::image::interrupt::install()?;
+    let store = Store::locate(args.store.store.as_deref());
+    let pulled = pull(&store, &spec)?;
+    let secs = start.elapsed().as_secs_f64();
+    let what = if pulled.fetched {
+        "pulled"
+    } else {
+        "already in the store"
+    };
+    eprintln!(
+        "kiln: image {} ({}) {what}: {} in {secs:.1} s",
+        pulled.meta.name,
+        pulled.digest,
+        pulled.dir.display(),
+    );
+    if args.json {
+        let mut value = image_json(Some(&pulled.meta), &pulled.meta.name, &pulled.dir);
+        value["digest"] = pulled.digest.into();
+        value["fetched"] = pulled.fetched.into();
+        value["pull_secs"] = secs.into();
+        println!("{value}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs a builder and reports the new image: one line on stderr, and its metadata on
 /// stdout with --json.
-fn made(
+fn made<E: std::error::Error + Send + Sync + 'static>(
     make: &MakeArgs,
-    builder: impl FnOnce(&Store) -> Result<(std::path::PathBuf, ImageMeta), crate::image::ImageError>,
+    builder: impl FnOnce(&Store) -> Result<(std::path::PathBuf, ImageMeta), E>,
 ) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     crate::image::interrupt::install()?;

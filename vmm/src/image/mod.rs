@@ -2,6 +2,7 @@
 //! ways of making one — `kiln image build` with Debian's debootstrap (`build`) and `kiln
 //! image import` of a container filesystem tarball (`import`). Both end in `rootfs`, which
 //! installs the guest agent as the image's init and packs the tree with `mkfs.ext4 -d`.
+//! `kiln image pull` (`oci`) makes the tree from an OCI image's layers, from a registry.
 //!
 //! An image boots through the root-disk path (`--root-disk`, or `--image NAME`): the kernel
 //! mounts it as `/` and runs [`crate::disk::ROOT_INIT`], the agent, as PID 1.
@@ -10,6 +11,7 @@ pub mod build;
 mod cleanup;
 pub mod import;
 pub mod interrupt;
+pub mod oci;
 pub mod rootfs;
 pub mod store;
 
@@ -108,6 +110,14 @@ pub enum Source {
     },
     /// `kiln image import`: a tarball of a filesystem, and its SHA-256.
     Import { tarball: PathBuf, sha256: String },
+    /// `kiln image pull`: an OCI image `reference`, its manifest `digest` (for
+    /// `platform`), and the config's Env, WorkingDir and User as job defaults.
+    Oci {
+        reference: String,
+        digest: String,
+        platform: String,
+        defaults: oci::JobDefaults,
+    },
 }
 
 impl Source {
@@ -121,6 +131,9 @@ impl Source {
                 suite, packages, ..
             } => format!("debian {suite} +{}", packages.join(",")),
             Source::Import { tarball, .. } => format!("import {}", tarball.display()),
+            Source::Oci {
+                reference, digest, ..
+            } => format!("oci {reference} ({})", &digest[..digest.len().min(19)]),
         }
     }
 }

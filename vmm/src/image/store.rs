@@ -222,6 +222,11 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// The staging directory itself (where a pull keeps its layers until applied).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the builder puts the image's file tree.
     pub fn tree(&self) -> PathBuf {
         self.dir.join("rootfs")

@@ -1,0 +1,102 @@
+//! An image made from container layers boots: a busybox root filesystem in two layers —
+//! the upper one deleting a file with a whiteout and replacing another — saved the way
+//! `docker save` writes it, brought into a store with `kiln image import` (the layer path
+//! `kiln image pull` uses), and run as a job in the test bed.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use kiln_tests::images;
+use kiln_tests::output::value;
+use kiln_tests::tmp::TempDir;
+use kiln_tests::Runner;
+
+/// `tar -cf OUT -C DIR .`
+fn tar(dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(out)
+        .arg("-C")
+        .arg(dir)
+        .arg(".")
+        .status()
+        .context("running tar")?;
+    ensure!(status.success(), "tar failed");
+    Ok(())
+}
+
+#[test]
+fn image_oci_layers_boot_and_run_a_job() -> Result<()> {
+    let tmp = TempDir::new("image-oci")?;
+    let bins = kiln_tests::artifacts::static_binaries()?;
+    let bb = kiln_tests::busybox::busybox()?;
+
+    let lower = tmp.path().join("lower");
+    std::fs::create_dir_all(lower.join("bin"))?;
+    std::fs::create_dir_all(lower.join("etc"))?;
+    std::fs::write(lower.join("bin/busybox"), &bb.binary)?;
+    std::fs::set_permissions(
+        lower.join("bin/busybox"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    for applet in &bb.applets {
+        std::os::unix::fs::symlink("busybox", lower.join("bin").join(applet))?;
+    }
+    std::fs::write(lower.join("etc/marker"), "lower\n")?;
+    std::fs::write(lower.join("etc/gone"), "deleted by the upper layer\n")?;
+    let upper = tmp.path().join("upper");
+    std::fs::create_dir_all(upper.join("etc"))?;
+    std::fs::write(upper.join("etc/marker"), "upper\n")?;
+    std::fs::write(upper.join("etc/.wh.gone"), "")?;
+
+    let save = tmp.path().join("save");
+    std::fs::create_dir_all(&save)?;
+    tar(&lower, &save.join("lower.tar"))?;
+    tar(&upper, &save.join("upper.tar"))?;
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
+    });
+    std::fs::write(save.join("config.json"), config.to_string())?;
+    let manifest = serde_json::json!([{
+        "Config": "config.json", "RepoTags": ["bb:layers"],
+        "Layers": ["lower.tar", "upper.tar"],
+    }]);
+    std::fs::write(save.join("manifest.json"), manifest.to_string())?;
+    let archive = tmp.path().join("image.tar");
+    tar(&save, &archive)?;
+    let image = images::import(&bins, &tmp.path().join("store"), "bb-layers", &archive)?;
+
+    let runner = match Runner::detect()? {
+        Runner::Testbed(mut t) => {
+            t.memory_mib = t.memory_mib.max(3072);
+            Runner::Testbed(t)
+        }
+        direct => direct,
+    };
+    let script = format!(
+        r#"
+cat > job.sh <<'JOB'
+cat /etc/marker; ls /etc/gone 2>/dev/null || echo gone; ls /sbin/kiln-agent
+JOB
+"$KILN" job --kernel "$GUEST_VMLINUX" --image {name} --store "$FILES/store" --memory 256 \
+  --script job.sh > job.out 2> job.err
+echo "KILN-JOB=$?"
+echo "KILN-OUT=$(tr '\n' '|' < job.out)"
+echo "--- job stderr"; cat job.err
+"#,
+        name = image.name
+    );
+    let out = runner.run(&script, &image.files("store")?, Duration::from_secs(300))?;
+    let console = out.console;
+    ensure!(
+        value(&console, "KILN-JOB") == Some("0"),
+        "the job failed: {console}"
+    );
+    ensure!(
+        value(&console, "KILN-OUT") == Some("upper|gone|/sbin/kiln-agent|"),
+        "job output: {console}"
+    );
+    Ok(())
+}
