@@ -9,6 +9,7 @@ mod direct;
 pub mod ext4;
 pub mod gitlab_harness;
 pub mod guest_initramfs;
+pub mod host_tools;
 pub mod images;
 mod nested;
 pub mod output;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use crate::process::{run_captured, tail};
 use crate::qemu::Qemu;
 use crate::testbed::{Job, RunOutput, Testbed, TAIL};
-use crate::{busybox, cpio};
+use crate::{busybox, cpio, host_tools};
 
 /// The test-bed host's kernel command line.
 pub const TESTBED_CMDLINE: &str = "console=ttyS0 panic=-1 quiet reboot=t";
@@ -119,6 +119,7 @@ fn write_image(job: &Job, out: &Path) -> Result<()> {
     }
     busybox::add_to(&mut w)?;
     busybox::add_console_nodes(&mut w)?;
+    host_tools::add_to(&mut w)?;
     w.file("/bin/kiln", 0o755, &read(job.kiln)?)?;
     w.file("/bin/kiln-gitlab", 0o755, &read(job.kiln_gitlab)?)?;
     w.file("/guest/vmlinux", 0o644, &read(&job.guest.vmlinux)?)?;
