@@ -1,10 +1,11 @@
-//! Early set-up of PID 1: file systems, standard descriptors, hostname.
+//! Early set-up of PID 1: file systems, standard descriptors, hostname. What a CI machine
+//! has beyond that (cgroups, rlimits, /etc/hosts) is [`crate::machine`]'s.
 
 use std::ffi::CStr;
 use std::io;
 
 /// The guest's hostname.
-const HOSTNAME: &str = "kiln";
+pub const HOSTNAME: &str = "kiln";
 
 /// One mount that init makes.
 struct Mount {
@@ -13,9 +14,13 @@ struct Mount {
     fstype: &'static CStr,
     flags: libc::c_ulong,
     data: &'static CStr,
+    /// Skipped without a word when the kernel lacks the file system or the mount point
+    /// (an older or smaller guest kernel): what a CI machine has, not what the agent needs.
+    optional: bool,
 }
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+const NOSUID_NODEV_NOEXEC: libc::c_ulong = NOSUID_NODEV | libc::MS_NOEXEC;
 
 /// In order: /dev first, so that the console is there to report the others.
 const MOUNTS: &[Mount] = &[
@@ -25,6 +30,7 @@ const MOUNTS: &[Mount] = &[
         fstype: c"devtmpfs",
         flags: libc::MS_NOSUID,
         data: c"mode=0755",
+        optional: false,
     },
     Mount {
         source: c"proc",
@@ -32,6 +38,7 @@ const MOUNTS: &[Mount] = &[
         fstype: c"proc",
         flags: NOSUID_NODEV | libc::MS_NOEXEC,
         data: c"",
+        optional: false,
     },
     Mount {
         source: c"sysfs",
@@ -39,6 +46,7 @@ const MOUNTS: &[Mount] = &[
         fstype: c"sysfs",
         flags: NOSUID_NODEV | libc::MS_NOEXEC,
         data: c"",
+        optional: false,
     },
     Mount {
         source: c"tmpfs",
@@ -46,6 +54,7 @@ const MOUNTS: &[Mount] = &[
         fstype: c"tmpfs",
         flags: NOSUID_NODEV,
         data: c"mode=1777",
+        optional: false,
     },
     Mount {
         source: c"tmpfs",
@@ -53,6 +62,55 @@ const MOUNTS: &[Mount] = &[
         fstype: c"tmpfs",
         flags: NOSUID_NODEV,
         data: c"mode=0755",
+        optional: false,
+    },
+    // Terminals: a private devpts instance; /dev/ptmx (the devtmpfs node, or the link
+    // `machine` makes) opens the /dev/pts beside it. gid 5 is Debian's `tty` group.
+    Mount {
+        source: c"devpts",
+        target: c"/dev/pts",
+        fstype: c"devpts",
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: c"newinstance,ptmxmode=0666,mode=0620,gid=5",
+        optional: true,
+    },
+    // POSIX shared memory and semaphores (shm_open, sem_open: PostgreSQL, Python
+    // multiprocessing).
+    Mount {
+        source: c"shm",
+        target: c"/dev/shm",
+        fstype: c"tmpfs",
+        flags: NOSUID_NODEV,
+        data: c"mode=1777",
+        optional: true,
+    },
+    // POSIX message queues, where `ls` and tools expect them.
+    Mount {
+        source: c"mqueue",
+        target: c"/dev/mqueue",
+        fstype: c"mqueue",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: c"",
+        optional: true,
+    },
+    // The unified cgroup hierarchy; `machine` delegates its controllers.
+    Mount {
+        source: c"cgroup2",
+        target: c"/sys/fs/cgroup",
+        fstype: c"cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: c"nsdelegate",
+        optional: true,
+    },
+    // Where update-binfmts and `docker run --privileged tonistiigi/binfmt` register
+    // foreign-architecture interpreters.
+    Mount {
+        source: c"binfmt_misc",
+        target: c"/proc/sys/fs/binfmt_misc",
+        fstype: c"binfmt_misc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: c"",
+        optional: true,
     },
 ];
 
@@ -60,8 +118,10 @@ const MOUNTS: &[Mount] = &[
 /// Failures are reported and skipped.
 pub fn setup() {
     for (i, m) in MOUNTS.iter().enumerate() {
-        if let Err(e) = mount(m) {
-            say!("mounting {}: {e}", m.target.to_string_lossy());
+        match mount(m) {
+            Ok(()) => {}
+            Err(e) if m.optional && is_absent(&e) => {}
+            Err(e) => say!("mounting {}: {e}", m.target.to_string_lossy()),
         }
         if i == 0 {
             if let Err(e) = console_stdio() {
@@ -72,6 +132,16 @@ pub fn setup() {
     if let Err(e) = set_hostname(HOSTNAME) {
         say!("setting the hostname: {e}");
     }
+}
+
+/// The kernel has no such file system (ENODEV) or no such mount point, which sysfs and
+/// proc refuse to create (ENOENT, EPERM: /sys/fs/cgroup without cgroups), or the root is
+/// read-only (EROFS).
+fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENODEV | libc::ENOENT | libc::EPERM | libc::EROFS)
+    )
 }
 
 fn mount(m: &Mount) -> io::Result<()> {

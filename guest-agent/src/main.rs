@@ -1,6 +1,7 @@
 //! `kiln-agent`: PID 1 of a kiln guest.
 //!
-//! It mounts the basic file systems, starts the reaper (PID 1 collects every orphan), listens
+//! It mounts the basic file systems, sets up what a CI machine has (cgroups, rlimits,
+//! loopback; [`machine`]), starts the reaper (PID 1 collects every orphan), listens
 //! on vsock port [`AGENT_PORT`], and only then marks boot done on the guest-signal port:
 //! "boot done" means "ready for work". Then:
 //!
@@ -32,6 +33,7 @@ use kiln_agent::server::reaper::Reaper;
 use kiln_agent::server::Server;
 
 mod init;
+mod machine;
 mod mark;
 mod net;
 mod power;
@@ -63,6 +65,7 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
         return 2;
     }
     init::setup();
+    machine::setup(init::HOSTNAME);
     // Before boot done: a job may use the network from its first line.
     let _ = net::setup();
     // Writes to a closed connection or pipe must fail with EPIPE, not kill the agent.

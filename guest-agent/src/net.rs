@@ -1,6 +1,7 @@
-//! The guest's network, as the kernel command line asks (`kiln.ip=`, `kiln.gw=`,
-//! `kiln.dns=`; see `kiln_agent::netif`): `lo` and `eth0` up with the address, the default
-//! route, and /etc/resolv.conf only when a DNS server is given.
+//! The guest's network: `lo` always up (the kernel gives it 127.0.0.1/8 and ::1 as it
+//! comes up), and as the kernel command line asks (`kiln.ip=`, `kiln.gw=`, `kiln.dns=`;
+//! see `kiln_agent::netif`): `eth0` up with the address, the default route, and
+//! /etc/resolv.conf only when a DNS server is given.
 
 use kiln_agent::netif::{self, GuestNet};
 
@@ -40,13 +41,15 @@ pub fn refresh(mac: Option<&std::ffi::OsStr>) -> i32 {
 /// agent goes on (a job that needs no network still runs).
 /// Returns false if a step failed.
 pub fn setup() -> bool {
+    // Every CI machine has a loopback, network device or not: local servers and their
+    // tests (PostgreSQL, a test suite's HTTP server) listen on 127.0.0.1 or ::1.
+    if let Err(e) = netif::set_up("lo") {
+        say!("bringing up lo: {e}");
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let Some(net) = GuestNet::from_cmdline(&cmdline) else {
         return true;
     };
-    if let Err(e) = netif::set_up("lo") {
-        say!("bringing up lo: {e}");
-    }
     if let Err(e) = netif::configure(IFACE, net.addr, net.prefix) {
         say!("configuring {IFACE} as {}/{}: {e}", net.addr, net.prefix);
         return false;

@@ -20,6 +20,7 @@ pub mod soak;
 pub mod testbed;
 pub mod tiny_kernel;
 pub mod tmp;
+pub mod workload;
 
 pub use nested::{INCIDENT_LOG_ENV, TESTBED_CMDLINE};
 pub use testbed::{RunOutput, Runner, Testbed};

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use super::reaper::{Child, Reaper};
 use crate::protocol::ExecRequest;
@@ -21,6 +22,21 @@ pub const DEFAULT_ENV: &[(&str, &str)] = &[
     ),
     ("HOME", "/root"),
 ];
+
+/// An open `cgroup.procs` (write-only) that every spawned process moves itself into, or -1.
+static JOB_CGROUP_PROCS: AtomicI32 = AtomicI32::new(-1);
+
+/// From now on every spawned process starts in the cgroup whose `cgroup.procs` is `procs`
+/// (the guest's init puts jobs in a cgroup of their own). Best effort: a process whose move
+/// fails (the cgroup was removed) starts where the agent is.
+pub fn start_in_cgroup(procs: OwnedFd) {
+    use std::os::fd::IntoRawFd;
+    let old = JOB_CGROUP_PROCS.swap(procs.into_raw_fd(), Ordering::SeqCst);
+    if old >= 0 {
+        // SAFETY: `old` came from an OwnedFd handed over earlier and is closed only here.
+        drop(unsafe { OwnedFd::from_raw_fd(old) });
+    }
+}
 
 /// A checked, C-ready form of an [`ExecRequest`].
 #[derive(Debug)]
@@ -161,6 +177,11 @@ impl Plan {
         unsafe {
             if libc::setsid() < 0 {
                 fail(err, STAGE_SETSID);
+            }
+            // "0" in cgroup.procs moves the writer; the descriptor is close-on-exec.
+            let procs = JOB_CGROUP_PROCS.load(Ordering::Relaxed);
+            if procs >= 0 {
+                libc::write(procs, c"0".as_ptr().cast(), 1);
             }
             // Move any source descriptor out of 0..=2 first, so no dup2 below clobbers
             // another one's source.
