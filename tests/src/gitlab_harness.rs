@@ -410,6 +410,16 @@ gl_cancel() {
   rm -f "$gl_d/tmp/script-$2"
 }
 gl_jobdir() { echo "$GL_ROOT/state/job-$1"; }
+# Prints "MODE:PATH" for each directory, socket or file under the given trees that others
+# may read or write (a link to a file the jobs were given, such as an image's kernel, is not
+# the driver's to change, and a symlink has no mode of its own).
+gl_open_to_others() {
+  find "$@" \( -type d -o -type s -o -type f \) 2>/dev/null | while read -r gl_p; do
+    set -- $(stat -c '%a %h %F' "$gl_p")
+    [ "$3" = regular ] && [ "$2" -gt 1 ] && continue
+    case $1 in *[2-7]) echo "$1:$gl_p" ;; esac
+  done
+}
 gl_vm_pid() { cut -d' ' -f1 "$(gl_jobdir "$1")/kiln.pid" 2>/dev/null; }
 gl_vmm_pid() { sed -n 's/^kiln jail: .* runs as pid \([0-9]*\) .*/\1/p' "$(gl_jobdir "$1")/kiln.log" 2>/dev/null; }
 gl_alive() {

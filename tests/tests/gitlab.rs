@@ -400,6 +400,7 @@ gl_job e
 gl_job p
 echo "GL-STATE-LEFT=$(find state -mindepth 1 ! -path 'state/slots*' | wc -l)"
 echo "GL-SNAPS=$(find snaps -name state | sort | tr '\n' ' ')"
+echo "GL-SNAPS-OPEN=$(gl_open_to_others snaps | tr '\n' ' ')"
 for j in a b c d e f p; do gl_log $j; done
 "#
     );
@@ -412,6 +413,10 @@ for j in a b c d e f p; do gl_log $j; done
         "{c}"
     );
     ensure!(value(c, "GL-WARM") == Some("yes"), "{c}");
+    ensure!(
+        value(c, "GL-SNAPS-OPEN") == Some(""),
+        "snapshot files or directories others may read or write: {c}"
+    );
     for (name, work) in [("b", "sum-b=500500"), ("c", "lines-c=1000")] {
         let other = if name == "b" { "c" } else { "b" };
         let l = log(c, name);
@@ -521,6 +526,7 @@ for ns in mnt pid net uts ipc; do
   [ "$(readlink /proc/$vmm/ns/$ns)" != "$(readlink /proc/self/ns/$ns)" ] && echo "GL-VMM-NS-$ns=own"
 done
 echo "GL-VMM-ROOT=$(ls /proc/$vmm/root | tr '\n' ' ')"
+echo "GL-OPEN=$(gl_open_to_others state jails | tr '\n' ' ')"
 # X claims V's job id and slot.
 gl_prepare x
 gl_stage x prepare_script
@@ -579,6 +585,11 @@ for j in v x imp; do gl_log $j; done
         "two jobs' VMMs share a uid: {c}"
     );
     ensure!(value(c, "GL-VMM-CAPEFF") == Some("0000000000000000"), "{c}");
+    // Every file, directory and socket of the running job (state and jail) is private.
+    ensure!(
+        value(c, "GL-OPEN") == Some(""),
+        "job files, directories or sockets others may read or write: {c}"
+    );
     for ns in ["mnt", "pid", "net", "uts", "ipc"] {
         ensure!(
             value(c, &format!("GL-VMM-NS-{ns}")) == Some("own"),
