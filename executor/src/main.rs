@@ -106,6 +106,11 @@ enum NestingCall {
 }
 
 fn main() -> ExitCode {
+    // What the driver and the kiln processes it starts make (job state, pid files, logs,
+    // slot locks, jails, snapshots) holds or controls a job's data: private to root unless
+    // a mode is set on purpose (the snapshots' group, the nesting socket's mode).
+    // SAFETY: umask only sets this process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     if let Command::Nesting(NestingCommand::Call { socket, call }) = &cli.command {
         let call = match call {

@@ -307,7 +307,9 @@ GL_BUILD_FAILURE=71
 GL_SYSTEM_FAILURE=72
 gl_setup() {
   GL_ROOT=$PWD
-  mkdir -p "$GL_ROOT/images/default" "$GL_ROOT/images/broken" "$GL_ROOT/state" "$GL_ROOT/snaps" "$GL_ROOT/jobs" "$GL_ROOT/jails"
+  mkdir -p "$GL_ROOT/images/default" "$GL_ROOT/images/broken" "$GL_ROOT/jobs"
+  # The driver's own directories are private, as docs/gitlab.md asks of an operator.
+  mkdir -p -m 700 "$GL_ROOT/state" "$GL_ROOT/snaps" "$GL_ROOT/jails"
   ln -sf "$GUEST_VMLINUX" "$GL_ROOT/images/default/kernel"
   ln -sf "$FILES/bash.cpio" "$GL_ROOT/images/default/initrd"
   echo "not a kernel" > "$GL_ROOT/images/broken/kernel"

@@ -78,10 +78,20 @@ impl JailDir {
             move |source| JailError::Io { what, path, source }
         };
         let pid_file = jail.dir.join("jail.pid");
-        fs::File::create(&pid_file)
-            .and_then(|mut f| writeln!(f, "{}", std::process::id()))
-            .map_err(io("write", &pid_file))?;
-        fs::set_permissions(&jail.dir, fs::Permissions::from_mode(0o755))
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&pid_file)
+        }
+        .and_then(|mut f| writeln!(f, "{}", std::process::id()))
+        .map_err(io("write", &pid_file))?;
+        // Root's alone: the VMM never sees this path (its root is `root/` below), and the
+        // sockets and console in there hold the guest's data.
+        fs::set_permissions(&jail.dir, fs::Permissions::from_mode(0o700))
             .map_err(io("set the mode of", &jail.dir))?;
         Ok(jail)
     }
@@ -143,7 +153,7 @@ impl JailDir {
         for dir in &handover {
             lchown(dir, spec.uid, spec.gid)?;
         }
-        fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(|source| {
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(|source| {
             JailError::Io {
                 what: "set the mode of",
                 path: root.clone(),
@@ -166,11 +176,12 @@ impl Drop for JailDir {
     }
 }
 
-/// A directory only root can write to (0755), whatever the umask.
+/// A directory of mode 0700: root's while the jail is set up, the jail uid's once handed
+/// over (`dev` stays root's: a mount point the jail sees only through its tmpfs).
 fn mkdir(path: &Path) -> Result<(), JailError> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
-        .mode(0o755)
+        .mode(0o700)
         .create(path)
         .map_err(|source| JailError::Io {
             what: "create",
@@ -229,14 +240,10 @@ fn place(
     if readable && !writable && fs::hard_link(src, dst).is_ok() {
         return Ok(());
     }
-    // Without set-id bits: a set-uid copy owned by root must not appear on the host.
-    copy_new(
-        src,
-        dst,
-        mode & 0o777,
-        (!readable).then_some((spec.uid, spec.gid)),
-    )
-    .map_err(io("copy into the jail", src))
+    // The jail's own copy: its uid's, with the owner's permissions only (no one else on
+    // the host reads it), and without set-id bits: a set-uid copy must not appear.
+    copy_new(src, dst, mode & 0o700 | 0o400, Some((spec.uid, spec.gid)))
+        .map_err(io("copy into the jail", src))
 }
 
 /// Copies `src` into a new file `dst` (`O_EXCL | O_NOFOLLOW`: never through an existing
