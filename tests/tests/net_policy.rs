@@ -27,7 +27,8 @@ command -v nft > /dev/null || { echo "KILN-ERROR=no nft in the test bed: install
 mkdir -p host outside
 echo kiln-host > host/id
 echo kiln-outside > outside/id
-fetch() { r=$(timeout 10 wget -q -T 5 -O - "http://$1:8080/id" 2> /dev/null || true); echo "${r:-none}"; }
+# `timeout`, not wget's -T: Debian's static busybox wget crashes with -T.
+fetch() { r=$(timeout 10 wget -q -O - "http://$1:8080/id" 2> /dev/null || true); echo "${r:-none}"; }
 ip link set lo up
 
 # The outside: a namespace held by a sleeping process, reached through the veth kout.
@@ -84,7 +85,7 @@ echo "KILN-HOST-GUEST1=$(fetch 10.0.7.2)"
 
 # Guest 0 tries them all at once (a dropped connection costs the wget's timeout).
 "$KILN" exec --vsock "$PWD/v0.sock" -- sh -c '
-get() { r=$(timeout 8 wget -q -T 6 -O - "http://$2:8080/id" 2> /dev/null); echo "KILN-GUEST-$1=${r:-none}"; }
+get() { r=$(timeout 8 wget -q -O - "http://$2:8080/id" 2> /dev/null); echo "KILN-GUEST-$1=${r:-none}"; }
 get OUTSIDE 198.51.100.2 &
 get OWN-HOST 10.0.6.1 &
 get HOST-OTHER 198.51.100.1 &
