@@ -45,7 +45,7 @@ echo "image_store = \"$GL_ROOT/store\"" >> "$KILN_GITLAB_CONFIG"
 gl_job w
 echo "GL-SIDECAR=$(cat snaps/project-7/unprotected/deb-warm/kiln-gitlab-image)"
 gl_job r
-echo "GL-JAILS-LEFT=$(find jails -mindepth 1 | wc -l)"
+echo "GL-JAILS-LEFT=$(find jails -mindepth 1 ! -path 'jails/.uids*' | wc -l)"
 gl_log w
 gl_log r
 "#
