@@ -38,9 +38,10 @@ pub fn create_file(path: &Path) -> io::Result<File> {
 }
 
 /// Opens `path` for appending, creating it 0600 if it does not exist. An existing path
-/// must be a regular file with one name (not a symbolic link, a device, or a hard link
-/// planted to some other file), so kiln never appends guest output to a file someone else
-/// chose.
+/// must be a regular file with one name (not a symbolic link, or a hard link planted to
+/// some other file), so kiln never appends guest output to a file someone else chose — or
+/// a FIFO or a character device (a pipe or a terminal the output is routed to on purpose;
+/// opening a FIFO waits for its reader, and writes to it block while it is full).
 pub fn open_append(path: &Path) -> io::Result<File> {
     open_append_with(path, false)
 }
@@ -56,14 +57,18 @@ fn open_append_with(path: &Path, read: bool) -> io::Result<File> {
         .append(true)
         .create(true)
         .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if kind.is_fifo() || kind.is_char_device() {
+        return Ok(file);
+    }
     if !meta.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "not a regular file",
+            "not a regular file, a FIFO or a character device",
         ));
     }
     if meta.nlink() != 1 {
@@ -303,6 +308,20 @@ mod tests {
         open_append(&a).unwrap();
         assert_eq!(mode(&a), 0o600);
         open_append(&a).unwrap();
+        // A FIFO (with its reader waiting) and a character device are output routed on
+        // purpose; a directory is not.
+        let fifo = d.join("fifo");
+        let c_fifo = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+        let _reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        open_append(&fifo).unwrap();
+        open_append(Path::new("/dev/null")).unwrap();
+        assert!(open_append(&d).is_err());
 
         let sub = d.join("sub");
         ensure_dir(&sub).unwrap();

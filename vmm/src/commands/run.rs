@@ -23,16 +23,19 @@ pub(crate) fn console_sink(serial: &SerialOutput) -> anyhow::Result<Box<dyn Writ
         SerialOutput::File(path) => {
             let context = || format!("cannot open serial output file {}", path.display());
             // The guest writes this file: created 0600, an existing path must be a plain file
-            // (a planted link is not followed), and it is kept under its cap, rotating into
-            // `<path>.1`.
-            match crate::logcap::cap_from_env(
+            // (a planted link is not followed) or a FIFO or terminal, and a plain file is
+            // kept under its cap, rotating into `<path>.1`.
+            let file = kiln_devices::private::open_append(path).with_context(context)?;
+            let cap = crate::logcap::cap_from_env(
                 crate::logcap::CONSOLE_MAX_ENV,
                 crate::logcap::DEFAULT_CONSOLE_MAX_BYTES,
             )
-            .map_err(anyhow::Error::msg)?
-            {
-                Some(cap) => Box::new(CappedFile::open(path, cap).with_context(context)?),
-                None => Box::new(kiln_devices::private::open_append(path).with_context(context)?),
+            .map_err(anyhow::Error::msg)?;
+            match cap {
+                Some(cap) if file.metadata().with_context(context)?.is_file() => {
+                    Box::new(CappedFile::open(path, cap).with_context(context)?)
+                }
+                _ => Box::new(file),
             }
         }
     })
