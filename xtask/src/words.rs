@@ -1,8 +1,8 @@
 //! The repository describes the product, not how it was made: this check finds
-//! development-log wording in tracked files — work sessions ("session 3", "this session"),
-//! tracker references ("issue 6", "acceptance 2") and remarks about who else loaded the
-//! machine ("load average", "other engineers"). History belongs in git and CHANGELOG.md,
-//! which is exempt. An SSH or terminal session, `setsid` and "feature acceptance" are fine:
+//! development-log wording in tracked files — numbered or "this" work sessions, numbered
+//! tracker issues and acceptance points, and remarks about who else loaded the machine
+//! (the patterns are in `offence`; the tests plant examples). History belongs in git and
+//! CHANGELOG.md, which is exempt. An SSH or terminal session, `setsid` and "feature acceptance" are fine:
 //! the rules look at the words around "session", "issue" and "acceptance", not the words
 //! alone.
 //!
@@ -24,7 +24,7 @@ pub struct Finding {
     pub path: String,
     pub line: usize,
     pub text: String,
-    /// What the line says that it should not, e.g. `"session 3"`.
+    /// What the line says that it should not (the matched words).
     pub rule: &'static str,
 }
 
@@ -122,7 +122,8 @@ fn offence(line: &str) -> Option<&'static str> {
     for (i, &(word, end)) in words.iter().enumerate() {
         let next = words.get(i + 1).map(|&(w, _)| w);
         let prev = i.checked_sub(1).map(|p| words[p].0);
-        // "session 3", "session-5", "issue #6"; not "sessions: 0".
+        // The word followed by a number (after a space, a dash or `#`); a plural
+        // followed by a count is not one.
         let rest = &lower[end..];
         let rest = rest
             .strip_prefix(' ')
