@@ -2,9 +2,12 @@
 //! beside busybox, each with the shared libraries (and the dynamic loader) `ldd` lists for
 //! it, at the same paths as here.
 //!
-//! Today that is `nft` (Debian's `nftables`, which `cargo xtask setup` installs): `kiln net
-//! setup --nat` installs its guest network policy with it, and the `net_` policy test checks
-//! that policy against a real guest. A program missing here is left out with a note on
+//! - `nft` (Debian's `nftables`): `kiln net setup --nat` installs its guest network policy
+//!   with it, and the `net_` policy test checks that policy against a real guest.
+//! - `ssh` (Debian's `openssh-client`): the `nesting_` tests log into the VMs the nesting
+//!   server makes as GitLab Runner does, over SSH with a password.
+//!
+//! `cargo xtask setup` installs both. A program missing here is left out with a note on
 //! stderr; the tests that need it say so when they find it missing in the test bed.
 
 use std::io::Write;
@@ -16,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use crate::cpio;
 
 /// The programs, by name: each goes to `/bin/<name>` in the image.
-pub const TOOLS: &[&str] = &["nft"];
+pub const TOOLS: &[&str] = &["nft", "ssh"];
 
 /// Where the programs are looked for (root's PATH on Debian, which `nft` lives in).
 const SEARCH: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];

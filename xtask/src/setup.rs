@@ -22,6 +22,8 @@ use anyhow::{bail, Context, Result};
 /// - fuzzing: g++ (libfuzzer-sys compiles libFuzzer, which is C++, for the fuzz step)
 /// - network policy tests: nftables (`kiln net setup --nat` installs its rules with `nft`)
 ///   and iproute2 (the tests' network namespaces and veth pairs)
+/// - nesting tests: openssh-client (`ssh` logs into the nesting server's VMs with a
+///   password, as GitLab Runner does)
 pub const PACKAGES: &[&str] = &[
     "linux-source-6.12",
     "bc",
@@ -45,6 +47,7 @@ pub const PACKAGES: &[&str] = &[
     "g++",
     "nftables",
     "iproute2",
+    "openssh-client",
 ];
 
 pub fn run() -> Result<()> {

@@ -16,7 +16,11 @@ use super::provider::VMM_OVERHEAD_MIB;
 
 /// Run in the guest (as root, through the agent) before Create returns: the login the
 /// runner's `connector_config` uses (the user is made if missing; `user:password` comes
-/// on stdin, so it is never on a command line), host keys, and sshd.
+/// on stdin, so it is never on a command line), a host key of this VM's own, and sshd.
+/// Host keys the image holds are removed first: every VM of an image would otherwise show
+/// the same key, and one VM could impersonate another. An Ed25519 key alone is generated
+/// (fast, and every SSH client the runner uses speaks it); sshd is pointed at it with
+/// `-h` so that it looks for no other.
 const PROVISION: &str = r#"set -e
 u="$KILN_SSH_USER"
 if ! id -u "$u" >/dev/null 2>&1; then
@@ -25,10 +29,15 @@ if ! id -u "$u" >/dev/null 2>&1; then
 fi
 chpasswd
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || { echo "the image has no SSH server (sshd)" >&2; exit 1; }
-ssh-keygen -A >/dev/null
-mkdir -p /run/sshd
-/usr/sbin/sshd -o PasswordAuthentication=yes </dev/null >/dev/null 2>&1
+mkdir -p /etc/ssh /run/sshd
+rm -f /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub
+ssh-keygen -q -t ed25519 -N '' -C "$KILN_VM_ID" -f /etc/ssh/ssh_host_ed25519_key
+/usr/sbin/sshd -h /etc/ssh/ssh_host_ed25519_key -o PasswordAuthentication=yes </dev/null >/dev/null 2>&1
 "#;
+
+/// What an SSH server sends first (RFC 4253, 4.2): Create waits for it, not only for the
+/// TCP handshake, so that the runner's first connection finds sshd answering.
+const SSH_BANNER: &[u8] = b"SSH-";
 
 pub struct KilnBackend {
     config: NestingConfig,
@@ -196,10 +205,8 @@ impl KilnBackend {
             if left.is_zero() {
                 return Err(timeout());
             }
-            let step = left.min(Duration::from_secs(1));
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(step, tokio::net::TcpStream::connect(addr)).await
-            {
+            let step = left.min(Duration::from_secs(2));
+            if let Ok(true) = tokio::time::timeout(step, ssh_answers(addr)).await {
                 return Ok(());
             }
             if !self.alive(vm) {
@@ -222,6 +229,7 @@ impl KilnBackend {
     ) -> Result<(), BackendError> {
         let vsock = vsock.to_owned();
         let user = spec.ssh_user.clone();
+        let id = spec.id.clone();
         let secret = format!("{}:{}\n", spec.ssh_user, spec.ssh_password);
         let left = deadline.saturating_duration_since(Instant::now());
         let result = tokio::task::spawn_blocking(move || -> Result<(i32, String), String> {
@@ -230,6 +238,7 @@ impl KilnBackend {
             let mut req = ExecRequest::new(["/bin/sh", "-c", PROVISION]);
             req.env = vec![
                 ("KILN_SSH_USER".into(), user),
+                ("KILN_VM_ID".into(), id),
                 (
                     "PATH".into(),
                     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
@@ -265,6 +274,16 @@ impl KilnBackend {
             Err(e) => Err(failed(format!("setting up SSH in the VM: {e}"))),
         }
     }
+}
+
+/// Whether an SSH server at `addr` accepts a connection and sends its banner.
+async fn ssh_answers(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let mut first = [0u8; 4];
+    stream.read_exact(&mut first).await.is_ok() && first == SSH_BANNER
 }
 
 fn failed(m: String) -> BackendError {
@@ -414,5 +433,35 @@ mod tests {
         let pid = i32::try_from(child.id()).unwrap();
         child.wait().unwrap();
         assert_eq!(start_time(pid), None);
+    }
+}
+
+#[cfg(test)]
+mod ssh_wait_tests {
+    use super::*;
+
+    /// A server on loopback that sends `greeting` to each connection.
+    async fn server(greeting: &'static [u8]) -> std::net::SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.write_all(greeting).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn only_an_ssh_banner_counts_as_ssh_ready() {
+        assert!(ssh_answers(server(b"SSH-2.0-OpenSSH_9.2\r\n").await).await);
+        assert!(!ssh_answers(server(b"HTTP/1.1 400\r\n").await).await);
+        assert!(!ssh_answers(server(b"").await).await);
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        assert!(!ssh_answers(closed).await);
     }
 }
