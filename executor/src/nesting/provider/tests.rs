@@ -137,13 +137,36 @@ async fn bad_input_gets_clear_errors() {
         err.message(),
         "no image \"ubuntu\"; the images there are: debian-ci, alpine"
     );
-    for slot in [-1, 4, i32::MAX] {
+    for slot in [-1, i32::MIN, 4, i32::MAX] {
         let err = p.create("alpine", Some(slot)).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "slot {slot}");
-        assert!(err.message().contains("slots 0 to 3"), "{}", err.message());
+        assert_eq!(
+            (err.code(), err.message()),
+            (
+                Code::InvalidArgument,
+                format!(
+                    "slot {slot} is out of range: this server has slots 0 to 3 (its `slots` \
+                     setting; the runner's capacity_per_instance must not be larger)"
+                )
+                .as_str()
+            )
+        );
     }
     let err = p.create("../etc", Some(0)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("../etc"), "{}", err.message());
+    let err = p.delete("kiln-s0-none").await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::NotFound, "no VM with id \"kiln-s0-none\"")
+    );
+    // Bad nesting_config: unknown keys and zero sizes.
+    let dir2 = tmp();
+    let q = provider(Fake::new(), dir2.path());
+    for bad in [&br#"{"memory":1}"#[..], br#"{"vcpus":0}"#, b"[1"] {
+        let err = q.init(bad).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().starts_with("nesting_config"), "{}", err.message());
+    }
     assert!(p.backend.running().is_empty());
 }
 
@@ -157,11 +180,12 @@ async fn not_enough_memory_is_resource_exhausted() {
     let p = provider(fake, dir.path());
     p.init(br#"{"memory_mib":1024}"#).unwrap();
     let err = p.create("alpine", Some(0)).await.unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(
-        err.message().contains("1000 MiB available"),
-        "{}",
-        err.message()
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "not enough memory for a VM of 1024 MiB (+64 MiB for its VMM): 1000 MiB available"
+        )
     );
     assert!(p.backend.running().is_empty());
 }
@@ -175,6 +199,7 @@ async fn a_boot_timeout_is_deadline_exceeded() {
     p.init(b"null").unwrap();
     let err = p.create("alpine", Some(0)).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(err.message().ends_with("did not come up"), "{}", err.message());
     assert!(p.list().await.unwrap().is_empty());
     // Nothing stays reserved: the memory check still passes.
     *p.backend.create_error.lock().unwrap() = None;
