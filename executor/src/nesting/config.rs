@@ -60,6 +60,12 @@ pub struct NestingFile {
     /// Defaults 1024 and 1.
     pub memory_mib: Option<u64>,
     pub vcpus: Option<u64>,
+    /// Keep, per image and slot, a snapshot of a VM booted to its guest agent, and make
+    /// later Creates restore a clone of it instead of booting. Default true.
+    pub warm_snapshots: Option<bool>,
+    /// Where those snapshots are kept (each as large as the guest's memory). Default
+    /// `/var/lib/kiln-gitlab/nesting-snapshots`.
+    pub snapshot_dir: Option<PathBuf>,
     /// How long a Create waits for the VM's SSH port. Default 120 s.
     pub boot_timeout_secs: Option<u64>,
     /// The SSH login set in each VM (nesting_config's ssh_user/ssh_password override).
@@ -85,6 +91,8 @@ pub struct NestingConfig {
     pub nat_allow: Vec<String>,
     pub dns: Option<String>,
     pub boot_timeout: Duration,
+    /// The warm snapshots' directory, or `None` when Creates always boot.
+    pub warm_dir: Option<PathBuf>,
     pub settings: Settings,
 }
 
@@ -187,6 +195,10 @@ impl NestingConfig {
             nat_allow: f.nat_allow.unwrap_or_default(),
             dns: f.dns,
             boot_timeout: Duration::from_secs(f.boot_timeout_secs.unwrap_or(120)),
+            warm_dir: f.warm_snapshots.unwrap_or(true).then(|| {
+                f.snapshot_dir
+                    .unwrap_or_else(|| "/var/lib/kiln-gitlab/nesting-snapshots".into())
+            }),
             settings: Settings {
                 slots,
                 memory_mib,
@@ -256,6 +268,11 @@ mod tests {
             ("10.213.3.1".parse().unwrap(), "10.213.3.2".parse().unwrap())
         );
         assert_eq!(c.tap(3), "kilnn3");
+        assert_eq!(
+            c.warm_dir.as_deref(),
+            Some(Path::new("/var/lib/kiln-gitlab/nesting-snapshots"))
+        );
+        assert_eq!(parse("warm_snapshots = false").unwrap().warm_dir, None);
         let c = parse("network = \"172.20.0.0/14\"\nslots = 256\nsocket_mode = \"0600\"").unwrap();
         assert_eq!(
             c.slot_addrs(255).1,

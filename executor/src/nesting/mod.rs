@@ -5,7 +5,8 @@
 //!
 //! - [`provider`]: the rules the runner depends on (lazy Init, slots and the stomp, exact
 //!   errors, recovery after a restart), over a [`backend::VmBackend`];
-//! - [`kiln`]: the backend that runs `kiln run` VMs;
+//! - [`kiln`]: the backend that runs `kiln run` VMs, or `kiln restore`s clones of a
+//!   [`warm`] snapshot;
 //! - [`service`]: the gRPC service; [`config`]: the server's settings.
 
 pub mod backend;
@@ -17,6 +18,7 @@ pub mod kiln;
 pub mod provider;
 pub mod records;
 pub mod service;
+pub mod warm;
 
 /// The messages and service generated from `proto/nesting.proto` at build time.
 pub mod proto {
