@@ -3,7 +3,8 @@
 //! gRPC client (`kiln-gitlab nesting call`), Init only after a call failed with exactly
 //! `not initialized`, and the jobs' stages run through OpenSSH's `ssh` logging into the
 //! VMs with the password from `nesting_config` (askpass, as the runner's connector does
-//! with its `password`), never through the kiln agent.
+//! with its `password`), never through the kiln agent. The first Create in a slot boots
+//! and leaves a warm snapshot; the next one there restores a clone of it.
 
 use std::time::Duration;
 
@@ -70,6 +71,7 @@ conf() {
   cat > "$NS/$1.toml" <<EOF
 kiln = "$KILN"
 state_dir = "$NS/$1-state"
+snapshot_dir = "$NS/$1-warm"
 image_store = "$NS/store"
 image_kernel = "$GUEST_VMLINUX"
 nat = false
@@ -139,6 +141,10 @@ echo "NS-A-LEFT=$(ls "$NS/main-state/vm/$A" "$NS/main-state/vms/$A.json" 2>/dev/
 echo 'echo third' | stage "$AA" "$NS/kh-c" > "$NS/s4.out" 2>&1
 echo "NS-STAGE-C=$?:$(tr '\n' '|' < "$NS/s4.out")"
 echo "NS-HOSTKEY-C=$(cut -d' ' -f2- "$NS/kh-c")"
+# The first Create in each slot left a warm snapshot; the third VM is a clone of slot 0's.
+echo "NS-WARM-MADE=$(ls "$NS"/main-warm/*/slot-*/*/ready 2>/dev/null | wc -l)"
+C=$(rcall "$M" list | ids | grep -v "^$B\$")
+echo "NS-C-RESTORED=$(grep -c 'restore' /proc/$(pid_of "$C")/cmdline)"
 
 # Bad input, each with its exact status.
 echo "NS-BAD-IMAGE=$(rcall "$M" create nope --slot 0)"
@@ -147,7 +153,6 @@ echo "NS-BAD-SLOT-HIGH=$(rcall "$M" create @IMAGE@ --slot 2)"
 echo "NS-BAD-DELETE=$(rcall "$M" delete no-such-vm)"
 
 # The server is killed; meanwhile the VM in slot 1 dies too.
-C=$(rcall "$M" list | ids | grep -v "^$B\$")
 pb=$(pid_of "$B"); pc=$(pid_of "$C")
 kill -9 $SERVER; wait $SERVER 2>/dev/null
 kill -9 "$pb"
@@ -210,7 +215,9 @@ fn nesting_runner_contract_over_ssh_with_stomp_restart_and_bad_input() -> Result
     let files = image.files("store")?;
     let runner = match Runner::detect()? {
         Runner::Testbed(mut t) => {
-            t.memory_mib = t.memory_mib.max(3072);
+            // Three VMs of 256 MiB at most at once, and two warm snapshots in the
+            // test bed's tmpfs.
+            t.memory_mib = t.memory_mib.max(3584);
             Runner::Testbed(t)
         }
         direct => direct,
@@ -264,6 +271,11 @@ fn nesting_runner_contract_over_ssh_with_stomp_restart_and_bad_input() -> Result
     ensure!(c2["addr"] == "10.213.0.2:22", "{c}");
     ensure!(v("NS-A-ALIVE") == "no" && v("NS-A-LEFT") == "0", "{c}");
     ensure!(v("NS-STAGE-C") == "0:third|", "{c}");
+    ensure!(v("NS-WARM-MADE") == "2", "no warm snapshot per slot: {c}");
+    ensure!(
+        v("NS-C-RESTORED") == "1",
+        "the third VM was not restored from the warm snapshot: {c}"
+    );
     let third = c2["id"].as_str().unwrap_or("?");
 
     // Bad input.

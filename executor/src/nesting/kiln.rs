@@ -1,7 +1,7 @@
-//! The real backend: each VM is a `kiln run` of a store image, in the cgroup slot
-//! `kiln/slot-<slot>` (`--slot`), on the slot's own TAP and address. Create returns once
-//! the guest's SSH server, started and given the runner's login through the guest agent,
-//! accepts TCP connections.
+//! The real backend: each VM is a `kiln run` of a store image (or a `kiln restore` of the
+//! slot's [`super::warm`] snapshot of it), in the cgroup slot `kiln/slot-<slot>`
+//! (`--slot`), on the slot's own TAP and address. Create returns once the guest's SSH
+//! server, started and given the runner's login through the guest agent, sends its banner.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +13,7 @@ use kiln_agent::protocol::{ExecRequest, StdinMode, AGENT_PORT};
 use super::backend::{BackendError, VmBackend, VmRecord, VmSpec};
 use super::config::NestingConfig;
 use super::provider::VMM_OVERHEAD_MIB;
+use super::warm::WarmKey;
 
 /// Run in the guest (as root, through the agent) before Create returns: the login the
 /// runner's `connector_config` uses (the user is made if missing; `user:password` comes
@@ -91,7 +92,15 @@ impl KilnBackend {
 
     /// Starts the VM's `kiln run` in a process group of its own (it outlives a restart of
     /// the server) and returns its record.
-    async fn spawn(&self, spec: &VmSpec, slot: u32, dir: &Path) -> Result<VmRecord, BackendError> {
+    /// With `from`, the VM is a clone of that snapshot (a new MAC on the slot's TAP; the
+    /// address is the slot's, which the snapshot's guest already has).
+    async fn spawn(
+        &self,
+        spec: &VmSpec,
+        slot: u32,
+        dir: &Path,
+        from: Option<&Path>,
+    ) -> Result<VmRecord, BackendError> {
         let c = &self.config;
         let (host, guest) = c.slot_addrs(slot);
         let mut net = format!("tap={},ip={guest}/24,gw={host}", c.tap(slot));
@@ -104,14 +113,26 @@ impl KilnBackend {
             .try_clone()
             .map_err(|e| failed(format!("cannot dup the log: {e}")))?;
         let mut cmd = tokio::process::Command::new(&c.kiln);
-        cmd.arg("run")
-            .arg("--kernel")
-            .arg(&c.image_kernel)
-            .args(["--image", &spec.image])
-            .arg("--store")
+        match from {
+            None => {
+                cmd.arg("run")
+                    .arg("--kernel")
+                    .arg(&c.image_kernel)
+                    .args(["--image", &spec.image])
+                    .args(["--memory", &spec.memory_mib.to_string()])
+                    .args(["--vcpus", &spec.vcpus.to_string()])
+                    .args(["--net", &net]);
+            }
+            Some(snapshot) => {
+                cmd.arg("restore")
+                    .arg("--snapshot")
+                    .arg(snapshot)
+                    .args(["--hostname", &spec.id])
+                    .args(["--net", &format!("tap={}", c.tap(slot))]);
+            }
+        }
+        cmd.arg("--store")
             .arg(&c.image_store)
-            .args(["--memory", &spec.memory_mib.to_string()])
-            .args(["--vcpus", &spec.vcpus.to_string()])
             .args(["--slot", &slot.to_string()])
             .args([
                 "--slot-memory",
@@ -123,7 +144,6 @@ impl KilnBackend {
             .arg(dir.join("api.sock"))
             .arg("--serial")
             .arg(dir.join("console.log"))
-            .args(["--net", &net])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -150,7 +170,15 @@ impl KilnBackend {
     }
 
     /// Waits for the agent, sets the login and starts sshd, then waits for port 22.
-    async fn bring_up(&self, spec: &VmSpec, vm: &VmRecord, dir: &Path) -> Result<(), BackendError> {
+    /// With `snapshot`, the VM is first snapshotted there once its agent answers (a failed
+    /// snapshot is reported, and the Create goes on).
+    async fn bring_up(
+        &self,
+        spec: &VmSpec,
+        vm: &VmRecord,
+        dir: &Path,
+        snapshot: Option<&WarmKey<'_>>,
+    ) -> Result<(), BackendError> {
         let deadline = Instant::now() + self.config.boot_timeout;
         let vsock = dir.join("vsock.sock");
         let timeout = || {
@@ -188,6 +216,14 @@ impl KilnBackend {
                 tokio::time::sleep(step).await;
             }
         }
+        if let Some(key) = snapshot {
+            if let Err(e) = self.snapshot(key, vm, dir, deadline).await {
+                eprintln!(
+                    "nesting: no warm snapshot of {} in slot {} from {}: {e}",
+                    spec.image, spec.slot, vm.id
+                );
+            }
+        }
         if let Err(e) = self.provision(spec, &vsock, deadline).await {
             // An agent that stopped answering as time ran out is the boot timeout too.
             return Err(if Instant::now() >= deadline {
@@ -219,6 +255,45 @@ impl KilnBackend {
             // Refused at once (sshd not listening yet): try again shortly.
             tokio::time::sleep(Duration::from_millis(200).min(left)).await;
         }
+    }
+
+    /// Writes a snapshot of the running VM (paused meanwhile) and puts it in place.
+    async fn snapshot(
+        &self,
+        key: &WarmKey<'_>,
+        vm: &VmRecord,
+        dir: &Path,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let staged = key.staging(&vm.id).map_err(|e| e.to_string())?;
+        let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+        let out = tokio::process::Command::new(&self.config.kiln)
+            .arg("ctl")
+            .arg("--api")
+            .arg(dir.join("api.sock"))
+            .args(["--timeout", &left.max(1).to_string()])
+            .arg("snapshot")
+            .arg("--dir")
+            .arg(&staged)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.config.kiln.display()))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(format!(
+                "kiln ctl snapshot: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let published = key.publish(&staged).map_err(|e| e.to_string())?;
+        eprintln!(
+            "nesting: warm snapshot of {} for slot {} in {}",
+            vm.image,
+            vm.slot,
+            published.display()
+        );
+        Ok(())
     }
 
     async fn provision(
@@ -364,16 +439,36 @@ impl VmBackend for KilnBackend {
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
         self.ensure_tap(slot).await?;
-        let vm = match self.spawn(spec, slot, &dir).await {
+        let image_disk = self.config.image_store.join(&spec.image).join("rootfs.ext4");
+        let warm = self.config.warm_dir.as_deref().map(|root| WarmKey {
+            root,
+            image: &spec.image,
+            slot,
+            image_disk: &image_disk,
+            kernel: &self.config.image_kernel,
+            kiln: &self.config.kiln,
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            guest_addr: self.config.slot_addrs(slot).1,
+        });
+        let from = warm.as_ref().and_then(WarmKey::ready);
+        let vm = match self.spawn(spec, slot, &dir, from.as_deref()).await {
             Ok(vm) => vm,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
-        if let Err(e) = self.bring_up(spec, &vm, &dir).await {
+        let make_snapshot = if from.is_none() { warm.as_ref() } else { None };
+        if let Err(e) = self.bring_up(spec, &vm, &dir, make_snapshot).await {
             if let Err(d) = self.destroy(&vm).await {
                 eprintln!("nesting: cannot destroy the failed VM {}: {d}", vm.id);
+            }
+            if let (Some(key), Some(_)) = (&warm, &from) {
+                // A clone that did not come up: the next Create boots (and snapshots anew).
+                if let Err(d) = key.discard() {
+                    eprintln!("nesting: cannot remove the warm snapshot: {d}");
+                }
             }
             return Err(e);
         }
