@@ -7,6 +7,7 @@ mod boot;
 mod empty_job;
 mod fork;
 mod kiln_process;
+mod nesting;
 mod net;
 mod restore_direct;
 mod snapshot;
@@ -60,6 +61,10 @@ struct Args {
     /// MiB per `net` download.
     #[arg(long, default_value_t = 20)]
     net_mib: u64,
+    /// Creates to time for each of `nesting_create_boot` and `nesting_create_restore`
+    /// (at least 3 for a median).
+    #[arg(long, default_value_t = 3)]
+    nesting_runs: usize,
 }
 
 fn main() -> Result<()> {
@@ -199,6 +204,15 @@ fn main() -> Result<()> {
                 mib: args.net_mib,
             },
         )?);
+    }
+    if wanted("nesting_create_boot") || wanted("nesting_create_restore") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench nesting_create_boot/nesting_create_restore: {} Creates each, {}",
+            args.nesting_runs,
+            runner.describe()
+        );
+        results.extend(nesting::run(&runner, args.nesting_runs)?);
     }
     for r in &results {
         println!("{r}");

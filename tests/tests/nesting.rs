@@ -242,9 +242,18 @@ fn nesting_runner_contract_over_ssh_with_stomp_restart_and_bad_input() -> Result
         "the second Create did not start its VM while the first was running: {c}"
     );
     let (c0, c1) = (json("NS-C0")?, json("NS-C1")?);
-    ensure!(c0["addr"] == "10.213.0.2:22" && c1["addr"] == "10.213.1.2:22", "{c}");
-    ensure!(c0["name"] == image.name.as_str() && c0["stomped"].is_null(), "{c}");
-    let (a, b) = (c0["id"].as_str().unwrap_or("?"), c1["id"].as_str().unwrap_or("?"));
+    ensure!(
+        c0["addr"] == "10.213.0.2:22" && c1["addr"] == "10.213.1.2:22",
+        "{c}"
+    );
+    ensure!(
+        c0["name"] == image.name.as_str() && c0["stomped"].is_null(),
+        "{c}"
+    );
+    let (a, b) = (
+        c0["id"].as_str().unwrap_or("?"),
+        c1["id"].as_str().unwrap_or("?"),
+    );
 
     // Stages over SSH with the password: output and exit status exact.
     ensure!(v("NS-STAGE-OK-RC") == "0", "{c}");
@@ -319,7 +328,10 @@ fn nesting_runner_contract_over_ssh_with_stomp_restart_and_bad_input() -> Result
         .as_array()
         .map(|l| l.iter().filter_map(|vm| vm["id"].as_str()).collect())
         .unwrap_or_default();
-    ensure!(listed == [third], "the restarted server lists {listed:?}: {c}");
+    ensure!(
+        listed == [third],
+        "the restarted server lists {listed:?}: {c}"
+    );
     ensure!(v("NS-INITS-2") == "1", "{c}");
     ensure!(v("NS-C-ALIVE") == "no" && v("NS-LIST-END") == "[]", "{c}");
     ensure!(

@@ -192,6 +192,18 @@ const BENCHES: &[Bench] = &[
         what: "guest `wget` of a 20 MiB file from the host over a TAP, guest time",
         reproduce: "cargo xtask bench net",
     },
+    Bench {
+        name: "nesting_create_boot",
+        variant: None,
+        what: "nesting server Create, Debian image booted, call to sshd's banner, 256 MiB",
+        reproduce: "cargo xtask bench nesting_create",
+    },
+    Bench {
+        name: "nesting_create_restore",
+        variant: None,
+        what: "the same, restoring a clone of the slot's warm snapshot instead of booting",
+        reproduce: "cargo xtask bench nesting_create",
+    },
 ];
 
 fn describe(result: &Value) -> (&'static str, &'static str) {

@@ -439,7 +439,11 @@ impl VmBackend for KilnBackend {
         std::fs::create_dir_all(&dir)
             .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
         self.ensure_tap(slot).await?;
-        let image_disk = self.config.image_store.join(&spec.image).join("rootfs.ext4");
+        let image_disk = self
+            .config
+            .image_store
+            .join(&spec.image)
+            .join("rootfs.ext4");
         let warm = self.config.warm_dir.as_deref().map(|root| WarmKey {
             root,
             image: &spec.image,

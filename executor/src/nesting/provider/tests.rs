@@ -165,7 +165,11 @@ async fn bad_input_gets_clear_errors() {
     for bad in [&br#"{"memory":1}"#[..], br#"{"vcpus":0}"#, b"[1"] {
         let err = q.init(bad).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-        assert!(err.message().starts_with("nesting_config"), "{}", err.message());
+        assert!(
+            err.message().starts_with("nesting_config"),
+            "{}",
+            err.message()
+        );
     }
     assert!(p.backend.running().is_empty());
 }
@@ -199,7 +203,11 @@ async fn a_boot_timeout_is_deadline_exceeded() {
     p.init(b"null").unwrap();
     let err = p.create("alpine", Some(0)).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded);
-    assert!(err.message().ends_with("did not come up"), "{}", err.message());
+    assert!(
+        err.message().ends_with("did not come up"),
+        "{}",
+        err.message()
+    );
     assert!(p.list().await.unwrap().is_empty());
     // Nothing stays reserved: the memory check still passes.
     *p.backend.create_error.lock().unwrap() = None;
