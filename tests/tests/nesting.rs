@@ -171,7 +171,8 @@ kill -TERM $SERVER; wait $SERVER
 echo "NS-SERVER-STOPPED=$?"
 
 # Not enough memory for the VM.
-conf mem 'memory_mib = 1000000'
+conf mem 'memory_mib = 1000000
+warm_snapshots = false'
 serve mem
 echo "NS-BAD-MEMORY=$(rcall "$NS/mem.sock" create @IMAGE@ --slot 0)"
 kill -TERM $SERVER; wait $SERVER
@@ -181,6 +182,7 @@ kill -TERM $SERVER; wait $SERVER
 conf slow 'network = "10.214.0.0/16"
 tap_prefix = "kslow"
 memory_mib = 256
+warm_snapshots = false
 boot_timeout_secs = 30'
 nft add table inet nsdrop
 nft add chain inet nsdrop out '{ type filter hook output priority 0; }'

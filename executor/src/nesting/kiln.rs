@@ -93,14 +93,19 @@ impl KilnBackend {
     /// Starts the VM's `kiln run` in a process group of its own (it outlives a restart of
     /// the server) and returns its record.
     /// With `from`, the VM is a clone of that snapshot (a new MAC on the slot's TAP; the
-    /// address is the slot's, which the snapshot's guest already has).
+    /// address is the slot's, which the snapshot's guest already has). With
+    /// `will_snapshot`, the slot's memory limit also has room for the snapshot's copy of
+    /// the guest memory, which the kernel charges to the VMM that writes it (and cannot
+    /// reclaim when `snapshot_dir` is a tmpfs).
     async fn spawn(
         &self,
         spec: &VmSpec,
         slot: u32,
         dir: &Path,
         from: Option<&Path>,
+        will_snapshot: bool,
     ) -> Result<VmRecord, BackendError> {
+        let snapshot_room = if will_snapshot { spec.memory_mib } else { 0 };
         let c = &self.config;
         let (host, guest) = c.slot_addrs(slot);
         let mut net = format!("tap={},ip={guest}/24,gw={host}", c.tap(slot));
@@ -136,7 +141,7 @@ impl KilnBackend {
             .args(["--slot", &slot.to_string()])
             .args([
                 "--slot-memory",
-                &(spec.memory_mib + VMM_OVERHEAD_MIB).to_string(),
+                &(spec.memory_mib + VMM_OVERHEAD_MIB + snapshot_room).to_string(),
             ])
             .arg("--vsock")
             .arg(dir.join("vsock.sock"))
@@ -456,14 +461,17 @@ impl VmBackend for KilnBackend {
             guest_addr: self.config.slot_addrs(slot).1,
         });
         let from = warm.as_ref().and_then(WarmKey::ready);
-        let vm = match self.spawn(spec, slot, &dir, from.as_deref()).await {
+        let make_snapshot = if from.is_none() { warm.as_ref() } else { None };
+        let spawned = self
+            .spawn(spec, slot, &dir, from.as_deref(), make_snapshot.is_some())
+            .await;
+        let vm = match spawned {
             Ok(vm) => vm,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
-        let make_snapshot = if from.is_none() { warm.as_ref() } else { None };
         if let Err(e) = self.bring_up(spec, &vm, &dir, make_snapshot).await {
             if let Err(d) = self.destroy(&vm).await {
                 eprintln!("nesting: cannot destroy the failed VM {}: {d}", vm.id);
