@@ -312,7 +312,7 @@ impl KilnBackend {
         let id = spec.id.clone();
         let secret = format!("{}:{}\n", spec.ssh_user, spec.ssh_password);
         let left = deadline.saturating_duration_since(Instant::now());
-        let result = tokio::task::spawn_blocking(move || -> Result<(i32, String), String> {
+        let task = tokio::task::spawn_blocking(move || -> Result<(i32, String), String> {
             let mut client =
                 connect_ready(&vsock, AGENT_PORT, left).map_err(|e| format!("agent: {e}"))?;
             let mut req = ExecRequest::new(["/bin/sh", "-c", PROVISION]);
@@ -343,9 +343,13 @@ impl KilnBackend {
                 status.shell_code(),
                 String::from_utf8_lossy(&out).trim().to_string(),
             ))
-        })
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+        });
+        // Bounded by the boot deadline too: a guest that hangs in the set-up fails the
+        // Create (the caller destroys the VM, which ends the blocked exec).
+        let result = tokio::time::timeout(left, task)
+            .await
+            .map_err(|_| failed("setting up SSH in the VM: no answer from the agent".into()))?
+            .map_err(|e| failed(e.to_string()))?;
         match result {
             Ok((0, _)) => Ok(()),
             Ok((code, output)) => Err(failed(format!(
