@@ -28,7 +28,7 @@ pub fn run(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
 NS=$PWD/ns
 mkdir -p "$NS"
 cp -a "$FILES/store" "$NS/store"
-call() {{ "$KILN_GITLAB" nesting call --socket "$NS/$1.sock" "$2" "$3" "$4" "$5"; }}
+call() {{ s=$1; shift; "$KILN_GITLAB" nesting call --socket "$NS/$s.sock" "$@"; }}
 # bench NAME WARM TIMED: a server, one untimed Create if warm, then TIMED timed Creates.
 bench() {{
   cat > "$NS/$1.toml" <<EOF
