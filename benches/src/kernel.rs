@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::boot;
 use crate::stats;
+use crate::timeline::{self, GuestTimeline};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -38,6 +39,23 @@ pub fn size() -> Result<Vec<Value>> {
         &[vmlinux],
         extra,
     )])
+}
+
+/// The `n` initcalls that take the most longer in `new` than in `old` (absent: 0 ms).
+fn initcall_growth(new: &GuestTimeline, old: &GuestTimeline, n: usize) -> Vec<(String, f64)> {
+    let before: std::collections::HashMap<String, f64> = old.top(usize::MAX).into_iter().collect();
+    let mut grown: Vec<(String, f64)> = new
+        .top(usize::MAX)
+        .into_iter()
+        .map(|(name, ms)| {
+            let delta = ms - before.get(&name).copied().unwrap_or(0.0);
+            (name, (delta * 1000.0).round() / 1000.0)
+        })
+        .filter(|(_, delta)| *delta > 0.0)
+        .collect();
+    grown.sort_by(|a, b| b.1.total_cmp(&a.1));
+    grown.truncate(n);
+    grown
 }
 
 /// The `CONFIG_…=y` lines of the kernel's final config.
@@ -75,6 +93,45 @@ pub fn change(runner: &Runner, base_rev: Option<&str>, runs: usize) -> Result<Ve
     );
     extra.insert("options_y".into(), built_in_options(&current)?.into());
     extra.insert("base_options_y".into(), built_in_options(&base)?.into());
+
+    // Where the difference goes: one boot of each with initcall_debug.
+    let (_, new_timeline) = timeline::boot(runner, &current.vmlinux, None)?;
+    let (_, old_timeline) = timeline::boot(runner, &base.vmlinux, Some("base-vmlinux"))?;
+    let added = initcall_growth(&new_timeline, &old_timeline, 12);
+    eprintln!("kernel_change: this kernel against {rev}'s, one boot each with initcall_debug:");
+    for (what, new, old) in [
+        (
+            "kernel to init (printk ms)",
+            new_timeline.init_ms,
+            old_timeline.init_ms,
+        ),
+        (
+            "all initcalls (ms)",
+            Some(new_timeline.initcalls_total_ms()),
+            Some(old_timeline.initcalls_total_ms()),
+        ),
+    ] {
+        eprintln!(
+            "  {what:<28} {:>9.3}  base {:>9.3}",
+            new.unwrap_or(f64::NAN),
+            old.unwrap_or(f64::NAN)
+        );
+    }
+    eprintln!("  initcalls that grew or are new (ms more than the base):");
+    for (name, ms) in &added {
+        eprintln!("    {ms:>9.3}  {name}");
+    }
+    extra.insert("kernel_to_init_ms".into(), json!(new_timeline.init_ms));
+    extra.insert("base_kernel_to_init_ms".into(), json!(old_timeline.init_ms));
+    extra.insert(
+        "initcalls_total_ms".into(),
+        json!(new_timeline.initcalls_total_ms()),
+    );
+    extra.insert(
+        "base_initcalls_total_ms".into(),
+        json!(old_timeline.initcalls_total_ms()),
+    );
+    extra.insert("initcalls_grown_ms".into(), json!(added));
     extra.insert(
         "guest".into(),
         "guest vmlinux + default initramfs, 1 vCPU, 128 MiB; base kernel alternating".into(),
