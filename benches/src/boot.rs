@@ -16,7 +16,7 @@ use crate::stats;
 use crate::vmm_setup::last_json_line;
 
 pub fn run(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
-    let (boot, setup) = samples(runner, runs, r#"--initrd "$GUEST_INITRD""#, &[])?;
+    let (boot, setup) = samples(runner, runs, GUEST_KERNEL, INITRAMFS, &[])?;
     let mut extra = Map::new();
     extra.insert(
         "guest".into(),
@@ -44,16 +44,10 @@ pub fn run_root_disk(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
     let (both, setup) = samples(
         runner,
         runs * 2,
+        GUEST_KERNEL,
         r#"$( [ $((i % 2)) = 0 ] && echo "--root-disk $FILES/root.img,ro" || echo "--initrd $GUEST_INITRD" )"#,
         &files,
     )?;
-    let pick = |v: &[f64], parity: usize| -> Vec<f64> {
-        v.iter()
-            .enumerate()
-            .filter(|(i, _)| i % 2 == parity)
-            .map(|(_, x)| *x)
-            .collect()
-    };
     let (boot, initramfs) = (pick(&both, 0), pick(&both, 1));
     let setup = pick(&setup, 0);
     let mut extra = Map::new();
@@ -78,10 +72,27 @@ pub fn run_root_disk(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
     )])
 }
 
-/// Boots `runs` times with `boot_args` after the kernel; returns (boot_ms, setup_ms).
-fn samples(
+/// The `kiln run` arguments of the guest kernel this checkout builds, and of the default
+/// guest initramfs (shell words; the test bed's script expands them).
+pub const GUEST_KERNEL: &str = r#"--kernel "$GUEST_VMLINUX""#;
+pub const INITRAMFS: &str = r#"--initrd "$GUEST_INITRD""#;
+
+/// The samples of alternating runs whose index has `parity` (0: even, 1: odd).
+pub fn pick(samples: &[f64], parity: usize) -> Vec<f64> {
+    samples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == parity)
+        .map(|(_, x)| *x)
+        .collect()
+}
+
+/// Boots `runs` times (run `$i` counting from 0) with `kernel` and `boot_args` (shell
+/// words, which may depend on `$i`); returns (boot_ms, setup_ms).
+pub fn samples(
     runner: &Runner,
     runs: usize,
+    kernel: &str,
     boot_args: &str,
     files: &[(String, Vec<u8>)],
 ) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -89,7 +100,7 @@ fn samples(
         r#"set -e
 i=0
 while [ $i -lt {runs} ]; do
-  "$KILN" run --kernel "$GUEST_VMLINUX" {boot_args} --vcpus 1 --memory 128 \
+  "$KILN" run {kernel} {boot_args} --vcpus 1 --memory 128 \
      --serial null --json | grep '^{{' | sed 's/^/BENCH-BOOT /'
   i=$((i+1))
 done

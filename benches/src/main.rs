@@ -6,6 +6,7 @@ mod blk;
 mod boot;
 mod empty_job;
 mod fork;
+mod kernel;
 mod kiln_process;
 mod nesting;
 mod net;
@@ -28,6 +29,10 @@ struct Args {
     /// Guest boots to time for `boot` (at least 10 for a quotable median).
     #[arg(long, default_value_t = 10)]
     boot_runs: usize,
+    /// The git revision whose `kernel-config/guest.config` `kernel_change` boots against this
+    /// checkout's (default: `$KILN_BENCH_BASE_KERNEL`; without one it is skipped).
+    #[arg(long, value_name = "REV")]
+    base_kernel: Option<String>,
     /// Runs for `vmm_setup` and `restore_direct`.
     #[arg(long, default_value_t = 30)]
     setup_runs: usize,
@@ -124,6 +129,25 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(boot::run_root_disk(&runner, args.boot_runs)?);
+    }
+    if wanted("guest_kernel") {
+        eprintln!("bench guest_kernel: size of the guest kernel build");
+        results.extend(kernel::size()?);
+    }
+    if wanted("kernel_change") {
+        let base = args
+            .base_kernel
+            .clone()
+            .or_else(|| std::env::var("KILN_BENCH_BASE_KERNEL").ok())
+            .filter(|rev| !rev.is_empty());
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench kernel_change: {} boots each of this guest kernel and {}'s, alternating, {}",
+            args.boot_runs,
+            base.as_deref().unwrap_or("(no base revision)"),
+            runner.describe()
+        );
+        results.extend(kernel::change(&runner, base.as_deref(), args.boot_runs)?);
     }
     let (throughput, exec) = (wanted("vsock_throughput"), wanted("vsock_exec"));
     if throughput || exec {

@@ -25,55 +25,8 @@ const CMDLINE: &str =
 const TOP: usize = 15;
 
 pub fn run(runner: &Runner) -> Result<Vec<Value>> {
-    let script = kiln_tests::shell::PRELUDE.to_string()
-        + &format!(
-            r#"
-D="$PWD"
-"$KILN" run --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --vcpus 1 --memory 128 \
-  --cmdline "{CMDLINE}" --vsock "$D/v.sock" --api "$D/api.sock" --serial "$D/console" --json > run.json &
-vm=$!
-[ "$(wait_exec "$D/v.sock" $vm)" = yes ] || {{ echo "the agent did not answer"; exit 1; }}
-"$KILN" exec --vsock "$D/v.sock" -- dmesg | sed 's/^/GUEST-DMESG /'
-"$KILN" ctl --api "$D/api.sock" shutdown > /dev/null
-wait $vm
-grep '^{{' run.json | sed 's/^/BENCH-TIMELINE /'
-tail -n 30 "$D/console" | sed 's/^/GUEST-CONSOLE /'
-"#
-        );
-    // The agent image that stays up (the default one reboots once booted).
-    let files = vec![(
-        "agent.cpio".to_string(),
-        kiln_tests::guest_initramfs::GuestInitramfs::new().build()?,
-    )];
-    let out = runner.run(&script, &files, Duration::from_secs(240))?;
-    if out.exit_code != 0 {
-        bail!("timeline boot failed ({}):\n{}", out.exit_code, out.console);
-    }
-    let report = out
-        .console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("BENCH-TIMELINE "))
-        .context("no JSON report from the timeline boot")
-        .and_then(last_json_line)?;
-    let dmesg: Vec<&str> = out
-        .console
-        .lines()
-        .filter_map(|l| l.strip_prefix("GUEST-DMESG "))
-        .collect();
-    let symbols = kiln_tests::kernels::guest()
-        .and_then(|k| symbols(&k.vmlinux))
-        .unwrap_or_else(|e| {
-            eprintln!("boot_timeline: initcalls stay unnamed: {e:#}");
-            HashMap::new()
-        });
-    let timeline = GuestTimeline::parse(&dmesg, &symbols);
-    if timeline.initcalls.is_empty() {
-        bail!(
-            "no initcall lines in the guest's dmesg ({} lines):\n{}",
-            dmesg.len(),
-            out.console
-        );
-    }
+    let vmlinux = kiln_tests::kernels::guest()?.vmlinux;
+    let (report, timeline) = boot(runner, &vmlinux, None)?;
     let boot_ms = report["boot_ms"].as_f64().context("no boot_ms")?;
 
     eprintln!("boot timeline ({}; initcall_debug on):", runner.describe());
@@ -118,6 +71,73 @@ tail -n 30 "$D/console" | sed 's/^/GUEST-CONSOLE /'
         &[boot_ms],
         extra,
     )])
+}
+
+/// One boot with `initcall_debug` of `vmlinux`: the guest kernel the test bed carries, or
+/// (with `as_file`) the named file passed to it. Returns `kiln run`'s JSON report and the
+/// guest's timeline, its initcalls named from `vmlinux`'s symbols.
+pub fn boot(
+    runner: &Runner,
+    vmlinux: &std::path::Path,
+    as_file: Option<&str>,
+) -> Result<(Value, GuestTimeline)> {
+    let kernel = match as_file {
+        Some(name) => format!("\"$FILES/{name}\""),
+        None => "\"$GUEST_VMLINUX\"".to_string(),
+    };
+    let script = kiln_tests::shell::PRELUDE.to_string()
+        + &format!(
+            r#"
+D="$PWD"
+"$KILN" run --kernel {kernel} --initrd "$FILES/agent.cpio" --vcpus 1 --memory 128 \
+  --cmdline "{CMDLINE}" --vsock "$D/v.sock" --api "$D/api.sock" --serial "$D/console" --json > run.json &
+vm=$!
+[ "$(wait_exec "$D/v.sock" $vm)" = yes ] || {{ echo "the agent did not answer"; exit 1; }}
+"$KILN" exec --vsock "$D/v.sock" -- dmesg | sed 's/^/GUEST-DMESG /'
+"$KILN" ctl --api "$D/api.sock" shutdown > /dev/null
+wait $vm
+grep '^{{' run.json | sed 's/^/BENCH-TIMELINE /'
+tail -n 30 "$D/console" | sed 's/^/GUEST-CONSOLE /'
+"#
+        );
+    // The agent image that stays up (the default one reboots once booted).
+    let mut files = vec![(
+        "agent.cpio".to_string(),
+        kiln_tests::guest_initramfs::GuestInitramfs::new().build()?,
+    )];
+    if let Some(name) = as_file {
+        let bytes =
+            std::fs::read(vmlinux).with_context(|| format!("reading {}", vmlinux.display()))?;
+        files.push((name.to_string(), bytes));
+    }
+    let out = runner.run(&script, &files, Duration::from_secs(240))?;
+    if out.exit_code != 0 {
+        bail!("timeline boot failed ({}):\n{}", out.exit_code, out.console);
+    }
+    let report = out
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("BENCH-TIMELINE "))
+        .context("no JSON report from the timeline boot")
+        .and_then(last_json_line)?;
+    let dmesg: Vec<&str> = out
+        .console
+        .lines()
+        .filter_map(|l| l.strip_prefix("GUEST-DMESG "))
+        .collect();
+    let symbols = symbols(vmlinux).unwrap_or_else(|e| {
+        eprintln!("boot_timeline: initcalls stay unnamed: {e:#}");
+        HashMap::new()
+    });
+    let timeline = GuestTimeline::parse(&dmesg, &symbols);
+    if timeline.initcalls.is_empty() {
+        bail!(
+            "no initcall lines in the guest's dmesg ({} lines):\n{}",
+            dmesg.len(),
+            out.console
+        );
+    }
+    Ok((report, timeline))
 }
 
 /// The function symbols of `vmlinux` by address (`nm`).

@@ -52,6 +52,29 @@ pub fn testbed_host() -> Result<KernelImages> {
     build("testbed-host")
 }
 
+/// The guest kernel built from the `kernel-config/guest.config` of git revision `rev` of
+/// this checkout (with this checkout's build script), to measure a config change against:
+/// cached like the current one, under the hash of that fragment.
+pub fn guest_at_revision(rev: &str) -> Result<KernelImages> {
+    let out = Command::new("git")
+        .current_dir(repo_root())
+        .args(["show", &format!("{rev}:kernel-config/guest.config")])
+        .output()
+        .context("running git show")?;
+    if !out.status.success() {
+        bail!(
+            "no kernel-config/guest.config at revision {rev:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let dir = crate::tmp::TempDir::new("kernel-rev")?;
+    std::fs::write(dir.path().join("guest.config"), &out.stdout)?;
+    let script = dir.path().join("build.sh");
+    std::fs::copy(repo_root().join("kernel-config/build.sh"), &script)
+        .context("copying kernel-config/build.sh")?;
+    build_with(&script, "guest")
+}
+
 /// True if the CPU offers hardware virtualization (`vmx` or `svm` in /proc/cpuinfo), i.e.
 /// whether `/dev/kvm` can boot an unmodified guest kernel directly.
 pub fn hardware_virtualization() -> bool {
@@ -79,7 +102,11 @@ pub fn repo_root() -> PathBuf {
 /// Runs `kernel-config/build.sh NAME`, passing its progress (stderr) through, and returns
 /// the images in the directory named by the last line of its stdout.
 fn build(name: &str) -> Result<KernelImages> {
-    let script = repo_root().join("kernel-config/build.sh");
+    build_with(&repo_root().join("kernel-config/build.sh"), name)
+}
+
+/// Runs the build script `script` (which reads its fragments beside itself) for `name`.
+fn build_with(script: &Path, name: &str) -> Result<KernelImages> {
     if !script.is_file() {
         bail!(
             "{} not found; is this a full kiln checkout?",
@@ -87,7 +114,7 @@ fn build(name: &str) -> Result<KernelImages> {
         );
     }
     let mut child = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .arg(name)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

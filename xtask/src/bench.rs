@@ -127,6 +127,10 @@ fn print_table(results: &[Value]) {
         let (Some(fields), Some(_)) = (r.as_object(), r.get("bench")) else {
             continue;
         };
+        if let Some(why) = r["skipped"].as_str() {
+            println!("{:<22} skipped: {why}", r["bench"].as_str().unwrap_or("?"));
+            continue;
+        }
         // The unit is the one with all three of median_, min_ and max_ (other median_
         // fields are extras, like empty_job's median_boot_ms).
         let unit = fields

@@ -51,6 +51,9 @@ pub struct Verdict {
     pub pass: bool,
     /// Why there is no value, if there is none.
     pub missing: Option<String>,
+    /// Why the benchmark did not run, when it says it was skipped on purpose (a peer VMM
+    /// that is not installed, a comparison nobody asked for): such a budget passes.
+    pub skipped: Option<String>,
 }
 
 impl Budgets {
@@ -83,6 +86,18 @@ impl Budget {
     }
 
     fn check(&self, results: &[Value]) -> Verdict {
+        let limit = self.limit();
+        let benches = std::iter::once(&self.bench).chain(self.relative_to.iter().map(|b| &b.bench));
+        if let Some(why) = benches.into_iter().find_map(|b| skipped(results, b)) {
+            return Verdict {
+                name: self.name.clone(),
+                value: None,
+                limit,
+                pass: true,
+                missing: None,
+                skipped: Some(why),
+            };
+        }
         let value =
             figure(results, &self.bench, &self.field).and_then(|v| match &self.relative_to {
                 None => Ok(v),
@@ -98,7 +113,6 @@ impl Budget {
                     }
                 }
             });
-        let limit = self.limit();
         match value {
             Ok(v) => Verdict {
                 name: self.name.clone(),
@@ -106,6 +120,7 @@ impl Budget {
                 limit,
                 pass: v <= limit,
                 missing: None,
+                skipped: None,
             },
             Err(why) => Verdict {
                 name: self.name.clone(),
@@ -113,9 +128,19 @@ impl Budget {
                 limit,
                 pass: false,
                 missing: Some(why),
+                skipped: None,
             },
         }
     }
+}
+
+/// Why `bench` was skipped, if its result is a `{"bench": …, "skipped": why}` line.
+fn skipped(results: &[Value], bench: &str) -> Option<String> {
+    results
+        .iter()
+        .find(|r| r["bench"] == bench)
+        .and_then(|r| r["skipped"].as_str())
+        .map(str::to_string)
 }
 
 /// `field` of the result whose `"bench"` is `bench`.
@@ -149,6 +174,7 @@ pub fn report(verdicts: &[Verdict]) -> bool {
             .value
             .map_or_else(|| "-".to_string(), |x| format!("{x:.3}"));
         let result = match (&v.missing, v.pass) {
+            _ if v.skipped.is_some() => format!("skipped ({})", v.skipped.as_deref().unwrap_or("")),
             (Some(why), _) => format!("FAIL ({why})"),
             (None, true) => "ok".to_string(),
             (None, false) => "FAIL (over budget)".to_string(),
@@ -219,6 +245,20 @@ tolerance = 0.5
         assert!(!verdicts[1].pass);
         let why = verdicts[1].missing.as_deref().unwrap();
         assert!(why.contains("\"restore\""), "{why}");
+    }
+
+    #[test]
+    fn a_skipped_benchmark_passes_its_budget_and_says_why() {
+        let mut results = run(3.0, 600.0, 2200.0);
+        results[2] = json!({"bench": "boot", "skipped": "no peer installed"});
+        let verdicts = budgets().check(&results);
+        assert!(
+            verdicts[1].pass && verdicts[1].value.is_none(),
+            "{verdicts:?}"
+        );
+        assert_eq!(verdicts[1].skipped.as_deref(), Some("no peer installed"));
+        assert!(verdicts[0].skipped.is_none());
+        assert!(report(&verdicts));
     }
 
     #[test]

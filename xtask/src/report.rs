@@ -139,6 +139,19 @@ const BENCHES: &[Bench] = &[
         reproduce: "cargo run --release -p kiln-benches -- boot_root_disk",
     },
     Bench {
+        name: "kernel_change",
+        variant: None,
+        what: "`boot` with this guest kernel, alternating in one run with the kernel of an \
+               earlier `guest.config` (the base revision)",
+        reproduce: "KILN_BENCH_BASE_KERNEL=REV cargo xtask bench kernel_change",
+    },
+    Bench {
+        name: "guest_kernel",
+        variant: None,
+        what: "size of the guest kernel's vmlinux (what kiln loads)",
+        reproduce: "cargo xtask bench guest_kernel",
+    },
+    Bench {
         name: "vsock_throughput",
         variant: None,
         what: "host reads `head -c 32MiB /dev/zero` from the guest through `kiln exec`",
@@ -321,6 +334,23 @@ pub fn render(results: &[Value], run: &RunInfo, budgets: &Budgets, source: &str)
         if let Some(mib) = fields.get("memory_mib").and_then(Value::as_f64) {
             let _ = write!(what, "; memory file {} MiB", number(mib));
         }
+        if let Some(mib) = fields.get("bzimage_mib").and_then(Value::as_f64) {
+            let _ = write!(what, "; bzImage {} MiB", number(mib));
+        }
+        if let Some(n) = fields.get("options_y").and_then(Value::as_u64) {
+            let _ = write!(what, "; {n} options built in");
+        }
+        if let (Some(rev), Some(base), Some(ratio)) = (
+            fields.get("base_revision").and_then(Value::as_str),
+            fields.get("base_median_ms").and_then(Value::as_f64),
+            fields.get("ratio").and_then(Value::as_f64),
+        ) {
+            let _ = write!(
+                what,
+                "; base `{rev}`: median {} ms, ratio {ratio:.3}",
+                number(base)
+            );
+        }
         let path = match r["path"].as_str() {
             Some("testbed") => "test bed",
             Some(other) => other,
@@ -367,6 +397,9 @@ pub fn render(results: &[Value], run: &RunInfo, budgets: &Budgets, source: &str)
         };
         let value = verdict.value.map_or_else(|| "-".into(), number);
         let result = match (&verdict.missing, verdict.pass) {
+            _ if verdict.skipped.is_some() => {
+                format!("skipped ({})", verdict.skipped.as_deref().unwrap_or(""))
+            }
             (Some(why), _) => format!("not measured ({why})"),
             (None, true) => "holds".into(),
             (None, false) => "**over budget**".into(),
