@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod defaults;
 pub mod devices;
 pub mod disk;
 pub mod image;

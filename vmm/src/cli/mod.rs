@@ -47,6 +47,15 @@ pub enum Command {
     /// line that is not a request gets an error response. The socket file is removed when
     /// the VM ends. `kiln ctl` is a client for it.
     Run(RunArgs),
+    /// Check what kiln needs on this host, one line each, and say what to do about what is
+    /// missing.
+    ///
+    /// Checks: /dev/kvm access; hardware virtualization (a software hypervisor such as PVM
+    /// cannot boot a Linux guest); the default guest kernel and agent initramfs ($KILN_HOME,
+    /// /usr/share/kiln, the kernel build cache); cgroup v2 for --slot; TUN for --net; the
+    /// nesting server's socket group. Exits 1 if something a default `kiln job` needs is
+    /// missing.
+    Doctor,
     /// Send one request to a running VM's control API and print the JSON response.
     ///
     /// Exits 0 if the response says "ok":true; otherwise prints the error and exits 1 (also

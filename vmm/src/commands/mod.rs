@@ -2,6 +2,7 @@
 
 pub mod cp;
 pub mod ctl;
+pub mod doctor;
 pub mod exec;
 pub mod fork;
 pub mod image;
