@@ -18,6 +18,7 @@ pub mod jail;
 pub mod logcap;
 pub mod memory;
 pub mod net;
+pub mod registry;
 pub mod seccomp;
 pub mod slot;
 pub mod snapshot;

@@ -9,6 +9,7 @@ pub mod image;
 pub mod jail;
 pub mod job;
 pub mod net;
+pub mod ps;
 pub mod restore;
 pub mod run;
 
