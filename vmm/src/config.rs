@@ -116,8 +116,6 @@ pub enum ConfigError {
         message: String,
         line: usize,
     },
-    #[error("no kernel given: use --kernel PATH (or --config FILE naming one)")]
-    NoKernel,
     #[error("--vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
     Vcpus(u64),
     #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     // warnings and errors to it unless KILN_LOG asks for more (`--json` reports boot_ms).
     let default_level = match cli.command {
         // `kiln ctl` prints the response; only problems belong on stderr.
-        Command::Job(_) | Command::Ctl(_) => "warn",
+        Command::Job(_) | Command::Ctl(_) | Command::Doctor | Command::Ps(_) => "warn",
         _ => "info",
     };
     // kiln's log is its stderr; when that is a file (a job's state directory), a guest that
@@ -43,6 +43,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => commands::run::run(&args, start),
         Command::Ctl(args) => commands::ctl::ctl(&args),
+        Command::Doctor => commands::doctor::doctor(),
+        Command::Ps(args) => commands::ps::ps(&args),
         Command::Restore(args) => commands::restore::restore(&args, start),
         Command::Fork(args) => commands::fork::fork(&args),
         Command::Exec(args) => commands::exec::exec(&args),

@@ -17,6 +17,13 @@ pub use net::{NetCommand, NetSetupArgs};
 pub use snapshot::{CtlArgs, CtlRequest, ForkArgs, RestoreArgs, SnapshotImages};
 pub use vm::{JobArgs, RunArgs, SlotArgs, VmArgs};
 
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Print one JSON array of the VMs instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// kiln: a microVM monitor for CI jobs.
 ///
 /// Boots a guest kernel in a KVM microVM with a serial console, and reports how the guest
@@ -47,6 +54,22 @@ pub enum Command {
     /// line that is not a request gets an error response. The socket file is removed when
     /// the VM ends. `kiln ctl` is a client for it.
     Run(RunArgs),
+    /// Check what kiln needs on this host, one line each, and say what to do about what is
+    /// missing.
+    ///
+    /// Checks: /dev/kvm access; hardware virtualization (a software hypervisor such as PVM
+    /// cannot boot a Linux guest); the default guest kernel and agent initramfs ($KILN_HOME,
+    /// /usr/share/kiln, the kernel build cache); cgroup v2 for --slot; TUN for --net; the
+    /// nesting server's socket group. Exits 1 if something a default `kiln job` needs is
+    /// missing.
+    Doctor,
+    /// List the VMs kiln runs on this host that have a control API (--api): pid, uptime,
+    /// vCPUs, memory, the API and vsock sockets, and the snapshot each was restored from.
+    ///
+    /// Each such kiln keeps a record in $KILN_RUN_DIR (default /run/kiln/vms for root, else
+    /// $XDG_RUNTIME_DIR/kiln/vms) while its VM runs; records of processes that are gone are
+    /// dropped.
+    Ps(PsArgs),
     /// Send one request to a running VM's control API and print the JSON response.
     ///
     /// Exits 0 if the response says "ok":true; otherwise prints the error and exits 1 (also

@@ -11,8 +11,8 @@ use crate::config::{SerialOutput, VmConfig};
 /// What VM to boot: shared by `kiln run` and `kiln job`.
 #[derive(Args, Debug)]
 pub struct VmArgs {
-    /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
-    /// Required unless --config names one (or `kiln job --from-snapshot` is used).
+    /// Guest kernel: an uncompressed ELF vmlinux or a bzImage. Default: `vmlinux` in
+    /// $KILN_HOME, /usr/share/kiln or the kernel build cache (`kiln doctor` says which).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initramfs to hand the kernel (an uncompressed cpio archive).
@@ -171,11 +171,10 @@ impl VmArgs {
     pub fn to_config(&self) -> anyhow::Result<VmConfig> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_toml_file(path)?,
-            None => VmConfig::new(
-                self.kernel
-                    .clone()
-                    .ok_or(crate::config::ConfigError::NoKernel)?,
-            ),
+            None => VmConfig::new(match &self.kernel {
+                Some(kernel) => kernel.clone(),
+                None => crate::defaults::guest_kernel()?,
+            }),
         };
         if let Some(k) = &self.kernel {
             config.kernel = k.clone();

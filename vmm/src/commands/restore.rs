@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use kiln_agent::client::{wait_ready, Client};
 use kiln_agent::protocol::AGENT_PORT;
 
-use super::run::{console_sink, run_to_end};
+use super::run::{console_sink, run_to_end, Sockets};
 use crate::cli::RestoreArgs;
 use crate::snapshot::restore::RestoreSpec;
 use crate::vmm::Vmm;
@@ -65,7 +65,12 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
         };
         spawn_guest_refresh(uds.clone(), identity, filters.as_ref())?;
     }
-    let code = run_to_end(vmm, args.api.as_deref(), args.json, access);
+    let sockets = Sockets {
+        api: args.api.as_deref(),
+        vsock: args.vsock.as_deref(),
+        snapshot: Some(&args.snapshot),
+    };
+    let code = run_to_end(vmm, sockets, args.json, access);
     drop(runtime);
     code
 }

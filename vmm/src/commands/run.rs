@@ -120,7 +120,31 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
     });
     let access = SocketAccess::from_flag(args.socket_group.as_deref())?;
     let vmm = Vmm::build(spec)?;
-    run_to_end(vmm, args.api.as_deref(), args.json, access)
+    let sockets = Sockets {
+        api: args.api.as_deref(),
+        vsock: args.vsock.as_deref(),
+        snapshot: None,
+    };
+    run_to_end(vmm, sockets, args.json, access)
+}
+
+fn register(
+    vmm: &Vmm,
+    api: &Path,
+    sockets: &Sockets,
+) -> std::io::Result<crate::registry::Registration> {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let record = crate::registry::VmRecord {
+        pid: 0,
+        start_ticks: 0,
+        started_unix: 0,
+        vcpus: vmm.machine.vcpus,
+        memory_mib: vmm.machine.memory_mib,
+        api: absolute(api),
+        vsock: sockets.vsock.map(absolute),
+        snapshot: sockets.snapshot.map(absolute),
+    };
+    crate::registry::register(&crate::registry::dir(), record)
 }
 
 /// Gives the VM's vsock socket (if any) the peer check and group of `access`.
@@ -144,22 +168,37 @@ fn share_vsock(vmm: &Vmm, access: SocketAccess) -> anyhow::Result<()> {
 /// returns the exit code: 0 when the guest reset, halted or a `shutdown` request stopped
 /// it, 128 + N when signal N did, 1 on a panic or fault.
 /// Both sockets are 0600 unless `access` opens them to a group.
+/// Where a VM's host-side sockets are, and what it came from: what `kiln ps` shows.
+pub(crate) struct Sockets<'a> {
+    pub api: Option<&'a Path>,
+    pub vsock: Option<&'a Path>,
+    pub snapshot: Option<&'a Path>,
+}
+
 pub(crate) fn run_to_end(
     vmm: Vmm,
-    api: Option<&Path>,
+    sockets: Sockets,
     json: bool,
     access: SocketAccess,
 ) -> anyhow::Result<ExitCode> {
     share_vsock(&vmm, access)?;
     let filters = seccomp_filters(&vmm)?;
     let stopped_by = stop_on_signals(vmm.stop_handle()?, filters.as_ref())?;
-    let api_server = match api {
+    let api_server = match sockets.api {
         Some(path) => Some(ApiServer::start(path, vmm.controller(), filters, access)?),
         None => None,
     };
+    // A VM with a control API is listed by `kiln ps` while it runs.
+    let registration = match sockets.api {
+        Some(api) => register(&vmm, api, &sockets)
+            .map_err(|e| tracing::warn!("kiln ps will not list this VM: {e}"))
+            .ok(),
+        None => None,
+    };
     let report = vmm.run();
-    // The VM is gone: the socket goes with it.
+    // The VM is gone: the socket and the record go with it.
     drop(api_server);
+    drop(registration);
     let report = report?;
     let signo = stopped_by.load(Ordering::Relaxed);
     let code: u8 = match report.exit {
