@@ -13,6 +13,7 @@ mod identity;
 mod launch;
 mod nesting;
 mod prepare;
+mod pull;
 mod run;
 mod slot;
 mod snapshot;

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::contract::Contract;
 use crate::identity::Identity;
 use crate::launch::{self, Launch};
+use crate::pull;
 use crate::slot::{keep_across_exec, Slot};
 use crate::state::{JobDir, Ownership};
 use crate::store;
@@ -48,7 +49,25 @@ pub fn source(config: &Config, contract: &Contract, identity: &Identity) -> Resu
         store_kernel: &config.image_kernel,
         default: &config.default_image,
     };
-    Ok(Source::Image(store::image(&sources, contract)?))
+    let pull = |reference: &str| -> Result<String> {
+        let job = pull::response_policies(contract.job_response_file.as_deref())?;
+        let policies =
+            pull::job_policies(&config.pull_policy, &config.allowed_pull_policies, &job)?;
+        let kiln = pull::KilnPull {
+            kiln: &config.kiln,
+            store: &config.image_store,
+            insecure: &config.insecure_registries,
+            auth_config: contract.var("DOCKER_AUTH_CONFIG"),
+        };
+        pull::resolve(
+            &config.image_store,
+            &pull::lock_dir(&config.state_dir),
+            reference,
+            &policies,
+            &kiln,
+        )
+    };
+    Ok(Source::Image(store::image(&sources, contract, &pull)?))
 }
 
 pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
