@@ -302,7 +302,10 @@ mod tests {
         let c = Config::from_file(parse("jail_uid_range = \"5000:10\"\n").unwrap(), &env);
         assert_eq!(c.jail.unwrap().uid_range.as_deref(), Some("5000:10"));
         use crate::pull::PullPolicy::*;
-        assert_eq!((c.pull_policy, c.allowed_pull_policies), (vec![Always], vec![Always]));
+        assert_eq!(
+            (c.pull_policy, c.allowed_pull_policies),
+            (vec![Always], vec![Always])
+        );
         let c = Config::from_file(
             parse(
                 "pull_policy = [\"always\", \"if-not-present\"]\n\
@@ -315,7 +318,10 @@ mod tests {
         assert_eq!(c.allowed_pull_policies, [Never]);
         assert_eq!(c.insecure_registries, ["127.0.0.1:5000"]);
         let c = Config::from_file(parse("pull_policy = \"never\"\n").unwrap(), &env);
-        assert_eq!((c.pull_policy, c.allowed_pull_policies), (vec![Never], vec![Never]));
+        assert_eq!(
+            (c.pull_policy, c.allowed_pull_policies),
+            (vec![Never], vec![Never])
+        );
     }
 
     #[test]

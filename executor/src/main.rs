@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod contract;
+mod defaults;
 mod identity;
 mod launch;
 mod nesting;

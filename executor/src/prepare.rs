@@ -15,6 +15,7 @@ use kiln_agent::protocol::AGENT_PORT;
 
 use crate::config::Config;
 use crate::contract::Contract;
+use crate::defaults;
 use crate::identity::Identity;
 use crate::launch::{self, Launch};
 use crate::pull;
@@ -87,7 +88,17 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
     if let Some(note) = jail_copies_the_disk(config, &source) {
         println!("kiln-gitlab: note: {note}");
     }
+    let image_defaults = match &source {
+        Source::Image(image) if image.store.is_some() => {
+            defaults::of_store_image(&config.image_store, &image.name)?
+        }
+        Source::Snapshot { dir, .. } => defaults::of_file(&dir.join(defaults::FILE))?,
+        Source::Image(_) => None,
+    };
     job.create(&identity)?;
+    if let Some(d) = &image_defaults {
+        defaults::write(&job.dir.join(defaults::FILE), d)?;
+    }
     let slot = Slot::claim(&config.state_dir, config.slots)?;
     let launch = launch::launch(config, &job, &source, &identity, slot.index)?;
     let store_image = match &source {
@@ -116,6 +127,9 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         // A fresh guest's clock starts at the RTC-less epoch; give it the host's time and
         // some entropy (a restore does this itself).
         refresh(&job).context("setting the new guest's clock")?;
+        if let Some((uid, gid)) = image_defaults.as_ref().and_then(|d| d.non_root()) {
+            make_job_dirs(config, &job, uid, gid);
+        }
     }
     let what = match &source {
         Source::Image(i) => format!("booted image {:?}", i.name),
@@ -233,4 +247,39 @@ fn refresh(job: &JobDir) -> Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
     client.add_entropy(&entropy)?;
     Ok(())
+}
+
+/// The builds and cache directories, owned by the image's user that stages run as (they
+/// run as root otherwise, who needs none made). Only reported if it fails: the image may
+/// lack `mkdir` or `chown`, and the job's own stages then say what they cannot write.
+fn make_job_dirs(config: &Config, job: &JobDir, uid: u32, gid: u32) {
+    let dirs = [config.builds_dir.as_str(), config.cache_dir.as_str()];
+    let ids = format!("{uid}:{gid}");
+    let made =
+        Client::connect_with_timeout(&job.vsock(), AGENT_PORT, Some(Duration::from_secs(10)))
+            .map_err(anyhow::Error::from)
+            .and_then(|mut client| {
+                for argv in [
+                    ["mkdir", "-p", dirs[0], dirs[1]],
+                    ["chown", ids.as_str(), dirs[0], dirs[1]],
+                ] {
+                    let req = kiln_agent::protocol::ExecRequest::new(argv);
+                    let (mut out, mut err) = (Vec::new(), Vec::new());
+                    let status = client.exec(&req, &mut out, &mut err)?;
+                    if status.shell_code() != 0 {
+                        bail!(
+                            "{}: {}",
+                            argv.join(" "),
+                            String::from_utf8_lossy(&err).trim()
+                        );
+                    }
+                }
+                Ok(())
+            });
+    if let Err(e) = made {
+        println!(
+            "kiln-gitlab: note: could not give {} and {} to the image's user {ids}: {e:#}",
+            dirs[0], dirs[1]
+        );
+    }
 }

@@ -188,7 +188,9 @@ pub fn resolve(
                 "pull_policy never: the store {} does not have it",
                 store.display()
             )),
-            PullPolicy::IfNotPresent | PullPolicy::Always => puller.pull(reference, &name).map(Some),
+            PullPolicy::IfNotPresent | PullPolicy::Always => {
+                puller.pull(reference, &name).map(Some)
+            }
         };
         match result {
             Ok(line) => {
@@ -244,9 +246,11 @@ pub struct KilnPull<'a> {
 impl Puller for KilnPull<'_> {
     fn pull(&self, reference: &str, name: &str) -> Result<String, String> {
         let mut cmd = Command::new(self.kiln);
-        cmd.args(["image", "pull", reference, "--name", name, "--force", "--json"])
-            .arg("--store")
-            .arg(self.store);
+        cmd.args([
+            "image", "pull", reference, "--name", name, "--force", "--json",
+        ])
+        .arg("--store")
+        .arg(self.store);
         for host in self.insecure {
             cmd.args(["--insecure-registry", host]);
         }
@@ -346,7 +350,11 @@ mod tests {
     fn response_files_name_the_jobs_policy() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("r.json");
-        std::fs::write(&f, r#"{"id":1,"image":{"name":"a","pull_policy":["never"]}}"#).unwrap();
+        std::fs::write(
+            &f,
+            r#"{"id":1,"image":{"name":"a","pull_policy":["never"]}}"#,
+        )
+        .unwrap();
         assert_eq!(response_policies(Some(&f)).unwrap(), ["never"]);
         std::fs::write(&f, r#"{"id":1,"image":{"name":"a"}}"#).unwrap();
         assert!(response_policies(Some(&f)).unwrap().is_empty());
@@ -388,7 +396,10 @@ mod tests {
             fail: Some("manifest unknown"),
         };
         let e = resolve(&store, &locks, r, &[Always], &down).unwrap_err();
-        assert!(format!("{e:#}").contains("always: manifest unknown"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("always: manifest unknown"),
+            "{e:#}"
+        );
         assert_eq!(
             resolve(&store, &locks, r, &[Always, IfNotPresent], &down).unwrap(),
             name

@@ -142,7 +142,9 @@ pub fn is_reference(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@'))
-        && !name.split('/').any(|part| part.is_empty() || part == ".." || part == ".")
+        && !name
+            .split('/')
+            .any(|part| part.is_empty() || part == ".." || part == ".")
 }
 
 /// The snapshot store of the job's project and ref protection:
@@ -264,7 +266,10 @@ mod tests {
             &pulled,
         )
         .unwrap();
-        assert_eq!((img.name.as_str(), img.store.as_deref()), ("deb", Some(store.as_path())));
+        assert_eq!(
+            (img.name.as_str(), img.store.as_deref()),
+            ("deb", Some(store.as_path()))
+        );
         for bad in ["a//b", "a/../b", "/abs", "a b", "a/./b"] {
             assert!(!is_reference(bad), "{bad}");
         }
@@ -275,8 +280,8 @@ mod tests {
             store_kernel: Path::new("/nonexistent/kernel"),
             ..sources
         };
-        let err = super::image(&no_kernel, &contract(&[("CI_JOB_IMAGE", "deb")]), &no_pull)
-            .unwrap_err();
+        let err =
+            super::image(&no_kernel, &contract(&[("CI_JOB_IMAGE", "deb")]), &no_pull).unwrap_err();
         assert!(err.to_string().contains("image_kernel"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

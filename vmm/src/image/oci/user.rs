@@ -82,18 +82,28 @@ fn resolve_in(passwd: &str, group: &str, user: &str) -> Result<Ids, String> {
 mod tests {
     use super::*;
 
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1001::/home/builder:/bin/sh\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1001::/home/builder:/bin/sh\n";
     const GROUP: &str = "root:x:0:\nbuilders:x:1001:\nstaff:x:50:\n";
 
     #[test]
     fn names_and_numbers_resolve() {
         let r = |u: &str| resolve_in(PASSWD, GROUP, u);
         let root = r("").unwrap();
-        assert_eq!((root.uid, root.gid, root.home.as_deref()), (0, 0, Some("/root")));
+        assert_eq!(
+            (root.uid, root.gid, root.home.as_deref()),
+            (0, 0, Some("/root"))
+        );
         let b = r("builder").unwrap();
-        assert_eq!((b.uid, b.gid, b.home.as_deref()), (1000, 1001, Some("/home/builder")));
+        assert_eq!(
+            (b.uid, b.gid, b.home.as_deref()),
+            (1000, 1001, Some("/home/builder"))
+        );
         let b = r("1000:staff").unwrap();
-        assert_eq!((b.uid, b.gid, b.home.as_deref()), (1000, 50, Some("/home/builder")));
+        assert_eq!(
+            (b.uid, b.gid, b.home.as_deref()),
+            (1000, 50, Some("/home/builder"))
+        );
         let n = r("4242").unwrap();
         assert_eq!((n.uid, n.gid, n.home), (4242, 4242, None));
         assert_eq!(r("4242:7").unwrap().gid, 7);
