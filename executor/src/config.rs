@@ -80,6 +80,13 @@ pub struct ConfigFile {
     pub allowed_pull_policies: Option<Vec<crate::pull::PullPolicy>>,
     /// Registries (`HOST[:PORT]`) pulled from over plain HTTP. Default: none.
     pub insecure_registries: Option<Vec<String>>,
+    /// Snapshot each store image's VM at agent-ready and start later jobs on that image by
+    /// restoring it (`crate::warm`). Default false.
+    pub warm_snapshots: Option<bool>,
+    /// The disk space warm snapshots may take together, in MiB. Default 16384.
+    pub warm_snapshots_max_mib: Option<u64>,
+    /// How long an unused warm snapshot is kept, in hours. Default 168.
+    pub warm_snapshots_max_age_hours: Option<u64>,
 }
 
 /// The default group of jailed VMMs: a number no account uses, like `kiln jail`'s uids.
@@ -120,6 +127,8 @@ pub struct Config {
     pub pull_policy: Vec<crate::pull::PullPolicy>,
     pub allowed_pull_policies: Vec<crate::pull::PullPolicy>,
     pub insecure_registries: Vec<String>,
+    pub warm_snapshots: bool,
+    pub warm_limits: crate::warm::Limits,
 }
 
 impl Config {
@@ -162,6 +171,18 @@ impl Config {
                 .unwrap_or_else(|| pull_policy.clone()),
             pull_policy,
             insecure_registries: f.insecure_registries.unwrap_or_default(),
+            warm_snapshots: f.warm_snapshots.unwrap_or(false),
+            warm_limits: crate::warm::Limits {
+                max_bytes: f
+                    .warm_snapshots_max_mib
+                    .unwrap_or(16384)
+                    .saturating_mul(1 << 20),
+                max_age: Duration::from_secs(
+                    f.warm_snapshots_max_age_hours
+                        .unwrap_or(168)
+                        .saturating_mul(3600),
+                ),
+            },
             kiln: f.kiln.unwrap_or_else(|| default_kiln(env.exe.as_deref())),
             state_dir,
             image_store: f
@@ -317,6 +338,14 @@ mod tests {
         assert_eq!(c.pull_policy, [Always, IfNotPresent]);
         assert_eq!(c.allowed_pull_policies, [Never]);
         assert_eq!(c.insecure_registries, ["127.0.0.1:5000"]);
+        assert!(!c.warm_snapshots);
+        let c = Config::from_file(
+            parse("warm_snapshots = true\nwarm_snapshots_max_mib = 2\n").unwrap(),
+            &env,
+        );
+        assert!(c.warm_snapshots);
+        assert_eq!(c.warm_limits.max_bytes, 2 << 20);
+        assert_eq!(c.warm_limits.max_age, Duration::from_secs(168 * 3600));
         let c = Config::from_file(parse("pull_policy = \"never\"\n").unwrap(), &env);
         assert_eq!(
             (c.pull_policy, c.allowed_pull_policies),

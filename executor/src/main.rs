@@ -20,6 +20,7 @@ mod slot;
 mod snapshot;
 mod state;
 mod store;
+mod warm;
 
 use config::Config;
 use contract::{Contract, Failure};

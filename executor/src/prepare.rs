@@ -20,8 +20,10 @@ use crate::identity::Identity;
 use crate::launch::{self, Launch};
 use crate::pull;
 use crate::slot::{keep_across_exec, Slot};
+use crate::snapshot;
 use crate::state::{JobDir, Ownership};
 use crate::store;
+use crate::warm;
 
 /// Where the VM comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,12 +102,40 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         defaults::write(&job.dir.join(defaults::FILE), d)?;
     }
     let slot = Slot::claim(&config.state_dir, config.slots)?;
+    let warm = match &source {
+        Source::Image(image) => warm::for_image(config, image, slot.index)?,
+        Source::Snapshot { .. } => None,
+    };
+    // A warm snapshot of the image replaces the boot.
+    let (source, warm_restore) = match warm
+        .as_ref()
+        .and_then(|w| Some((w, w.ready(&config.image_store)?)))
+    {
+        Some((w, dir)) => (
+            Source::Snapshot {
+                name: w.name.clone(),
+                dir,
+            },
+            Some(w.image.clone()),
+        ),
+        None => (source, None),
+    };
     let launch = launch::launch(config, &job, &source, &identity, slot.index)?;
     let store_image = match &source {
-        Source::Image(image) if image.store.is_some() => Some(image.name.as_str()),
-        _ => None,
+        Source::Image(image) if image.store.is_some() => Some(image.name.clone()),
+        Source::Image(_) => None,
+        // What the snapshot was booted from, for the snapshots this job may take in turn.
+        Source::Snapshot { dir, .. } => {
+            std::fs::read_to_string(dir.join(launch::SNAPSHOT_IMAGE_FILE))
+                .ok()
+                .map(|n| n.trim().to_string())
+        }
     };
-    job.record_launch(slot.index, store_image, launch.jail_root.as_deref())?;
+    job.record_launch(
+        slot.index,
+        store_image.as_deref(),
+        launch.jail_root.as_deref(),
+    )?;
     let start = Instant::now();
     let mut child = spawn(config, &job, &launch, &slot)?;
     drop(slot); // the VM's kiln holds the slot from here on
@@ -131,9 +161,13 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
             make_job_dirs(config, &job, uid, gid);
         }
     }
-    let what = match &source {
-        Source::Image(i) => format!("booted image {:?}", i.name),
-        Source::Snapshot { name, .. } => format!("restored snapshot {name:?}"),
+    let ready_in = start.elapsed();
+    let what = match (&source, &warm_restore) {
+        (Source::Image(i), _) => format!("booted image {:?}", i.name),
+        (Source::Snapshot { .. }, Some(image)) => {
+            format!("restored the warm snapshot of image {image:?}")
+        }
+        (Source::Snapshot { name, .. }, None) => format!("restored snapshot {name:?}"),
     };
     let how = if launch.jail_root.is_some() {
         "jailed"
@@ -145,8 +179,11 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         config.memory_mib,
         config.vcpus,
         job.slot().map_or("?".to_string(), |s| s.to_string()),
-        start.elapsed().as_secs_f64()
+        ready_in.as_secs_f64()
     );
+    if let (Source::Image(image), Some(w)) = (&source, &warm) {
+        take_warm(config, &job, &identity, image, w);
+    }
     Ok(())
 }
 
@@ -281,5 +318,44 @@ fn make_job_dirs(config: &Config, job: &JobDir, uid: u32, gid: u32) {
             "kiln-gitlab: note: could not give {} and {} to the image's user {ids}: {e:#}",
             dirs[0], dirs[1]
         );
+    }
+}
+
+/// Snapshots the freshly booted VM as the warm snapshot of its image, and prunes the others.
+/// A failure is reported only: the job itself has its VM.
+fn take_warm(
+    config: &Config,
+    job: &JobDir,
+    identity: &Identity,
+    image: &store::Image,
+    w: &warm::Warm,
+) {
+    let gid = config.jail.as_ref().map_or(0, |jail| jail.gid);
+    let tag = format!("warm-job-{}", identity.job_id);
+    let taken = snapshot::take(job, &w.scope, &w.name, &tag, gid).and_then(|(_, took)| {
+        w.record()?;
+        Ok(took)
+    });
+    match taken {
+        Ok(took) => {
+            println!(
+                "kiln-gitlab: took the warm snapshot {} of image {:?} at agent-ready in {:.1} s; \
+                 later jobs on it start by restore",
+                w.name,
+                image.name,
+                took.as_secs_f64()
+            );
+            let removed = warm::prune(w, config.warm_limits);
+            if !removed.is_empty() {
+                println!(
+                    "kiln-gitlab: removed warm snapshots {} (replaced, unused or over the size limit)",
+                    removed.join(", ")
+                );
+            }
+        }
+        Err(e) => println!(
+            "kiln-gitlab: note: no warm snapshot of image {:?}: {e:#}",
+            image.name
+        ),
     }
 }

@@ -57,8 +57,9 @@ fn layers(tmp: &Path) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     ))
 }
 
-/// Job a pulls and runs in the image as its user; job b (if-not-present) uses the store's
-/// copy; a job on a tag the registry lacks fails in prepare with the registry's answer;
+/// Job a pulls and runs in the image as its user, and leaves a warm snapshot; job b
+/// (if-not-present) uses the store's copy and starts from that snapshot, sooner; a job on
+/// a tag the registry lacks fails in prepare with the registry's answer;
 /// a job on the image without bash fails naming it; an authenticated registry takes the
 /// job's DOCKER_AUTH_CONFIG and refuses a job without it.
 #[test]
@@ -173,6 +174,7 @@ cat >> "$KILN_GITLAB_CONFIG" <<EOF
 image_store = "$GL_ROOT/store"
 insecure_registries = ["127.0.0.1:5000", "127.0.0.1:5001"]
 allowed_pull_policies = ["always", "if-not-present"]
+warm_snapshots = true
 EOF
 export KILN_AGENT="$FILES/kiln-agent"
 for j in a b nope nobash noauth auth; do gl_job $j; done
@@ -215,10 +217,19 @@ for j in a b nope nobash noauth auth; do gl_log $j; done
     );
     ensure!(a.contains("home-writable"), "{a}");
 
+    ensure!(a.contains("took the warm snapshot"), "{a}");
     ensure!(value(c, "GL-EXIT-b") == Some("0"), "job b: {c}");
     let b = log("b");
     ensure!(!b.contains("pulled"), "if-not-present pulled again: {b}");
     ensure!(b.contains(&format!("b-runs-as={UID}")), "{b}");
+    // Job b starts from the warm snapshot job a took, and is ready sooner.
+    let booted = ready_secs(&a, "booted image")?;
+    let restored = ready_secs(&b, "restored the warm snapshot of image")?;
+    eprintln!("gitlab_pull: ready in {booted:.1} s booted, {restored:.1} s restored");
+    ensure!(
+        restored < booted,
+        "the warm restore ({restored} s) is not faster than the boot ({booted} s)"
+    );
 
     ensure!(
         value(c, "GL-PREPARE-nope") == Some("72 3"),
@@ -248,6 +259,11 @@ for j in a b nope nobash noauth auth; do gl_log $j; done
         auth_log.contains("the store had it") && auth_log.contains(&format!("auth-runs-as={UID}")),
         "{auth_log}"
     );
+    // The same disk under another reference: the same warm snapshot.
+    ensure!(
+        auth_log.contains("restored the warm snapshot"),
+        "{auth_log}"
+    );
     // One image per reference pulled; nothing of the failed pulls.
     let store = value(c, "GL-STORE").unwrap_or("");
     ensure!(
@@ -255,4 +271,17 @@ for j in a b nope nobash noauth auth; do gl_log $j; done
         "the store should hold bash:1 from each registry and nobash:1: {store}"
     );
     Ok(())
+}
+
+/// The seconds of the driver's "… in a kiln microVM (…) in N s" line that starts with `what`.
+fn ready_secs(log: &str, what: &str) -> Result<f64> {
+    let line = log
+        .lines()
+        .find(|l| l.contains(what) && l.contains("kiln microVM"))
+        .with_context(|| format!("no {what:?} line in: {log}"))?;
+    line.trim_end()
+        .strip_suffix(" s")
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no seconds in {line:?}"))
 }
