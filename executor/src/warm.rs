@@ -324,14 +324,14 @@ mod tests {
             max_bytes: u64::MAX,
             max_age: Duration::from_secs(7200),
         };
-        assert_eq!(prune(&new_a, roomy), [old_a.name.clone()]);
+        assert_eq!(prune(&new_a, roomy), vec![old_a.name.clone()]);
         let tight = Limits {
             max_bytes: 3 * (64 << 10) - 1,
             max_age: Duration::from_secs(7200),
         };
         assert_eq!(
             prune(&new_a, tight),
-            [d.name.clone()],
+            vec![d.name.clone()],
             "least recently used first"
         );
         assert!(b.dir().exists() && new_a.dir().exists());
@@ -339,7 +339,7 @@ mod tests {
             max_bytes: u64::MAX,
             max_age: Duration::from_secs(0),
         };
-        assert_eq!(prune(&new_a, short), [b.name.clone()]);
+        assert_eq!(prune(&new_a, short), vec![b.name.clone()]);
         assert!(new_a.dir().exists(), "the one just taken stays");
     }
 }
