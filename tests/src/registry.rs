@@ -78,6 +78,11 @@ impl Registry {
         }
     }
 
+    /// `127.0.0.1:PORT`, as references name it.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     /// One HTTP/1.1 request; status, head and body.
     fn http(
         &self,
