@@ -2,7 +2,9 @@
 //! named snapshot, detached from the driver so that it outlives this call (and a SIGKILL
 //! of any later one) until `cleanup` stops it. The job is who its job response says
 //! (`crate::identity`); its VM gets the lowest free slot (`crate::slot`) and runs jailed
-//! (`crate::launch`) unless the config says otherwise.
+//! (`crate::launch`) unless the config says otherwise. A registry image is pulled first
+//! (`crate::pull`); with warm snapshots on, a store image's VM is restored from its warm
+//! snapshot, or snapshotted at agent-ready for the jobs after it (`crate::warm`).
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
