@@ -68,8 +68,14 @@ for j in {warm}; do timed WARM $j; gl_log $j | grep -E 'booted|restored'; done
     }
     // Every timed warm job started by restore, every cold one by a boot.
     let restored = c.matches("restored the warm snapshot").count();
-    ensure!(restored == runs, "{restored} of {runs} warm jobs restored:\n{c}");
-    ensure!(c.contains("took the warm snapshot"), "no warm snapshot taken:\n{c}");
+    ensure!(
+        restored == runs,
+        "{restored} of {runs} warm jobs restored:\n{c}"
+    );
+    ensure!(
+        c.contains("took the warm snapshot"),
+        "no warm snapshot taken:\n{c}"
+    );
     let mut results = Vec::new();
     for (bench, samples, what) in [
         ("gitlab_job_cold", &cold_ms, "prepare boots the store image"),
@@ -82,24 +88,26 @@ for j in {warm}; do timed WARM $j; gl_log $j | grep -E 'booted|restored'; done
         let mut extra = Map::new();
         extra.insert(
             "what".into(),
-            format!("a GitLab job through kiln-gitlab (harness, jailed, 9 stages): {what}")
-                .into(),
+            format!("a GitLab job through kiln-gitlab (harness, jailed, 9 stages): {what}").into(),
         );
         extra.insert(
             "guest".into(),
             "busybox + bash store image, guest vmlinux, 1 vCPU, 256 MiB".into(),
         );
         extra.insert("clock".into(), clock.clone().into());
-        results.push(stats::result(bench, runner.path_name(), "ms", samples, extra));
+        results.push(stats::result(
+            bench,
+            runner.path_name(),
+            "ms",
+            samples,
+            extra,
+        ));
     }
     Ok(results)
 }
 
 /// A store image of busybox and a static bash (what stage scripts need), imported here.
-fn image(
-    bins: &StaticBinaries,
-    dir: &std::path::Path,
-) -> Result<kiln_tests::images::StoreImage> {
+fn image(bins: &StaticBinaries, dir: &std::path::Path) -> Result<kiln_tests::images::StoreImage> {
     let bb = kiln_tests::busybox::busybox()?;
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("bin"))?;

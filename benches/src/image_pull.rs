@@ -68,8 +68,7 @@ pub fn run(bins: &StaticBinaries, runs: usize) -> Result<Vec<Value>> {
     let mut extra = Map::new();
     extra.insert(
         "what".into(),
-        "kiln image pull from a loopback registry into an empty store, to a bootable ext4"
-            .into(),
+        "kiln image pull from a loopback registry into an empty store, to a bootable ext4".into(),
     );
     extra.insert(
         "layer_mib".into(),
@@ -110,8 +109,5 @@ fn layers(dir: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
         bytes.extend_from_slice(&x.to_le_bytes());
     }
     std::fs::write(data.join("srv/data.bin"), &bytes)?;
-    Ok((
-        registry::layer(&base, 0, 0)?,
-        registry::layer(&data, 0, 0)?,
-    ))
+    Ok((registry::layer(&base, 0, 0)?, registry::layer(&data, 0, 0)?))
 }

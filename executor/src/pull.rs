@@ -262,13 +262,19 @@ impl Puller for KilnPull<'_> {
             .output()
             .map_err(|e| format!("cannot run {}: {e}", self.kiln.display()))?;
         if !out.status.success() {
+            // kiln's error line; anything else (a crash) in full, bounded.
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let said = stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(|l| l.trim_start_matches("kiln: error: ").to_string())
-                .unwrap_or_else(|| format!("kiln image pull exited with {}", out.status));
+            let said = match stderr.lines().find_map(|l| l.strip_prefix("kiln: error: ")) {
+                Some(line) => line.to_string(),
+                None if stderr.trim().is_empty() => {
+                    format!("kiln image pull exited with {}", out.status)
+                }
+                None => format!(
+                    "kiln image pull exited with {}: {}",
+                    out.status,
+                    stderr.trim().chars().take(2000).collect::<String>()
+                ),
+            };
             return Err(said);
         }
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

@@ -98,6 +98,12 @@ fn gitlab_job_pulls_its_image_and_runs_with_its_defaults() -> Result<()> {
         "hostroot/etc/mke2fs.conf".into(),
         std::fs::read("/etc/mke2fs.conf")?,
     ));
+    // kiln's registry client wants the system's CA certificates even for plain HTTP.
+    let certs = "/etc/ssl/certs/ca-certificates.crt";
+    files.push((
+        format!("hostroot{certs}"),
+        std::fs::read(certs).context("Debian's ca-certificates")?,
+    ));
     files.push(("kiln-agent".into(), std::fs::read(&bins.kiln_agent)?));
     let htpasswd = std::process::Command::new("htpasswd")
         .args(["-Bbn", "ci", "s3cret"])

@@ -180,6 +180,8 @@ pub enum PullError {
     BadArchive { path: PathBuf, reason: String },
     #[error("cannot start the network runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot set up the registry client: {0} (a host without CA certificates needs Debian's ca-certificates, even for --insecure-registry)")]
+    Client(String),
 }
 
 /// What a pull did.
@@ -214,8 +216,7 @@ pub fn pull(store: &Store, spec: &PullSpec) -> Result<Pulled, PullError> {
     };
     check_name(&name)?;
     let credentials = auth::lookup(reference.registry())?;
-    let registry = Registry::new(&spec.insecure, &spec.platform, credentials.as_ref())
-        .map_err(PullError::Runtime)?;
+    let registry = Registry::new(&spec.insecure, &spec.platform, credentials.as_ref())?;
     let whole = reference.whole();
     let failed = |e: RegistryError| {
         let host = reference.registry();
