@@ -63,6 +63,7 @@ pub fn source(config: &Config, contract: &Contract, identity: &Identity) -> Resu
             store: &config.image_store,
             insecure: &config.insecure_registries,
             auth_config: contract.var("DOCKER_AUTH_CONFIG"),
+            jail_gid: config.jail.as_ref().map(|jail| jail.gid),
         };
         pull::resolve(
             &config.image_store,
