@@ -6,6 +6,8 @@ mod blk;
 mod boot;
 mod empty_job;
 mod fork;
+mod gitlab_job;
+mod image_pull;
 mod kernel;
 mod kiln_process;
 mod nesting;
@@ -70,6 +72,12 @@ struct Args {
     /// (at least 3 for a median).
     #[arg(long, default_value_t = 3)]
     nesting_runs: usize,
+    /// Jobs to time for each of `gitlab_job_cold` and `gitlab_job_warm`.
+    #[arg(long, default_value_t = 3)]
+    gitlab_runs: usize,
+    /// Pulls to time for `image_pull` (at least 3 for a median).
+    #[arg(long, default_value_t = 3)]
+    pull_runs: usize,
 }
 
 fn main() -> Result<()> {
@@ -237,6 +245,22 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(nesting::run(&runner, args.nesting_runs)?);
+    }
+    if wanted("gitlab_job_cold") || wanted("gitlab_job_warm") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench gitlab_job_cold, gitlab_job_warm: {} jobs each, {}",
+            args.gitlab_runs,
+            runner.describe()
+        );
+        results.extend(gitlab_job::run(&runner, &bins, args.gitlab_runs)?);
+    }
+    if wanted("image_pull") {
+        eprintln!(
+            "bench image_pull: {} pulls of a ~50 MiB image from a loopback registry, direct",
+            args.pull_runs
+        );
+        results.extend(image_pull::run(&bins, args.pull_runs)?);
     }
     for r in &results {
         println!("{r}");

@@ -72,6 +72,21 @@ pub struct ConfigFile {
     /// `START:COUNT`: the uids jails take one each (`kiln jail --uid-range`). Default:
     /// `kiln jail`'s own range.
     pub jail_uid_range: Option<String>,
+    /// When a job's registry image is pulled (`crate::pull`): `always`, `if-not-present`,
+    /// `never`, or a list of them tried in order. Default `always`, as GitLab's Docker
+    /// executor.
+    pub pull_policy: Option<crate::pull::Policies>,
+    /// The policies a job may choose with `image: pull_policy:`. Default: `pull_policy`'s.
+    pub allowed_pull_policies: Option<Vec<crate::pull::PullPolicy>>,
+    /// Registries (`HOST[:PORT]`) pulled from over plain HTTP. Default: none.
+    pub insecure_registries: Option<Vec<String>>,
+    /// Snapshot each store image's VM at agent-ready and start later jobs on that image by
+    /// restoring it (`crate::warm`). Default false.
+    pub warm_snapshots: Option<bool>,
+    /// The disk space warm snapshots may take together, in MiB. Default 16384.
+    pub warm_snapshots_max_mib: Option<u64>,
+    /// How long an unused warm snapshot is kept, in hours. Default 168.
+    pub warm_snapshots_max_age_hours: Option<u64>,
 }
 
 /// The default group of jailed VMMs: a number no account uses, like `kiln jail`'s uids.
@@ -109,6 +124,11 @@ pub struct Config {
     pub slots: u32,
     /// `None`: VMs run unjailed (`jail = false`).
     pub jail: Option<JailConfig>,
+    pub pull_policy: Vec<crate::pull::PullPolicy>,
+    pub allowed_pull_policies: Vec<crate::pull::PullPolicy>,
+    pub insecure_registries: Vec<String>,
+    pub warm_snapshots: bool,
+    pub warm_limits: crate::warm::Limits,
 }
 
 impl Config {
@@ -141,7 +161,28 @@ impl Config {
             .images_dir
             .unwrap_or_else(|| "/var/lib/kiln-gitlab/images".into());
         let default_image = f.default_image.unwrap_or_else(|| "default".into());
+        let pull_policy = f
+            .pull_policy
+            .map(crate::pull::Policies::into_vec)
+            .unwrap_or_else(|| vec![crate::pull::PullPolicy::Always]);
         Config {
+            allowed_pull_policies: f
+                .allowed_pull_policies
+                .unwrap_or_else(|| pull_policy.clone()),
+            pull_policy,
+            insecure_registries: f.insecure_registries.unwrap_or_default(),
+            warm_snapshots: f.warm_snapshots.unwrap_or(false),
+            warm_limits: crate::warm::Limits {
+                max_bytes: f
+                    .warm_snapshots_max_mib
+                    .unwrap_or(16384)
+                    .saturating_mul(1 << 20),
+                max_age: Duration::from_secs(
+                    f.warm_snapshots_max_age_hours
+                        .unwrap_or(168)
+                        .saturating_mul(3600),
+                ),
+            },
             kiln: f.kiln.unwrap_or_else(|| default_kiln(env.exe.as_deref())),
             state_dir,
             image_store: f
@@ -209,6 +250,9 @@ fn parse(text: &str) -> Result<ConfigFile> {
     }
     if file.jail_uid == Some(0) || file.jail_gid == Some(0) {
         bail!("jail_uid and jail_gid must not be 0: jailed VMMs run unprivileged");
+    }
+    if matches!(&file.pull_policy, Some(crate::pull::Policies::Many(v)) if v.is_empty()) {
+        bail!("pull_policy must name at least one policy");
     }
     if file.jail_uid.is_some() && file.jail_uid_range.is_some() {
         bail!("jail_uid and jail_uid_range exclude each other: one fixed uid, or one per jail");
@@ -278,6 +322,35 @@ mod tests {
         );
         let c = Config::from_file(parse("jail_uid_range = \"5000:10\"\n").unwrap(), &env);
         assert_eq!(c.jail.unwrap().uid_range.as_deref(), Some("5000:10"));
+        use crate::pull::PullPolicy::*;
+        assert_eq!(
+            (c.pull_policy, c.allowed_pull_policies),
+            (vec![Always], vec![Always])
+        );
+        let c = Config::from_file(
+            parse(
+                "pull_policy = [\"always\", \"if-not-present\"]\n\
+                 allowed_pull_policies = [\"never\"]\ninsecure_registries = [\"127.0.0.1:5000\"]\n",
+            )
+            .unwrap(),
+            &env,
+        );
+        assert_eq!(c.pull_policy, [Always, IfNotPresent]);
+        assert_eq!(c.allowed_pull_policies, [Never]);
+        assert_eq!(c.insecure_registries, ["127.0.0.1:5000"]);
+        assert!(!c.warm_snapshots);
+        let c = Config::from_file(
+            parse("warm_snapshots = true\nwarm_snapshots_max_mib = 2\n").unwrap(),
+            &env,
+        );
+        assert!(c.warm_snapshots);
+        assert_eq!(c.warm_limits.max_bytes, 2 << 20);
+        assert_eq!(c.warm_limits.max_age, Duration::from_secs(168 * 3600));
+        let c = Config::from_file(parse("pull_policy = \"never\"\n").unwrap(), &env);
+        assert_eq!(
+            (c.pull_policy, c.allowed_pull_policies),
+            (vec![Never], vec![Never])
+        );
     }
 
     #[test]
@@ -289,5 +362,7 @@ mod tests {
         assert!(parse("jail_uid = 9\njail_uid_range = \"5000:10\"\n").is_err());
         assert!(parse("jail = \"no\"\n").is_err());
         assert!(parse("memory_mib = \"big\"\n").is_err());
+        assert!(parse("pull_policy = \"sometimes\"\n").is_err());
+        assert!(parse("pull_policy = []\n").is_err());
     }
 }

@@ -9,15 +9,18 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod contract;
+mod defaults;
 mod identity;
 mod launch;
 mod nesting;
 mod prepare;
+mod pull;
 mod run;
 mod slot;
 mod snapshot;
 mod state;
 mod store;
+mod warm;
 
 use config::Config;
 use contract::{Contract, Failure};

@@ -2,7 +2,9 @@
 //! named snapshot, detached from the driver so that it outlives this call (and a SIGKILL
 //! of any later one) until `cleanup` stops it. The job is who its job response says
 //! (`crate::identity`); its VM gets the lowest free slot (`crate::slot`) and runs jailed
-//! (`crate::launch`) unless the config says otherwise.
+//! (`crate::launch`) unless the config says otherwise. A registry image is pulled first
+//! (`crate::pull`); with warm snapshots on, a store image's VM is restored from its warm
+//! snapshot, or snapshotted at agent-ready for the jobs after it (`crate::warm`).
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -15,11 +17,15 @@ use kiln_agent::protocol::AGENT_PORT;
 
 use crate::config::Config;
 use crate::contract::Contract;
+use crate::defaults;
 use crate::identity::Identity;
 use crate::launch::{self, Launch};
+use crate::pull;
 use crate::slot::{keep_across_exec, Slot};
+use crate::snapshot;
 use crate::state::{JobDir, Ownership};
 use crate::store;
+use crate::warm;
 
 /// Where the VM comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +54,26 @@ pub fn source(config: &Config, contract: &Contract, identity: &Identity) -> Resu
         store_kernel: &config.image_kernel,
         default: &config.default_image,
     };
-    Ok(Source::Image(store::image(&sources, contract)?))
+    let pull = |reference: &str| -> Result<String> {
+        let job = pull::response_policies(contract.job_response_file.as_deref())?;
+        let policies =
+            pull::job_policies(&config.pull_policy, &config.allowed_pull_policies, &job)?;
+        let kiln = pull::KilnPull {
+            kiln: &config.kiln,
+            store: &config.image_store,
+            insecure: &config.insecure_registries,
+            auth_config: contract.var("DOCKER_AUTH_CONFIG"),
+            jail_gid: config.jail.as_ref().map(|jail| jail.gid),
+        };
+        pull::resolve(
+            &config.image_store,
+            &pull::lock_dir(&config.state_dir),
+            reference,
+            &policies,
+            &kiln,
+        )
+    };
+    Ok(Source::Image(store::image(&sources, contract, &pull)?))
 }
 
 pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
@@ -68,14 +93,52 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
     if let Some(note) = jail_copies_the_disk(config, &source) {
         println!("kiln-gitlab: note: {note}");
     }
+    let image_defaults = match &source {
+        Source::Image(image) if image.store.is_some() => {
+            defaults::of_store_image(&config.image_store, &image.name)?
+        }
+        Source::Snapshot { dir, .. } => defaults::of_file(&dir.join(defaults::FILE))?,
+        Source::Image(_) => None,
+    };
     job.create(&identity)?;
+    if let Some(d) = &image_defaults {
+        defaults::write(&job.dir.join(defaults::FILE), d)?;
+    }
     let slot = Slot::claim(&config.state_dir, config.slots)?;
+    let warm = match &source {
+        Source::Image(image) => warm::for_image(config, image, slot.index)?,
+        Source::Snapshot { .. } => None,
+    };
+    // A warm snapshot of the image replaces the boot.
+    let (source, warm_restore) = match warm
+        .as_ref()
+        .and_then(|w| Some((w, w.ready(&config.image_store)?)))
+    {
+        Some((w, dir)) => (
+            Source::Snapshot {
+                name: w.name.clone(),
+                dir,
+            },
+            Some(w.image.clone()),
+        ),
+        None => (source, None),
+    };
     let launch = launch::launch(config, &job, &source, &identity, slot.index)?;
     let store_image = match &source {
-        Source::Image(image) if image.store.is_some() => Some(image.name.as_str()),
-        _ => None,
+        Source::Image(image) if image.store.is_some() => Some(image.name.clone()),
+        Source::Image(_) => None,
+        // What the snapshot was booted from, for the snapshots this job may take in turn.
+        Source::Snapshot { dir, .. } => {
+            std::fs::read_to_string(dir.join(launch::SNAPSHOT_IMAGE_FILE))
+                .ok()
+                .map(|n| n.trim().to_string())
+        }
     };
-    job.record_launch(slot.index, store_image, launch.jail_root.as_deref())?;
+    job.record_launch(
+        slot.index,
+        store_image.as_deref(),
+        launch.jail_root.as_deref(),
+    )?;
     let start = Instant::now();
     let mut child = spawn(config, &job, &launch, &slot)?;
     drop(slot); // the VM's kiln holds the slot from here on
@@ -97,10 +160,17 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         // A fresh guest's clock starts at the RTC-less epoch; give it the host's time and
         // some entropy (a restore does this itself).
         refresh(&job).context("setting the new guest's clock")?;
+        if let Some((uid, gid)) = image_defaults.as_ref().and_then(|d| d.non_root()) {
+            make_job_dirs(config, &job, uid, gid);
+        }
     }
-    let what = match &source {
-        Source::Image(i) => format!("booted image {:?}", i.name),
-        Source::Snapshot { name, .. } => format!("restored snapshot {name:?}"),
+    let ready_in = start.elapsed();
+    let what = match (&source, &warm_restore) {
+        (Source::Image(i), _) => format!("booted image {:?}", i.name),
+        (Source::Snapshot { .. }, Some(image)) => {
+            format!("restored the warm snapshot of image {image:?}")
+        }
+        (Source::Snapshot { name, .. }, None) => format!("restored snapshot {name:?}"),
     };
     let how = if launch.jail_root.is_some() {
         "jailed"
@@ -112,8 +182,11 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         config.memory_mib,
         config.vcpus,
         job.slot().map_or("?".to_string(), |s| s.to_string()),
-        start.elapsed().as_secs_f64()
+        ready_in.as_secs_f64()
     );
+    if let (Source::Image(image), Some(w)) = (&source, &warm) {
+        take_warm(config, &job, &identity, image, w);
+    }
     Ok(())
 }
 
@@ -214,4 +287,78 @@ fn refresh(job: &JobDir) -> Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
     client.add_entropy(&entropy)?;
     Ok(())
+}
+
+/// The builds and cache directories, owned by the image's user that stages run as (they
+/// run as root otherwise, who needs none made). Only reported if it fails: the image may
+/// lack `mkdir` or `chown`, and the job's own stages then say what they cannot write.
+fn make_job_dirs(config: &Config, job: &JobDir, uid: u32, gid: u32) {
+    let dirs = [config.builds_dir.as_str(), config.cache_dir.as_str()];
+    let ids = format!("{uid}:{gid}");
+    let made =
+        Client::connect_with_timeout(&job.vsock(), AGENT_PORT, Some(Duration::from_secs(10)))
+            .map_err(anyhow::Error::from)
+            .and_then(|mut client| {
+                for argv in [
+                    ["mkdir", "-p", dirs[0], dirs[1]],
+                    ["chown", ids.as_str(), dirs[0], dirs[1]],
+                ] {
+                    let req = kiln_agent::protocol::ExecRequest::new(argv);
+                    let (mut out, mut err) = (Vec::new(), Vec::new());
+                    let status = client.exec(&req, &mut out, &mut err)?;
+                    if status.shell_code() != 0 {
+                        bail!(
+                            "{}: {}",
+                            argv.join(" "),
+                            String::from_utf8_lossy(&err).trim()
+                        );
+                    }
+                }
+                Ok(())
+            });
+    if let Err(e) = made {
+        println!(
+            "kiln-gitlab: note: could not give {} and {} to the image's user {ids}: {e:#}",
+            dirs[0], dirs[1]
+        );
+    }
+}
+
+/// Snapshots the freshly booted VM as the warm snapshot of its image, and prunes the others.
+/// A failure is reported only: the job itself has its VM.
+fn take_warm(
+    config: &Config,
+    job: &JobDir,
+    identity: &Identity,
+    image: &store::Image,
+    w: &warm::Warm,
+) {
+    let gid = config.jail.as_ref().map_or(0, |jail| jail.gid);
+    let tag = format!("warm-job-{}", identity.job_id);
+    let taken = snapshot::take(job, &w.scope, &w.name, &tag, gid).and_then(|(_, took)| {
+        w.record()?;
+        Ok(took)
+    });
+    match taken {
+        Ok(took) => {
+            println!(
+                "kiln-gitlab: took the warm snapshot {} of image {:?} at agent-ready in {:.1} s; \
+                 later jobs on it start by restore",
+                w.name,
+                image.name,
+                took.as_secs_f64()
+            );
+            let removed = warm::prune(w, config.warm_limits);
+            if !removed.is_empty() {
+                println!(
+                    "kiln-gitlab: removed warm snapshots {} (replaced, unused or over the size limit)",
+                    removed.join(", ")
+                );
+            }
+        }
+        Err(e) => println!(
+            "kiln-gitlab: note: no warm snapshot of image {:?}: {e:#}",
+            image.name
+        ),
+    }
 }

@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use kiln_agent::client::{connect_ready, Client, ExecIo};
+use kiln_agent::client::{connect_ready, Client, ClientError, ExecIo};
 use kiln_agent::protocol::{ExecRequest, SignalTarget, StdinMode, AGENT_PORT};
 
 use crate::config::Config;
 use crate::contract::{Contract, Failure};
+use crate::defaults;
 use crate::identity::Identity;
 use crate::snapshot;
 use crate::state::JobDir;
@@ -56,6 +57,9 @@ pub fn run(
     let cancel = Cancel::install(&job, config.kill_grace)?;
     let mut request = ExecRequest::new([config.shell.as_str()]);
     request.stdin = StdinMode::Pipe;
+    if let Some(d) = defaults::of_file(&job.dir.join(defaults::FILE))? {
+        d.apply(&mut request);
+    }
     let mut stdin = Cursor::new(script);
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let exec_id = cancel.exec_id.clone();
@@ -83,11 +87,21 @@ pub fn run(
         eprintln!("kiln-gitlab: stage {stage} cancelled (signal {signo})");
         return Err(Failure::Cancelled(signo));
     }
-    let status = result.map_err(|e| {
-        anyhow!(e).context(format!(
-            "the guest agent stopped answering during stage {stage}"
-        ))
-    })?;
+    let status = match result {
+        Ok(status) => status,
+        Err(ClientError::Remote(message))
+            if message.starts_with(&format!("{}: command not found", config.shell)) =>
+        {
+            return Err(missing_shell(config, contract, stage, &message));
+        }
+        Err(e) => {
+            return Err(anyhow!(e)
+                .context(format!(
+                    "the guest agent stopped answering during stage {stage}"
+                ))
+                .into())
+        }
+    };
     let code = status.shell_code();
     if code == 0 {
         if contract.var("KILN_SNAPSHOT_AFTER") == Some(stage) {
@@ -103,6 +117,22 @@ pub fn run(
             .with_context(|| format!("cannot write the exit code to {}", file.display()))?;
     }
     Err(Failure::Build(code))
+}
+
+/// The image has no shell to run the stage's script with: a failure of the job's choice of
+/// image (a build failure, code 127 as a shell's for a missing command), said in the job log.
+fn missing_shell(config: &Config, contract: &Contract, stage: &str, message: &str) -> Failure {
+    let image = contract.var("CI_JOB_IMAGE").unwrap_or("the job's image");
+    eprintln!(
+        "kiln-gitlab: the image {image} has no `{shell}` ({message}): kiln-gitlab runs every \
+         stage's script ({stage} first) with {shell}; use an image that has {shell}, or add it \
+         to this one",
+        shell = config.shell
+    );
+    if let Some(file) = &contract.build_exit_code_file {
+        let _ = std::fs::write(file, "127\n");
+    }
+    Failure::Build(127)
 }
 
 /// The group a jailed VM's snapshot is made readable by (unused when not jailed).

@@ -69,6 +69,14 @@ pub fn take(
             return Err(e);
         }
     }
+    // A restored job runs with the defaults of the image its VM was booted from.
+    let kept = job.dir.join(crate::defaults::FILE);
+    if kept.is_file() {
+        if let Err(e) = std::fs::copy(&kept, tmp.join(crate::defaults::FILE)) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e).context("cannot keep the image's defaults with the snapshot");
+        }
+    }
     let dest = scope.join(name);
     let old = scope.join(format!(".old-{name}-{tag}"));
     let had_old = std::fs::rename(&dest, &old).is_ok();

@@ -66,47 +66,85 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The image the job asks for (`CI_JOB_IMAGE`), else the default: a kernel image
-/// directory if there is one of that name, else an image of kiln's store.
-pub fn image(sources: &ImageSources, contract: &Contract) -> Result<Image> {
+/// The image the job asks for (`CI_JOB_IMAGE`), else the default, looked up in this order:
+/// a kernel image directory of that name, an image of kiln's store of that name, else a
+/// registry reference that `pull` brings into the store (`crate::pull`), returning the
+/// store name it has there.
+pub fn image(
+    sources: &ImageSources,
+    contract: &Contract,
+    pull: &dyn Fn(&str) -> Result<String>,
+) -> Result<Image> {
     let name = contract.var("CI_JOB_IMAGE").unwrap_or(sources.default);
-    check_name("image", name)?;
-    let dir = sources.images_dir.join(name);
-    if is_image(&dir) {
-        let file = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
-        return Ok(Image {
-            name: name.to_string(),
-            kernel: file("kernel"),
-            initrd: file("initrd"),
-            vm_config: file("vm.toml"),
-            store: None,
-        });
-    }
-    if is_store_image(&sources.store.join(name)) {
-        if !sources.store_kernel.is_file() {
-            bail!(
-                "image {name:?} is in the kiln image store {}, but the kernel to boot it, {}, \
-                 is missing: set image_kernel in the driver config",
-                sources.store.display(),
-                sources.store_kernel.display()
-            );
+    let plain = check_name("image", name);
+    if plain.is_ok() {
+        let dir = sources.images_dir.join(name);
+        if is_image(&dir) {
+            let file = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
+            return Ok(Image {
+                name: name.to_string(),
+                kernel: file("kernel"),
+                initrd: file("initrd"),
+                vm_config: file("vm.toml"),
+                store: None,
+            });
         }
-        return Ok(Image {
-            name: name.to_string(),
-            kernel: Some(sources.store_kernel.to_owned()),
-            initrd: None,
-            vm_config: None,
-            store: Some(sources.store.to_owned()),
-        });
+        if is_store_image(&sources.store.join(name)) {
+            return store_image(sources, name);
+        }
     }
-    bail!(
-        "no guest image {name:?} in {} (kernel images: {}) or in the kiln image store {} \
-         (images: {})",
-        sources.images_dir.display(),
-        listing(sources.images_dir, is_image),
-        sources.store.display(),
-        listing(sources.store, is_store_image)
-    )
+    let not_here = || {
+        format!(
+            "no guest image {name:?} in {} (kernel images: {}) or in the kiln image store {} \
+             (images: {})",
+            sources.images_dir.display(),
+            listing(sources.images_dir, is_image),
+            sources.store.display(),
+            listing(sources.store, is_store_image)
+        )
+    };
+    if !is_reference(name) {
+        plain?;
+        bail!("{}", not_here());
+    }
+    match pull(name) {
+        Ok(stored) => store_image(sources, &stored),
+        Err(e) => bail!("{}, and it could not be pulled: {e:#}", not_here()),
+    }
+}
+
+/// Image `name` of kiln's store, booted with the store kernel.
+fn store_image(sources: &ImageSources, name: &str) -> Result<Image> {
+    if !sources.store_kernel.is_file() {
+        bail!(
+            "image {name:?} is in the kiln image store {}, but the kernel to boot it, {}, \
+             is missing: set image_kernel in the driver config",
+            sources.store.display(),
+            sources.store_kernel.display()
+        );
+    }
+    Ok(Image {
+        name: name.to_string(),
+        kernel: Some(sources.store_kernel.to_owned()),
+        initrd: None,
+        vm_config: None,
+        store: Some(sources.store.to_owned()),
+    })
+}
+
+/// Whether `name` can be an image reference (`[REGISTRY/]REPOSITORY[:TAG][@DIGEST]`): the
+/// characters those use, and no path tricks (`..`, a leading or doubled `/`), so that what
+/// reaches `kiln image pull` is a reference or a clear refusal, never a path.
+pub fn is_reference(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 512
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@'))
+        && !name
+            .split('/')
+            .any(|part| part.is_empty() || part == ".." || part == ".")
 }
 
 /// The snapshot store of the job's project and ref protection:
@@ -194,7 +232,8 @@ mod tests {
             store_kernel: &kernel,
             default: "default",
         };
-        let image = |c: &Contract| image(&sources, c);
+        let no_pull = |r: &str| -> Result<String> { bail!("registry unreachable for {r}") };
+        let image = |c: &Contract| image(&sources, c, &no_pull);
         let img = image(&contract(&[])).unwrap();
         assert_eq!(img.name, "default");
         assert!(img.initrd.is_some());
@@ -209,7 +248,31 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("(images: deb)"), "{err}");
-        assert!(image(&contract(&[("CI_JOB_IMAGE", "../etc")])).is_err());
+        assert!(
+            err.to_string()
+                .contains("could not be pulled: registry unreachable for ubuntu"),
+            "{err}"
+        );
+        let err = image(&contract(&[("CI_JOB_IMAGE", "../etc")])).unwrap_err();
+        assert!(!err.to_string().contains("pulled"), "{err}");
+        // A reference is pulled (here: made up) and booted from the store.
+        let pulled = |r: &str| -> Result<String> {
+            assert_eq!(r, "127.0.0.1:5000/tools/deb:1");
+            Ok("deb".to_string())
+        };
+        let img = super::image(
+            &sources,
+            &contract(&[("CI_JOB_IMAGE", "127.0.0.1:5000/tools/deb:1")]),
+            &pulled,
+        )
+        .unwrap();
+        assert_eq!(
+            (img.name.as_str(), img.store.as_deref()),
+            ("deb", Some(store.as_path()))
+        );
+        for bad in ["a//b", "a/../b", "/abs", "a b", "a/./b"] {
+            assert!(!is_reference(bad), "{bad}");
+        }
         let img = image(&contract(&[("CI_JOB_IMAGE", "deb")])).unwrap();
         assert_eq!(img.store.as_deref(), Some(store.as_path()));
         assert_eq!(img.kernel.as_deref(), Some(kernel.as_path()));
@@ -217,7 +280,8 @@ mod tests {
             store_kernel: Path::new("/nonexistent/kernel"),
             ..sources
         };
-        let err = super::image(&no_kernel, &contract(&[("CI_JOB_IMAGE", "deb")])).unwrap_err();
+        let err =
+            super::image(&no_kernel, &contract(&[("CI_JOB_IMAGE", "deb")]), &no_pull).unwrap_err();
         assert!(err.to_string().contains("image_kernel"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

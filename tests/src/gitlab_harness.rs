@@ -62,6 +62,9 @@ pub struct Job {
     pub yaml: Vec<(String, String)>,
     /// Commands per stage; a stage without an entry prints `stage-output <job> <stage>`.
     pub stages: Vec<(String, Vec<String>)>,
+    /// `image: pull_policy:` of the job's `.gitlab-ci.yml` (the job response's
+    /// `image.pull_policy`); empty: none.
+    pub pull_policy: Vec<String>,
 }
 
 impl Job {
@@ -88,7 +91,14 @@ impl Job {
             predefined,
             yaml: Vec::new(),
             stages: Vec::new(),
+            pull_policy: Vec::new(),
         }
+    }
+
+    /// Sets the job's `image: pull_policy:`.
+    pub fn pull_policy(mut self, policies: &[&str]) -> Job {
+        self.pull_policy = policies.iter().map(|p| p.to_string()).collect();
+        self
     }
 
     /// Sets (or replaces) a job variable of the job's own, as `variables:` in
@@ -149,7 +159,13 @@ impl Job {
                                    "file": false, "masked": false, "raw": false})
             })
             .collect();
+        let image = self
+            .yaml
+            .iter()
+            .find(|(k, _)| k == "CI_JOB_IMAGE")
+            .map_or("", |(_, v)| v.as_str());
         serde_json::json!({
+            "image": {"name": image, "pull_policy": self.pull_policy},
             "id": self.id,
             "token": self.token,
             "allow_git_fetch": true,

@@ -48,6 +48,20 @@ pub fn add_to<W: Write>(archive: &mut cpio::Writer<W>) -> Result<()> {
     Ok(())
 }
 
+/// A program of this machine for one test's test bed only: `binary` as `<prefix><at>` and
+/// the libraries `ldd` lists for it under `<prefix>` at their paths here, as `files`
+/// entries; the test's script installs them with `cp -a "$FILES/<prefix>/." /`.
+pub fn program_files(binary: &Path, at: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = vec![(format!("{prefix}{at}"), read(binary)?)];
+    for lib in libraries(binary)? {
+        let path = lib
+            .to_str()
+            .with_context(|| format!("{lib:?} is not UTF-8"))?;
+        files.push((format!("{prefix}{path}"), read(&lib)?));
+    }
+    Ok(files)
+}
+
 fn find(name: &str) -> Option<PathBuf> {
     SEARCH
         .iter()

@@ -15,6 +15,7 @@ mod nested;
 pub mod output;
 pub mod process;
 pub mod qemu;
+pub mod registry;
 pub mod shell;
 pub mod soak;
 pub mod testbed;

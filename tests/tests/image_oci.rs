@@ -1,7 +1,8 @@
 //! An image made from container layers boots: a busybox root filesystem in two layers —
 //! the upper one deleting a file with a whiteout and replacing another — saved the way
 //! `docker save` writes it, brought into a store with `kiln image import` (the layer path
-//! `kiln image pull` uses), and run as a job in the test bed.
+//! `kiln image pull` uses), and run as a job in the test bed, with the image config's Env
+//! and WorkingDir as the job's defaults.
 
 use std::process::Command;
 use std::time::Duration;
@@ -56,7 +57,7 @@ fn image_oci_layers_boot_and_run_a_job() -> Result<()> {
     tar(&upper, &save.join("upper.tar"))?;
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "config": {"Env": ["PATH=/bin", "IMAGE_VAR=from-the-image"], "WorkingDir": "/etc"},
     });
     std::fs::write(save.join("config.json"), config.to_string())?;
     let manifest = serde_json::json!([{
@@ -79,6 +80,7 @@ fn image_oci_layers_boot_and_run_a_job() -> Result<()> {
         r#"
 cat > job.sh <<'JOB'
 cat /etc/marker; ls /etc/gone 2>/dev/null || echo gone; ls /sbin/kiln-agent
+echo "$IMAGE_VAR in $(pwd)"
 JOB
 "$KILN" job --kernel "$GUEST_VMLINUX" --image {name} --store "$FILES/store" --memory 256 \
   --script job.sh > job.out 2> job.err
@@ -95,7 +97,7 @@ echo "--- job stderr"; cat job.err
         "the job failed: {console}"
     );
     ensure!(
-        value(&console, "KILN-OUT") == Some("upper|gone|/sbin/kiln-agent|"),
+        value(&console, "KILN-OUT") == Some("upper|gone|/sbin/kiln-agent|from-the-image in /etc|"),
         "job output: {console}"
     );
     Ok(())

@@ -269,6 +269,15 @@ fn raw_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
     b.append(&h, data).unwrap();
 }
 
+/// A hard link whose target is written as is (the builder refuses `..` and absolute ones).
+fn raw_link(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+    let mut h = header(tar::EntryType::Link, 0o644, 0);
+    h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+    h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();
@@ -853,6 +862,20 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
         }),
         tar(|b| raw_file(b, "../escaped", b"escaped\n")),
         tar(|b| raw_file(b, "/etc/passwd", b"escaped\n")),
+        // A relative symlink that climbs out, then a write through it.
+        tar(|b| {
+            let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+            b.append_link(&mut h, "up", "../../../../../../..").unwrap();
+            file(b, "up/escaped", b"escaped\n");
+        }),
+        // Hard links to a file outside: by `..`, by an absolute path, through a symlink.
+        tar(|b| raw_link(b, "pw", "../../../../../../../etc/passwd")),
+        tar(|b| raw_link(b, "pw", "/etc/passwd")),
+        tar(|b| {
+            let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+            b.append_link(&mut h, "e", "/etc").unwrap();
+            raw_link(b, "pw", "e/passwd");
+        }),
     ];
     for (i, layer) in escapes.into_iter().enumerate() {
         let repo = format!("escape{i}");
@@ -868,6 +891,26 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
         assert!(line.contains("must not write outside"), "{line}");
         store_is_empty(&store);
     }
+    // A symlink out of the root in one layer, a write through it in the next.
+    let lower = tar(|b| {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        b.append_link(&mut h, "etc", "/etc").unwrap();
+    });
+    let upper = tar(|b| file(b, "etc/passwd", b"escaped\n"));
+    registry.image(
+        "escape-across",
+        "1",
+        false,
+        "amd64",
+        &[
+            (OCI_GZIP, gzip(&lower), lower),
+            (OCI_GZIP, gzip(&upper), upper),
+        ],
+        serde_json::json!({}),
+    );
+    let line = pull("escape-across:1");
+    assert!(line.contains("must not write outside"), "{line}");
+    store_is_empty(&store);
     assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd);
     assert!(!dir.join("escaped").exists() && !store.join("../escaped").exists());
 

@@ -18,7 +18,9 @@ use anyhow::{bail, Context, Result};
 /// - image tests: debootstrap (`kiln image build` makes the Debian image that
 ///   `image_debian_build_boots_and_runs_git_and_apt` boots) and tar (`kiln image import`)
 /// - image pull tests: docker-registry (the loopback registry `kiln image pull` is tested
-///   against) and apache2-utils (`htpasswd` writes its bcrypt password file)
+///   against, also served inside the test bed for the GitLab driver's pulls),
+///   apache2-utils (`htpasswd` writes its bcrypt password file) and ca-certificates
+///   (kiln's registry client wants the system's roots, even for plain HTTP)
 /// - fuzzing: g++ (libfuzzer-sys compiles libFuzzer, which is C++, for the fuzz step)
 /// - network policy tests: nftables (`kiln net setup --nat` installs its rules with `nft`)
 ///   and iproute2 (the tests' network namespaces and veth pairs)
@@ -44,6 +46,7 @@ pub const PACKAGES: &[&str] = &[
     "tar",
     "docker-registry",
     "apache2-utils",
+    "ca-certificates",
     "g++",
     "nftables",
     "iproute2",

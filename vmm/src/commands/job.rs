@@ -39,12 +39,53 @@ enum VmEvent {
     Ended(anyhow::Result<RunReport>),
 }
 
+/// A pulled image's Env, WorkingDir and User as the job's defaults (`--env` and `--cwd`
+/// come after and win); images made otherwise have none.
+fn image_defaults(
+    request: &mut ExecRequest,
+    store: Option<&Path>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let store = crate::image::Store::locate(store);
+    let crate::image::Source::Oci { defaults, .. } = store.meta(name)?.source else {
+        return Ok(());
+    };
+    if let Some(why) = &defaults.user_error {
+        bail!(
+            "image {name:?} asks to run as User {:?}, but {why}",
+            defaults.user
+        );
+    }
+    for line in &defaults.env {
+        if let Some((k, v)) = line.split_once('=') {
+            request.env.push((k.to_string(), v.to_string()));
+        }
+    }
+    if let Some(home) = &defaults.home {
+        request.env.retain(|(k, _)| k != "HOME");
+        request.env.push(("HOME".to_string(), home.clone()));
+    }
+    if !defaults.working_dir.is_empty() {
+        request.cwd = Some(defaults.working_dir.clone());
+    }
+    if let Some(uid) = defaults.uid.filter(|&u| u != 0) {
+        request.uid = Some(uid);
+        request.gid = defaults.gid;
+    }
+    Ok(())
+}
+
 pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let script = std::fs::read(&args.script)
         .with_context(|| format!("cannot read job script {}", args.script.display()))?;
     let mut request = ExecRequest::new(["/bin/sh", GUEST_SCRIPT]);
-    request.env = parse_env(&args.env)?;
-    request.cwd = args.cwd.clone();
+    if let Some(name) = &args.vm.image {
+        image_defaults(&mut request, args.vm.store.as_deref(), name)?;
+    }
+    request.env.extend(parse_env(&args.env)?);
+    if args.cwd.is_some() {
+        request.cwd = args.cwd.clone();
+    }
 
     let runtime = RuntimeDir::create("job")?;
     let uds = runtime.path().join("vsock.sock");

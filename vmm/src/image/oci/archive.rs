@@ -87,11 +87,13 @@ pub fn import(
         Kind::OciLayout => "oci",
         Kind::DockerSave => "docker-archive",
     };
+    let mut defaults = image.defaults;
+    defaults.resolve_user(&tree);
     let source = Source::Oci {
         reference: format!("{prefix}:{}", path.display()),
         digest: image.digest,
         platform: Platform::default().to_string(),
-        defaults: image.defaults,
+        defaults,
     };
     Ok(rootfs::finish(
         staging,

@@ -14,6 +14,7 @@ pub mod archive;
 pub mod auth;
 pub mod layer;
 pub mod registry;
+pub mod user;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -110,6 +111,32 @@ pub struct JobDefaults {
     /// `user[:group]`, names or numbers; empty is root.
     #[serde(default)]
     pub user: String,
+    /// `user` resolved in the image's `/etc/passwd` and `/etc/group` when it was made: the
+    /// ids (and home) jobs run with. Absent in images made before these were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+    /// Why `user` could not be resolved (a name the image does not list): jobs refuse to
+    /// run as root in its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_error: Option<String>,
+}
+
+impl JobDefaults {
+    /// Records what `user` means in the image tree `tree`.
+    pub fn resolve_user(&mut self, tree: &Path) {
+        match user::resolve(tree, &self.user) {
+            Ok(ids) => {
+                self.uid = Some(ids.uid);
+                self.gid = Some(ids.gid);
+                self.home = ids.home;
+            }
+            Err(e) => self.user_error = Some(e),
+        }
+    }
 }
 
 /// Why a pull failed; each says which image and what to do.
@@ -153,6 +180,8 @@ pub enum PullError {
     BadArchive { path: PathBuf, reason: String },
     #[error("cannot start the network runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot set up the registry client: {0} (a host without CA certificates needs Debian's ca-certificates, even for --insecure-registry)")]
+    Client(String),
 }
 
 /// What a pull did.
@@ -187,8 +216,7 @@ pub fn pull(store: &Store, spec: &PullSpec) -> Result<Pulled, PullError> {
     };
     check_name(&name)?;
     let credentials = auth::lookup(reference.registry())?;
-    let registry = Registry::new(&spec.insecure, &spec.platform, credentials.as_ref())
-        .map_err(PullError::Runtime)?;
+    let registry = Registry::new(&spec.insecure, &spec.platform, credentials.as_ref())?;
     let whole = reference.whole();
     let failed = |e: RegistryError| {
         let host = reference.registry();
@@ -225,7 +253,7 @@ pub fn pull(store: &Store, spec: &PullSpec) -> Result<Pulled, PullError> {
     let config = registry
         .blob(&reference, &manifest.config)
         .map_err(failed)?;
-    let defaults = job_defaults(&config).map_err(|reason| PullError::BadConfig {
+    let mut defaults = job_defaults(&config).map_err(|reason| PullError::BadConfig {
         reference: whole.clone(),
         digest: manifest.config.digest.clone(),
         reason,
@@ -242,9 +270,16 @@ pub fn pull(store: &Store, spec: &PullSpec) -> Result<Pulled, PullError> {
             desc.size as f64 / f64::from(1u32 << 20)
         ));
         let blob = staging.dir().join(format!("layer-{i}"));
+        let fetch_start = std::time::Instant::now();
         registry
             .blob_to_file(&reference, desc, &blob)
             .map_err(failed)?;
+        let bytes = std::fs::metadata(&blob).map_or(0, |m| m.len());
+        progress(&format!(
+            "{whole}: layer {}/{count}: {bytes} bytes in {:.1} s",
+            i + 1,
+            fetch_start.elapsed().as_secs_f64()
+        ));
         super::interrupt::check()?;
         layer::apply(&tree, &blob).map_err(|cause| PullError::Layer {
             reference: whole.clone(),
@@ -254,6 +289,7 @@ pub fn pull(store: &Store, spec: &PullSpec) -> Result<Pulled, PullError> {
         std::fs::remove_file(&blob).map_err(ImageError::io("cannot remove", &blob))?;
         super::interrupt::check()?;
     }
+    defaults.resolve_user(&tree);
     let source = Source::Oci {
         reference: whole.clone(),
         digest: digest.clone(),
@@ -394,6 +430,7 @@ fn job_defaults(config: &[u8]) -> Result<JobDefaults, String> {
         env: inner.env.unwrap_or_default(),
         working_dir: inner.working_dir.unwrap_or_default(),
         user: inner.user.unwrap_or_default(),
+        ..JobDefaults::default()
     })
 }
 

@@ -70,7 +70,7 @@ impl Registry {
         insecure: &[String],
         platform: &Platform,
         credentials: Option<&Credentials>,
-    ) -> std::io::Result<Registry> {
+    ) -> Result<Registry, super::PullError> {
         // reqwest is built without a crypto provider of its own; ring is the one installed
         // here (a second install in the same process is refused, harmlessly). ring lacks
         // the post-quantum key exchange that rustls now deprecates it for, which a pull of
@@ -79,7 +79,8 @@ impl Registry {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?;
+            .build()
+            .map_err(super::PullError::Runtime)?;
         let wanted = platform.clone();
         let config = ClientConfig {
             protocol: if insecure.is_empty() {
@@ -95,7 +96,10 @@ impl Registry {
             })),
             ..ClientConfig::default()
         };
-        let client = Client::new(config);
+        // `Client::new` falls back to a default client and panics when that fails too
+        // (as it does on a host without CA certificates): build it here and say why.
+        let client =
+            Client::try_from(config).map_err(|e| super::PullError::Client(one_line(&e)))?;
         let auth = match credentials {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
