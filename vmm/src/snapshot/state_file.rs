@@ -136,8 +136,6 @@ fn decode_payload(
 mod tests {
     use std::path::PathBuf;
 
-    use kiln_devices::{I8042State, SerialState};
-
     use super::*;
     use crate::snapshot::{pages, DiffInfo, MachineInfo};
 
@@ -151,12 +149,7 @@ mod tests {
             },
             vcpus: vec![crate::snapshot::validate::tests::zeroed_vcpu(0)],
             vm: None,
-            serial: SerialState::default(),
-            i8042: I8042State::default(),
-            vsock: None,
-            disks: Vec::new(),
-            net: None,
-            rng: None,
+            devices: Default::default(),
             diff: None,
         }
     }
