@@ -24,9 +24,10 @@ pub struct MmioWindow {
 impl MmioWindow {
     /// The `index`th window and line a new VM hands out.
     pub fn nth(index: usize) -> Option<MmioWindow> {
-        (index < MAX_DEVICES).then(|| MmioWindow {
-            base: MMIO_DEVICES_START + index as u64 * WINDOW_STRIDE,
-            irq: FIRST_IRQ + index as u32,
+        let i = u32::try_from(index).ok().filter(|_| index < MAX_DEVICES)?;
+        Some(MmioWindow {
+            base: MMIO_DEVICES_START + u64::from(i) * WINDOW_STRIDE,
+            irq: FIRST_IRQ + i,
         })
     }
 

@@ -328,15 +328,92 @@ impl DeviceManager {
     pub fn windows(&self) -> Vec<(MmioWindow, &'static str)> {
         self.virtio
             .iter()
-            .map(|e| {
-                let kind = match e.device {
-                    VirtioHandle::Vsock(_) => "vsock",
-                    VirtioHandle::Block(_) => "block",
-                    VirtioHandle::Net(_) => "net",
-                    VirtioHandle::Rng(_) => "rng",
-                };
-                (e.window, kind)
-            })
+            .map(|e| (e.window, e.device.kind()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use kiln_devices::virtio::block::{Block, RawFile};
+    use kiln_devices::virtio::rng::Rng;
+    use kiln_devices::virtio::vsock::Vsock;
+
+    use super::*;
+
+    /// The virtio-mmio `DeviceID` register of the device at `base`.
+    fn device_id(devices: &DeviceManager, base: u64) -> u32 {
+        let mut id = [0u8; 4];
+        assert!(
+            devices.buses().mmio.read(base + 8, &mut id),
+            "nothing at {base:#x}"
+        );
+        u32::from_le_bytes(id)
+    }
+
+    /// A VM with an irqchip and its legacy devices, new or from `saved`.
+    fn machine(saved: Option<&DevicesState>) -> (GuestMemory, Vm, DeviceManager) {
+        let (memory, _memfd) = crate::memory::create(16 << 20).unwrap();
+        let vm = Vm::new(&memory, 1, false).unwrap();
+        vm.create_irqchip().unwrap();
+        let sink = Box::new(std::io::sink());
+        let devices = DeviceManager::new(&vm, sink, Instant::now(), true, saved).unwrap();
+        (memory, vm, devices)
+    }
+
+    #[test]
+    fn restored_devices_sit_at_their_saved_windows_in_any_attach_order() {
+        let dir = std::env::temp_dir().join(format!("kiln-dm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+
+        let (memory, vm, mut devices) = machine(None);
+        let vsock = Vsock::new(3, dir.join("v.sock")).unwrap();
+        let block = Block::new(RawFile::open(&image, true).unwrap(), b"d").unwrap();
+        let rng = Rng::new().unwrap();
+        for device in [
+            VirtioHandle::Vsock(Arc::new(Mutex::new(vsock))),
+            VirtioHandle::Block(Arc::new(Mutex::new(block))),
+            VirtioHandle::Rng(Arc::new(Mutex::new(rng))),
+        ] {
+            devices.attach(&vm, &memory, device).unwrap();
+        }
+        let saved = devices.save(&dir).unwrap();
+        let before = devices.windows();
+        assert_eq!(
+            before.iter().map(|(_, kind)| *kind).collect::<Vec<_>>(),
+            ["vsock", "block", "rng"]
+        );
+        drop(devices);
+
+        let (memory, vm, mut restored) = machine(Some(&saved));
+        let clone = CloneResources {
+            vsock_uds: Some(&dir.join("v2.sock")),
+            net: None,
+            overlays: CloneOverlays {
+                snapshot: &dir,
+                given: &[],
+                scratch: None,
+            },
+        };
+        restored
+            .restore_in_order(&vm, &memory, &saved, &clone, [2, 0, 1])
+            .unwrap();
+        assert_eq!(restored.windows(), before);
+        // The guest finds each device where its driver left it: vsock 19, block 2, rng 4.
+        for ((window, _), id) in before.iter().zip([19, 2, 4]) {
+            assert_eq!(device_id(&restored, window.base), id, "{window:?}");
+        }
+        // A state that puts two devices at one window is refused.
+        let (memory, vm, mut twice) = machine(Some(&saved));
+        let err = twice
+            .restore_in_order(&vm, &memory, &saved, &clone, [2, 2])
+            .unwrap_err();
+        assert!(err.to_string().contains("two devices"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

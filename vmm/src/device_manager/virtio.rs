@@ -38,6 +38,16 @@ pub struct CloneResources<'a> {
 }
 
 impl VirtioHandle {
+    /// What the device is, for messages (the same word as [`VirtioState::kind`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VirtioHandle::Vsock(_) => "vsock",
+            VirtioHandle::Block(_) => "block",
+            VirtioHandle::Net(_) => "net",
+            VirtioHandle::Rng(_) => "rng",
+        }
+    }
+
     /// The device as its transport drives it.
     pub fn as_virtio(&self) -> Arc<Mutex<dyn VirtioDevice>> {
         match self {

@@ -137,21 +137,10 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::snapshot::{pages, DiffInfo, MachineInfo};
+    use crate::snapshot::{pages, DiffInfo};
 
     fn sample() -> SnapshotState {
-        SnapshotState {
-            machine: MachineInfo {
-                vcpus: 1,
-                memory_mib: 16,
-                irqchip: false,
-                vsock_cid: None,
-            },
-            vcpus: vec![crate::snapshot::validate::tests::zeroed_vcpu(0)],
-            vm: None,
-            devices: Default::default(),
-            diff: None,
-        }
+        crate::snapshot::validate::tests::sample()
     }
 
     /// The error of reading a state that must not read.

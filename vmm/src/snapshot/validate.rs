@@ -305,7 +305,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn sample() -> SnapshotState {
+    pub(crate) fn sample() -> SnapshotState {
         SnapshotState {
             machine: MachineInfo {
                 vcpus: 1,

@@ -42,6 +42,20 @@ struct Common {
     snapshot_on_request: Option<PathBuf>,
 }
 
+/// The [`Common`] fields of a [`MachineSpec`] or a [`RestoreSpec`], which name them alike.
+macro_rules! common {
+    ($spec:ident) => {
+        Common {
+            console: $spec.console,
+            start: $spec.start,
+            boot_done: $spec.boot_done,
+            track_dirty_pages: $spec.track_dirty_pages,
+            seccomp: $spec.seccomp,
+            snapshot_on_request: $spec.snapshot_on_request,
+        }
+    };
+}
+
 impl Vmm {
     /// Creates memory, the VM, its devices and vCPUs, and loads what the guest boots.
     pub fn build(spec: MachineSpec) -> Result<Self, VmmError> {
@@ -60,14 +74,7 @@ impl Vmm {
         phases.mark("cli_and_config");
         let (plan, common) = match how {
             Start::Boot(spec) => {
-                let common = Common {
-                    console: spec.console,
-                    start: spec.start,
-                    boot_done: spec.boot_done,
-                    track_dirty_pages: spec.track_dirty_pages,
-                    seccomp: spec.seccomp,
-                    snapshot_on_request: spec.snapshot_on_request,
-                };
+                let common = common!(spec);
                 let boot = Boot {
                     machine: MachineInfo {
                         vcpus: spec.vcpus,
@@ -86,14 +93,7 @@ impl Vmm {
             }
             Start::Restore(spec) => {
                 let snapshot = Snapshot::open(&spec)?;
-                let common = Common {
-                    console: spec.console,
-                    start: spec.start,
-                    boot_done: spec.boot_done,
-                    track_dirty_pages: spec.track_dirty_pages,
-                    seccomp: spec.seccomp,
-                    snapshot_on_request: spec.snapshot_on_request,
-                };
+                let common = common!(spec);
                 let clone = CloneArgs {
                     vsock_uds: spec.vsock_uds,
                     net: spec.net,
