@@ -42,6 +42,20 @@ impl MmioWindow {
     }
 }
 
+/// Why a window cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("MMIO window {:#x} with IRQ {} is not one kiln places devices at", .0.base, .0.irq)]
+    Foreign(MmioWindow),
+    #[error(
+        "two devices at MMIO window {:#x} / IRQ {} and {:#x} / IRQ {}",
+        .0.base, .0.irq, .1.base, .1.irq
+    )]
+    Taken(MmioWindow, MmioWindow),
+    #[error("a VM has at most {MAX_DEVICES} virtio devices")]
+    Full,
+}
+
 /// The windows and lines in use.
 #[derive(Default)]
 pub struct Windows {
@@ -49,31 +63,28 @@ pub struct Windows {
 }
 
 impl Windows {
-    /// The first window and line no device has yet.
-    pub fn next_free(&self) -> Option<MmioWindow> {
-        (0..MAX_DEVICES)
+    /// Takes the first window and line no device has yet.
+    pub fn take_next(&mut self) -> Result<MmioWindow, WindowError> {
+        let window = (0..MAX_DEVICES)
             .filter_map(MmioWindow::nth)
             .find(|w| !self.used.iter().any(|u| u.base == w.base || u.irq == w.irq))
+            .ok_or(WindowError::Full)?;
+        self.claim(window)?;
+        Ok(window)
     }
 
     /// Takes `window`: refused if it is not one kiln hands out, or if its register window
     /// or interrupt line is already taken.
-    pub fn claim(&mut self, window: MmioWindow) -> Result<(), String> {
+    pub fn claim(&mut self, window: MmioWindow) -> Result<(), WindowError> {
         if !window.is_valid() {
-            return Err(format!(
-                "MMIO window {:#x} with IRQ {} is not one kiln places devices at",
-                window.base, window.irq
-            ));
+            return Err(WindowError::Foreign(window));
         }
         if let Some(u) = self
             .used
             .iter()
             .find(|u| u.base == window.base || u.irq == window.irq)
         {
-            return Err(format!(
-                "two devices at MMIO window {:#x} / IRQ {} and {:#x} / IRQ {}",
-                u.base, u.irq, window.base, window.irq
-            ));
+            return Err(WindowError::Taken(*u, window));
         }
         self.used.push(window);
         Ok(())
@@ -87,12 +98,18 @@ mod tests {
     #[test]
     fn windows_are_handed_out_in_order_and_claimed_once() {
         let mut w = Windows::default();
-        let first = w.next_free().unwrap();
-        assert_eq!(first, MmioWindow::nth(0).unwrap());
-        w.claim(MmioWindow::nth(2).unwrap()).unwrap();
-        w.claim(first).unwrap();
-        assert_eq!(w.next_free(), MmioWindow::nth(1));
-        assert!(w.claim(first).unwrap_err().contains("two devices"));
+        w.claim(MmioWindow::nth(1).unwrap()).unwrap();
+        assert_eq!(w.take_next(), Ok(MmioWindow::nth(0).unwrap()));
+        assert_eq!(w.take_next(), Ok(MmioWindow::nth(2).unwrap()));
+        let first = MmioWindow::nth(0).unwrap();
+        assert_eq!(w.claim(first), Err(WindowError::Taken(first, first)));
+        assert!(w
+            .claim(first)
+            .unwrap_err()
+            .to_string()
+            .contains("two devices"));
+        while w.take_next().is_ok() {}
+        assert_eq!(w.take_next(), Err(WindowError::Full));
     }
 
     #[test]

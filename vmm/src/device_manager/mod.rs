@@ -18,7 +18,7 @@ mod virtio;
 
 pub use disk::{block_device, CloneOverlays};
 pub use legacy::{Buses, LegacyDevices};
-pub use mmio::{MmioWindow, Windows, MAX_DEVICES};
+pub use mmio::{MmioWindow, WindowError, Windows, MAX_DEVICES};
 pub use state::{DevicesState, DiskState, VirtioDeviceState, VirtioState};
 pub use virtio::{CloneResources, VirtioHandle};
 
@@ -51,8 +51,8 @@ pub enum DeviceError {
     Restore(String),
     #[error("cannot set up a virtio device: {0}")]
     Virtio(String),
-    #[error("a VM has at most {MAX_DEVICES} virtio devices")]
-    TooManyDevices,
+    #[error(transparent)]
+    Window(#[from] WindowError),
     #[error("the device buses are in use by running vCPUs")]
     BusesInUse,
     #[error("cannot create the vsock device: {0}")]
@@ -143,11 +143,7 @@ impl DeviceManager {
         memory: &GuestMemory,
         device: VirtioHandle,
     ) -> Result<String, DeviceError> {
-        let window = self
-            .windows
-            .next_free()
-            .ok_or(DeviceError::TooManyDevices)?;
-        self.windows.claim(window).map_err(DeviceError::Virtio)?;
+        let window = self.windows.take_next()?;
         let irq_evt = eventfd()?;
         vm.register_irqfd(&irq_evt, window.irq)?;
         let transport = MmioTransport::new(memory.clone(), device.as_virtio(), irq_evt)
@@ -212,9 +208,7 @@ impl DeviceManager {
         disk_index: usize,
         clone: &CloneResources,
     ) -> Result<(), DeviceError> {
-        self.windows
-            .claim(saved.window)
-            .map_err(DeviceError::Restore)?;
+        self.windows.claim(saved.window)?;
         let irq_evt = eventfd()?;
         vm.register_irqfd(&irq_evt, saved.window.irq)?;
         let interrupt = VirtioInterrupt::new(irq_evt);

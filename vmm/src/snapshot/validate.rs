@@ -117,7 +117,7 @@ fn check_devices(state: &SnapshotState) -> Result<(), Invalid> {
     }
     let mut windows = Windows::default();
     for d in &devices.virtio {
-        windows.claim(d.window).map_err(bad)?;
+        windows.claim(d.window).map_err(|e| bad(e.to_string()))?;
     }
     let count = |kind: &str| {
         devices
