@@ -9,7 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln::snapshot::{write_state, MachineInfo, RngSnapshot, SnapshotState, VsockSnapshot};
+use kiln::device_manager::{DevicesState, MmioWindow, VirtioDeviceState, VirtioState};
+use kiln::snapshot::{write_state, MachineInfo, SnapshotState};
 use kiln::vstate::vcpu_state::VcpuState;
 use kiln_agent::protocol::{
     encode, ErrorMessage, ExecRequest, FileInfo, Frame, GetFile, Pong, PutFile, SetTime,
@@ -143,47 +144,51 @@ fn snapshot_state() {
         },
         vcpus: vec![vcpu(0)],
         vm: None,
-        serial: SerialState::default(),
-        i8042: I8042State::default(),
-        vsock: Some(VsockSnapshot {
-            transport: MmioTransportState {
-                version: 1,
-                device_status: 0xf,
-                device_features_sel: 0,
-                driver_features: 1 << 32,
-                driver_features_sel: 1,
-                queue_sel: 2,
-                queues: vec![queue(); 3],
-                interrupt_status: 0,
-                config_generation: 0,
-            },
-            device: VsockState {
-                version: VSOCK_STATE_VERSION,
-                guest_cid: 3,
-                acked_features: 1 << 32,
-                queues: vec![queue(); 3],
-            },
-        }),
-        disks: Vec::new(),
-        net: None,
-        rng: Some(RngSnapshot {
-            transport: MmioTransportState {
-                version: 1,
-                device_status: 0xf,
-                device_features_sel: 0,
-                driver_features: 1 << 32,
-                driver_features_sel: 1,
-                queue_sel: 0,
-                queues: vec![queue(); 1],
-                interrupt_status: 0,
-                config_generation: 0,
-            },
-            device: RngState {
-                version: RNG_STATE_VERSION,
-                acked_features: 1 << 32,
-                queues: vec![queue(); 1],
-            },
-        }),
+        devices: DevicesState {
+            serial: SerialState::default(),
+            i8042: I8042State::default(),
+            virtio: vec![
+                VirtioDeviceState {
+                    window: MmioWindow::nth(0).unwrap(),
+                    transport: MmioTransportState {
+                        version: 1,
+                        device_status: 0xf,
+                        device_features_sel: 0,
+                        driver_features: 1 << 32,
+                        driver_features_sel: 1,
+                        queue_sel: 2,
+                        queues: vec![queue(); 3],
+                        interrupt_status: 0,
+                        config_generation: 0,
+                    },
+                    device: VirtioState::Vsock(VsockState {
+                        version: VSOCK_STATE_VERSION,
+                        guest_cid: 3,
+                        acked_features: 1 << 32,
+                        queues: vec![queue(); 3],
+                    }),
+                },
+                VirtioDeviceState {
+                    window: MmioWindow::nth(1).unwrap(),
+                    transport: MmioTransportState {
+                        version: 1,
+                        device_status: 0xf,
+                        device_features_sel: 0,
+                        driver_features: 1 << 32,
+                        driver_features_sel: 1,
+                        queue_sel: 0,
+                        queues: vec![queue(); 1],
+                        interrupt_status: 0,
+                        config_generation: 0,
+                    },
+                    device: VirtioState::Rng(RngState {
+                        version: RNG_STATE_VERSION,
+                        acked_features: 1 << 32,
+                        queues: vec![queue(); 1],
+                    }),
+                },
+            ],
+        },
         diff: None,
     };
     let with_vcpu = SnapshotState {
@@ -195,12 +200,7 @@ fn snapshot_state() {
         },
         vcpus: vec![vcpu(0)],
         vm: None,
-        serial: SerialState::default(),
-        i8042: I8042State::default(),
-        vsock: None,
-        disks: Vec::new(),
-        net: None,
-        rng: None,
+        devices: DevicesState::default(),
         diff: None,
     };
     let tmp = std::env::temp_dir().join(format!("kiln-gen-corpus-{}", std::process::id()));

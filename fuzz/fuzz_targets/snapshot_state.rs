@@ -51,11 +51,18 @@ fuzz_target!(|input: &[u8]| {
 });
 
 fn holds_what_restore_assumes(state: &SnapshotState) {
-    assert_eq!(check_state(state), Ok(()), "accepted, but the checks refuse it");
+    assert_eq!(
+        check_state(state),
+        Ok(()),
+        "accepted, but the checks refuse it"
+    );
     let machine = &state.machine;
     assert!(machine.vcpus >= 1 && state.vcpus.len() == usize::from(machine.vcpus));
     assert!(machine.memory_mib <= MAX_MEMORY_MIB);
-    let bytes = machine.memory_mib.checked_mul(1 << 20).expect("memory size wraps");
+    let bytes = machine
+        .memory_mib
+        .checked_mul(1 << 20)
+        .expect("memory size wraps");
     assert!(state.disks.len() <= kiln::disk::MAX_DISKS);
     if let Some(diff) = &state.diff {
         assert!(diff.pages.fits(bytes));

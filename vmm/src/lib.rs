@@ -1,7 +1,8 @@
 //! kiln: a microVM monitor for CI jobs.
 //!
 //! Read top-down: [`config`] says what to boot, [`vmm`] builds and runs it from
-//! [`memory`], [`vstate`] (KVM VM and vCPUs), [`boot`] (kernel loading) and [`devices`];
+//! [`memory`], [`vstate`] (KVM VM and vCPUs), [`boot`] (kernel loading) and
+//! [`device_manager`] (every device, saved and restored at its place);
 //! once it runs, [`seccomp`] confines each of its threads.
 
 pub mod api;
@@ -11,7 +12,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod defaults;
-pub mod devices;
+pub mod device_manager;
 pub mod disk;
 pub mod image;
 pub mod jail;

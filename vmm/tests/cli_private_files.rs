@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use cli_snapshot_util::*;
-use kiln::snapshot::{read_state, write_state, DiskSnapshot, SnapshotState};
+use kiln::device_manager::{DiskState, MmioWindow, VirtioDeviceState, VirtioState};
+use kiln::snapshot::{read_state, write_state, SnapshotState};
 use kiln_devices::virtio::block::{BackendState, BlockConfigState, BlockState, SERIAL_LEN};
 use kiln_devices::virtio::mmio::MMIO_STATE_VERSION;
 use kiln_devices::virtio::MmioTransportState;
@@ -44,9 +45,11 @@ fn crafted(name: &str, state: &SnapshotState) -> PathBuf {
     dir
 }
 
-/// A read-only or writable raw disk at `path`, as a snapshot would record it.
-fn raw_disk(path: &Path, read_only: bool) -> DiskSnapshot {
-    DiskSnapshot {
+/// A read-only or writable raw disk at `path`, as a snapshot would record it, at the
+/// `index`th MMIO window.
+fn raw_disk(path: &Path, read_only: bool, index: usize) -> VirtioDeviceState {
+    VirtioDeviceState {
+        window: MmioWindow::nth(index).unwrap(),
         transport: MmioTransportState {
             version: MMIO_STATE_VERSION,
             device_status: 0,
@@ -58,23 +61,25 @@ fn raw_disk(path: &Path, read_only: bool) -> DiskSnapshot {
             interrupt_status: 0,
             config_generation: 0,
         },
-        device: BlockState {
-            version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,
-            acked_features: 0,
-            config: BlockConfigState {
-                capacity: 8,
-                read_only,
-                device_features: 0,
+        device: VirtioState::Block(DiskState {
+            device: BlockState {
+                version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,
+                acked_features: 0,
+                config: BlockConfigState {
+                    capacity: 8,
+                    read_only,
+                    device_features: 0,
+                },
+                serial: [0; SERIAL_LEN],
+                backend: BackendState::Raw {
+                    path: path.to_owned(),
+                    read_only,
+                },
+                queues: Vec::new(),
             },
-            serial: [0; SERIAL_LEN],
-            backend: BackendState::Raw {
-                path: path.to_owned(),
-                read_only,
-            },
-            queues: Vec::new(),
-        },
-        overlay_file: None,
-        image_mtime: kiln::snapshot::image_mtime(path).unwrap_or((0, 0)),
+            overlay_file: None,
+            image_mtime: kiln::snapshot::image_mtime(path).unwrap_or((0, 0)),
+        }),
     }
 }
 
@@ -85,9 +90,11 @@ fn hostile_restore_refuses_a_host_file_named_as_a_disk() {
         ("shadow-rw", false, "writable raw image"),
     ] {
         let mut state = read_state(snapshot()).unwrap();
+        let next = state.devices.virtio.len();
         state
-            .disks
-            .push(raw_disk(Path::new("/etc/shadow"), read_only));
+            .devices
+            .virtio
+            .push(raw_disk(Path::new("/etc/shadow"), read_only, next));
         let dir = crafted(name, &state);
         let line = restore_refused(&dir);
         assert!(line.contains(says), "{line}");

@@ -119,8 +119,11 @@ fn net_snapshot_keeps_the_device_and_each_restore_needs_its_own_tap() {
         snapshot_spinning_vm(Some(net("ko", Some(MAC))), snap.clone());
         snapshot_spinning_vm(None, plain.clone());
         let state = kiln::snapshot::read_state(&snap).unwrap();
-        let saved = state.net.expect("the snapshot has the network device");
-        assert_eq!((saved.device.mac, saved.device.tap.as_str()), (MAC, "ko"));
+        let saved = state
+            .devices
+            .net()
+            .expect("the snapshot has the network device");
+        assert_eq!((saved.mac, saved.tap.as_str()), (MAC, "ko"));
 
         let restore = |from: &std::path::Path, net: Option<NetConfig>| {
             Vmm::restore(RestoreSpec {

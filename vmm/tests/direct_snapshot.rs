@@ -186,7 +186,7 @@ fn snapshot_diff_layers_over_its_base() {
     kiln::snapshot::write_state(&full, &base).unwrap();
     let (exit, out) = restore(&diff);
     assert_eq!((exit, out), (GuestExit::Halted, expected_output()));
-    base.serial.interrupt_enable ^= 0x01;
+    base.devices.serial.interrupt_enable ^= 0x01;
     kiln::snapshot::write_state(&full, &base).unwrap();
     let refused = Vmm::restore(RestoreSpec::new(
         diff.clone(),

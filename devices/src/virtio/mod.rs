@@ -57,6 +57,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::{
     mmio_cmdline_fragment, MmioRestoreArgs, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE,
+    QUEUE_NOTIFY_OFFSET,
 };
 pub use state::{QueueRestoreArgs, QueueSnapshot};
 

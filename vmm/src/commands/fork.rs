@@ -41,12 +41,12 @@ pub fn fork(args: &ForkArgs) -> anyhow::Result<ExitCode> {
     // Check the snapshot once here rather than failing N times in the clones.
     let state = crate::snapshot::read_state(&args.snapshot)
         .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
-    match (&state.vsock, &args.vsock_prefix) {
+    match (state.devices.vsock(), &args.vsock_prefix) {
         (Some(_), None) => bail!("the snapshot has a vsock device: give --vsock-prefix"),
         (None, Some(_)) => bail!("the snapshot has no vsock device; leave --vsock-prefix out"),
         _ => {}
     }
-    match (&state.net, &args.net_tap) {
+    match (state.devices.net(), &args.net_tap) {
         (Some(_), None) => {
             bail!("the snapshot has a network device: give --net-tap, e.g. kiln{{i}}")
         }

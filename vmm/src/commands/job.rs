@@ -253,7 +253,7 @@ fn restored_vm(
         paths: crate::cli::SnapshotImages::default().rules(),
     })
     .with_context(|| format!("snapshot {}", snapshot.display()))?;
-    if vmm.vsock.is_none() {
+    if vmm.devices.vsock().is_none() {
         bail!(
             "snapshot {} has no vsock device, so no guest agent to run the job",
             snapshot.display()

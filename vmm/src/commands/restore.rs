@@ -45,7 +45,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("snapshot {}", args.snapshot.display()))?;
     // Guest memory is charged to the slot as the restored guest touches it.
     let _slot = args.slot.enter(vmm.machine.memory_mib, vmm.machine.vcpus)?;
-    if vmm.vsock.is_none() {
+    if vmm.devices.vsock().is_none() {
         if let Some(vsock) = &args.vsock {
             bail!(
                 "--vsock {}: the snapshot has no vsock device; leave --vsock out",

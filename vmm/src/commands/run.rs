@@ -149,11 +149,10 @@ fn register(
 
 /// Gives the VM's vsock socket (if any) the peer check and group of `access`.
 fn share_vsock(vmm: &Vmm, access: SocketAccess) -> anyhow::Result<()> {
-    let Some(parts) = &vmm.vsock else {
+    let Some(vsock) = vmm.devices.vsock() else {
         return Ok(());
     };
-    let mut device = parts
-        .device
+    let mut device = vsock
         .lock()
         .map_err(|_| anyhow::anyhow!("the vsock device is poisoned"))?;
     device.set_peer_policy(access.peers());

@@ -4,7 +4,7 @@
 //!
 //! `state` is `KILNSNAP` | format version (u32 LE) | payload length (u64 LE) | SHA-256 of
 //! the payload | the payload, [`SnapshotState`] in bincode. Each part of the state is a
-//! plain struct that lives beside its owner (`VcpuState`, `VmState`, `SerialState`, …).
+//! plain struct that lives beside its owner (`VcpuState`, `VmState`, `DevicesState`, …).
 //!
 //! A diff snapshot ([`DiffInfo`]) has the same two files, but its `memory` holds only the
 //! pages written since the snapshot it names as its parent; its state names that parent by
@@ -27,16 +27,14 @@ pub use state_file::{parse_state, read_state, read_state_and_digest, write_state
 
 use std::path::{Path, PathBuf};
 
-use kiln_devices::virtio::vsock::VsockState;
-use kiln_devices::virtio::MmioTransportState;
-use kiln_devices::{I8042State, SerialState};
 use serde::{Deserialize, Serialize};
 
+use crate::device_manager::DevicesState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
 /// The version of the `state` layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
@@ -51,36 +49,8 @@ pub struct MachineInfo {
     pub vsock_cid: Option<u64>,
 }
 
-/// A virtio device's state and its transport's.
-#[derive(Serialize, Deserialize)]
-pub struct VirtioSnapshot<S> {
-    pub transport: MmioTransportState,
-    pub device: S,
-}
-
-/// The vsock device and its transport.
-pub type VsockSnapshot = VirtioSnapshot<VsockState>;
-/// The network device and its transport. The TAP is not in it: each restore attaches to
-/// its own.
-pub type NetSnapshot = VirtioSnapshot<kiln_devices::virtio::net::NetState>;
-/// The entropy device and its transport.
-pub type RngSnapshot = VirtioSnapshot<kiln_devices::virtio::rng::RngState>;
-
-/// A block device and its transport. The disk's contents are files: a read-only raw image
-/// is named by path in `device`; an overlay disk's overlay was copied into the snapshot
-/// directory as `overlay_file`, and a restore copies that again for each clone.
-#[derive(Serialize, Deserialize)]
-pub struct DiskSnapshot {
-    pub transport: MmioTransportState,
-    pub device: kiln_devices::virtio::block::BlockState,
-    /// The copy of the overlay in the snapshot directory (a file name in it).
-    pub overlay_file: Option<String>,
-    /// The image's (base's) modification time when the snapshot was taken, in seconds and
-    /// nanoseconds: a restore refuses an image that has changed since.
-    pub image_mtime: (i64, i64),
-}
-
-/// The modification time of the image at `path`, as [`DiskSnapshot::image_mtime`] keeps it.
+/// The modification time of the image at `path`, as a snapshot keeps it
+/// ([`crate::device_manager::DiskState::image_mtime`]).
 pub fn image_mtime(path: &Path) -> std::io::Result<(i64, i64)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path)?;
@@ -121,15 +91,8 @@ pub struct SnapshotState {
     pub vcpus: Vec<VcpuState>,
     /// `None` without an in-kernel irqchip.
     pub vm: Option<VmState>,
-    pub serial: SerialState,
-    pub i8042: I8042State,
-    pub vsock: Option<VsockSnapshot>,
-    /// The block devices, /dev/vda first.
-    pub disks: Vec<DiskSnapshot>,
-    /// The network device.
-    pub net: Option<NetSnapshot>,
-    /// The entropy device.
-    pub rng: Option<RngSnapshot>,
+    /// Every device, each virtio device with the MMIO window and line it sat at.
+    pub devices: DevicesState,
     /// Set for a diff snapshot.
     pub diff: Option<DiffInfo>,
 }

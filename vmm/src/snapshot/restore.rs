@@ -1,20 +1,17 @@
-//! `Vmm::restore`: a VM rebuilt from a snapshot directory, its memory mapped from the
-//! snapshot's file copy-on-write. A diff snapshot's memory is its chain of parents down to
-//! a full snapshot, each diff's pages mapped over the layers below.
+//! What a restore reads from a snapshot directory before [`crate::vmm::Vmm::create`] puts
+//! the VM back together: the state, checked against the restore's arguments
+//! ([`Snapshot::open`]), and guest memory mapped from the snapshot's file copy-on-write. A
+//! diff snapshot's memory is its chain of parents down to a full snapshot, each diff's
+//! pages mapped over the layers below.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use super::{read_state_and_digest, SnapshotError, SnapshotRef, SnapshotState, MEMORY_FILE};
-use crate::devices::{self, Buses, DeviceError};
+use super::{read_state_and_digest, SnapshotError, SnapshotState, MEMORY_FILE};
 use crate::memory::GuestMemory;
-use crate::vmm::{control_channel, BootDoneHook, Subscriber, VirtioParts, Vmm, VmmError};
-use crate::vstate::vcpu::Vcpu;
+use crate::vmm::{BootDoneHook, VmmError};
 use crate::vstate::vm::Vm;
 
 /// What a restore needs besides the snapshot: the paths that must differ per clone.
@@ -70,233 +67,79 @@ impl RestoreSpec {
 /// How many diffs deep a chain of snapshots may be.
 const MAX_CHAIN: usize = 64;
 
-fn restore_err(what: impl std::fmt::Display) -> VmmError {
+pub(crate) fn restore_err(what: impl std::fmt::Display) -> VmmError {
     VmmError::Restore(what.to_string())
 }
 
-impl Vmm {
-    /// Rebuilds the VM saved in `spec.snapshot`, ready to [`Vmm::run`] from where it was.
-    /// Nothing in the snapshot directory is written.
-    pub fn restore(spec: RestoreSpec) -> Result<Vmm, VmmError> {
+/// A snapshot read for a restore: its state, checked, with every host path it names
+/// confined (see [`super::validate`]) and checked against the arguments of the restore.
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub state: SnapshotState,
+    /// The SHA-256 of the state, which a diff snapshot over this VM names.
+    pub digest: [u8; 32],
+}
+
+impl Snapshot {
+    /// Reads the snapshot `spec` restores and checks it against `spec`.
+    pub fn open(spec: &RestoreSpec) -> Result<Snapshot, VmmError> {
         let (mut state, digest) = read_state_and_digest(&spec.snapshot)?;
         super::validate::confine_paths(&spec.snapshot, &mut state, &spec.paths)
             .map_err(restore_err)?;
-        if let Some((index, path)) = spec
-            .disk_overlays
-            .iter()
-            .find(|(i, _)| state.disks.get(*i).is_none_or(|d| d.overlay_file.is_none()))
-        {
-            return Err(restore_err(format!(
-                "--disk-overlay {index}={}: the snapshot has no overlay disk {index} ({} disks)",
-                path.display(),
-                state.disks.len()
-            )));
-        }
-        let machine = state.machine.clone();
-        let memory = restore_memory(&spec.snapshot, &state)?;
-        if state.vcpus.len() != usize::from(machine.vcpus) {
-            return Err(restore_err(format!(
-                "the snapshot has {} vCPU states for {} vCPUs",
-                state.vcpus.len(),
-                machine.vcpus
-            )));
-        }
-
-        let vm = Vm::new(&memory, machine.vcpus, spec.track_dirty_pages)?;
-        if machine.irqchip {
-            vm.create_irqchip()?;
-            let vm_state = state
-                .vm
-                .as_ref()
-                .ok_or_else(|| restore_err("no irqchip state"))?;
-            vm.restore_state(vm_state)
-                .map_err(|e| restore_err(format!("irqchip/PIT/clock: {e}")))?;
-        }
-        let mut buses = Buses::default();
-        let legacy = devices::attach_legacy(
-            &vm,
-            &mut buses,
-            spec.console,
-            spec.start,
-            machine.irqchip,
-            Some((&state.serial, state.i8042)),
-        )?;
-        let mut subscribers: Vec<Subscriber> = Vec::new();
-        let mut vsock = None;
-        let mut virtio = devices::VirtioAllocator::default();
-        if let Some(saved) = &state.vsock {
-            let uds = spec.vsock_uds.as_deref().ok_or_else(|| {
-                restore_err("the snapshot has a vsock device: give this clone its own --vsock path")
-            })?;
-            let (slot, device) =
-                virtio.attach_restored_vsock(&vm, &mut buses, &memory, uds, saved)?;
-            vsock = Some(VirtioParts::subscribed(
-                device,
-                slot.transport,
-                &mut subscribers,
-            ));
-        }
-
-        let mut disks = Vec::with_capacity(state.disks.len());
-        for (index, saved) in state.disks.iter().enumerate() {
-            let device_state = clone_disk_state(
-                &spec.snapshot,
-                &spec.disk_overlays,
-                spec.disk_scratch.as_deref(),
-                index,
-                saved,
-            )?;
-            let (slot, device) = virtio.attach_restored_block(
-                &vm,
-                &mut buses,
-                &memory,
-                &device_state,
-                &saved.transport,
-            )?;
-            disks.push(VirtioParts::subscribed(
-                device,
-                slot.transport,
-                &mut subscribers,
-            ));
-        }
-
-        let mut net = None;
-        if let (None, Some(config)) = (&state.net, &spec.net) {
-            return Err(restore_err(format!(
-                "--net tap={}: the snapshot has no network device; leave --net out",
-                config.tap
-            )));
-        }
-        if let Some(saved) = &state.net {
-            let config = spec.net.as_ref().ok_or_else(|| {
-                restore_err(
-                    "the snapshot has a network device: give this clone its own --net tap=NAME",
-                )
-            })?;
-            let (slot, device) =
-                virtio.attach_restored_net(&vm, &mut buses, &memory, config, saved)?;
-            net = Some(VirtioParts::subscribed(
-                device,
-                slot.transport,
-                &mut subscribers,
-            ));
-        }
-
-        let mut rng = None;
-        if let Some(saved) = &state.rng {
-            let (slot, device) = virtio.attach_restored_rng(&vm, &mut buses, &memory, saved)?;
-            rng = Some(VirtioParts::subscribed(
-                device,
-                slot.transport,
-                &mut subscribers,
-            ));
-        }
-
-        let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for saved in &state.vcpus {
-            let vcpu = Vcpu::new(&vm, saved.index)?;
-            vcpu.restore(saved).map_err(restore_err)?;
-            vcpus.push(vcpu);
-        }
-        if let Some(parts) = &vsock {
-            // Connections did not survive: tell the guest so it drops its ends.
-            if let Ok(mut device) = parts.device.lock() {
-                if let Err(e) = device.send_transport_reset() {
-                    tracing::debug!("vsock transport reset not sent: {e}");
-                }
-            }
-        }
-        let msr_indices: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
-        let (controller, control) = control_channel().map_err(DeviceError::EventFd)?;
-        Ok(Vmm {
-            vcpus,
-            buses: Arc::new(buses),
-            legacy,
-            vsock,
-            disks,
-            net,
-            rng,
-            subscribers,
-            boot_done: spec.boot_done,
-            stop_evt: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?,
-            controller,
-            control,
-            start: spec.start,
-            machine,
-            msr_indices: Arc::new(msr_indices),
-            memory,
-            vm,
-            dirty_log: spec.track_dirty_pages,
-            diff_base: Some(SnapshotRef {
-                dir: std::path::absolute(&spec.snapshot).map_err(restore_err)?,
-                digest,
-            }),
-            snapshot_on_request: spec.snapshot_on_request,
-            seccomp: spec.seccomp,
-            phases: crate::vmm::Phases::default(),
+        check_arguments(&state, spec).map_err(restore_err)?;
+        Ok(Snapshot {
+            dir: spec.snapshot.clone(),
+            state,
+            digest,
         })
+    }
+
+    /// The guest memory, mapped copy-on-write (see [`restore_memory`]).
+    pub fn memory(&self) -> Result<GuestMemory, VmmError> {
+        restore_memory(&self.dir, &self.state)
+    }
+
+    /// Puts the irqchip, PIT and clock back as saved.
+    pub fn restore_vm_state(&self, vm: &Vm) -> Result<(), VmmError> {
+        let saved = self
+            .state
+            .vm
+            .as_ref()
+            .ok_or_else(|| restore_err("no irqchip state"))?;
+        vm.restore_state(saved)
+            .map_err(|e| restore_err(format!("irqchip/PIT/clock: {e}")))
     }
 }
 
-/// Disk `index`'s state for this clone: an overlay disk gets a fresh copy of the
-/// snapshot's overlay (where `--disk-overlay` says, else in the scratch directory), so that
-/// clones never share a writable file and the snapshot is never written.
-fn clone_disk_state(
-    snapshot: &Path,
-    disk_overlays: &[(usize, PathBuf)],
-    disk_scratch: Option<&Path>,
-    index: usize,
-    saved: &super::DiskSnapshot,
-) -> Result<kiln_devices::virtio::block::BlockState, VmmError> {
-    use kiln_devices::virtio::block::BackendState;
-    let mut state = saved.device.clone();
-    let image = match &state.backend {
-        BackendState::Raw { path, .. } => path,
-        BackendState::Overlay { base, .. } => base,
-    };
-    let now = super::image_mtime(image)
-        .map_err(|e| restore_err(format!("disk {index}: image {}: {e}", image.display())))?;
-    if now != saved.image_mtime {
-        return Err(restore_err(format!(
-            "disk {index}: image {} was modified after the snapshot was taken; a restore \
-             needs the image as it was",
-            image.display()
-        )));
+/// Every check of a snapshot against the arguments given to restore it, in one place: what
+/// each clone must bring for the devices the snapshot has, and nothing for devices it
+/// lacks.
+fn check_arguments(state: &SnapshotState, spec: &RestoreSpec) -> Result<(), String> {
+    let disks: Vec<_> = state.devices.disks().collect();
+    if let Some((index, path)) = spec
+        .disk_overlays
+        .iter()
+        .find(|(i, _)| disks.get(*i).is_none_or(|d| d.overlay_file.is_none()))
+    {
+        return Err(format!(
+            "--disk-overlay {index}={}: the snapshot has no overlay disk {index} ({} disks)",
+            path.display(),
+            disks.len()
+        ));
     }
-    let BackendState::Overlay { overlay, .. } = &mut state.backend else {
-        return Ok(state);
-    };
-    let Some(name) = &saved.overlay_file else {
-        return Err(restore_err(format!(
-            "disk {index} is an overlay disk without a copy in the snapshot"
-        )));
-    };
-    if name.contains('/') || name.starts_with('.') {
-        return Err(restore_err(format!(
-            "disk {index}: bad overlay file name {name:?}"
-        )));
+    if state.devices.vsock().is_some() && spec.vsock_uds.is_none() {
+        return Err("the snapshot has a vsock device: give this clone its own --vsock path".into());
     }
-    let target = match disk_overlays.iter().find(|(i, _)| *i == index) {
-        Some((_, path)) => path.clone(),
-        None => disk_scratch
-            .ok_or_else(|| {
-                restore_err(format!(
-                    "disk {index} has an overlay: give this clone its own (--disk-overlay {index}=PATH)"
-                ))
-            })?
-            .join(format!("disk-{index}.overlay")),
-    };
-    crate::disk::check_overlay_path(&target).map_err(restore_err)?;
-    let source = snapshot.join(name);
-    crate::disk::sparse_copy(&source, &target).map_err(|e| {
-        restore_err(format!(
-            "cannot copy disk {index}'s overlay {} to {}: {e}",
-            source.display(),
-            target.display()
-        ))
-    })?;
-    *overlay = target;
-    Ok(state)
+    match (state.devices.net(), &spec.net) {
+        (None, Some(config)) => Err(format!(
+            "--net tap={}: the snapshot has no network device; leave --net out",
+            config.tap
+        )),
+        (Some(_), None) => {
+            Err("the snapshot has a network device: give this clone its own --net tap=NAME".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The guest memory of the snapshot in `dir` (whose state is `state`): its full base mapped

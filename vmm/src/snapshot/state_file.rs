@@ -136,29 +136,11 @@ fn decode_payload(
 mod tests {
     use std::path::PathBuf;
 
-    use kiln_devices::{I8042State, SerialState};
-
     use super::*;
-    use crate::snapshot::{pages, DiffInfo, MachineInfo};
+    use crate::snapshot::{pages, DiffInfo};
 
     fn sample() -> SnapshotState {
-        SnapshotState {
-            machine: MachineInfo {
-                vcpus: 1,
-                memory_mib: 16,
-                irqchip: false,
-                vsock_cid: None,
-            },
-            vcpus: vec![crate::snapshot::validate::tests::zeroed_vcpu(0)],
-            vm: None,
-            serial: SerialState::default(),
-            i8042: I8042State::default(),
-            vsock: None,
-            disks: Vec::new(),
-            net: None,
-            rng: None,
-            diff: None,
-        }
+        crate::snapshot::validate::tests::sample()
     }
 
     /// The error of reading a state that must not read.

@@ -15,6 +15,7 @@ use kiln_devices::virtio::{MmioTransportState, QueueSnapshot};
 
 use super::SnapshotState;
 use crate::config::{MAX_VCPUS, MIN_MEMORY_MIB};
+use crate::device_manager::{DiskState, VirtioState, Windows, MAX_DEVICES};
 
 /// Most guest memory a snapshot may claim, in MiB (1 TiB): far above any CI VM, and low
 /// enough that every byte count computed from it fits a u64.
@@ -87,75 +88,109 @@ pub fn check_state(state: &SnapshotState) -> Result<(), Invalid> {
     if state.vm.is_some() != machine.irqchip {
         return Err(bad("irqchip state does not match the irqchip setting"));
     }
-    if state.serial.in_buffer.len() > kiln_devices::SERIAL_FIFO_LEN {
-        return Err(bad(format!(
-            "serial input buffer of {} bytes (the FIFO holds {})",
-            state.serial.in_buffer.len(),
-            kiln_devices::SERIAL_FIFO_LEN
-        )));
-    }
-    if state.vsock.is_some() != machine.vsock_cid.is_some() {
-        return Err(bad(
-            "vsock device state does not match the machine's vsock CID",
-        ));
-    }
-    if let Some(vsock) = &state.vsock {
-        check_transport("vsock", &vsock.transport, &vsock.device.queues)?;
-    }
-    if state.disks.len() > crate::disk::MAX_DISKS {
-        return Err(bad(format!(
-            "{} disks: a VM takes at most {}",
-            state.disks.len(),
-            crate::disk::MAX_DISKS
-        )));
-    }
-    for (index, disk) in state.disks.iter().enumerate() {
-        check_transport(
-            &format!("disk {index}"),
-            &disk.transport,
-            &disk.device.queues,
-        )?;
-        match (&disk.device.backend, &disk.overlay_file) {
-            (
-                BackendState::Raw {
-                    read_only: false, ..
-                },
-                _,
-            ) => {
-                return Err(bad(format!(
-                    "disk {index} is a writable raw image, which no snapshot holds"
-                )))
-            }
-            (BackendState::Raw { .. }, None) => {}
-            (BackendState::Overlay { .. }, Some(name))
-                if kiln_devices::private::is_plain_name(name) && !name.starts_with('.') => {}
-            (BackendState::Overlay { .. }, Some(name)) => {
-                return Err(bad(format!("disk {index}: bad overlay file name {name:?}")))
-            }
-            (BackendState::Overlay { .. }, None) => {
-                return Err(bad(format!(
-                    "disk {index} is an overlay disk without a copy in the snapshot"
-                )))
-            }
-            (BackendState::Raw { .. }, Some(_)) => {
-                return Err(bad(format!(
-                    "disk {index} is a raw image with an overlay file"
-                )))
-            }
-        }
-    }
-    if let Some(net) = &state.net {
-        check_transport("network device", &net.transport, &net.device.queues)?;
-    }
-    if let Some(rng) = &state.rng {
-        check_transport("entropy device", &rng.transport, &rng.device.queues)?;
-    }
+    check_devices(state)?;
     if let Some(diff) = &state.diff {
         if !diff.pages.fits(machine.memory_mib << 20) {
             return Err(bad("its diff page set does not match the guest's memory"));
         }
     }
     Ok(())
+}
+
+/// The devices: the serial FIFO within its size, each virtio device at a window kiln hands
+/// out and at no other device's, at most one of each kind but disks, as many disks as a VM
+/// takes, a vsock device exactly when the machine has a CID, and sane queues.
+fn check_devices(state: &SnapshotState) -> Result<(), Invalid> {
+    let devices = &state.devices;
+    if devices.serial.in_buffer.len() > kiln_devices::SERIAL_FIFO_LEN {
+        return Err(bad(format!(
+            "serial input buffer of {} bytes (the FIFO holds {})",
+            devices.serial.in_buffer.len(),
+            kiln_devices::SERIAL_FIFO_LEN
+        )));
+    }
+    if devices.virtio.len() > MAX_DEVICES {
+        return Err(bad(format!(
+            "{} virtio devices: a VM has at most {MAX_DEVICES}",
+            devices.virtio.len()
+        )));
+    }
+    let mut windows = Windows::default();
+    for d in &devices.virtio {
+        windows.claim(d.window).map_err(|e| bad(e.to_string()))?;
+    }
+    let count = |kind: &str| {
+        devices
+            .virtio
+            .iter()
+            .filter(|d| d.device.kind() == kind)
+            .count()
+    };
+    for kind in ["vsock", "net", "rng"] {
+        if count(kind) > 1 {
+            return Err(bad(format!(
+                "{} {kind} devices (a VM has at most one)",
+                count(kind)
+            )));
+        }
+    }
+    if count("block") > crate::disk::MAX_DISKS {
+        return Err(bad(format!(
+            "{} disks: a VM takes at most {}",
+            count("block"),
+            crate::disk::MAX_DISKS
+        )));
+    }
+    if devices.vsock().is_some() != state.machine.vsock_cid.is_some() {
+        return Err(bad(
+            "vsock device state does not match the machine's vsock CID",
+        ));
+    }
+    let mut disk_index = 0;
+    for d in &devices.virtio {
+        let queues = match &d.device {
+            VirtioState::Vsock(s) => &s.queues,
+            VirtioState::Net(s) => &s.queues,
+            VirtioState::Rng(s) => &s.queues,
+            VirtioState::Block(disk) => {
+                check_disk(disk_index, disk)?;
+                disk_index += 1;
+                &disk.device.queues
+            }
+        };
+        let what = format!("{} device at {:#x}", d.device.kind(), d.window.base);
+        check_transport(&what, &d.transport, queues)?;
+    }
+    Ok(())
+}
+
+/// A disk is a read-only raw image, or an overlay disk whose copy is a plain file name.
+fn check_disk(index: usize, disk: &DiskState) -> Result<(), Invalid> {
+    match (&disk.device.backend, &disk.overlay_file) {
+        (
+            BackendState::Raw {
+                read_only: false, ..
+            },
+            _,
+        ) => Err(bad(format!(
+            "disk {index} is a writable raw image, which no snapshot holds"
+        ))),
+        (BackendState::Raw { .. }, None) => Ok(()),
+        (BackendState::Overlay { .. }, Some(name))
+            if kiln_devices::private::is_plain_name(name) && !name.starts_with('.') =>
+        {
+            Ok(())
+        }
+        (BackendState::Overlay { .. }, Some(name)) => {
+            Err(bad(format!("disk {index}: bad overlay file name {name:?}")))
+        }
+        (BackendState::Overlay { .. }, None) => Err(bad(format!(
+            "disk {index} is an overlay disk without a copy in the snapshot"
+        ))),
+        (BackendState::Raw { .. }, Some(_)) => Err(bad(format!(
+            "disk {index} is a raw image with an overlay file"
+        ))),
+    }
 }
 
 /// A saved transport's and device's queues: few, of sizes a virtio queue can have.
@@ -202,17 +237,13 @@ pub fn confine_paths(
     let canonical = |p: &Path| std::fs::canonicalize(p);
     let dir = canonical(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
     let store = rules.store.as_deref().and_then(|s| canonical(s).ok());
-    if let Some((index, _)) = rules
-        .disk_images
-        .iter()
-        .find(|(i, _)| *i >= state.disks.len())
-    {
+    let disks = state.devices.disks().count();
+    if let Some((index, _)) = rules.disk_images.iter().find(|(i, _)| *i >= disks) {
         return Err(bad(format!(
-            "--disk-image {index}=…: the snapshot has {} disks",
-            state.disks.len()
+            "--disk-image {index}=…: the snapshot has {disks} disks"
         )));
     }
-    for (index, disk) in state.disks.iter_mut().enumerate() {
+    for (index, disk) in state.devices.disks_mut().enumerate() {
         let image = match &mut disk.device.backend {
             BackendState::Raw { path, .. } => path,
             BackendState::Overlay { base, .. } => base,
@@ -254,8 +285,8 @@ pub fn confine_paths(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::device_manager::{MmioWindow, VirtioDeviceState};
     use crate::snapshot::{pages, DiffInfo, MachineInfo};
-    use kiln_devices::{I8042State, SerialState};
 
     /// A vCPU state with empty lists and zeroed registers (enough for these checks).
     pub(crate) fn zeroed_vcpu(index: u8) -> crate::vstate::vcpu_state::VcpuState {
@@ -274,7 +305,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn sample() -> SnapshotState {
+    pub(crate) fn sample() -> SnapshotState {
         SnapshotState {
             machine: MachineInfo {
                 vcpus: 1,
@@ -284,12 +315,7 @@ pub(crate) mod tests {
             },
             vcpus: vec![zeroed_vcpu(0)],
             vm: None,
-            serial: SerialState::default(),
-            i8042: I8042State::default(),
-            vsock: None,
-            disks: Vec::new(),
-            net: None,
-            rng: None,
+            devices: Default::default(),
             diff: None,
         }
     }
@@ -334,7 +360,7 @@ pub(crate) mod tests {
         assert!(refused(&s).contains("local APIC"));
 
         let mut s = sample();
-        s.serial.in_buffer = vec![0; 1 << 20];
+        s.devices.serial.in_buffer = vec![0; 1 << 20];
         assert!(refused(&s).contains("serial input"));
 
         let mut s = sample();
@@ -350,10 +376,30 @@ pub(crate) mod tests {
         assert!(refused(&s).contains("diff page set"));
     }
 
-    /// A read-only raw disk at `path`, as a snapshot records it.
-    fn raw_disk(path: &Path) -> crate::snapshot::DiskSnapshot {
+    #[test]
+    fn devices_at_foreign_or_shared_windows_are_refused() {
+        let disk = Path::new("/d.img");
+        let mut s = sample();
+        s.devices.virtio.push(raw_disk(disk));
+        check_state(&s).unwrap();
+        s.devices.virtio.push(raw_disk(disk));
+        assert!(refused(&s).contains("two devices at MMIO window"));
+        s.devices.virtio[1].window = MmioWindow::nth(1).unwrap();
+        check_state(&s).unwrap();
+        s.devices.virtio[1].window.base += 0x10;
+        assert!(refused(&s).contains("not one kiln places devices at"));
+        s.devices.virtio[1].window = MmioWindow {
+            irq: 2,
+            ..MmioWindow::nth(1).unwrap()
+        };
+        assert!(refused(&s).contains("IRQ 2"));
+    }
+
+    /// A read-only raw disk at `path`, as a snapshot records it, at the first window.
+    fn raw_disk(path: &Path) -> VirtioDeviceState {
         use kiln_devices::virtio::block::{BlockConfigState, BlockState, SERIAL_LEN};
-        crate::snapshot::DiskSnapshot {
+        VirtioDeviceState {
+            window: MmioWindow::nth(0).unwrap(),
             transport: MmioTransportState {
                 version: kiln_devices::virtio::mmio::MMIO_STATE_VERSION,
                 device_status: 0,
@@ -365,28 +411,30 @@ pub(crate) mod tests {
                 interrupt_status: 0,
                 config_generation: 0,
             },
-            device: BlockState {
-                version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,
-                acked_features: 0,
-                config: BlockConfigState {
-                    capacity: 0,
-                    read_only: true,
-                    device_features: 0,
+            device: VirtioState::Block(DiskState {
+                device: BlockState {
+                    version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,
+                    acked_features: 0,
+                    config: BlockConfigState {
+                        capacity: 0,
+                        read_only: true,
+                        device_features: 0,
+                    },
+                    serial: [0; SERIAL_LEN],
+                    backend: BackendState::Raw {
+                        path: path.to_owned(),
+                        read_only: true,
+                    },
+                    queues: Vec::new(),
                 },
-                serial: [0; SERIAL_LEN],
-                backend: BackendState::Raw {
-                    path: path.to_owned(),
-                    read_only: true,
-                },
-                queues: Vec::new(),
-            },
-            overlay_file: None,
-            image_mtime: (0, 0),
+                overlay_file: None,
+                image_mtime: (0, 0),
+            }),
         }
     }
 
     fn image_of(state: &SnapshotState) -> PathBuf {
-        match &state.disks[0].device.backend {
+        match &state.devices.disks().next().unwrap().device.backend {
             BackendState::Raw { path, .. } | BackendState::Overlay { base: path, .. } => {
                 path.clone()
             }
@@ -422,7 +470,7 @@ pub(crate) mod tests {
         };
         let with_disk = |path: &Path| {
             let mut s = sample();
-            s.disks.push(raw_disk(path));
+            s.devices.virtio.push(raw_disk(path));
             s
         };
         for ok in [snap.join("disk.img"), store.join("img/rootfs.ext4")] {

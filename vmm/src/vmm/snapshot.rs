@@ -7,19 +7,15 @@
 //! the last snapshot. If a snapshot fails after that, the pages it took are lost to the
 //! next diff; then the next snapshot must be full, and a diff is refused until it is.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use kiln_devices::Persist;
-
-use super::core::VmmCore;
+use super::Vmm;
 use crate::memory::ram_ranges;
 use crate::snapshot::memory::{take_bitmaps, write_memory};
 use crate::snapshot::pages::PageSet;
-use crate::snapshot::{
-    self, DiffInfo, DiskSnapshot, SnapshotError, SnapshotKind, SnapshotRef, SnapshotState,
-};
+use crate::snapshot::{self, DiffInfo, SnapshotError, SnapshotKind, SnapshotRef, SnapshotState};
 
-impl VmmCore {
+impl Vmm {
     /// Writes a snapshot of the paused VM into `dir`. Returns the memory bytes written.
     pub(super) fn snapshot(
         &mut self,
@@ -52,19 +48,13 @@ impl VmmCore {
             machine: self.machine.clone(),
             vcpus,
             vm: None,
-            serial: Default::default(),
-            i8042: Default::default(),
-            vsock: None,
-            disks: Vec::new(),
-            net: None,
-            rng: None,
+            devices: Default::default(),
             diff: None,
         };
         let result = self.fill_and_write(&dir, &mut state, diff_parent);
         // The vCPUs stay paused; keep their states for another snapshot or the resume.
         self.paused = Some(std::mem::take(&mut state.vcpus));
-        let written = result?;
-        Ok(written)
+        result
     }
 
     /// The snapshot a diff would layer over, or why there can be no diff.
@@ -95,23 +85,7 @@ impl VmmCore {
                 SnapshotError::NotSnapshottable(format!("cannot read irqchip/PIT/clock: {e}"))
             })?);
         }
-        let lock_err = |what: &str| SnapshotError::NotSnapshottable(format!("{what} is poisoned"));
-        state.serial = self
-            .legacy
-            .serial
-            .lock()
-            .map_err(|_| lock_err("serial"))?
-            .save();
-        state.i8042 = self
-            .legacy
-            .i8042
-            .lock()
-            .map_err(|_| lock_err("i8042"))?
-            .save();
-        state.vsock = self.vsock.as_ref().map(|p| p.save("vsock")).transpose()?;
-        state.disks = self.snapshot_disks(dir)?;
-        state.net = self.net.as_ref().map(|p| p.save("net")).transpose()?;
-        state.rng = self.rng.as_ref().map(|p| p.save("rng")).transpose()?;
+        state.devices = self.devices.save(dir)?;
 
         // From here on the dirty pages are taken: a failure must not leave a diff base.
         let size = self.machine.memory_mib << 20;
@@ -136,65 +110,6 @@ impl VmmCore {
             digest,
         });
         Ok(written)
-    }
-
-    /// Each block device's state; an overlay is flushed and copied into `dir` as
-    /// `disk-N.overlay` (the VM is paused and the event loop, which runs every request, is
-    /// here, so file and bitmap agree). A writable raw image cannot be snapshotted: a clone
-    /// would write to the same file as the original.
-    fn snapshot_disks(&self, dir: &Path) -> Result<Vec<DiskSnapshot>, SnapshotError> {
-        use kiln_devices::virtio::block::BackendState;
-        let mut disks = Vec::with_capacity(self.disks.len());
-        for (index, parts) in self.disks.iter().enumerate() {
-            let poisoned = || SnapshotError::NotSnapshottable(format!("disk {index} is poisoned"));
-            let mut device = parts.device.lock().map_err(|_| poisoned())?;
-            let mut state = device.save();
-            let overlay_file = match &mut state.backend {
-                BackendState::Raw { read_only: true, .. } => None,
-                BackendState::Raw { path, .. } => {
-                    return Err(SnapshotError::NotSnapshottable(format!(
-                        "disk {index} ({}) is a writable raw image, which clones would share;                          attach it with `ro` or `overlay=` to snapshot the VM",
-                        path.display()
-                    )))
-                }
-                BackendState::Overlay { overlay, .. } => {
-                    device.flush().map_err(|source| SnapshotError::Io {
-                        what: "flush disk overlay",
-                        path: overlay.clone(),
-                        source,
-                    })?;
-                    let name = format!("disk-{index}.overlay");
-                    let copy = dir.join(&name);
-                    // No state file here (checked above): a copy left by a failed attempt.
-                    let _ = std::fs::remove_file(&copy);
-                    crate::disk::sparse_copy(overlay, &copy).map_err(|source| {
-                        SnapshotError::Io {
-                            what: "copy the disk overlay to",
-                            path: copy.clone(),
-                            source,
-                        }
-                    })?;
-                    *overlay = PathBuf::from(&name);
-                    Some(name)
-                }
-            };
-            let image = match &state.backend {
-                BackendState::Raw { path, .. } => path,
-                BackendState::Overlay { base, .. } => base,
-            };
-            let image_mtime = snapshot::image_mtime(image).map_err(|source| SnapshotError::Io {
-                what: "stat disk image",
-                path: image.clone(),
-                source,
-            })?;
-            disks.push(DiskSnapshot {
-                image_mtime,
-                transport: parts.transport.lock().map_err(|_| poisoned())?.save(),
-                device: state,
-                overlay_file,
-            });
-        }
-        Ok(disks)
     }
 
     /// The pages written since the last call (empty without a dirty log), clearing both

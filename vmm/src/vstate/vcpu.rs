@@ -18,7 +18,7 @@ use super::vcpu_signals::{block_process_signals, install_kick_handler, kick_sign
 use super::vcpu_state;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, msr, regs, regs::CpuMode};
-use crate::devices::Buses;
+use crate::device_manager::Buses;
 use crate::seccomp::{Filters, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]

@@ -40,6 +40,10 @@ pub const MMIO_VENDOR_ID: u32 = u32::from_le_bytes(*b"kiln");
 mod regs;
 use regs::{high, low, reg, set_high, set_low};
 
+/// The offset of `QueueNotify` in the window: the VMM registers an ioeventfd there per
+/// queue (datamatch: the queue index), so that a kick does not exit to the VMM.
+pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
+
 /// The kernel command-line fragment that announces a virtio-mmio device at `base` with
 /// interrupt `irq`, e.g. `virtio_mmio.device=512@0xd0000000:5`. Needs a guest kernel with
 /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`.

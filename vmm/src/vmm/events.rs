@@ -2,59 +2,25 @@
 //! exits, a stop) and carries out control requests (pause, resume, snapshot, status).
 
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::json;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
-use super::control::{ControlQueue, Request, Response};
-use super::{BootDoneHook, GuestExit, VsockParts};
-use crate::devices::LegacyDevices;
-use crate::memory::GuestMemory;
-use crate::snapshot::{MachineInfo, SnapshotKind, SnapshotRef};
-use crate::vstate::vcpu::{VcpuHandle, VcpuOutcome};
+use super::control::{Request, Response};
+use super::{GuestExit, Vmm};
+use crate::snapshot::SnapshotKind;
+use crate::vstate::vcpu::VcpuOutcome;
 use crate::vstate::vcpu_control::Command;
-use crate::vstate::vcpu_state::VcpuState;
-use crate::vstate::vm::Vm;
 
 /// How long a vCPU may take to stop and hand over its state.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(super) struct VmmCore {
-    pub(super) exited: EventFd,
-    pub(super) outcomes: Receiver<(u8, VcpuOutcome)>,
-    pub(super) vcpu_count: usize,
-    pub(super) halted: usize,
-    pub(super) stop_evt: EventFd,
-    pub(super) boot_done: Option<BootDoneHook>,
-    pub(super) exit: Option<GuestExit>,
-    pub(super) handles: Vec<VcpuHandle>,
-    /// The vCPUs' states while they are paused.
-    pub(super) paused: Option<Vec<VcpuState>>,
-    pub(super) legacy: LegacyDevices,
-    pub(super) vsock: Option<VsockParts>,
-    pub(super) disks: Vec<super::BlockParts>,
-    pub(super) net: Option<super::NetParts>,
-    pub(super) rng: Option<super::RngParts>,
-    pub(super) control: ControlQueue,
-    pub(super) machine: MachineInfo,
-    pub(super) memory: GuestMemory,
-    pub(super) vm: Vm,
-    /// Whether KVM logs dirty pages.
-    pub(super) dirty_log: bool,
-    /// What the next diff snapshot layers over.
-    pub(super) diff_base: Option<SnapshotRef>,
-    /// Where a snapshot the guest asks for goes (`kiln job --snapshot-at`).
-    pub(super) snapshot_on_request: Option<std::path::PathBuf>,
-}
-
-impl VmmCore {
+impl Vmm {
     /// A reset after the console showed a kernel panic is a panic, not a reboot.
     fn reset_or_panic(&self) -> GuestExit {
-        match self.legacy.panic_watch.panic_line() {
+        match self.devices.legacy.panic_watch.panic_line() {
             Some(line) => GuestExit::Panic(line),
             None => GuestExit::Reset,
         }
@@ -78,7 +44,7 @@ impl VmmCore {
                 VcpuOutcome::Fault(msg) => self.set_exit(GuestExit::Fault(msg)),
                 VcpuOutcome::Halted => {
                     self.halted += 1;
-                    if self.halted == self.vcpu_count {
+                    if self.halted == usize::from(self.machine.vcpus) {
                         self.set_exit(GuestExit::Halted);
                     }
                 }
@@ -106,7 +72,7 @@ impl VmmCore {
                 "state": if self.paused.is_some() { "paused" } else { "running" },
                 "vcpus": self.machine.vcpus,
                 "memory_mib": self.machine.memory_mib,
-                "boot_ms": self.legacy.boot_timer.boot_time().map(|t| t.as_secs_f64() * 1e3),
+                "boot_ms": self.devices.legacy.boot_timer.boot_time().map(|t| t.as_secs_f64() * 1e3),
             })),
             Request::Shutdown => {
                 self.set_exit(GuestExit::Stopped);
@@ -155,7 +121,7 @@ impl VmmCore {
                 false
             }
         };
-        self.legacy.snapshot_requests.complete(ok);
+        self.devices.legacy.snapshot_requests.complete(ok);
     }
 
     /// Pauses every vCPU and keeps their states. Pausing a paused VM does nothing.
@@ -199,15 +165,15 @@ impl VmmCore {
     }
 }
 
-impl MutEventSubscriber for VmmCore {
+impl MutEventSubscriber for Vmm {
     fn init(&mut self, ops: &mut EventOps) {
         let fds = [
-            self.legacy.reset_evt.as_raw_fd(),
-            self.legacy.boot_evt.as_raw_fd(),
+            self.devices.legacy.reset_evt.as_raw_fd(),
+            self.devices.legacy.boot_evt.as_raw_fd(),
             self.exited.as_raw_fd(),
             self.stop_evt.as_raw_fd(),
             self.control.evt.as_raw_fd(),
-            self.legacy.snapshot_evt.as_raw_fd(),
+            self.devices.legacy.snapshot_evt.as_raw_fd(),
         ];
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
@@ -218,13 +184,13 @@ impl MutEventSubscriber for VmmCore {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.legacy.reset_evt.as_raw_fd() {
-            let _ = self.legacy.reset_evt.read();
+        if fd == self.devices.legacy.reset_evt.as_raw_fd() {
+            let _ = self.devices.legacy.reset_evt.read();
             let exit = self.reset_or_panic();
             self.set_exit(exit);
-        } else if fd == self.legacy.boot_evt.as_raw_fd() {
-            let _ = self.legacy.boot_evt.read();
-            if let Some(t) = self.legacy.boot_timer.boot_time() {
+        } else if fd == self.devices.legacy.boot_evt.as_raw_fd() {
+            let _ = self.devices.legacy.boot_evt.read();
+            if let Some(t) = self.devices.legacy.boot_timer.boot_time() {
                 tracing::info!("guest boot done in {:.1} ms", t.as_secs_f64() * 1e3);
                 if let Some(hook) = self.boot_done.take() {
                     hook(t);
@@ -237,8 +203,8 @@ impl MutEventSubscriber for VmmCore {
             self.vcpu_exits();
         } else if fd == self.control.evt.as_raw_fd() {
             self.control_requests();
-        } else if fd == self.legacy.snapshot_evt.as_raw_fd() {
-            let _ = self.legacy.snapshot_evt.read();
+        } else if fd == self.devices.legacy.snapshot_evt.as_raw_fd() {
+            let _ = self.devices.legacy.snapshot_evt.read();
             self.guest_snapshot_request();
         }
     }
