@@ -4,7 +4,9 @@
 //! process (a different start time), is stale: `kiln ps` skips it and removes it if it can.
 //!
 //! The directory: `$KILN_RUN_DIR`, else `/run/kiln/vms` for root, else
-//! `$XDG_RUNTIME_DIR/kiln/vms`, else `/tmp/kiln-<uid>/vms`; created 0700.
+//! `$XDG_RUNTIME_DIR/kiln/vms`; created 0700. A kiln with none of these (a VMM in
+//! `kiln jail`, which runs as its own uid with a cleared environment) keeps no record: it
+//! writes nothing into the jail's root.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,20 +32,18 @@ pub struct VmRecord {
     pub snapshot: Option<PathBuf>,
 }
 
-/// The registry directory for this user.
-pub fn dir() -> PathBuf {
+/// The registry directory for this user, if it has one.
+pub fn dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("KILN_RUN_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
+        return Some(PathBuf::from(d));
     }
     // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    if uid == 0 {
-        return PathBuf::from("/run/kiln/vms");
+    if unsafe { libc::getuid() } == 0 {
+        return Some(PathBuf::from("/run/kiln/vms"));
     }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d).join("kiln/vms"),
-        None => PathBuf::from(format!("/tmp/kiln-{uid}/vms")),
-    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|d| PathBuf::from(d).join("kiln/vms"))
 }
 
 /// The start time of process `pid` in clock ticks since boot, if it runs.

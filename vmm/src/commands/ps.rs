@@ -7,7 +7,10 @@ use crate::cli::PsArgs;
 use crate::registry::{self, VmRecord};
 
 pub fn ps(args: &PsArgs) -> anyhow::Result<ExitCode> {
-    let vms = registry::list(&registry::dir());
+    let vms = match registry::dir() {
+        Some(dir) => registry::list(&dir),
+        None => Vec::new(),
+    };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

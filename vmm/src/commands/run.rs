@@ -130,6 +130,7 @@ pub fn run(args: &RunArgs, start: Instant) -> anyhow::Result<ExitCode> {
 
 fn register(
     vmm: &Vmm,
+    dir: &Path,
     api: &Path,
     sockets: &Sockets,
 ) -> std::io::Result<crate::registry::Registration> {
@@ -144,7 +145,7 @@ fn register(
         vsock: sockets.vsock.map(absolute),
         snapshot: sockets.snapshot.map(absolute),
     };
-    crate::registry::register(&crate::registry::dir(), record)
+    crate::registry::register(dir, record)
 }
 
 /// Gives the VM's vsock socket (if any) the peer check and group of `access`.
@@ -188,11 +189,11 @@ pub(crate) fn run_to_end(
         None => None,
     };
     // A VM with a control API is listed by `kiln ps` while it runs.
-    let registration = match sockets.api {
-        Some(api) => register(&vmm, api, &sockets)
+    let registration = match (sockets.api, crate::registry::dir()) {
+        (Some(api), Some(dir)) => register(&vmm, &dir, api, &sockets)
             .map_err(|e| tracing::warn!("kiln ps will not list this VM: {e}"))
             .ok(),
-        None => None,
+        _ => None,
     };
     let report = vmm.run();
     // The VM is gone: the socket and the record go with it.
