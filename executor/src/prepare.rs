@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use kiln_agent::client::{wait_ready, Client};
+use kiln_agent::docker::Report;
 use kiln_agent::protocol::AGENT_PORT;
 
 use crate::config::Config;
@@ -98,6 +99,7 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         // some entropy (a restore does this itself).
         refresh(&job).context("setting the new guest's clock")?;
     }
+    let docker = docker(&job, contract, config.boot_timeout)?;
     let what = match &source {
         Source::Image(i) => format!("booted image {:?}", i.name),
         Source::Snapshot { name, .. } => format!("restored snapshot {name:?}"),
@@ -114,7 +116,54 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         job.slot().map_or("?".to_string(), |s| s.to_string()),
         start.elapsed().as_secs_f64()
     );
+    if let Some(Report::Ready { ms, already }) = docker {
+        if already {
+            println!("kiln-gitlab: Docker was already running in the guest");
+        } else {
+            println!("kiln-gitlab: started Docker in the guest (dockerd ready in {ms} ms)");
+        }
+    }
     Ok(())
+}
+
+/// What the job's `KILN_DOCKER` variable asks of Docker in its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DockerWish {
+    /// Unset: start dockerd when the image has it.
+    IfInstalled,
+    /// "1", "true", "yes": start it, and fail the job if the image has none.
+    Required,
+    /// "0", "false", "no": leave it.
+    Never,
+}
+
+impl DockerWish {
+    pub fn from_contract(contract: &Contract) -> Result<DockerWish> {
+        match contract.var("KILN_DOCKER").map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(DockerWish::IfInstalled),
+            Some("1" | "true" | "yes") => Ok(DockerWish::Required),
+            Some("0" | "false" | "no") => Ok(DockerWish::Never),
+            Some(other) => bail!("KILN_DOCKER: {other:?} is neither 1/true/yes nor 0/false/no"),
+        }
+    }
+}
+
+/// Before the job's first stage, the agent starts Docker as `KILN_DOCKER` asks (a job whose
+/// image has Docker gets it by default), waiting at most `timeout` for it to answer.
+fn docker(job: &JobDir, contract: &Contract, timeout: Duration) -> Result<Option<Report>> {
+    let if_installed = match DockerWish::from_contract(contract)? {
+        DockerWish::Never => return Ok(None),
+        DockerWish::IfInstalled => true,
+        DockerWish::Required => false,
+    };
+    let mut client = Client::connect_with_timeout(
+        &job.vsock(),
+        AGENT_PORT,
+        Some(timeout + Duration::from_secs(10)),
+    )?;
+    kiln_agent::docker::request(&mut client, if_installed, timeout)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("Docker in the job's VM: {e}"))
 }
 
 /// A store image's disk is linked into a jail only from the jails' filesystem; from another

@@ -39,7 +39,7 @@ pub const PACKAGES: &[&str] = &[
 pub const GUEST_MEMORY_MIB: u32 = 1024;
 
 /// The test-bed machine: the image (a file in its RAM) plus the guest's memory.
-const TESTBED_MEMORY_MIB: u32 = 4096;
+const TESTBED_MEMORY_MIB: u32 = 5120;
 
 /// Wall-clock limit for the whole run (test bed, boot, every workload).
 const TIMEOUT: Duration = Duration::from_secs(1800);
