@@ -4,6 +4,7 @@
 
 mod blk;
 mod boot;
+mod docker;
 mod empty_job;
 mod fork;
 mod kiln_process;
@@ -60,6 +61,9 @@ struct Args {
     /// MiB per `net` download.
     #[arg(long, default_value_t = 20)]
     net_mib: u64,
+    /// Jobs with `--docker` to time for `docker` (each boots the workload image).
+    #[arg(long, default_value_t = 3)]
+    docker_runs: usize,
 }
 
 fn main() -> Result<()> {
@@ -199,6 +203,9 @@ fn main() -> Result<()> {
                 mib: args.net_mib,
             },
         )?);
+    }
+    if wanted("docker") {
+        results.extend(docker::run(args.docker_runs)?);
     }
     for r in &results {
         println!("{r}");

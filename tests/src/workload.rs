@@ -109,15 +109,21 @@ pub fn battery(job: &str) -> Result<&'static Battery> {
         .map_err(|e| anyhow!("the workload run failed: {e}"))
 }
 
-fn run(job: &str) -> Result<Battery> {
-    let image = image()?;
-    let runner = match Runner::detect()? {
+/// Where VMs of the workload image run: [`Runner::detect`], with a test bed large enough
+/// to hold the image.
+pub fn runner() -> Result<Runner> {
+    Ok(match Runner::detect()? {
         Runner::Testbed(mut t) => {
             t.memory_mib = t.memory_mib.max(TESTBED_MEMORY_MIB);
             Runner::Testbed(t)
         }
         direct => direct,
-    };
+    })
+}
+
+fn run(job: &str) -> Result<Battery> {
+    let image = image()?;
+    let runner = runner()?;
     let script = format!(
         r#"
 mkdir -p www

@@ -192,6 +192,12 @@ const BENCHES: &[Bench] = &[
         what: "guest `wget` of a 20 MiB file from the host over a TAP, guest time",
         reproduce: "cargo xtask bench net",
     },
+    Bench {
+        name: "docker",
+        variant: None,
+        what: "`kiln job --docker`: dockerd start to its first answer on Docker's socket, in the guest (Debian workload image, 2 vCPUs, 1 GiB)",
+        reproduce: "cargo xtask bench docker",
+    },
 ];
 
 fn describe(result: &Value) -> (&'static str, &'static str) {
