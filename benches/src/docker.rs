@@ -57,13 +57,14 @@ done
             out.console
         );
     }
-    let boot: Vec<f64> = reports.iter().filter_map(|r| r["boot_ms"].as_f64()).collect();
+    let boot: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r["boot_ms"].as_f64())
+        .collect();
     let mut extra = Map::new();
     extra.insert(
         "median_boot_ms".into(),
-        (!boot.is_empty())
-            .then(|| stats::summary(&boot).0)
-            .into(),
+        (!boot.is_empty()).then(|| stats::summary(&boot).0).into(),
     );
     extra.insert(
         "what".into(),

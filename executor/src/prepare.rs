@@ -139,7 +139,11 @@ pub enum DockerWish {
 
 impl DockerWish {
     pub fn from_contract(contract: &Contract) -> Result<DockerWish> {
-        match contract.var("KILN_DOCKER").map(str::to_ascii_lowercase).as_deref() {
+        match contract
+            .var("KILN_DOCKER")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None => Ok(DockerWish::IfInstalled),
             Some("1" | "true" | "yes") => Ok(DockerWish::Required),
             Some("0" | "false" | "no") => Ok(DockerWish::Never),

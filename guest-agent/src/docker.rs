@@ -210,7 +210,11 @@ pub fn request(
 /// The helper's error line, without the agent's `kiln-agent: docker: ` prefix.
 fn helper_words(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     line.trim()
         .trim_start_matches("kiln-agent: ")
         .trim_start_matches("docker: ")
@@ -380,7 +384,8 @@ pub fn ping(socket: &Path) -> io::Result<bool> {
 pub fn is_ok_response(answer: &[u8]) -> bool {
     let text = String::from_utf8_lossy(answer);
     let mut status_line = text.lines().next().unwrap_or("").split_whitespace();
-    status_line.next().is_some_and(|v| v.starts_with("HTTP/1.")) && status_line.next() == Some("200")
+    status_line.next().is_some_and(|v| v.starts_with("HTTP/1."))
+        && status_line.next() == Some("200")
 }
 
 #[cfg(test)]
@@ -442,7 +447,9 @@ mod tests {
             b"HTTP/1.0 200 OK\r\nApi-Version: 1.41\r\n\r\nOK"
         ));
         assert!(is_ok_response(b"HTTP/1.1 200 OK\r\n\r\nOK"));
-        assert!(!is_ok_response(b"HTTP/1.1 500 Internal Server Error\r\n\r\n"));
+        assert!(!is_ok_response(
+            b"HTTP/1.1 500 Internal Server Error\r\n\r\n"
+        ));
         assert!(!is_ok_response(b"SSH-2.0-OpenSSH\r\n"));
         assert!(!is_ok_response(b""));
     }
@@ -481,7 +488,9 @@ mod tests {
         assert!(!ping(&sock).unwrap());
         assert!(ping(&sock).unwrap());
         let asked = server.join().unwrap();
-        assert!(asked.iter().all(|a| a.starts_with("GET /_ping HTTP/1.0\r\n")));
+        assert!(asked
+            .iter()
+            .all(|a| a.starts_with("GET /_ping HTTP/1.0\r\n")));
         fs::remove_dir_all(&dir).unwrap();
         assert!(ping(&sock).is_err());
     }

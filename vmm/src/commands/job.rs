@@ -144,7 +144,8 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     };
     if args.json {
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-        let mut report = serde_json::json!({"exit_code": code, "boot_ms": ms(boot_ms), "job_ms": ms(job_ms)});
+        let mut report =
+            serde_json::json!({"exit_code": code, "boot_ms": ms(boot_ms), "job_ms": ms(job_ms)});
         if args.docker {
             report["docker_ms"] = serde_json::json!(ms(docker_ms));
         }
