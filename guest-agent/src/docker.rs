@@ -8,16 +8,20 @@
 //!    fix (or, with `--if-installed`, reports [`Report::Absent`] and succeeds);
 //! 2. does nothing more if [`SOCKET`] already answers (a VM restored from a snapshot taken
 //!    with Docker running, or a second request);
-//! 3. starts `dockerd` in a cgroup of its own ([`CGROUP`]: the daemon and its containers
-//!    are not counted against the job's cgroup, and a job that limits its own cgroup does
-//!    not limit Docker), in a process group of its own (cancelling the exec that started
-//!    it does not kill it), output appended to [`LOG`];
-//! 4. waits until `GET /_ping` on [`SOCKET`] answers `200`, failing early if `dockerd`
+//! 3. starts `containerd`, when the image has it, and waits until its socket accepts
+//!    connections ([`CONTAINERD_SOCKET`]): `dockerd` gives a `containerd` it starts itself
+//!    only a short, fixed time, too short on a slow machine;
+//! 4. starts `dockerd` (pointed at that `containerd`); both run in a cgroup of their own
+//!    ([`CGROUP`]: the daemons and their containers are not counted against the job's
+//!    cgroup, and a job that limits its own cgroup does not limit Docker), in process
+//!    groups of their own (cancelling the exec that started them does not kill them),
+//!    output appended to [`LOG`];
+//! 5. waits until `GET /_ping` on [`SOCKET`] answers `200`, failing early if `dockerd`
 //!    exits, and at the timeout with the end of its log;
-//! 5. prints one [`Report`] line on stdout: how long `dockerd` took from its start to its
-//!    first answer.
+//! 6. prints one [`Report`] line on stdout: how long Docker took from the first daemon's
+//!    start to its first answer.
 //!
-//! When the helper exits, `dockerd` is re-parented to PID 1, whose reaper collects it.
+//! When the helper exits, the daemons are re-parented to PID 1, whose reaper collects them.
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -34,7 +38,9 @@ pub const AGENT_EXE: &str = "/proc/1/exe";
 pub const SUBCOMMAND: &str = "docker-start";
 /// Docker's API socket, where `docker` looks by default.
 pub const SOCKET: &str = "/var/run/docker.sock";
-/// Where `dockerd`'s output goes.
+/// containerd's API socket, where the helper's `containerd` listens and `dockerd` looks.
+pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// Where `dockerd`'s (and `containerd`'s) output goes.
 pub const LOG: &str = "/var/log/kiln-dockerd.log";
 /// The cgroup `dockerd` runs in, beside the job's.
 pub const CGROUP: &str = "/sys/fs/cgroup/dockerd";
@@ -85,17 +91,21 @@ pub enum DockerError {
         /// Why.
         source: io::Error,
     },
-    /// `dockerd` ended before it answered.
-    #[error("dockerd exited ({status}) before {SOCKET} answered; the end of {LOG}: {tail}")]
+    /// `dockerd` (or the `containerd` started for it) ended before it answered.
+    #[error("{what} exited ({status}) before it answered; the end of {LOG}: {tail}")]
     Exited {
+        /// `dockerd` or `containerd`.
+        what: &'static str,
         /// How it ended.
         status: std::process::ExitStatus,
         /// The end of its log.
         tail: String,
     },
-    /// `dockerd` did not answer in time.
-    #[error("dockerd did not answer on {SOCKET} within {secs} s; the end of {LOG}: {tail}")]
+    /// `dockerd` (or `containerd`) did not answer in time.
+    #[error("{what} did not answer within {secs} s; the end of {LOG}: {tail}")]
     Timeout {
+        /// `dockerd` or `containerd`.
+        what: &'static str,
         /// The timeout.
         secs: u64,
         /// The end of its log.
@@ -258,9 +268,14 @@ impl Options {
 
 /// The first `dockerd` on [`SEARCH_PATH`] under `root` (`/` in the guest).
 pub fn find_dockerd(root: &Path) -> Option<PathBuf> {
+    find_in(root, "dockerd")
+}
+
+/// The first file `name` on [`SEARCH_PATH`] under `root`.
+fn find_in(root: &Path, name: &str) -> Option<PathBuf> {
     SEARCH_PATH
         .iter()
-        .map(|dir| root.join(dir.trim_start_matches('/')).join("dockerd"))
+        .map(|dir| root.join(dir.trim_start_matches('/')).join(name))
         .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file()))
 }
 
@@ -280,41 +295,74 @@ pub fn start(opts: &Options) -> Result<Report, DockerError> {
         });
     }
     enter_own_cgroup()?;
+    let started = Instant::now();
+    let deadline = started + opts.timeout;
+    let mut dockerd_cmd = Command::new(&dockerd);
+    // containerd first, waited for here: dockerd gives a containerd it starts itself only a
+    // short, fixed time to come up, which a slow machine (the nested test bed) exceeds.
+    if let Some(containerd) = find_in(Path::new("/"), "containerd") {
+        if UnixStream::connect(CONTAINERD_SOCKET).is_err() {
+            let mut child = spawn_daemon(&mut Command::new(&containerd))?;
+            wait_until(&mut child, deadline, opts.timeout, "containerd", || {
+                UnixStream::connect(CONTAINERD_SOCKET).is_ok()
+            })?;
+        }
+        dockerd_cmd.arg("--containerd").arg(CONTAINERD_SOCKET);
+    }
+    let mut child = spawn_daemon(&mut dockerd_cmd)?;
+    wait_until(&mut child, deadline, opts.timeout, "dockerd", || {
+        ping(Path::new(SOCKET)).unwrap_or(false)
+    })?;
+    Ok(Report::Ready {
+        ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        already: false,
+    })
+}
+
+/// Starts a daemon with its output appended to [`LOG`], in a process group of its own: a
+/// cancel of the exec that started it (SIGKILL to that exec's group) must not take the
+/// daemon with it.
+fn spawn_daemon(cmd: &mut Command) -> Result<std::process::Child, DockerError> {
     let log = open_log()?;
     let log_err = log.try_clone().map_err(|source| DockerError::Prepare {
         path: LOG.into(),
         source,
     })?;
-    let started = Instant::now();
-    let mut child = Command::new(&dockerd)
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
-        // Its own process group: a cancel of the exec that started it (SIGKILL to that
-        // exec's group) must not take the daemon with it.
         .process_group(0)
         .spawn()
         .map_err(|source| DockerError::Spawn {
-            path: dockerd.clone(),
+            path: PathBuf::from(cmd.get_program()),
             source,
-        })?;
-    let deadline = started + opts.timeout;
+        })
+}
+
+/// Polls `ready` until it holds, failing if `child` (called `what`) exits first or the
+/// deadline passes.
+fn wait_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+    timeout: Duration,
+    what: &'static str,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), DockerError> {
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(DockerError::Exited {
+                what,
                 status,
                 tail: log_tail(),
             });
         }
-        if ping(Path::new(SOCKET)).unwrap_or(false) {
-            return Ok(Report::Ready {
-                ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                already: false,
-            });
+        if ready() {
+            return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(DockerError::Timeout {
-                secs: opts.timeout.as_secs(),
+                what,
+                secs: timeout.as_secs(),
                 tail: log_tail(),
             });
         }

@@ -148,9 +148,10 @@ echo "--- job stderr"; cat job.err
 echo "WL-SECTION=docker-absent"
 printf 'docker version\nrc=$?\necho "WL-NODOCKER-RC=$rc"\nexit $rc\n' > nodocker.sh
 "$KILN" job --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 \
-  --script nodocker.sh > nodocker.out 2>&1
+  --script nodocker.sh > nodocker.out 2> nodocker.err
 echo "WL-NODOCKER-EXIT=$?"
 cat nodocker.out
+echo "WL-NODOCKER-STDERR=$(cat nodocker.err)"
 echo 'echo WL-ASKS-SCRIPT-RAN' > asks.sh
 "$KILN" job --kernel "$GUEST_VMLINUX" --initrd "$FILES/agent.cpio" --memory 256 --docker \
   --script asks.sh > asks.out 2> asks.err

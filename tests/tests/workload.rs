@@ -125,7 +125,7 @@ echo "WL-DOCKER-INFO=$(timeout 120 docker info --format '{{.Driver}} cgroup-v{{.
 D=/tmp/docker-wl
 rm -rf "$D" && mkdir -p "$D/layer/bin" "$D/image" "$D/context"
 cp /bin/busybox "$D/layer/bin/busybox"
-for applet in sh echo cat wget hostname mkdir; do ln -s busybox "$D/layer/bin/$applet"; done
+for applet in sh echo cat wget ip; do ln -s busybox "$D/layer/bin/$applet"; done
 tar -C "$D/layer" -cf "$D/image/layer.tar" .
 diff_id=$(sha256sum "$D/image/layer.tar" | cut -d' ' -f1)
 printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
@@ -143,7 +143,7 @@ DOCKER_BUILDKIT=0 timeout 600 docker build -q -t kiln-wl/built:1 "$D/context"
 echo "WL-DOCKER-BUILD-RC=$?"
 echo "WL-DOCKER-BUILT=$(timeout 300 docker run --rm kiln-wl/built:1 cat /built.txt)"
 # Through Docker's bridge and the guest's NAT to the test-bed host on the TAP side.
-echo "WL-DOCKER-NET=$(timeout 300 docker run --rm kiln-wl/busybox:1 sh -c "echo \$(wget -q -O - http://$WL_HOST_IP:8080/token) from \$(hostname -i)")"
+echo "WL-DOCKER-NET=$(timeout 300 docker run --rm kiln-wl/busybox:1 sh -c "echo \$(wget -q -O - http://$WL_HOST_IP:8080/token) from \$(ip -4 -o addr show dev eth0)")"
 echo "WL-DOCKER-LOG=$(grep -c . /var/log/kiln-dockerd.log)"
 
 section end
@@ -305,14 +305,22 @@ fn workload_docker_container_reaches_the_tap_side_through_bridge_and_nat() -> Re
     let token = value(&battery.console, "WL-HOST-TOKEN")
         .filter(|t| t.starts_with("kiln-") && t.len() > "kiln-".len())
         .ok_or_else(|| anyhow::anyhow!("no host token:\n{}", battery.console))?;
+    // "<token> from 2: eth0    inet 172.17.0.2/16 brd …" (busybox `ip -o`).
     let got = value(out, "WL-DOCKER-NET").unwrap_or_default();
     let (fetched, from) = got.split_once(" from ").unwrap_or((got, ""));
     ensure!(
         fetched == token,
         "the container fetched {fetched:?}, the test bed served {token:?}:\n{out}"
     );
-    let addr: std::net::Ipv4Addr = from
-        .trim()
+    let inet = from
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap_or("");
+    let addr: std::net::Ipv4Addr = inet
+        .split('/')
+        .next()
+        .unwrap_or("")
         .parse()
         .map_err(|e| anyhow::anyhow!("the container's address {from:?}: {e}\n{out}"))?;
     ensure!(
@@ -334,7 +342,7 @@ fn workload_docker_container_reaches_the_tap_side_through_bridge_and_nat() -> Re
 fn workload_docker_absent_is_not_found_and_asking_for_it_is_one_error_line() -> Result<()> {
     let out = battery()?.section("docker-absent")?;
     ensure!(
-        out.contains("docker: not found"),
+        value(out, "WL-NODOCKER-STDERR").is_some_and(|e| e.ends_with("docker: not found")),
         "`docker` without Docker should be the shell's \"not found\":\n{out}"
     );
     expect(out, "WL-NODOCKER-RC", "127")?;
