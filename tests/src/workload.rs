@@ -178,6 +178,10 @@ echo "WL-ASKS-STDERR=$(cat asks.err)"
         "workload battery: test-bed run took {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    // kiln job's --json line: boot_ms, job_ms and docker_ms (dockerd's start-to-ready).
+    if let Some(report) = crate::output::last_json(&out.console) {
+        eprintln!("workload battery: kiln job reported {report}");
+    }
     let exit = value(&out.console, "WL-EXIT").and_then(|v| v.parse().ok());
     Ok(Battery {
         console: out.console,
