@@ -138,6 +138,7 @@ pub enum DockerWish {
 }
 
 impl DockerWish {
+    /// Reads `KILN_DOCKER`; a value that is neither yes nor no is an error naming it.
     pub fn from_contract(contract: &Contract) -> Result<DockerWish> {
         match contract
             .var("KILN_DOCKER")
@@ -267,4 +268,28 @@ fn refresh(job: &JobDir) -> Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
     client.add_entropy(&entropy)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wish(value: Option<&str>) -> Result<DockerWish> {
+        let vars = value.map(|v| ("CUSTOM_ENV_KILN_DOCKER".to_string(), v.to_string()));
+        DockerWish::from_contract(&Contract::from_vars(vars))
+    }
+
+    #[test]
+    fn kiln_docker_asks_for_docker_or_not() {
+        assert_eq!(wish(None).unwrap(), DockerWish::IfInstalled);
+        assert_eq!(wish(Some("")).unwrap(), DockerWish::IfInstalled);
+        for v in ["1", "true", "YES"] {
+            assert_eq!(wish(Some(v)).unwrap(), DockerWish::Required, "{v}");
+        }
+        for v in ["0", "false", "no"] {
+            assert_eq!(wish(Some(v)).unwrap(), DockerWish::Never, "{v}");
+        }
+        let err = wish(Some("maybe")).unwrap_err().to_string();
+        assert!(err.contains("KILN_DOCKER"), "{err}");
+    }
 }
