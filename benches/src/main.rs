@@ -4,6 +4,7 @@
 
 mod blk;
 mod boot;
+mod docker;
 mod empty_job;
 mod fork;
 mod gitlab_job;
@@ -78,6 +79,9 @@ struct Args {
     /// Pulls to time for `image_pull` (at least 3 for a median).
     #[arg(long, default_value_t = 3)]
     pull_runs: usize,
+    /// Jobs with `--docker` to time for `docker` (each boots the workload image).
+    #[arg(long, default_value_t = 3)]
+    docker_runs: usize,
 }
 
 fn main() -> Result<()> {
@@ -261,6 +265,9 @@ fn main() -> Result<()> {
             args.pull_runs
         );
         results.extend(image_pull::run(&bins, args.pull_runs)?);
+    }
+    if wanted("docker") {
+        results.extend(docker::run(args.docker_runs)?);
     }
     for r in &results {
         println!("{r}");

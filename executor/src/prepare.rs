@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use kiln_agent::client::{wait_ready, Client};
+use kiln_agent::docker::Report;
 use kiln_agent::protocol::AGENT_PORT;
 
 use crate::config::Config;
@@ -165,6 +166,8 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         }
     }
     let ready_in = start.elapsed();
+    // Before the warm snapshot, so that jobs restored from it find Docker running.
+    let docker = docker(&job, contract, config.boot_timeout)?;
     let what = match (&source, &warm_restore) {
         (Source::Image(i), _) => format!("booted image {:?}", i.name),
         (Source::Snapshot { .. }, Some(image)) => {
@@ -184,10 +187,62 @@ pub fn prepare(config: &Config, contract: &Contract) -> Result<()> {
         job.slot().map_or("?".to_string(), |s| s.to_string()),
         ready_in.as_secs_f64()
     );
+    if let Some(Report::Ready { ms, already }) = docker {
+        if already {
+            println!("kiln-gitlab: Docker was already running in the guest");
+        } else {
+            println!("kiln-gitlab: started Docker in the guest (dockerd ready in {ms} ms)");
+        }
+    }
     if let (Source::Image(image), Some(w)) = (&source, &warm) {
         take_warm(config, &job, &identity, image, w);
     }
     Ok(())
+}
+
+/// What the job's `KILN_DOCKER` variable asks of Docker in its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DockerWish {
+    /// Unset: start dockerd when the image has it.
+    IfInstalled,
+    /// "1", "true", "yes": start it, and fail the job if the image has none.
+    Required,
+    /// "0", "false", "no": leave it.
+    Never,
+}
+
+impl DockerWish {
+    /// Reads `KILN_DOCKER`; a value that is neither yes nor no is an error naming it.
+    pub fn from_contract(contract: &Contract) -> Result<DockerWish> {
+        match contract
+            .var("KILN_DOCKER")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None => Ok(DockerWish::IfInstalled),
+            Some("1" | "true" | "yes") => Ok(DockerWish::Required),
+            Some("0" | "false" | "no") => Ok(DockerWish::Never),
+            Some(other) => bail!("KILN_DOCKER: {other:?} is neither 1/true/yes nor 0/false/no"),
+        }
+    }
+}
+
+/// Before the job's first stage, the agent starts Docker as `KILN_DOCKER` asks (a job whose
+/// image has Docker gets it by default), waiting at most `timeout` for it to answer.
+fn docker(job: &JobDir, contract: &Contract, timeout: Duration) -> Result<Option<Report>> {
+    let if_installed = match DockerWish::from_contract(contract)? {
+        DockerWish::Never => return Ok(None),
+        DockerWish::IfInstalled => true,
+        DockerWish::Required => false,
+    };
+    let mut client = Client::connect_with_timeout(
+        &job.vsock(),
+        AGENT_PORT,
+        Some(timeout + Duration::from_secs(10)),
+    )?;
+    kiln_agent::docker::request(&mut client, if_installed, timeout)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("Docker in the job's VM: {e}"))
 }
 
 /// A store image's disk is linked into a jail only from the jails' filesystem; from another
@@ -360,5 +415,29 @@ fn take_warm(
             "kiln-gitlab: note: no warm snapshot of image {:?}: {e:#}",
             image.name
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wish(value: Option<&str>) -> Result<DockerWish> {
+        let vars = value.map(|v| ("CUSTOM_ENV_KILN_DOCKER".to_string(), v.to_string()));
+        DockerWish::from_contract(&Contract::from_vars(vars))
+    }
+
+    #[test]
+    fn kiln_docker_asks_for_docker_or_not() {
+        assert_eq!(wish(None).unwrap(), DockerWish::IfInstalled);
+        assert_eq!(wish(Some("")).unwrap(), DockerWish::IfInstalled);
+        for v in ["1", "true", "YES"] {
+            assert_eq!(wish(Some(v)).unwrap(), DockerWish::Required, "{v}");
+        }
+        for v in ["0", "false", "no"] {
+            assert_eq!(wish(Some(v)).unwrap(), DockerWish::Never, "{v}");
+        }
+        let err = wish(Some("maybe")).unwrap_err().to_string();
+        assert!(err.contains("KILN_DOCKER"), "{err}");
     }
 }

@@ -3,6 +3,7 @@
 //! - [`binary`]: what the agent's executable must be (static) to run in any image.
 //! - [`marks`]: the guest-signal port (boot done).
 //! - [`protocol`]: the framed request/response protocol spoken over vsock.
+//! - [`docker`]: starting `dockerd` in the guest (`/proc/1/exe docker-start`) and its report.
 //! - [`client`]: the host side (plain blocking std I/O over the VM's hybrid-vsock socket).
 //! - [`server`]: the agent side, written against any `Read`/`Write` stream so that it can be
 //!   tested in a host process over a socket pair.
@@ -23,6 +24,7 @@ macro_rules! say {
 
 pub mod binary;
 pub mod client;
+pub mod docker;
 pub mod marks;
 pub mod netif;
 pub mod protocol;

@@ -59,6 +59,13 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     {
         return net::refresh(args.next().as_deref());
     }
+    // Run by the host before a job that wants Docker (`/proc/1/exe docker-start`).
+    if std::process::id() != 1
+        && std::env::args_os().nth(1).as_deref()
+            == Some(std::ffi::OsStr::new(kiln_agent::docker::SUBCOMMAND))
+    {
+        return docker_start();
+    }
     if std::process::id() != 1 {
         // Mounting over /proc and rebooting are only right for a guest's init.
         say!("not running as PID 1; refusing to start (this program is a guest's /init)");
@@ -105,4 +112,30 @@ pub extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     // Reboot failed. Exiting makes the kernel panic, which with `panic=-1` resets the VM:
     // a clear end instead of a guest that hangs.
     1
+}
+
+/// `docker-start [--if-installed] [--timeout SECS]`: starts `dockerd` and prints its
+/// [`kiln_agent::docker::Report`]; one error line and a non-zero exit code if it cannot.
+fn docker_start() -> c_int {
+    use kiln_agent::docker::{self, DockerError, Options};
+    let opts = match Options::parse(std::env::args().skip(2)) {
+        Ok(opts) => opts,
+        Err(e) => {
+            say!("{}: {e}", docker::SUBCOMMAND);
+            return 2;
+        }
+    };
+    match docker::start(&opts) {
+        Ok(report) => {
+            println!("{report}");
+            0
+        }
+        Err(e) => {
+            say!("docker: {e}");
+            match e {
+                DockerError::NotInstalled => docker::EXIT_NOT_INSTALLED,
+                _ => 1,
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! Real programs in the guest: a Debian image made by `kiln image build` with what CI jobs
-//! use (PostgreSQL, Python, gcc, git, util-linux), booted once in the test bed for every
+//! use (PostgreSQL, Python, gcc, git, util-linux, Docker), booted once in the test bed for every
 //! workload (see `kiln_tests::workload`). Each test asserts on its program's own output in
 //! its section of that one run.
 
@@ -25,8 +25,6 @@ echo "WL-PTY=$(python3 -c 'import os; m, s = os.openpty(); print(os.ttyname(s))'
 echo "WL-DEVFD=$(bash -c 'cat <(echo process-substitution)')"
 echo "WL-HOSTNAME=$(hostname)"
 echo "WL-LOCALHOST=$(getent hosts localhost | awk '{print $1}' | sort | tr '\n' ' ')"
-sh -c 'docker version'
-echo "WL-DOCKER-RC=$?"
 
 section python
 timeout 300 python3 - <<'PY'
@@ -118,6 +116,36 @@ echo "WL-OOM-RC=$?"
 echo "WL-OOM-EVENTS=$(grep '^oom_kill ' "$CG/memory.events" | tr '\n' ' ')"
 echo "WL-OOM-AFTER=the job goes on"
 
+section docker
+# dockerd was started by `kiln job --docker`: the job uses it from its first line.
+echo "WL-DOCKER-SERVER=$(timeout 120 docker version --format '{{.Server.Os}}/{{.Server.Arch}}')"
+echo "WL-DOCKER-INFO=$(timeout 120 docker info --format '{{.Driver}} cgroup-v{{.CgroupVersion}}')"
+# An image in `docker save` format, made here from the static busybox: one layer, its
+# config (whose diff_ids name the layer's sha256) and the manifest.
+D=/tmp/docker-wl
+rm -rf "$D" && mkdir -p "$D/layer/bin" "$D/image" "$D/context"
+cp /bin/busybox "$D/layer/bin/busybox"
+for applet in sh echo cat wget ip; do ln -s busybox "$D/layer/bin/$applet"; done
+tar -C "$D/layer" -cf "$D/image/layer.tar" .
+diff_id=$(sha256sum "$D/image/layer.tar" | cut -d' ' -f1)
+printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+  "$diff_id" > "$D/image/config.json"
+config=$(sha256sum "$D/image/config.json" | cut -d' ' -f1)
+mv "$D/image/config.json" "$D/image/$config.json"
+printf '[{"Config":"%s.json","RepoTags":["kiln-wl/busybox:1"],"Layers":["layer.tar"]}]' "$config" \
+  > "$D/image/manifest.json"
+tar -C "$D/image" -cf "$D/busybox.tar" .
+timeout 300 docker load -i "$D/busybox.tar"
+echo "WL-DOCKER-LOAD-RC=$?"
+echo "WL-DOCKER-RUN=$(timeout 300 docker run --rm kiln-wl/busybox:1 sh -c 'echo "busybox in a container, pid $$"')"
+printf 'FROM kiln-wl/busybox:1\nRUN echo "built by a RUN step, pid $$" > /built.txt\n' > "$D/context/Dockerfile"
+DOCKER_BUILDKIT=0 timeout 600 docker build -q -t kiln-wl/built:1 "$D/context"
+echo "WL-DOCKER-BUILD-RC=$?"
+echo "WL-DOCKER-BUILT=$(timeout 300 docker run --rm kiln-wl/built:1 cat /built.txt)"
+# Through Docker's bridge and the guest's NAT to the test-bed host on the TAP side.
+echo "WL-DOCKER-NET=$(timeout 300 docker run --rm kiln-wl/busybox:1 sh -c "echo \$(wget -q -O - http://$WL_HOST_IP:8080/token) from \$(ip -4 -o addr show dev eth0)")"
+echo "WL-DOCKER-LOG=$(grep -c . /var/log/kiln-dockerd.log)"
+
 section end
 "#;
 
@@ -137,10 +165,9 @@ fn expect(section: &str, key: &str, want: &str) -> Result<()> {
 
 /// The guest's init gives jobs what a CI machine has: cgroup v2 with its controllers
 /// enabled and the job in a cgroup of its own, /dev/pts, /dev/shm, /dev/mqueue, /dev/fd,
-/// loopback on both families, a hostname, nofile 1048576; and an image without Docker
-/// answers `docker` with the shell's usual "not found".
+/// loopback on both families, a hostname, nofile 1048576.
 #[test]
-fn workload_machine_has_cgroups_ptys_loopback_and_no_docker_unless_installed() -> Result<()> {
+fn workload_machine_has_cgroups_ptys_and_loopback() -> Result<()> {
     let out = battery()?.section("machine")?;
     expect(out, "WL-CGROUP-SELF", "0::/job")?;
     let controllers = value(out, "WL-CONTROLLERS").unwrap_or_default();
@@ -184,11 +211,7 @@ fn workload_machine_has_cgroups_ptys_loopback_and_no_docker_unless_installed() -
         value(out, "WL-LOCALHOST").is_some_and(|l| l.contains("127.0.0.1") || l.contains("::1")),
         "localhost does not resolve: {out}"
     );
-    ensure!(
-        out.contains("docker: not found"),
-        "`docker` in an image without it should be the shell's \"not found\": {out}"
-    );
-    expect(out, "WL-DOCKER-RC", "127")
+    Ok(())
 }
 
 /// Python: multiprocessing with a shared Queue (SemLock on /dev/shm), and a TCP server in
@@ -244,4 +267,93 @@ fn workload_cgroup_memory_max_oom_kills_only_the_offender() -> Result<()> {
     expect(out, "WL-OOM-RC", "137")?;
     expect(out, "WL-OOM-EVENTS", "oom_kill 1")?;
     expect(out, "WL-OOM-AFTER", "the job goes on")
+}
+
+/// Docker started by `kiln job --docker` answers from the job's first line, on overlay2
+/// and cgroup v2; `docker load` takes an image in `docker save` format made in the job
+/// from the static busybox, and `docker run` runs it as PID 1 of its own PID namespace.
+#[test]
+fn workload_docker_load_and_run_an_image_made_in_the_job() -> Result<()> {
+    let out = battery()?.section("docker")?;
+    expect(out, "WL-DOCKER-SERVER", "linux/amd64")?;
+    expect(out, "WL-DOCKER-INFO", "overlay2 cgroup-v2")?;
+    ensure!(
+        out.contains("Loaded image: kiln-wl/busybox:1"),
+        "docker load did not load the image:\n{out}"
+    );
+    expect(out, "WL-DOCKER-LOAD-RC", "0")?;
+    expect(out, "WL-DOCKER-RUN", "busybox in a container, pid 1")
+}
+
+/// `docker build` of a two-line Dockerfile (FROM the loaded image, one RUN step), and a
+/// container of the new image shows what the RUN step wrote.
+#[test]
+fn workload_docker_build_a_two_line_dockerfile() -> Result<()> {
+    let out = battery()?.section("docker")?;
+    expect(out, "WL-DOCKER-BUILD-RC", "0")?;
+    expect(out, "WL-DOCKER-BUILT", "built by a RUN step, pid 1")
+}
+
+/// A container reaches a server on the test-bed host's side of the VM's TAP through
+/// Docker's bridge and the NAT in the guest: it fetches the random token the test bed
+/// served, from an address of Docker's bridge (which the test-bed host has no route to, so
+/// the answer came back only through the guest's masquerading).
+#[test]
+fn workload_docker_container_reaches_the_tap_side_through_bridge_and_nat() -> Result<()> {
+    let battery = battery()?;
+    let out = battery.section("docker")?;
+    let token = value(&battery.console, "WL-HOST-TOKEN")
+        .filter(|t| t.starts_with("kiln-") && t.len() > "kiln-".len())
+        .ok_or_else(|| anyhow::anyhow!("no host token:\n{}", battery.console))?;
+    // "<token> from 2: eth0    inet 172.17.0.2/16 brd …" (busybox `ip -o`).
+    let got = value(out, "WL-DOCKER-NET").unwrap_or_default();
+    let (fetched, from) = got.split_once(" from ").unwrap_or((got, ""));
+    ensure!(
+        fetched == token,
+        "the container fetched {fetched:?}, the test bed served {token:?}:\n{out}"
+    );
+    let inet = from
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap_or("");
+    let addr: std::net::Ipv4Addr = inet
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the container's address {from:?}: {e}\n{out}"))?;
+    ensure!(
+        addr.octets()[..2] == [172, 17],
+        "the container should sit on Docker's default bridge (172.17.0.0/16), not {addr}:\n{out}"
+    );
+    ensure!(
+        !battery.console.contains("WL-TAP-FAILED"),
+        "the TAP was not set up:\n{}",
+        battery.console
+    );
+    Ok(())
+}
+
+/// Without Docker in the image, `docker` is the shell's usual "not found" (127); a job
+/// that asks for Docker (`--docker`) in such an image fails before its script with one
+/// error line from kiln.
+#[test]
+fn workload_docker_absent_is_not_found_and_asking_for_it_is_one_error_line() -> Result<()> {
+    let out = battery()?.section("docker-absent")?;
+    ensure!(
+        value(out, "WL-NODOCKER-STDERR").is_some_and(|e| e.ends_with("docker: not found")),
+        "`docker` without Docker should be the shell's \"not found\":\n{out}"
+    );
+    expect(out, "WL-NODOCKER-RC", "127")?;
+    expect(out, "WL-NODOCKER-EXIT", "127")?;
+    expect(out, "WL-ASKS-EXIT", "1")?;
+    expect(out, "WL-ASKS-STDOUT", "")?;
+    expect(out, "WL-ASKS-STDERR-LINES", "1")?;
+    let line = value(out, "WL-ASKS-STDERR").unwrap_or_default();
+    ensure!(
+        line.starts_with("kiln: error: --docker: this image has no dockerd"),
+        "the error line: {line:?}\n{out}"
+    );
+    Ok(())
 }

@@ -217,6 +217,12 @@ const BENCHES: &[Bench] = &[
         what: "the same, restoring a clone of the slot's warm snapshot instead of booting",
         reproduce: "cargo xtask bench nesting_create",
     },
+    Bench {
+        name: "docker",
+        variant: None,
+        what: "`kiln job --docker`: dockerd start to its first answer on Docker's socket, in the guest (Debian workload image, 2 vCPUs, 1 GiB)",
+        reproduce: "cargo xtask bench docker",
+    },
 ];
 
 fn describe(result: &Value) -> (&'static str, &'static str) {

@@ -162,7 +162,18 @@ pub struct JobArgs {
     /// Give up if the guest agent is not ready this many seconds after start.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub boot_timeout: u64,
-    /// After the job, print a one-line JSON report on stderr: exit code, boot_ms, job_ms.
+    /// Have the guest agent start dockerd before the script and wait until Docker's socket
+    /// answers, so the script can use `docker` from its first line. The image must have
+    /// Docker (`kiln image build --packages docker.io,…`); a guest without dockerd, or a
+    /// dockerd that does not come up, fails the job with one error line before the script
+    /// runs. dockerd logs to /var/log/kiln-dockerd.log in the guest.
+    #[arg(long)]
+    pub docker: bool,
+    /// How long --docker waits for dockerd to answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub docker_timeout: u64,
+    /// After the job, print a one-line JSON report on stderr: exit code, boot_ms, job_ms
+    /// (and docker_ms, dockerd's start-to-ready time, with --docker).
     #[arg(long)]
     pub json: bool,
 }

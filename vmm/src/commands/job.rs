@@ -145,6 +145,9 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
         .context("cannot start the VM thread")?;
     let cancel = Cancel::install(uds.clone(), stop.clone(), filters.as_ref())?;
 
+    let docker = args
+        .docker
+        .then(|| Duration::from_secs(args.docker_timeout.max(1)));
     let outcome = run_job(
         &uds,
         &request,
@@ -152,6 +155,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
         &vm_events,
         &cancel,
         args.boot_timeout,
+        docker,
     );
     cancel.finished.set();
     stop.stop();
@@ -160,12 +164,17 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     drop(runtime);
 
     let signo = cancel.signal.load(Ordering::Relaxed);
-    let (code, job_ms, boot_ms) = match outcome {
+    let (code, job_ms, boot_ms, docker_ms) = match outcome {
         _ if signo != 0 => {
             eprintln!("kiln: job cancelled by signal {signo}");
-            (128 + signo, None, None)
+            (128 + signo, None, None, None)
         }
-        Ok(done) => (done.code, Some(done.job_time), Some(done.boot_time)),
+        Ok(done) => (
+            done.code,
+            Some(done.job_time),
+            Some(done.boot_time),
+            done.docker_ready,
+        ),
         Err(e) => {
             // The VM ending on its own is often why the job broke off: say how it ended.
             if let Some(report) = report.filter(|r| !matches!(r.exit, GuestExit::Stopped)) {
@@ -176,10 +185,12 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     };
     if args.json {
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-        eprintln!(
-            "{}",
-            serde_json::json!({"exit_code": code, "boot_ms": ms(boot_ms), "job_ms": ms(job_ms)})
-        );
+        let mut report =
+            serde_json::json!({"exit_code": code, "boot_ms": ms(boot_ms), "job_ms": ms(job_ms)});
+        if args.docker {
+            report["docker_ms"] = serde_json::json!(ms(docker_ms));
+        }
+        eprintln!("{report}");
     }
     Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
 }
@@ -267,6 +278,9 @@ struct JobDone {
     code: i32,
     boot_time: Duration,
     job_time: Duration,
+    /// dockerd's start-to-ready time, as the guest measured it (`--docker`; zero when it
+    /// was already running in a restored VM).
+    docker_ready: Option<Duration>,
 }
 
 fn run_job(
@@ -276,6 +290,7 @@ fn run_job(
     vm_events: &std::sync::mpsc::Receiver<VmEvent>,
     cancel: &Cancel,
     boot_timeout: u64,
+    docker: Option<Duration>,
 ) -> anyhow::Result<JobDone> {
     let boot_time = match vm_events.recv_timeout(Duration::from_secs(boot_timeout)) {
         Ok(VmEvent::BootDone(t)) => t,
@@ -289,9 +304,13 @@ fn run_job(
         }
         Err(RecvTimeoutError::Disconnected) => bail!("the VM thread went away"),
     };
-    let started = Instant::now();
     let mut client =
         Client::connect_unix(uds, AGENT_PORT).context("cannot reach the guest agent")?;
+    let docker_ready = match docker {
+        Some(timeout) => Some(start_docker(&mut client, timeout)?),
+        None => None,
+    };
+    let started = Instant::now();
     client
         .put_file(GUEST_SCRIPT, 0o755, &mut &script[..])
         .context("cannot copy the job script into the guest")?;
@@ -310,7 +329,19 @@ fn run_job(
         code: status.shell_code(),
         boot_time,
         job_time: started.elapsed(),
+        docker_ready,
     })
+}
+
+/// `--docker`: the agent starts dockerd and waits for it; its failure is the job's one
+/// error line.
+fn start_docker(client: &mut Client, timeout: Duration) -> anyhow::Result<Duration> {
+    use kiln_agent::docker::{self, Report};
+    match docker::request(client, false, timeout) {
+        Ok(Report::Ready { ms, .. }) => Ok(Duration::from_millis(ms)),
+        Ok(Report::Absent) => bail!("--docker: the guest reported no dockerd"),
+        Err(e) => bail!("--docker: {e}"),
+    }
 }
 
 /// Waits for the VM thread's report (after it was told to stop).
