@@ -25,6 +25,12 @@ echo "WL-PTY=$(python3 -c 'import os; m, s = os.openpty(); print(os.ttyname(s))'
 echo "WL-DEVFD=$(bash -c 'cat <(echo process-substitution)')"
 echo "WL-HOSTNAME=$(hostname)"
 echo "WL-LOCALHOST=$(getent hosts localhost | awk '{print $1}' | sort | tr '\n' ' ')"
+# No loop device exists at boot; losetup makes one through /dev/loop-control.
+echo "WL-LOOPS-AT-BOOT=$(ls /sys/block | grep -c '^loop')"
+head -c 1048576 /dev/zero > /tmp/loop.img
+loopdev=$(losetup -f --show /tmp/loop.img 2>&1)
+echo "WL-LOOP=$loopdev $(blockdev --getsize64 "$loopdev" 2>&1)"
+losetup -d "$loopdev"
 
 section python
 timeout 300 python3 - <<'PY'
@@ -165,7 +171,8 @@ fn expect(section: &str, key: &str, want: &str) -> Result<()> {
 
 /// The guest's init gives jobs what a CI machine has: cgroup v2 with its controllers
 /// enabled and the job in a cgroup of its own, /dev/pts, /dev/shm, /dev/mqueue, /dev/fd,
-/// loopback on both families, a hostname, nofile 1048576.
+/// loopback on both families, a hostname, nofile 1048576, and loop devices made on demand
+/// (none at boot).
 #[test]
 fn workload_machine_has_cgroups_ptys_and_loopback() -> Result<()> {
     let out = battery()?.section("machine")?;
@@ -207,6 +214,12 @@ fn workload_machine_has_cgroups_ptys_and_loopback() -> Result<()> {
     );
     expect(out, "WL-DEVFD", "process-substitution")?;
     expect(out, "WL-HOSTNAME", "kiln")?;
+    expect(out, "WL-LOOPS-AT-BOOT", "0")?;
+    ensure!(
+        value(out, "WL-LOOP")
+            .is_some_and(|l| l.starts_with("/dev/loop") && l.ends_with(" 1048576")),
+        "losetup made no 1 MiB loop device: {out}"
+    );
     ensure!(
         value(out, "WL-LOCALHOST").is_some_and(|l| l.contains("127.0.0.1") || l.contains("::1")),
         "localhost does not resolve: {out}"
