@@ -139,8 +139,12 @@ pub struct JobArgs {
     #[command(flatten)]
     pub vm: VmArgs,
     /// The job: a shell script run with /bin/sh in the guest.
-    #[arg(long, value_name = "PATH")]
-    pub script: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "command")]
+    pub script: Option<PathBuf>,
+    /// The job as one command and its arguments, after `--` (`kiln job -- make -j4`),
+    /// instead of --script: run as is, without a shell reading it.
+    #[arg(last = true, value_name = "CMD", conflicts_with = "script")]
+    pub command: Vec<String>,
     /// Set an environment variable for the script (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     pub env: Vec<String>,

@@ -76,8 +76,11 @@ fn image_defaults(
 }
 
 pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
-    let script = std::fs::read(&args.script)
-        .with_context(|| format!("cannot read job script {}", args.script.display()))?;
+    let script = match &args.script {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read job script {}", path.display()))?,
+        None => command_script(&args.command).into_bytes(),
+    };
     let mut request = ExecRequest::new(["/bin/sh", GUEST_SCRIPT]);
     if let Some(name) = &args.vm.image {
         image_defaults(&mut request, args.vm.store.as_deref(), name)?;
@@ -195,6 +198,16 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
 }
 
+/// The script that runs `command` (`kiln job -- CMD ARGS…`): `exec` with every word
+/// single-quoted, so the shell passes each through untouched.
+fn command_script(command: &[String]) -> String {
+    let quoted: Vec<String> = command
+        .iter()
+        .map(|word| format!("'{}'", word.replace('\'', r"'\''")))
+        .collect();
+    format!("exec {}\n", quoted.join(" "))
+}
+
 /// A fresh VM booted as the flags say, with a vsock device at `uds`.
 fn booted_vm(
     args: &JobArgs,
@@ -204,6 +217,10 @@ fn booted_vm(
     start: Instant,
 ) -> anyhow::Result<(Vmm, Option<Slot>)> {
     let mut config = args.vm.to_config()?;
+    // Without an initramfs or a root disk, the guest boots the default agent initramfs.
+    if config.initrd.is_none() && !config.disks.iter().any(|d| d.root) {
+        config.initrd = Some(crate::defaults::agent_initramfs()?);
+    }
     if args.vm.serial.is_none() && !config_sets_serial(args.vm.config.as_deref())? {
         config.serial = SerialOutput::Null;
     }
@@ -469,5 +486,23 @@ fn cancel_exec(uds: &Path, exec_id: u64, finished: &Finished) {
         if let Err(e) = send(libc::SIGKILL) {
             tracing::warn!("cannot pass SIGKILL to the job: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_runs_word_for_word() {
+        let words = ["printf", "%s|", "it's", "$HOME", "a b"].map(String::from);
+        let script = command_script(&words);
+        assert_eq!(script, "exec 'printf' '%s|' 'it'\\''s' '$HOME' 'a b'\n");
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's|$HOME|a b|");
     }
 }
