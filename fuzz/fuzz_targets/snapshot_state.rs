@@ -10,7 +10,8 @@
 //!
 //! A state that passes must hold what `Vmm::restore` assumes without checking again: at
 //! least one vCPU state, one per vCPU, a memory size whose byte count does not wrap, at
-//! most `MAX_DISKS` disks, and a diff page set over exactly that memory.
+//! most `MAX_DISKS` disks, each device at its own MMIO window, and a diff page set over
+//! exactly that memory.
 //!
 //! Must never panic or allocate absurdly (libFuzzer's -rss_limit_mb / -malloc_limit_mb
 //! catch the latter).
@@ -63,7 +64,12 @@ fn holds_what_restore_assumes(state: &SnapshotState) {
         .memory_mib
         .checked_mul(1 << 20)
         .expect("memory size wraps");
-    assert!(state.disks.len() <= kiln::disk::MAX_DISKS);
+    assert!(state.devices.disks().count() <= kiln::disk::MAX_DISKS);
+    // Every device at a window kiln hands out, no two at one.
+    let mut windows = kiln::device_manager::Windows::default();
+    for device in &state.devices.virtio {
+        assert!(windows.claim(device.window).is_ok(), "{:?}", device.window);
+    }
     if let Some(diff) = &state.diff {
         assert!(diff.pages.fits(bytes));
     }
