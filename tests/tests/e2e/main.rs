@@ -1,0 +1,29 @@
+//! kiln's end-to-end tests, a module per topic. One binary, so that libtest runs the
+//! tests of every topic side by side (each in its own test bed, or on this machine's
+//! `/dev/kvm`) and one failing topic does not stop the others:
+//! `cargo test -p kiln-tests --test e2e snapshot::` runs one topic.
+
+mod agent;
+mod boot;
+mod gitlab;
+mod gitlab_images;
+mod gitlab_pull;
+mod hostile;
+mod image_disk;
+mod image_oci;
+mod image_store;
+mod jail;
+mod job;
+mod nesting;
+mod nesting_docs;
+mod net;
+mod net_policy;
+mod slot;
+mod snapshot;
+mod snapshot_diff;
+mod snapshot_io;
+mod snapshot_job;
+mod snapshot_timers;
+mod soak;
+mod testbed;
+mod workload;
