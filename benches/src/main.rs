@@ -13,6 +13,7 @@ mod kernel;
 mod kiln_process;
 mod nesting;
 mod net;
+mod peer;
 mod restore_direct;
 mod snapshot;
 mod stats;
@@ -79,6 +80,9 @@ struct Args {
     /// Pulls to time for `image_pull` (at least 3 for a median).
     #[arg(long, default_value_t = 3)]
     pull_runs: usize,
+    /// Boots (and restores) of each VMM for `peer_boot` (at least 7 for a quotable ratio).
+    #[arg(long, default_value_t = 7)]
+    peer_runs: usize,
     /// Jobs with `--docker` to time for `docker` (each boots the workload image).
     #[arg(long, default_value_t = 3)]
     docker_runs: usize,
@@ -141,6 +145,15 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(boot::run_root_disk(&runner, args.boot_runs)?);
+    }
+    if wanted("peer_boot") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench peer_boot: {} boots each of kiln and Firecracker, alternating, {}",
+            args.peer_runs,
+            runner.describe()
+        );
+        results.extend(peer::boot(&runner, args.peer_runs)?);
     }
     if wanted("guest_kernel") {
         eprintln!("bench guest_kernel: size of the guest kernel build");
