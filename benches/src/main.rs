@@ -80,7 +80,8 @@ struct Args {
     /// Pulls to time for `image_pull` (at least 3 for a median).
     #[arg(long, default_value_t = 3)]
     pull_runs: usize,
-    /// Boots (and restores) of each VMM for `peer_boot` (at least 7 for a quotable ratio).
+    /// Boots (`peer_boot`) and restores (`peer_restore`) of each VMM (at least 7 for a
+    /// quotable ratio).
     #[arg(long, default_value_t = 7)]
     peer_runs: usize,
     /// Jobs with `--docker` to time for `docker` (each boots the workload image).
@@ -89,6 +90,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(peer::uds_http::SUBCOMMAND) {
+        return peer::uds_http::main(&argv[2..]);
+    }
     let args = Args::parse();
     let wanted = |name: &str| {
         args.filter
@@ -154,6 +159,15 @@ fn main() -> Result<()> {
             runner.describe()
         );
         results.extend(peer::boot(&runner, args.peer_runs)?);
+    }
+    if wanted("peer_restore") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench peer_restore: {} restores each of kiln and Firecracker, alternating, {}",
+            args.peer_runs,
+            runner.describe()
+        );
+        results.extend(peer::restore(&runner, args.peer_runs)?);
     }
     if wanted("guest_kernel") {
         eprintln!("bench guest_kernel: size of the guest kernel build");

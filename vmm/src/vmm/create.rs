@@ -93,6 +93,7 @@ impl Vmm {
             }
             Start::Restore(spec) => {
                 let snapshot = Snapshot::open(&spec)?;
+                phases.mark("snapshot_open");
                 let common = common!(spec);
                 let clone = CloneArgs {
                     vsock_uds: spec.vsock_uds,
@@ -219,8 +220,7 @@ impl Vmm {
             diff_base,
             snapshot_on_request: common.snapshot_on_request,
             start: common.start,
-            // A restore's set-up is timed by its caller, not phase by phase.
-            phases: if restored { Phases::default() } else { phases },
+            phases,
             seccomp: common.seccomp,
         })
     }

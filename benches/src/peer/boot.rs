@@ -1,42 +1,24 @@
-//! `peer_boot`: kiln against Firecracker on the same guest kernel and initramfs, in one
-//! run where the tests run (the nested test bed here), alternating run by run so that both
-//! see the same machine.
-//!
-//! Each run times one VMM process from its start to its exit, read in the test-bed host
-//! from `/proc/timer_list` (ns): the guest boots kiln's guest vmlinux with a busybox
+//! `peer_boot`: each run times one VMM process from its start to its exit, read in the test-bed host
+//! from `/proc/timer_list`: the guest boots kiln's guest vmlinux with a busybox
 //! initramfs whose `/init` prints a line and reboots (`reboot -f`; both VMMs end on the
 //! i8042 reset). Same command line for both, 1 vCPU, 128 MiB, no devices but the serial
 //! console (kiln `--no-rng`). A run counts only if the VMM exited 0 and the init's line is
 //! in its console output.
-//!
-//! The Firecracker binary: `$KILN_PEER_FIRECRACKER`, else `../shared/peers/firecracker`
-//! beside the checkout; without one the bench is reported as skipped.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::Runner;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
+use super::{firecracker, firecracker_file, ratio, skipped, CMDLINE};
 use crate::stats;
+use crate::vsock::CLOCK_SH;
 
-/// The command line both VMMs give the guest: kiln's default.
-pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 io_delay=none quiet";
 /// What the peer initramfs's `/init` prints before it reboots.
 const INIT_LINE: &str = "kiln-peer: init ran";
-/// The environment variable naming a Firecracker binary.
-pub const FIRECRACKER_ENV: &str = "KILN_PEER_FIRECRACKER";
-
-/// The Firecracker binary to measure against, if there is one.
-pub fn firecracker() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os(FIRECRACKER_ENV).filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(path));
-    }
-    let beside = kiln_tests::kernels::repo_root().join("../shared/peers/firecracker");
-    beside.is_file().then_some(beside)
-}
 
 /// A VMM of the comparison: its name, shell lines run once before the runs, and the
 /// shell command that boots the guest once (its console goes to `out.txt`).
@@ -76,9 +58,9 @@ pub fn boot(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
         "peer_binary".into(),
         firecracker.display().to_string().into(),
     );
-    extra.insert("peer_median_ms".into(), round(fc_median).into());
+    extra.insert("peer_median_ms".into(), fc_median.into());
     extra.insert("peer_runs".into(), fc.len().into());
-    extra.insert("ratio".into(), round(kiln_median / fc_median).into());
+    extra.insert("ratio".into(), ratio(kiln_median, fc_median).into());
     extra.insert("cmdline".into(), CMDLINE.into());
     extra.insert(
         "guest".into(),
@@ -93,19 +75,6 @@ pub fn boot(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
         kiln,
         extra,
     )])
-}
-
-fn skipped(bench: &str) -> Value {
-    json!({
-        "bench": bench,
-        "skipped": format!(
-            "no Firecracker binary (${FIRECRACKER_ENV}, or ../shared/peers/firecracker beside the checkout)"
-        ),
-    })
-}
-
-fn round(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
 }
 
 /// The busybox initramfs both VMMs boot.
@@ -130,15 +99,15 @@ fn alternate(
     let n = sides.len();
     let script = format!(
         r#"CMDLINE='{CMDLINE}'
-now_ns() {{ sed -n 's/^now at \([0-9]*\) nsecs$/\1/p' /proc/timer_list; }}
+{CLOCK_SH}
 {setup}i=0
 while [ $i -lt {total} ]; do
   side=$((i % {n}))
-  t0=$(now_ns)
+  t0=$(now_us)
   case $side in
 {cases}  esac > out.txt 2>&1
   rc=$?
-  t1=$(now_ns)
+  t1=$(now_us)
   grep -q '{INIT_LINE}' out.txt && seen=1 || seen=0
   echo "BENCH-PEER $side $t0 $t1 $rc $seen"
   if [ $rc != 0 ] || [ $seen != 1 ]; then echo "--- side $side output:"; tail -n 30 out.txt; fi
@@ -147,11 +116,9 @@ done
 "#,
         total = runs * n,
     );
-    let firecracker_bin =
-        std::fs::read(firecracker).with_context(|| format!("reading {}", firecracker.display()))?;
     let files = [
         ("peer-initrd.cpio".to_string(), initramfs()?),
-        ("firecracker".to_string(), firecracker_bin),
+        firecracker_file(firecracker)?,
     ];
     let timeout = Duration::from_secs(60 + 40 * (runs * n) as u64);
     let out = runner.run(&script, &files, timeout)?;
@@ -177,7 +144,7 @@ done
                 out.console
             );
         }
-        samples[side].push((t1.saturating_sub(t0)) as f64 / 1e6);
+        samples[side].push((t1.saturating_sub(t0)) as f64 / 1e3);
     }
     if samples.iter().any(|s| s.len() != runs) {
         bail!(
