@@ -44,13 +44,15 @@ pub struct Params {
     pub count: u32,
 }
 
-/// Seconds a run may take for all clones to answer before it fails.
+/// Seconds a run may take for all clones to answer before it fails: this, plus one per
+/// clone.
 const READY_DEADLINE_S: u64 = 120;
 
 pub fn run(runner: &Runner, p: &Params) -> Result<Vec<Value>> {
     ensure!(p.runs > 0, "nothing to measure");
     ensure!(p.count > 0, "at least one clone");
     let (runs, n) = (p.runs, p.count);
+    let deadline_s = READY_DEADLINE_S + u64::from(n);
     let script = format!(
         r#"
 {CLOCK_SH}
@@ -97,7 +99,7 @@ trap 'stop_all' EXIT
 wait_socket() {{
   until [ -S "$D/c-$1" ]; do
     alive $fork || fail "run $r: kiln fork ended before clone $1's socket appeared"
-    [ $(now_us) -lt $deadline ] || fail "run $r: no socket for clone $1 after {READY_DEADLINE_S} s"
+    [ $(now_us) -lt $deadline ] || fail "run $r: no socket for clone $1 after {deadline_s} s"
     sleep 0.05
   done
 }}
@@ -126,7 +128,7 @@ while [ $r -lt {runs} ]; do
   "$KILN" fork --snapshot "$D/snap" --count $N --vsock-prefix "$D/c" \
     --serial-prefix "$D/con" > fork.out 2> fork.err &
   fork=$!
-  deadline=$((a + {READY_DEADLINE_S} * 1000000))
+  deadline=$((a + {deadline_s} * 1000000))
   # Clone 0 is polled alone (the clones restore side by side, and execs in flight to all
   # of them would slow them down); once it answers, the others are polled all at once.
   wait_socket 0
@@ -167,7 +169,7 @@ echo "BENCH-LEFT $(live_kiln | wc -w)"
 "#
     );
     let files = agent_files()?;
-    let timeout = Duration::from_secs(180 + (READY_DEADLINE_S + 30) * runs as u64);
+    let timeout = Duration::from_secs(180 + (deadline_s + 30) * runs as u64);
     let (out, clock) = run_script(runner, "fork", &script, &files, timeout)?;
     let (mut ms, mut first_ms) = (Vec::new(), Vec::new());
     let (mut pss_mib, mut rss_mib) = (Vec::new(), Vec::new());
@@ -248,4 +250,59 @@ echo "BENCH-LEFT $(live_kiln | wc -w)"
         stats::result("fork", runner.path_name(), "ms", &ms, fork),
         stats::result("fork_memory", runner.path_name(), "mib", &pss_mib, memory),
     ])
+}
+
+/// `fork_100`: 100 clones of the agent guest's snapshot and, in the same bench run, 1
+/// clone: the ratio of the times until all answer shows how far the clones' restores
+/// overlap (100 would mean not at all). Its test bed has 6 GiB, room for 100 clones.
+pub fn hundred(runner: &Runner) -> Result<Vec<Value>> {
+    let mut runner = runner.clone();
+    if let Runner::Testbed(testbed) = &mut runner {
+        testbed.memory_mib = testbed.memory_mib.max(6144);
+    }
+    let one = run(&runner, &Params { runs: 1, count: 1 })?;
+    let hundred = run(
+        &runner,
+        &Params {
+            runs: 1,
+            count: 100,
+        },
+    )?;
+    let (one_ms, one_pss) = (field(&one[0], "median_ms")?, field(&one[1], "median_mib")?);
+    let (all_ms, all_pss) = (
+        field(&hundred[0], "median_ms")?,
+        field(&hundred[1], "median_mib")?,
+    );
+    let mut extra = Map::new();
+    extra.insert("clones".into(), 100.into());
+    extra.insert("one_clone_ms".into(), one_ms.into());
+    extra.insert(
+        "ratio_to_one".into(),
+        ((all_ms / one_ms * 1000.0).round() / 1000.0).into(),
+    );
+    extra.insert("pss_mib_per_clone".into(), all_pss.into());
+    extra.insert("one_clone_pss_mib".into(), one_pss.into());
+    extra.insert(
+        "first_ready_ms".into(),
+        hundred[0]["first_ready_ms"].clone(),
+    );
+    extra.insert(
+        "what".into(),
+        "kiln fork --count 100 start until every clone answered kiln exec -- true; the same \
+         for 1 clone"
+            .into(),
+    );
+    Ok(vec![stats::result(
+        "fork_100",
+        runner.path_name(),
+        "ms",
+        &[all_ms],
+        extra,
+    )])
+}
+
+fn field(result: &Value, name: &str) -> Result<f64> {
+    result[name]
+        .as_f64()
+        .with_context(|| format!("no {name} in {result}"))
 }

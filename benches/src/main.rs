@@ -221,6 +221,14 @@ fn main() -> Result<()> {
         );
         results.extend(snapshot::run(&runner, &params)?);
     }
+    if wanted("fork_100") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench fork_100: 100 clones, then 1, of one snapshot, {}",
+            runner.describe()
+        );
+        results.extend(fork::hundred(&runner)?);
+    }
     if wanted("fork") || wanted("fork_memory") {
         let runner = kiln_tests::Runner::detect()?;
         let params = fork::Params {

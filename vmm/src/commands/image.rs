@@ -84,7 +84,14 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kiln image pull` in a kiln built without the `registry` feature.
+#[cfg(not(feature = "registry"))]
+fn pull(_args: &PullArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("this kiln was built without registry support (cargo feature `registry`)")
+}
+
 /// `kiln image pull`: one line on stderr when done, the metadata on stdout with --json.
+#[cfg(feature = "registry")]
 fn pull(args: &PullArgs) -> anyhow::Result<ExitCode> {
     use crate::image::oci::{pull, PullSpec};
     let start = Instant::now();
