@@ -218,6 +218,27 @@ const BENCHES: &[Bench] = &[
         reproduce: "cargo xtask bench nesting_create",
     },
     Bench {
+        name: "peer_boot",
+        variant: None,
+        what: "kiln start to exit, the guest vmlinux + a busybox init that reboots, alternating \
+               with Firecracker on the same kernel and initramfs (`ratio` kiln / Firecracker)",
+        reproduce: "cargo xtask bench peer_boot",
+    },
+    Bench {
+        name: "peer_restore",
+        variant: None,
+        what: "restore of the same agent guest to `kiln exec -- true` answering, alternating \
+               with Firecracker's snapshot load (`ratio` kiln / Firecracker)",
+        reproduce: "cargo xtask bench peer_restore",
+    },
+    Bench {
+        name: "fork_100",
+        variant: None,
+        what: "`kiln fork --count 100` until every clone answers (`ratio_to_one`: per 1 clone, \
+               same run)",
+        reproduce: "cargo xtask bench fork_100",
+    },
+    Bench {
         name: "docker",
         variant: None,
         what: "`kiln job --docker`: dockerd start to its first answer on Docker's socket, in the guest (Debian workload image, 2 vCPUs, 1 GiB)",
