@@ -273,7 +273,7 @@ mod tests {
     fn a_text_file_is_not_a_kernel() {
         let path = std::env::temp_dir().join(format!("kiln-not-a-kernel-{}", std::process::id()));
         std::fs::write(&path, b"hello, I am not a kernel").unwrap();
-        let (mem, _f) = crate::memory::create(32 << 20).unwrap();
+        let mem = crate::memory::create(32 << 20).unwrap();
         let err = load_linux(&mem, &path, None, "").unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         std::fs::remove_file(&path).unwrap();

@@ -1,13 +1,12 @@
-//! Guest memory: one memfd, mapped shared, split around the 32-bit MMIO gap.
+//! Guest memory: anonymous private memory, split around the 32-bit MMIO gap.
 //!
-//! A memfd (not anonymous memory) backs the guest so that a snapshot can write it out as a
-//! file and a restore can map such a file in its place: the layout of regions over file
-//! offsets is the same either way.
+//! A new VM's RAM is anonymous memory, as Firecracker's is: the guest's first touch of a
+//! page is an anonymous page fault, cheaper than a shared-memory (memfd) fault, which made
+//! whole boots measurably slower (docs/performance.md). A snapshot writes the RAM out
+//! through the mapping; a restore maps the snapshot's file in its place
+//! (`snapshot::memory`), region by region at the file offsets [`ram_ranges`] gives.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
-
-use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestAddress, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -17,10 +16,6 @@ pub type GuestMemory = kiln_devices::virtio::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("cannot create the guest memory file (memfd_create): {0}")]
-    Memfd(std::io::Error),
-    #[error("cannot size the guest memory file to {size} bytes: {source}")]
-    Truncate { size: u64, source: std::io::Error },
     #[error("cannot map {size} bytes of guest memory: {source}")]
     Map {
         size: u64,
@@ -43,34 +38,23 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64, u64)> {
     ranges
 }
 
-/// Creates `size` bytes of zeroed guest memory backed by a new memfd.
-pub fn create(size: u64) -> Result<(GuestMemory, File), MemoryError> {
+/// Creates `size` bytes of zeroed guest memory.
+pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
     if size == 0 || !size.is_multiple_of(4096) {
         return Err(MemoryError::Unaligned(size));
     }
-    // SAFETY: the name is a valid NUL-terminated string; the call has no other
-    // preconditions, and the result is checked below.
-    let fd = unsafe { libc::memfd_create(c"kiln-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| MemoryError::Truncate { size, source })?;
-    let memory = map_file(&file, size)?;
-    Ok((memory, file))
-}
-
-/// Maps `file` (holding `size` bytes of guest RAM) shared, as the guest's memory.
-pub fn map_file(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
     let mut regions = Vec::new();
-    for (addr, len, offset) in ram_ranges(size) {
-        let map_err = |source| MemoryError::Map { size: len, source };
-        let file = file.try_clone().map_err(MemoryError::Memfd)?;
+    for (addr, len, _offset) in ram_ranges(size) {
         let len_usize = usize::try_from(len).map_err(|_| MemoryError::Unaligned(len))?;
-        let region =
-            MmapRegion::from_file(FileOffset::new(file, offset), len_usize).map_err(map_err)?;
+        // MAP_NORESERVE: the guest's RAM is committed page by page as it touches it.
+        let region = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+            len_usize,
+            vm_memory::bitmap::NewBitmap::with_len(len_usize),
+        )
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|source| MemoryError::Map { size: len, source })?;
         regions.push(GuestRegionMmap::new(region, addr).ok_or(MemoryError::Unaligned(len))?);
     }
     Ok(GuestMemory::from_regions(regions)?)
@@ -101,15 +85,17 @@ mod tests {
     }
 
     #[test]
-    fn memory_is_backed_by_the_file() {
-        use std::os::unix::fs::FileExt;
-        let (mem, file) = create(2 << 20).unwrap();
+    fn memory_is_zeroed_writable_and_page_aligned() {
+        let mem = create(2 << 20).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
-        let mut buf = [0u8; 4];
-        file.read_exact_at(&mut buf, 0x1000).unwrap();
-        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         assert_eq!(mem.last_addr(), GuestAddress((2 << 20) - 1));
         assert!(matches!(create(1000), Err(MemoryError::Unaligned(1000))));
+        assert!(matches!(create(0), Err(MemoryError::Unaligned(0))));
     }
 }

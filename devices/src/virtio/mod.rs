@@ -61,7 +61,7 @@ pub use mmio::{
 };
 pub use state::{QueueRestoreArgs, QueueSnapshot};
 
-/// The guest memory type devices work on (the VMM's memfd-backed mapping). Its dirty bitmap
+/// The guest memory type devices work on (the VMM's mapping of guest RAM). Its dirty bitmap
 /// records every page a device writes, so that a diff snapshot includes device writes
 /// (KVM's dirty log sees only the guest's own).
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -349,7 +349,7 @@ mod tests {
 
     /// A VM with an irqchip and its legacy devices, new or from `saved`.
     fn machine(saved: Option<&DevicesState>) -> (GuestMemory, Vm, DeviceManager) {
-        let (memory, _memfd) = crate::memory::create(16 << 20).unwrap();
+        let memory = crate::memory::create(16 << 20).unwrap();
         let vm = Vm::new(&memory, 1, false).unwrap();
         vm.create_irqchip().unwrap();
         let sink = Box::new(std::io::sink());

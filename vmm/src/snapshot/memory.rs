@@ -235,7 +235,7 @@ mod tests {
     #[test]
     fn zero_pages_stay_holes_and_private_maps_do_not_write_back() {
         let size = 8u64 << 20;
-        let (mem, _ram) = crate::memory::create(size).unwrap();
+        let mem = crate::memory::create(size).unwrap();
         mem.write_obj(0x1122_3344u32, GuestAddress(0x5000)).unwrap();
         mem.write_obj(0x5566_7788u32, GuestAddress(0x70_0000))
             .unwrap();
@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn a_diff_holds_only_its_pages_and_layers_over_its_base() {
         let size = 4u64 << 20;
-        let (mem, _ram) = crate::memory::create(size).unwrap();
+        let mem = crate::memory::create(size).unwrap();
         for page in 0..16u64 {
             mem.write_obj(0x1000_0000 + page, GuestAddress(page * PAGE))
                 .unwrap();

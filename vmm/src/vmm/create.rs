@@ -124,12 +124,9 @@ impl Vmm {
         let restored = snapshot.is_some();
 
         // Guest memory: new and zeroed, or the snapshot's mapped copy-on-write.
-        let (memory, _memfd) = match snapshot {
-            None => {
-                let (memory, memfd) = memory::create(machine.memory_mib << 20)?;
-                (memory, Some(memfd))
-            }
-            Some(snapshot) => (snapshot.memory()?, None),
+        let memory = match snapshot {
+            None => memory::create(machine.memory_mib << 20)?,
+            Some(snapshot) => snapshot.memory()?,
         };
         phases.mark("guest_memory");
 
