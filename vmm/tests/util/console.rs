@@ -1,11 +1,17 @@
 //! A guest console sink for direct tests: it keeps what the guest wrote and lets the test
-//! wait until enough has arrived, or run a VM until it has.
+//! wait until enough has arrived, or run a VM until it has, or snapshot it while it runs.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use kiln::vmm::{GuestExit, Vmm};
+use kiln::snapshot::SnapshotKind;
+use kiln::vmm::{Controller, GuestExit, Request, Response, Vmm};
+
+/// 64-bit code that prints 'R' and spins: a guest that runs until it is stopped, and whose
+/// vCPU can be paused for a snapshot (the byte says it runs).
+pub const PRINT_AND_SPIN: [u8; 9] = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe];
 
 #[derive(Clone, Default)]
 pub struct Captured(Arc<(Mutex<Vec<u8>>, Condvar)>);
@@ -21,7 +27,6 @@ impl Write for Captured {
     }
 }
 
-#[allow(dead_code)] // each test file uses some of these
 impl Captured {
     pub fn bytes(&self) -> Vec<u8> {
         self.0 .0.lock().unwrap().clone()
@@ -43,7 +48,6 @@ impl Captured {
 
 /// Runs `vmm` until its console has `bytes` bytes (or 20 s have passed), then stops it:
 /// with an irqchip a guest's HLT waits for an interrupt instead of ending the VM.
-#[allow(dead_code)] // not every test file runs VMs this way
 pub fn run_until(vmm: Vmm, console: &Captured, bytes: usize) -> GuestExit {
     let stop = vmm.stop_handle().unwrap();
     let watcher = console.clone();
@@ -54,4 +58,33 @@ pub fn run_until(vmm: Vmm, console: &Captured, bytes: usize) -> GuestExit {
     let report = vmm.run().unwrap();
     waiter.join().unwrap();
     report.exit
+}
+
+/// Asks the VM behind `controller` for a snapshot of `kind` into `dir`, resuming it after.
+pub fn snapshot(controller: &Controller, dir: PathBuf, kind: SnapshotKind) -> Response {
+    controller.call(Request::Snapshot {
+        dir,
+        resume: true,
+        kind,
+    })
+}
+
+/// Runs `vmm`; once the guest has printed a byte, `script` runs on another thread with the
+/// VM's controller, and then the VM is stopped. Returns how the VM ended and what `script`
+/// returned.
+pub fn run_while<T: Send + 'static>(
+    vmm: Vmm,
+    console: &Captured,
+    script: impl FnOnce(&Controller) -> T + Send + 'static,
+) -> (GuestExit, T) {
+    let (controller, stop) = (vmm.controller(), vmm.stop_handle().unwrap());
+    let watch = console.clone();
+    let scripted = std::thread::spawn(move || {
+        watch.wait_for(1);
+        let said = script(&controller);
+        stop.stop();
+        said
+    });
+    let report = vmm.run().unwrap();
+    (report.exit, scripted.join().unwrap())
 }
