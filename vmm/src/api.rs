@@ -399,8 +399,7 @@ mod tests {
 
     #[test]
     fn an_existing_path_is_refused_and_left_alone() {
-        let dir = std::env::temp_dir().join(format!("kiln-api-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("api-taken");
         let path = dir.join("taken");
         std::fs::write(&path, b"not a socket").unwrap();
         let (controller, _queue) = crate::vmm::control_channel().unwrap();
@@ -415,8 +414,7 @@ mod tests {
     #[test]
     fn the_socket_is_private_and_a_silent_client_is_dropped() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("kiln-api-unit3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("api-private");
         let path = dir.join("api.sock");
         let (controller, _queue) = crate::vmm::control_channel().unwrap();
         let server =
@@ -444,8 +442,7 @@ mod tests {
 
     #[test]
     fn the_socket_file_goes_with_the_server_and_bad_lines_get_errors() {
-        let dir = std::env::temp_dir().join(format!("kiln-api-unit2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("api-lines");
         let path = dir.join("api.sock");
         let (controller, queue) = crate::vmm::control_channel().unwrap();
         // No event loop: requests fail cleanly, bad lines are answered before that.

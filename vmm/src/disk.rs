@@ -293,13 +293,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("kiln-disk-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::test_util::scratch;
 
     #[test]
     fn parses_every_option() {
@@ -319,7 +313,7 @@ mod tests {
 
     #[test]
     fn bad_images_are_refused_by_name() {
-        let dir = scratch("bad");
+        let dir = scratch("disk-bad");
         let err = |d: DiskConfig| validate(&[d]).unwrap_err().to_string();
         let missing = dir.join("missing.img");
         assert!(err(DiskConfig::new(&missing)).contains("No such file"));
@@ -356,7 +350,7 @@ mod tests {
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {
-        let dir = scratch("copy");
+        let dir = scratch("disk-copy");
         let src = dir.join("src");
         let f = File::create(&src).unwrap();
         f.set_len(8 << 20).unwrap();

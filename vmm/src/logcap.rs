@@ -166,17 +166,11 @@ fn capped_stderr(cap: u64) -> io::Result<Option<CappedFile>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-logcap-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
+    use crate::test_util::scratch;
 
     #[test]
     fn rotates_once_at_the_cap_and_keeps_the_newest() {
-        let dir = scratch("rotate");
+        let dir = scratch("logcap-rotate");
         let path = dir.join("console.log");
         let mut f = CappedFile::open(&path, 100).unwrap();
         for i in 0..50u8 {
@@ -200,7 +194,7 @@ mod tests {
 
     #[test]
     fn an_existing_file_counts_toward_the_cap() {
-        let dir = scratch("existing");
+        let dir = scratch("logcap-existing");
         let path = dir.join("log");
         std::fs::write(&path, [b'x'; 95]).unwrap();
         let mut f = CappedFile::open(&path, 100).unwrap();
@@ -212,7 +206,7 @@ mod tests {
 
     #[test]
     fn without_a_rotated_file_the_file_is_emptied_at_the_cap() {
-        let dir = scratch("norotate");
+        let dir = scratch("logcap-norotate");
         let path = dir.join("log");
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -18,16 +18,12 @@ use kiln_tests::registry::{
     sha256, Layer, Registry, DOCKER_GZIP, DOCKER_LIST, OCI_CONFIG, OCI_GZIP, OCI_MANIFEST, OCI_ZSTD,
 };
 use util::image::{debugfs, debugfs_cat, names_in, store_entries, STATIC_ELF};
-use util::{failed_cleanly, is_root, scratch};
+use util::{failed_cleanly, root_scratch};
 
 /// A scratch directory `name` with a registry serving from it, taking only `login` when
 /// given one; `None` (and a note) unless root, which a pull needs.
 fn registry(name: &str, login: Option<(&str, &str)>) -> Option<(PathBuf, Registry)> {
-    if !is_root() {
-        eprintln!("skipped: kiln image pull needs root");
-        return None;
-    }
-    let dir = scratch(name);
+    let dir = root_scratch(name)?;
     let registry = Registry::start_with_login(&dir, login).expect("a registry on loopback");
     Some((dir, registry))
 }
@@ -649,11 +645,9 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
 
 #[test]
 fn image_import_takes_docker_save_archives_and_oci_layouts() {
-    if !is_root() {
-        eprintln!("skipped: kiln image import needs root");
+    let Some(dir) = root_scratch("oci-archive") else {
         return;
-    }
-    let dir = scratch("oci-archive");
+    };
     let store = dir.join("store");
     let s = store.to_str().unwrap();
     let layers = two_layers();

@@ -34,11 +34,9 @@ fn jail_refuses_without_root() {
 
 #[test]
 fn jail_reports_bad_input_in_one_line() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(base) = root_scratch("errors") else {
         return;
-    }
-    let base = scratch("errors");
+    };
     // A missing --file.
     let missing = base.join("no-such-kernel");
     let out = kiln_jail(&base, "j", &["--file", missing.to_str().unwrap()], &["run"])
@@ -84,11 +82,9 @@ fn jail_reports_bad_input_in_one_line() {
 
 #[test]
 fn jail_runs_the_tiny_kernel_unprivileged_and_cleans_up() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("run") else {
         return;
-    }
-    let dir = scratch("run");
+    };
     let kernel = tiny_kernel(&dir, "hello from the jail\n");
     let base = dir.join("base");
     // A stale jail directory (its owner is gone) is replaced.
@@ -133,11 +129,9 @@ fn jail_runs_the_tiny_kernel_unprivileged_and_cleans_up() {
 #[test]
 fn jail_brings_in_a_store_image_for_image() {
     use std::os::unix::fs::MetadataExt;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("image") else {
         return;
-    }
-    let dir = scratch("image");
+    };
     let kernel = tiny_kernel(&dir, "hello image\n");
     // A store image made by hand: a small file with the ext4 superblock magic.
     let store = dir.join("store");

@@ -16,11 +16,9 @@ use util::*;
 /// capabilities, its own namespaces and root; then SIGTERM to `kiln jail` reaches it.
 #[test]
 fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("proc") else {
         return;
-    }
-    let dir = scratch("proc");
+    };
     let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
     // A file the jail's uid owns and may write is copied, not linked.
@@ -139,11 +137,9 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
 /// in another jail, under another uid, given as a `--file` directory.
 #[test]
 fn jail_snapshot_taken_in_one_jail_restores_in_another() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("snap") else {
         return;
-    }
-    let dir = scratch("snap");
+    };
     let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
     let mut a = kiln_jail(
@@ -225,11 +221,9 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
 /// leaves is stale, and the next jail of that ID replaces it.
 #[test]
 fn jail_killed_outer_takes_the_vmm_along_and_its_id_is_reusable() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("pdeath") else {
         return;
-    }
-    let dir = scratch("pdeath");
+    };
     let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
     let start = || {
@@ -285,11 +279,9 @@ fn jail_killed_outer_takes_the_vmm_along_and_its_id_is_reusable() {
 /// of a namespace drops unhandled signals): kiln jail holds it until they exist.
 #[test]
 fn jail_early_sigterm_still_stops_the_vm() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("early") else {
         return;
-    }
-    let dir = scratch("early");
+    };
     let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
     for round in 0..3 {

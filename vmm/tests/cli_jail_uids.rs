@@ -55,11 +55,9 @@ impl Spinning {
 
 #[test]
 fn jail_each_jail_runs_as_a_uid_of_its_own_from_the_range() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("uids") else {
         return;
-    }
-    let dir = scratch("uids");
+    };
     let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
 
@@ -115,11 +113,9 @@ fn jail_each_jail_runs_as_a_uid_of_its_own_from_the_range() {
 /// source's set-uid bit; a readable one stays root's (a hard link or a copy).
 #[test]
 fn jail_root_is_handed_over_complete_and_copies_carry_no_set_id_bits() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("handover") else {
         return;
-    }
-    let dir = scratch("handover");
+    };
     let kernel = tiny_kernel(&dir, "hello\n");
     let data = dir.join("data");
     std::fs::create_dir_all(data.join("sub")).unwrap();

@@ -13,7 +13,6 @@ use std::process::Stdio;
 use kiln::device_manager::{DiskState, MmioWindow, VirtioDeviceState, VirtioState};
 use kiln::snapshot::{read_state, write_state, SnapshotState};
 use kiln_devices::virtio::block::{BackendState, BlockConfigState, BlockState, SERIAL_LEN};
-use kiln_devices::virtio::mmio::MMIO_STATE_VERSION;
 use kiln_devices::virtio::MmioTransportState;
 use util::vm::*;
 use util::*;
@@ -50,17 +49,7 @@ fn crafted(name: &str, state: &SnapshotState) -> PathBuf {
 fn raw_disk(path: &Path, read_only: bool, index: usize) -> VirtioDeviceState {
     VirtioDeviceState {
         window: MmioWindow::nth(index).unwrap(),
-        transport: MmioTransportState {
-            version: MMIO_STATE_VERSION,
-            device_status: 0,
-            device_features_sel: 0,
-            driver_features: 0,
-            driver_features_sel: 0,
-            queue_sel: 0,
-            queues: Vec::new(),
-            interrupt_status: 0,
-            config_generation: 0,
-        },
+        transport: MmioTransportState::default(),
         device: VirtioState::Block(DiskState {
             device: BlockState {
                 version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,

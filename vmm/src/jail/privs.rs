@@ -173,23 +173,22 @@ impl Exec {
         check("set no_new_privs", unsafe {
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         })?;
-        let argv: Vec<*const libc::c_char> = self
-            .argv
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
-        let envp: Vec<*const libc::c_char> = self
-            .envp
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+        let (argv, envp) = (null_terminated(&self.argv), null_terminated(&self.envp));
         // SAFETY: argv and envp are null-terminated arrays of NUL-terminated strings that
         // live until the call (which does not return on success).
         unsafe { libc::execve(c"/kiln".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
         Err(format!("execve /kiln: {}", std::io::Error::last_os_error()))
     }
+}
+
+/// Pointers to `strings` and a null after them: an `argv` or `envp` for execve, valid while
+/// `strings` lives.
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
 }
 
 /// Drops every capability from the bounding set (until the kernel's last one, where

@@ -224,13 +224,8 @@ pub fn take_bitmaps(memory: &GuestMemory, size: u64, into: &mut PageSet) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::scratch;
     use std::os::unix::fs::MetadataExt;
-
-    fn scratch(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-snapmem-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     #[test]
     fn zero_pages_stay_holes_and_private_maps_do_not_write_back() {
@@ -239,7 +234,7 @@ mod tests {
         mem.write_obj(0x1122_3344u32, GuestAddress(0x5000)).unwrap();
         mem.write_obj(0x5566_7788u32, GuestAddress(0x70_0000))
             .unwrap();
-        let dir = scratch("full");
+        let dir = scratch("snapmem-full");
         let path = dir.join("memory");
         assert_eq!(write_memory(&mem, size, None, &path).unwrap(), 2 * PAGE);
         let meta = std::fs::metadata(&path).unwrap();
@@ -286,7 +281,7 @@ mod tests {
             mem.write_obj(0x1000_0000 + page, GuestAddress(page * PAGE))
                 .unwrap();
         }
-        let dir = scratch("diff");
+        let dir = scratch("snapmem-diff");
         let base_path = dir.join("base");
         write_memory(&mem, size, None, &base_path).unwrap();
         reset_bitmaps(&mem);

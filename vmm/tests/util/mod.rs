@@ -54,6 +54,16 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// [`scratch`] for a test that needs root: `None`, and a line saying the test is skipped,
+/// for anyone else.
+pub fn root_scratch(name: &str) -> Option<PathBuf> {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return None;
+    }
+    Some(scratch(name))
+}
+
 /// Asserts that `out` is a clean failure: a non-zero exit and no panic. Returns stderr.
 pub fn failed_cleanly(what: &str, out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -43,6 +43,23 @@ pub struct MmioTransportState {
     pub config_generation: u32,
 }
 
+impl Default for MmioTransportState {
+    /// A transport no driver has touched: every register 0, no queue set up.
+    fn default() -> Self {
+        Self {
+            version: MMIO_STATE_VERSION,
+            device_status: 0,
+            device_features_sel: 0,
+            driver_features: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            queues: Vec::new(),
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+}
+
 /// What a restored [`MmioTransport`] is built around besides its [`MmioTransportState`].
 pub struct MmioRestoreArgs {
     /// Guest memory.

@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn a_symlinked_passwd_is_not_followed() {
-        let dir = std::env::temp_dir().join(format!("kiln-user-{}", std::process::id()));
+        let dir = crate::test_util::scratch("oci-user");
         std::fs::create_dir_all(dir.join("etc")).unwrap();
         let outside = dir.join("outside");
         std::fs::write(&outside, "root:x:0:0::/r:/bin/sh\nspy:x:7:7::/s:/bin/sh\n").unwrap();
