@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::interest::{EpollOps, Registrations};
 use super::state::restore_queue;
 use super::{
-    exact_queues, ActivateError, GuestMemory, QueueRestoreArgs, QueueSnapshot, VirtioInterrupt,
+    ActivateError, Activation, GuestMemory, QueueRestoreArgs, QueueSnapshot, VirtioInterrupt,
 };
 
 /// The `N` queues and what a device needs to use them, from activation to reset.
@@ -76,14 +76,8 @@ impl<const N: usize> Queues<N> {
     }
 
     /// The driver set DRIVER_OK: go live with exactly `N` queues.
-    pub(crate) fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        let (queues, evts) = exact_queues::<N>(queues, queue_evts)?;
+    pub(crate) fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let (queues, evts, mem, interrupt) = activation.exact_queues::<N>()?;
         self.go_live(Active {
             mem,
             queues,

@@ -207,19 +207,44 @@ impl VirtioInterrupt {
     }
 }
 
-/// The `N` queues, and their eventfds, that a device with `N` queues activates with; else
-/// the error saying how many the transport handed over.
-pub(crate) fn exact_queues<const N: usize>(
-    queues: Vec<Queue>,
-    evts: Vec<EventFd>,
-) -> Result<([Queue; N], [EventFd; N]), ActivateError> {
-    let got = queues.len().min(evts.len());
-    match (
-        <[Queue; N]>::try_from(queues),
-        <[EventFd; N]>::try_from(evts),
-    ) {
-        (Ok(queues), Ok(evts)) => Ok((queues, evts)),
-        _ => Err(ActivateError::QueueCount { expected: N, got }),
+/// What a device goes live with when the driver sets DRIVER_OK: guest memory, its queues
+/// (already validated), one notification eventfd per queue (the guest writes them through
+/// `QueueNotify`) and the interrupt to raise when buffers are used.
+pub struct Activation {
+    pub mem: GuestMemory,
+    pub queues: Vec<Queue>,
+    pub queue_evts: Vec<EventFd>,
+    pub interrupt: VirtioInterrupt,
+}
+
+impl Activation {
+    pub fn new(
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: VirtioInterrupt,
+    ) -> Self {
+        Self {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+        }
+    }
+
+    /// The `N` queues, and their eventfds, that a device with `N` queues activates with;
+    /// else the error saying how many the transport handed over.
+    pub(crate) fn exact_queues<const N: usize>(
+        self,
+    ) -> Result<([Queue; N], [EventFd; N], GuestMemory, VirtioInterrupt), ActivateError> {
+        let got = self.queues.len().min(self.queue_evts.len());
+        match (
+            <[Queue; N]>::try_from(self.queues),
+            <[EventFd; N]>::try_from(self.queue_evts),
+        ) {
+            (Ok(queues), Ok(evts)) => Ok((queues, evts, self.mem, self.interrupt)),
+            _ => Err(ActivateError::QueueCount { expected: N, got }),
+        }
     }
 }
 
@@ -286,16 +311,8 @@ pub trait VirtioDevice: Send {
         );
     }
 
-    /// The driver set DRIVER_OK: go live with these queues (already validated), one
-    /// notification eventfd per queue (the guest writes them through `QueueNotify`), and the
-    /// interrupt to raise when buffers are used.
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError>;
+    /// The driver set DRIVER_OK: go live with what `activation` holds.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
 
     /// The driver wrote 0 to the status: drop the queues, forget the features, go back to
     /// the state before negotiation.

@@ -15,8 +15,8 @@ use crate::bus::BusDevice;
 use crate::persist::Persist;
 use crate::virtio::test_queue::{assert_drain_yields, GuestQueue, F_WRITE};
 use crate::virtio::{
-    feature, status, GuestMemory, MmioTransport, QueueRestoreArgs, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    feature, status, Activation, GuestMemory, MmioTransport, QueueRestoreArgs, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 const MEM_SIZE: usize = 4 << 20;
@@ -41,8 +41,13 @@ impl<'m> Harness<'m> {
         let kick = evt.try_clone().unwrap();
         let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.ack_features(dev.device_features());
-        dev.activate(mem.clone(), vec![q.queue()], vec![evt], irq.clone())
-            .unwrap();
+        dev.activate(Activation::new(
+            mem.clone(),
+            vec![q.queue()],
+            vec![evt],
+            irq.clone(),
+        ))
+        .unwrap();
         Self {
             mem,
             dev,
@@ -196,7 +201,7 @@ fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
     let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let kicked = evt.try_clone().unwrap();
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    dev.activate(mem.clone(), vec![queue], vec![evt], irq)
+    dev.activate(Activation::new(mem.clone(), vec![queue], vec![evt], irq))
         .unwrap();
     assert_drain_yields(CHAIN_BUDGET, &kicked, move || {
         dev.process_queue();

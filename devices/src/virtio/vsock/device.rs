@@ -19,7 +19,7 @@ use super::packet_io;
 use super::{VsockError, EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_ID_VSOCK};
 use crate::virtio::interest::{EpollOps, Registrations};
 use crate::virtio::{
-    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
+    feature, ActivateError, Activation, GuestMemory, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -246,14 +246,8 @@ impl VirtioDevice for Vsock {
         self.guest_cid.to_le_bytes().to_vec()
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        let (queues, evts) = exact_queues::<3>(queues, queue_evts)?;
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let (queues, evts, mem, interrupt) = activation.exact_queues::<3>()?;
         debug!(guest_cid = self.guest_cid, "vsock: activated");
         self.active = Some(Active {
             mem,

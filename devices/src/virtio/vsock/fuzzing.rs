@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::packet_io::{self, Header};
 use super::{Vsock, EVQ, RXQ, TXQ};
 use crate::virtio::interest::fake::FakeEpoll;
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 fn interrupt() -> VirtioInterrupt {
     VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
@@ -205,7 +205,7 @@ impl Harness {
         for q in &mut queues {
             q.set_event_idx(event_idx);
         }
-        dev.activate(mem.clone(), queues, evts, interrupt())
+        dev.activate(Activation::new(mem.clone(), queues, evts, interrupt()))
             .expect("activate");
         let mut h = Harness {
             mem,

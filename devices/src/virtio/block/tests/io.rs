@@ -8,7 +8,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use super::*;
 use crate::virtio::block::{RawFile, VIRTIO_ID_BLOCK};
-use crate::virtio::{feature, INTERRUPT_VRING, VIRTIO_F_VERSION_1};
+use crate::virtio::{feature, Activation, INTERRUPT_VRING, VIRTIO_F_VERSION_1};
 
 const MIB: usize = 1 << 20;
 
@@ -234,7 +234,12 @@ fn event_manager_drives_the_queue() {
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     dev.lock()
         .unwrap()
-        .activate(mem.clone(), vec![q.queue()], vec![evt], irq.clone())
+        .activate(Activation::new(
+            mem.clone(),
+            vec![q.queue()],
+            vec![evt],
+            irq.clone(),
+        ))
         .unwrap();
     mgr.run_with_timeout(0).unwrap(); // the wake-up: registers the queue eventfd
 

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::*;
 use super::{Backend, Block};
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 pub(super) const MEM_SIZE: usize = 16 << 20;
 pub(super) const SERIAL: &[u8] = b"kiln-test-disk-0001";
@@ -100,8 +100,13 @@ impl<'m> Harness<'m> {
         let kick = evt.try_clone().unwrap();
         let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.ack_features(dev.device_features());
-        dev.activate(mem.clone(), vec![queue], vec![evt], irq.clone())
-            .unwrap();
+        dev.activate(Activation::new(
+            mem.clone(),
+            vec![queue],
+            vec![evt],
+            irq.clone(),
+        ))
+        .unwrap();
         Self {
             mem,
             dev,

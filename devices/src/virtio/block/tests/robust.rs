@@ -4,6 +4,7 @@
 use super::driver::{F_NEXT, F_WRITE};
 use super::*;
 use crate::virtio::block::RawFile;
+use crate::virtio::Activation;
 
 const DISK: usize = 64 * 1024;
 const CAP: u64 = (DISK / 512) as u64;
@@ -282,7 +283,7 @@ fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
     let kicked = evt.try_clone().unwrap();
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     dev.ack_features(dev.device_features());
-    dev.activate(mem.clone(), vec![queue], vec![evt], irq)
+    dev.activate(Activation::new(mem.clone(), vec![queue], vec![evt], irq))
         .unwrap();
 
     driver::assert_drain_yields(CHAIN_BUDGET, &kicked, move || {

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{op, Vsock, EVQ, HOST_CID, RXQ, TXQ};
 use crate::virtio::interest::fake::FakeEpoll;
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 pub(super) const GUEST_CID: u64 = 3;
 
@@ -111,7 +111,7 @@ impl<'m> Harness<'m> {
             q.set_event_idx(event_idx);
         }
         h.dev
-            .activate(mem.clone(), queues, evts, h.irq.clone())
+            .activate(Activation::new(mem.clone(), queues, evts, h.irq.clone()))
             .unwrap();
         h.run();
         assert_eq!(h.ep.fds.len(), 5, "wake, listener and three queue eventfds");
