@@ -100,7 +100,7 @@ impl<const N: usize> Queues<N> {
     pub(crate) fn save(&self) -> Vec<QueueSnapshot> {
         self.active
             .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.state().into()).collect())
+            .map(|a| a.queues.iter().map(|q| (&q.state()).into()).collect())
             .unwrap_or_default()
     }
 

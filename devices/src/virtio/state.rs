@@ -38,35 +38,21 @@ pub struct QueueSnapshot {
     pub used_ring: u64,
 }
 
-/// The conversions both ways between [`QueueSnapshot`] and `QueueState`, field for field.
-/// Each side is built with a struct literal, so a field added to either one stops the
-/// build until it is listed here.
-macro_rules! queue_state_conversions {
-    ($($field:ident),* $(,)?) => {
-        impl From<QueueState> for QueueSnapshot {
-            fn from(s: QueueState) -> Self {
-                Self { $($field: s.$field),* }
-            }
-        }
-
-        impl From<QueueSnapshot> for QueueState {
-            fn from(s: QueueSnapshot) -> Self {
-                Self { $($field: s.$field),* }
-            }
-        }
-    };
-}
-
-queue_state_conversions!(
-    max_size,
-    next_avail,
-    next_used,
-    event_idx_enabled,
-    size,
-    ready,
-    desc_table,
-    avail_ring,
-    used_ring,
+// The conversions both ways between [`QueueSnapshot`] and `QueueState`, field for field.
+crate::persist::field_for_field!(
+    QueueSnapshot,
+    QueueState,
+    [
+        max_size,
+        next_avail,
+        next_used,
+        event_idx_enabled,
+        size,
+        ready,
+        desc_table,
+        avail_ring,
+        used_ring,
+    ]
 );
 
 /// Checks that a state to restore was written in the format version this build reads,
@@ -89,7 +75,7 @@ pub(crate) fn restore_queue(
     mem: &crate::virtio::GuestMemory,
 ) -> Result<virtio_queue::Queue, String> {
     use virtio_queue::QueueT;
-    let queue = virtio_queue::Queue::try_from(QueueState::from(*q)).map_err(|e| e.to_string())?;
+    let queue = virtio_queue::Queue::try_from(QueueState::from(q)).map_err(|e| e.to_string())?;
     if !queue.is_valid(mem) {
         return Err("the queue is not ready or lies outside guest memory".into());
     }

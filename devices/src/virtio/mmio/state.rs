@@ -86,7 +86,7 @@ impl Persist for MmioTransport {
             driver_features: self.driver_features,
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queues: self.queues.iter().map(|q| (&q.state()).into()).collect(),
             interrupt_status: self.interrupt.status(),
             config_generation: self.interrupt.config_generation(),
         }
@@ -124,7 +124,7 @@ impl Persist for MmioTransport {
                     q.max_size()
                 )));
             }
-            *q = Queue::try_from(QueueState::from(*saved))
+            *q = Queue::try_from(QueueState::from(saved))
                 .map_err(|e| MmioError::BadState(format!("queue {i}: {e}")))?;
         }
         t.status = state.device_status;

@@ -166,13 +166,10 @@ impl Vsock {
     pub(crate) fn process_tx(&mut self) {
         let Self { active, muxer, .. } = self;
         if let Some(a) = active {
-            let more = packet_io::drain_tx(&mut a.queues[TXQ], &a.mem, &a.interrupt, |pkt| {
+            let (queue, evt) = (&mut a.queues[TXQ], &a.evts[TXQ]);
+            packet_io::drain_tx(queue, &a.mem, evt, &a.interrupt, |pkt| {
                 muxer.on_guest_packet(pkt)
             });
-            if more {
-                // Come back after the event loop's other events.
-                let _ = a.evts[TXQ].write(1);
-            }
         }
     }
 

@@ -26,7 +26,8 @@ fn interrupt() -> VirtioInterrupt {
 /// Pops every available tx chain as the device does (one payload descriptor, else the
 /// payload gathered from several) and hands each packet that parses to `handle`.
 pub fn drain_tx(queue: &mut Queue, mem: &GuestMemory, handle: impl FnMut(&VsockPacket<'_, ()>)) {
-    packet_io::drain_tx(queue, mem, &interrupt(), handle);
+    let evt = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    packet_io::drain_tx(queue, mem, &evt, &interrupt(), handle);
 }
 
 /// Fills rx chains as the device does, one packet per entry of `payloads` (its payload

@@ -51,7 +51,7 @@ impl Persist for Vsock {
             queues: self
                 .active
                 .as_ref()
-                .map(|a| a.queues.iter().map(|q| q.state().into()).collect())
+                .map(|a| a.queues.iter().map(|q| (&q.state()).into()).collect())
                 .unwrap_or_default(),
         }
     }
