@@ -46,6 +46,8 @@ pub mod rng;
 pub(crate) mod state;
 #[cfg(test)]
 pub(crate) mod test_queue;
+#[cfg(test)]
+pub(crate) mod test_rig;
 pub mod vsock;
 
 use std::io;

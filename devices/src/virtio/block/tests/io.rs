@@ -4,10 +4,11 @@
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::SubscriberOps;
 
 use super::*;
 use crate::virtio::block::{RawFile, VIRTIO_ID_BLOCK};
+use crate::virtio::test_rig::{run_until_used, Manager};
 use crate::virtio::{feature, Activation, INTERRUPT_VRING, VIRTIO_F_VERSION_1};
 
 const MIB: usize = 1 << 20;
@@ -224,8 +225,7 @@ fn event_manager_drives_the_queue() {
     let mem = test_mem();
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
     let dev = Arc::new(Mutex::new(dev));
-    let mut mgr: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().unwrap();
+    let mut mgr = Manager::new().unwrap();
     mgr.add_subscriber(dev.clone());
 
     let mut q = GuestQueue::new(&mem, 0x0, 0x10_0000, 0x10_0000);
@@ -248,14 +248,7 @@ fn event_manager_drives_the_queue() {
     let (data, status) = (q.alloc(512), q.alloc(1));
     q.add_chain(&[(hdr, 16, false), (data, 512, true), (status, 1, true)]);
     kick.write(1).unwrap();
-    let mut used = Vec::new();
-    for _ in 0..10 {
-        mgr.run_with_timeout(0).unwrap();
-        used = q.used();
-        if !used.is_empty() {
-            break;
-        }
-    }
+    let used = run_until_used(&mut mgr, 10, || q.used());
     assert_eq!(used.len(), 1, "the request ran from the event loop");
     assert_eq!(used[0].1, 513);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), OK);
