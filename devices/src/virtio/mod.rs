@@ -44,6 +44,8 @@ pub mod net;
 mod queue_ops;
 pub mod rng;
 pub(crate) mod state;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod test_dir;
 #[cfg(test)]
 pub(crate) mod test_queue;
 #[cfg(test)]

@@ -24,7 +24,7 @@ fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn read_write_round_trip_over_several_descriptors() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), MIB, 1);
     let mem = test_mem();
     let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
@@ -72,7 +72,7 @@ fn read_write_round_trip_over_several_descriptors() {
 
 #[test]
 fn flush_get_id_and_unsupported_types() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), 64 * 1024, 1);
     let mem = test_mem();
     let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
@@ -110,7 +110,7 @@ fn flush_get_id_and_unsupported_types() {
 
 #[test]
 fn default_serial_names_the_file() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let a = image(&dir.path("a.img"), 512, 1);
     let b = image(&dir.path("b.img"), 512, 1);
     let (sa, sb) = (Block::default_serial(&a), Block::default_serial(&b));
@@ -121,7 +121,7 @@ fn default_serial_names_the_file() {
 
 #[test]
 fn discard_on_a_raw_file_reads_back_zeros() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), MIB, 3);
     let orig = pattern(MIB, 3);
     let mem = test_mem();
@@ -154,7 +154,7 @@ fn discard_on_a_raw_file_reads_back_zeros() {
 
 #[test]
 fn read_only_disk_refuses_writes() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("ro.img"), 64 * 1024, 4);
     let before = std::fs::read(&path).unwrap();
     let mem = test_mem();
@@ -181,7 +181,7 @@ fn read_only_disk_refuses_writes() {
 
 #[test]
 fn config_space_and_identity() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     // A trailing partial sector is not part of the capacity.
     let path = image(&dir.path("disk.img"), MIB + 100, 1);
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
@@ -220,7 +220,7 @@ fn config_space_and_identity() {
 /// registered after activation and unregistered after a reset.
 #[test]
 fn event_manager_drives_the_queue() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), 64 * 1024, 6);
     let mem = test_mem();
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
@@ -269,7 +269,7 @@ fn event_manager_drives_the_queue() {
 /// the driver's `used_event` says so.
 #[test]
 fn event_idx_suppresses_interrupts_and_asks_for_kicks() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), 64 * 1024, 6);
     let mem = test_mem();
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
@@ -299,7 +299,7 @@ fn event_idx_suppresses_interrupts_and_asks_for_kicks() {
 #[test]
 fn host_side_flush_works_on_every_backend() {
     // The VMM flushes a device before it copies its overlay into a snapshot.
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let base = image(&dir.path("base.img"), 4096, 1);
     let overlay = crate::virtio::block::Overlay::create(&base, dir.path("o.overlay")).unwrap();
     Block::new(overlay, b"o").unwrap().flush().unwrap();

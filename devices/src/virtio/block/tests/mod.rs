@@ -16,7 +16,6 @@ use crate::virtio::test_queue as driver;
 use driver::GuestQueue;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -29,32 +28,7 @@ use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 pub(super) const MEM_SIZE: usize = 16 << 20;
 pub(super) const SERIAL: &[u8] = b"kiln-test-disk-0001";
 
-/// A scratch directory, removed on drop.
-pub(super) struct TestDir(pub(super) PathBuf);
-
-impl TestDir {
-    pub(super) fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-blk-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub(super) fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(super) use crate::virtio::test_dir::TestDir;
 
 pub(super) fn test_mem() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()

@@ -11,7 +11,7 @@ use crate::virtio::{feature, status, QUEUE_NOTIFY_OFFSET, VIRTIO_F_VERSION_1};
 
 #[test]
 fn mmio_transport_and_event_manager_end_to_end() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), 1 << 20, 4);
     let mem = test_mem();
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();

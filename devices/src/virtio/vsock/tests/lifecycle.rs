@@ -162,7 +162,7 @@ fn state_round_trip() {
 #[test]
 fn mmio_transport_and_event_manager_end_to_end() {
     let mem = test_mem();
-    let dir = TestDir::new();
+    let dir = TestDir::new("vsock");
     let path = dir.0.join("v.sock");
     let mut rx = GuestQueue::new(&mem, 0x0, 0x10_0000, 0x10_0000);
     let tx = GuestQueue::new(&mem, 0x1_0000, 0x20_0000, 0x1000);
