@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 
-use super::exec::connect_agent;
+use super::common::connect_agent;
 use crate::cli::CpArgs;
 
 const GUEST_PREFIX: &str = "vm:";
