@@ -191,7 +191,10 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
         snapshot(vm, snap2, SnapshotKind::Full)
     });
     let refused = answer.expect_err("a writable raw disk was snapshotted");
-    assert!(refused.contains("writable raw image"), "{refused}");
+    assert!(
+        refused.to_string().contains("writable raw image"),
+        "{refused}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(scratch_dir).unwrap();
 }

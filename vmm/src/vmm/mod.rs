@@ -15,7 +15,10 @@ pub use create::Start;
 
 pub use spec::{BootDoneHook, BootSource, MachineSpec, VsockSpec};
 
-pub use control::{control_channel, ControlQueue, Controller, Request, Response};
+pub use control::{
+    control_channel, ControlError, ControlQueue, Controller, Reply, Request, Response,
+    SnapshotTaken, Status, VmState,
+};
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kiln::snapshot::SnapshotKind;
-use kiln::vmm::{Controller, GuestExit, Request, Response, Vmm};
+use kiln::vmm::{ControlError, Controller, GuestExit, Reply, Request, SnapshotTaken, Vmm};
 
 /// 64-bit code that prints 'R' and spins: a guest that runs until it is stopped, and whose
 /// vCPU can be paused for a snapshot (the byte says it runs).
@@ -61,12 +61,20 @@ pub fn run_until(vmm: Vmm, console: &Captured, bytes: usize) -> GuestExit {
 }
 
 /// Asks the VM behind `controller` for a snapshot of `kind` into `dir`, resuming it after.
-pub fn snapshot(controller: &Controller, dir: PathBuf, kind: SnapshotKind) -> Response {
-    controller.call(Request::Snapshot {
+pub fn snapshot(
+    controller: &Controller,
+    dir: PathBuf,
+    kind: SnapshotKind,
+) -> Result<SnapshotTaken, ControlError> {
+    let request = Request::Snapshot {
         dir,
         resume: true,
         kind,
-    })
+    };
+    match controller.call(request)? {
+        Reply::Snapshot(taken) => Ok(taken),
+        other => panic!("a snapshot request was answered with {other:?}"),
+    }
 }
 
 /// Runs `vmm`; once the guest has printed a byte, `script` runs on another thread with the
