@@ -27,13 +27,21 @@ pub const CONSOLE_MAX_ENV: &str = "KILN_CONSOLE_MAX_BYTES";
 /// The environment variable that sets the log file's cap in bytes (0: no cap).
 pub const LOG_MAX_ENV: &str = "KILN_LOG_MAX_BYTES";
 
+/// A cap variable that does not hold a size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}={value:?}: expected a size in bytes (0 for no cap)")]
+pub struct CapEnvError {
+    pub var: String,
+    pub value: String,
+}
+
 /// The cap from environment variable `var`, or `default`; `None` for no cap (0).
-pub fn cap_from_env(var: &str, default: u64) -> Result<Option<u64>, String> {
+pub fn cap_from_env(var: &str, default: u64) -> Result<Option<u64>, CapEnvError> {
     let cap = match std::env::var(var) {
-        Ok(v) => v
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| format!("{var}={v:?}: expected a size in bytes (0 for no cap)"))?,
+        Ok(v) => v.trim().parse::<u64>().map_err(|_| CapEnvError {
+            var: var.into(),
+            value: v,
+        })?,
         Err(_) => default,
     };
     Ok((cap > 0).then_some(cap))

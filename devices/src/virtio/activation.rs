@@ -15,7 +15,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interest::{EpollOps, Registrations};
-use super::state::restore_queue;
+use super::state::{restore_queue, QueueRestoreError};
 use super::{
     ActivateError, Activation, GuestMemory, QueueRestoreArgs, QueueSnapshot, VirtioInterrupt,
 };
@@ -111,7 +111,7 @@ impl<const N: usize> Queues<N> {
         &mut self,
         saved: &[QueueSnapshot],
         args: QueueRestoreArgs,
-    ) -> Result<(), String> {
+    ) -> Result<(), QueueRestoreError> {
         let QueueRestoreArgs {
             mem,
             queue_evts,
@@ -125,18 +125,20 @@ impl<const N: usize> Queues<N> {
             <&[QueueSnapshot; N]>::try_from(saved),
             <[EventFd; N]>::try_from(queue_evts),
         ) else {
-            return Err(format!(
-                "{} queues and {n} queue eventfds; {} has {N}",
-                saved.len(),
-                self.dev
-            ));
+            return Err(QueueRestoreError::Count {
+                saved: saved.len(),
+                evts: n,
+                device: self.dev,
+                expected: N,
+            });
         };
         let mut queues = Vec::with_capacity(N);
         for (i, q) in saved.iter().enumerate() {
-            queues.push(restore_queue(q, &mem).map_err(|e| format!("queue {i}: {e}"))?);
+            queues.push(restore_queue(i, q, &mem)?);
         }
-        let queues = <[Queue; N]>::try_from(queues)
-            .map_err(|_| format!("{} lost a restored queue", self.dev))?;
+        let Ok(queues) = <[Queue; N]>::try_from(queues) else {
+            unreachable!("{N} saved queues make {N} queues");
+        };
         self.go_live(Active {
             mem,
             queues,

@@ -63,7 +63,7 @@ pub use mmio::{
     mmio_cmdline_fragment, MmioRestoreArgs, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE,
     QUEUE_NOTIFY_OFFSET,
 };
-pub use state::{QueueRestoreArgs, QueueSnapshot};
+pub use state::{QueueRestoreArgs, QueueRestoreError, QueueSnapshot};
 
 /// The guest memory type devices work on (the VMM's memfd-backed mapping). Its dirty bitmap
 /// records every page a device writes, so that a diff snapshot includes device writes

@@ -69,15 +69,57 @@ pub(crate) fn check_version<E>(
     }
 }
 
-/// A queue back from its snapshot, checked to be ready and inside `mem`.
+/// Why saved queues cannot come back.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueRestoreError {
+    /// The saved registers do not describe a queue (a size that is not a power of two, a
+    /// misaligned ring, …).
+    #[error("queue {index}: {source}")]
+    Invalid {
+        /// The queue's index.
+        index: usize,
+        /// What virtio-queue refused.
+        source: virtio_queue::Error,
+    },
+    /// The queue is not ready, or its rings lie outside guest memory.
+    #[error("queue {index}: the queue is not ready or lies outside guest memory")]
+    Unusable {
+        /// The queue's index.
+        index: usize,
+    },
+    /// The state and the transport do not hand over as many queues as the device has.
+    #[error("{saved} queues and {evts} queue eventfds; {device} has {expected}")]
+    Count {
+        /// Queues in the state.
+        saved: usize,
+        /// Queue eventfds handed over.
+        evts: usize,
+        /// The device, as its log lines name it.
+        device: &'static str,
+        /// Queues the device has.
+        expected: usize,
+    },
+}
+
+/// Queue `index` as the driver had set it up, from its snapshot; the registers checked.
+pub(crate) fn queue_from(
+    index: usize,
+    q: &QueueSnapshot,
+) -> Result<virtio_queue::Queue, QueueRestoreError> {
+    virtio_queue::Queue::try_from(QueueState::from(q))
+        .map_err(|source| QueueRestoreError::Invalid { index, source })
+}
+
+/// Queue `index` back from its snapshot, checked to be ready and inside `mem`.
 pub(crate) fn restore_queue(
+    index: usize,
     q: &QueueSnapshot,
     mem: &crate::virtio::GuestMemory,
-) -> Result<virtio_queue::Queue, String> {
+) -> Result<virtio_queue::Queue, QueueRestoreError> {
     use virtio_queue::QueueT;
-    let queue = virtio_queue::Queue::try_from(QueueState::from(q)).map_err(|e| e.to_string())?;
+    let queue = queue_from(index, q)?;
     if !queue.is_valid(mem) {
-        return Err("the queue is not ready or lies outside guest memory".into());
+        return Err(QueueRestoreError::Unusable { index });
     }
     Ok(queue)
 }

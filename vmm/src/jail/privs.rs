@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::ns::check;
+use super::ns::{check, StepError};
 use super::{JailError, JailSpec};
 use crate::net::INHERITED_TAPS_ENV;
 
@@ -90,7 +90,7 @@ impl Exec {
     }
 
     /// Limits, fds, capabilities, ids, then `execve("/kiln")`; returns only on failure.
-    pub(super) fn run(&self) -> Result<Infallible, String> {
+    pub(super) fn run(&self) -> Result<Infallible, StepError> {
         for (resource, limit, what) in [
             (libc::RLIMIT_NOFILE, self.max_fds, "set RLIMIT_NOFILE"),
             (libc::RLIMIT_FSIZE, self.max_file_bytes, "set RLIMIT_FSIZE"),
@@ -167,7 +167,7 @@ impl Exec {
             .iter()
             .any(|d| d.effective != 0 || d.permitted != 0 || d.inheritable != 0)
         {
-            return Err("capabilities remain after dropping to the unprivileged ids".into());
+            return Err(StepError::CapabilitiesRemain);
         }
         // SAFETY: integer arguments only.
         check("set no_new_privs", unsafe {
@@ -177,7 +177,10 @@ impl Exec {
         // SAFETY: argv and envp are null-terminated arrays of NUL-terminated strings that
         // live until the call (which does not return on success).
         unsafe { libc::execve(c"/kiln".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        Err(format!("execve /kiln: {}", std::io::Error::last_os_error()))
+        Err(StepError::Sys {
+            what: "execve /kiln",
+            source: std::io::Error::last_os_error(),
+        })
     }
 }
 
@@ -193,7 +196,7 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
 
 /// Drops every capability from the bounding set (until the kernel's last one, where
 /// PR_CAPBSET_DROP says EINVAL).
-fn drop_bounding_set() -> Result<(), String> {
+fn drop_bounding_set() -> Result<(), StepError> {
     for cap in 0..64 {
         // SAFETY: integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
@@ -201,7 +204,7 @@ fn drop_bounding_set() -> Result<(), String> {
             if e.raw_os_error() == Some(libc::EINVAL) && cap > 0 {
                 return Ok(());
             }
-            return Err(format!("drop capability {cap} from the bounding set: {e}"));
+            return Err(StepError::BoundingSet { cap, source: e });
         }
     }
     Ok(())

@@ -58,6 +58,8 @@ pub enum VmmError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error("cannot restore: {0}")]
+    Restoring(#[from] crate::snapshot::restore::RestoreError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
 }

@@ -81,6 +81,9 @@ pub enum MmioError {
     /// A state to restore does not fit the device.
     #[error("virtio-mmio state is corrupt or for another device: {0}")]
     BadState(String),
+    /// A state to restore holds a queue that cannot exist.
+    #[error("virtio-mmio state is corrupt: {0}")]
+    BadQueue(#[from] crate::virtio::QueueRestoreError),
 }
 
 /// A virtio device behind the MMIO register window.

@@ -9,12 +9,12 @@
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MmioError, MmioTransport};
 use crate::persist::Persist;
-use crate::virtio::state::check_version;
+use crate::virtio::state::{check_version, queue_from};
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
 
 /// The format version of [`MmioTransportState`].
@@ -124,8 +124,7 @@ impl Persist for MmioTransport {
                     q.max_size()
                 )));
             }
-            *q = Queue::try_from(QueueState::from(saved))
-                .map_err(|e| MmioError::BadState(format!("queue {i}: {e}")))?;
+            *q = queue_from(i, saved)?;
         }
         t.status = state.device_status;
         t.device_features_sel = state.device_features_sel;

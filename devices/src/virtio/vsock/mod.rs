@@ -117,5 +117,5 @@ pub enum VsockError {
     },
     /// A state to restore describes queues that cannot exist.
     #[error("vsock state is corrupt: {0}")]
-    BadState(String),
+    BadState(#[from] crate::virtio::QueueRestoreError),
 }

@@ -10,7 +10,7 @@ use super::device::{Active, Vsock};
 use super::VsockError;
 use crate::persist::Persist;
 use crate::virtio::state::{check_version, restore_queue};
-use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
+use crate::virtio::{QueueRestoreArgs, QueueRestoreError, QueueSnapshot};
 use std::path::PathBuf;
 
 /// The format version of [`VsockState`].
@@ -77,19 +77,18 @@ impl Persist for Vsock {
             return Ok(dev);
         }
         if state.queues.len() != 3 || queue_evts.len() != 3 {
-            return Err(VsockError::BadState(format!(
-                "{} queues and {} queue eventfds; vsock has 3",
-                state.queues.len(),
-                queue_evts.len()
-            )));
+            return Err(VsockError::BadState(QueueRestoreError::Count {
+                saved: state.queues.len(),
+                evts: queue_evts.len(),
+                device: "vsock",
+                expected: 3,
+            }));
         }
         let queues = state
             .queues
             .iter()
             .enumerate()
-            .map(|(i, q)| {
-                restore_queue(q, &mem).map_err(|e| VsockError::BadState(format!("queue {i}: {e}")))
-            })
+            .map(|(i, q)| restore_queue(i, q, &mem))
             .collect::<Result<Vec<_>, _>>()?;
         dev.active = Some(Active {
             mem,

@@ -134,7 +134,7 @@ impl JobDefaults {
                 self.gid = Some(ids.gid);
                 self.home = ids.home;
             }
-            Err(e) => self.user_error = Some(e),
+            Err(e) => self.user_error = Some(e.to_string()),
         }
     }
 }
@@ -158,11 +158,11 @@ pub enum PullError {
         reason: String,
         hint: String,
     },
-    #[error("{reference}: the image's config {digest} is not valid JSON: {reason}")]
+    #[error("{reference}: the image's config {digest} is not valid JSON: {source}")]
     BadConfig {
         reference: String,
         digest: String,
-        reason: String,
+        source: serde_json::Error,
     },
     #[error("{reference}: layer {digest} has media type {media_type:?}, which is not a tar archive kiln can apply")]
     LayerType {
@@ -253,10 +253,10 @@ pub fn pull(store: &Store, spec: &PullSpec) -> Result<Pulled, PullError> {
     let config = registry
         .blob(&reference, &manifest.config)
         .map_err(failed)?;
-    let mut defaults = job_defaults(&config).map_err(|reason| PullError::BadConfig {
+    let mut defaults = job_defaults(&config).map_err(|source| PullError::BadConfig {
         reference: whole.clone(),
         digest: manifest.config.digest.clone(),
-        reason,
+        source,
     })?;
     let tree = staging.tree();
     std::fs::create_dir(&tree).map_err(ImageError::io("cannot create", &tree))?;
@@ -404,7 +404,7 @@ fn check_layer_type(reference: &str, desc: &OciDescriptor) -> Result<(), PullErr
 }
 
 /// The Env, WorkingDir and User of an image config.
-fn job_defaults(config: &[u8]) -> Result<JobDefaults, String> {
+fn job_defaults(config: &[u8]) -> Result<JobDefaults, serde_json::Error> {
     #[derive(Deserialize)]
     struct Config {
         #[serde(default)]
@@ -420,7 +420,7 @@ fn job_defaults(config: &[u8]) -> Result<JobDefaults, String> {
         #[serde(default)]
         user: Option<String>,
     }
-    let c: Config = serde_json::from_slice(config).map_err(|e| e.to_string())?;
+    let c: Config = serde_json::from_slice(config)?;
     let inner = c.config.unwrap_or(Inner {
         env: None,
         working_dir: None,

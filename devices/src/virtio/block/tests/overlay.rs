@@ -206,7 +206,7 @@ fn overlay_state_round_trip() {
     assert!(matches!(restore(&bad), Err(BlockError::BadState(_))));
     let mut bad = state.clone();
     bad.queues[0].size = 3;
-    assert!(matches!(restore(&bad), Err(BlockError::BadState(_))));
+    assert!(matches!(restore(&bad), Err(BlockError::BadQueues(_))));
     let mut bad = state.clone();
     if let BackendState::Overlay { cluster_size, .. } = &mut bad.backend {
         *cluster_size = 65536;

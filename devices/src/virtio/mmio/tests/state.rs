@@ -102,5 +102,5 @@ fn state_round_trip() {
     let mut bad = state;
     bad.queues[0].desc_table = 0x1001;
     let r = restore(&bad);
-    assert!(matches!(r, Err(MmioError::BadState(_))));
+    assert!(matches!(r, Err(MmioError::BadQueue(_))));
 }
