@@ -29,7 +29,7 @@
 //!     // In the VMM, with KVM:
 //!     //   vm.register_irqfd(transport.interrupt().irq_evt(), irq)
 //!     //   for (i, evt) in transport.queue_evts().iter().enumerate():
-//!     //       vm.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), i as u32)
+//!     //       vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), i as u32)
 //!     mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
 //!     mgr.add_subscriber(vsock);
 //!     Ok(mmio_cmdline_fragment(base, irq)) // "virtio_mmio.device=512@0xd0000000:5"
