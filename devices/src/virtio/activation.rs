@@ -1,5 +1,5 @@
 //! A device's queues from the driver's DRIVER_OK to its reset, and the event-loop plumbing
-//! around them, which block, net and rng share.
+//! around them, which every virtio device (block, net, rng, vsock) shares.
 //!
 //! Activation and reset happen on a vCPU thread (the transport calls the device), which
 //! cannot touch the event loop's epoll set: they write the device's wake-up eventfd, and
@@ -171,16 +171,22 @@ impl<const N: usize> Queues<N> {
     }
 
     /// Brings the epoll registrations in line: the wake-up eventfd always, the queue
-    /// eventfds while active, and the device's `own` fds; retired eventfds leave the set
-    /// before they are closed.
-    pub(crate) fn sync(&mut self, own: &[(RawFd, EventSet)], ops: &mut dyn EpollOps) {
+    /// eventfds while active, and the device's `own` fds; retired eventfds, and the
+    /// device's own fds in `retiring` (still open, about to be closed), leave the set first.
+    pub(crate) fn sync(
+        &mut self,
+        own: &[(RawFd, EventSet)],
+        retiring: &[RawFd],
+        ops: &mut dyn EpollOps,
+    ) {
         let mut desired = vec![(self.wake_fd(), EventSet::IN)];
         desired.extend_from_slice(own);
         if let Some(a) = &self.active {
             desired.extend(a.evts.iter().map(|e| (e.as_raw_fd(), EventSet::IN)));
         }
         let retired = std::mem::take(&mut self.retired);
-        let fds: Vec<RawFd> = retired.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut fds: Vec<RawFd> = retired.iter().map(AsRawFd::as_raw_fd).collect();
+        fds.extend_from_slice(retiring);
         self.regs.sync(&desired, &fds, ops);
         drop(retired);
     }

@@ -136,7 +136,7 @@ impl Block {
     }
 
     fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
-        self.queues.sync(&[], ops);
+        self.queues.sync(&[], &[], ops);
     }
 }
 

@@ -99,7 +99,7 @@ impl Net {
             self.tap.as_raw_fd(),
             EventSet::IN | EventSet::EDGE_TRIGGERED,
         );
-        self.queues.sync(&[tap], ops);
+        self.queues.sync(&[tap], &[], ops);
     }
 
     /// The config space: the MAC address (the only field without MQ/STATUS/MTU).

@@ -83,7 +83,7 @@ impl Rng {
     }
 
     fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
-        self.queues.sync(&[], ops);
+        self.queues.sync(&[], &[], ops);
     }
 }
 
