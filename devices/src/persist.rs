@@ -28,3 +28,24 @@ pub trait Persist: Sized {
     /// A device rebuilt from `state` around `args`, as the guest left it at [`Self::save`].
     fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;
 }
+
+/// `From` both ways, by reference, between a device's serializable state struct and
+/// another crate's struct with the same fields (which has no serde): each listed field is
+/// copied as is. Each side is built with a struct literal, so a field added to either one
+/// stops the build until it is listed here.
+macro_rules! field_for_field {
+    ($ours:ty, $theirs:ty, [$($field:ident),* $(,)?]) => {
+        impl From<&$theirs> for $ours {
+            fn from(s: &$theirs) -> Self {
+                Self { $($field: Clone::clone(&s.$field)),* }
+            }
+        }
+
+        impl From<&$ours> for $theirs {
+            fn from(s: &$ours) -> Self {
+                Self { $($field: Clone::clone(&s.$field)),* }
+            }
+        }
+    };
+}
+pub(crate) use field_for_field;

@@ -201,20 +201,34 @@ impl PeerPolicy {
     }
 
     /// Whether the connected `peer` may talk to the VM (logged by the caller if not).
-    pub fn allows(&self, peer: &UnixStream) -> Result<(), String> {
+    pub fn allows(&self, peer: &UnixStream) -> Result<(), PeerRefused> {
         if self.group.is_some() {
             return Ok(());
         }
-        let uid = peer_uid(peer).map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        let uid = peer_uid(peer).map_err(PeerRefused::Credentials)?;
         let me = self.me;
         if uid == me || uid == 0 {
             Ok(())
         } else {
-            Err(format!(
-                "peer uid {uid} is neither this user ({me}) nor root"
-            ))
+            Err(PeerRefused::Stranger { uid, me })
         }
     }
+}
+
+/// Why [`PeerPolicy::allows`] turned a client away.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRefused {
+    /// `SO_PEERCRED` failed.
+    #[error("cannot read the peer's credentials: {0}")]
+    Credentials(#[source] io::Error),
+    /// The peer runs as another user.
+    #[error("peer uid {uid} is neither this user ({me}) nor root")]
+    Stranger {
+        /// The peer's uid.
+        uid: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
 }
 
 /// The uid of the process at the other end of `stream` (`SO_PEERCRED`).
@@ -385,7 +399,7 @@ mod tests {
         let (stream, _) = listener.accept().unwrap();
         assert_eq!(peer_uid(&stream).unwrap(), 65534);
         let refused = PeerPolicy::new(None).allows(&stream).unwrap_err();
-        assert!(refused.contains("peer uid 65534"), "{refused}");
+        assert!(refused.to_string().contains("peer uid 65534"), "{refused}");
         PeerPolicy::new(Some(0)).allows(&stream).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -30,10 +30,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::seccomp::{Filters, ThreadKind};
-use crate::vmm::{Controller, Request, Response};
+use crate::vmm::{Controller, Reply, Request, Response};
 
 /// The longest request line the server reads.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -277,7 +277,7 @@ fn serve_connection_within(stream: UnixStream, controller: &Controller, first_li
             }
         }
         if !complete && line.len() > MAX_LINE {
-            let answer = error_response(&format!(
+            let answer = ApiResponse::error(format!(
                 "request line longer than {MAX_LINE} bytes; closing the connection"
             ));
             let _ = writeln!(out, "{answer}").and_then(|()| out.flush());
@@ -286,7 +286,7 @@ fn serve_connection_within(stream: UnixStream, controller: &Controller, first_li
         let text = match std::str::from_utf8(&line) {
             Ok(t) => t.trim(),
             Err(_) => {
-                let answer = error_response("bad request: not UTF-8");
+                let answer = ApiResponse::error("bad request: not UTF-8".into());
                 if writeln!(out, "{answer}")
                     .and_then(|()| out.flush())
                     .is_err()
@@ -303,8 +303,8 @@ fn serve_connection_within(stream: UnixStream, controller: &Controller, first_li
             return;
         }
         let answer = match serde_json::from_str::<Request>(text) {
-            Ok(request) => to_json(controller.call(request)),
-            Err(e) => error_response(&format!(
+            Ok(request) => ApiResponse::from(controller.call(request)),
+            Err(e) => ApiResponse::error(format!(
                 "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
             )),
         };
@@ -317,32 +317,62 @@ fn serve_connection_within(stream: UnixStream, controller: &Controller, first_li
     }
 }
 
-fn error_response(message: &str) -> Value {
-    json!({"ok": false, "error": message})
+/// One response line: `{"ok":true, …the reply's fields}` or `{"ok":false,"error":"…"}`.
+#[derive(Debug, Serialize)]
+pub struct ApiResponse {
+    pub ok: bool,
+    #[serde(flatten)]
+    pub reply: Option<Reply>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
-/// A controller's answer as a response object: `{"ok":true, …}` or `{"ok":false,"error"}`.
-pub fn to_json(response: Response) -> Value {
-    match response {
-        Ok(Value::Object(fields)) => {
-            let mut map = Map::new();
-            map.insert("ok".into(), Value::Bool(true));
-            map.extend(fields);
-            Value::Object(map)
+impl ApiResponse {
+    fn error(message: String) -> Self {
+        ApiResponse {
+            ok: false,
+            reply: None,
+            error: Some(message),
         }
-        Ok(Value::Null) => json!({"ok": true}),
-        Ok(other) => json!({"ok": true, "result": other}),
-        Err(e) => error_response(&e),
     }
 }
 
+impl From<Response> for ApiResponse {
+    fn from(response: Response) -> Self {
+        match response {
+            Ok(reply) => ApiResponse {
+                ok: true,
+                reply: Some(reply),
+                error: None,
+            },
+            Err(e) => Self::error(e.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiResponse {
+    /// The line as sent (without its newline).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let line = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(&line)
+    }
+}
+
+/// What a client needs of any response line: whether the request succeeded, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Outcome {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
 /// Sends one request to the API socket at `path` and returns the response line as sent
-/// (without its newline) and parsed. `timeout` bounds each read and write.
+/// (without its newline) and its outcome. `timeout` bounds each read and write.
 pub fn call(
     path: &Path,
     request: &Request,
     timeout: Option<Duration>,
-) -> Result<(String, Value), ApiError> {
+) -> Result<(String, Outcome), ApiError> {
     let io = |what| {
         move |source| ApiError::Io {
             path: path.to_owned(),
@@ -375,9 +405,9 @@ pub fn call(
         .read_line(&mut answer)
         .map_err(io("read the response"))?;
     let answer = answer.trim_end().to_string();
-    match serde_json::from_str::<Value>(&answer) {
-        Ok(v) if v.get("ok").is_some_and(Value::is_boolean) => Ok((answer, v)),
-        _ => Err(ApiError::BadAnswer {
+    match serde_json::from_str::<Outcome>(&answer) {
+        Ok(outcome) => Ok((answer, outcome)),
+        Err(_) => Err(ApiError::BadAnswer {
             path: path.to_owned(),
             answer,
         }),
@@ -390,17 +420,53 @@ mod tests {
 
     #[test]
     fn responses_carry_ok_and_the_fields() {
-        let v = to_json(Ok(json!({"state": "paused"})));
-        assert_eq!(v, json!({"ok": true, "state": "paused"}));
-        let v = to_json(Err("the VM is not running".into()));
-        assert_eq!(v, json!({"ok": false, "error": "the VM is not running"}));
-        assert_eq!(to_json(Ok(Value::Null)), json!({"ok": true}));
+        use crate::snapshot::SnapshotKind;
+        use crate::vmm::{ControlError, SnapshotTaken, Status, VmState};
+        let line = |r: Response| ApiResponse::from(r).to_string();
+        assert_eq!(
+            line(Ok(Reply::State {
+                state: VmState::Paused
+            })),
+            r#"{"ok":true,"state":"paused"}"#
+        );
+        assert_eq!(
+            line(Err(ControlError::NotRunning)),
+            r#"{"ok":false,"error":"the VM is not running"}"#
+        );
+        let status = Reply::Status(Status {
+            state: VmState::Running,
+            vcpus: 2,
+            memory_mib: 64,
+            boot_ms: None,
+        });
+        assert_eq!(
+            line(Ok(status)),
+            r#"{"ok":true,"state":"running","vcpus":2,"memory_mib":64,"boot_ms":null}"#
+        );
+        let taken = Reply::Snapshot(SnapshotTaken {
+            dir: "/s".into(),
+            kind: SnapshotKind::Diff,
+            memory_bytes_written: 4096,
+            ms: 1.5,
+            state: VmState::Paused,
+        });
+        assert_eq!(
+            line(Ok(taken)),
+            r#"{"ok":true,"dir":"/s","kind":"diff","memory_bytes_written":4096,"ms":1.5,"state":"paused"}"#
+        );
+        let outcome: Outcome = serde_json::from_str(&line(Err(ControlError::NoAnswer))).unwrap();
+        assert_eq!(
+            outcome,
+            Outcome {
+                ok: false,
+                error: Some("the VM ended before answering".into())
+            }
+        );
     }
 
     #[test]
     fn an_existing_path_is_refused_and_left_alone() {
-        let dir = std::env::temp_dir().join(format!("kiln-api-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("api-taken");
         let path = dir.join("taken");
         std::fs::write(&path, b"not a socket").unwrap();
         let (controller, _queue) = crate::vmm::control_channel().unwrap();
@@ -415,8 +481,7 @@ mod tests {
     #[test]
     fn the_socket_is_private_and_a_silent_client_is_dropped() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("kiln-api-unit3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("api-private");
         let path = dir.join("api.sock");
         let (controller, _queue) = crate::vmm::control_channel().unwrap();
         let server =
@@ -444,8 +509,7 @@ mod tests {
 
     #[test]
     fn the_socket_file_goes_with_the_server_and_bad_lines_get_errors() {
-        let dir = std::env::temp_dir().join(format!("kiln-api-unit2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("api-lines");
         let path = dir.join("api.sock");
         let (controller, queue) = crate::vmm::control_channel().unwrap();
         // No event loop: requests fail cleanly, bad lines are answered before that.
@@ -456,10 +520,12 @@ mod tests {
             .write_all(b"not json\n{\"cmd\":\"status\"}\n")
             .unwrap();
         let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
-        let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let first: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
         assert_eq!(first["ok"], false);
         assert!(first["error"].as_str().unwrap().contains("bad request"));
-        let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let second: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
         assert_eq!(second["ok"], false);
         assert!(
             second["error"].as_str().unwrap().contains("not running"),

@@ -246,8 +246,7 @@ mod tests {
 
     #[test]
     fn toml_paths_are_relative_to_the_file() {
-        let dir = std::env::temp_dir().join(format!("kiln-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("config");
         let file = dir.join("vm.toml");
         std::fs::write(
             &file,

@@ -98,8 +98,7 @@ mod tests {
 
     #[test]
     fn the_newest_complete_guest_build_is_taken() {
-        let root = std::env::temp_dir().join(format!("kiln-defaults-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = crate::test_util::scratch("defaults");
         for (name, complete) in [("guest-a", true), ("guest-b", true), ("guest-c", false)] {
             let dir = root.join(name);
             std::fs::create_dir_all(&dir).unwrap();

@@ -64,16 +64,14 @@ impl DiskConfig {
 }
 
 impl std::str::FromStr for DiskConfig {
-    type Err = String;
+    type Err = DiskError;
 
     /// `PATH[,ro][,rw][,root][,overlay=P][,serial=ID]`.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, DiskError> {
         let mut parts = s.split(',');
         let path = parts.next().unwrap_or_default();
         if path.is_empty() {
-            return Err(format!(
-                "--disk {s:?}: no image path (PATH[,ro][,rw][,root][,overlay=P][,serial=ID])"
-            ));
+            return Err(DiskError::NoPath(s.into()));
         }
         let mut d = DiskConfig::new(path);
         for opt in parts {
@@ -84,10 +82,10 @@ impl std::str::FromStr for DiskConfig {
                 Some(("overlay", p)) if !p.is_empty() => d.overlay = Some(PathBuf::from(p)),
                 Some(("serial", id)) => d.serial = Some(id.to_string()),
                 _ => {
-                    return Err(format!(
-                        "--disk {s:?}: unknown option {opt:?}; options are ro, rw, root, \
-                         overlay=PATH, serial=ID"
-                    ))
+                    return Err(DiskError::UnknownOption {
+                        spec: s.into(),
+                        option: opt.into(),
+                    })
                 }
             }
         }
@@ -98,6 +96,10 @@ impl std::str::FromStr for DiskConfig {
 /// A disk that cannot be attached, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
+    #[error("--disk {0:?}: no image path (PATH[,ro][,rw][,root][,overlay=P][,serial=ID])")]
+    NoPath(String),
+    #[error("--disk {spec:?}: unknown option {option:?}; options are ro, rw, root, overlay=PATH, serial=ID")]
+    UnknownOption { spec: String, option: String },
     #[error("cannot open disk image {path}: {source}")]
     Open {
         path: PathBuf,
@@ -293,13 +295,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("kiln-disk-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::test_util::scratch;
 
     #[test]
     fn parses_every_option() {
@@ -312,14 +308,14 @@ mod tests {
         assert!(d.root && !d.read_only);
         assert!("b.img,rw".parse::<DiskConfig>().unwrap().rw);
         let e = "b.img,bogus".parse::<DiskConfig>().unwrap_err();
-        assert!(e.contains("unknown option \"bogus\""), "{e}");
+        assert!(e.to_string().contains("unknown option \"bogus\""), "{e}");
         assert!(",ro".parse::<DiskConfig>().is_err());
         assert!("b,overlay=".parse::<DiskConfig>().is_err());
     }
 
     #[test]
     fn bad_images_are_refused_by_name() {
-        let dir = scratch("bad");
+        let dir = scratch("disk-bad");
         let err = |d: DiskConfig| validate(&[d]).unwrap_err().to_string();
         let missing = dir.join("missing.img");
         assert!(err(DiskConfig::new(&missing)).contains("No such file"));
@@ -356,7 +352,7 @@ mod tests {
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {
-        let dir = scratch("copy");
+        let dir = scratch("disk-copy");
         let src = dir.join("src");
         let f = File::create(&src).unwrap();
         f.set_len(8 << 20).unwrap();

@@ -23,5 +23,7 @@ pub mod registry;
 pub mod seccomp;
 pub mod slot;
 pub mod snapshot;
+#[cfg(test)]
+mod test_util;
 pub mod vmm;
 pub mod vstate;

@@ -27,13 +27,21 @@ pub const CONSOLE_MAX_ENV: &str = "KILN_CONSOLE_MAX_BYTES";
 /// The environment variable that sets the log file's cap in bytes (0: no cap).
 pub const LOG_MAX_ENV: &str = "KILN_LOG_MAX_BYTES";
 
+/// A cap variable that does not hold a size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}={value:?}: expected a size in bytes (0 for no cap)")]
+pub struct CapEnvError {
+    pub var: String,
+    pub value: String,
+}
+
 /// The cap from environment variable `var`, or `default`; `None` for no cap (0).
-pub fn cap_from_env(var: &str, default: u64) -> Result<Option<u64>, String> {
+pub fn cap_from_env(var: &str, default: u64) -> Result<Option<u64>, CapEnvError> {
     let cap = match std::env::var(var) {
-        Ok(v) => v
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| format!("{var}={v:?}: expected a size in bytes (0 for no cap)"))?,
+        Ok(v) => v.trim().parse::<u64>().map_err(|_| CapEnvError {
+            var: var.into(),
+            value: v,
+        })?,
         Err(_) => default,
     };
     Ok((cap > 0).then_some(cap))
@@ -166,17 +174,11 @@ fn capped_stderr(cap: u64) -> io::Result<Option<CappedFile>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-logcap-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
+    use crate::test_util::scratch;
 
     #[test]
     fn rotates_once_at_the_cap_and_keeps_the_newest() {
-        let dir = scratch("rotate");
+        let dir = scratch("logcap-rotate");
         let path = dir.join("console.log");
         let mut f = CappedFile::open(&path, 100).unwrap();
         for i in 0..50u8 {
@@ -200,7 +202,7 @@ mod tests {
 
     #[test]
     fn an_existing_file_counts_toward_the_cap() {
-        let dir = scratch("existing");
+        let dir = scratch("logcap-existing");
         let path = dir.join("log");
         std::fs::write(&path, [b'x'; 95]).unwrap();
         let mut f = CappedFile::open(&path, 100).unwrap();
@@ -212,7 +214,7 @@ mod tests {
 
     #[test]
     fn without_a_rotated_file_the_file_is_emptied_at_the_cap() {
-        let dir = scratch("norotate");
+        let dir = scratch("logcap-norotate");
         let path = dir.join("log");
         let file = std::fs::OpenOptions::new()
             .create(true)

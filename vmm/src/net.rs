@@ -33,8 +33,8 @@ pub struct NetConfig {
 }
 
 impl TryFrom<String> for NetConfig {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = NetArgError;
+    fn try_from(s: String) -> Result<Self, NetArgError> {
         s.parse()
     }
 }
@@ -67,10 +67,33 @@ impl std::fmt::Display for NetConfig {
 
 const FORMAT: &str = "tap=NAME[,mac=MAC][,ip=A.B.C.D/N][,gw=A.B.C.D][,dns=A.B.C.D]";
 
-impl std::str::FromStr for NetConfig {
-    type Err = String;
+/// Why a `--net` value (or a config file's `net`) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetArgError {
+    #[error("--net {spec:?}: {name:?} is not an interface name (1 to 15 bytes)")]
+    TapName { spec: String, name: String },
+    #[error("--net: {0}")]
+    Mac(#[from] kiln_devices::virtio::net::MacParseError),
+    #[error("--net: {0}")]
+    Ip(String),
+    #[error("--net {spec:?}: {what} {value:?} is not an IPv4 address")]
+    Address {
+        spec: String,
+        what: &'static str,
+        value: String,
+    },
+    #[error("--net {spec:?}: unknown option {option:?}; expected {FORMAT}")]
+    UnknownOption { spec: String, option: String },
+    #[error("--net {0:?}: no tap=NAME; expected {FORMAT}")]
+    NoTap(String),
+    #[error("--net {0:?}: gw= and dns= need ip=")]
+    NeedsIp(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for NetConfig {
+    type Err = NetArgError;
+
+    fn from_str(s: &str) -> Result<Self, NetArgError> {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
@@ -79,33 +102,38 @@ impl std::str::FromStr for NetConfig {
             dns: None,
         };
         for opt in s.split(',') {
-            let addr = |v: &str, what: &str| {
-                v.parse::<Ipv4Addr>()
-                    .map_err(|_| format!("--net {s:?}: {what} {v:?} is not an IPv4 address"))
+            let addr = |v: &str, what: &'static str| {
+                v.parse::<Ipv4Addr>().map_err(|_| NetArgError::Address {
+                    spec: s.into(),
+                    what,
+                    value: v.into(),
+                })
             };
             match opt.split_once('=') {
                 Some(("tap", v)) if kiln_agent::netif::valid_name(v) => net.tap = v.into(),
                 Some(("tap", v)) => {
-                    return Err(format!(
-                        "--net {s:?}: {v:?} is not an interface name (1 to 15 bytes)"
-                    ))
+                    return Err(NetArgError::TapName {
+                        spec: s.into(),
+                        name: v.into(),
+                    })
                 }
-                Some(("mac", v)) => net.mac = Some(v.parse().map_err(|e| format!("--net: {e}"))?),
-                Some(("ip", v)) => net.ip = Some(parse_cidr(v).map_err(|e| format!("--net: {e}"))?),
+                Some(("mac", v)) => net.mac = Some(v.parse()?),
+                Some(("ip", v)) => net.ip = Some(parse_cidr(v).map_err(NetArgError::Ip)?),
                 Some(("gw", v)) => net.gw = Some(addr(v, "gw")?),
                 Some(("dns", v)) => net.dns = Some(addr(v, "dns")?),
                 _ => {
-                    return Err(format!(
-                        "--net {s:?}: unknown option {opt:?}; expected {FORMAT}"
-                    ))
+                    return Err(NetArgError::UnknownOption {
+                        spec: s.into(),
+                        option: opt.into(),
+                    })
                 }
             }
         }
         if net.tap.is_empty() {
-            return Err(format!("--net {s:?}: no tap=NAME; expected {FORMAT}"));
+            return Err(NetArgError::NoTap(s.into()));
         }
         if net.ip.is_none() && (net.gw.is_some() || net.dns.is_some()) {
-            return Err(format!("--net {s:?}: gw= and dns= need ip="));
+            return Err(NetArgError::NeedsIp(s.into()));
         }
         Ok(net)
     }

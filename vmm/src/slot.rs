@@ -228,8 +228,7 @@ mod tests {
 
     #[test]
     fn a_root_without_cgroup2_is_a_clear_error() {
-        let dir = std::env::temp_dir().join(format!("kiln-slot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("slot");
         // A plain directory is not a cgroup2 mount.
         let e = Slot::enter_at(&dir, 1, SlotLimits::for_guest(16, 1))
             .unwrap_err()

@@ -1,32 +1,13 @@
 //! Bad input to `kiln run`: each gets a one-line error naming the problem and a non-zero
 //! exit, never a panic.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod util;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use util::{fails, kiln, scratch};
 
 /// Runs `kiln run ARGS`, asserts failure without a panic, returns the error line.
 fn run_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("run")
-        .args(args)
-        .output()
-        .expect("run kiln");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "kiln run {args:?} succeeded: {stderr}"
-    );
-    assert_ne!(out.status.code(), Some(101), "kiln panicked: {stderr}");
-    assert!(!stderr.contains("panicked"), "kiln panicked: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
-    errors[0].to_string()
+    fails(kiln().arg("run").args(args))
 }
 
 #[test]

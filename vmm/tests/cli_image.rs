@@ -1,22 +1,10 @@
 //! `--image` and the image store from the command line, directly (no VM boots): bad input
 //! gets one error line and a non-zero exit, never a panic.
 
-mod cli_image_util;
+mod util;
 
-use std::path::Path;
-
-use cli_image_util::*;
-
-/// A store image directory made by hand, its "filesystem" with or without the ext4 magic.
-fn fake_image(store: &Path, name: &str, ext4: bool) {
-    let dir = store.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut fs = vec![0u8; 64 << 10];
-    if ext4 {
-        fs[1080..1082].copy_from_slice(&[0x53, 0xef]);
-    }
-    std::fs::write(dir.join("rootfs.ext4"), fs).unwrap();
-}
+use util::image::*;
+use util::scratch;
 
 /// Runs `kiln run --kernel /dev/null --image IMAGE --store STORE`, which must fail with one
 /// error line; returns that line.

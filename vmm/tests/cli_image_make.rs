@@ -2,12 +2,13 @@
 //! before any work, an import makes, lists, replaces and removes an image, and a failed or
 //! interrupted one leaves nothing in the store.
 
-mod cli_image_util;
+mod util;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cli_image_util::*;
+use util::image::*;
+use util::{is_root, scratch};
 
 #[test]
 fn builders_refuse_a_bad_agent_before_any_work() {

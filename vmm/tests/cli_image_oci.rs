@@ -6,231 +6,39 @@
 //! Needs root (a pull keeps the layers' owners) and the `docker-registry`,
 //! `apache2-utils` and `e2fsprogs` packages (`cargo xtask setup` installs them).
 
-mod cli_image_util;
+mod util;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use base64::Engine;
-use cli_image_util::{is_root, scratch, store_entries, STATIC_ELF};
-use sha2::{Digest, Sha256};
+use kiln_tests::registry::{
+    sha256, Layer, Registry, DOCKER_GZIP, DOCKER_LIST, OCI_CONFIG, OCI_GZIP, OCI_MANIFEST, OCI_ZSTD,
+};
+use util::image::{debugfs, debugfs_cat, names_in, store_entries, STATIC_ELF};
+use util::{failed_cleanly, root_scratch};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const OCI_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
+/// A scratch directory `name` with a registry serving from it, taking only `login` when
+/// given one; `None` (and a note) unless root, which a pull needs.
+fn registry(name: &str, login: Option<(&str, &str)>) -> Option<(PathBuf, Registry)> {
+    let dir = root_scratch(name)?;
+    let registry = Registry::start_with_login(&dir, login).expect("a registry on loopback");
+    Some((dir, registry))
 }
 
-/// A `docker-registry` serving on a loopback port, stopped and removed when dropped.
-struct Registry {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-    /// `Authorization` header value for pushes, when the registry wants one.
-    auth: Option<String>,
+/// Pushes `layers` as `repo:tag`, an amd64 image with an OCI manifest and an empty config.
+fn push(registry: &Registry, repo: &str, layers: &[Layer<'_>]) {
+    let (repo, tag) = repo.split_once(':').unwrap();
+    registry
+        .image((repo, tag), false, "amd64", layers, serde_json::json!({}))
+        .unwrap();
 }
 
-impl Registry {
-    /// Starts one; with `user`, it takes only that user (password `password`).
-    fn start(dir: &Path, user: Option<(&str, &str)>) -> Registry {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("storage").display()
-        );
-        let mut auth = None;
-        if let Some((user, password)) = user {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", user, password])
-                .output()
-                .expect("htpasswd (apache2-utils)");
-            assert!(out.status.success(), "htpasswd failed");
-            std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
-            config += &format!(
-                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
-                dir.join("htpasswd").display()
-            );
-            let basic =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            auth = Some(format!("Basic {basic}"));
-        }
-        std::fs::write(dir.join("config.yml"), config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("registry.log")).unwrap())
-            .spawn()
-            .expect("start docker-registry (apt-get install docker-registry)");
-        let mut registry = Registry {
-            child,
-            dir: dir.to_owned(),
-            port,
-            auth,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = registry.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
-                panic!("docker-registry exited ({status}): {log}");
-            }
-            if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
-                drop(s);
-                let (code, _, _) = registry.http("GET", "/v2/", &[], b"");
-                if code == 200 || code == 401 {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        registry
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// One HTTP/1.1 request; returns status, headers and body.
-    fn http(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> (u16, String, Vec<u8>) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.host(),
-            body.len()
-        );
-        if let Some(auth) = &self.auth {
-            req += &format!("Authorization: {auth}\r\n");
-        }
-        for (k, v) in headers {
-            req += &format!("{k}: {v}\r\n");
-        }
-        req += "\r\n";
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).unwrap();
-        let split = resp
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("an HTTP response");
-        let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-        let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-        (code, head, resp[split + 4..].to_vec())
-    }
-
-    /// Uploads a blob (monolithically); returns its descriptor.
-    fn blob(&self, repo: &str, media_type: &str, data: &[u8]) -> serde_json::Value {
-        let digest = sha256(data);
-        let (code, head, body) = self.http("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], b"");
-        assert_eq!(code, 202, "{head} {}", String::from_utf8_lossy(&body));
-        let location = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Location: "))
-            .expect("Location")
-            .trim();
-        let path = location
-            .strip_prefix(&format!("http://{}", self.host()))
-            .unwrap_or(location);
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let (code, head, _) = self.http(
-            "PUT",
-            &format!("{path}{sep}digest={digest}"),
-            &[("Content-Type", "application/octet-stream")],
-            data,
-        );
-        assert_eq!(code, 201, "{head}");
-        serde_json::json!({"mediaType": media_type, "digest": digest, "size": data.len()})
-    }
-
-    /// Puts a manifest (or index) under `tag`; returns its descriptor.
-    fn manifest(
-        &self,
-        repo: &str,
-        tag: &str,
-        media_type: &str,
-        manifest: &serde_json::Value,
-    ) -> serde_json::Value {
-        let data = serde_json::to_vec(manifest).unwrap();
-        let (code, head, body) = self.http(
-            "PUT",
-            &format!("/v2/{repo}/manifests/{tag}"),
-            &[("Content-Type", media_type)],
-            &data,
-        );
-        assert_eq!(code, 201, "{head} {}", String::from_utf8_lossy(&body));
-        serde_json::json!({"mediaType": media_type, "digest": sha256(&data), "size": data.len()})
-    }
-
-    /// Pushes an image of `layers` (each `(media type, blob, uncompressed tar)`) with a
-    /// config carrying `config`; returns the manifest's descriptor.
-    fn image(
-        &self,
-        repo: &str,
-        tag: &str,
-        docker: bool,
-        arch: &str,
-        layers: &[(&str, Vec<u8>, Vec<u8>)],
-        config: serde_json::Value,
-    ) -> serde_json::Value {
-        let diff_ids: Vec<String> = layers.iter().map(|l| sha256(&l.2)).collect();
-        let config = serde_json::json!({
-            "architecture": arch, "os": "linux", "config": config,
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        });
-        let (manifest_type, config_type) = if docker {
-            (DOCKER_MANIFEST, DOCKER_CONFIG)
-        } else {
-            (OCI_MANIFEST, OCI_CONFIG)
-        };
-        let config = self.blob(repo, config_type, &serde_json::to_vec(&config).unwrap());
-        let layers: Vec<_> = layers
-            .iter()
-            .map(|(t, blob, _)| self.blob(repo, t, blob))
-            .collect();
-        let manifest = serde_json::json!({
-            "schemaVersion": 2, "mediaType": manifest_type, "config": config, "layers": layers,
-        });
-        self.manifest(repo, tag, manifest_type, &manifest)
-    }
-
-    /// The file the registry keeps blob `digest` in.
-    fn blob_file(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A gzip layer of `tar`.
+fn gzipped(tar: Vec<u8>) -> Layer<'static> {
+    Layer::new(OCI_GZIP, gzip(&tar), tar)
 }
 
 /// A tar stream of `entries`, each built by the closure on a builder.
@@ -290,11 +98,8 @@ fn zstd(data: &[u8]) -> Vec<u8> {
 
 /// Runs kiln with a credentials environment of the test's own (never the machine's).
 fn kiln(args: &[&str], docker_config: &Path, auth_env: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    cmd.args(args)
-        .env_remove("KILN_IMAGE_STORE")
-        .env_remove("KILN_AGENT")
-        .env_remove("DOCKER_AUTH_CONFIG")
+    let mut cmd = util::image::kiln_cmd(args);
+    cmd.env_remove("DOCKER_AUTH_CONFIG")
         .env("DOCKER_CONFIG", docker_config);
     if let Some(json) = auth_env {
         cmd.env("DOCKER_AUTH_CONFIG", json);
@@ -333,9 +138,7 @@ fn pulled(out: &Output) -> serde_json::Value {
 
 /// Asserts one error line, no panic, and returns the line.
 fn refused(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "the pull succeeded: {stderr}");
-    assert_ne!(out.status.code(), Some(101), "kiln panicked: {stderr}");
+    let stderr = failed_cleanly("the pull", out);
     let errors: Vec<&str> = stderr
         .lines()
         .filter(|l| l.starts_with("kiln: error"))
@@ -356,33 +159,8 @@ fn store_is_empty(store: &Path) {
     assert!(entries.is_empty(), "left in the store: {entries:?}");
 }
 
-/// What debugfs says (stdout and stderr) about `cmd` in `image`.
-fn debugfs(image: &Path, cmd: &str) -> String {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(cmd)
-        .arg(image)
-        .output()
-        .expect("debugfs (e2fsprogs)");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn names_in(image: &Path, dir: &str) -> Vec<String> {
-    let mut names: Vec<String> = debugfs(image, &format!("ls -p {dir}"))
-        .lines()
-        .filter_map(|l| l.split('/').nth(5).map(str::to_string))
-        .filter(|n| !n.is_empty() && n != "." && n != "..")
-        .collect();
-    names.sort();
-    names
-}
-
 /// A base layer (gzip) and an upper one (zstd) that deletes, hides and replaces.
-fn two_layers() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+fn two_layers() -> Vec<Layer<'static>> {
     let base = tar(|b| {
         add_dir(b, "etc");
         file(b, "etc/hostname", b"base\n");
@@ -418,25 +196,21 @@ fn two_layers() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
         file(b, "opq/new", b"new\n");
         file(b, "etc/hostname", b"upper\n");
     });
-    vec![
-        (OCI_GZIP, gzip(&base), base),
-        (OCI_ZSTD, zstd(&upper), upper),
-    ]
+    vec![gzipped(base), Layer::new(OCI_ZSTD, zstd(&upper), upper)]
 }
 
 #[test]
 fn image_pull_by_tag_and_by_digest_applies_layers_in_order() {
-    if !is_root() {
-        eprintln!("skipped: kiln image pull needs root");
+    let Some((dir, registry)) = registry("oci-pull", None) else {
         return;
-    }
-    let dir = scratch("oci-pull");
-    let registry = Registry::start(&dir, None);
+    };
     let host = registry.host();
     let config = serde_json::json!({
         "Env": ["PATH=/usr/bin:/bin", "KILN_TEST=1"], "WorkingDir": "/work", "User": "1000",
     });
-    let manifest = registry.image("ci/tool", "v1", false, "amd64", &two_layers(), config);
+    let manifest = registry
+        .image(("ci/tool", "v1"), false, "amd64", &two_layers(), config)
+        .unwrap();
     let digest = manifest["digest"].as_str().unwrap().to_string();
     let store = dir.join("store");
     let s = store.to_str().unwrap();
@@ -460,12 +234,9 @@ fn image_pull_by_tag_and_by_digest_applies_layers_in_order() {
     );
 
     let image = store.join("tool/rootfs.ext4");
+    assert_eq!(debugfs_cat(&image, "/etc/hostname"), b"upper\n");
     assert_eq!(
-        cli_image_util::debugfs_cat(&image, "/etc/hostname"),
-        b"upper\n"
-    );
-    assert_eq!(
-        cli_image_util::debugfs_cat(&image, "/etc/hostname-link"),
+        debugfs_cat(&image, "/etc/hostname-link"),
         b"base\n",
         "the hard link to the lower file keeps the lower content"
     );
@@ -503,7 +274,7 @@ fn image_pull_by_tag_and_by_digest_applies_layers_in_order() {
 
     // The layers are gone from the registry: what follows can only come from the store.
     for layer in two_layers() {
-        std::fs::remove_file(registry.blob_file(&sha256(&layer.1))).unwrap();
+        std::fs::remove_file(registry.blob_file(&sha256(&layer.blob))).unwrap();
     }
     let by_digest = format!("{host}/ci/tool@{digest}");
     let json = pulled(&kiln(
@@ -539,12 +310,9 @@ fn image_pull_by_tag_and_by_digest_applies_layers_in_order() {
 
 #[test]
 fn image_pull_takes_the_platform_asked_for_from_an_index() {
-    if !is_root() {
-        eprintln!("skipped: kiln image pull needs root");
+    let Some((dir, registry)) = registry("oci-index", None) else {
         return;
-    }
-    let dir = scratch("oci-index");
-    let registry = Registry::start(&dir, None);
+    };
     let host = registry.host();
     let mut entries = Vec::new();
     for arch in ["arm64", "amd64"] {
@@ -552,28 +320,32 @@ fn image_pull_takes_the_platform_asked_for_from_an_index() {
             add_dir(b, "etc");
             file(b, "etc/arch", arch.as_bytes());
         });
-        let layers = [(DOCKER_GZIP, gzip(&layer), layer)];
-        let mut desc = registry.image("multi", arch, true, arch, &layers, serde_json::json!({}));
+        let layers = [Layer::new(DOCKER_GZIP, gzip(&layer), layer)];
+        let mut desc = registry
+            .image(("multi", arch), true, arch, &layers, serde_json::json!({}))
+            .unwrap();
         desc["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
         entries.push(desc);
     }
     let index =
         serde_json::json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries});
-    registry.manifest("multi", "latest", DOCKER_LIST, &index);
+    registry
+        .manifest("multi", "latest", DOCKER_LIST, &index)
+        .unwrap();
     let store = dir.join("store");
     let s = store.to_str().unwrap();
     let reference = format!("{host}/multi:latest");
     let json = pulled(&kiln(&pull_args(&host, s, &reference, "m"), &dir, None));
     assert_eq!(json["digest"], entries[1]["digest"], "{json}");
     assert_eq!(
-        cli_image_util::debugfs_cat(&store.join("m/rootfs.ext4"), "/etc/arch"),
+        debugfs_cat(&store.join("m/rootfs.ext4"), "/etc/arch"),
         b"amd64"
     );
     let mut args = pull_args(&host, s, &reference, "m-arm");
     args.extend(["--platform", "linux/arm64"]);
     pulled(&kiln(&args, &dir, None));
     assert_eq!(
-        cli_image_util::debugfs_cat(&store.join("m-arm/rootfs.ext4"), "/etc/arch"),
+        debugfs_cat(&store.join("m-arm/rootfs.ext4"), "/etc/arch"),
         b"arm64"
     );
     let mut args = pull_args(&host, s, &reference, "m-s390");
@@ -586,22 +358,12 @@ fn image_pull_takes_the_platform_asked_for_from_an_index() {
 
 #[test]
 fn image_pull_uses_credentials_and_says_when_they_are_wrong() {
-    if !is_root() {
-        eprintln!("skipped: kiln image pull needs root");
+    let Some((dir, registry)) = registry("oci-auth", Some(("ci", "s3cret"))) else {
         return;
-    }
-    let dir = scratch("oci-auth");
-    let registry = Registry::start(&dir, Some(("ci", "s3cret")));
+    };
     let host = registry.host();
     let layer = tar(|b| file(b, "hello", b"hi\n"));
-    registry.image(
-        "private/app",
-        "1",
-        false,
-        "amd64",
-        &[(OCI_GZIP, gzip(&layer), layer)],
-        serde_json::json!({}),
-    );
+    push(&registry, "private/app:1", &[gzipped(layer)]);
     let store = dir.join("store");
     let s = store.to_str().unwrap();
     let reference = format!("{host}/private/app:1");
@@ -633,7 +395,7 @@ fn image_pull_uses_credentials_and_says_when_they_are_wrong() {
     .unwrap();
     pulled(&kiln(&args, &docker_config, None));
     assert_eq!(
-        cli_image_util::debugfs_cat(&store.join("app/rootfs.ext4"), "/hello"),
+        debugfs_cat(&store.join("app/rootfs.ext4"), "/hello"),
         b"hi\n"
     );
     drop(registry);
@@ -712,25 +474,15 @@ fn token_front(upstream: u16, user: Option<(&'static str, &'static str)>) -> u16
 
 #[test]
 fn image_pull_takes_a_bearer_token_anonymously_or_for_credentials() {
-    if !is_root() {
-        eprintln!("skipped: kiln image pull needs root");
+    let Some((dir, registry)) = registry("oci-token", None) else {
         return;
-    }
-    let dir = scratch("oci-token");
-    let registry = Registry::start(&dir, None);
+    };
     let layer = tar(|b| file(b, "hello", b"token\n"));
-    registry.image(
-        "app",
-        "1",
-        false,
-        "amd64",
-        &[(OCI_GZIP, gzip(&layer), layer)],
-        serde_json::json!({}),
-    );
+    push(&registry, "app:1", &[gzipped(layer)]);
     let store = dir.join("store");
     let s = store.to_str().unwrap();
 
-    let anonymous = format!("127.0.0.1:{}", token_front(registry.port, None));
+    let anonymous = format!("127.0.0.1:{}", token_front(registry.port(), None));
     let reference = format!("{anonymous}/app:1");
     pulled(&kiln(
         &pull_args(&anonymous, s, &reference, "anon"),
@@ -738,13 +490,13 @@ fn image_pull_takes_a_bearer_token_anonymously_or_for_credentials() {
         None,
     ));
     assert_eq!(
-        cli_image_util::debugfs_cat(&store.join("anon/rootfs.ext4"), "/hello"),
+        debugfs_cat(&store.join("anon/rootfs.ext4"), "/hello"),
         b"token\n"
     );
 
     let private = format!(
         "127.0.0.1:{}",
-        token_front(registry.port, Some(("ci", "t0ken")))
+        token_front(registry.port(), Some(("ci", "t0ken")))
     );
     let reference = format!("{private}/app:1");
     let args = pull_args(&private, s, &reference, "private");
@@ -760,7 +512,7 @@ fn image_pull_takes_a_bearer_token_anonymously_or_for_credentials() {
     assert!(!store.join("private").exists());
     pulled(&kiln(&args, &dir, Some(&creds("t0ken"))));
     assert_eq!(
-        cli_image_util::debugfs_cat(&store.join("private/rootfs.ext4"), "/hello"),
+        debugfs_cat(&store.join("private/rootfs.ext4"), "/hello"),
         b"token\n"
     );
     drop(registry);
@@ -769,12 +521,9 @@ fn image_pull_takes_a_bearer_token_anonymously_or_for_credentials() {
 
 #[test]
 fn image_pull_refuses_bad_input_and_leaves_nothing() {
-    if !is_root() {
-        eprintln!("skipped: kiln image pull needs root");
+    let Some((dir, registry)) = registry("oci-bad", None) else {
         return;
-    }
-    let dir = scratch("oci-bad");
-    let registry = Registry::start(&dir, None);
+    };
     let host = registry.host();
     let store = dir.join("store");
     let s = store.to_str().unwrap();
@@ -784,14 +533,7 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
     };
 
     let layer = tar(|b| file(b, "a", b"a"));
-    registry.image(
-        "ok",
-        "1",
-        false,
-        "amd64",
-        &[(OCI_GZIP, gzip(&layer), layer)],
-        serde_json::json!({}),
-    );
+    push(&registry, "ok:1", &[gzipped(layer)]);
     let line = pull("ok:nope");
     assert!(
         line.contains("ok:nope") && line.to_lowercase().contains("unknown"),
@@ -820,14 +562,7 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
     let layer = tar(|b| file(b, "big", &big));
     let cut = gzip(&layer);
     let cut = cut[..cut.len() / 2].to_vec();
-    registry.image(
-        "cut",
-        "1",
-        false,
-        "amd64",
-        &[(OCI_GZIP, cut, layer)],
-        serde_json::json!({}),
-    );
+    push(&registry, "cut:1", &[Layer::new(OCI_GZIP, cut, layer)]);
     let line = pull("cut:1");
     assert!(line.contains("truncated or corrupt"), "{line}");
     store_is_empty(&store);
@@ -836,13 +571,10 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
     let layer = tar(|b| file(b, "x", b"original"));
     let blob = gzip(&layer);
     let digest = sha256(&blob);
-    registry.image(
-        "changed",
-        "1",
-        false,
-        "amd64",
-        &[(OCI_GZIP, blob.clone(), layer)],
-        serde_json::json!({}),
+    push(
+        &registry,
+        "changed:1",
+        &[Layer::new(OCI_GZIP, blob.clone(), layer)],
     );
     let mut altered = blob;
     let last = altered.len() - 9;
@@ -879,14 +611,7 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
     ];
     for (i, layer) in escapes.into_iter().enumerate() {
         let repo = format!("escape{i}");
-        registry.image(
-            &repo,
-            "1",
-            false,
-            "amd64",
-            &[(OCI_GZIP, gzip(&layer), layer)],
-            serde_json::json!({}),
-        );
+        push(&registry, &format!("{repo}:1"), &[gzipped(layer)]);
         let line = pull(&format!("{repo}:1"));
         assert!(line.contains("must not write outside"), "{line}");
         store_is_empty(&store);
@@ -897,16 +622,10 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
         b.append_link(&mut h, "etc", "/etc").unwrap();
     });
     let upper = tar(|b| file(b, "etc/passwd", b"escaped\n"));
-    registry.image(
-        "escape-across",
-        "1",
-        false,
-        "amd64",
-        &[
-            (OCI_GZIP, gzip(&lower), lower),
-            (OCI_GZIP, gzip(&upper), upper),
-        ],
-        serde_json::json!({}),
+    push(
+        &registry,
+        "escape-across:1",
+        &[gzipped(lower), gzipped(upper)],
     );
     let line = pull("escape-across:1");
     assert!(line.contains("must not write outside"), "{line}");
@@ -926,11 +645,9 @@ fn image_pull_refuses_bad_input_and_leaves_nothing() {
 
 #[test]
 fn image_import_takes_docker_save_archives_and_oci_layouts() {
-    if !is_root() {
-        eprintln!("skipped: kiln image import needs root");
+    let Some(dir) = root_scratch("oci-archive") else {
         return;
-    }
-    let dir = scratch("oci-archive");
+    };
     let store = dir.join("store");
     let s = store.to_str().unwrap();
     let layers = two_layers();
@@ -955,10 +672,7 @@ fn image_import_takes_docker_save_archives_and_oci_layouts() {
     };
     let check = |name: &str| {
         let image = store.join(name).join("rootfs.ext4");
-        assert_eq!(
-            cli_image_util::debugfs_cat(&image, "/etc/hostname"),
-            b"upper\n"
-        );
+        assert_eq!(debugfs_cat(&image, "/etc/hostname"), b"upper\n");
         assert_eq!(names_in(&image, "/opq"), ["new"], "the opaque directory");
         assert!(!names_in(&image, "/").contains(&"gone.txt".to_string()));
     };
@@ -968,9 +682,9 @@ fn image_import_takes_docker_save_archives_and_oci_layouts() {
     let archive = tar(|b| {
         file(b, "cfg.json", &config);
         add_dir(b, "l1");
-        file(b, "l1/layer.tar", &layers[0].2);
+        file(b, "l1/layer.tar", &layers[0].tar);
         add_dir(b, "l2");
-        file(b, "l2/layer.tar", &layers[1].1); // compressed layers are fine too
+        file(b, "l2/layer.tar", &layers[1].blob); // compressed layers are fine too
         let manifest = serde_json::json!([{
             "Config": "cfg.json", "RepoTags": ["t:1"], "Layers": ["l1/layer.tar", "l2/layer.tar"],
         }]);
@@ -992,7 +706,7 @@ fn image_import_takes_docker_save_archives_and_oci_layouts() {
     };
     let manifest = serde_json::json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": put(OCI_CONFIG, &config),
-        "layers": [put(OCI_GZIP, &layers[0].1), put(OCI_ZSTD, &layers[1].1)],
+        "layers": [put(OCI_GZIP, &layers[0].blob), put(OCI_ZSTD, &layers[1].blob)],
     });
     let mut desc = put(OCI_MANIFEST, &serde_json::to_vec(&manifest).unwrap());
     desc["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
@@ -1011,7 +725,7 @@ fn image_import_takes_docker_save_archives_and_oci_layouts() {
     check("layout");
 
     // A layout blob that does not match its digest is refused, and nothing is kept.
-    let layer = blobs.join(&sha256(&layers[1].1)[7..]);
+    let layer = blobs.join(&sha256(&layers[1].blob)[7..]);
     let mut data = std::fs::read(&layer).unwrap();
     data[20] ^= 0xff;
     std::fs::write(&layer, data).unwrap();

@@ -4,16 +4,17 @@
 //! machine's /dev/kvm), and store images brought in with `--image`. The jailed VMM's
 //! lifecycle (signals, a killed jail, snapshots across jails) is in `cli_jail_lifecycle`.
 
-mod cli_jail_util;
+mod util;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use cli_jail_util::*;
+use util::jail::*;
+use util::*;
 
 #[test]
 fn jail_refuses_without_root() {
-    let base = tmp("noroot");
+    let base = scratch("noroot");
     let inner = ["run", "--kernel", "k"];
     let out = if is_root() {
         // Run it as nobody, from a copy that nobody can reach wherever the checkout is.
@@ -33,11 +34,9 @@ fn jail_refuses_without_root() {
 
 #[test]
 fn jail_reports_bad_input_in_one_line() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(base) = root_scratch("errors") else {
         return;
-    }
-    let base = tmp("errors");
+    };
     // A missing --file.
     let missing = base.join("no-such-kernel");
     let out = kiln_jail(&base, "j", &["--file", missing.to_str().unwrap()], &["run"])
@@ -83,22 +82,15 @@ fn jail_reports_bad_input_in_one_line() {
 
 #[test]
 fn jail_runs_the_tiny_kernel_unprivileged_and_cleans_up() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("run") else {
         return;
-    }
-    let dir = tmp("run");
-    let kernel = dir.join("tiny.elf");
-    std::fs::write(
-        &kernel,
-        kiln_tests::tiny_kernel::build("hello from the jail\n"),
-    )
-    .unwrap();
+    };
+    let kernel = tiny_kernel(&dir, "hello from the jail\n");
     let base = dir.join("base");
     // A stale jail directory (its owner is gone) is replaced.
     std::fs::create_dir_all(base.join("t1/root")).unwrap();
     std::fs::write(base.join("t1/jail.pid"), "999999999\n").unwrap();
-    let out = kiln_jail(
+    let out = run_ok(&mut kiln_jail(
         &base,
         "t1",
         &[
@@ -112,12 +104,9 @@ fn jail_runs_the_tiny_kernel_unprivileged_and_cleans_up() {
         &[
             "run", "--kernel", "tiny.elf", "--memory", "64", "--json", "--api", "api.sock",
         ],
-    )
-    .output()
-    .unwrap();
+    ));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.starts_with("hello from the jail\n"), "{stdout}");
     assert!(stdout.contains("\"result\":\"reset\""), "{stdout}");
     assert!(stderr.contains("kiln jail: t1 runs as pid"), "{stderr}");
@@ -140,22 +129,16 @@ fn jail_runs_the_tiny_kernel_unprivileged_and_cleans_up() {
 #[test]
 fn jail_brings_in_a_store_image_for_image() {
     use std::os::unix::fs::MetadataExt;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("image") else {
         return;
-    }
-    let dir = tmp("image");
-    let kernel = dir.join("tiny.elf");
-    std::fs::write(&kernel, kiln_tests::tiny_kernel::build("hello image\n")).unwrap();
+    };
+    let kernel = tiny_kernel(&dir, "hello image\n");
     // A store image made by hand: a small file with the ext4 superblock magic.
     let store = dir.join("store");
-    std::fs::create_dir_all(store.join("tiny")).unwrap();
-    let mut rootfs = vec![0u8; 64 << 10];
-    rootfs[1080..1082].copy_from_slice(&[0x53, 0xef]);
-    std::fs::write(store.join("tiny/rootfs.ext4"), &rootfs).unwrap();
+    let rootfs = util::image::fake_image(&store, "tiny", true);
     let base = dir.join("base");
     let store_arg = store.to_str().unwrap();
-    let out = kiln_jail(
+    let out = run_ok(&mut kiln_jail(
         &base,
         "img1",
         &[
@@ -170,12 +153,8 @@ fn jail_brings_in_a_store_image_for_image() {
         &[
             "run", "--kernel", "tiny.elf", "--image", "tiny", "--memory", "64", "--json",
         ],
-    )
-    .output()
-    .unwrap();
+    ));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.starts_with("hello image\n"), "{stdout}");
     let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
     assert_eq!(

@@ -2,26 +2,24 @@
 //! and SIGTERM (early or not), a killed `kiln jail`, and a snapshot taken in one jail
 //! restored in another.
 
-mod cli_jail_util;
+mod util;
 
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
-use cli_jail_util::*;
+use util::jail::*;
+use util::vm::{ctl_ok, wait_answering};
+use util::*;
 
 /// The jailed VMM seen from the host's /proc while a spinning guest runs: the ids, no
 /// capabilities, its own namespaces and root; then SIGTERM to `kiln jail` reaches it.
 #[test]
 fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
-    use kiln_tests::tiny_kernel::{build_with, End};
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("proc") else {
         return;
-    }
-    let dir = tmp("proc");
-    let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    };
+    let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
     // A file the jail's uid owns and may write is copied, not linked.
     let mine = dir.join("mine.bin");
@@ -48,27 +46,15 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut pid = None;
-    let mut seen = String::new();
-    let mut line = String::new();
-    while pid.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
-        if let Some(rest) = line.split("runs as pid ").nth(1) {
-            pid = rest.split_whitespace().next().map(str::to_owned);
-        }
-        seen.push_str(&line);
-        line.clear();
-    }
-    let pid = pid.unwrap_or_else(|| panic!("no pid line: {seen}"));
+    let (words, seen, mut stderr) = pid_line(&mut child);
+    let pid = &words[0];
     let drain = std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
         rest
     });
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    assert_eq!(first, "spinning now\n");
+    assert_eq!(next_line(&mut stdout), util::vm::MESSAGE);
 
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     // kiln installs its seccomp filters once the VM runs: give it a moment.
@@ -83,13 +69,7 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
-            .unwrap_or_default()
-    };
+    let field = |name: &str| status_field(&status, name);
     assert_eq!(field("Uid"), "4321 4321 4321 4321", "{status}");
     assert_eq!(field("Gid"), "4322 4322 4322 4322", "{status}");
     assert_eq!(field("Groups"), "", "{status}");
@@ -145,8 +125,7 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
     let cwd = std::fs::read_link(proc_dir.join("cwd")).unwrap();
     assert_eq!(cwd, Path::new("/"));
 
-    // SAFETY: kill takes no pointers; the pid is our child's.
-    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     let status = child.wait().unwrap();
     let rest = drain.join().unwrap();
     assert_eq!(status.code(), Some(143), "{seen}{rest}");
@@ -158,17 +137,12 @@ fn jail_vmm_is_unprivileged_in_its_own_namespaces_and_stops_on_sigterm() {
 /// in another jail, under another uid, given as a `--file` directory.
 #[test]
 fn jail_snapshot_taken_in_one_jail_restores_in_another() {
-    use kiln_tests::tiny_kernel::{build_with, End};
-    use std::process::Stdio;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("snap") else {
         return;
-    }
-    let dir = tmp("snap");
-    let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    };
+    let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
-    let a = kiln_jail(
+    let mut a = kiln_jail(
         &base,
         "a",
         &[
@@ -189,18 +163,15 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
     .spawn()
     .unwrap();
     let api_a = base.join("a/root/api.sock");
-    assert!(answers(&api_a), "jail a's API never answered");
-    let out = ctl(&api_a, &["snapshot", "--dir", "/snap"]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        wait_answering(&api_a, &mut a),
+        "jail a's API never answered"
     );
+    ctl_ok(&api_a, &["snapshot", "--dir", "/snap"]);
     // The VMM wrote it into its root; take it out before jail a goes.
     let snap = dir.join("snap");
     std::fs::rename(base.join("a/root/snap"), &snap).unwrap();
-    // SAFETY: kill takes no pointers; the pid is our child's.
-    unsafe { libc::kill(i32::try_from(a.id()).unwrap(), libc::SIGTERM) };
+    signal(&a, libc::SIGTERM);
     let out = a.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
@@ -209,7 +180,7 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let b = kiln_jail(
+    let mut b = kiln_jail(
         &base,
         "b",
         &[
@@ -235,9 +206,8 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
     .spawn()
     .unwrap();
     let api_b = base.join("b/root/api.sock");
-    let up = answers(&api_b);
-    // SAFETY: as above.
-    unsafe { libc::kill(i32::try_from(b.id()).unwrap(), libc::SIGTERM) };
+    let up = wait_answering(&api_b, &mut b);
+    signal(&b, libc::SIGTERM);
     let out = b.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(up, "the restored VM never answered: {stderr}");
@@ -251,16 +221,10 @@ fn jail_snapshot_taken_in_one_jail_restores_in_another() {
 /// leaves is stale, and the next jail of that ID replaces it.
 #[test]
 fn jail_killed_outer_takes_the_vmm_along_and_its_id_is_reusable() {
-    use kiln_tests::tiny_kernel::{build_with, End};
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("pdeath") else {
         return;
-    }
-    let dir = tmp("pdeath");
-    let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    };
+    let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
     let start = || {
         kiln_jail(
@@ -275,23 +239,10 @@ fn jail_killed_outer_takes_the_vmm_along_and_its_id_is_reusable() {
         .unwrap()
     };
     let mut outer = start();
-    let mut stderr = BufReader::new(outer.stderr.take().unwrap());
-    let mut line = String::new();
-    let mut pid = None;
-    while pid.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
-        pid = line
-            .split("runs as pid ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .map(str::to_owned);
-        line.clear();
-    }
-    let pid = pid.expect("no pid line");
-    let mut first = String::new();
-    BufReader::new(outer.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert_eq!(first, "spinning now\n");
+    let (words, _, _stderr) = pid_line(&mut outer);
+    let pid = &words[0];
+    let mut stdout = BufReader::new(outer.stdout.take().unwrap());
+    assert_eq!(next_line(&mut stdout), util::vm::MESSAGE);
     outer.kill().unwrap();
     outer.wait().unwrap();
     let vmm = PathBuf::from(format!("/proc/{pid}"));
@@ -313,13 +264,9 @@ fn jail_killed_outer_takes_the_vmm_along_and_its_id_is_reusable() {
         "SIGKILL leaves the directory"
     );
     let mut again = start();
-    let mut first = String::new();
-    BufReader::new(again.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert_eq!(first, "spinning now\n");
-    // SAFETY: kill takes no pointers; the pid is our child's.
-    unsafe { libc::kill(i32::try_from(again.id()).unwrap(), libc::SIGTERM) };
+    let mut stdout = BufReader::new(again.stdout.take().unwrap());
+    assert_eq!(next_line(&mut stdout), util::vm::MESSAGE);
+    signal(&again, libc::SIGTERM);
     let out = again.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("removing the stale"), "{stderr}");
@@ -332,16 +279,10 @@ fn jail_killed_outer_takes_the_vmm_along_and_its_id_is_reusable() {
 /// of a namespace drops unhandled signals): kiln jail holds it until they exist.
 #[test]
 fn jail_early_sigterm_still_stops_the_vm() {
-    use kiln_tests::tiny_kernel::{build_with, End};
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("early") else {
         return;
-    }
-    let dir = tmp("early");
-    let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
+    };
+    let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
     for round in 0..3 {
         let mut outer = kiln_jail(
@@ -356,11 +297,8 @@ fn jail_early_sigterm_still_stops_the_vm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-        let mut stderr = BufReader::new(outer.stderr.take().unwrap());
-        let mut seen = String::new();
-        while !seen.contains("runs as pid") && stderr.read_line(&mut seen).unwrap() > 0 {}
-        // SAFETY: kill takes no pointers; the pid is our child's.
-        unsafe { libc::kill(i32::try_from(outer.id()).unwrap(), libc::SIGTERM) };
+        let (_, seen, mut stderr) = pid_line(&mut outer);
+        signal(&outer, libc::SIGTERM);
         let status = outer.wait().unwrap();
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();

@@ -1,14 +1,14 @@
 //! Each jail runs as a uid of its own, taken from `--uid-range` and held while the jail
 //! lives; and the jail root is handed to that uid only once it is complete.
 
-mod cli_jail_util;
+mod util;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Child, Stdio};
 
-use cli_jail_util::*;
+use util::jail::*;
+use util::*;
 
 /// A jailed spinning VM: the `kiln jail` child, and the uid and gid its pid line names.
 struct Spinning {
@@ -29,47 +29,25 @@ fn spin(base: &Path, kernel: &Path, id: &str, range: &str) -> Spinning {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let mut seen = String::new();
-    while stderr.read_line(&mut line).unwrap() > 0 {
-        // "kiln jail: ID runs as pid P (uid U, gid G) with the root R"
-        if let Some(rest) = line.split("runs as pid ").nth(1) {
-            let words: Vec<&str> = rest
-                .split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')')
-                .filter(|w| !w.is_empty())
-                .collect();
-            let (pid, uid, gid) = (words[0], words[2], words[4]);
-            // Keep reading stderr so that kiln never blocks on it.
-            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-            return Spinning {
-                child,
-                uid: uid.parse().unwrap(),
-                gid: gid.parse().unwrap(),
-                pid: pid.to_string(),
-            };
-        }
-        seen.push_str(&line);
-        line.clear();
+    let (words, _, mut stderr) = pid_line(&mut child);
+    // Keep reading stderr so that kiln never blocks on it.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Spinning {
+        child,
+        uid: words[2].parse().unwrap(),
+        gid: words[4].parse().unwrap(),
+        pid: words[0].clone(),
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("{id}: no pid line: {seen}");
 }
 
 impl Spinning {
     fn proc_ids(&self, field: &str) -> String {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
-            .unwrap_or_default()
+        status_field(&status, field)
     }
 
     fn stop(mut self) {
-        // SAFETY: kill on our unreaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        signal(&self.child, libc::SIGTERM);
         let status = self.child.wait().unwrap();
         assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
     }
@@ -77,14 +55,10 @@ impl Spinning {
 
 #[test]
 fn jail_each_jail_runs_as_a_uid_of_its_own_from_the_range() {
-    use kiln_tests::tiny_kernel::{build_with, End};
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("uids") else {
         return;
-    }
-    let dir = tmp("uids");
-    let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, build_with("spinning\n", End::Spin)).unwrap();
+    };
+    let kernel = util::vm::spin_kernel(&dir);
     let base = dir.join("base");
 
     let a = spin(&base, &kernel, "a", "4400:2");
@@ -139,14 +113,10 @@ fn jail_each_jail_runs_as_a_uid_of_its_own_from_the_range() {
 /// source's set-uid bit; a readable one stays root's (a hard link or a copy).
 #[test]
 fn jail_root_is_handed_over_complete_and_copies_carry_no_set_id_bits() {
-    use kiln_tests::tiny_kernel::build;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    let Some(dir) = root_scratch("handover") else {
         return;
-    }
-    let dir = tmp("handover");
-    let kernel = dir.join("tiny.elf");
-    std::fs::write(&kernel, build("hello\n")).unwrap();
+    };
+    let kernel = tiny_kernel(&dir, "hello\n");
     let data = dir.join("data");
     std::fs::create_dir_all(data.join("sub")).unwrap();
     let secret = data.join("sub/secret");
@@ -155,7 +125,7 @@ fn jail_root_is_handed_over_complete_and_copies_carry_no_set_id_bits() {
     std::fs::write(data.join("open"), "o").unwrap();
     std::fs::set_permissions(data.join("open"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let base = dir.join("base");
-    let out = kiln_jail(
+    run_ok(&mut kiln_jail(
         &base,
         "h",
         &[
@@ -170,14 +140,7 @@ fn jail_root_is_handed_over_complete_and_copies_carry_no_set_id_bits() {
             data.to_str().unwrap(),
         ],
         &["run", "--kernel", "tiny.elf", "--memory", "32"],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let root = base.join("h/root");
     let owner = |p: &Path| {
         let m = std::fs::symlink_metadata(p).unwrap();

@@ -1,32 +1,25 @@
 //! Bad `--net` input to `kiln run` and `kiln net`: one clear error line and a non-zero exit,
 //! never a panic, and nothing created on the host.
 
-use std::process::Command;
+mod util;
 
-mod netns;
+use util::{fails, is_root, kiln, netns, scratch};
 
 /// Runs `kiln ARGS`, asserts failure without a panic, returns the error line.
 fn kiln_fails(args: &[&str]) -> String {
-    fails(Command::new(env!("CARGO_BIN_EXE_kiln")).args(args), args)
-}
-
-/// Runs `cmd`, asserts failure without a panic, returns the error line.
-fn fails(cmd: &mut Command, args: &[&str]) -> String {
-    let out = cmd.output().expect("run kiln");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "kiln {args:?} succeeded: {stderr}");
-    assert_ne!(out.status.code(), Some(101), "kiln panicked: {stderr}");
-    assert!(!stderr.contains("panicked"), "kiln panicked: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
-    errors[0].to_string()
+    fails(kiln().args(args))
 }
 
 /// A readable file to pass as the kernel: the TAP is checked before the kernel is loaded.
 fn kernel() -> String {
-    let path = std::env::temp_dir().join(format!("kiln-cli-net-{}", std::process::id()));
-    std::fs::write(&path, vec![0u8; 4096]).unwrap();
-    path.to_str().unwrap().to_string()
+    static KERNEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let path = scratch("kernel").join("kernel");
+            std::fs::write(&path, vec![0u8; 4096]).unwrap();
+            path.to_str().unwrap().to_string()
+        })
+        .clone()
 }
 
 #[test]
@@ -81,7 +74,7 @@ fn net_setup_refuses_a_bad_address_before_creating_anything() {
 fn net_setup_allow_needs_nat_and_a_network() {
     let name = format!("kw{}", std::process::id());
     let base = ["net", "setup", "--tap", &name, "--host-ip", "10.0.0.1/24"];
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let out = kiln()
         .args([&base[..], &["--allow", "10.9.0.0/16"]].concat())
         .output()
         .unwrap();
@@ -91,8 +84,7 @@ fn net_setup_allow_needs_nat_and_a_network() {
         stderr.contains("required") && stderr.contains("--nat"),
         "{stderr}"
     );
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         let line = kiln_fails(&[&base[..], &["--nat", "--allow", "10.9.0.0"]].concat());
         assert!(
             line.contains("--allow") && line.contains("prefix length"),
@@ -105,8 +97,7 @@ fn net_setup_allow_needs_nat_and_a_network() {
 #[test]
 fn net_setup_refuses_a_user_who_is_not_root() {
     use std::os::unix::process::CommandExt;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         let line = kiln_fails(&["net", "setup", "--tap", "kx0", "--host-ip", "10.0.0.1/24"]);
         assert!(line.contains("must run as root"), "{line}");
         return;
@@ -115,7 +106,7 @@ fn net_setup_refuses_a_user_who_is_not_root() {
     let (_bin, kiln) =
         kiln_tests::tmp::copy_for_all_users(std::path::Path::new(env!("CARGO_BIN_EXE_kiln")))
             .unwrap();
-    let out = Command::new(&kiln)
+    let out = std::process::Command::new(&kiln)
         .args(["net", "setup", "--tap", "kx0", "--host-ip", "10.0.0.1/24"])
         .uid(65534)
         .gid(65534)
@@ -144,7 +135,7 @@ fn a_tap_without_the_right_to_attach() {
     netns::in_netns(move || {
         kiln_devices::virtio::net::tap::create_persistent("kp0", Some(12345)).unwrap();
         let args = ["run", "--kernel", kernel.as_str(), "--net", "tap=kp0"];
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        let mut cmd = util::kiln();
         cmd.args(args);
         // SAFETY: the closure runs in the forked child before exec and only calls prctl,
         // which is async-signal-safe. Without CAP_NET_ADMIN in its bounding set, the exec'd
@@ -158,7 +149,7 @@ fn a_tap_without_the_right_to_attach() {
                 Ok(())
             });
         }
-        let line = fails(&mut cmd, &args);
+        let line = fails(&mut cmd);
         assert!(
             line.contains("kp0") && line.contains("not permitted"),
             "{line}"

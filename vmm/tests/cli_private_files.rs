@@ -4,18 +4,18 @@
 //! a crafted or tampered snapshot (a host file named as a disk, a planted symbolic link, a
 //! machine with no vCPUs or absurd memory) is refused by `kiln restore` with one line.
 
-mod cli_snapshot_util;
+mod util;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use cli_snapshot_util::*;
 use kiln::device_manager::{DiskState, MmioWindow, VirtioDeviceState, VirtioState};
 use kiln::snapshot::{read_state, write_state, SnapshotState};
 use kiln_devices::virtio::block::{BackendState, BlockConfigState, BlockState, SERIAL_LEN};
-use kiln_devices::virtio::mmio::MMIO_STATE_VERSION;
 use kiln_devices::virtio::MmioTransportState;
+use util::vm::*;
+use util::*;
 
 /// `path`'s permission bits, not following a link.
 fn mode(path: &Path) -> u32 {
@@ -28,12 +28,11 @@ fn mode(path: &Path) -> u32 {
 
 /// `kiln restore` of `dir` fails with one error line, which is returned.
 fn restore_refused(dir: &Path) -> String {
-    let out = kiln()
-        .args(["restore", "--serial", "null", "--snapshot"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    one_error_line("kiln restore", &out)
+    fails(
+        kiln()
+            .args(["restore", "--serial", "null", "--snapshot"])
+            .arg(dir),
+    )
 }
 
 /// A snapshot directory `name` holding `state` and a copy of the shared snapshot's memory.
@@ -50,17 +49,7 @@ fn crafted(name: &str, state: &SnapshotState) -> PathBuf {
 fn raw_disk(path: &Path, read_only: bool, index: usize) -> VirtioDeviceState {
     VirtioDeviceState {
         window: MmioWindow::nth(index).unwrap(),
-        transport: MmioTransportState {
-            version: MMIO_STATE_VERSION,
-            device_status: 0,
-            device_features_sel: 0,
-            driver_features: 0,
-            driver_features_sel: 0,
-            queue_sel: 0,
-            queues: Vec::new(),
-            interrupt_status: 0,
-            config_generation: 0,
-        },
+        transport: MmioTransportState::default(),
         device: VirtioState::Block(DiskState {
             device: BlockState {
                 version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,
@@ -151,14 +140,13 @@ fn hostile_serial_file_symlink_is_not_followed() {
     std::fs::write(&victim, b"precious").unwrap();
     let link = dir.join("console");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
-    let out = kiln()
-        .args(["run", "--memory", "32", "--kernel"])
-        .arg(spin_kernel(&dir))
-        .arg("--serial")
-        .arg(&link)
-        .output()
-        .unwrap();
-    let line = one_error_line("kiln run --serial LINK", &out);
+    let line = fails(
+        kiln()
+            .args(["run", "--memory", "32", "--kernel"])
+            .arg(spin_kernel(&dir))
+            .arg("--serial")
+            .arg(&link),
+    );
     assert!(line.contains("serial output file"), "{line}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }
@@ -228,8 +216,7 @@ fn hostile_every_file_and_socket_of_a_vm_is_private() {
         .unwrap()
         .is_file());
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-    signal(&vm.child, libc::SIGTERM);
-    assert_eq!(vm.wait().code(), Some(128 + libc::SIGTERM));
+    assert_eq!(vm.terminate().code(), Some(128 + libc::SIGTERM));
 
     // With a socket group, both sockets are 0660 and that group's.
     let dir = scratch("modes-group");
@@ -242,23 +229,21 @@ fn hostile_every_file_and_socket_of_a_vm_is_private() {
         assert_eq!(std::fs::symlink_metadata(&path).unwrap().gid(), gid);
     }
     assert_eq!(mode(&dir.join("console")), 0o600);
-    signal(&vm.child, libc::SIGTERM);
-    assert_eq!(vm.wait().code(), Some(128 + libc::SIGTERM));
+    assert_eq!(vm.terminate().code(), Some(128 + libc::SIGTERM));
 
     // An unknown group is refused before any VM is built.
-    let out = kiln()
-        .args([
-            "run",
-            "--memory",
-            "32",
-            "--socket-group",
-            "no-such-group-kiln",
-            "--kernel",
-        ])
-        .arg(spin_kernel(&dir))
-        .output()
-        .unwrap();
-    let line = one_error_line("kiln run --socket-group", &out);
+    let line = fails(
+        kiln()
+            .args([
+                "run",
+                "--memory",
+                "32",
+                "--socket-group",
+                "no-such-group-kiln",
+            ])
+            .arg("--kernel")
+            .arg(spin_kernel(&dir)),
+    );
     assert!(line.contains("no-such-group-kiln"), "{line}");
 }
 
@@ -293,6 +278,5 @@ fn hostile_silent_clients_are_dropped_without_blocking_the_vm() {
         "dropped after {waited:?}"
     );
     assert_eq!(ctl_ok(&api, &["status"])["state"], "running");
-    signal(&vm.child, libc::SIGTERM);
-    assert_eq!(vm.wait().code(), Some(128 + libc::SIGTERM));
+    assert_eq!(vm.terminate().code(), Some(128 + libc::SIGTERM));
 }

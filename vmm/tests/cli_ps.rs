@@ -1,14 +1,16 @@
 //! `kiln ps` on the direct path: two spinning VMs with control APIs are listed with their
 //! sockets while they run, and none once they are stopped.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use kiln_tests::tiny_kernel::{build_with, End};
+mod util;
+
+use util::{next_line, scratch, spin_kernel_saying};
 
 fn kiln(run_dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    let mut cmd = util::kiln();
     cmd.env("KILN_RUN_DIR", run_dir);
     cmd
 }
@@ -25,10 +27,7 @@ fn spinning_vm(run_dir: &Path, kernel: &Path, api: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = next_line(&mut BufReader::new(child.stdout.as_mut().unwrap()));
     assert_eq!(line, "spinning\n");
     child
 }
@@ -45,12 +44,9 @@ fn ps_json(run_dir: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn ps_lists_running_vms_with_their_sockets_and_none_after_they_stop() {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-ps-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("ps");
     let run_dir = dir.join("run");
-    let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, build_with("spinning\n", End::Spin)).unwrap();
+    let kernel = spin_kernel_saying(&dir, "spinning\n");
     let apis: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("api{i}.sock"))).collect();
     let mut vms: Vec<Child> = apis
         .iter()

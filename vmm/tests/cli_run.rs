@@ -1,7 +1,12 @@
 //! `kiln run` end to end on the direct path, with a tiny ELF kernel that prints, marks boot
 //! done and resets (see `kiln_tests::tiny_kernel`).
 
-use std::process::Command;
+use std::io::BufReader;
+use std::process::Stdio;
+
+mod util;
+
+use util::{kiln, next_line, run_ok, scratch, signal, spin_kernel_saying, tiny_kernel};
 
 #[test]
 fn marks_match_the_agent() {
@@ -12,30 +17,17 @@ fn marks_match_the_agent() {
 
 #[test]
 fn run_reports_json_and_exits_zero_on_reset() {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kernel = dir.join("tiny.elf");
-    std::fs::write(
-        &kernel,
-        kiln_tests::tiny_kernel::build("tiny kernel says hi\n"),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--vcpus",
-            "2",
-            "--memory",
-            "64",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let dir = scratch("run");
+    let kernel = tiny_kernel(&dir, "tiny kernel says hi\n");
+    let out = run_ok(
+        kiln()
+            .args([
+                "run", "--vcpus", "2", "--memory", "64", "--json", "--kernel",
+            ])
+            .arg(&kernel),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.starts_with("tiny kernel says hi\n"), "{stdout}");
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["result"], "reset");
@@ -78,15 +70,7 @@ fn run_reports_json_and_exits_zero_on_reset() {
         "kernel = \"tiny.elf\"\nmemory_mib = 32\nserial = \"console.log\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(kiln().arg("run").arg("--config").arg(&config));
     assert_eq!(
         std::fs::read_to_string(dir.join("console.log")).unwrap(),
         "tiny kernel says hi\n"
@@ -96,30 +80,17 @@ fn run_reports_json_and_exits_zero_on_reset() {
 
 #[test]
 fn sigterm_stops_the_vm_with_128_plus_signo() {
-    use kiln_tests::tiny_kernel::{build_with, End};
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    let dir = std::env::temp_dir().join(format!("kiln-cli-sigterm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kernel = dir.join("spin.elf");
-    std::fs::write(&kernel, build_with("spinning now\n", End::Spin)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "32",
-            "--json",
-        ])
+    let dir = scratch("sigterm");
+    let kernel = spin_kernel_saying(&dir, "spinning now\n");
+    let mut child = kiln()
+        .args(["run", "--memory", "32", "--json", "--kernel"])
+        .arg(&kernel)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line, "spinning now\n");
+    assert_eq!(next_line(&mut stdout), "spinning now\n");
     // A signal sent to the process must not be handled on a vCPU thread (its seccomp filter
     // refuses what the handler does): the vCPU thread blocks SIGINT and SIGTERM.
     let blocked = vcpu_thread_blocked_signals(child.id());
@@ -131,8 +102,7 @@ fn sigterm_stops_the_vm_with_128_plus_signo() {
         );
     }
     // The guest is running (it printed); now stop it the way a runner cancels a job.
-    // SAFETY: kill() with a pid we spawned and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     let status = child.wait().unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();

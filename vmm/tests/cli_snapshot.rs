@@ -3,25 +3,25 @@
 //! `kiln restore` with one clear error line and left byte-for-byte as they were, and the
 //! intact one restores and answers on its own API socket.
 
-mod cli_snapshot_util;
+mod util;
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Stdio;
 
-use cli_snapshot_util::*;
+use util::vm::*;
+use util::*;
 
 /// `kiln restore --snapshot DIR` must fail cleanly and leave DIR (and the shared snapshot)
 /// unchanged. Returns the error line.
 fn restore_refused(dir: &Path) -> String {
     let before = dir.exists().then(|| digest(dir));
     let base = digest(snapshot());
-    let out = kiln()
-        .args(["restore", "--serial", "null", "--snapshot"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    let line = one_error_line("kiln restore", &out);
+    let line = fails(
+        kiln()
+            .args(["restore", "--serial", "null", "--snapshot"])
+            .arg(dir),
+    );
     if let Some(before) = before {
         assert_eq!(
             digest(dir),
@@ -95,12 +95,11 @@ fn missing_snapshot_dir_is_refused() {
         "{line}"
     );
     // kiln fork checks the same before starting any clone.
-    let out = kiln()
-        .args(["fork", "--count", "2", "--snapshot"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let line = one_error_line("kiln fork", &out);
+    let line = fails(
+        kiln()
+            .args(["fork", "--count", "2", "--snapshot"])
+            .arg(&dir),
+    );
     assert!(line.contains("no-such-snapshot"), "{line}");
     assert!(!dir.exists());
 }
@@ -181,11 +180,10 @@ fn restore_runs_and_answers_on_its_api() {
 fn vsock_snapshots_need_their_own_vsock_path() {
     let dir = scratch("vsock");
     let vsock = dir.join("vsock.sock");
-    let vm = RunningVm::start_with(&dir, &["--vsock", vsock.to_str().unwrap()]);
+    let mut vm = RunningVm::start_with(&dir, &["--vsock", vsock.to_str().unwrap()]);
     let snap = dir.join("snap");
     ctl_ok(&vm.api, &["snapshot", "--dir", snap.to_str().unwrap()]);
     ctl_ok(&vm.api, &["shutdown"]);
-    let mut vm = vm;
     assert_eq!(vm.process.wait().code(), Some(0));
 
     let line = restore_refused(&snap);
@@ -193,23 +191,21 @@ fn vsock_snapshots_need_their_own_vsock_path() {
         line.contains("give this clone its own --vsock path"),
         "{line}"
     );
-    let out = kiln()
-        .args(["fork", "--count", "2", "--snapshot"])
-        .arg(&snap)
-        .output()
-        .unwrap();
-    let line = one_error_line("kiln fork", &out);
+    let line = fails(
+        kiln()
+            .args(["fork", "--count", "2", "--snapshot"])
+            .arg(&snap),
+    );
     assert!(line.contains("--vsock-prefix"), "{line}");
 
     // The other way round: a snapshot without vsock refuses a --vsock path.
-    let out = kiln()
-        .args(["restore", "--serial", "null", "--snapshot"])
-        .arg(snapshot())
-        .arg("--vsock")
-        .arg(dir.join("unused.sock"))
-        .output()
-        .unwrap();
-    let line = one_error_line("kiln restore --vsock", &out);
+    let line = fails(
+        kiln()
+            .args(["restore", "--serial", "null", "--snapshot"])
+            .arg(snapshot())
+            .arg("--vsock")
+            .arg(dir.join("unused.sock")),
+    );
     assert!(line.contains("has no vsock device"), "{line}");
 
     // With its own path, the clone runs and its vsock socket goes with it.
@@ -228,7 +224,6 @@ fn vsock_snapshots_need_their_own_vsock_path() {
     );
     assert!(wait_answering(&api, &mut restored.child));
     assert!(clone_vsock.exists(), "the clone's vsock socket");
-    signal(&restored.child, libc::SIGTERM);
-    assert_eq!(restored.wait().code(), Some(128 + libc::SIGTERM));
+    assert_eq!(restored.terminate().code(), Some(128 + libc::SIGTERM));
     assert!(!clone_vsock.exists() && !api.exists(), "sockets removed");
 }

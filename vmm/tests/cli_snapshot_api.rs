@@ -1,14 +1,15 @@
 //! The control API socket's protocol, and `kiln fork`, on the direct path with the
 //! spinning tiny guest.
 
-mod cli_snapshot_util;
+mod util;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 
-use cli_snapshot_util::*;
 use serde_json::Value;
+use util::vm::*;
+use util::*;
 
 fn next_response(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Value {
     let line = lines.next().expect("a response line").unwrap();
@@ -93,14 +94,13 @@ fn an_existing_api_path_is_refused() {
     let api = dir.join("api.sock");
     std::fs::write(&api, b"mine").unwrap();
     let kernel = spin_kernel(&dir);
-    let out = kiln()
-        .args(["run", "--memory", "32", "--kernel"])
-        .arg(&kernel)
-        .arg("--api")
-        .arg(&api)
-        .output()
-        .unwrap();
-    let line = one_error_line("kiln run --api <existing file>", &out);
+    let line = fails(
+        kiln()
+            .args(["run", "--memory", "32", "--kernel"])
+            .arg(&kernel)
+            .arg("--api")
+            .arg(&api),
+    );
     assert!(line.contains("already exists"), "{line}");
     assert_eq!(std::fs::read(&api).unwrap(), b"mine");
 }
@@ -172,17 +172,22 @@ fn fork_starts_clones_that_answer_and_forwards_sigterm() {
     assert_eq!(digest(snapshot()), base, "the clones changed the snapshot");
 }
 
+/// `kiln fork --count 2` of the shared snapshot with `flags`.
+fn fork(flags: &[&str]) -> std::process::Output {
+    kiln()
+        .args(["fork", "--count", "2", "--snapshot"])
+        .arg(snapshot())
+        .args(flags)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn fork_refuses_taken_paths_before_starting_clones() {
     let dir = scratch("forktaken");
     let api_prefix = format!("{}/api", dir.display());
     std::fs::write(format!("{api_prefix}-1"), b"taken").unwrap();
-    let out = kiln()
-        .args(["fork", "--count", "2", "--snapshot"])
-        .arg(snapshot())
-        .args(["--api-prefix", &api_prefix])
-        .output()
-        .unwrap();
+    let out = fork(&["--api-prefix", &api_prefix]);
     let line = one_error_line("kiln fork", &out);
     assert!(line.contains("api-1 already exists"), "{line}");
     assert!(out.stdout.is_empty(), "no clone was started");
@@ -194,12 +199,7 @@ fn fork_fails_when_its_clones_fail() {
     // Each clone's console file is in a directory that does not exist: every clone fails.
     let dir = scratch("forkfail");
     let serial_prefix = format!("{}/missing/console", dir.display());
-    let out = kiln()
-        .args(["fork", "--count", "2", "--snapshot"])
-        .arg(snapshot())
-        .args(["--serial-prefix", &serial_prefix])
-        .output()
-        .unwrap();
+    let out = fork(&["--serial-prefix", &serial_prefix]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");

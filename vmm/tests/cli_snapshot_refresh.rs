@@ -2,13 +2,14 @@
 //! (`kiln::commands::restore::refresh_guest`). Checked here against a fake agent behind a
 //! hybrid-vsock Unix socket, since a tiny guest has no agent.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
 use std::sync::mpsc::channel;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln::commands::restore::{refresh_guest, CloneIdentity, ENTROPY_BYTES};
-use kiln_agent::protocol::{read_frame, write_frame, Frame, Pong, AGENT_PORT};
+use kiln_agent::protocol::Frame;
+
+mod util;
+use util::{agent, scratch};
 
 /// What the fake agent was asked, connection by connection.
 #[derive(Debug)]
@@ -31,42 +32,15 @@ fn fake_agent_ignoring(
     ignored: usize,
     connections: usize,
 ) -> std::sync::mpsc::Receiver<Seen> {
-    let listener = UnixListener::bind(uds).unwrap();
     let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for (n, stream) in listener.incoming().take(ignored + connections).enumerate() {
-            let stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut hello = String::new();
-            reader.read_line(&mut hello).unwrap();
-            assert_eq!(hello, format!("CONNECT {AGENT_PORT}\n"));
-            let mut writer = stream;
-            writer.write_all(b"OK 1\n").unwrap();
-            if n < ignored {
-                held.push(writer);
-                continue;
-            }
-            while let Ok(Some(frame)) = read_frame(&mut reader) {
-                let answer = match frame {
-                    Frame::Ping => Frame::Pong(Pong {
-                        version: 1,
-                        agent: "fake".into(),
-                        uptime_ms: 1,
-                    }),
-                    Frame::SetTime(t) => {
-                        let _ = tx.send(Seen::Time(t.unix_nanos));
-                        Frame::Ok
-                    }
-                    Frame::AddEntropy(bytes) => {
-                        let _ = tx.send(Seen::Entropy(bytes));
-                        Frame::Ok
-                    }
-                    other => panic!("unexpected request {other:?}"),
-                };
-                write_frame(&mut writer, &answer).unwrap();
-            }
+    agent::serve(uds, ignored, Some(connections), move |frame| {
+        match frame {
+            Frame::SetTime(t) => tx.send(Seen::Time(t.unix_nanos)),
+            Frame::AddEntropy(bytes) => tx.send(Seen::Entropy(bytes)),
+            other => panic!("unexpected request {other:?}"),
         }
+        .ok();
+        Frame::Ok
     });
     rx
 }
@@ -79,13 +53,6 @@ fn now_nanos() -> u64 {
             .as_nanos(),
     )
     .unwrap()
-}
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-refresh-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]

@@ -4,29 +4,21 @@
 //! and `kiln run --disk` refusing bad images with one clear line.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
 
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::disk::DiskConfig;
 use kiln::snapshot::restore::RestoreSpec;
 use kiln::snapshot::validate::PathRules;
 use kiln::snapshot::SnapshotKind;
-use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
+use kiln::vmm::{GuestExit, MachineSpec, Vmm};
 
-mod console_capture;
-use console_capture::{run_until, Captured};
+mod util;
+use util::console::{run_until, run_while, snapshot, Captured, PRINT_AND_SPIN};
+use util::{fails, kiln, run_ok, scratch, tiny_kernel};
 
 const LOAD_ADDR: u64 = 0x1000;
 const HLT: u8 = 0xf4;
 const WINDOW: u64 = 0xd000_0000;
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-direct-disk-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn image(path: &Path, len: usize, fill: u8) {
     std::fs::write(path, vec![fill; len]).unwrap();
@@ -98,9 +90,7 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
     let mut disk = DiskConfig::new(&base);
     disk.overlay = Some(overlay.clone());
     let console = Captured::default();
-    // Spin so that the vCPU can be paused (print one byte first so we know it runs).
-    let code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe];
-    let vmm = Vmm::build(spec(code.clone(), &console, vec![disk])).unwrap();
+    let vmm = Vmm::build(spec(PRINT_AND_SPIN.to_vec(), &console, vec![disk])).unwrap();
     // What the VM wrote to its overlay so far (as a guest write through the device would).
     std::fs::OpenOptions::new()
         .write(true)
@@ -108,23 +98,13 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
         .map(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"written-before", 8192))
         .unwrap()
         .unwrap();
-    let controller = vmm.controller();
     let snap = dir.join("snap");
-    let (watch, snap_dir) = (console.clone(), snap.clone());
-    let stop = Arc::new(vmm.stop_handle().unwrap());
-    let stopper = stop.clone();
-    let asker = std::thread::spawn(move || {
-        watch.wait_for(1);
-        let answer = controller.call(Request::Snapshot {
-            dir: snap_dir,
-            resume: true,
-            kind: SnapshotKind::Full,
-        });
-        stopper.stop();
-        answer
+    let snap_dir = snap.clone();
+    let (exit, answer) = run_while(vmm, &console, move |vm| {
+        snapshot(vm, snap_dir, SnapshotKind::Full)
     });
-    assert_eq!(vmm.run().unwrap().exit, GuestExit::Stopped);
-    asker.join().unwrap().expect("snapshot");
+    assert_eq!(exit, GuestExit::Stopped);
+    answer.expect("snapshot");
     let copy = snap.join("disk-0.overlay");
     assert_eq!(
         std::fs::read(&copy).unwrap(),
@@ -201,27 +181,20 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
     let raw = dir.join("raw.img");
     image(&raw, 1 << 20, 0);
     let console = Captured::default();
-    let vmm = Vmm::build(spec(code, &console, vec![DiskConfig::new(&raw)])).unwrap();
-    let controller = vmm.controller();
+    let machine = spec(
+        PRINT_AND_SPIN.to_vec(),
+        &console,
+        vec![DiskConfig::new(&raw)],
+    );
     let snap2 = dir.join("snap2");
-    let stop = vmm.stop_handle().unwrap();
-    let watch = console.clone();
-    let asker = std::thread::spawn(move || {
-        watch.wait_for(1);
-        let answer = controller.call(Request::Snapshot {
-            dir: snap2,
-            resume: true,
-            kind: SnapshotKind::Full,
-        });
-        stop.stop();
-        answer
+    let (_, answer) = run_while(Vmm::build(machine).unwrap(), &console, move |vm| {
+        snapshot(vm, snap2, SnapshotKind::Full)
     });
-    let _ = vmm.run().unwrap();
-    let refused = asker
-        .join()
-        .unwrap()
-        .expect_err("a writable raw disk was snapshotted");
-    assert!(refused.contains("writable raw image"), "{refused}");
+    let refused = answer.expect_err("a writable raw disk was snapshotted");
+    assert!(
+        refused.to_string().contains("writable raw image"),
+        "{refused}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(scratch_dir).unwrap();
 }
@@ -231,23 +204,9 @@ fn snapshot_copies_the_overlay_and_each_clone_gets_its_own() {
 fn run_fails(dir: &Path, args: &[&str]) -> String {
     let kernel = dir.join("tiny.elf");
     if !kernel.exists() {
-        std::fs::write(&kernel, kiln_tests::tiny_kernel::build("hi\n")).unwrap();
+        tiny_kernel(dir, "hi\n");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run", "--kernel", kernel.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "kiln run {args:?} succeeded: {stderr}"
-    );
-    assert_ne!(out.status.code(), Some(101), "kiln panicked: {stderr}");
-    assert!(!stderr.contains("panicked"), "kiln panicked: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
-    errors[0].to_string()
+    fails(kiln().arg("run").arg("--kernel").arg(&kernel).args(args))
 }
 
 #[test]
@@ -311,24 +270,21 @@ fn bad_disks_get_one_clear_error() {
 #[test]
 fn run_with_an_overlay_disk_leaves_the_base_alone() {
     let dir = scratch("run");
-    let kernel = dir.join("tiny.elf");
-    std::fs::write(&kernel, kiln_tests::tiny_kernel::build("hi\n")).unwrap();
+    let kernel = tiny_kernel(&dir, "hi\n");
     let base = dir.join("base.img");
     image(&base, 1 << 20, 7);
     let overlay = dir.join("o.overlay");
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--disk"])
-        .arg(format!(
-            "{},overlay={},serial=disk0",
-            base.display(),
-            overlay.display()
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        kiln()
+            .arg("run")
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--disk")
+            .arg(format!(
+                "{},overlay={},serial=disk0",
+                base.display(),
+                overlay.display()
+            )),
     );
     assert_eq!(std::fs::metadata(&overlay).unwrap().len(), 1 << 20);
     assert_eq!(std::fs::read(&base).unwrap(), vec![7u8; 1 << 20]);
@@ -347,8 +303,7 @@ fn diff_snapshots_carry_disks_too() {
     let mut disk = DiskConfig::new(&base);
     disk.overlay = Some(overlay.clone());
     let console = Captured::default();
-    let code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe];
-    let mut machine = spec(code, &console, vec![disk]);
+    let mut machine = spec(PRINT_AND_SPIN.to_vec(), &console, vec![disk]);
     machine.track_dirty_pages = true;
     let vmm = match Vmm::build(machine) {
         Ok(vmm) => vmm,
@@ -366,27 +321,14 @@ fn diff_snapshots_carry_disks_too() {
         std::os::unix::fs::FileExt::write_all_at(&f, what, at).unwrap();
     };
     write(0, b"first");
-    let controller = vmm.controller();
-    let stop = vmm.stop_handle().unwrap();
     let (full, diff) = (dir.join("full"), dir.join("diff"));
-    let (watch, full_dir, diff_dir) = (console.clone(), full.clone(), diff.clone());
-    let asker = std::thread::spawn(move || {
-        watch.wait_for(1);
-        let snap = |dir: PathBuf, kind| {
-            controller.call(Request::Snapshot {
-                dir,
-                resume: true,
-                kind,
-            })
-        };
-        let first = snap(full_dir, SnapshotKind::Full);
+    let (full_dir, diff_dir) = (full.clone(), diff.clone());
+    let (exit, (first, second)) = run_while(vmm, &console, move |vm| {
+        let first = snapshot(vm, full_dir, SnapshotKind::Full);
         write(8192, b"second");
-        let second = snap(diff_dir, SnapshotKind::Diff);
-        stop.stop();
-        (first, second)
+        (first, snapshot(vm, diff_dir, SnapshotKind::Diff))
     });
-    assert_eq!(vmm.run().unwrap().exit, GuestExit::Stopped);
-    let (first, second) = asker.join().unwrap();
+    assert_eq!(exit, GuestExit::Stopped);
     first.expect("full snapshot");
     second.expect("diff snapshot");
     let at_diff = std::fs::read(diff.join("disk-0.overlay")).unwrap();

@@ -10,8 +10,8 @@ use kiln::arch::x86_64::regs::CpuMode;
 use kiln::vmm::{GuestExit, MachineSpec, RunReport, Vmm};
 use kiln_devices::BusDevice;
 
-mod console_capture;
-use console_capture::{run_until, Captured};
+mod util;
+use util::console::{run_until, Captured};
 
 const LOAD_ADDR: u64 = 0x1000;
 
@@ -202,8 +202,7 @@ fn vsock_device_answers_on_the_mmio_bus() {
         code.extend_from_slice(&[0xc1, 0xeb, 0x08]); // shr ebx, 8
     }
     code.extend_from_slice(&[0x88, 0xc8, 0x04, b'0', 0xee, HLT]); // mov al, cl; add al, '0'; out
-    let dir = std::env::temp_dir().join(format!("kiln-direct-vsock-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = util::scratch("vsock");
     let uds = dir.join("v.sock");
     let console = Captured::default();
     let spec = MachineSpec {

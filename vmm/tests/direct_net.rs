@@ -5,19 +5,16 @@
 //! Each test runs in a network namespace of its own (a thread that unshares one), so the
 //! TAPs it creates never touch the machine's network and vanish with the test.
 
-use std::sync::Arc;
-
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::net::NetConfig;
 use kiln::snapshot::restore::RestoreSpec;
 use kiln::snapshot::SnapshotKind;
-use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
+use kiln::vmm::{GuestExit, MachineSpec, Vmm};
 use kiln_devices::virtio::net::{tap, MacAddr};
 
-mod console_capture;
-mod netns;
-use console_capture::{run_until, Captured};
-use netns::in_netns;
+mod util;
+use util::console::{run_until, run_while, snapshot, Captured, PRINT_AND_SPIN};
+use util::netns::in_netns;
 
 const LOAD_ADDR: u64 = 0x1000;
 const WINDOW: u64 = 0xd000_0000;
@@ -83,27 +80,19 @@ fn net_device_answers_on_the_mmio_bus_with_its_mac() {
 /// Builds a VM that prints one byte and spins (so that it can be paused), with `net`,
 /// snapshots it into `dir` and stops it.
 fn snapshot_spinning_vm(net: Option<NetConfig>, dir: std::path::PathBuf) {
-    let code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe];
     let console = Captured::default();
+    let code = PRINT_AND_SPIN.to_vec();
     let vmm = Vmm::build(MachineSpec {
         irqchip: true,
         net,
         ..MachineSpec::raw(code, LOAD_ADDR, CpuMode::Long, Box::new(console.clone()))
     })
     .unwrap();
-    let (controller, stop) = (vmm.controller(), Arc::new(vmm.stop_handle().unwrap()));
-    let asker = std::thread::spawn(move || {
-        console.wait_for(1);
-        let answer = controller.call(Request::Snapshot {
-            dir,
-            resume: true,
-            kind: SnapshotKind::Full,
-        });
-        stop.stop();
-        answer
+    let (exit, answer) = run_while(vmm, &console, move |vm| {
+        snapshot(vm, dir, SnapshotKind::Full)
     });
-    assert_eq!(vmm.run().unwrap().exit, GuestExit::Stopped);
-    asker.join().unwrap().expect("snapshot");
+    assert_eq!(exit, GuestExit::Stopped);
+    answer.expect("snapshot");
 }
 
 #[test]
@@ -112,9 +101,7 @@ fn net_snapshot_keeps_the_device_and_each_restore_needs_its_own_tap() {
         for name in ["ko", "kc1"] {
             tap::create_persistent(name, None).unwrap();
         }
-        let dir = std::env::temp_dir().join(format!("kiln-direct-net-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = util::scratch("net-snapshot");
         let (snap, plain) = (dir.join("snap"), dir.join("plain"));
         snapshot_spinning_vm(Some(net("ko", Some(MAC))), snap.clone());
         snapshot_spinning_vm(None, plain.clone());

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::snapshot::restore::RestoreSpec;
 use kiln::snapshot::SnapshotKind;
-use kiln::vmm::{GuestExit, MachineSpec, Request, Vmm};
+use kiln::vmm::{GuestExit, MachineSpec, Vmm};
 
-mod console_capture;
-use console_capture::Captured;
+mod util;
+use util::console::{snapshot, Captured};
+use util::scratch;
 
 /// Iterations of the guest's loop: long enough (a second or so on this machine's PVM
 /// /dev/kvm, which emulates such code) that the snapshot lands in the middle of it. If it
@@ -18,21 +19,32 @@ use console_capture::Captured;
 /// printing would restore a partial result.
 const N: u64 = 1 << 20;
 
-/// 64-bit code: print 'S', sum N..1 into rax, print rax's 8 bytes and 'E', halt.
-fn summing_guest() -> Vec<u8> {
+/// 64-bit code that prints 'S' and sets rcx = N, rbx = 0: how both guests start their sum.
+fn start_summing() -> Vec<u8> {
     let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     code.extend_from_slice(&[0xb0, b'S', 0xee]); // mov al, 'S'; out dx, al
     code.extend_from_slice(&[0x48, 0xb9]); // mov rcx, N
     code.extend_from_slice(&N.to_le_bytes());
     code.extend_from_slice(&[0x48, 0x31, 0xdb]); // xor rbx, rbx
-    code.extend_from_slice(&[0x48, 0x01, 0xcb]); // loop: add rbx, rcx
-    code.extend_from_slice(&[0x48, 0xff, 0xc9]); // dec rcx
-    code.extend_from_slice(&[0x75, 0xf8]); // jnz loop
+    code
+}
+
+/// Appends code that prints rbx's 8 bytes and 'E', then halts.
+fn print_rbx_and_halt(code: &mut Vec<u8>) {
     for _ in 0..8 {
         code.extend_from_slice(&[0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
         code.extend_from_slice(&[0x48, 0xc1, 0xeb, 0x08]); // shr rbx, 8
     }
     code.extend_from_slice(&[0xb0, b'E', 0xee, 0xf4]); // mov al, 'E'; out dx, al; hlt
+}
+
+/// 64-bit code: print 'S', sum N..1 into rbx, print rbx's 8 bytes and 'E', halt.
+fn summing_guest() -> Vec<u8> {
+    let mut code = start_summing();
+    code.extend_from_slice(&[0x48, 0x01, 0xcb]); // loop: add rbx, rcx
+    code.extend_from_slice(&[0x48, 0xff, 0xc9]); // dec rcx
+    code.extend_from_slice(&[0x75, 0xf8]); // jnz loop
+    print_rbx_and_halt(&mut code);
     code
 }
 
@@ -51,11 +63,7 @@ const RESULT_ADDR: u32 = 0x20_0000;
 /// print the 8 bytes at RESULT_ADDR and 'E', halt. A snapshot taken in phase 2 finds the
 /// result only in memory, written after a snapshot taken in phase 1.
 fn two_phase_guest() -> Vec<u8> {
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    code.extend_from_slice(&[0xb0, b'S', 0xee]); // mov al, 'S'; out dx, al
-    code.extend_from_slice(&[0x48, 0xb9]); // mov rcx, N
-    code.extend_from_slice(&N.to_le_bytes());
-    code.extend_from_slice(&[0x48, 0x31, 0xdb]); // xor rbx, rbx
+    let mut code = start_summing();
     code.extend_from_slice(&[0x48, 0x01, 0xcb]); // loop1: add rbx, rcx
     code.extend_from_slice(&[0x48, 0x89, 0x1c, 0x25]); // mov [RESULT_ADDR], rbx
     code.extend_from_slice(&RESULT_ADDR.to_le_bytes());
@@ -69,11 +77,7 @@ fn two_phase_guest() -> Vec<u8> {
     code.extend_from_slice(&[0x75, 0xfb]); // jnz loop2
     code.extend_from_slice(&[0x48, 0x8b, 0x1c, 0x25]); // mov rbx, [RESULT_ADDR]
     code.extend_from_slice(&RESULT_ADDR.to_le_bytes());
-    for _ in 0..8 {
-        code.extend_from_slice(&[0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
-        code.extend_from_slice(&[0x48, 0xc1, 0xeb, 0x08]); // shr rbx, 8
-    }
-    code.extend_from_slice(&[0xb0, b'E', 0xee, 0xf4]); // mov al, 'E'; out dx, al; hlt
+    print_rbx_and_halt(&mut code);
     code
 }
 
@@ -116,11 +120,7 @@ fn snapshot_diff_layers_over_its_base() {
             let controller = untracked.controller();
             let dir = scratch("diff-refused");
             let asker = std::thread::spawn(move || {
-                let answer = controller.call(Request::Snapshot {
-                    dir: dir.clone(),
-                    resume: true,
-                    kind: SnapshotKind::Diff,
-                });
+                let answer = snapshot(&controller, dir.clone(), SnapshotKind::Diff);
                 assert!(
                     !dir.join("state").exists(),
                     "a refused diff left a state file"
@@ -132,7 +132,10 @@ fn snapshot_diff_layers_over_its_base() {
                 .join()
                 .unwrap()
                 .expect_err("a diff without tracking was taken");
-            assert!(refused.contains("--track-dirty-pages"), "{refused}");
+            assert!(
+                refused.to_string().contains("--track-dirty-pages"),
+                "{refused}"
+            );
             return;
         }
     };
@@ -140,13 +143,7 @@ fn snapshot_diff_layers_over_its_base() {
     let controller = vmm.controller();
     let (watch, full_dir, diff_dir) = (console.clone(), full.clone(), diff.clone());
     let snapper = std::thread::spawn(move || {
-        let snap = |dir: &PathBuf, kind| {
-            controller.call(Request::Snapshot {
-                dir: dir.clone(),
-                resume: true,
-                kind,
-            })
-        };
+        let snap = |dir: &PathBuf, kind| snapshot(&controller, dir.clone(), kind);
         watch.wait_for(1); // 'S': phase 1 runs
         let first = snap(&full_dir, SnapshotKind::Full);
         watch.wait_for(2); // 'M': phase 2 runs, the result is in memory only
@@ -159,12 +156,12 @@ fn snapshot_diff_layers_over_its_base() {
         second.expect("diff snapshot"),
     );
     assert_eq!(original.exit, GuestExit::Halted);
-    let full_bytes = first["memory_bytes_written"].as_u64().unwrap();
-    let diff_bytes = second["memory_bytes_written"].as_u64().unwrap();
+    let full_bytes = first.memory_bytes_written;
+    let diff_bytes = second.memory_bytes_written;
     eprintln!("full snapshot: {full_bytes} bytes of memory; diff: {diff_bytes}");
     assert!(
         diff_bytes > 0 && diff_bytes < full_bytes,
-        "{first} {second}"
+        "{first:?} {second:?}"
     );
 
     let (exit, out) = restore(&diff);
@@ -204,12 +201,6 @@ fn snapshot_diff_layers_over_its_base() {
     std::fs::remove_dir_all(&diff).unwrap();
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-direct-snap-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
 #[test]
 fn snapshot_mid_computation_restores_and_finishes() {
     let dir = scratch("mid");
@@ -225,11 +216,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
     let (snap_console, snap_dir) = (console.clone(), dir.clone());
     let snapper = std::thread::spawn(move || {
         snap_console.wait_for(1); // the guest printed 'S': it is in its loop now
-        controller.call(Request::Snapshot {
-            dir: snap_dir,
-            resume: true,
-            kind: SnapshotKind::Full,
-        })
+        snapshot(&controller, snap_dir, SnapshotKind::Full)
     });
     let original = vmm.run().unwrap();
     let answer = snapper.join().unwrap().expect("snapshot succeeded");
@@ -237,10 +224,7 @@ fn snapshot_mid_computation_restores_and_finishes() {
     let mut want = vec![b'S'];
     want.extend(expected_output());
     assert_eq!(console.bytes(), want, "the original run's result");
-    assert!(
-        answer["memory_bytes_written"].as_u64().unwrap() > 0,
-        "{answer}"
-    );
+    assert!(answer.memory_bytes_written > 0, "{answer:?}");
 
     // The clone starts from the snapshot: it does not print 'S' again, and gets the sum.
     let restored_console = Captured::default();

@@ -14,8 +14,8 @@ use kiln::arch::x86_64::regs::CpuMode;
 use kiln::vmm::{GuestExit, MachineSpec, Vmm};
 use kiln_devices::BusDevice;
 
-mod console_capture;
-use console_capture::Captured;
+mod util;
+use util::console::Captured;
 
 /// Set in the child: the inner test runs the VM, with seccomp on if it is `on`.
 const CHILD_ENV: &str = "KILN_SECCOMP_TEST_CHILD";

@@ -6,15 +6,15 @@
 //! The threads start through `kiln::seccomp::spawn_filtered`, as kiln's own signal,
 //! guest-refresh and job-signal threads do.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
 
 use kiln::commands::restore::{refresh_guest, CloneIdentity};
 use kiln::seccomp::{spawn_filtered, Filters, ThreadKind};
-use kiln_agent::protocol::{read_frame, write_frame, Frame, Pong, AGENT_PORT};
+use kiln_agent::protocol::Frame;
+
+mod util;
 
 /// Set in the child: which case the inner test runs.
 const CHILD_ENV: &str = "KILN_SECCOMP_THREADS_CHILD";
@@ -26,6 +26,7 @@ fn child_case() {
         return; // run directly: nothing to do
     };
     let filters = Filters::get().unwrap();
+    let dir = util::scratch(&case);
     let done = match case.as_str() {
         "signals-open" => {
             spawn_filtered(Some(&filters), ThreadKind::Signals, "kiln-signals", || {
@@ -50,11 +51,10 @@ fn child_case() {
             }
         }),
         "refresh" => {
-            let dir = scratch();
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
             let uds = dir.join("vsock.sock");
-            fake_agent(&uds);
+            // The VMM's vsock socket with the agent behind it, as far as the refresh needs;
+            // unfiltered.
+            util::agent::serve(&uds, 0, None, |_| Frame::Ok);
             spawn_filtered(
                 Some(&filters),
                 ThreadKind::AgentClient,
@@ -70,40 +70,8 @@ fn child_case() {
     };
     done.unwrap().join().unwrap();
     // Here, not on the filtered thread: removing files is a path syscall.
-    let _ = std::fs::remove_dir_all(scratch());
+    let _ = std::fs::remove_dir_all(&dir);
     eprintln!("child: the thread ended");
-}
-
-fn scratch() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("kiln-sct-{}", std::process::id()))
-}
-
-/// The VMM's vsock socket with the guest agent behind it, as far as the refresh needs:
-/// the hybrid-vsock handshake, then Ping, SetTime and AddEntropy answered. Unfiltered.
-fn fake_agent(uds: &std::path::Path) {
-    let listener = UnixListener::bind(uds).unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut hello = String::new();
-            reader.read_line(&mut hello).unwrap();
-            assert_eq!(hello, format!("CONNECT {AGENT_PORT}\n"));
-            let mut writer = stream;
-            writer.write_all(b"OK 1\n").unwrap();
-            while let Ok(Some(frame)) = read_frame(&mut reader) {
-                let answer = match frame {
-                    Frame::Ping => Frame::Pong(Pong {
-                        version: 1,
-                        agent: "fake".into(),
-                        uptime_ms: 1,
-                    }),
-                    _ => Frame::Ok,
-                };
-                write_frame(&mut writer, &answer).unwrap();
-            }
-        }
-    });
 }
 
 fn run_child(case: &str) -> (std::process::ExitStatus, String) {

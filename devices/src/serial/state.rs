@@ -38,39 +38,22 @@ impl Default for SerialState {
     }
 }
 
-impl From<&vm_superio::SerialState> for SerialState {
-    fn from(s: &vm_superio::SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
-impl From<&SerialState> for vm_superio::SerialState {
-    fn from(s: &SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
+crate::persist::field_for_field!(
+    SerialState,
+    vm_superio::SerialState,
+    [
+        baud_divisor_low,
+        baud_divisor_high,
+        interrupt_enable,
+        interrupt_identification,
+        line_control,
+        line_status,
+        modem_control,
+        modem_status,
+        scratch,
+        in_buffer,
+    ]
+);
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! A device's queues from the driver's DRIVER_OK to its reset, and the event-loop plumbing
-//! around them, which block, net and rng share.
+//! around them, which every virtio device (block, net, rng, vsock) shares.
 //!
 //! Activation and reset happen on a vCPU thread (the transport calls the device), which
 //! cannot touch the event loop's epoll set: they write the device's wake-up eventfd, and
@@ -15,9 +15,9 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interest::{EpollOps, Registrations};
-use super::state::restore_queue;
+use super::state::{restore_queue, QueueRestoreError};
 use super::{
-    exact_queues, ActivateError, GuestMemory, QueueRestoreArgs, QueueSnapshot, VirtioInterrupt,
+    ActivateError, Activation, GuestMemory, QueueRestoreArgs, QueueSnapshot, VirtioInterrupt,
 };
 
 /// The `N` queues and what a device needs to use them, from activation to reset.
@@ -76,14 +76,8 @@ impl<const N: usize> Queues<N> {
     }
 
     /// The driver set DRIVER_OK: go live with exactly `N` queues.
-    pub(crate) fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        let (queues, evts) = exact_queues::<N>(queues, queue_evts)?;
+    pub(crate) fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let (queues, evts, mem, interrupt) = activation.exact_queues::<N>()?;
         self.go_live(Active {
             mem,
             queues,
@@ -106,7 +100,7 @@ impl<const N: usize> Queues<N> {
     pub(crate) fn save(&self) -> Vec<QueueSnapshot> {
         self.active
             .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.state().into()).collect())
+            .map(|a| a.queues.iter().map(|q| (&q.state()).into()).collect())
             .unwrap_or_default()
     }
 
@@ -117,7 +111,7 @@ impl<const N: usize> Queues<N> {
         &mut self,
         saved: &[QueueSnapshot],
         args: QueueRestoreArgs,
-    ) -> Result<(), String> {
+    ) -> Result<(), QueueRestoreError> {
         let QueueRestoreArgs {
             mem,
             queue_evts,
@@ -131,18 +125,20 @@ impl<const N: usize> Queues<N> {
             <&[QueueSnapshot; N]>::try_from(saved),
             <[EventFd; N]>::try_from(queue_evts),
         ) else {
-            return Err(format!(
-                "{} queues and {n} queue eventfds; {} has {N}",
-                saved.len(),
-                self.dev
-            ));
+            return Err(QueueRestoreError::Count {
+                saved: saved.len(),
+                evts: n,
+                device: self.dev,
+                expected: N,
+            });
         };
         let mut queues = Vec::with_capacity(N);
         for (i, q) in saved.iter().enumerate() {
-            queues.push(restore_queue(q, &mem).map_err(|e| format!("queue {i}: {e}"))?);
+            queues.push(restore_queue(i, q, &mem)?);
         }
-        let queues = <[Queue; N]>::try_from(queues)
-            .map_err(|_| format!("{} lost a restored queue", self.dev))?;
+        let Ok(queues) = <[Queue; N]>::try_from(queues) else {
+            unreachable!("{N} saved queues make {N} queues");
+        };
         self.go_live(Active {
             mem,
             queues,
@@ -175,16 +171,22 @@ impl<const N: usize> Queues<N> {
     }
 
     /// Brings the epoll registrations in line: the wake-up eventfd always, the queue
-    /// eventfds while active, and the device's `own` fds; retired eventfds leave the set
-    /// before they are closed.
-    pub(crate) fn sync(&mut self, own: &[(RawFd, EventSet)], ops: &mut dyn EpollOps) {
+    /// eventfds while active, and the device's `own` fds; retired eventfds, and the
+    /// device's own fds in `retiring` (still open, about to be closed), leave the set first.
+    pub(crate) fn sync(
+        &mut self,
+        own: &[(RawFd, EventSet)],
+        retiring: &[RawFd],
+        ops: &mut dyn EpollOps,
+    ) {
         let mut desired = vec![(self.wake_fd(), EventSet::IN)];
         desired.extend_from_slice(own);
         if let Some(a) = &self.active {
             desired.extend(a.evts.iter().map(|e| (e.as_raw_fd(), EventSet::IN)));
         }
         let retired = std::mem::take(&mut self.retired);
-        let fds: Vec<RawFd> = retired.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut fds: Vec<RawFd> = retired.iter().map(AsRawFd::as_raw_fd).collect();
+        fds.extend_from_slice(retiring);
         self.regs.sync(&desired, &fds, ops);
         drop(retired);
     }

@@ -129,6 +129,35 @@ pub(crate) mod fake {
         }
     }
 
+    impl FakeEpoll {
+        /// The registered fds that are ready now (poll(2) without waiting), each with what
+        /// it is ready for: what an event loop would hand the device next.
+        pub(crate) fn ready(&self) -> std::io::Result<Vec<(RawFd, EventSet)>> {
+            let mut fds: Vec<libc::pollfd> = self
+                .fds
+                .iter()
+                .map(|(fd, set)| libc::pollfd {
+                    fd: *fd,
+                    events: i16::try_from(set.bits()).unwrap_or(i16::MAX),
+                    revents: 0,
+                })
+                .collect();
+            let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+            // SAFETY: `fds` is a valid array of `nfds` pollfd structs for the whole call.
+            if unsafe { libc::poll(fds.as_mut_ptr(), nfds, 0) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(fds
+                .iter()
+                .filter(|p| p.revents != 0)
+                .map(|p| {
+                    let set = EventSet::from_bits_truncate(u32::from(p.revents.cast_unsigned()));
+                    (p.fd, set)
+                })
+                .collect())
+        }
+    }
+
     #[cfg(test)]
     #[test]
     fn sync_applies_the_difference() {

@@ -29,7 +29,7 @@
 //!     // In the VMM, with KVM:
 //!     //   vm.register_irqfd(transport.interrupt().irq_evt(), irq)
 //!     //   for (i, evt) in transport.queue_evts().iter().enumerate():
-//!     //       vm.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), i as u32)
+//!     //       vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), i as u32)
 //!     mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
 //!     mgr.add_subscriber(vsock);
 //!     Ok(mmio_cmdline_fragment(base, irq)) // "virtio_mmio.device=512@0xd0000000:5"
@@ -44,8 +44,12 @@ pub mod net;
 mod queue_ops;
 pub mod rng;
 pub(crate) mod state;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod test_dir;
 #[cfg(test)]
 pub(crate) mod test_queue;
+#[cfg(test)]
+pub(crate) mod test_rig;
 pub mod vsock;
 
 use std::io;
@@ -59,7 +63,7 @@ pub use mmio::{
     mmio_cmdline_fragment, MmioRestoreArgs, MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE,
     QUEUE_NOTIFY_OFFSET,
 };
-pub use state::{QueueRestoreArgs, QueueSnapshot};
+pub use state::{QueueRestoreArgs, QueueRestoreError, QueueSnapshot};
 
 /// The guest memory type devices work on (the VMM's mapping of guest RAM). Its dirty bitmap
 /// records every page a device writes, so that a diff snapshot includes device writes
@@ -207,19 +211,44 @@ impl VirtioInterrupt {
     }
 }
 
-/// The `N` queues, and their eventfds, that a device with `N` queues activates with; else
-/// the error saying how many the transport handed over.
-pub(crate) fn exact_queues<const N: usize>(
-    queues: Vec<Queue>,
-    evts: Vec<EventFd>,
-) -> Result<([Queue; N], [EventFd; N]), ActivateError> {
-    let got = queues.len().min(evts.len());
-    match (
-        <[Queue; N]>::try_from(queues),
-        <[EventFd; N]>::try_from(evts),
-    ) {
-        (Ok(queues), Ok(evts)) => Ok((queues, evts)),
-        _ => Err(ActivateError::QueueCount { expected: N, got }),
+/// What a device goes live with when the driver sets DRIVER_OK: guest memory, its queues
+/// (already validated), one notification eventfd per queue (the guest writes them through
+/// `QueueNotify`) and the interrupt to raise when buffers are used.
+pub struct Activation {
+    pub mem: GuestMemory,
+    pub queues: Vec<Queue>,
+    pub queue_evts: Vec<EventFd>,
+    pub interrupt: VirtioInterrupt,
+}
+
+impl Activation {
+    pub fn new(
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: VirtioInterrupt,
+    ) -> Self {
+        Self {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+        }
+    }
+
+    /// The `N` queues, and their eventfds, that a device with `N` queues activates with;
+    /// else the error saying how many the transport handed over.
+    pub(crate) fn exact_queues<const N: usize>(
+        self,
+    ) -> Result<([Queue; N], [EventFd; N], GuestMemory, VirtioInterrupt), ActivateError> {
+        let got = self.queues.len().min(self.queue_evts.len());
+        match (
+            <[Queue; N]>::try_from(self.queues),
+            <[EventFd; N]>::try_from(self.queue_evts),
+        ) {
+            (Ok(queues), Ok(evts)) => Ok((queues, evts, self.mem, self.interrupt)),
+            _ => Err(ActivateError::QueueCount { expected: N, got }),
+        }
     }
 }
 
@@ -286,16 +315,8 @@ pub trait VirtioDevice: Send {
         );
     }
 
-    /// The driver set DRIVER_OK: go live with these queues (already validated), one
-    /// notification eventfd per queue (the guest writes them through `QueueNotify`), and the
-    /// interrupt to raise when buffers are used.
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError>;
+    /// The driver set DRIVER_OK: go live with what `activation` holds.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
 
     /// The driver wrote 0 to the status: drop the queues, forget the features, go back to
     /// the state before negotiation.

@@ -27,9 +27,10 @@ pub(crate) fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32
     }
 }
 
-/// Hands every available chain of a request queue (one the device answers in place: block,
-/// rng) to `handle`, returns each used with the length `handle` reports, and raises the
-/// interrupt if the driver wants it. Returns whether any chain was used.
+/// Hands every available chain of a queue the device drains (the request queues of block
+/// and rng, the tx queues of net and vsock) to `handle`, returns each used with the length
+/// `handle` reports, and raises the interrupt if the driver wants it. Returns whether any
+/// chain was used.
 ///
 /// `handle` also says what the chain cost, in budget units (1 for a small request; a
 /// device whose requests vary in work charges more for more). At most `budget` units per
@@ -62,7 +63,7 @@ pub(crate) fn drain(
             taken += cost.max(1);
             if taken >= budget {
                 if let Err(e) = evt.write(1) {
-                    crate::guest_warn!(static, "{dev}: cannot re-kick the request queue: {e}");
+                    crate::guest_warn!(static, "{dev}: cannot re-kick the queue: {e}");
                 }
                 break 'rounds;
             }

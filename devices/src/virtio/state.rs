@@ -38,35 +38,21 @@ pub struct QueueSnapshot {
     pub used_ring: u64,
 }
 
-/// The conversions both ways between [`QueueSnapshot`] and `QueueState`, field for field.
-/// Each side is built with a struct literal, so a field added to either one stops the
-/// build until it is listed here.
-macro_rules! queue_state_conversions {
-    ($($field:ident),* $(,)?) => {
-        impl From<QueueState> for QueueSnapshot {
-            fn from(s: QueueState) -> Self {
-                Self { $($field: s.$field),* }
-            }
-        }
-
-        impl From<QueueSnapshot> for QueueState {
-            fn from(s: QueueSnapshot) -> Self {
-                Self { $($field: s.$field),* }
-            }
-        }
-    };
-}
-
-queue_state_conversions!(
-    max_size,
-    next_avail,
-    next_used,
-    event_idx_enabled,
-    size,
-    ready,
-    desc_table,
-    avail_ring,
-    used_ring,
+// The conversions both ways between [`QueueSnapshot`] and `QueueState`, field for field.
+crate::persist::field_for_field!(
+    QueueSnapshot,
+    QueueState,
+    [
+        max_size,
+        next_avail,
+        next_used,
+        event_idx_enabled,
+        size,
+        ready,
+        desc_table,
+        avail_ring,
+        used_ring,
+    ]
 );
 
 /// Checks that a state to restore was written in the format version this build reads,
@@ -83,15 +69,57 @@ pub(crate) fn check_version<E>(
     }
 }
 
-/// A queue back from its snapshot, checked to be ready and inside `mem`.
+/// Why saved queues cannot come back.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueRestoreError {
+    /// The saved registers do not describe a queue (a size that is not a power of two, a
+    /// misaligned ring, …).
+    #[error("queue {index}: {source}")]
+    Invalid {
+        /// The queue's index.
+        index: usize,
+        /// What virtio-queue refused.
+        source: virtio_queue::Error,
+    },
+    /// The queue is not ready, or its rings lie outside guest memory.
+    #[error("queue {index}: the queue is not ready or lies outside guest memory")]
+    Unusable {
+        /// The queue's index.
+        index: usize,
+    },
+    /// The state and the transport do not hand over as many queues as the device has.
+    #[error("{saved} queues and {evts} queue eventfds; {device} has {expected}")]
+    Count {
+        /// Queues in the state.
+        saved: usize,
+        /// Queue eventfds handed over.
+        evts: usize,
+        /// The device, as its log lines name it.
+        device: &'static str,
+        /// Queues the device has.
+        expected: usize,
+    },
+}
+
+/// Queue `index` as the driver had set it up, from its snapshot; the registers checked.
+pub(crate) fn queue_from(
+    index: usize,
+    q: &QueueSnapshot,
+) -> Result<virtio_queue::Queue, QueueRestoreError> {
+    virtio_queue::Queue::try_from(QueueState::from(q))
+        .map_err(|source| QueueRestoreError::Invalid { index, source })
+}
+
+/// Queue `index` back from its snapshot, checked to be ready and inside `mem`.
 pub(crate) fn restore_queue(
+    index: usize,
     q: &QueueSnapshot,
     mem: &crate::virtio::GuestMemory,
-) -> Result<virtio_queue::Queue, String> {
+) -> Result<virtio_queue::Queue, QueueRestoreError> {
     use virtio_queue::QueueT;
-    let queue = virtio_queue::Queue::try_from(QueueState::from(*q)).map_err(|e| e.to_string())?;
+    let queue = queue_from(index, q)?;
     if !queue.is_valid(mem) {
-        return Err("the queue is not ready or lies outside guest memory".into());
+        return Err(QueueRestoreError::Unusable { index });
     }
     Ok(queue)
 }

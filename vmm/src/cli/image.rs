@@ -55,12 +55,10 @@ pub struct StoreArg {
     pub store: Option<PathBuf>,
 }
 
-/// What both builders take besides their source.
+/// What goes into every new image's root disk besides the files: shared by the builders
+/// and `pull`.
 #[derive(Args, Debug)]
-pub struct MakeArgs {
-    /// The image's name in the store (letters, digits, `-`, `_`, `.`, `:`).
-    #[arg(long, value_name = "NAME")]
-    pub name: String,
+pub struct RootfsArgs {
     /// The filesystem's size in MiB. Default: what the files need plus 15 % and 32 MiB.
     #[arg(long, value_name = "MIB")]
     pub size: Option<u64>,
@@ -68,6 +66,16 @@ pub struct MakeArgs {
     /// this `kiln`.
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
+}
+
+/// What both builders take besides their source.
+#[derive(Args, Debug)]
+pub struct MakeArgs {
+    /// The image's name in the store (letters, digits, `-`, `_`, `.`, `:`).
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    #[command(flatten)]
+    pub rootfs: RootfsArgs,
     /// Replace an image of the same name (only once the new one is complete).
     #[arg(long)]
     pub force: bool,
@@ -118,13 +126,8 @@ pub struct PullArgs {
     /// Speak plain HTTP (not HTTPS) to this registry; repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
-    /// The filesystem's size in MiB. Default: what the files need plus 15 % and 32 MiB.
-    #[arg(long, value_name = "MIB")]
-    pub size: Option<u64>,
-    /// The static guest agent to install. Default: $KILN_AGENT, else `kiln-agent` beside
-    /// this `kiln`.
-    #[arg(long, value_name = "PATH")]
-    pub agent: Option<PathBuf>,
+    #[command(flatten)]
+    pub rootfs: RootfsArgs,
     /// Replace an image of the same name made from something else (only once the new one
     /// is complete).
     #[arg(long)]

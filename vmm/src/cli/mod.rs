@@ -232,7 +232,31 @@ pub struct CpArgs {
     pub dst: String,
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))
+fn parse_mode(s: &str) -> Result<u32, ValueError> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|source| ValueError::Mode {
+        spec: s.into(),
+        source,
+    })
+}
+
+/// A flag value that kiln's own value parsers refuse (clap prints it).
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    #[error(transparent)]
+    Net(#[from] crate::net::NetArgError),
+    #[error("--net {0:?}: a restored guest keeps its address; give only tap= and mac=")]
+    CloneAddress(String),
+    #[error("{0:?}: expected N=PATH, e.g. 0=/run/clone0.overlay")]
+    DiskPair(String),
+    #[error("{spec:?}: disk number {number:?}: {source}")]
+    DiskNumber {
+        spec: String,
+        number: String,
+        source: std::num::ParseIntError,
+    },
+    #[error("{spec:?} is not an octal mode: {source}")]
+    Mode {
+        spec: String,
+        source: std::num::ParseIntError,
+    },
 }

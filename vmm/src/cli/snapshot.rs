@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::SlotArgs;
+use super::{SlotArgs, ValueError};
 use crate::config::SerialOutput;
 
 #[derive(Args, Debug)]
@@ -97,12 +97,10 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
-fn parse_clone_net(s: &str) -> Result<crate::net::NetConfig, String> {
+fn parse_clone_net(s: &str) -> Result<crate::net::NetConfig, ValueError> {
     let net: crate::net::NetConfig = s.parse()?;
     if net.ip.is_some() {
-        return Err(format!(
-            "--net {s:?}: a restored guest keeps its address; give only tap= and mac="
-        ));
+        return Err(ValueError::CloneAddress(s.into()));
     }
     Ok(net)
 }
@@ -148,14 +146,16 @@ impl SnapshotImages {
     }
 }
 
-fn parse_disk_overlay(s: &str) -> Result<(usize, PathBuf), String> {
+fn parse_disk_overlay(s: &str) -> Result<(usize, PathBuf), ValueError> {
     let (n, path) = s
         .split_once('=')
         .filter(|(_, p)| !p.is_empty())
-        .ok_or_else(|| format!("{s:?}: expected N=PATH, e.g. 0=/run/clone0.overlay"))?;
-    let n = n
-        .parse()
-        .map_err(|e| format!("{s:?}: disk number {n:?}: {e}"))?;
+        .ok_or_else(|| ValueError::DiskPair(s.into()))?;
+    let n = n.parse().map_err(|source| ValueError::DiskNumber {
+        spec: s.into(),
+        number: n.into(),
+        source,
+    })?;
     Ok((n, PathBuf::from(path)))
 }
 

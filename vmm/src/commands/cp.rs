@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 
-use super::exec::connect_agent;
+use super::common::connect_agent;
 use crate::cli::CpArgs;
 
 const GUEST_PREFIX: &str = "vm:";
@@ -169,14 +169,8 @@ pub fn write_host_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::scratch;
     use std::os::unix::fs::PermissionsExt;
-
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("kiln-cp-unit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
@@ -204,7 +198,7 @@ mod tests {
 
     #[test]
     fn hostile_cp_setuid_guest_file_loses_its_special_bits() {
-        let d = scratch("setuid");
+        let d = scratch("cp-setuid");
         let dst = d.join("out");
         for (options, want) in [
             (HostWrite::default(), 0o4755 & 0o777 & !current_umask()),
@@ -234,7 +228,7 @@ mod tests {
 
     #[test]
     fn hostile_cp_symlink_at_the_destination_is_refused() {
-        let d = scratch("symlink");
+        let d = scratch("cp-symlink");
         let victim = d.join("victim");
         std::fs::write(&victim, b"precious").unwrap();
         std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -269,7 +263,7 @@ mod tests {
 
     #[test]
     fn a_failed_copy_leaves_the_destination_and_no_temporary_file() {
-        let d = scratch("failed");
+        let d = scratch("cp-failed");
         let dst = d.join("out");
         std::fs::write(&dst, b"before").unwrap();
         let e = write_host_file(&dst, HostWrite::default(), |out| {

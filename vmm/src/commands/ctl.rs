@@ -39,14 +39,14 @@ pub(crate) fn request(ctl: &CtlRequest) -> anyhow::Result<Request> {
 pub fn ctl(args: &CtlArgs) -> anyhow::Result<ExitCode> {
     let request = request(&args.request)?;
     let timeout = Some(Duration::from_secs(args.timeout.max(1)));
-    let (line, response) = api::call(&args.api, &request, timeout)?;
+    let (line, outcome) = api::call(&args.api, &request, timeout)?;
     println!("{line}");
-    if response["ok"] == true {
+    if outcome.ok {
         return Ok(ExitCode::SUCCESS);
     }
-    let error = response["error"]
-        .as_str()
-        .unwrap_or("the VM refused the request");
+    let error = outcome
+        .error
+        .unwrap_or_else(|| "the VM refused the request".into());
     anyhow::bail!("{error}")
 }
 

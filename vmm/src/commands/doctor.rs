@@ -69,20 +69,8 @@ pub fn checks() -> Vec<Check> {
             true,
             virtualization(&cpuinfo, Path::new("/sys/module")),
         ),
-        Check::new(
-            "guest kernel",
-            true,
-            defaults::guest_kernel()
-                .map(|p| p.display().to_string())
-                .map_err(|e| e.to_string()),
-        ),
-        Check::new(
-            "initramfs",
-            true,
-            defaults::agent_initramfs()
-                .map(|p| p.display().to_string())
-                .map_err(|e| e.to_string()),
-        ),
+        Check::new("guest kernel", true, found(defaults::guest_kernel())),
+        Check::new("initramfs", true, found(defaults::agent_initramfs())),
         Check::new("cgroup v2", false, cgroup2(Path::new("/sys/fs/cgroup"))),
         Check::new("tun", false, tun()),
         Check::new(
@@ -91,6 +79,12 @@ pub fn checks() -> Vec<Check> {
             nesting_socket(Path::new(NESTING_CONFIG)),
         ),
     ]
+}
+
+/// A default file's check: its path, or where it was looked for.
+fn found<E: std::fmt::Display>(path: Result<std::path::PathBuf, E>) -> Result<String, String> {
+    path.map(|p| p.display().to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn kvm_access() -> Result<String, String> {

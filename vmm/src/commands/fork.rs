@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use super::restore::check_snapshot_dir;
+use super::common::check_snapshot_dir;
 use crate::api;
 use crate::cli::ForkArgs;
 use crate::vmm::Request;

@@ -19,8 +19,8 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<ExitCode> {
                 suite: b.debian.clone(),
                 mirror: b.mirror.clone(),
                 packages: b.packages.clone(),
-                size_mib: b.make.size,
-                agent: locate_agent(b.make.agent.as_deref())?,
+                size_mib: b.make.rootfs.size,
+                agent: locate_agent(b.make.rootfs.agent.as_deref())?,
                 force: b.make.force,
             };
             made(&b.make, |store| build(store, &spec))
@@ -29,8 +29,8 @@ pub fn image(args: &ImageArgs) -> anyhow::Result<ExitCode> {
             let spec = ImportSpec {
                 name: i.make.name.clone(),
                 tarball: i.tarball.clone(),
-                size_mib: i.make.size,
-                agent: locate_agent(i.make.agent.as_deref())?,
+                size_mib: i.make.rootfs.size,
+                agent: locate_agent(i.make.rootfs.agent.as_deref())?,
                 force: i.make.force,
             };
             // A `docker save` archive or an OCI layout has layers to apply, not a tree.
@@ -100,8 +100,8 @@ fn pull(args: &PullArgs) -> anyhow::Result<ExitCode> {
         name: args.name.clone(),
         platform: args.platform.parse()?,
         insecure: args.insecure_registry.clone(),
-        size_mib: args.size,
-        agent: locate_agent(args.agent.as_deref())?,
+        size_mib: args.rootfs.size,
+        agent: locate_agent(args.rootfs.agent.as_deref())?,
         force: args.force,
     };
     crate::image::interrupt::install()?;

@@ -13,12 +13,13 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kiln_agent::client::{Client, ExecIo};
+use kiln_agent::client::Client;
 use kiln_agent::protocol::{ExecRequest, SignalTarget, AGENT_PORT};
 
-use super::exec::parse_env;
-use super::run::{check_files, console_sink};
-use super::RuntimeDir;
+use super::common::{
+    check_files, check_snapshot_dir, console_sink, exec_streamed, parse_env, seccomp_filters,
+    RuntimeDir,
+};
 use crate::cli::JobArgs;
 use crate::config::SerialOutput;
 use crate::seccomp::{spawn_filtered, ThreadKind};
@@ -137,7 +138,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
         }
         None => booted_vm(args, &uds, runtime.path(), events.clone(), start)?,
     };
-    let filters = super::run::seccomp_filters(&vmm)?;
+    let filters = seccomp_filters(&vmm)?;
     let stop = Arc::new(vmm.stop_handle()?);
     let vm_thread = std::thread::Builder::new()
         .name("kiln-vmm".into())
@@ -263,7 +264,7 @@ fn restored_vm(
     runtime: &Path,
     start: Instant,
 ) -> anyhow::Result<Vmm> {
-    super::restore::check_snapshot_dir(snapshot)?;
+    check_snapshot_dir(snapshot)?;
     let serial = args.vm.serial.clone().unwrap_or(SerialOutput::Null);
     let vmm = Vmm::restore(RestoreSpec {
         snapshot: snapshot.to_owned(),
@@ -331,16 +332,7 @@ fn run_job(
     client
         .put_file(GUEST_SCRIPT, 0o755, &mut &script[..])
         .context("cannot copy the job script into the guest")?;
-    let status = client
-        .exec_with(
-            request,
-            ExecIo {
-                stdin: None,
-                stdout: &mut std::io::stdout(),
-                stderr: &mut std::io::stderr(),
-                on_started: Some(&mut |s| cancel.arm(s.exec_id)),
-            },
-        )
+    let status = exec_streamed(&mut client, request, &mut |id| cancel.arm(id))
         .context("the job did not run to its end")?;
     Ok(JobDone {
         code: status.shell_code(),

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use kiln_agent::client::{wait_ready, Client};
 use kiln_agent::protocol::AGENT_PORT;
 
-use super::run::{console_sink, run_to_end, Sockets};
+use super::common::{check_snapshot_dir, console_sink, run_to_end, RuntimeDir, Sockets};
 use crate::cli::RestoreArgs;
 use crate::snapshot::restore::RestoreSpec;
 use crate::vmm::Vmm;
@@ -26,7 +26,7 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
     check_snapshot_dir(&args.snapshot)?;
     let access = crate::api::SocketAccess::from_flag(args.socket_group.as_deref())?;
     // Overlay disks without --disk-overlay get their copies here, removed at the end.
-    let runtime = super::RuntimeDir::create("restore")?;
+    let runtime = RuntimeDir::create("restore")?;
     let net = args.net.clone().map(crate::net::NetConfig::with_fresh_mac);
     let vmm = Vmm::restore(RestoreSpec {
         snapshot: args.snapshot.clone(),
@@ -73,15 +73,6 @@ pub fn restore(args: &RestoreArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let code = run_to_end(vmm, sockets, args.json, access);
     drop(runtime);
     code
-}
-
-/// A clear error for a snapshot path that is missing or not a directory.
-pub(crate) fn check_snapshot_dir(dir: &Path) -> anyhow::Result<()> {
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => bail!("snapshot {} is not a directory", dir.display()),
-        Err(e) => bail!("cannot open snapshot directory {}: {e}", dir.display()),
-    }
 }
 
 /// What makes a restored clone itself, beyond clock and entropy.

@@ -359,9 +359,7 @@ mod tests {
 
     #[test]
     fn restored_devices_sit_at_their_saved_windows_in_any_attach_order() {
-        let dir = std::env::temp_dir().join(format!("kiln-dm-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("device-manager");
         let image = dir.join("disk.img");
         std::fs::write(&image, vec![0u8; 4096]).unwrap();
 

@@ -98,12 +98,7 @@ impl VirtioHandle {
     ) -> Result<VirtioHandle, DeviceError> {
         Ok(match saved {
             VirtioState::Vsock(state) => {
-                let uds = clone.vsock_uds.ok_or_else(|| {
-                    DeviceError::Restore(
-                        "the snapshot has a vsock device: give this clone its own --vsock path"
-                            .into(),
-                    )
-                })?;
+                let uds = required(clone.vsock_uds, "a vsock device", "--vsock path")?;
                 let args = VsockRestoreArgs {
                     uds_path: uds.to_owned(),
                     queues,
@@ -115,12 +110,7 @@ impl VirtioHandle {
                 VirtioHandle::Block(Arc::new(Mutex::new(Block::restore(queues, &state)?)))
             }
             VirtioState::Net(state) => {
-                let config = clone.net.ok_or_else(|| {
-                    DeviceError::Restore(
-                        "the snapshot has a network device: give this clone its own --net tap=NAME"
-                            .into(),
-                    )
-                })?;
+                let config = required(clone.net, "a network device", "--net tap=NAME")?;
                 let args = NetRestoreArgs {
                     tap: crate::net::open_tap(&config.tap)?,
                     mac: config.mac.unwrap_or_else(MacAddr::random),
@@ -133,4 +123,14 @@ impl VirtioHandle {
             }
         })
     }
+}
+
+/// The host resource a clone brings for a device the snapshot has (`device`), or the
+/// error asking for one of its own (`flag`).
+fn required<T>(given: Option<T>, device: &str, flag: &str) -> Result<T, DeviceError> {
+    given.ok_or_else(|| {
+        DeviceError::Restore(format!(
+            "the snapshot has {device}: give this clone its own {flag}"
+        ))
+    })
 }

@@ -111,8 +111,7 @@ mod tests {
 
     #[test]
     fn trim_empties_but_keeps_the_directories() {
-        let tree = std::env::temp_dir().join(format!("kiln-trim-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tree);
+        let tree = crate::test_util::scratch("trim");
         std::fs::create_dir_all(tree.join("usr/share/doc/git")).unwrap();
         std::fs::write(tree.join("usr/share/doc/git/copyright"), "x").unwrap();
         std::fs::create_dir_all(tree.join("etc")).unwrap();

@@ -192,8 +192,7 @@ mod tests {
 
     #[test]
     fn the_agent_goes_into_the_tree_through_absolute_symlinks() {
-        let tree = std::env::temp_dir().join(format!("kiln-agent-tree-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tree);
+        let tree = crate::test_util::scratch("agent-tree");
         std::fs::create_dir_all(tree.join("usr/sbin")).unwrap();
         std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
         // As some container images have them: absolute, meaning the guest's /usr.
@@ -230,8 +229,7 @@ mod tests {
 
     #[test]
     fn tree_size_counts_files_and_directories() {
-        let dir = std::env::temp_dir().join(format!("kiln-tree-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::test_util::scratch("tree");
         std::fs::create_dir_all(dir.join("a/b")).unwrap();
         std::fs::write(dir.join("a/f"), vec![1u8; 5000]).unwrap();
         std::fs::hard_link(dir.join("a/f"), dir.join("a/b/g")).unwrap();

@@ -302,7 +302,7 @@ impl Jail {
                 Ok(never) => match never {},
             };
             let mut file = std::fs::File::from(write_end);
-            let _ = std::io::Write::write_all(&mut file, err.as_bytes());
+            let _ = std::io::Write::write_all(&mut file, err.to_string().as_bytes());
             // SAFETY: _exit ends the child without running the parent's destructors (the
             // jail directory's guard belongs to the parent).
             unsafe { libc::_exit(127) };

@@ -68,8 +68,8 @@ impl Plan {
     }
 
     /// Enters the namespaces, builds `/dev` and makes the jail root this process's `/`.
-    /// On failure: which step failed and why, as one line.
-    pub(super) fn enter(&self) -> Result<(), String> {
+    /// On failure: which step failed and why.
+    pub(super) fn enter(&self) -> Result<(), StepError> {
         let flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
         // SAFETY: unshare takes no pointers.
@@ -162,10 +162,10 @@ impl Plan {
                 libc::chroot(c".".as_ptr())
             })?;
         } else {
-            return Err(format!(
-                "pivot_root into the jail root: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(StepError::Sys {
+                what: "pivot_root into the jail root",
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: a NUL-terminated path.
         check("chdir to the new /", unsafe { libc::chdir(c"/".as_ptr()) })?;
@@ -178,12 +178,30 @@ impl Plan {
     }
 }
 
-/// Turns a -1 return into "what: errno".
-pub(super) fn check(what: &str, r: libc::c_int) -> Result<(), String> {
+/// A step of entering the jail, in the child, that failed; the child writes it to the
+/// parent, which reports it as [`JailError::Child`].
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StepError {
+    #[error("{what}: {source}")]
+    Sys {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("drop capability {cap} from the bounding set: {source}")]
+    BoundingSet { cap: i32, source: std::io::Error },
+    #[error("capabilities remain after dropping to the unprivileged ids")]
+    CapabilitiesRemain,
+}
+
+/// Turns a -1 return into the step `what` and its errno.
+pub(super) fn check(what: &'static str, r: libc::c_int) -> Result<(), StepError> {
     if r == 0 {
         Ok(())
     } else {
-        Err(format!("{what}: {}", std::io::Error::last_os_error()))
+        Err(StepError::Sys {
+            what,
+            source: std::io::Error::last_os_error(),
+        })
     }
 }
 
@@ -193,8 +211,8 @@ fn mount(
     fstype: Option<&std::ffi::CStr>,
     flags: libc::c_ulong,
     data: Option<&std::ffi::CStr>,
-    what: &str,
-) -> Result<(), String> {
+    what: &'static str,
+) -> Result<(), StepError> {
     let ptr = |s: Option<&std::ffi::CStr>| s.map_or(std::ptr::null(), |s| s.as_ptr());
     // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
     let r = unsafe {

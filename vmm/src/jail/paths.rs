@@ -365,9 +365,7 @@ mod tests {
 
     #[test]
     fn copies_never_go_through_an_existing_name_or_a_symlink() {
-        let dir = std::env::temp_dir().join(format!("kiln-jail-copy-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_util::scratch("jail-copy");
         let (src, target, link) = (dir.join("src"), dir.join("target"), dir.join("link"));
         fs::write(&src, "new").unwrap();
         fs::write(&target, "keep").unwrap();

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::ns::check;
+use super::ns::{check, StepError};
 use super::{JailError, JailSpec};
 use crate::net::INHERITED_TAPS_ENV;
 
@@ -90,7 +90,7 @@ impl Exec {
     }
 
     /// Limits, fds, capabilities, ids, then `execve("/kiln")`; returns only on failure.
-    pub(super) fn run(&self) -> Result<Infallible, String> {
+    pub(super) fn run(&self) -> Result<Infallible, StepError> {
         for (resource, limit, what) in [
             (libc::RLIMIT_NOFILE, self.max_fds, "set RLIMIT_NOFILE"),
             (libc::RLIMIT_FSIZE, self.max_file_bytes, "set RLIMIT_FSIZE"),
@@ -167,34 +167,36 @@ impl Exec {
             .iter()
             .any(|d| d.effective != 0 || d.permitted != 0 || d.inheritable != 0)
         {
-            return Err("capabilities remain after dropping to the unprivileged ids".into());
+            return Err(StepError::CapabilitiesRemain);
         }
         // SAFETY: integer arguments only.
         check("set no_new_privs", unsafe {
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         })?;
-        let argv: Vec<*const libc::c_char> = self
-            .argv
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
-        let envp: Vec<*const libc::c_char> = self
-            .envp
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+        let (argv, envp) = (null_terminated(&self.argv), null_terminated(&self.envp));
         // SAFETY: argv and envp are null-terminated arrays of NUL-terminated strings that
         // live until the call (which does not return on success).
         unsafe { libc::execve(c"/kiln".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        Err(format!("execve /kiln: {}", std::io::Error::last_os_error()))
+        Err(StepError::Sys {
+            what: "execve /kiln",
+            source: std::io::Error::last_os_error(),
+        })
     }
+}
+
+/// Pointers to `strings` and a null after them: an `argv` or `envp` for execve, valid while
+/// `strings` lives.
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
 }
 
 /// Drops every capability from the bounding set (until the kernel's last one, where
 /// PR_CAPBSET_DROP says EINVAL).
-fn drop_bounding_set() -> Result<(), String> {
+fn drop_bounding_set() -> Result<(), StepError> {
     for cap in 0..64 {
         // SAFETY: integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
@@ -202,7 +204,7 @@ fn drop_bounding_set() -> Result<(), String> {
             if e.raw_os_error() == Some(libc::EINVAL) && cap > 0 {
                 return Ok(());
             }
-            return Err(format!("drop capability {cap} from the bounding set: {e}"));
+            return Err(StepError::BoundingSet { cap, source: e });
         }
     }
     Ok(())

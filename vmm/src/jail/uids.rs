@@ -29,26 +29,39 @@ pub struct UidRange {
     pub count: u32,
 }
 
-impl FromStr for UidRange {
-    type Err = String;
+/// Why a `--uid-range` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UidRangeError {
+    #[error("{0:?}: expected START:COUNT, e.g. 1800000000:65536")]
+    Malformed(String),
+    #[error("{0:?}: the range must not include uid 0 (root)")]
+    HasRoot(String),
+    #[error("{0:?}: the range is empty")]
+    Empty(String),
+    #[error("{0:?}: the range runs past the largest uid")]
+    TooHigh(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected START:COUNT, e.g. 1800000000:65536");
+impl FromStr for UidRange {
+    type Err = UidRangeError;
+
+    fn from_str(s: &str) -> Result<Self, UidRangeError> {
+        let bad = || UidRangeError::Malformed(s.into());
         let (start, count) = s.split_once(':').ok_or_else(bad)?;
         let start: u32 = start.trim().parse().map_err(|_| bad())?;
         let count: u32 = count.trim().parse().map_err(|_| bad())?;
         if start == 0 {
-            return Err(format!("{s:?}: the range must not include uid 0 (root)"));
+            return Err(UidRangeError::HasRoot(s.into()));
         }
         if count == 0 {
-            return Err(format!("{s:?}: the range is empty"));
+            return Err(UidRangeError::Empty(s.into()));
         }
         // u32::MAX is the "no uid" value (-1) of the chown family.
         if start
             .checked_add(count)
             .is_none_or(|end| end > u32::MAX - 1)
         {
-            return Err(format!("{s:?}: the range runs past the largest uid"));
+            return Err(UidRangeError::TooHigh(s.into()));
         }
         Ok(UidRange { start, count })
     }

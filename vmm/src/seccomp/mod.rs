@@ -49,6 +49,9 @@ pub enum SeccompError {
     Install(ThreadKind, seccompiler::Error),
     #[error("cannot install the SIGSYS handler: {0}")]
     Handler(std::io::Error),
+    /// Compiling the filters failed once in this process; every later caller gets that.
+    #[error(transparent)]
+    Earlier(Arc<SeccompError>),
 }
 
 /// The compiled filters, shared by the threads that install them.
@@ -64,11 +67,11 @@ pub struct Filters {
 impl Filters {
     /// Compiles the filters (once per process; later calls share them).
     pub fn get() -> Result<Filters, SeccompError> {
-        static FILTERS: OnceLock<Result<Filters, String>> = OnceLock::new();
+        static FILTERS: OnceLock<Result<Filters, Arc<SeccompError>>> = OnceLock::new();
         FILTERS
-            .get_or_init(|| Filters::compile().map_err(|e| e.to_string()))
+            .get_or_init(|| Filters::compile().map_err(Arc::new))
             .clone()
-            .map_err(|e| SeccompError::Handler(std::io::Error::other(e)))
+            .map_err(SeccompError::Earlier)
     }
 
     fn compile() -> Result<Filters, SeccompError> {
@@ -161,7 +164,8 @@ fn compile(kind: ThreadKind, list: Vec<Allowed>) -> Result<BpfProgram, SeccompEr
 
 /// Installs [`on_sigsys`] once per process.
 fn install_sigsys_handler() -> Result<(), SeccompError> {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    // The errno of a failed sigaction, for every later caller.
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| {
             // SAFETY: an all-zero sigaction is a valid value to fill in.
@@ -171,12 +175,12 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
             // SAFETY: `action` is initialised, `on_sigsys` has the SA_SIGINFO signature and
             // only makes async-signal-safe calls.
             if unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } != 0 {
-                return Err(std::io::Error::last_os_error().to_string());
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                return Err(errno.unwrap_or(libc::EINVAL));
             }
             Ok(())
         })
-        .clone()
-        .map_err(|e| SeccompError::Handler(std::io::Error::other(e)))
+        .map_err(|errno| SeccompError::Handler(std::io::Error::from_raw_os_error(errno)))
 }
 
 /// Offset of `si_syscall` in a SIGSYS `siginfo_t` on x86_64 (after si_signo, si_errno,

@@ -121,14 +121,48 @@ fn read_guest(
     Ok(())
 }
 
+/// Why a snapshot's memory file cannot become the guest's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("a memory range does not fit this host's address space: {0}")]
+    Size(#[from] std::num::TryFromIntError),
+    #[error("cannot map guest memory: {0}")]
+    File(std::io::Error),
+    #[error("cannot map guest memory: {0}")]
+    Mmap(vm_memory::mmap::MmapRegionError),
+    #[error("bad guest memory region at {0:#x?}")]
+    Region(GuestAddress),
+    #[error("cannot map guest memory: {0}")]
+    Regions(vm_memory::GuestRegionCollectionError),
+    #[error("a diff page lies outside guest RAM")]
+    OutsideRam,
+    #[error("diff page at {addr:#x?}: {source}")]
+    Host {
+        addr: GuestAddress,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("cannot map diff pages at {addr:#x?}: {source}")]
+    MapDiff {
+        addr: GuestAddress,
+        source: std::io::Error,
+    },
+    #[error("cannot read diff pages at offset {offset:#x}: {source}")]
+    ReadDiff { offset: u64, source: std::io::Error },
+    #[error("cannot copy diff pages to {addr:#x?}: {source}")]
+    CopyDiff {
+        addr: GuestAddress,
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
 /// Maps a snapshot's memory file as the guest's RAM, private: the guest's writes go to
 /// anonymous copies of the pages it writes, never to the file, and every clone shares the
 /// pages it only reads through the page cache.
-pub fn map_private(file: &File, size: u64) -> Result<GuestMemory, String> {
+pub fn map_private(file: &File, size: u64) -> Result<GuestMemory, MapError> {
     let mut regions = Vec::new();
     for (addr, len, offset) in ram_ranges(size) {
-        let len = usize::try_from(len).map_err(|e| e.to_string())?;
-        let clone = file.try_clone().map_err(|e| e.to_string())?;
+        let len = usize::try_from(len)?;
+        let clone = file.try_clone().map_err(MapError::File)?;
         let region: MmapRegion<AtomicBitmap> = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
             len,
             vm_memory::bitmap::NewBitmap::with_len(len),
@@ -137,10 +171,10 @@ pub fn map_private(file: &File, size: u64) -> Result<GuestMemory, String> {
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
         .build()
-        .map_err(|e| format!("cannot map guest memory: {e}"))?;
-        regions.push(GuestRegionMmap::new(region, addr).ok_or("bad guest memory region")?);
+        .map_err(MapError::Mmap)?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or(MapError::Region(addr))?);
     }
-    GuestMemory::from_regions(regions).map_err(|e| e.to_string())
+    GuestMemory::from_regions(regions).map_err(MapError::Regions)
 }
 
 /// Lays the pages `pages` of a diff snapshot's memory file over `memory` (mapped by
@@ -151,13 +185,12 @@ pub fn overlay(
     size: u64,
     file: &File,
     pages: &PageSet,
-) -> Result<(), String> {
+) -> Result<(), MapError> {
     let mut pieces = Vec::new();
     for (first, count) in pages.runs() {
         let (mut offset, end) = (first * PAGE, (first + count) * PAGE);
         while offset < end {
-            let (addr, contiguous) =
-                guest_addr(size, offset).ok_or("a diff page lies outside guest RAM")?;
+            let (addr, contiguous) = guest_addr(size, offset).ok_or(MapError::OutsideRam)?;
             let len = contiguous.min(end - offset);
             pieces.push((offset, addr, len));
             offset += len;
@@ -168,10 +201,10 @@ pub fn overlay(
     for (offset, addr, len) in pieces {
         let host = memory
             .get_host_address(addr)
-            .map_err(|e| format!("diff page at {addr:#x?}: {e}"))?;
-        let len_usize = usize::try_from(len).map_err(|e| e.to_string())?;
+            .map_err(|source| MapError::Host { addr, source })?;
+        let len_usize = usize::try_from(len)?;
         if map {
-            let file_offset = libc::off_t::try_from(offset).map_err(|e| e.to_string())?;
+            let file_offset = libc::off_t::try_from(offset)?;
             // SAFETY: `host..host+len` lies inside one region of `memory` (guest_addr keeps
             // each piece within a RAM range), a mapping this process made and still owns;
             // MAP_FIXED replaces exactly those pages with the diff file's, before any vCPU
@@ -188,18 +221,18 @@ pub fn overlay(
                 )
             };
             if mapped == libc::MAP_FAILED {
-                return Err(format!(
-                    "cannot map diff pages at {addr:#x?}: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(MapError::MapDiff {
+                    addr,
+                    source: std::io::Error::last_os_error(),
+                });
             }
         } else {
             buf.resize(len_usize, 0);
             file.read_exact_at(&mut buf, offset)
-                .map_err(|e| format!("cannot read diff pages at offset {offset:#x}: {e}"))?;
+                .map_err(|source| MapError::ReadDiff { offset, source })?;
             memory
                 .write_slice(&buf, addr)
-                .map_err(|e| format!("cannot copy diff pages to {addr:#x?}: {e}"))?;
+                .map_err(|source| MapError::CopyDiff { addr, source })?;
         }
     }
     Ok(())
@@ -224,13 +257,8 @@ pub fn take_bitmaps(memory: &GuestMemory, size: u64, into: &mut PageSet) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::scratch;
     use std::os::unix::fs::MetadataExt;
-
-    fn scratch(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-snapmem-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     #[test]
     fn zero_pages_stay_holes_and_private_maps_do_not_write_back() {
@@ -239,7 +267,7 @@ mod tests {
         mem.write_obj(0x1122_3344u32, GuestAddress(0x5000)).unwrap();
         mem.write_obj(0x5566_7788u32, GuestAddress(0x70_0000))
             .unwrap();
-        let dir = scratch("full");
+        let dir = scratch("snapmem-full");
         let path = dir.join("memory");
         assert_eq!(write_memory(&mem, size, None, &path).unwrap(), 2 * PAGE);
         let meta = std::fs::metadata(&path).unwrap();
@@ -286,7 +314,7 @@ mod tests {
             mem.write_obj(0x1000_0000 + page, GuestAddress(page * PAGE))
                 .unwrap();
         }
-        let dir = scratch("diff");
+        let dir = scratch("snapmem-diff");
         let base_path = dir.join("base");
         write_memory(&mem, size, None, &base_path).unwrap();
         reset_bitmaps(&mem);

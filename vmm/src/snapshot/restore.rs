@@ -86,7 +86,7 @@ impl Snapshot {
         let (mut state, digest) = read_state_and_digest(&spec.snapshot)?;
         super::validate::confine_paths(&spec.snapshot, &mut state, &spec.paths)
             .map_err(restore_err)?;
-        check_arguments(&state, spec).map_err(restore_err)?;
+        check_arguments(&state, spec)?;
         Ok(Snapshot {
             dir: spec.snapshot.clone(),
             state,
@@ -111,33 +111,52 @@ impl Snapshot {
     }
 }
 
+/// Why a snapshot cannot be restored as asked, or its memory cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("--disk-overlay {index}={}: the snapshot has no overlay disk {index} ({disks} disks)", path.display())]
+    NoOverlayDisk {
+        index: usize,
+        path: PathBuf,
+        disks: usize,
+    },
+    #[error("the snapshot has a vsock device: give this clone its own --vsock path")]
+    NeedsVsock,
+    #[error("--net tap={0}: the snapshot has no network device; leave --net out")]
+    UnwantedNet(String),
+    #[error("the snapshot has a network device: give this clone its own --net tap=NAME")]
+    NeedsNet,
+    #[error(transparent)]
+    Memory(#[from] super::memory::MapError),
+    #[error("diff snapshot {}: {source}", dir.display())]
+    Diff {
+        dir: PathBuf,
+        source: super::memory::MapError,
+    },
+}
+
 /// Every check of a snapshot against the arguments given to restore it, in one place: what
 /// each clone must bring for the devices the snapshot has, and nothing for devices it
 /// lacks.
-fn check_arguments(state: &SnapshotState, spec: &RestoreSpec) -> Result<(), String> {
+fn check_arguments(state: &SnapshotState, spec: &RestoreSpec) -> Result<(), RestoreError> {
     let disks: Vec<_> = state.devices.disks().collect();
     if let Some((index, path)) = spec
         .disk_overlays
         .iter()
         .find(|(i, _)| disks.get(*i).is_none_or(|d| d.overlay_file.is_none()))
     {
-        return Err(format!(
-            "--disk-overlay {index}={}: the snapshot has no overlay disk {index} ({} disks)",
-            path.display(),
-            disks.len()
-        ));
+        return Err(RestoreError::NoOverlayDisk {
+            index: *index,
+            path: path.clone(),
+            disks: disks.len(),
+        });
     }
     if state.devices.vsock().is_some() && spec.vsock_uds.is_none() {
-        return Err("the snapshot has a vsock device: give this clone its own --vsock path".into());
+        return Err(RestoreError::NeedsVsock);
     }
     match (state.devices.net(), &spec.net) {
-        (None, Some(config)) => Err(format!(
-            "--net tap={}: the snapshot has no network device; leave --net out",
-            config.tap
-        )),
-        (Some(_), None) => {
-            Err("the snapshot has a network device: give this clone its own --net tap=NAME".into())
-        }
+        (None, Some(config)) => Err(RestoreError::UnwantedNet(config.tap.clone())),
+        (Some(_), None) => Err(RestoreError::NeedsNet),
         _ => Ok(()),
     }
 }
@@ -195,11 +214,15 @@ fn restore_memory(dir: &Path, state: &SnapshotState) -> Result<GuestMemory, VmmE
         diff = parent.diff;
     }
     let base = open_memory(&layer_dir.join(MEMORY_FILE), size)?;
-    let memory = super::memory::map_private(&base, size).map_err(restore_err)?;
+    let memory = super::memory::map_private(&base, size).map_err(RestoreError::from)?;
     for (diff_dir, pages) in diffs.iter().rev() {
         let file = open_memory(&diff_dir.join(MEMORY_FILE), size)?;
-        super::memory::overlay(&memory, size, &file, pages)
-            .map_err(|e| restore_err(format!("diff snapshot {}: {e}", diff_dir.display())))?;
+        super::memory::overlay(&memory, size, &file, pages).map_err(|source| {
+            RestoreError::Diff {
+                dir: diff_dir.clone(),
+                source,
+            }
+        })?;
     }
     // Building the memory is not a write the next diff snapshot should carry.
     super::memory::reset_bitmaps(&memory);

@@ -138,6 +138,7 @@ mod tests {
 
     use super::*;
     use crate::snapshot::{pages, DiffInfo};
+    use crate::test_util::scratch;
 
     fn sample() -> SnapshotState {
         crate::snapshot::validate::tests::sample()
@@ -151,15 +152,9 @@ mod tests {
         }
     }
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("kiln-snapfmt-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     #[test]
     fn round_trip_and_every_kind_of_damage() {
-        let d = dir("damage");
+        let d = scratch("snapfmt-damage");
         write_state(&d, &sample()).unwrap();
         assert_eq!(read_state(&d).unwrap().machine, sample().machine);
         let path = d.join(STATE_FILE);
@@ -200,7 +195,7 @@ mod tests {
 
     #[test]
     fn parse_state_reads_what_write_state_wrote() {
-        let d = dir("parse");
+        let d = scratch("snapfmt-parse");
         write_state(&d, &sample()).unwrap();
         let bytes = std::fs::read(d.join(STATE_FILE)).unwrap();
         let state = parse_state(&d, &bytes).unwrap();

@@ -400,17 +400,7 @@ pub(crate) mod tests {
         use kiln_devices::virtio::block::{BlockConfigState, BlockState, SERIAL_LEN};
         VirtioDeviceState {
             window: MmioWindow::nth(0).unwrap(),
-            transport: MmioTransportState {
-                version: kiln_devices::virtio::mmio::MMIO_STATE_VERSION,
-                device_status: 0,
-                device_features_sel: 0,
-                driver_features: 0,
-                driver_features_sel: 0,
-                queue_sel: 0,
-                queues: Vec::new(),
-                interrupt_status: 0,
-                config_generation: 0,
-            },
+            transport: MmioTransportState::default(),
             device: VirtioState::Block(DiskState {
                 device: BlockState {
                     version: kiln_devices::virtio::block::BLOCK_STATE_VERSION,
@@ -443,8 +433,7 @@ pub(crate) mod tests {
 
     #[test]
     fn hostile_paths_outside_the_snapshot_and_the_store_are_refused() {
-        let root = std::env::temp_dir().join(format!("kiln-confine-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = crate::test_util::scratch("confine");
         let (family, store, elsewhere) = (root.join("snaps"), root.join("store"), root.join("x"));
         let snap = family.join("snap");
         for d in [

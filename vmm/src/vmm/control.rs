@@ -7,10 +7,12 @@
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::SnapshotKind;
+use crate::snapshot::{SnapshotError, SnapshotKind};
+use crate::vstate::vcpu_state::VcpuStateError;
 use vmm_sys_util::eventfd::EventFd;
 
 /// What can be asked of a running VM. As JSON: `{"cmd":"pause"}`,
@@ -43,8 +45,71 @@ fn yes() -> bool {
     true
 }
 
-/// The answer: `{"ok":true, …fields}` or `{"ok":false,"error":"…"}`.
-pub type Response = Result<serde_json::Value, String>;
+/// Whether the VM runs, as an answer gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+    /// A shutdown was asked for: the VM ends next.
+    Stopping,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: VmState,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// From the VMM's start to the guest's boot-done mark, once it came.
+    pub boot_ms: Option<f64>,
+}
+
+/// The answer to `snapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotTaken {
+    pub dir: PathBuf,
+    pub kind: SnapshotKind,
+    pub memory_bytes_written: u64,
+    /// How long the snapshot took (the VM was paused meanwhile).
+    pub ms: f64,
+    /// The VM's state after it.
+    pub state: VmState,
+}
+
+/// What a request that succeeded answers; as JSON, the fields of the variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Status(Status),
+    Snapshot(SnapshotTaken),
+    /// `pause`, `resume` and `shutdown`: the VM's state after the request.
+    State {
+        state: VmState,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM's control channel is broken")]
+    ChannelBroken,
+    #[error("the VM is not running")]
+    NotRunning,
+    #[error("cannot wake the VM's event loop: {0}")]
+    Wake(std::io::Error),
+    #[error("the VM ended before answering")]
+    NoAnswer,
+    #[error("vCPU {index} did not pause within {timeout:?} (or its thread ended)")]
+    PauseTimeout { index: usize, timeout: Duration },
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// The answer to a request.
+pub type Response = Result<Reply, ControlError>;
 
 type Queued = (Request, Sender<Response>);
 
@@ -78,14 +143,11 @@ impl Controller {
         let (tx, rx) = channel();
         self.requests
             .lock()
-            .map_err(|_| "the VM's control channel is broken".to_string())?
+            .map_err(|_| ControlError::ChannelBroken)?
             .send((request, tx))
-            .map_err(|_| "the VM is not running".to_string())?;
-        self.evt
-            .write(1)
-            .map_err(|e| format!("cannot wake the VM's event loop: {e}"))?;
-        rx.recv()
-            .map_err(|_| "the VM ended before answering".to_string())?
+            .map_err(|_| ControlError::NotRunning)?;
+        self.evt.write(1).map_err(ControlError::Wake)?;
+        rx.recv().map_err(|_| ControlError::NoAnswer)?
     }
 }
 

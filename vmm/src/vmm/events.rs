@@ -5,10 +5,9 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use serde_json::json;
 use vmm_sys_util::epoll::EventSet;
 
-use super::control::{Request, Response};
+use super::control::{ControlError, Reply, Request, Response, SnapshotTaken, Status, VmState};
 use super::{GuestExit, Vmm};
 use crate::snapshot::SnapshotKind;
 use crate::vstate::vcpu::VcpuOutcome;
@@ -62,39 +61,57 @@ impl Vmm {
     }
 
     fn handle(&mut self, request: Request) -> Response {
+        let state = |state| Reply::State { state };
         match request {
-            Request::Pause => self.pause().map(|()| json!({"state": "paused"})),
+            Request::Pause => self.pause().map(|()| state(VmState::Paused)),
             Request::Resume => {
                 self.resume();
-                Ok(json!({"state": "running"}))
+                Ok(state(VmState::Running))
             }
-            Request::Status => Ok(json!({
-                "state": if self.paused.is_some() { "paused" } else { "running" },
-                "vcpus": self.machine.vcpus,
-                "memory_mib": self.machine.memory_mib,
-                "boot_ms": self.devices.legacy.boot_timer.boot_time().map(|t| t.as_secs_f64() * 1e3),
+            Request::Status => Ok(Reply::Status(Status {
+                state: self.state(),
+                vcpus: self.machine.vcpus,
+                memory_mib: self.machine.memory_mib,
+                boot_ms: self
+                    .devices
+                    .legacy
+                    .boot_timer
+                    .boot_time()
+                    .map(|t| t.as_secs_f64() * 1e3),
             })),
             Request::Shutdown => {
                 self.set_exit(GuestExit::Stopped);
-                Ok(json!({"state": "stopping"}))
+                Ok(state(VmState::Stopping))
             }
             Request::Snapshot { dir, resume, kind } => {
                 let was_paused = self.paused.is_some();
                 self.pause()?;
                 let started = std::time::Instant::now();
-                let result = self.snapshot(&dir, kind).map_err(|e| e.to_string());
+                let result = self.snapshot(&dir, kind);
                 if resume && !was_paused {
                     self.resume();
                 }
-                let bytes = result?;
-                Ok(json!({
-                    "dir": dir,
-                    "kind": kind,
-                    "memory_bytes_written": bytes,
-                    "ms": started.elapsed().as_secs_f64() * 1e3,
-                    "state": if resume || was_paused && self.paused.is_none() { "running" } else { "paused" },
+                let memory_bytes_written = result?;
+                Ok(Reply::Snapshot(SnapshotTaken {
+                    dir,
+                    kind,
+                    memory_bytes_written,
+                    ms: started.elapsed().as_secs_f64() * 1e3,
+                    state: if resume {
+                        VmState::Running
+                    } else {
+                        self.state()
+                    },
                 }))
             }
+        }
+    }
+
+    fn state(&self) -> VmState {
+        if self.paused.is_some() {
+            VmState::Paused
+        } else {
+            VmState::Running
         }
     }
 
@@ -125,7 +142,7 @@ impl Vmm {
     }
 
     /// Pauses every vCPU and keeps their states. Pausing a paused VM does nothing.
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), ControlError> {
         if self.paused.is_some() {
             return Ok(());
         }
@@ -137,11 +154,12 @@ impl Vmm {
         for (i, h) in self.handles.iter().enumerate() {
             match h.control().wait_paused(PAUSE_TIMEOUT) {
                 Some(Ok(state)) => states.push(state),
-                Some(Err(e)) => failure = Some(e),
+                Some(Err(e)) => failure = Some(e.into()),
                 None => {
-                    failure = Some(format!(
-                        "vCPU {i} did not pause within {PAUSE_TIMEOUT:?} (or its thread ended)"
-                    ))
+                    failure = Some(ControlError::PauseTimeout {
+                        index: i,
+                        timeout: PAUSE_TIMEOUT,
+                    })
                 }
             }
         }

@@ -15,7 +15,10 @@ pub use create::Start;
 
 pub use spec::{BootDoneHook, BootSource, MachineSpec, VsockSpec};
 
-pub use control::{control_channel, ControlQueue, Controller, Request, Response};
+pub use control::{
+    control_channel, ControlError, ControlQueue, Controller, Reply, Request, Response,
+    SnapshotTaken, Status, VmState,
+};
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
@@ -55,6 +58,8 @@ pub enum VmmError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error("cannot restore: {0}")]
+    Restoring(#[from] crate::snapshot::restore::RestoreError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
 }

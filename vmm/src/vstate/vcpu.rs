@@ -181,8 +181,7 @@ impl Vcpu {
                         break outcome;
                     }
                     let state =
-                        vcpu_state::save(&self.fd, self.index, &shared.msr_indices, shared.irqchip)
-                            .map_err(|e| e.to_string());
+                        vcpu_state::save(&self.fd, self.index, &shared.msr_indices, shared.irqchip);
                     if control.pause_here(state) == Command::Stop {
                         break VcpuOutcome::Stopped;
                     }

@@ -8,7 +8,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::vcpu_state::VcpuState;
+use super::vcpu_state::{VcpuState, VcpuStateError};
 
 /// What a vCPU thread should be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub enum Command {
 struct Inner {
     command: Command,
     /// Set by the vCPU thread once it has paused: its state, or why it could not be read.
-    paused: Option<Result<VcpuState, String>>,
+    paused: Option<Result<VcpuState, VcpuStateError>>,
     /// The vCPU thread has ended (it will never pause).
     ended: bool,
     /// Counts the commands set. A paused thread waits for it to move, not for the command
@@ -70,7 +70,7 @@ impl VcpuControl {
 
     /// Waits until the thread has paused and takes its state. `None` if the thread ended
     /// instead, did not pause within `timeout`, or its state was taken already.
-    pub fn wait_paused(&self, timeout: Duration) -> Option<Result<VcpuState, String>> {
+    pub fn wait_paused(&self, timeout: Duration) -> Option<Result<VcpuState, VcpuStateError>> {
         let inner = self.lock();
         let (mut inner, _) = self
             .changed
@@ -85,7 +85,7 @@ impl VcpuControl {
     }
 
     /// The vCPU thread's side: report the pause, then wait until told to run or stop.
-    pub fn pause_here(&self, state: Result<VcpuState, String>) -> Command {
+    pub fn pause_here(&self, state: Result<VcpuState, VcpuStateError>) -> Command {
         let mut inner = self.lock();
         inner.paused = Some(state);
         self.changed.notify_all();
@@ -116,7 +116,13 @@ mod tests {
             match control.command() {
                 Command::Run => std::thread::yield_now(),
                 Command::Pause => {
-                    if control.pause_here(Err("stand-in state".into())) == Command::Stop {
+                    let stand_in = VcpuStateError {
+                        index: 0,
+                        action: "read",
+                        what: "regs",
+                        source: kvm_ioctls::Error::new(libc::EIO),
+                    };
+                    if control.pause_here(Err(stand_in)) == Command::Stop {
                         break;
                     }
                 }

@@ -3,7 +3,7 @@
 //! unused when there is nowhere to write one), and the disk keeps serving; an avail index
 //! far past the ring marks only the disk DEVICE_NEEDS_RESET, and a reset brings it back.
 
-use crate::guest::{self, Code, Rings, BLOCK, DISK_BYTE, F_INDIRECT, F_NEXT, F_WRITE};
+use crate::guest::{self, Code, Driver, Rings, BLOCK, DISK_BYTE, F_INDIRECT, F_NEXT, F_WRITE};
 use crate::vsock;
 
 pub const RINGS: Rings = Rings { base: 0x11_0000 };
@@ -50,6 +50,9 @@ pub fn bring_up(c: &mut Code) {
     c.window(BLOCK).bring_up(&[RINGS]);
 }
 
+/// The disk's [`bring_up`] and [`probe`].
+pub const DRIVER: Driver = Driver { bring_up, probe };
+
 #[test]
 fn hostile_block_requests_fail_and_a_corrupt_ring_breaks_only_the_disk() {
     let hdr = (u64::from(HDR), 16, F_NEXT);
@@ -90,18 +93,9 @@ fn hostile_block_requests_fail_and_a_corrupt_ring_breaks_only_the_disk() {
     request(&mut c, 5, 0, &[(NOWHERE, 48, F_INDIRECT)]);
     request(&mut c, 6, 0, &[(u64::from(DATA), 8, F_INDIRECT)]);
     probe(&mut c, 7);
-    // The avail index jumps 200 entries past a ring of 8.
-    c.poke16(RINGS.avail() + 2, 200)
-        .write(guest::reg::QUEUE_NOTIFY, 0)
-        .wait_needs_reset()
-        .print_status();
+    c.corrupt_avail(RINGS, 0);
     // The vsock device and the serial port still work; a reset brings the disk back.
-    vsock::bring_up(&mut c);
-    vsock::probe(&mut c, 0);
-    bring_up(&mut c);
-    probe(&mut c, 0);
-    c.print(b'K');
-    let out = guest::run("block", &c.reset_vm());
+    let out = guest::recover_and_run(c, "block", vsock::DRIVER, DRIVER);
 
     let ok = [0, DISK_BYTE];
     let mut want = vec![0x0f];

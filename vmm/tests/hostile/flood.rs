@@ -27,9 +27,7 @@ const LOG_BOUND: u64 =
 
 #[test]
 fn hostile_mmio_and_console_flood_stays_under_the_caps() {
-    let dir = std::env::temp_dir().join(format!("kiln-hostile-flood-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::util::scratch("flood");
     let code = Code::new(guest::VSOCK).forever(|c| {
         c.write(reg::MAGIC, 0x1234_5678).print(b'x');
     });

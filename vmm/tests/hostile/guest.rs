@@ -185,6 +185,14 @@ impl Code {
             .op(&reg::STATUS.to_le_bytes())
             .op(&[0xf6, 0xc3, 0x40, 0x74, 0xe9])
     }
+    /// Makes the avail index of queue `q` (at `rings`) jump 200 entries past its ring of 8
+    /// and kicks it; waits for DEVICE_NEEDS_RESET and prints the status (0x4f).
+    pub fn corrupt_avail(&mut self, rings: Rings, q: u32) -> &mut Self {
+        self.poke16(rings.avail() + 2, 200)
+            .write(reg::QUEUE_NOTIFY, q)
+            .wait_needs_reset()
+            .print_status()
+    }
     /// Spins until the status register has DEVICE_NEEDS_RESET.
     pub fn wait_needs_reset(&mut self) -> &mut Self {
         self.op(&[0x8b, 0x9f]) // again: mov ebx, [rdi + STATUS]
@@ -247,6 +255,25 @@ impl Code {
     }
 }
 
+/// How a guest drives one device: brings it up (printing 0x0f), and makes a good request
+/// as number `n` (printing what the device's test expects of it).
+pub struct Driver {
+    pub bring_up: fn(&mut Code),
+    pub probe: fn(&mut Code, u16),
+}
+
+/// The end every device's hostile test shares, once its device (`broken`) has been marked
+/// DEVICE_NEEDS_RESET: the `other` device still works, a reset brings `broken` back, the
+/// serial port prints 'K'; then the VM resets, run as [`run`] runs it.
+pub fn recover_and_run(mut c: Code, name: &str, other: Driver, broken: Driver) -> Outcome {
+    (other.bring_up)(&mut c);
+    (other.probe)(&mut c, 0);
+    (broken.bring_up)(&mut c);
+    (broken.probe)(&mut c, 0);
+    c.print(b'K');
+    run(name, &c.reset_vm())
+}
+
 /// What a hostile guest's run left.
 pub struct Outcome {
     /// The guest's serial output.
@@ -258,9 +285,7 @@ pub struct Outcome {
 /// Boots `code` with `kiln run` (64 MiB, a vsock device and a 64 KiB disk of
 /// [`DISK_BYTE`]s) and asserts that kiln exited 0, on the guest's reset, without panicking.
 pub fn run(name: &str, code: &[u8]) -> Outcome {
-    let dir = std::env::temp_dir().join(format!("kiln-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::util::scratch(name);
     let path = |f: &str| -> PathBuf { dir.join(f) };
     std::fs::write(path("guest.elf"), kiln_tests::tiny_kernel::elf(code)).unwrap();
     std::fs::write(path("disk.img"), vec![DISK_BYTE; 64 * 1024]).unwrap();

@@ -12,12 +12,9 @@ use std::time::{Duration, Instant};
 use kiln::arch::x86_64::regs::CpuMode;
 use kiln::vmm::{GuestExit, MachineSpec, Vmm, VsockSpec};
 
-#[path = "../console_capture/mod.rs"]
-mod console_capture;
-use console_capture::Captured;
-
-#[path = "../netns/mod.rs"]
-mod netns;
+#[path = "../util/mod.rs"]
+mod util;
+use util::console::Captured;
 
 mod block;
 mod flood;
@@ -46,11 +43,7 @@ fn hostile_guest(rings: &[Rings]) -> Vec<u8> {
     c.bring_up(rings);
     // The tx queue's avail index jumps 200 entries ahead of a ring of 8: prints 0x4f
     // (DEVICE_NEEDS_RESET).
-    let tx: Rings = rings[1];
-    c.poke16(tx.avail() + 2, 200)
-        .write(reg::QUEUE_NOTIFY, 1)
-        .wait_needs_reset()
-        .print_status();
+    c.corrupt_avail(rings[1], 1);
     // A reset brings the device back to the start of the protocol: prints 0x00, then 'K'.
     c.write(reg::STATUS, 0).print_status().print(b'K');
     c.halt()
@@ -58,9 +51,7 @@ fn hostile_guest(rings: &[Rings]) -> Vec<u8> {
 
 #[test]
 fn hostile_rings_mark_the_device_broken_and_nothing_else() {
-    let dir = std::env::temp_dir().join(format!("kiln-hostile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = util::scratch("in-process");
     let uds = dir.join("v.sock");
     let console = Captured::default();
     let spec = MachineSpec {

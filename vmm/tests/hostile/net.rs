@@ -6,9 +6,9 @@ use kiln::arch::x86_64::regs::CpuMode;
 use kiln::vmm::{MachineSpec, Vmm};
 use kiln_devices::virtio::net::tap;
 
-use super::console_capture::Captured;
-use super::netns::in_netns;
 use super::{hostile_guest, run_hostile, vsock};
+use crate::util::console::Captured;
+use crate::util::netns::in_netns;
 
 #[test]
 fn hostile_net_rings_mark_the_device_broken_and_nothing_else() {

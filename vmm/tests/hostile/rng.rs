@@ -4,7 +4,7 @@
 //! serving; an avail index far past the ring marks only the entropy device
 //! DEVICE_NEEDS_RESET, and a reset brings it back.
 
-use crate::guest::{self, Code, Rings, F_NEXT, F_WRITE, QUEUE_SIZE, RNG};
+use crate::guest::{self, Code, Driver, Rings, F_NEXT, F_WRITE, QUEUE_SIZE, RNG};
 use crate::vsock;
 
 const RINGS: Rings = Rings { base: 0x13_0000 };
@@ -39,6 +39,8 @@ fn bring_up(c: &mut Code) {
     c.window(RNG).bring_up(&[RINGS]);
 }
 
+const DRIVER: Driver = Driver { bring_up, probe };
+
 #[test]
 fn hostile_rng_requests_come_back_bounded_and_a_corrupt_ring_breaks_only_the_rng() {
     let mut c = Code::new(RNG);
@@ -54,18 +56,9 @@ fn hostile_rng_requests_come_back_bounded_and_a_corrupt_ring_breaks_only_the_rng
         .wait_used(RINGS.used_idx(), 5)
         .print(b'L');
     probe(&mut c, 5);
-    // The avail index jumps 200 entries past a ring of 8.
-    c.poke16(RINGS.avail() + 2, 200)
-        .write(guest::reg::QUEUE_NOTIFY, 0)
-        .wait_needs_reset()
-        .print_status();
+    c.corrupt_avail(RINGS, 0);
     // The vsock device and the serial port still work; a reset brings the rng back.
-    vsock::bring_up(&mut c);
-    vsock::probe(&mut c, 0);
-    bring_up(&mut c);
-    probe(&mut c, 0);
-    c.print(b'K');
-    let out = guest::run("rng", &c.reset_vm());
+    let out = guest::recover_and_run(c, "rng", vsock::DRIVER, DRIVER);
 
     let want = [
         0x0f,

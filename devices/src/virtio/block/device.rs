@@ -7,8 +7,6 @@ use std::os::fd::RawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::debug;
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::*;
 use super::state::Backend;
@@ -17,8 +15,7 @@ use crate::virtio::activation::{Active, Queues, Ready};
 use crate::virtio::interest::EpollOps;
 use crate::virtio::queue_ops::drain;
 use crate::virtio::{
-    feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The most requests one call takes from the queue (see [`drain`]).
@@ -139,7 +136,7 @@ impl Block {
     }
 
     fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
-        self.queues.sync(&[], ops);
+        self.queues.sync(&[], &[], ops);
     }
 }
 
@@ -176,14 +173,8 @@ impl VirtioDevice for Block {
         self.config().to_vec()
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        self.queues.activate(mem, queues, queue_evts, interrupt)?;
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.queues.activate(activation)?;
         debug!(capacity = self.capacity(), "virtio-blk: activated");
         Ok(())
     }

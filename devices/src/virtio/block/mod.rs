@@ -118,4 +118,7 @@ pub enum BlockError {
     /// A state to restore does not describe a device that can exist (or the disk changed).
     #[error("block state is corrupt or does not match the disk: {0}")]
     BadState(String),
+    /// A state to restore does not describe queues that can exist.
+    #[error("block state is corrupt: {0}")]
+    BadQueues(#[from] crate::virtio::QueueRestoreError),
 }

@@ -177,9 +177,7 @@ impl Persist for Block {
             )));
         }
         dev.acked_features = state.acked_features;
-        dev.queues
-            .restore(&state.queues, args)
-            .map_err(|e| BlockError::BadState(format!("queue: {e}")))?;
+        dev.queues.restore(&state.queues, args)?;
         Ok(dev)
     }
 }

@@ -6,7 +6,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{lock, MmioTransport};
 use crate::guest_warn;
-use crate::virtio::{feature, status, ActivateError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::virtio::{
+    feature, status, ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 impl MmioTransport {
     pub(super) fn write_status(&mut self, value: u32) {
@@ -134,7 +136,12 @@ impl MmioTransport {
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()?;
-        lock(&self.device).activate(self.mem.clone(), queues, evts, self.interrupt.clone())
+        lock(&self.device).activate(Activation::new(
+            self.mem.clone(),
+            queues,
+            evts,
+            self.interrupt.clone(),
+        ))
     }
 
     pub(super) fn reset(&mut self) {

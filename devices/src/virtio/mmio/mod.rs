@@ -10,7 +10,7 @@
 //! register the way the spec says, and never panics.
 //!
 //! Queue notifications: the transport owns one eventfd per queue. The VMM registers each as
-//! an ioeventfd on `base + 0x50` with the queue index as datamatch, so a guest kick goes
+//! an ioeventfd on `base +` [`QUEUE_NOTIFY_OFFSET`] with the queue index as datamatch, so a guest kick goes
 //! straight to the device's event loop; a `QueueNotify` write that reaches the transport
 //! anyway writes the same eventfd.
 
@@ -81,6 +81,9 @@ pub enum MmioError {
     /// A state to restore does not fit the device.
     #[error("virtio-mmio state is corrupt or for another device: {0}")]
     BadState(String),
+    /// A state to restore holds a queue that cannot exist.
+    #[error("virtio-mmio state is corrupt: {0}")]
+    BadQueue(#[from] crate::virtio::QueueRestoreError),
 }
 
 /// A virtio device behind the MMIO register window.
@@ -167,7 +170,7 @@ impl MmioTransport {
     }
 
     /// One eventfd per queue, in queue order: register eventfd `i` as an ioeventfd on
-    /// `base + 0x50` (4 bytes) with datamatch `i`.
+    /// `base +` [`QUEUE_NOTIFY_OFFSET`] (4 bytes) with datamatch `i`.
     pub fn queue_evts(&self) -> &[EventFd] {
         &self.queue_evts
     }

@@ -9,12 +9,12 @@
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MmioError, MmioTransport};
 use crate::persist::Persist;
-use crate::virtio::state::check_version;
+use crate::virtio::state::{check_version, queue_from};
 use crate::virtio::{GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt};
 
 /// The format version of [`MmioTransportState`].
@@ -43,6 +43,23 @@ pub struct MmioTransportState {
     pub config_generation: u32,
 }
 
+impl Default for MmioTransportState {
+    /// A transport no driver has touched: every register 0, no queue set up.
+    fn default() -> Self {
+        Self {
+            version: MMIO_STATE_VERSION,
+            device_status: 0,
+            device_features_sel: 0,
+            driver_features: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            queues: Vec::new(),
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+}
+
 /// What a restored [`MmioTransport`] is built around besides its [`MmioTransportState`].
 pub struct MmioRestoreArgs {
     /// Guest memory.
@@ -69,7 +86,7 @@ impl Persist for MmioTransport {
             driver_features: self.driver_features,
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queues: self.queues.iter().map(|q| (&q.state()).into()).collect(),
             interrupt_status: self.interrupt.status(),
             config_generation: self.interrupt.config_generation(),
         }
@@ -107,8 +124,7 @@ impl Persist for MmioTransport {
                     q.max_size()
                 )));
             }
-            *q = Queue::try_from(QueueState::from(*saved))
-                .map_err(|e| MmioError::BadState(format!("queue {i}: {e}")))?;
+            *q = queue_from(i, saved)?;
         }
         t.status = state.device_status;
         t.device_features_sel = state.device_features_sel;

@@ -7,16 +7,13 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::debug;
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::VIRTIO_NET_F_MAC;
 use super::{MacAddr, NetError, Tap, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
 use crate::virtio::activation::{Queues, Ready};
 use crate::virtio::interest::EpollOps;
 use crate::virtio::{
-    feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Frame counters, for tests and logs.
@@ -102,7 +99,7 @@ impl Net {
             self.tap.as_raw_fd(),
             EventSet::IN | EventSet::EDGE_TRIGGERED,
         );
-        self.queues.sync(&[tap], ops);
+        self.queues.sync(&[tap], &[], ops);
     }
 
     /// The config space: the MAC address (the only field without MQ/STATUS/MTU).
@@ -135,14 +132,8 @@ impl VirtioDevice for Net {
         self.config().to_vec()
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        self.queues.activate(mem, queues, queue_evts, interrupt)?;
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.queues.activate(activation)?;
         debug!(mac = %self.mac, tap = self.tap.name(), "virtio-net: activated");
         Ok(())
     }

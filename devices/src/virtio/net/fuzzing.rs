@@ -10,7 +10,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MacAddr, Net, Tap, RX_QUEUE, TX_QUEUE};
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 /// Activates a device on `rx` and `tx`, kicks tx (the device sends every chain it can
 /// parse to the "TAP"), then has the "TAP" deliver `frames` (each one that fits the
@@ -32,7 +32,7 @@ pub fn run(mem: &GuestMemory, rx: Queue, tx: Queue, frames: &[Vec<u8>]) {
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     dev.ack_features(dev.device_features());
     if dev
-        .activate(mem.clone(), vec![rx, tx], evts.into(), irq)
+        .activate(Activation::new(mem.clone(), vec![rx, tx], evts.into(), irq))
         .is_err()
     {
         return;

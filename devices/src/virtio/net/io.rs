@@ -8,7 +8,8 @@ use virtio_queue::QueueT;
 use super::device::Net;
 use super::frames::{read_chain, write_chain};
 use super::{CHAIN_BUDGET, TX_QUEUE, VNET_HDR_LEN};
-use crate::virtio::queue_ops::{add_used, notify};
+use crate::virtio::activation::Active;
+use crate::virtio::queue_ops::{add_used, drain, notify};
 
 /// Where `num_buffers` sits in the vnet header. The TAP skips those bytes when it writes a
 /// frame, so the device sets it: one buffer per frame without MRG_RXBUF.
@@ -110,73 +111,40 @@ impl Net {
             stats,
             ..
         } = self;
-        let Some(a) = &mut queues.active else {
+        let Some(Active {
+            mem,
+            queues: [_, queue],
+            evts,
+            interrupt,
+        }) = &mut queues.active
+        else {
             return;
         };
-        let [_, queue] = &mut a.queues;
-        if a.interrupt.queue_unusable(queue, &a.mem, "net tx") {
+        if interrupt.queue_unusable(queue, mem, "net tx") {
             return;
         }
-        let mut used = false;
-        let mut taken = 0;
-        let mut empty_rounds = 0;
-        'rounds: loop {
-            // Without EVENT_IDX this sets NO_NOTIFY while we work.
-            let _ = queue.disable_notification(&a.mem);
-            let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(&a.mem) {
-                let head = chain.head_index();
-                match read_chain(&a.mem, chain, tx_buf) {
-                    Ok(n) => {
-                        // No offload was negotiated: flags, GSO and checksum fields mean
-                        // nothing, and the TAP must not act on them.
-                        tx_buf[..NUM_BUFFERS_AT].fill(0);
-                        match tap.write_frame(&tx_buf[..n]) {
-                            Ok(_) => stats.tx_frames += 1,
-                            Err(e) => {
-                                debug!("virtio-net: TAP {} refused a frame: {e}", tap.name());
-                                stats.dropped += 1;
-                            }
+        let irq = (&*interrupt, "virtio-net tx");
+        drain(queue, mem, &evts[TX_QUEUE], irq, CHAIN_BUDGET, |chain| {
+            let head = chain.head_index();
+            match read_chain(mem, chain, tx_buf) {
+                Ok(n) => {
+                    // No offload was negotiated: flags, GSO and checksum fields mean
+                    // nothing, and the TAP must not act on them.
+                    tx_buf[..NUM_BUFFERS_AT].fill(0);
+                    match tap.write_frame(&tx_buf[..n]) {
+                        Ok(_) => stats.tx_frames += 1,
+                        Err(e) => {
+                            debug!("virtio-net: TAP {} refused a frame: {e}", tap.name());
+                            stats.dropped += 1;
                         }
                     }
-                    Err(e) => {
-                        crate::guest_warn!(static, head, "virtio-net: dropping a tx chain: {e}");
-                        stats.dropped += 1;
-                    }
                 }
-                add_used(queue, &a.mem, head, 0, "virtio-net");
-                used = true;
-                popped = true;
-                taken += 1;
-                if taken >= CHAIN_BUDGET {
-                    let _ = a.evts[TX_QUEUE].write(1);
-                    break 'rounds;
-                }
-            }
-            // A ring that keeps announcing chains it does not yield is corrupt: stop rather
-            // than spin, and wait for the next kick.
-            empty_rounds = if popped { 0 } else { empty_rounds + 1 };
-            match queue.enable_notification(&a.mem) {
-                Ok(true) if empty_rounds < 2 => continue,
-                Ok(true) => {
-                    crate::guest_warn!(
-                        static,
-                        "virtio-net: tx avail ring is inconsistent; waiting for the next kick"
-                    );
-                    break;
-                }
-                Ok(false) => break,
                 Err(e) => {
-                    crate::guest_warn!(
-                        static,
-                        "virtio-net: cannot re-enable tx notifications: {e}"
-                    );
-                    break;
+                    crate::guest_warn!(static, head, "virtio-net: dropping a tx chain: {e}");
+                    stats.dropped += 1;
                 }
             }
-        }
-        if used {
-            notify(queue, &a.mem, &a.interrupt, "virtio-net");
-        }
+            (0, 1)
+        });
     }
 }

@@ -39,18 +39,27 @@ impl fmt::Display for MacAddr {
     }
 }
 
+/// Why a string is not a MAC address a NIC can have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacParseError {
+    /// Not six hex octets.
+    #[error("{0:?} is not a MAC address like 02:00:00:00:00:01")]
+    Malformed(String),
+    /// The group bit is set.
+    #[error("{0:?} is a multicast MAC address; give a unicast one")]
+    Multicast(String),
+}
+
 impl FromStr for MacAddr {
-    type Err = String;
+    type Err = MacParseError;
 
     /// `aa:bb:cc:dd:ee:ff` (hex, `:` or `-` between octets); a multicast address is refused
     /// (a NIC cannot have one).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let b = kiln_agent::netif::parse_mac(s)
-            .ok_or_else(|| format!("{s:?} is not a MAC address like 02:00:00:00:00:01"))?;
+    fn from_str(s: &str) -> Result<Self, MacParseError> {
+        let b =
+            kiln_agent::netif::parse_mac(s).ok_or_else(|| MacParseError::Malformed(s.into()))?;
         if b[0] & 1 != 0 {
-            return Err(format!(
-                "{s:?} is a multicast MAC address; give a unicast one"
-            ));
+            return Err(MacParseError::Multicast(s.into()));
         }
         Ok(MacAddr(b))
     }

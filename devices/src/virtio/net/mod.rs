@@ -35,7 +35,7 @@ mod tests;
 pub mod fuzzing;
 
 pub use device::{Net, NetStats};
-pub use mac::MacAddr;
+pub use mac::{MacAddr, MacParseError};
 pub use state::{NetRestoreArgs, NetState, NET_STATE_VERSION};
 pub use tap::{Tap, TapError};
 
@@ -77,7 +77,7 @@ pub enum NetError {
         /// The version this build understands.
         expected: u32,
     },
-    /// A state to restore does not describe a device that can exist.
+    /// A state to restore does not describe queues that can exist.
     #[error("net state is corrupt: {0}")]
-    BadState(String),
+    BadState(#[from] crate::virtio::QueueRestoreError),
 }

@@ -66,9 +66,7 @@ impl Persist for Net {
         dev.acked_features = state.acked_features;
         // With its queues back, the device is woken to look at both rings once: kicks that
         // were in flight are gone.
-        dev.queues
-            .restore(&state.queues, queues)
-            .map_err(NetError::BadState)?;
+        dev.queues.restore(&state.queues, queues)?;
         Ok(dev)
     }
 }

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::persist::Persist;
 use crate::virtio::test_queue::{GuestQueue, F_NEXT, F_WRITE};
-use crate::virtio::{GuestMemory, QueueRestoreArgs, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, QueueRestoreArgs, VirtioDevice, VirtioInterrupt};
 
 const MEM_SIZE: usize = 16 << 20;
 const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 9]);
@@ -70,8 +70,13 @@ impl<'m> Harness<'m> {
         let kicks = [0, 1].map(|i| evts[i].try_clone().unwrap());
         let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.ack_features(dev.device_features());
-        dev.activate(mem.clone(), vec![rxq, txq], evts.into(), irq.clone())
-            .unwrap();
+        dev.activate(Activation::new(
+            mem.clone(),
+            vec![rxq, txq],
+            evts.into(),
+            irq.clone(),
+        ))
+        .unwrap();
         Self {
             mem,
             dev,

@@ -8,8 +8,7 @@ use std::os::fd::RawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::debug;
-use virtio_queue::{DescriptorChain, Queue};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::DescriptorChain;
 
 use super::{RngError, MAX_REQUEST_LEN, QUEUE_SIZE, VIRTIO_ID_RNG};
 use crate::entropy::fill_random;
@@ -17,7 +16,7 @@ use crate::virtio::activation::{Active, Queues, Ready};
 use crate::virtio::interest::EpollOps;
 use crate::virtio::queue_ops::drain;
 use crate::virtio::{
-    feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    feature, ActivateError, Activation, GuestMemory, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -84,7 +83,7 @@ impl Rng {
     }
 
     fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
-        self.queues.sync(&[], ops);
+        self.queues.sync(&[], &[], ops);
     }
 }
 
@@ -143,14 +142,8 @@ impl VirtioDevice for Rng {
         self.acked_features = features;
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        self.queues.activate(mem, queues, queue_evts, interrupt)?;
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.queues.activate(activation)?;
         debug!("virtio-rng: activated");
         Ok(())
     }

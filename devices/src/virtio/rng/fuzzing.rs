@@ -5,7 +5,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Rng;
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 /// Activates a device on `queue` and has it fill every chain it can (each with at most
 /// [`MAX_REQUEST_LEN`](super::MAX_REQUEST_LEN) bytes). Panics only on a harness failure.
@@ -15,7 +15,7 @@ pub fn run(mem: &GuestMemory, queue: Queue) {
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     dev.ack_features(dev.device_features());
     if dev
-        .activate(mem.clone(), vec![queue], vec![evt], irq)
+        .activate(Activation::new(mem.clone(), vec![queue], vec![evt], irq))
         .is_err()
     {
         return;

@@ -48,7 +48,7 @@ pub enum RngError {
         /// The version this build understands.
         expected: u32,
     },
-    /// A state to restore does not describe a device that can exist.
+    /// A state to restore does not describe queues that can exist.
     #[error("entropy device state is corrupt: {0}")]
-    BadState(String),
+    BadState(#[from] crate::virtio::QueueRestoreError),
 }

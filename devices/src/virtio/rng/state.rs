@@ -40,9 +40,7 @@ impl Persist for Rng {
         })?;
         let mut dev = Rng::new()?;
         dev.acked_features = state.acked_features;
-        dev.queues
-            .restore(&state.queues, args)
-            .map_err(RngError::BadState)?;
+        dev.queues.restore(&state.queues, args)?;
         Ok(dev)
     }
 }

@@ -4,19 +4,18 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::CHAIN_BUDGET;
 use super::*;
-use crate::bus::BusDevice;
 use crate::persist::Persist;
 use crate::virtio::test_queue::{assert_drain_yields, GuestQueue, F_WRITE};
+use crate::virtio::test_rig::Wired;
 use crate::virtio::{
-    feature, status, GuestMemory, MmioTransport, QueueRestoreArgs, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    feature, status, Activation, GuestMemory, QueueRestoreArgs, VirtioDevice, VirtioInterrupt,
+    QUEUE_NOTIFY_OFFSET, VIRTIO_F_VERSION_1,
 };
 
 const MEM_SIZE: usize = 4 << 20;
@@ -41,8 +40,13 @@ impl<'m> Harness<'m> {
         let kick = evt.try_clone().unwrap();
         let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.ack_features(dev.device_features());
-        dev.activate(mem.clone(), vec![q.queue()], vec![evt], irq.clone())
-            .unwrap();
+        dev.activate(Activation::new(
+            mem.clone(),
+            vec![q.queue()],
+            vec![evt],
+            irq.clone(),
+        ))
+        .unwrap();
         Self {
             mem,
             dev,
@@ -196,7 +200,7 @@ fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
     let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let kicked = evt.try_clone().unwrap();
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    dev.activate(mem.clone(), vec![queue], vec![evt], irq)
+    dev.activate(Activation::new(mem.clone(), vec![queue], vec![evt], irq))
         .unwrap();
     assert_drain_yields(CHAIN_BUDGET, &kicked, move || {
         dev.process_queue();
@@ -283,34 +287,19 @@ fn a_foreign_or_impossible_state_is_refused() {
 fn mmio_transport_and_event_manager_end_to_end() {
     let mem = test_mem();
     let dev = Arc::new(Mutex::new(Rng::new().unwrap()));
-    let mut mgr: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().unwrap();
-    mgr.add_subscriber(dev.clone());
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut t = MmioTransport::new(mem.clone(), dev.clone(), irq).unwrap();
-    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    let r = |t: &mut MmioTransport, off: u64| {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    };
-    assert_eq!(r(&mut t, 0x08), VIRTIO_ID_RNG, "DeviceID");
-    w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-    w(&mut t, 0x24, 1);
-    w(&mut t, 0x20, 1); // VERSION_1
+    let mut wired = Wired::new(&mem, &dev);
+    let w = &mut wired;
+    assert_eq!(w.r(0x08), VIRTIO_ID_RNG, "DeviceID");
+    w.w(0x70, status::ACKNOWLEDGE | status::DRIVER);
+    w.w(0x24, 1);
+    w.w(0x20, 1); // VERSION_1
     let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-    w(&mut t, 0x70, s);
-    assert_eq!(r(&mut t, 0x70), s, "features accepted");
+    w.w(0x70, s);
+    assert_eq!(w.r(0x70), s, "features accepted");
     let mut q = GuestQueue::new(&mem, 0x0, 0x10_0000, 0x10_0000);
-    let lo = |a: GuestAddress| u32::try_from(a.0).unwrap();
-    w(&mut t, 0x30, 0);
-    w(&mut t, 0x38, 256);
-    w(&mut t, 0x80, lo(q.mock.desc_table_addr()));
-    w(&mut t, 0x90, lo(q.mock.avail_addr()));
-    w(&mut t, 0xa0, lo(q.mock.used_addr()));
-    w(&mut t, 0x44, 1);
-    w(&mut t, 0x70, s | status::DRIVER_OK);
-    assert_eq!(t.device_status(), s | status::DRIVER_OK);
+    w.set_queue(0, &q);
+    w.w(0x70, s | status::DRIVER_OK);
+    assert_eq!(w.t.device_status(), s | status::DRIVER_OK);
     assert!(dev.lock().unwrap().is_active());
     assert_eq!(
         dev.lock().unwrap().acked_features,
@@ -319,21 +308,14 @@ fn mmio_transport_and_event_manager_end_to_end() {
 
     let buf = q.alloc(64);
     let head = q.add_chain(&[(buf, 64, true)]);
-    w(&mut t, 0x50, 0); // QueueNotify
-    let mut used = Vec::new();
-    for _ in 0..10 {
-        mgr.run_with_timeout(0).unwrap();
-        used = q.used();
-        if !used.is_empty() {
-            break;
-        }
-    }
+    w.w(QUEUE_NOTIFY_OFFSET, 0);
+    let used = w.run_until_used(10, || q.used());
     assert_eq!(used, vec![(head, 64)]);
     let mut b = [0u8; 64];
     mem.read_slice(&mut b, GuestAddress(buf)).unwrap();
     assert!(looks_random(&b));
     // A reset unregisters the queue eventfd before it is closed; the loop keeps running.
-    w(&mut t, 0x70, 0);
-    mgr.run_with_timeout(0).unwrap();
+    w.w(0x70, 0);
+    w.run(1);
     assert!(!dev.lock().unwrap().is_active());
 }

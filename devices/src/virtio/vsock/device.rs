@@ -1,46 +1,31 @@
 //! The vsock device: the [`VirtioDevice`] side (called by the MMIO transport from vCPU
 //! threads) and the [`MutEventSubscriber`] side (called by the VMM's event loop), on one
-//! object behind one mutex.
-//!
-//! Activation and reset happen on a vCPU thread, which cannot touch the event loop's epoll
-//! set; they write the device's wake-up eventfd, and the event loop then brings the
-//! registrations up to date (queue eventfds in or out) and does any rx work that waited.
+//! object behind one mutex. Activation, reset and the epoll registrations of the wake-up
+//! and queue eventfds are [`Queues`]', as for the other devices; the device adds its host
+//! sockets to the registrations and does any rx work that waited.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::{debug, info, warn};
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
+use tracing::{debug, info};
 
 use super::muxer::Muxer;
 use super::packet_io;
 use super::{VsockError, EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_ID_VSOCK};
-use crate::virtio::interest::{EpollOps, Registrations};
+use crate::virtio::activation::{Queues, Ready};
+use crate::virtio::interest::EpollOps;
 use crate::virtio::{
-    exact_queues, feature, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-
-/// The device's queues and what it needs to use them, from activation to reset.
-pub(crate) struct Active {
-    pub(crate) mem: GuestMemory,
-    pub(crate) queues: Vec<Queue>,
-    pub(crate) evts: Vec<EventFd>,
-    pub(crate) interrupt: VirtioInterrupt,
-}
 
 /// A virtio-vsock device whose host side is the Unix socket `uds_path`.
 pub struct Vsock {
     guest_cid: u64,
     pub(crate) acked_features: u64,
-    wake_evt: EventFd,
     pub(crate) muxer: Muxer,
-    pub(crate) active: Option<Active>,
-    /// Queue eventfds of a reset device, to unregister before they are closed.
-    retired_evts: Vec<EventFd>,
-    pub(crate) regs: Registrations,
+    /// The rx, tx and event queues, the wake-up eventfd and the epoll registrations.
+    pub(crate) queues: Queues<3>,
     reset_event_pending: bool,
 }
 
@@ -51,15 +36,11 @@ impl Vsock {
         if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(VsockError::BadCid(guest_cid));
         }
-        let wake_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         Ok(Self {
             guest_cid,
             acked_features: 0,
-            wake_evt,
+            queues: Queues::new("vsock").map_err(VsockError::EventFd)?,
             muxer: Muxer::new(uds_path.into(), guest_cid)?,
-            active: None,
-            retired_evts: Vec::new(),
-            regs: Registrations::default(),
             reset_event_pending: false,
         })
     }
@@ -87,7 +68,7 @@ impl Vsock {
 
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.queues.is_active()
     }
 
     /// Drop every connection and send VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event
@@ -95,18 +76,18 @@ impl Vsock {
     /// survive). Returns true if the event went out now, false if it waits for the guest
     /// to post an event buffer.
     pub fn send_transport_reset(&mut self) -> Result<bool, VsockError> {
-        if self.active.is_none() {
+        if !self.queues.is_active() {
             return Err(VsockError::NotActive);
         }
         self.muxer.reset();
         self.reset_event_pending = true;
         // The event loop closes the dropped sockets.
-        self.wake_event_loop();
+        self.queues.wake();
         Ok(self.deliver_reset_event())
     }
 
     fn deliver_reset_event(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.queues.active.as_mut() else {
             return false;
         };
         if self.reset_event_pending
@@ -123,32 +104,14 @@ impl Vsock {
         !self.reset_event_pending
     }
 
-    pub(crate) fn wake_fd(&self) -> RawFd {
-        self.wake_evt.as_raw_fd()
-    }
-
-    fn queue_fd(&self, index: usize) -> Option<RawFd> {
-        self.active
-            .as_ref()
-            .and_then(|a| a.evts.get(index))
-            .map(AsRawFd::as_raw_fd)
-    }
-
     /// Handle readiness of `fd` (one of ours). Tests call this directly.
     pub(crate) fn handle_event(&mut self, fd: RawFd, set: EventSet) {
-        if fd == self.wake_fd() {
-            let _ = self.wake_evt.read();
-        } else if Some(fd) == self.queue_fd(RXQ) {
-            self.drain_queue_evt(RXQ);
-        } else if Some(fd) == self.queue_fd(TXQ) {
-            self.drain_queue_evt(TXQ);
-            self.process_tx();
-        } else if Some(fd) == self.queue_fd(EVQ) {
-            self.drain_queue_evt(EVQ);
-        } else if fd == self.muxer.listener_fd() {
-            self.muxer.accept();
-        } else {
-            self.muxer.on_host_event(fd, set);
+        match self.queues.ready(fd) {
+            Ready::Queue(TXQ) => self.process_tx(),
+            // The wake-up, or an rx or event queue kick: the rx work below.
+            Ready::Wake | Ready::Queue(_) => {}
+            Ready::Other if fd == self.muxer.listener_fd() => self.muxer.accept(),
+            Ready::Other => self.muxer.on_host_event(fd, set),
         }
         // Whatever happened may have produced packets for the guest.
         self.process_rx();
@@ -157,28 +120,19 @@ impl Vsock {
         }
     }
 
-    fn drain_queue_evt(&mut self, index: usize) {
-        if let Some(evt) = self.active.as_ref().and_then(|a| a.evts.get(index)) {
-            let _ = evt.read();
-        }
-    }
-
     pub(crate) fn process_tx(&mut self) {
-        let Self { active, muxer, .. } = self;
-        if let Some(a) = active {
-            let more = packet_io::drain_tx(&mut a.queues[TXQ], &a.mem, &a.interrupt, |pkt| {
+        let Self { queues, muxer, .. } = self;
+        if let Some(a) = &mut queues.active {
+            let (queue, evt) = (&mut a.queues[TXQ], &a.evts[TXQ]);
+            packet_io::drain_tx(queue, &a.mem, evt, &a.interrupt, |pkt| {
                 muxer.on_guest_packet(pkt)
             });
-            if more {
-                // Come back after the event loop's other events.
-                let _ = a.evts[TXQ].write(1);
-            }
         }
     }
 
     pub(crate) fn process_rx(&mut self) {
-        let Self { active, muxer, .. } = self;
-        let Some(a) = active else {
+        let Self { queues, muxer, .. } = self;
+        let Some(a) = &mut queues.active else {
             return;
         };
         // The muxer is borrowed by both closures in turn, never at once.
@@ -196,31 +150,17 @@ impl Vsock {
         }
     }
 
-    /// Bring the epoll registrations in line with what the device wants, then close the
-    /// sockets and eventfds that were waiting to leave the epoll set.
+    /// Bring the epoll registrations in line with what the device wants (its queues', and
+    /// the host sockets the muxer watches), then close the sockets that were waiting to
+    /// leave the epoll set.
     pub(crate) fn sync_interest(&mut self, ops: &mut dyn EpollOps) {
-        let mut desired = vec![(self.wake_fd(), EventSet::IN)];
-        if let Some(a) = &self.active {
-            desired.extend(a.evts.iter().map(|e| (e.as_raw_fd(), EventSet::IN)));
-        }
-        self.muxer.interest(&mut desired);
-        let sockets = self.muxer.take_retired();
-        let evts = std::mem::take(&mut self.retired_evts);
-        let retired: Vec<RawFd> = sockets
-            .iter()
-            .map(AsRawFd::as_raw_fd)
-            .chain(evts.iter().map(AsRawFd::as_raw_fd))
-            .collect();
-        self.regs.sync(&desired, &retired, ops);
+        let mut sockets = Vec::new();
+        self.muxer.interest(&mut sockets);
+        let retired = self.muxer.take_retired();
+        let fds: Vec<RawFd> = retired.iter().map(AsRawFd::as_raw_fd).collect();
+        self.queues.sync(&sockets, &fds, ops);
         // Now out of the epoll set: close them.
-        drop(sockets);
-        drop(evts);
-    }
-
-    fn wake_event_loop(&self) {
-        if let Err(e) = self.wake_evt.write(1) {
-            warn!("vsock: cannot wake the event loop: {e}");
-        }
+        drop(retired);
     }
 }
 
@@ -246,33 +186,17 @@ impl VirtioDevice for Vsock {
         self.guest_cid.to_le_bytes().to_vec()
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        let (queues, evts) = exact_queues::<3>(queues, queue_evts)?;
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.queues.activate(activation)?;
         debug!(guest_cid = self.guest_cid, "vsock: activated");
-        self.active = Some(Active {
-            mem,
-            queues: queues.into(),
-            evts: evts.into(),
-            interrupt,
-        });
-        self.wake_event_loop();
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
-            self.retired_evts.extend(a.evts);
-        }
+        self.queues.reset();
         self.muxer.reset();
         self.acked_features = 0;
         self.reset_event_pending = false;
-        self.wake_event_loop();
         debug!("vsock: reset");
     }
 }

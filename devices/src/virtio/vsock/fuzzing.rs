@@ -5,10 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use event_manager::EventSet;
 use virtio_queue::{Queue, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestAddress};
@@ -17,7 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::packet_io::{self, Header};
 use super::{Vsock, EVQ, RXQ, TXQ};
 use crate::virtio::interest::fake::FakeEpoll;
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::test_dir::TestDir;
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 fn interrupt() -> VirtioInterrupt {
     VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
@@ -26,7 +24,8 @@ fn interrupt() -> VirtioInterrupt {
 /// Pops every available tx chain as the device does (one payload descriptor, else the
 /// payload gathered from several) and hands each packet that parses to `handle`.
 pub fn drain_tx(queue: &mut Queue, mem: &GuestMemory, handle: impl FnMut(&VsockPacket<'_, ()>)) {
-    packet_io::drain_tx(queue, mem, &interrupt(), handle);
+    let evt = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    packet_io::drain_tx(queue, mem, &evt, &interrupt(), handle);
 }
 
 /// Fills rx chains as the device does, one packet per entry of `payloads` (its payload
@@ -160,7 +159,8 @@ pub struct Harness {
     mem: GuestMemory,
     dev: Vsock,
     ep: FakeEpoll,
-    dir: PathBuf,
+    /// Where the device's sockets are; removed with the harness.
+    _dir: TestDir,
     kicks: Vec<EventFd>,
     rings: [Ring; 3],
     listener: UnixListener,
@@ -173,15 +173,8 @@ pub struct Harness {
 impl Harness {
     /// A device the driver has activated (with VIRTIO_RING_F_EVENT_IDX or not).
     pub fn new(event_idx: bool) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-vsock-fuzz-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let path = dir.join("v.sock");
+        let dir = TestDir::new("vsock-fuzz");
+        let path = dir.path("v.sock");
         let listener = UnixListener::bind(super::unix::host_port_path(&path, LISTEN_PORT))
             .expect("host listener");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -205,13 +198,13 @@ impl Harness {
         for q in &mut queues {
             q.set_event_idx(event_idx);
         }
-        dev.activate(mem.clone(), queues, evts, interrupt())
+        dev.activate(Activation::new(mem.clone(), queues, evts, interrupt()))
             .expect("activate");
         let mut h = Harness {
             mem,
             dev,
             ep,
-            dir,
+            _dir: dir,
             kicks,
             rings,
             listener,
@@ -323,32 +316,18 @@ impl Harness {
                     self.received += n;
                 }
             }
-            let mut fds: Vec<libc::pollfd> = self
-                .ep
-                .fds
-                .iter()
-                .map(|(fd, set)| libc::pollfd {
-                    fd: *fd,
-                    events: i16::try_from(set.bits()).unwrap_or(i16::MAX),
-                    revents: 0,
-                })
-                .collect();
-            let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
-            // SAFETY: `fds` is a valid array of `nfds` pollfd structs for the whole call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
+            let ready = match self.ep.ready() {
+                Ok(ready) => ready,
                 // libFuzzer's SIGALRM (its timeout check) interrupts poll now and then.
-                assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll: {e}");
-                continue;
-            }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("poll: {e}"),
+            };
             assert_eq!(self.ep.errors, 0, "epoll bookkeeping error");
-            if n == 0 {
+            if ready.is_empty() {
                 return;
             }
-            for p in fds.iter().filter(|p| p.revents != 0) {
-                let set = EventSet::from_bits_truncate(u32::from(p.revents.cast_unsigned()));
-                self.dev.handle_event(p.fd, set);
+            for (fd, set) in ready {
+                self.dev.handle_event(fd, set);
                 self.dev.sync_interest(&mut self.ep);
             }
         }
@@ -360,12 +339,6 @@ impl Harness {
     /// Bytes the host side has received so far (the guest's data and `OK <port>` lines).
     pub fn host_received(&self) -> usize {
         self.received
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -13,8 +13,10 @@
 //! Layout: [`Vsock`] (`device.rs`) is the virtio device and the event-loop subscriber; it
 //! walks the queues (`packet_io.rs`) and hands packets to the `Muxer` (`muxer.rs`), which
 //! owns the connections (`connection.rs`, one state machine with credit flow control each)
-//! and the host sockets (`unix.rs`). `interest.rs` keeps the epoll registrations in step
-//! with what the connections want. `state.rs` holds the serializable [`VsockState`].
+//! and the host sockets (`unix.rs`). Its three queues, their activation and reset, and the
+//! epoll registrations are the shared `Queues` (`virtio/activation.rs`), to which the device
+//! adds the host sockets the connections want watched. `state.rs` holds the serializable
+//! [`VsockState`].
 //!
 //! Every guest-supplied descriptor, length and header field is untrusted: a malformed chain
 //! is returned to the guest unused and logged, a protocol violation resets that one
@@ -117,5 +119,5 @@ pub enum VsockError {
     },
     /// A state to restore describes queues that cannot exist.
     #[error("vsock state is corrupt: {0}")]
-    BadState(String),
+    BadState(#[from] crate::virtio::QueueRestoreError),
 }

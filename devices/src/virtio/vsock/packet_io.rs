@@ -18,8 +18,9 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestMemoryError};
 
 use super::{MAX_PKT_DATA, QUEUE_SIZE, TYPE_STREAM};
-use crate::virtio::queue_ops::{add_used, notify};
+use crate::virtio::queue_ops::{add_used, drain, notify};
 use crate::virtio::{GuestMemory, VirtioInterrupt};
+use vmm_sys_util::eventfd::EventFd;
 
 /// A packet from the guest, copied out of guest memory.
 pub(crate) type TxPkt<'a> = VsockPacket<'a, ()>;
@@ -65,70 +66,33 @@ impl Header {
 /// caller kicks the queue's eventfd itself and carries on after the other events.
 pub(crate) const CHAIN_BUDGET: usize = 2 * QUEUE_SIZE as usize;
 
-/// Pop every available tx chain (at most [`CHAIN_BUDGET`]) and hand each packet that
-/// parses to `handle`. Returns true if it stopped on the budget: the caller must come back.
+/// Pop every available tx chain (at most [`CHAIN_BUDGET`]; past it the queue's eventfd
+/// `evt` is kicked, for the event loop to come back after its other events) and hand each
+/// packet that parses to `handle`.
 pub(crate) fn drain_tx(
     queue: &mut Queue,
     mem: &GuestMemory,
+    evt: &EventFd,
     irq: &VirtioInterrupt,
     mut handle: impl FnMut(&TxPkt<'_>),
-) -> bool {
+) {
     if irq.queue_unusable(queue, mem, "vsock tx") {
-        return false;
+        return;
     }
-    let mut used = false;
-    let mut empty_rounds = 0;
-    let mut taken = 0;
     let mut scratch = TxScratch::default();
-    'rounds: loop {
-        // Without EVENT_IDX this sets NO_NOTIFY while we work; with it, it is a no-op.
-        let _ = queue.disable_notification(mem);
-        let mut popped = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let parsed =
-                match VsockPacket::from_tx_virtq_chain(mem, &mut chain.clone(), MAX_PKT_DATA) {
-                    Ok(pkt) => Ok(copy_tx(&pkt, &mut scratch)),
-                    // Not the one-payload-descriptor shape: maybe a split payload.
-                    Err(_) => gather_tx(mem, chain, &mut scratch),
-                };
-            match parsed {
-                Ok(pkt) => handle(&pkt),
-                Err(e) => {
-                    crate::guest_warn!(static, head, "vsock: dropping malformed tx chain: {e}")
-                }
-            }
-            add_used(queue, mem, head, 0, "vsock");
-            used = true;
-            popped = true;
-            taken += 1;
-            if taken >= CHAIN_BUDGET {
-                break 'rounds;
-            }
+    drain(queue, mem, evt, (irq, "vsock tx"), CHAIN_BUDGET, |chain| {
+        let head = chain.head_index();
+        let parsed = match VsockPacket::from_tx_virtq_chain(mem, &mut chain.clone(), MAX_PKT_DATA) {
+            Ok(pkt) => Ok(copy_tx(&pkt, &mut scratch)),
+            // Not the one-payload-descriptor shape: maybe a split payload.
+            Err(_) => gather_tx(mem, chain, &mut scratch),
+        };
+        match parsed {
+            Ok(pkt) => handle(&pkt),
+            Err(e) => crate::guest_warn!(static, head, "vsock: dropping malformed tx chain: {e}"),
         }
-        // More may have arrived while notifications were off. A ring that keeps saying so
-        // without yielding chains is corrupt: stop rather than spin.
-        empty_rounds = if popped { 0 } else { empty_rounds + 1 };
-        match queue.enable_notification(mem) {
-            Ok(true) if empty_rounds < 2 => continue,
-            Ok(true) => {
-                crate::guest_warn!(
-                    static,
-                    "vsock: tx avail ring is inconsistent; waiting for the next kick"
-                );
-                break;
-            }
-            Ok(false) => break,
-            Err(e) => {
-                crate::guest_warn!(static, "vsock: cannot re-enable tx notifications: {e}");
-                break;
-            }
-        }
-    }
-    if used {
-        notify(queue, mem, irq, "vsock");
-    }
-    taken >= CHAIN_BUDGET
+        (0, 1)
+    });
 }
 
 /// Where [`gather_tx`] copies a packet whose payload spans several descriptors.

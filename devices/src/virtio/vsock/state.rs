@@ -6,10 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::device::{Active, Vsock};
+use super::device::Vsock;
 use super::VsockError;
 use crate::persist::Persist;
-use crate::virtio::state::{check_version, restore_queue};
+use crate::virtio::state::check_version;
 use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
 use std::path::PathBuf;
 
@@ -48,55 +48,20 @@ impl Persist for Vsock {
             version: VSOCK_STATE_VERSION,
             guest_cid: self.guest_cid(),
             acked_features: self.acked_features(),
-            queues: self
-                .active
-                .as_ref()
-                .map(|a| a.queues.iter().map(|q| q.state().into()).collect())
-                .unwrap_or_default(),
+            queues: self.queues.save(),
         }
     }
 
     /// If the state holds queues, the device comes back active; the caller then sends
     /// [`Vsock::send_transport_reset`].
     fn restore(args: VsockRestoreArgs, state: &VsockState) -> Result<Self, VsockError> {
-        let VsockRestoreArgs {
-            uds_path,
-            queues:
-                QueueRestoreArgs {
-                    mem,
-                    queue_evts,
-                    interrupt,
-                },
-        } = args;
+        let VsockRestoreArgs { uds_path, queues } = args;
         check_version(state.version, VSOCK_STATE_VERSION, |found, expected| {
             VsockError::StateVersion { found, expected }
         })?;
         let mut dev = Vsock::new(state.guest_cid, uds_path)?;
         dev.acked_features = state.acked_features;
-        if state.queues.is_empty() {
-            return Ok(dev);
-        }
-        if state.queues.len() != 3 || queue_evts.len() != 3 {
-            return Err(VsockError::BadState(format!(
-                "{} queues and {} queue eventfds; vsock has 3",
-                state.queues.len(),
-                queue_evts.len()
-            )));
-        }
-        let queues = state
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                restore_queue(q, &mem).map_err(|e| VsockError::BadState(format!("queue {i}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        dev.active = Some(Active {
-            mem,
-            queues,
-            evts: queue_evts,
-            interrupt,
-        });
+        dev.queues.restore(&state.queues, queues)?;
         Ok(dev)
     }
 }

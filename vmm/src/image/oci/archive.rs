@@ -175,7 +175,7 @@ fn docker_save(root: &Path, archive: &Path) -> Result<Image, PullError> {
         .and_then(text)
         .ok_or_else(|| bad(archive, "manifest.json has no Config"))?;
     let (config, _) = read_json(&inside(root, archive, &config_name)?, archive)?;
-    let defaults = job_defaults(&config).map_err(|e| bad(archive, &e))?;
+    let defaults = job_defaults(&config).map_err(|e| bad(archive, &e.to_string()))?;
     let layers = entry
         .get("Layers")
         .and_then(|l| l.as_array())
@@ -237,7 +237,7 @@ fn oci_layout(root: &Path, archive: &Path) -> Result<Image, PullError> {
                 )?,
                 archive,
             )?;
-            let defaults = job_defaults(&config).map_err(|e| bad(archive, &e))?;
+            let defaults = job_defaults(&config).map_err(|e| bad(archive, &e.to_string()))?;
             let layers = value["layers"]
                 .as_array()
                 .map(Vec::as_slice)

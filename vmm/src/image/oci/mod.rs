@@ -122,7 +122,7 @@ impl JobDefaults {
                 self.gid = Some(ids.gid);
                 self.home = ids.home;
             }
-            Err(e) => self.user_error = Some(e),
+            Err(e) => self.user_error = Some(e.to_string()),
         }
     }
 }
@@ -146,11 +146,11 @@ pub enum PullError {
         reason: String,
         hint: String,
     },
-    #[error("{reference}: the image's config {digest} is not valid JSON: {reason}")]
+    #[error("{reference}: the image's config {digest} is not valid JSON: {source}")]
     BadConfig {
         reference: String,
         digest: String,
-        reason: String,
+        source: serde_json::Error,
     },
     #[error("{reference}: layer {digest} has media type {media_type:?}, which is not a tar archive kiln can apply")]
     LayerType {
@@ -184,7 +184,7 @@ pub struct Pulled {
 }
 
 /// The Env, WorkingDir and User of an image config.
-fn job_defaults(config: &[u8]) -> Result<JobDefaults, String> {
+fn job_defaults(config: &[u8]) -> Result<JobDefaults, serde_json::Error> {
     #[derive(Deserialize)]
     struct Config {
         #[serde(default)]
@@ -200,7 +200,7 @@ fn job_defaults(config: &[u8]) -> Result<JobDefaults, String> {
         #[serde(default)]
         user: Option<String>,
     }
-    let c: Config = serde_json::from_slice(config).map_err(|e| e.to_string())?;
+    let c: Config = serde_json::from_slice(config)?;
     let inner = c.config.unwrap_or(Inner {
         env: None,
         working_dir: None,

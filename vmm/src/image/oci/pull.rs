@@ -83,10 +83,10 @@ pub fn pull(store: &Store, spec: &PullSpec) -> Result<Pulled, PullError> {
     let config = registry
         .blob(&reference, &manifest.config)
         .map_err(failed)?;
-    let mut defaults = job_defaults(&config).map_err(|reason| PullError::BadConfig {
+    let mut defaults = job_defaults(&config).map_err(|source| PullError::BadConfig {
         reference: whole.clone(),
         digest: manifest.config.digest.clone(),
-        reason,
+        source,
     })?;
     let tree = staging.tree();
     std::fs::create_dir(&tree).map_err(ImageError::io("cannot create", &tree))?;

@@ -17,8 +17,17 @@ pub struct Ids {
     pub home: Option<String>,
 }
 
+/// A `User` name the image does not list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("user {0:?} is not in the image's /etc/passwd")]
+    NoUser(String),
+    #[error("group {0:?} is not in the image's /etc/group")]
+    NoGroup(String),
+}
+
 /// `user` (`""` is root) resolved in `tree`; `Err` says which name is missing.
-pub fn resolve(tree: &Path, user: &str) -> Result<Ids, String> {
+pub fn resolve(tree: &Path, user: &str) -> Result<Ids, UserError> {
     let passwd = read_db(tree, "etc/passwd");
     let group = read_db(tree, "etc/group");
     resolve_in(&passwd, &group, user)
@@ -42,7 +51,7 @@ fn entry<'a>(db: &'a str, key: &str) -> Option<Vec<&'a str>> {
         .find(|f| if by_id { f[2] == key } else { f[0] == key })
 }
 
-fn resolve_in(passwd: &str, group: &str, user: &str) -> Result<Ids, String> {
+fn resolve_in(passwd: &str, group: &str, user: &str) -> Result<Ids, UserError> {
     let (user, group_part) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
@@ -54,7 +63,7 @@ fn resolve_in(passwd: &str, group: &str, user: &str) -> Result<Ids, String> {
         Err(_) => found
             .as_ref()
             .and_then(|f| f[2].parse().ok())
-            .ok_or_else(|| format!("user {user:?} is not in the image's /etc/passwd"))?,
+            .ok_or_else(|| UserError::NoUser(user.into()))?,
     };
     // Without a group, the user's primary group; a number not in passwd: the same number.
     let primary = found
@@ -67,7 +76,7 @@ fn resolve_in(passwd: &str, group: &str, user: &str) -> Result<Ids, String> {
             Ok(n) => n,
             Err(_) => entry(group, g)
                 .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
+                .ok_or_else(|| UserError::NoGroup(g.into()))?,
         },
     };
     let home = found
@@ -107,13 +116,16 @@ mod tests {
         let n = r("4242").unwrap();
         assert_eq!((n.uid, n.gid, n.home), (4242, 4242, None));
         assert_eq!(r("4242:7").unwrap().gid, 7);
-        assert!(r("nobody").unwrap_err().contains("\"nobody\""));
-        assert!(r("builder:wheel").unwrap_err().contains("/etc/group"));
+        assert!(r("nobody").unwrap_err().to_string().contains("\"nobody\""));
+        assert!(r("builder:wheel")
+            .unwrap_err()
+            .to_string()
+            .contains("/etc/group"));
     }
 
     #[test]
     fn a_symlinked_passwd_is_not_followed() {
-        let dir = std::env::temp_dir().join(format!("kiln-user-{}", std::process::id()));
+        let dir = crate::test_util::scratch("oci-user");
         std::fs::create_dir_all(dir.join("etc")).unwrap();
         let outside = dir.join("outside");
         std::fs::write(&outside, "root:x:0:0::/r:/bin/sh\nspy:x:7:7::/s:/bin/sh\n").unwrap();

@@ -14,7 +14,7 @@ fn setup<'m>(mem: &'m GuestMemory, dir: &TestDir) -> (Harness<'m>, PathBuf) {
 
 #[test]
 fn data_and_status_in_one_descriptor() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, _path) = setup(&mem, &dir);
     let hdr = h.header(VIRTIO_BLK_T_IN, 2);
     let buf = h.q.alloc(1024 + 1);
@@ -46,7 +46,7 @@ fn data_and_status_in_one_descriptor() {
 
 #[test]
 fn header_and_data_in_one_descriptor() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, path) = setup(&mem, &dir);
     let hdr = h.header(VIRTIO_BLK_T_OUT, 5);
     // The header's buffer continues with 1024 bytes of data (alloc is contiguous here).
@@ -64,7 +64,7 @@ fn header_and_data_in_one_descriptor() {
 
 #[test]
 fn shared_descriptors_with_the_wrong_direction_are_ioerr() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, path) = setup(&mem, &dir);
     // A write whose status descriptor carries writable bytes before the status.
     let hdr = h.header(VIRTIO_BLK_T_OUT, 0);

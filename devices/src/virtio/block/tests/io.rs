@@ -4,11 +4,12 @@
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::SubscriberOps;
 
 use super::*;
 use crate::virtio::block::{RawFile, VIRTIO_ID_BLOCK};
-use crate::virtio::{feature, INTERRUPT_VRING, VIRTIO_F_VERSION_1};
+use crate::virtio::test_rig::{run_until_used, Manager};
+use crate::virtio::{feature, Activation, INTERRUPT_VRING, VIRTIO_F_VERSION_1};
 
 const MIB: usize = 1 << 20;
 
@@ -23,7 +24,7 @@ fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn read_write_round_trip_over_several_descriptors() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), MIB, 1);
     let mem = test_mem();
     let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
@@ -71,7 +72,7 @@ fn read_write_round_trip_over_several_descriptors() {
 
 #[test]
 fn flush_get_id_and_unsupported_types() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), 64 * 1024, 1);
     let mem = test_mem();
     let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
@@ -109,7 +110,7 @@ fn flush_get_id_and_unsupported_types() {
 
 #[test]
 fn default_serial_names_the_file() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let a = image(&dir.path("a.img"), 512, 1);
     let b = image(&dir.path("b.img"), 512, 1);
     let (sa, sb) = (Block::default_serial(&a), Block::default_serial(&b));
@@ -120,7 +121,7 @@ fn default_serial_names_the_file() {
 
 #[test]
 fn discard_on_a_raw_file_reads_back_zeros() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), MIB, 3);
     let orig = pattern(MIB, 3);
     let mem = test_mem();
@@ -153,7 +154,7 @@ fn discard_on_a_raw_file_reads_back_zeros() {
 
 #[test]
 fn read_only_disk_refuses_writes() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("ro.img"), 64 * 1024, 4);
     let before = std::fs::read(&path).unwrap();
     let mem = test_mem();
@@ -180,7 +181,7 @@ fn read_only_disk_refuses_writes() {
 
 #[test]
 fn config_space_and_identity() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     // A trailing partial sector is not part of the capacity.
     let path = image(&dir.path("disk.img"), MIB + 100, 1);
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
@@ -219,13 +220,12 @@ fn config_space_and_identity() {
 /// registered after activation and unregistered after a reset.
 #[test]
 fn event_manager_drives_the_queue() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), 64 * 1024, 6);
     let mem = test_mem();
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
     let dev = Arc::new(Mutex::new(dev));
-    let mut mgr: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().unwrap();
+    let mut mgr = Manager::new().unwrap();
     mgr.add_subscriber(dev.clone());
 
     let mut q = GuestQueue::new(&mem, 0x0, 0x10_0000, 0x10_0000);
@@ -234,7 +234,12 @@ fn event_manager_drives_the_queue() {
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     dev.lock()
         .unwrap()
-        .activate(mem.clone(), vec![q.queue()], vec![evt], irq.clone())
+        .activate(Activation::new(
+            mem.clone(),
+            vec![q.queue()],
+            vec![evt],
+            irq.clone(),
+        ))
         .unwrap();
     mgr.run_with_timeout(0).unwrap(); // the wake-up: registers the queue eventfd
 
@@ -243,14 +248,7 @@ fn event_manager_drives_the_queue() {
     let (data, status) = (q.alloc(512), q.alloc(1));
     q.add_chain(&[(hdr, 16, false), (data, 512, true), (status, 1, true)]);
     kick.write(1).unwrap();
-    let mut used = Vec::new();
-    for _ in 0..10 {
-        mgr.run_with_timeout(0).unwrap();
-        used = q.used();
-        if !used.is_empty() {
-            break;
-        }
-    }
+    let used = run_until_used(&mut mgr, 10, || q.used());
     assert_eq!(used.len(), 1, "the request ran from the event loop");
     assert_eq!(used[0].1, 513);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), OK);
@@ -271,7 +269,7 @@ fn event_manager_drives_the_queue() {
 /// the driver's `used_event` says so.
 #[test]
 fn event_idx_suppresses_interrupts_and_asks_for_kicks() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let path = image(&dir.path("disk.img"), 64 * 1024, 6);
     let mem = test_mem();
     let dev = Block::new(RawFile::open(&path, false).unwrap(), SERIAL).unwrap();
@@ -301,7 +299,7 @@ fn event_idx_suppresses_interrupts_and_asks_for_kicks() {
 #[test]
 fn host_side_flush_works_on_every_backend() {
     // The VMM flushes a device before it copies its overlay into a snapshot.
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let base = image(&dir.path("base.img"), 4096, 1);
     let overlay = crate::virtio::block::Overlay::create(&base, dir.path("o.overlay")).unwrap();
     Block::new(overlay, b"o").unwrap().flush().unwrap();

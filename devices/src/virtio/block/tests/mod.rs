@@ -16,7 +16,6 @@ use crate::virtio::test_queue as driver;
 use driver::GuestQueue;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -24,37 +23,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::consts::*;
 use super::{Backend, Block};
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 pub(super) const MEM_SIZE: usize = 16 << 20;
 pub(super) const SERIAL: &[u8] = b"kiln-test-disk-0001";
 
-/// A scratch directory, removed on drop.
-pub(super) struct TestDir(pub(super) PathBuf);
-
-impl TestDir {
-    pub(super) fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-blk-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub(super) fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(super) use crate::virtio::test_dir::TestDir;
 
 pub(super) fn test_mem() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
@@ -100,8 +74,13 @@ impl<'m> Harness<'m> {
         let kick = evt.try_clone().unwrap();
         let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         dev.ack_features(dev.device_features());
-        dev.activate(mem.clone(), vec![queue], vec![evt], irq.clone())
-            .unwrap();
+        dev.activate(Activation::new(
+            mem.clone(),
+            vec![queue],
+            vec![evt],
+            irq.clone(),
+        ))
+        .unwrap();
         Self {
             mem,
             dev,

@@ -24,7 +24,7 @@ fn overlay(dir: &TestDir, base: &Path, name: &str) -> Overlay {
 
 #[test]
 fn two_overlays_see_only_their_own_writes() {
-    let (mem_a, mem_b, dir) = (test_mem(), test_mem(), TestDir::new());
+    let (mem_a, mem_b, dir) = (test_mem(), test_mem(), TestDir::new("blk"));
     let (base_path, orig) = base(&dir);
     let mut a = Harness::new(&mem_a, overlay(&dir, &base_path, "a.ovl"));
     let mut b = Harness::new(&mem_b, overlay(&dir, &base_path, "b.ovl"));
@@ -53,7 +53,7 @@ fn two_overlays_see_only_their_own_writes() {
 
 #[test]
 fn partial_cluster_writes_keep_the_base_data() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (base_path, orig) = base(&dir);
     let mut h = Harness::new(&mem, overlay(&dir, &base_path, "a.ovl"));
     let mut model = orig.clone();
@@ -83,7 +83,7 @@ fn partial_cluster_writes_keep_the_base_data() {
 
 #[test]
 fn overlay_discard_reads_back_zeros_not_the_base() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (base_path, orig) = base(&dir);
     let mut h = Harness::new(&mem, overlay(&dir, &base_path, "a.ovl"));
     h.write_ok(40, &[7; 4096]); // cluster 5 in the overlay, then discarded
@@ -109,7 +109,7 @@ fn overlay_discard_reads_back_zeros_not_the_base() {
 /// is short, straight through the `Disk` interface.
 #[test]
 fn overlay_matches_a_model_at_odd_offsets() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let len = 3 * 4096 + 1536;
     let base_path = image(&dir.path("base.img"), len, 5);
     let orig = std::fs::read(&base_path).unwrap();
@@ -148,7 +148,7 @@ fn overlay_matches_a_model_at_odd_offsets() {
 
 #[test]
 fn overlay_state_round_trip() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (base_path, orig) = base(&dir);
     let mut h = Harness::new(&mem, overlay(&dir, &base_path, "a.ovl"));
     h.write_ok(9, &[1; 512]);
@@ -206,7 +206,7 @@ fn overlay_state_round_trip() {
     assert!(matches!(restore(&bad), Err(BlockError::BadState(_))));
     let mut bad = state.clone();
     bad.queues[0].size = 3;
-    assert!(matches!(restore(&bad), Err(BlockError::BadState(_))));
+    assert!(matches!(restore(&bad), Err(BlockError::BadQueues(_))));
     let mut bad = state.clone();
     if let BackendState::Overlay { cluster_size, .. } = &mut bad.backend {
         *cluster_size = 65536;
@@ -230,7 +230,7 @@ fn overlay_state_round_trip() {
 
 #[test]
 fn overlay_files_are_checked() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("blk");
     let (base_path, _) = base(&dir);
     let _a = overlay(&dir, &base_path, "a.ovl");
     assert!(

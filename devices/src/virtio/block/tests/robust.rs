@@ -4,6 +4,7 @@
 use super::driver::{F_NEXT, F_WRITE};
 use super::*;
 use crate::virtio::block::RawFile;
+use crate::virtio::Activation;
 
 const DISK: usize = 64 * 1024;
 const CAP: u64 = (DISK / 512) as u64;
@@ -32,7 +33,7 @@ fn assert_alive(h: &mut Harness<'_>, path: &Path) {
 
 #[test]
 fn bad_ranges_and_lengths_are_ioerr() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, path) = setup(&mem, &dir);
     let buf = |h: &mut Harness<'_>, len: u32, write: bool| (h.q.alloc(u64::from(len)), len, write);
 
@@ -150,7 +151,7 @@ fn bad_ranges_and_lengths_are_ioerr() {
 
 #[test]
 fn bad_headers_are_ioerr() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, path) = setup(&mem, &dir);
     let data = h.q.alloc(512);
     mem.write_slice(&[1u8; 512], GuestAddress(data)).unwrap();
@@ -174,7 +175,7 @@ fn bad_headers_are_ioerr() {
 
 #[test]
 fn chains_without_a_usable_status_are_returned_unused() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, path) = setup(&mem, &dir);
     let data = h.q.alloc(512);
     mem.write_slice(&[1u8; 512], GuestAddress(data)).unwrap();
@@ -211,7 +212,7 @@ fn chains_without_a_usable_status_are_returned_unused() {
 
 #[test]
 fn broken_and_looping_chains_are_returned_unused() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, path) = setup(&mem, &dir);
     let hdr = h.header(VIRTIO_BLK_T_IN, 0);
     let (data, s) = (h.q.alloc(512), h.status_buf());
@@ -235,7 +236,7 @@ fn broken_and_looping_chains_are_returned_unused() {
 
 #[test]
 fn corrupt_avail_ring_does_not_spin() {
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, _) = setup(&mem, &dir);
     // The driver claims 1000 new chains in a 256-entry ring.
     let idx_addr = GuestAddress(h.q.mock.avail_addr().0 + 2);
@@ -272,7 +273,7 @@ fn corrupt_avail_ring_does_not_spin() {
 fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
     use crate::virtio::block::device::CHAIN_BUDGET;
 
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let (mut h, path) = setup(&mem, &dir);
     let (hdr, s) = (h.header(VIRTIO_BLK_T_FLUSH, 0), h.status_buf());
     let head = h.q.add_chain(&[(hdr, 16, false), (s, 1, true)]);
@@ -282,7 +283,7 @@ fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
     let kicked = evt.try_clone().unwrap();
     let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     dev.ack_features(dev.device_features());
-    dev.activate(mem.clone(), vec![queue], vec![evt], irq)
+    dev.activate(Activation::new(mem.clone(), vec![queue], vec![evt], irq))
         .unwrap();
 
     driver::assert_drain_yields(CHAIN_BUDGET, &kicked, move || {
@@ -298,7 +299,7 @@ fn a_ring_that_refills_itself_does_not_hold_the_event_loop() {
 fn requests_over_the_size_cap_are_ioerr_and_move_no_data() {
     use crate::virtio::block::MAX_REQUEST_LEN;
     const BIG_DISK: usize = 10 << 20;
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let path = image(&dir.path("disk.img"), BIG_DISK, 4);
     let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
     let cap = u32::try_from(MAX_REQUEST_LEN).unwrap();
@@ -352,7 +353,7 @@ fn requests_over_the_size_cap_are_ioerr_and_move_no_data() {
 fn large_requests_spend_the_drain_budget_sooner() {
     use crate::virtio::block::device::{BYTES_PER_UNIT, CHAIN_BUDGET};
     const N: usize = 60;
-    let (mem, dir) = (test_mem(), TestDir::new());
+    let (mem, dir) = (test_mem(), TestDir::new("blk"));
     let path = image(&dir.path("disk.img"), 1 << 20, 2);
     let mut h = Harness::new(&mem, RawFile::open(&path, false).unwrap());
     let big = 1u32 << 20;

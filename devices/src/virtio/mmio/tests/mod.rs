@@ -1,6 +1,7 @@
 use super::*;
 use crate::virtio::{
-    read_config_bytes, ActivateError, INTERRUPT_CONFIG, INTERRUPT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    read_config_bytes, ActivateError, Activation, INTERRUPT_CONFIG, INTERRUPT_VRING,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use vm_memory::GuestAddress;
 
@@ -35,16 +36,12 @@ impl VirtioDevice for Dummy {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.config_writes.push((offset, data.to_vec()));
     }
-    fn activate(
-        &mut self,
-        _mem: GuestMemory,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-        interrupt: VirtioInterrupt,
-    ) -> Result<(), ActivateError> {
-        interrupt.signal_used_queue().unwrap();
-        self.activations
-            .push((queues.iter().map(Queue::state).collect(), queue_evts.len()));
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        a.interrupt.signal_used_queue().unwrap();
+        self.activations.push((
+            a.queues.iter().map(Queue::state).collect(),
+            a.queue_evts.len(),
+        ));
         Ok(())
     }
     fn reset(&mut self) {

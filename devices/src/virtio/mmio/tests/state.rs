@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::persist::Persist;
+use crate::virtio::Activation;
 
 #[test]
 fn legacy_only_device_is_rejected() {
@@ -19,13 +20,7 @@ fn legacy_only_device_is_rejected() {
         fn ack_features(&mut self, _: u64) {}
         fn read_config(&self, _: u64, _: &mut [u8]) {}
         fn write_config(&mut self, _: u64, _: &[u8]) {}
-        fn activate(
-            &mut self,
-            _: GuestMemory,
-            _: Vec<Queue>,
-            _: Vec<EventFd>,
-            _: VirtioInterrupt,
-        ) -> Result<(), ActivateError> {
+        fn activate(&mut self, _: Activation) -> Result<(), ActivateError> {
             Ok(())
         }
         fn reset(&mut self) {}
@@ -107,5 +102,5 @@ fn state_round_trip() {
     let mut bad = state;
     bad.queues[0].desc_table = 0x1001;
     let r = restore(&bad);
-    assert!(matches!(r, Err(MmioError::BadState(_))));
+    assert!(matches!(r, Err(MmioError::BadQueue(_))));
 }

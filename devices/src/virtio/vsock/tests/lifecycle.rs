@@ -6,13 +6,12 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-
 use super::*;
 use crate::bus::BusDevice;
 use crate::persist::Persist;
+use crate::virtio::test_rig::Wired;
 use crate::virtio::vsock::{VsockError, VsockRestoreArgs, VsockState, VSOCK_STATE_VERSION};
-use crate::virtio::{status, MmioTransport, QueueRestoreArgs, VIRTIO_F_VERSION_1};
+use crate::virtio::{status, QueueRestoreArgs, QUEUE_NOTIFY_OFFSET, VIRTIO_F_VERSION_1};
 
 #[test]
 fn transport_reset_event() {
@@ -163,91 +162,44 @@ fn state_round_trip() {
 #[test]
 fn mmio_transport_and_event_manager_end_to_end() {
     let mem = test_mem();
-    let dir = TestDir::new();
+    let dir = TestDir::new("vsock");
     let path = dir.0.join("v.sock");
     let mut rx = GuestQueue::new(&mem, 0x0, 0x10_0000, 0x10_0000);
-    let qs = [
-        (
-            rx.mock.desc_table_addr(),
-            rx.mock.avail_addr(),
-            rx.mock.used_addr(),
-        ),
-        {
-            let q = GuestQueue::new(&mem, 0x1_0000, 0x20_0000, 0x1000);
-            (
-                q.mock.desc_table_addr(),
-                q.mock.avail_addr(),
-                q.mock.used_addr(),
-            )
-        },
-        {
-            let q = GuestQueue::new(&mem, 0x2_0000, 0x30_0000, 0x1000);
-            (
-                q.mock.desc_table_addr(),
-                q.mock.avail_addr(),
-                q.mock.used_addr(),
-            )
-        },
-    ];
+    let tx = GuestQueue::new(&mem, 0x1_0000, 0x20_0000, 0x1000);
+    let ev = GuestQueue::new(&mem, 0x2_0000, 0x30_0000, 0x1000);
     let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &path).unwrap()));
-    let mut mgr: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().unwrap();
-    mgr.add_subscriber(dev.clone());
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut t = MmioTransport::new(mem.clone(), dev.clone(), irq).unwrap();
-
-    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    let lo = |a: GuestAddress| u32::try_from(a.0 & 0xffff_ffff).unwrap();
-    w(&mut t, 0x70, status::ACKNOWLEDGE);
-    w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-    w(&mut t, 0x24, 1);
-    w(&mut t, 0x20, 1); // VERSION_1
+    let mut wired = Wired::new(&mem, &dev);
+    let w = &mut wired;
+    w.w(0x70, status::ACKNOWLEDGE);
+    w.w(0x70, status::ACKNOWLEDGE | status::DRIVER);
+    w.w(0x24, 1);
+    w.w(0x20, 1); // VERSION_1
     let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-    w(&mut t, 0x70, s);
-    for (i, (desc, avail, used)) in (0u32..).zip(qs) {
-        w(&mut t, 0x30, i);
-        w(&mut t, 0x38, 256);
-        w(&mut t, 0x80, lo(desc));
-        w(&mut t, 0x90, lo(avail));
-        w(&mut t, 0xa0, lo(used));
-        w(&mut t, 0x44, 1);
+    w.w(0x70, s);
+    for (i, q) in (0u32..).zip([&rx, &tx, &ev]) {
+        w.set_queue(i, q);
     }
-    w(&mut t, 0x70, s | status::DRIVER_OK);
-    assert_eq!(t.device_status(), s | status::DRIVER_OK);
+    w.w(0x70, s | status::DRIVER_OK);
+    assert_eq!(w.t.device_status(), s | status::DRIVER_OK);
     let mut cid = [0u8; 8];
-    t.read(0x100, &mut cid);
+    w.t.read(0x100, &mut cid);
     assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
 
     let mut client = UnixStream::connect(&path).unwrap();
     client.write_all(b"CONNECT 1024\n").unwrap();
     let a = rx.alloc(4140);
     rx.add_chain(&[(a, 4140, true)]);
-    w(&mut t, 0x50, 0); // QueueNotify for rx, no ioeventfd in between
-    let mut used = Vec::new();
-    for _ in 0..100 {
-        mgr.run_with_timeout(0).unwrap();
-        used = rx.used();
-        if !used.is_empty() {
-            break;
-        }
-    }
+    w.w(QUEUE_NOTIFY_OFFSET, 0); // for rx, no ioeventfd in between
+    let used = w.run_until_used(100, || rx.used());
     assert_eq!(used.len(), 1, "the REQUEST arrived");
     assert_eq!(used[0].1, 44);
     let op_field: u16 = mem.read_obj(GuestAddress(a + 30)).unwrap();
     assert_eq!(op_field, op::REQUEST);
-    let mut st = [0u8; 4];
-    t.read(0x60, &mut st);
-    assert_eq!(
-        u32::from_le_bytes(st) & 1,
-        1,
-        "used-buffer interrupt pending"
-    );
+    assert_eq!(w.r(0x60) & 1, 1, "used-buffer interrupt pending");
 
     // A driver reset takes the queue fds out of the event loop again.
-    w(&mut t, 0x70, 0);
-    for _ in 0..10 {
-        mgr.run_with_timeout(0).unwrap();
-    }
+    w.w(0x70, 0);
+    w.run(10);
     assert!(!dev.lock().unwrap().is_active());
 }
 

@@ -17,43 +17,20 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use event_manager::EventSet;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{op, Vsock, EVQ, HOST_CID, RXQ, TXQ};
 use crate::virtio::interest::fake::FakeEpoll;
-use crate::virtio::{GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 pub(super) const GUEST_CID: u64 = 3;
 
 const MEM_SIZE: usize = 16 << 20;
 
-/// A scratch directory, removed on drop.
-pub(super) struct TestDir(pub(super) PathBuf);
-
-impl TestDir {
-    pub(super) fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-vsock-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(super) use crate::virtio::test_dir::TestDir;
 
 pub(super) fn test_mem() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
@@ -75,7 +52,7 @@ pub(super) struct Harness<'m> {
 impl<'m> Harness<'m> {
     /// A device, registered with the fake epoll, not yet activated.
     pub(super) fn inactive(mem: &'m GuestMemory) -> Self {
-        let dir = TestDir::new();
+        let dir = TestDir::new("vsock");
         let path = dir.0.join("v.sock");
         let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
         let mut ep = FakeEpoll::default();
@@ -111,7 +88,7 @@ impl<'m> Harness<'m> {
             q.set_event_idx(event_idx);
         }
         h.dev
-            .activate(mem.clone(), queues, evts, h.irq.clone())
+            .activate(Activation::new(mem.clone(), queues, evts, h.irq.clone()))
             .unwrap();
         h.run();
         assert_eq!(h.ep.fds.len(), 5, "wake, listener and three queue eventfds");
@@ -121,27 +98,13 @@ impl<'m> Harness<'m> {
     /// Play the event loop until no registered fd is ready.
     pub(super) fn run(&mut self) {
         for _ in 0..10_000 {
-            let mut fds: Vec<libc::pollfd> = self
-                .ep
-                .fds
-                .iter()
-                .map(|(fd, set)| libc::pollfd {
-                    fd: *fd,
-                    events: i16::try_from(set.bits()).unwrap(),
-                    revents: 0,
-                })
-                .collect();
-            let nfds = libc::nfds_t::try_from(fds.len()).unwrap();
-            // SAFETY: `fds` is a valid array of `nfds` pollfd structs for the whole call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, 0) };
-            assert!(n >= 0, "poll: {}", io::Error::last_os_error());
-            if n == 0 {
+            let ready = self.ep.ready().expect("poll");
+            if ready.is_empty() {
                 assert_eq!(self.ep.errors, 0, "epoll bookkeeping error");
                 return;
             }
-            for p in fds.iter().filter(|p| p.revents != 0) {
-                let set = EventSet::from_bits_truncate(u32::from(p.revents.cast_unsigned()));
-                self.dev.handle_event(p.fd, set);
+            for (fd, set) in ready {
+                self.dev.handle_event(fd, set);
                 self.dev.sync_interest(&mut self.ep);
             }
         }

@@ -1,53 +1,20 @@
-//! Shared by the `cli_snapshot*` tests: a spinning tiny guest under `kiln run --api`, a
-//! snapshot of it made through `kiln ctl`, and checks on kiln's output.
-#![allow(dead_code)]
+//! A spinning tiny guest under `kiln run --api`, `kiln ctl` against it, and a snapshot of
+//! it made through the CLI once per test process.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kiln_tests::tiny_kernel::{build_with, End};
+use super::{kiln, next_line, scratch, signal, spin_kernel_saying};
 
 pub const MESSAGE: &str = "spinning now\n";
 
-pub fn kiln() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-}
-
-/// This test process's scratch root, `$TMPDIR/kiln-clisnap-<pid>`. Roots left by test
-/// processes that are gone are removed the first time.
-fn scratch_root() -> &'static Path {
-    static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let tmp = std::env::temp_dir();
-        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("kiln-clisnap-") {
-                if !Path::new("/proc").join(pid).exists() {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
-            }
-        }
-        tmp.join(format!("kiln-clisnap-{}", std::process::id()))
-    })
-}
-
-/// A fresh scratch directory under this process's root.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = scratch_root().join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A tiny ELF guest that prints [`MESSAGE`], marks boot done and spins.
+/// A tiny ELF guest in `dir` that prints [`MESSAGE`], marks boot done and spins.
 pub fn spin_kernel(dir: &Path) -> PathBuf {
-    let path = dir.join("spin.elf");
-    std::fs::write(&path, build_with(MESSAGE, End::Spin)).unwrap();
-    path
+    spin_kernel_saying(dir, MESSAGE)
 }
 
 /// A kiln process, and the clones it started, killed if still running when dropped: a
@@ -97,6 +64,12 @@ impl Guard {
         }
         (status, stdout, stderr)
     }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        self.wait()
+    }
 }
 
 impl Drop for Guard {
@@ -140,8 +113,7 @@ impl RunningVm {
             .spawn()
             .unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
+        let line = next_line(&mut stdout);
         if line != MESSAGE {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
@@ -160,15 +132,8 @@ impl RunningVm {
 
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(mut self) -> ExitStatus {
-        signal(&self.process.child, libc::SIGTERM);
-        self.process.wait()
+        self.process.terminate()
     }
-}
-
-pub fn signal(child: &Child, signo: i32) {
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: kill() with a pid we spawned and have not reaped.
-    unsafe { libc::kill(pid, signo) };
 }
 
 /// `kiln ctl --api API ARGS`.
@@ -200,7 +165,7 @@ pub fn ctl_ok(api: &Path, args: &[&str]) -> serde_json::Value {
 pub fn wait_answering(api: &Path, child: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if api.exists() && ctl(api, &["status"]).status.success() {
+        if api.exists() && ctl(api, &["--timeout", "5", "status"]).status.success() {
             return true;
         }
         if !matches!(child.try_wait(), Ok(None)) {
@@ -218,13 +183,12 @@ pub fn snapshot() -> &'static Path {
     static SNAPSHOT: OnceLock<PathBuf> = OnceLock::new();
     SNAPSHOT.get_or_init(|| {
         let dir = scratch("base");
-        let vm = RunningVm::start(&dir);
+        let mut vm = RunningVm::start(&dir);
         let snap = dir.join("snap");
         let answer = ctl_ok(&vm.api, &["snapshot", "--dir", snap.to_str().unwrap()]);
         assert_eq!(answer["state"], "running", "{answer}");
         assert!(answer["memory_bytes_written"].as_u64().unwrap() > 0);
         ctl_ok(&vm.api, &["shutdown"]);
-        let mut vm = vm;
         let status = vm.process.wait();
         assert_eq!(status.code(), Some(0), "kiln run after a shutdown request");
         assert!(!vm.api.exists(), "the API socket was removed");
@@ -253,16 +217,4 @@ pub fn digest(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             (e.file_name().to_string_lossy().into_owned(), bytes)
         })
         .collect()
-}
-
-/// Asserts that `out` failed cleanly: non-zero exit, no panic, exactly one error line on
-/// stderr. Returns that line.
-pub fn one_error_line(what: &str, out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{what} succeeded: {stderr}");
-    assert_ne!(out.status.code(), Some(101), "{what} panicked: {stderr}");
-    assert!(!stderr.contains("panicked"), "{what} panicked: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(errors.len(), 1, "{what}: expected one error line: {stderr}");
-    errors[0].to_string()
 }
