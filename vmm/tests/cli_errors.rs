@@ -91,6 +91,51 @@ fn unreadable_initramfs() {
 }
 
 #[test]
+fn initramfs_larger_than_the_guest_memory() {
+    let dir = scratch("bigrd");
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(&kernel, kiln_tests::tiny_kernel::build("")).unwrap();
+    // 40 MiB for a 32 MiB guest (sparse: nothing is written).
+    let initrd = dir.join("big.cpio.gz");
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let args = |initrd: &std::path::Path| {
+        [
+            "--kernel".to_string(),
+            kernel.to_str().unwrap().to_string(),
+            "--initrd".to_string(),
+            initrd.to_str().unwrap().to_string(),
+            "--memory".to_string(),
+            "32".to_string(),
+        ]
+    };
+    let big = args(&initrd);
+    let line = run_fails(&big.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        line.contains("big.cpio.gz (41943040 bytes, 40.0 MiB) does not fit"),
+        "{line}"
+    );
+    assert!(line.contains("give the VM more --memory"), "{line}");
+
+    // One that fits is loaded, and the tiny kernel's reset ends the run with 0.
+    let small = dir.join("small.cpio.gz");
+    std::fs::write(&small, vec![0x1f; 4 << 20]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .args(args(&small))
+        .output()
+        .expect("run kiln");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn bad_config_file() {
     let dir = scratch("config");
     let file = dir.join("vm.toml");

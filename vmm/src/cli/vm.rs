@@ -15,7 +15,10 @@ pub struct VmArgs {
     /// $KILN_HOME, /usr/share/kiln or the kernel build cache (`kiln doctor` says which).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Initramfs to hand the kernel (an uncompressed cpio archive).
+    /// Initramfs to hand the kernel: a cpio archive, uncompressed or compressed in a
+    /// format the kernel unpacks (gzip, zstd, xz…), or several concatenated (an
+    /// uncompressed microcode cpio, then the main one). Loaded as it is, as high in low
+    /// memory as the kernel's initrd_addr_max and --memory allow.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line. Default: "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1

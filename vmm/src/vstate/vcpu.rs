@@ -104,8 +104,14 @@ impl Vcpu {
             },
             _ => unreachable!("supported_cpuid only fails with Cpuid"),
         })?;
-        cpuid::configure(&mut cpuid, index, count).map_err(VcpuError::Tables)?;
+        let xsave = cpuid::configure(&mut cpuid, index, count).map_err(VcpuError::Tables)?;
         self.fd.set_cpuid2(&cpuid).map_err(setup("cpuid"))?;
+        if let Some(xsave) = xsave {
+            // After the CPUID, which says what XCR0 may hold.
+            self.fd
+                .set_xcrs(&xsave.start_xcrs())
+                .map_err(setup("xcrs"))?;
+        }
         let msrs = msr::boot_msrs().map_err(VcpuError::Tables)?;
         self.fd.set_msrs(&msrs).map_err(setup("msrs"))?;
         self.fd

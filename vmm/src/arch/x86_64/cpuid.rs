@@ -1,9 +1,12 @@
-//! CPUID for one vCPU: what KVM supports, with the topology and APIC ID of this vCPU.
+//! CPUID for one vCPU: what KVM supports, with the topology and APIC ID of this vCPU and
+//! leaf 0xD made consistent (`super::xsave`).
 //!
 //! Each vCPU is presented as one core of a single socket, one thread per core, so that
 //! Linux's view (`nproc`, /proc/cpuinfo) matches `--vcpus` on Intel and AMD hosts alike.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+
+use super::xsave::Xsave;
 
 /// CPUID.1:ECX bit 31: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -18,8 +21,14 @@ fn id_bits(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
-/// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `index` of `count`.
-pub fn configure(cpuid: &mut CpuId, index: u8, count: u8) -> Result<(), vmm_sys_util::fam::Error> {
+/// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `index` of `count`. Returns
+/// the XSAVE state the vCPU is given (`None`: no XSAVE), whose XCR0 it must start with.
+pub fn configure(
+    cpuid: &mut CpuId,
+    index: u8,
+    count: u8,
+) -> Result<Option<Xsave>, vmm_sys_util::fam::Error> {
+    let xsave = super::xsave::normalize(cpuid)?;
     let apic_id = u32::from(index);
     let count32 = u32::from(count);
     for entry in cpuid.as_mut_slice() {
@@ -65,7 +74,7 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8) -> Result<(), vmm_sys_
     if cpuid.as_slice().iter().any(|e| e.function == 0x1f) {
         replace_topology_leaf(cpuid, 0x1f, apic_id, count)?;
     }
-    Ok(())
+    Ok(xsave)
 }
 
 /// Writes the extended topology leaf (0xB or 0x1F): an SMT level of one thread and a core

@@ -1,4 +1,5 @@
-//! x86_64 specifics: memory layout, CPUID, MSRs, registers, local APIC, MP table.
+//! x86_64 specifics: memory layout, CPUID (leaf 0xD in `xsave`), MSRs, registers, local
+//! APIC, MP table.
 
 pub mod cpuid;
 pub mod lapic;
@@ -6,3 +7,4 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod xsave;

@@ -2,17 +2,22 @@
 //! the zero page (`struct boot_params`) with the e820 map.
 //!
 //! Both an uncompressed ELF `vmlinux` and a `bzImage` are accepted; either way the vCPU
-//! enters the kernel's 64-bit entry point with paging on (see `arch::x86_64::regs`).
+//! enters the kernel's 64-bit entry point with paging on (see `arch::x86_64::regs`). Where
+//! the initramfs goes is `initrd`'s business.
+
+mod initrd;
+
+pub use initrd::{InitrdLimit, Window as InitrdWindow};
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use linux_loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::x86_64::layout::{
     CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, MPTABLE_START,
@@ -49,8 +54,18 @@ pub enum BootError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel; give the VM more --memory")]
-    InitrdTooLarge { path: PathBuf, size: u64 },
+    #[error(
+        "initramfs {path} ({size} bytes, {}) does not fit: the guest has {} ({:#x}..{:#x}) \
+         for it, between the memory its kernel uses and {}",
+        mib(*size), mib(window.room()), window.bottom, window.top, window.limit
+    )]
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        window: InitrdWindow,
+    },
+    #[error("initramfs {path} is empty")]
+    InitrdEmpty { path: PathBuf },
     #[error("invalid kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
     #[error("cannot write boot data into guest memory: {0}")]
@@ -79,20 +94,24 @@ pub fn load_linux(
         path: kernel.to_owned(),
         source,
     };
-    let (result, entry) = match detect_format(&mut file, kernel)? {
+    let (result, entry, kernel_end) = match detect_format(&mut file, kernel)? {
         KernelFormat::Elf => {
             // With no load offset, the ELF loader reports `e_entry` (for a vmlinux, the
-            // physical address of `startup_64`) as `kernel_load`.
+            // physical address of `startup_64`) as `kernel_load`, and the end of its
+            // segments in memory (bss included) as `kernel_end`.
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
-            let entry = r.kernel_load;
-            (r, entry)
+            let (entry, end) = (r.kernel_load, r.kernel_end);
+            (r, entry, end)
         }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
             let entry = r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET);
-            (r, entry)
+            let end = r.setup_header.map_or(r.kernel_end, |hdr| {
+                bzimage_end(&hdr, r.kernel_load.raw_value(), r.kernel_end)
+            });
+            (r, entry, end)
         }
     };
 
@@ -112,7 +131,8 @@ pub fn load_linux(
     params.hdr.cmdline_size = u32::try_from(cmdline.len() + 1).unwrap_or(u32::MAX);
 
     if let Some(path) = initrd {
-        let (addr, size) = load_initrd(mem, path, result.kernel_end, params.hdr.initrd_addr_max)?;
+        let window = InitrdWindow::new(mem_size(mem), kernel_end, params.hdr.initrd_addr_max);
+        let (addr, size) = initrd::load(mem, path, window)?;
         params.hdr.ramdisk_image = u32::try_from(addr.raw_value()).unwrap_or(0);
         params.hdr.ramdisk_size = u32::try_from(size).unwrap_or(0);
     }
@@ -126,6 +146,35 @@ pub fn load_linux(
     )
     .map_err(|e| BootError::Memory(e.to_string()))?;
     Ok(KernelEntry { entry })
+}
+
+/// Boot protocol 2.10: the setup header has `pref_address` and `init_size`.
+const PROTOCOL_WITH_INIT_SIZE: u16 = 0x020a;
+
+/// The end of the memory a bzImage's kernel uses before it reads the memory map. Its
+/// compressed payload (loaded at `loaded_at`, up to `loaded_end`) unpacks the kernel at
+/// `pref_address`, or at the load address aligned to `kernel_alignment` if that is higher,
+/// into `init_size` bytes; nothing kiln loads may lie there.
+fn bzimage_end(hdr: &setup_header, loaded_at: u64, loaded_end: u64) -> u64 {
+    let (version, align, pref, init_size) = (
+        hdr.version,
+        hdr.kernel_alignment,
+        hdr.pref_address,
+        hdr.init_size,
+    );
+    if version < PROTOCOL_WITH_INIT_SIZE {
+        return loaded_end;
+    }
+    let start = loaded_at
+        .next_multiple_of(u64::from(align.max(1)))
+        .max(pref);
+    loaded_end.max(start.saturating_add(u64::from(init_size)))
+}
+
+/// `bytes` in MiB, for messages.
+fn mib(bytes: u64) -> String {
+    let tenths = bytes.saturating_mul(10).div_ceil(1 << 20);
+    format!("{}.{} MiB", tenths / 10, tenths % 10)
 }
 
 enum KernelFormat {
@@ -173,47 +222,6 @@ fn write_cmdline(mem: &Memory, cmdline: &str) -> Result<(), BootError> {
     }
     loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &line)
         .map_err(|e| BootError::Memory(e.to_string()))
-}
-
-/// Puts the initramfs at the top of low RAM (below the MMIO gap and the kernel's limit),
-/// page-aligned, above the kernel.
-fn load_initrd(
-    mem: &Memory,
-    path: &Path,
-    kernel_end: u64,
-    addr_max: u32,
-) -> Result<(GuestAddress, u64), BootError> {
-    let read_err = |source| BootError::InitrdRead {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
-    let too_large = || BootError::InitrdTooLarge {
-        path: path.to_owned(),
-        size,
-    };
-    let low_end = mem_size(mem)
-        .min(MMIO_GAP_START)
-        .min(u64::from(addr_max) + 1);
-    let start = low_end.checked_sub(size).ok_or_else(too_large)? & !0xfff;
-    if start < kernel_end || size == 0 && start == 0 {
-        return Err(too_large());
-    }
-    let mut remaining = size;
-    let mut addr = GuestAddress(start);
-    while remaining > 0 {
-        let chunk = usize::try_from(remaining.min(1 << 20)).unwrap_or(1 << 20);
-        let written = mem
-            .read_volatile_from(addr, &mut file, chunk)
-            .map_err(|e| BootError::Memory(e.to_string()))?;
-        if written == 0 {
-            return Err(read_err(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        remaining -= written as u64;
-        addr = addr.unchecked_add(written as u64);
-    }
-    Ok((GuestAddress(start), size))
 }
 
 /// Total RAM bytes, from the regions (the MMIO gap is not RAM).
@@ -277,5 +285,90 @@ mod tests {
         let err = load_linux(&mem, &path, None, "").unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// A bzImage as far as the boot protocol goes: one setup sector after the boot sector,
+    /// a 2.15 setup header loading at 1 MiB that unpacks at 16 MiB into 16 MiB and reads
+    /// an initramfs below 48 MiB, and 64 KiB of payload.
+    fn fake_bzimage() -> Vec<u8> {
+        let mut image = vec![0u8; 1024 + 64 * 1024];
+        image[0x1f1] = 1; // setup_sects
+        image[0x1fe..0x200].copy_from_slice(&BOOT_FLAG_MAGIC.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020f_u16.to_le_bytes());
+        image[0x211] = 1; // loadflags: LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&0x10_0000_u32.to_le_bytes());
+        image[0x22c..0x230].copy_from_slice(&0x02ff_ffff_u32.to_le_bytes()); // initrd_addr_max
+        image[0x230..0x234].copy_from_slice(&0x20_0000_u32.to_le_bytes()); // kernel_alignment
+        image[0x258..0x260].copy_from_slice(&0x100_0000_u64.to_le_bytes()); // pref_address
+        image[0x260..0x264].copy_from_slice(&0x100_0000_u32.to_le_bytes()); // init_size
+        image
+    }
+
+    fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("kiln-boot-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_bzimage_initramfs_lies_above_its_unpacked_kernel_and_below_its_limit() {
+        let kernel = scratch("bz", &fake_bzimage());
+        let (mem, _f) = crate::memory::create(64 * MIB).unwrap();
+
+        // 8 MiB fit between the unpacked kernel's end (32 MiB) and initrd_addr_max (48 MiB):
+        // they go right below the limit.
+        let data: Vec<u8> = (0..8 * MIB).map(|i| (i % 251) as u8).collect();
+        let initrd = scratch("8m", &data);
+        load_linux(&mem, &kernel, Some(&initrd), "console=ttyS0").unwrap();
+        let params: boot_params =
+            vm_memory::Bytes::read_obj(&mem, GuestAddress(ZERO_PAGE)).unwrap();
+        let (image, size) = (params.hdr.ramdisk_image, params.hdr.ramdisk_size);
+        assert_eq!((u64::from(image), u64::from(size)), (40 * MIB, 8 * MIB));
+        let mut loaded = vec![0u8; data.len()];
+        vm_memory::Bytes::read_slice(&mem, &mut loaded, GuestAddress(40 * MIB)).unwrap();
+        assert!(loaded == data, "the initramfs bytes are loaded as they are");
+
+        // 20 MiB would reach into the memory the kernel unpacks itself into.
+        let initrd = scratch("20m", &vec![0x1f_u8; 20 << 20]);
+        let err = load_linux(&mem, &kernel, Some(&initrd), "").unwrap_err();
+        match &err {
+            BootError::InitrdTooLarge { window, .. } => {
+                assert_eq!((window.bottom, window.top), (32 * MIB, 48 * MIB));
+                assert_eq!(window.limit, InitrdLimit::KernelMax);
+            }
+            other => panic!("{other}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("(20971520 bytes, 20.0 MiB) does not fit"),
+            "{text}"
+        );
+        assert!(text.contains("16.0 MiB (0x2000000..0x3000000)"), "{text}");
+        assert!(text.contains("initrd_addr_max"), "{text}");
+
+        let empty = scratch("empty", b"");
+        let err = load_linux(&mem, &kernel, Some(&empty), "").unwrap_err();
+        assert!(matches!(err, BootError::InitrdEmpty { .. }), "{err}");
+        for path in [kernel, initrd, empty] {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn old_boot_protocols_have_no_init_size() {
+        let mut hdr = setup_header {
+            version: 0x0209,
+            init_size: 0x100_0000,
+            pref_address: 0x100_0000,
+            ..Default::default()
+        };
+        assert_eq!(bzimage_end(&hdr, MIB, 3 * MIB), 3 * MIB);
+        hdr.version = 0x020a;
+        assert_eq!(bzimage_end(&hdr, MIB, 3 * MIB), 32 * MIB);
+        assert_eq!(mib(MIB + 1), "1.1 MiB");
+        assert_eq!(mib(0), "0.0 MiB");
     }
 }
