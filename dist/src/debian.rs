@@ -95,19 +95,20 @@ pub fn changelog(version: &str, commit: &str, maintainer: &str, date: &str) -> S
     )
 }
 
-/// The machine-readable `copyright` file (copyright-format 1.0).
-pub fn copyright() -> String {
+/// The machine-readable `copyright` file (copyright-format 1.0); `years` are kiln's
+/// (`2025-2026`).
+pub fn copyright(years: &str) -> String {
     let home = kiln::defaults::SYSTEM_HOME.trim_start_matches('/');
     format!(
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
          Upstream-Name: kiln\n\
          \n\
          Files: *\n\
-         Copyright: The kiln authors\n\
+         Copyright: {years} The kiln authors\n\
          License: Apache-2.0\n\
          \n\
          Files: usr/bin/*\n\
-         Copyright: The kiln authors\n\
+         Copyright: {years} The kiln authors\n\
          \x20The authors of the Rust crates and of the GNU C Library linked in\n\
          License: Apache-2.0 and LGPL-2.1+\n\
          Comment: The binaries are linked statically: they hold the GNU C Library\n\
@@ -122,7 +123,7 @@ pub fn copyright() -> String {
          \x20with the configuration in the kiln sources' kernel-config/.\n\
          \n\
          Files: {home}/initramfs.cpio\n\
-         Copyright: The kiln authors\n\
+         Copyright: {years} The kiln authors\n\
          \x20Erik Andersen, Rob Landley, Denys Vlasenko and the BusyBox authors\n\
          License: Apache-2.0 and GPL-2.0-only\n\
          Comment: kiln-agent as /init, with Debian's static BusyBox (source package\n\
@@ -145,16 +146,25 @@ pub fn copyright() -> String {
 /// `/usr/share/lintian/overrides/kiln`: the findings that are kiln's design, each with why.
 pub fn lintian_overrides() -> String {
     let home = kiln::defaults::SYSTEM_HOME.trim_start_matches('/');
-    format!(
-        "# kiln-agent is the init of guest images of any distribution: `kiln image\n\
-         # build|import|pull` copy it into them, and the default initramfs holds it. kiln and\n\
-         # kiln-gitlab are static too, so that the package needs no library of the host.\n\
-         {PACKAGE}: statically-linked-binary [usr/bin/kiln]\n\
-         {PACKAGE}: statically-linked-binary [usr/bin/kiln-agent]\n\
-         {PACKAGE}: statically-linked-binary [usr/bin/kiln-gitlab]\n\
-         # The guest kernel: kiln boots it in a VM; it is no program of this host.\n\
+    let mut s = String::from(
+        "# kiln's binaries are static-pie executables (ELF type DYN, no interpreter, no\n\
+         # needed library), which lintian takes for shared libraries. They are static on\n\
+         # purpose: kiln-agent is the init of guest images of any distribution (`kiln image\n\
+         # build|import|pull` copy it into them, the default initramfs holds it), and kiln\n\
+         # and kiln-gitlab need no library of the host.\n",
+    );
+    for bin in ["kiln", "kiln-agent", "kiln-gitlab"] {
+        let _ = writeln!(
+            s,
+            "{PACKAGE}: shared-library-lacks-prerequisites [usr/bin/{bin}]"
+        );
+    }
+    let _ = write!(
+        s,
+        "# The guest kernel: kiln boots it in a VM; it is no program of this host.\n\
          {PACKAGE}: statically-linked-binary [{home}/vmlinux]\n"
-    )
+    );
+    s
 }
 
 #[cfg(test)]

@@ -68,14 +68,14 @@ pub fn build(out_dir: &Path) -> Result<Package> {
         ("kiln-agent", &bins.kiln_agent),
         ("kiln-gitlab", &bins.kiln_gitlab),
     ] {
-        tree.file(&format!("/usr/bin/{name}"), 0o755, &read(path)?)?;
+        let installed = format!("/usr/bin/{name}");
+        tree.file(&installed, 0o755, &read(path)?)?;
+        strip(&tree.staged(&installed))?;
     }
     let kernel = kiln_tests::kernels::guest().context("building the guest kernel")?;
-    tree.file(
-        &format!("{SYSTEM_HOME}/{KERNEL_FILE}"),
-        0o644,
-        &read(&kernel.vmlinux)?,
-    )?;
+    let vmlinux = format!("{SYSTEM_HOME}/{KERNEL_FILE}");
+    tree.file(&vmlinux, 0o644, &read(&kernel.vmlinux)?)?;
+    strip(&tree.staged(&vmlinux))?;
     let initramfs = GuestInitramfs::new()
         .build()
         .context("building the agent initramfs")?;
@@ -91,7 +91,7 @@ pub fn build(out_dir: &Path) -> Result<Package> {
     tree.file(
         &format!("{DOC_DIR}/copyright"),
         0o644,
-        debian::copyright().as_bytes(),
+        debian::copyright(&source.years).as_bytes(),
     )?;
     let changelog = debian::changelog(&version, &source.commit, &source.maintainer, &source.date);
     tree.gz_file(
@@ -132,6 +132,25 @@ pub fn build(out_dir: &Path) -> Result<Package> {
         );
     }
     Ok(Package { deb, version })
+}
+
+/// Strips the symbols of the ELF file `path` in place, as Debian's packaging does
+/// (`dh_strip`): backtraces lose their function names, the package gets smaller.
+/// Notes are kept: the guest kernel's PVH entry point is one.
+fn strip(path: &Path) -> Result<()> {
+    let out = Command::new("strip")
+        .args(["--strip-unneeded", "--remove-section=.comment"])
+        .arg(path)
+        .output()
+        .context("running strip (Debian package `binutils`)")?;
+    if !out.status.success() {
+        bail!(
+            "strip {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// `DEBIAN/md5sums`: `md5sum` of every regular file, by its path without the leading `/`.

@@ -20,6 +20,8 @@ pub struct Source {
     pub date: String,
     /// That day, `YYYY-MM-DD`.
     pub day: String,
+    /// The years from the first commit's to that time's: `2026`, `2025-2026`.
+    pub years: String,
     /// `$DEBFULLNAME <$DEBEMAIL>` if `$DEBEMAIL` is set, else the commit's author.
     pub maintainer: String,
     /// `source (= version)` of each of [`BUILT_FROM`].
@@ -45,7 +47,13 @@ impl Source {
             },
             None => git(&["log", "-1", "--format=%an <%ae>", "HEAD"])?,
         };
+        let first = git(&["log", "--max-parents=0", "--format=%ct", "HEAD"])?
+            .lines()
+            .filter_map(|l| l.trim().parse::<i64>().ok())
+            .min()
+            .unwrap_or(epoch);
         Ok(Source {
+            years: years(first, epoch),
             commit,
             epoch,
             date: rfc5322(epoch),
@@ -132,6 +140,15 @@ fn rfc5322_day(epoch: i64) -> String {
     format!("{y}-{m:02}-{d:02}")
 }
 
+/// `2026`, or `2025-2026` when the two times fall in different years.
+fn years(first: i64, last: i64) -> String {
+    let year = |t: i64| civil(t.div_euclid(86_400)).0;
+    match (year(first), year(last)) {
+        (a, b) if a >= b => b.to_string(),
+        (a, b) => format!("{a}-{b}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +161,7 @@ mod tests {
         assert_eq!(rfc5322_day(1_796_671_772), "2026-12-07");
         // 2024-02-29, a leap day (Thursday).
         assert_eq!(rfc5322(1_709_164_800), "Thu, 29 Feb 2024 00:00:00 +0000");
+        assert_eq!(years(1_709_164_800, 1_796_671_772), "2024-2026");
+        assert_eq!(years(1_796_671_772, 1_796_671_772), "2026");
     }
 }

@@ -33,6 +33,11 @@ impl Tree {
         &self.root
     }
 
+    /// Where the installed path `path` of a file added earlier is staged.
+    pub fn staged(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+
     /// The installed paths of the regular files added so far (`/usr/bin/kiln`, …).
     pub fn files(&self) -> &[String] {
         &self.files
