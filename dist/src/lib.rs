@@ -134,6 +134,26 @@ pub fn build(out_dir: &Path) -> Result<Package> {
     Ok(Package { deb, version })
 }
 
+/// Runs lintian (Debian package `lintian`) on `deb` and returns its findings, one per line;
+/// an error if it reports an error (its `--fail-on` default).
+pub fn lintian(deb: &Path) -> Result<String> {
+    let out = Command::new("lintian")
+        .args(["--fail-on", "error"])
+        .arg(deb)
+        .output()
+        .context("running lintian (cargo xtask setup installs it)")?;
+    let findings = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "lintian found errors in {} ({}):\n{findings}{}",
+            deb.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(findings)
+}
+
 /// Strips the symbols of the ELF file `path` in place, as Debian's packaging does
 /// (`dh_strip`): backtraces lose their function names, the package gets smaller.
 /// Notes are kept: the guest kernel's PVH entry point is one.

@@ -1,5 +1,5 @@
 //! The Debian package: built as `cargo xtask dist` builds it (`kiln_dist::build`), its
-//! contents checked with `dpkg-deb -c`, then unpacked into the root of a test-bed host
+//! contents checked with `dpkg-deb -c` and lintian, then unpacked into the root of a test-bed host
 //! (busybox's `dpkg-deb -x`), where `kiln job` with no flags but the command boots the
 //! packaged kernel and initramfs and `kiln doctor` finds everything a job needs.
 //!
@@ -88,6 +88,8 @@ fn install_package_runs_a_default_job_and_doctor_is_ok() -> Result<()> {
     ] {
         ensure!(listed.iter().any(|p| p == path), "{path} not in {listed:?}");
     }
+    // Its findings are printed; an error fails the test.
+    print!("{}", kiln_dist::lintian(&package.deb)?);
     let staged = out.path().join(format!(
         "kiln_{}_amd64/usr/lib/kiln/vmlinux",
         package.version
