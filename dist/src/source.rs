@@ -103,7 +103,7 @@ fn built_using() -> Result<Vec<String>> {
 }
 
 /// Days since 1970-01-01 as (year, month, day) in the proleptic Gregorian calendar.
-fn civil(days: i64) -> (i64, u32, u32) {
+fn civil(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -113,8 +113,7 @@ fn civil(days: i64) -> (i64, u32, u32) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    // Both are within 1..=31 and 1..=12 by construction.
-    (year, month as u32, day as u32)
+    (year, month, day)
 }
 
 fn rfc5322(epoch: i64) -> String {
@@ -127,8 +126,9 @@ fn rfc5322(epoch: i64) -> String {
     let (y, m, d) = civil(days);
     format!(
         "{}, {d:02} {} {y} {:02}:{:02}:{:02} +0000",
-        DAYS[days.rem_euclid(7) as usize],
-        MONTHS[m as usize - 1],
+        // rem_euclid(7) is within 0..7, and a month within 1..=12.
+        DAYS[usize::try_from(days.rem_euclid(7)).unwrap_or(0)],
+        MONTHS[usize::try_from(m - 1).unwrap_or(0)],
         secs / 3600,
         secs / 60 % 60,
         secs % 60
