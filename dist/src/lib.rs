@@ -116,79 +116,67 @@ pub fn build(out_dir: &Path) -> Result<Package> {
     tree.control("md5sums", 0o644, md5sums(&tree)?.as_bytes())?;
 
     let deb = out_dir.join(file_name());
-    let out = Command::new("dpkg-deb")
-        .args(["--build", "--root-owner-group"])
-        .arg(tree.root())
-        .arg(&deb)
-        // The archive's time stamps: the commit's, so that a rebuild gives the same bytes.
-        .env("SOURCE_DATE_EPOCH", source.epoch.to_string())
-        .output()
-        .context("running dpkg-deb (Debian package `dpkg`)")?;
-    if !out.status.success() {
-        bail!(
-            "dpkg-deb --build failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    stdout_of(
+        Command::new("dpkg-deb")
+            .args(["--build", "--root-owner-group"])
+            .arg(tree.root())
+            .arg(&deb)
+            // The archive's time stamps: the commit's, so that a rebuild gives the same bytes.
+            .env("SOURCE_DATE_EPOCH", source.epoch.to_string()),
+        "dpkg-deb --build (Debian package `dpkg`)",
+    )?;
     Ok(Package { deb, version })
 }
 
 /// Runs lintian (Debian package `lintian`) on `deb` and returns its findings, one per line;
 /// an error if it reports an error (its `--fail-on` default).
 pub fn lintian(deb: &Path) -> Result<String> {
-    let out = Command::new("lintian")
-        .args(["--fail-on", "error"])
-        .arg(deb)
-        .output()
-        .context("running lintian (cargo xtask setup installs it)")?;
-    let findings = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "lintian found errors in {} ({}):\n{findings}{}",
-            deb.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(findings)
+    stdout_of(
+        Command::new("lintian")
+            .args(["--fail-on", "error"])
+            .arg(deb),
+        "lintian (cargo xtask setup installs it)",
+    )
 }
 
 /// Strips the symbols of the ELF file `path` in place, as Debian's packaging does
 /// (`dh_strip`): backtraces lose their function names, the package gets smaller.
 /// Notes are kept: the guest kernel's PVH entry point is one.
 fn strip(path: &Path) -> Result<()> {
-    let out = Command::new("strip")
-        .args(["--strip-unneeded", "--remove-section=.comment"])
-        .arg(path)
-        .output()
-        .context("running strip (Debian package `binutils`)")?;
-    if !out.status.success() {
-        bail!(
-            "strip {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    stdout_of(
+        Command::new("strip")
+            .args(["--strip-unneeded", "--remove-section=.comment"])
+            .arg(path),
+        "strip (Debian package `binutils`)",
+    )
+    .map(drop)
 }
 
 /// `DEBIAN/md5sums`: `md5sum` of every regular file, by its path without the leading `/`.
 fn md5sums(tree: &Tree) -> Result<String> {
     let relative: Vec<&str> = tree.files().iter().map(|f| &f[1..]).collect();
-    let out = Command::new("md5sum")
-        .current_dir(tree.root())
-        .arg("--")
-        .args(&relative)
-        .output()
-        .context("running md5sum")?;
+    stdout_of(
+        Command::new("md5sum")
+            .current_dir(tree.root())
+            .arg("--")
+            .args(&relative),
+        "md5sum",
+    )
+}
+
+/// Runs `cmd` and returns its stdout; if it cannot start or fails, an error naming it as
+/// `what` and quoting what it printed.
+pub(crate) fn stdout_of(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
-            "md5sum failed: {}",
+            "{what} failed ({}):\n{stdout}{}",
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    String::from_utf8(out.stdout).context("md5sum printed something that is not UTF-8")
+    Ok(stdout)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

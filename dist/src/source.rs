@@ -65,19 +65,16 @@ impl Source {
 }
 
 fn git(args: &[&str]) -> Result<String> {
-    let out = Command::new("git")
-        .current_dir(kiln_tests::kernels::repo_root())
-        .args(args)
-        .output()
-        .context("running git (the package is built from a git checkout of kiln)")?;
-    if !out.status.success() {
-        bail!(
-            "git {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = crate::stdout_of(
+        Command::new("git")
+            .current_dir(kiln_tests::kernels::repo_root())
+            .args(args),
+        &format!(
+            "git {} (the package is built from a git checkout of kiln)",
+            args.join(" ")
+        ),
+    )?;
+    Ok(out.trim().to_string())
 }
 
 fn built_using() -> Result<Vec<String>> {
@@ -102,20 +99,6 @@ fn built_using() -> Result<Vec<String>> {
         .collect()
 }
 
-/// Days since 1970-01-01 as (year, month, day) in the proleptic Gregorian calendar.
-fn civil(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 fn rfc5322(epoch: i64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
@@ -123,7 +106,7 @@ fn rfc5322(epoch: i64) -> String {
     ];
     let days = epoch.div_euclid(86_400);
     let secs = epoch.rem_euclid(86_400);
-    let (y, m, d) = civil(days);
+    let (y, m, d) = kiln::civil::from_days(days);
     format!(
         "{}, {d:02} {} {y} {:02}:{:02}:{:02} +0000",
         // rem_euclid(7) is within 0..7, and a month within 1..=12.
@@ -136,13 +119,13 @@ fn rfc5322(epoch: i64) -> String {
 }
 
 fn rfc5322_day(epoch: i64) -> String {
-    let (y, m, d) = civil(epoch.div_euclid(86_400));
+    let (y, m, d) = kiln::civil::from_days(epoch.div_euclid(86_400));
     format!("{y}-{m:02}-{d:02}")
 }
 
 /// `2026`, or `2025-2026` when the two times fall in different years.
 fn years(first: i64, last: i64) -> String {
-    let year = |t: i64| civil(t.div_euclid(86_400)).0;
+    let year = |t: i64| kiln::civil::from_days(t.div_euclid(86_400)).0;
     match (year(first), year(last)) {
         (a, b) if a >= b => b.to_string(),
         (a, b) => format!("{a}-{b}"),
