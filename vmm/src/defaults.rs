@@ -1,5 +1,5 @@
 //! Where kiln finds its guest kernel and default agent initramfs when no flag names them:
-//! `$KILN_HOME`, else `/usr/share/kiln` (where the package installs them), else the build
+//! `$KILN_HOME`, else `/usr/lib/kiln` (where the package installs them), else the build
 //! cache `kernel-config/build.sh` fills (`${KILN_CACHE_DIR:-~/.cache/kiln}/kernels/guest-*`,
 //! the newest).
 
@@ -10,7 +10,7 @@ pub const KERNEL_FILE: &str = "vmlinux";
 /// The default agent initramfs's file name in a kiln home (busybox and `kiln-agent`).
 pub const INITRAMFS_FILE: &str = "initramfs.cpio";
 /// Where the Debian package installs them.
-pub const SYSTEM_HOME: &str = "/usr/share/kiln";
+pub const SYSTEM_HOME: &str = "/usr/lib/kiln";
 
 /// A default that is not there, and the places kiln looked for it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

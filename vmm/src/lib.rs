@@ -8,6 +8,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod civil;
 pub mod cli;
 pub mod commands;
 pub mod config;

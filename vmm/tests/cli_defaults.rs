@@ -1,5 +1,5 @@
 //! What `kiln run` and `kiln job` boot when no flag names a kernel or an initramfs: the
-//! defaults from $KILN_HOME, /usr/share/kiln or the build cache, and a clear line naming
+//! defaults from $KILN_HOME, /usr/lib/kiln or the build cache, and a clear line naming
 //! where kiln looked when there are none.
 
 use std::path::Path;

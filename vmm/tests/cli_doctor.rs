@@ -38,7 +38,7 @@ fn doctor_names_what_a_job_needs_and_why_this_kvm_cannot_boot_linux() {
     assert!(kernel.starts_with("FAIL"), "{kernel}");
     assert!(
         kernel.contains(&home.join("vmlinux").display().to_string())
-            && kernel.contains("/usr/share/kiln/vmlinux"),
+            && kernel.contains("/usr/lib/kiln/vmlinux"),
         "{kernel}"
     );
 

@@ -4,6 +4,7 @@
 mod bench;
 mod budgets;
 mod demo;
+mod dist;
 mod docs;
 mod fuzz;
 mod report;
@@ -69,6 +70,10 @@ enum Task {
     /// tells how kiln was made ("session N", "issue N", remarks on machine load). Prints
     /// each problem; xtask's tests make the same checks.
     DocsCheck,
+    /// Build kiln's Debian package, target/dist/kiln_VERSION_amd64.deb: the static
+    /// binaries, the guest kernel and agent initramfs, systemd units, manual pages and
+    /// completions (see docs/install.md). `--lintian` checks it.
+    Dist(dist::DistArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
         Task::Fuzz { time, target } => fuzz::run(time, target.as_deref()),
         Task::Soak(args) => soak::run(&args),
         Task::DocsCheck => docs_check(),
+        Task::Dist(args) => dist::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,6 +26,8 @@ use anyhow::{bail, Context, Result};
 ///   and iproute2 (the tests' network namespaces and veth pairs)
 /// - nesting tests: openssh-client (`ssh` logs into the nesting server's VMs with a
 ///   password, as GitLab Runner does)
+/// - the package's test: lintian (the Debian package `cargo xtask dist` builds must have
+///   no lintian error)
 pub const PACKAGES: &[&str] = &[
     "linux-source-6.12",
     "bc",
@@ -51,6 +53,7 @@ pub const PACKAGES: &[&str] = &[
     "nftables",
     "iproute2",
     "openssh-client",
+    "lintian",
 ];
 
 pub fn run() -> Result<()> {

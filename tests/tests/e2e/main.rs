@@ -12,6 +12,7 @@ mod hostile;
 mod image_disk;
 mod image_oci;
 mod image_store;
+mod install;
 mod jail;
 mod job;
 mod nesting;

@@ -59,7 +59,7 @@ pub enum Command {
     ///
     /// Checks: /dev/kvm access; hardware virtualization (a software hypervisor such as PVM
     /// cannot boot a Linux guest); the default guest kernel and agent initramfs ($KILN_HOME,
-    /// /usr/share/kiln, the kernel build cache); cgroup v2 for --slot; TUN for --net; the
+    /// /usr/lib/kiln, the kernel build cache); cgroup v2 for --slot; TUN for --net; the
     /// nesting server's socket group. Exits 1 if something a default `kiln job` needs is
     /// missing.
     Doctor,

@@ -12,7 +12,7 @@ use crate::config::{SerialOutput, VmConfig};
 #[derive(Args, Debug)]
 pub struct VmArgs {
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage. Default: `vmlinux` in
-    /// $KILN_HOME, /usr/share/kiln or the kernel build cache (`kiln doctor` says which).
+    /// $KILN_HOME, /usr/lib/kiln or the kernel build cache (`kiln doctor` says which).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initramfs to hand the kernel: a cpio archive, uncompressed or compressed in a
