@@ -122,7 +122,7 @@ fn initramfs_larger_than_the_guest_memory() {
     // One that fits is loaded, and the tiny kernel's reset ends the run with 0.
     let small = dir.join("small.cpio.gz");
     std::fs::write(&small, vec![0x1f; 4 << 20]).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let out = kiln()
         .arg("run")
         .args(args(&small))
         .output()

@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn a_bzimage_initramfs_lies_above_its_unpacked_kernel_and_below_its_limit() {
         let kernel = scratch("bz", &fake_bzimage());
-        let (mem, _f) = crate::memory::create(64 * MIB).unwrap();
+        let mem = crate::memory::create(64 * MIB).unwrap();
 
         // 8 MiB fit between the unpacked kernel's end (32 MiB) and initrd_addr_max (48 MiB):
         // they go right below the limit.
