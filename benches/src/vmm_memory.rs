@@ -26,8 +26,9 @@ pub fn run(kiln: &Path, runs: usize) -> Result<Vec<Value>> {
         let smaps =
             std::fs::read_to_string(format!("/proc/{pid}/smaps")).context("reading smaps")?;
         let usage = Usage::of(&smaps, GUEST_MIB << 10)?;
-        overhead.push((usage.pss_kib - usage.guest_pss_kib) / 1024.0);
-        rss.push(usage.rss_kib / 1024.0);
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        overhead.push(mib(usage.pss_kib - usage.guest_pss_kib));
+        rss.push(mib(usage.rss_kib));
         ctl(kiln, &api, "shutdown")?;
         let out = child.finish()?;
         if !out.status.success() {
@@ -55,18 +56,18 @@ const GUEST_MIB: u64 = 128;
 /// A process's memory from its `/proc/PID/smaps`, in KiB.
 #[derive(Debug, PartialEq)]
 struct Usage {
-    pss_kib: f64,
-    rss_kib: f64,
+    pss_kib: u64,
+    rss_kib: u64,
     /// Pss of the guest's RAM: anonymous mappings (no path) of exactly its size.
-    guest_pss_kib: f64,
+    guest_pss_kib: u64,
 }
 
 impl Usage {
     fn of(smaps: &str, guest_kib: u64) -> Result<Usage> {
         let mut usage = Usage {
-            pss_kib: 0.0,
-            rss_kib: 0.0,
-            guest_pss_kib: 0.0,
+            pss_kib: 0,
+            rss_kib: 0,
+            guest_pss_kib: 0,
         };
         let (mut anonymous, mut size, mut guest_regions) = (false, 0, 0);
         for line in smaps.lines() {
@@ -79,7 +80,7 @@ impl Usage {
                 anonymous = words.nth(3).is_some() && words.next().is_none();
                 continue;
             }
-            let kib = || -> Result<f64> {
+            let kib = || -> Result<u64> {
                 line[first.len()..]
                     .trim()
                     .trim_end_matches("kB")
@@ -88,7 +89,7 @@ impl Usage {
                     .with_context(|| format!("bad smaps line {line:?}"))
             };
             match first {
-                "Size:" => size = kib()? as u64,
+                "Size:" => size = kib()?,
                 "Rss:" => usage.rss_kib += kib()?,
                 "Pss:" => {
                     usage.pss_kib += kib()?;
@@ -128,9 +129,9 @@ Rss:                 900 kB
 Pss:                 900 kB
 ";
         let usage = Usage::of(smaps, 131072).unwrap();
-        assert_eq!(usage.pss_kib, 946.0);
-        assert_eq!(usage.rss_kib, 976.0);
-        assert_eq!(usage.guest_pss_kib, 16.0);
+        assert_eq!(usage.pss_kib, 946);
+        assert_eq!(usage.rss_kib, 976);
+        assert_eq!(usage.guest_pss_kib, 16);
         assert!(Usage::of(smaps, 4096).is_err());
     }
 }
