@@ -111,8 +111,19 @@ impl HostWrite {
     }
 }
 
-/// The process's umask (read by setting it and putting it back).
+/// The process's umask: the `Umask:` line of /proc/self/status, which reads it without
+/// changing it (setting it and putting it back would change it for a moment for every
+/// thread, e.g. under one binding a private socket); on a kernel without that line, it is
+/// swapped and put back.
 fn current_umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let listed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+    if let Some(mask) = listed {
+        return mask;
+    }
     // SAFETY: umask only swaps the process's file mode mask; it cannot fail.
     let mask = unsafe { libc::umask(0o077) };
     // SAFETY: as above, putting the mask back.
