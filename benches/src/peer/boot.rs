@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::Runner;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::{firecracker, firecracker_file, ratio, skipped, CMDLINE};
+use super::{firecracker, firecracker_file, peer_fields, skipped, CMDLINE};
 use crate::stats;
 use crate::vsock::CLOCK_SH;
 
@@ -51,16 +51,7 @@ pub fn boot(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
     };
     let samples = alternate(runner, &firecracker, &[KILN, FIRECRACKER], runs)?;
     let (kiln, fc) = (&samples[0], &samples[1]);
-    let (kiln_median, fc_median) = (stats::summary(kiln).0, stats::summary(fc).0);
-    let mut extra = Map::new();
-    extra.insert("peer".into(), "firecracker".into());
-    extra.insert(
-        "peer_binary".into(),
-        firecracker.display().to_string().into(),
-    );
-    extra.insert("peer_median_ms".into(), fc_median.into());
-    extra.insert("peer_runs".into(), fc.len().into());
-    extra.insert("ratio".into(), ratio(kiln_median, fc_median).into());
+    let mut extra = peer_fields(&firecracker, kiln, fc);
     extra.insert("cmdline".into(), CMDLINE.into());
     extra.insert(
         "guest".into(),

@@ -12,7 +12,9 @@ pub mod uds_http;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+
+use crate::stats;
 
 pub use boot::boot;
 pub use restore::restore;
@@ -47,7 +49,18 @@ fn firecracker_file(path: &std::path::Path) -> Result<(String, Vec<u8>)> {
     Ok(("firecracker".to_string(), bytes))
 }
 
-/// `a / b`, to three decimals.
-fn ratio(a: f64, b: f64) -> f64 {
-    (a / b * 1000.0).round() / 1000.0
+/// The fields both peer benchmarks report about the peer: which binary, its median and
+/// runs, and `ratio`, kiln's median over the peer's (to three decimals).
+fn peer_fields(binary: &std::path::Path, kiln: &[f64], peer: &[f64]) -> Map<String, Value> {
+    let (kiln_median, peer_median) = (stats::summary(kiln).0, stats::summary(peer).0);
+    let mut extra = Map::new();
+    extra.insert("peer".into(), "firecracker".into());
+    extra.insert("peer_binary".into(), binary.display().to_string().into());
+    extra.insert("peer_median_ms".into(), peer_median.into());
+    extra.insert("peer_runs".into(), peer.len().into());
+    extra.insert(
+        "ratio".into(),
+        ((kiln_median / peer_median * 1000.0).round() / 1000.0).into(),
+    );
+    extra
 }

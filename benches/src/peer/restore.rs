@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kiln_tests::Runner;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::{firecracker, firecracker_file, ratio, skipped, uds_http, CMDLINE};
+use super::{firecracker, firecracker_file, peer_fields, skipped, uds_http, CMDLINE};
 use crate::stats;
 use crate::vmm_setup::last_json_line;
 use crate::vsock::{agent_files, run_script, CLOCK_SH};
@@ -35,16 +35,7 @@ pub fn restore(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
         firecracker: fc,
         kiln_phases_ms,
     } = samples(runner, &firecracker, runs)?;
-    let (kiln_median, fc_median) = (stats::summary(&kiln).0, stats::summary(&fc).0);
-    let mut extra = Map::new();
-    extra.insert("peer".into(), "firecracker".into());
-    extra.insert(
-        "peer_binary".into(),
-        firecracker.display().to_string().into(),
-    );
-    extra.insert("peer_median_ms".into(), fc_median.into());
-    extra.insert("peer_runs".into(), fc.len().into());
-    extra.insert("ratio".into(), ratio(kiln_median, fc_median).into());
+    let mut extra = peer_fields(&firecracker, &kiln, &fc);
     extra.insert("kiln_phases_ms".into(), kiln_phases_ms);
     extra.insert(
         "guest".into(),
