@@ -2,7 +2,7 @@
 //!
 //! A new VM's RAM is anonymous memory, as Firecracker's is: the guest's first touch of a
 //! page is an anonymous page fault, cheaper than a shared-memory (memfd) fault, which made
-//! whole boots measurably slower (docs/performance.md). A snapshot writes the RAM out
+//! whole boots measurably slower in the nested test bed. A snapshot writes the RAM out
 //! through the mapping; a restore maps the snapshot's file in its place
 //! (`snapshot::memory`), region by region at the file offsets [`ram_ranges`] gives.
 
