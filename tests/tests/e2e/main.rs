@@ -5,6 +5,7 @@
 
 mod agent;
 mod boot;
+mod boot_initrd;
 mod gitlab;
 mod gitlab_images;
 mod gitlab_pull;
