@@ -4,6 +4,7 @@ pub mod net_download;
 
 pub mod artifacts;
 pub mod busybox;
+pub mod compress;
 pub mod cpio;
 mod direct;
 pub mod ext4;

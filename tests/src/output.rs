@@ -47,6 +47,25 @@ pub fn last_json(text: &str) -> Option<serde_json::Value> {
         .find(serde_json::Value::is_object)
 }
 
+/// The kernel's reports of a bug it ran into, from console or `dmesg` text: the first line
+/// of each `WARN()` ("WARNING: CPU: 0 PID: 0 at arch/x86/…") and `BUG:` ("BUG: kernel NULL
+/// pointer dereference", "BUG: scheduling while atomic"). Only lines whose message starts
+/// so count (after the `[ seconds]` timestamp): "Speculative Return Stack Overflow:
+/// WARNING: See …" is advice, not a splat.
+pub fn kernel_splats(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| {
+            let message = match line.strip_prefix('[') {
+                Some(rest) => rest.split_once(']').map_or(rest, |(_, m)| m),
+                None => line,
+            };
+            let message = message.trim_start();
+            message.starts_with("WARNING:") || message.starts_with("BUG:")
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +95,24 @@ mod tests {
         let json = last_json(text).unwrap();
         assert_eq!(json["boot_ms"].as_f64(), Some(12.5));
         assert!(last_json("[1]\n").is_none());
+    }
+
+    #[test]
+    fn kernel_splats_are_warn_and_bug_lines() {
+        let log = "[    0.000000] Linux version 6.12\n\
+                   [   11.811453] XSAVE consistency problem: size 832 != kernel_size 576\n\
+                   [   11.819967] WARNING: CPU: 0 PID: 0 at arch/x86/kernel/fpu/xstate.c:606 fpu__init_system_xstate+0x85a/0xb19\n\
+                   [   11.754571] Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc\n\
+                   [   35.881491] i8042: Warning: Keylock active\n\
+                   BUG: kernel NULL pointer dereference, address: 0000000000000000\r\n\
+                   [    2.1] bugs fixed: none\n";
+        assert_eq!(
+            kernel_splats(log),
+            [
+                "[   11.819967] WARNING: CPU: 0 PID: 0 at arch/x86/kernel/fpu/xstate.c:606 fpu__init_system_xstate+0x85a/0xb19",
+                "BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            ]
+        );
+        assert!(kernel_splats("[ 0.1] all well\n").is_empty());
     }
 }

@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 /// - kernels: linux-source-6.12 and its build tools (kernel-config/build.sh; lz4 compresses
 ///   the bzImage)
 /// - test bed: qemu-system-x86 (QEMU TCG with nested SVM), busybox-static and cpio for the
-///   test-bed and guest initramfs images, bash-static for guests that run GitLab jobs
+///   test-bed and guest initramfs images, bash-static for guests that run GitLab jobs,
+///   gzip and zstd (with xz-utils) for the compressed initramfs images the `boot_` tests
+///   boot
 /// - disk tests: e2fsprogs (`mkfs.ext4 -d` builds the ext4 images the `image_` tests boot)
 /// - image tests: debootstrap (`kiln image build` makes the Debian image that
 ///   `image_debian_build_boots_and_runs_git_and_apt` boots) and tar (`kiln image import`)
@@ -43,6 +45,8 @@ pub const PACKAGES: &[&str] = &[
     "busybox-static",
     "bash-static",
     "cpio",
+    "gzip",
+    "zstd",
     "e2fsprogs",
     "debootstrap",
     "tar",

@@ -10,6 +10,7 @@
 
 mod agent;
 mod boot;
+mod boot_initrd;
 mod gitlab;
 mod gitlab_images;
 mod gitlab_pull;

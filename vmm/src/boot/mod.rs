@@ -130,14 +130,15 @@ pub fn load_linux(
     params.hdr.cmd_line_ptr = u32::try_from(CMDLINE_ADDR).unwrap_or(0);
     params.hdr.cmdline_size = u32::try_from(cmdline.len() + 1).unwrap_or(u32::MAX);
 
+    let ram = mem_size(mem);
     if let Some(path) = initrd {
-        let window = InitrdWindow::new(mem_size(mem), kernel_end, params.hdr.initrd_addr_max);
+        let window = InitrdWindow::new(ram, kernel_end, params.hdr.initrd_addr_max);
         let (addr, size) = initrd::load(mem, path, window)?;
         params.hdr.ramdisk_image = u32::try_from(addr.raw_value()).unwrap_or(0);
         params.hdr.ramdisk_size = u32::try_from(size).unwrap_or(0);
     }
 
-    let map = e820_map(mem_size(mem));
+    let map = e820_map(ram);
     params.e820_entries = u8::try_from(map.len()).unwrap_or(0);
     params.e820_table[..map.len()].copy_from_slice(&map);
     LinuxBootConfigurator::write_bootparams::<Memory>(
