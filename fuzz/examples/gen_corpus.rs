@@ -166,6 +166,7 @@ fn snapshot_state() {
                         guest_cid: 3,
                         acked_features: 1 << 32,
                         queues: vec![queue(); 3],
+                        next_host_port: 1 << 30,
                     }),
                 },
                 VirtioDeviceState {

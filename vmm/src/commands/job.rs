@@ -17,8 +17,8 @@ use kiln_agent::client::Client;
 use kiln_agent::protocol::{ExecRequest, SignalTarget, AGENT_PORT};
 
 use super::common::{
-    check_files, check_snapshot_dir, console_sink, exec_streamed, parse_env, seccomp_filters,
-    RuntimeDir,
+    check_files, check_snapshot_dir, connect_agent, console_sink, exec_streamed, parse_env,
+    seccomp_filters, RuntimeDir,
 };
 use crate::cli::JobArgs;
 use crate::config::SerialOutput;
@@ -322,8 +322,7 @@ fn run_job(
         }
         Err(RecvTimeoutError::Disconnected) => bail!("the VM thread went away"),
     };
-    let mut client =
-        Client::connect_unix(uds, AGENT_PORT).context("cannot reach the guest agent")?;
+    let mut client = connect_agent(uds)?;
     let docker_ready = match docker {
         Some(timeout) => Some(start_docker(&mut client, timeout)?),
         None => None,

@@ -34,7 +34,7 @@ use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
 /// The version of the `state` layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";

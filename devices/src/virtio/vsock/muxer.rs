@@ -246,6 +246,17 @@ impl Muxer {
         self.insert(Connection::host_initiated(stream, local_port, peer_port));
     }
 
+    /// The host-side port the next host-initiated connection gets (for the snapshot).
+    pub(crate) fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Carries on handing out host-side ports from `port`, as the device that was
+    /// snapshotted would have; a port below the host range starts the range again.
+    pub(crate) fn continue_local_ports_at(&mut self, port: u32) {
+        self.next_local_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     fn alloc_local_port(&mut self, peer_port: u32) -> Option<u32> {
         for _ in 0..=MAX_CONNECTIONS {
             let port = self.next_local_port;

@@ -14,7 +14,7 @@ use crate::virtio::{QueueRestoreArgs, QueueSnapshot};
 use std::path::PathBuf;
 
 /// The format version of [`VsockState`].
-pub const VSOCK_STATE_VERSION: u32 = 1;
+pub const VSOCK_STATE_VERSION: u32 = 2;
 
 /// The vsock device's snapshot state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +27,11 @@ pub struct VsockState {
     pub acked_features: u64,
     /// The three queues (rx, tx, event) if the driver had activated the device, else empty.
     pub queues: Vec<QueueSnapshot>,
+    /// The host-side port the next host-initiated connection gets. The guest may still hold
+    /// sockets of connections made before the snapshot (until its processes close them
+    /// after the transport reset); a restored device carries on from here so that no new
+    /// connection reuses one of their ports, which the guest would answer with a reset.
+    pub next_host_port: u32,
 }
 
 /// What a restored [`Vsock`] is built around besides its [`VsockState`]: the host side,
@@ -49,6 +54,7 @@ impl Persist for Vsock {
             guest_cid: self.guest_cid(),
             acked_features: self.acked_features(),
             queues: self.queues.save(),
+            next_host_port: self.muxer.next_local_port(),
         }
     }
 
@@ -62,6 +68,7 @@ impl Persist for Vsock {
         let mut dev = Vsock::new(state.guest_cid, uds_path)?;
         dev.acked_features = state.acked_features;
         dev.queues.restore(&state.queues, queues)?;
+        dev.muxer.continue_local_ports_at(state.next_host_port);
         Ok(dev)
     }
 }

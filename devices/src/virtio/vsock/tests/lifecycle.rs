@@ -157,6 +157,30 @@ fn state_round_trip() {
     assert!(matches!(err, Err(VsockError::BadState(_))));
 }
 
+/// A restored device hands its host clients ports the snapshotted one had not used yet:
+/// the guest may still hold sockets of the connections made before the snapshot, and
+/// answers a request on one of their ports with a reset.
+#[test]
+fn restored_device_does_not_reuse_host_ports_of_the_snapshot() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let (_a, first) = h.connect_from_host(1024, 4096);
+    let (_b, second) = h.connect_from_host(1024, 4096);
+    assert_eq!(h.dev.save().next_host_port, second + 1);
+    h.restore_in_place("restored.sock");
+    assert!(h.dev.muxer.conns.is_empty());
+    let (_c, after) = h.connect_from_host(1024, 4096);
+    assert!(
+        after > second,
+        "ports before the snapshot {first} and {second}, after it {after}"
+    );
+
+    // A state whose port lies below the host range starts the range again.
+    h.dev.muxer.continue_local_ports_at(7);
+    let (_d, restarted) = h.connect_from_host(1024, 4096);
+    assert_eq!(restarted, first);
+}
+
 /// The whole stack as the VMM wires it: the driver brings the device up through the MMIO
 /// registers, a host client connects, and event-manager runs the device.
 #[test]

@@ -22,9 +22,10 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{op, Vsock, EVQ, HOST_CID, RXQ, TXQ};
+use super::{op, Vsock, VsockRestoreArgs, EVQ, HOST_CID, RXQ, TXQ};
+use crate::persist::Persist;
 use crate::virtio::interest::fake::FakeEpoll;
-use crate::virtio::{Activation, GuestMemory, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{Activation, GuestMemory, QueueRestoreArgs, VirtioDevice, VirtioInterrupt};
 
 pub(super) const GUEST_CID: u64 = 3;
 
@@ -93,6 +94,30 @@ impl<'m> Harness<'m> {
         h.run();
         assert_eq!(h.ep.fds.len(), 5, "wake, listener and three queue eventfds");
         h
+    }
+
+    /// Replaces the device with one restored from its own snapshot state (listening on
+    /// `sock` in the same directory), as a restored VM's is: same queues in the same guest
+    /// memory, new queue eventfds, a fresh event loop.
+    pub(super) fn restore_in_place(&mut self, sock: &str) {
+        let state = self.dev.save();
+        let evts: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        self.kicks = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        self.path = self.dir.0.join(sock);
+        let args = VsockRestoreArgs {
+            uds_path: self.path.clone(),
+            queues: QueueRestoreArgs {
+                mem: self.mem.clone(),
+                queue_evts: evts,
+                interrupt: self.irq.clone(),
+            },
+        };
+        self.dev = Vsock::restore(args, &state).unwrap();
+        self.ep = FakeEpoll::default();
+        self.dev.sync_interest(&mut self.ep);
+        self.run();
     }
 
     /// Play the event loop until no registered fd is ready.
