@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use kiln_agent::client::{wait_ready, Client};
+use kiln_agent::client::Client;
 use kiln_agent::protocol::AGENT_PORT;
 
 use super::common::{check_snapshot_dir, console_sink, run_to_end, RuntimeDir, Sockets};
@@ -107,10 +107,10 @@ fn spawn_guest_refresh(
     Ok(())
 }
 
-/// How long one refresh attempt may take. A host connection made while the guest has not
-/// yet handled the vsock transport reset is dropped by the guest without a word to the
-/// host (its socket just closes), so an attempt that hangs is abandoned and retried rather
-/// than waited on for the whole [`AGENT_TIMEOUT`].
+/// How long one refresh attempt may take. A host connection the guest accepts before it
+/// has handled the vsock transport reset is then dropped by the guest without a word to
+/// the host, so an attempt that hangs is abandoned and retried rather than waited on for
+/// the whole [`AGENT_TIMEOUT`].
 pub const REFRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Waits up to `timeout` for the guest agent behind `uds`, then sets the guest's wall
@@ -133,15 +133,21 @@ pub fn refresh_guest(
         match refresh_once(uds, attempt, identity) {
             Ok(()) => return Ok(()),
             Err(e) if deadline.saturating_duration_since(Instant::now()).is_zero() => {
-                return Err(e)
+                return Err(e.context(format!("the guest agent did not answer within {timeout:?}")))
             }
-            Err(e) => tracing::debug!("guest refresh attempt failed, retrying: {e:#}"),
+            Err(e) => {
+                tracing::debug!("guest refresh attempt failed, retrying: {e:#}");
+                // Polling interval between attempts (a guest with no listener yet answers
+                // at once), not a synchronization.
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }
 
 fn refresh_once(uds: &Path, timeout: Duration, identity: &CloneIdentity) -> anyhow::Result<()> {
-    wait_ready(uds, AGENT_PORT, timeout).context("the guest agent did not answer")?;
+    // One connection, no ping first: setting the clock is the probe (both requests may be
+    // repeated when an attempt fails).
     let mut client = Client::connect_with_timeout(uds, AGENT_PORT, Some(timeout))
         .context("cannot reach the guest agent")?;
     let entropy = random_bytes(ENTROPY_BYTES)?;
