@@ -6,9 +6,11 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, info};
+use virtio_queue::QueueT;
 
 use super::muxer::Muxer;
 use super::packet_io;
@@ -27,6 +29,12 @@ pub struct Vsock {
     /// The rx, tx and event queues, the wake-up eventfd and the epoll registrations.
     pub(crate) queues: Queues<3>,
     reset_event_pending: bool,
+    /// Set from delivering a transport-reset event until the guest has handled it, as the
+    /// event ring's available index moving past the value it had then shows (the driver
+    /// re-posts the buffer after handling the event). Until then nothing goes to the guest:
+    /// a connection the guest accepted before handling the reset would be dropped by it
+    /// without a word to the host.
+    rx_held_for_reset: Option<std::num::Wrapping<u16>>,
 }
 
 impl Vsock {
@@ -42,6 +50,7 @@ impl Vsock {
             queues: Queues::new("vsock").map_err(VsockError::EventFd)?,
             muxer: Muxer::new(uds_path.into(), guest_cid)?,
             reset_event_pending: false,
+            rx_held_for_reset: None,
         })
     }
 
@@ -90,18 +99,35 @@ impl Vsock {
         let Some(a) = self.queues.active.as_mut() else {
             return false;
         };
+        let queue = &mut a.queues[EVQ];
         if self.reset_event_pending
-            && packet_io::write_event(
-                &mut a.queues[EVQ],
-                &a.mem,
-                &a.interrupt,
-                EVENT_TRANSPORT_RESET,
-            )
+            && packet_io::write_event(queue, &a.mem, &a.interrupt, EVENT_TRANSPORT_RESET)
         {
             info!("vsock: transport reset event delivered");
             self.reset_event_pending = false;
+            // The guest's re-posting of the buffer is what ends the hold: ask for its kick.
+            let _ = queue.enable_notification(&a.mem);
+            self.rx_held_for_reset = queue.avail_idx(&a.mem, Ordering::Acquire).ok();
         }
         !self.reset_event_pending
+    }
+
+    /// Whether the guest has yet to handle a delivered transport reset; ends the hold once
+    /// it has.
+    fn rx_held(&mut self) -> bool {
+        let (Some(at_delivery), Some(a)) = (self.rx_held_for_reset, self.queues.active.as_ref())
+        else {
+            self.rx_held_for_reset = None;
+            return false;
+        };
+        match a.queues[EVQ].avail_idx(&a.mem, Ordering::Acquire) {
+            Ok(now) if now == at_delivery => true,
+            _ => {
+                debug!("vsock: the guest has handled the transport reset");
+                self.rx_held_for_reset = None;
+                false
+            }
+        }
     }
 
     /// Handle readiness of `fd` (one of ours). Tests call this directly.
@@ -131,6 +157,9 @@ impl Vsock {
     }
 
     pub(crate) fn process_rx(&mut self) {
+        if self.rx_held() {
+            return;
+        }
         let Self { queues, muxer, .. } = self;
         let Some(a) = &mut queues.active else {
             return;
@@ -197,6 +226,7 @@ impl VirtioDevice for Vsock {
         self.muxer.reset();
         self.acked_features = 0;
         self.reset_event_pending = false;
+        self.rx_held_for_reset = None;
         debug!("vsock: reset");
     }
 }

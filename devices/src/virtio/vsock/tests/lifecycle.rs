@@ -46,6 +46,31 @@ fn transport_reset_event() {
     assert!(h.ev.used().is_empty());
 }
 
+/// After a transport reset, a host client's request reaches the guest only once the guest
+/// has handled the reset (re-posted the event buffer): a connection it accepted before
+/// would be dropped by its reset handling without a word to the host.
+#[test]
+fn host_requests_wait_until_the_guest_has_handled_the_transport_reset() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.post_event_buf(8);
+    h.post_rx(4, 4096);
+    assert!(h.dev.send_transport_reset().unwrap());
+    assert_eq!(h.ev.used().len(), 1);
+    let mut client = UnixStream::connect(&h.path).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    h.run();
+    assert!(
+        h.rx_packets().is_empty(),
+        "request sent before the guest handled the reset"
+    );
+    // The driver handles the event and re-posts its buffer.
+    h.post_event_buf(8);
+    let req = h.rx_packets();
+    assert_eq!(req.len(), 1, "{req:?}");
+    assert_eq!((req[0].op, req[0].dst_port), (op::REQUEST, 1024));
+}
+
 #[test]
 fn transport_reset_needs_an_active_device() {
     let mem = test_mem();
