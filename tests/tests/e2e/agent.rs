@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use kiln_agent::marks::{BOOT_DONE, SIGNAL_PORT};
 use kiln_tests::guest_initramfs::GuestInitramfs;
 use kiln_tests::output::value;
-use kiln_tests::process::{exit_code, run_captured};
+use kiln_tests::process::{exit_code, run_captured, Captured};
 use kiln_tests::qemu::{tcg_tsc_params, Qemu};
 use kiln_tests::tmp::TempDir;
 
@@ -30,22 +30,12 @@ fn cmdline() -> String {
 
 #[test]
 fn boot_agent_runs_rc_under_qemu() -> Result<()> {
-    let kernel = kiln_tests::kernels::guest()?;
     // Without device nodes the kernel starts init with fds 0-2 closed; the agent must
     // open the console itself.
     for device_nodes in [true, false] {
         let dir = TempDir::new("agent")?;
-        let initrd = dir.path().join("initrd.cpio");
         let image = GuestInitramfs::new().rc(RC).device_nodes(device_nodes);
-        std::fs::write(&initrd, image.build()?)?;
-        let marks = dir.path().join("marks");
-        let qemu = Qemu {
-            memory_mib: 256,
-            cpus: 1,
-            ..Qemu::new(&kernel.bzimage, &initrd, &cmdline())
-        }
-        .port_log(SIGNAL_PORT, &marks);
-        let run = run_captured(qemu.command(), Duration::from_secs(180))?;
+        let (run, marks) = boot_under_qemu(&dir, image)?;
         let console = &run.output;
         let what = format!("device nodes: {device_nodes}; console:\n{console}");
         let status = run
@@ -57,7 +47,6 @@ fn boot_agent_runs_rc_under_qemu() -> Result<()> {
             run.elapsed
         );
 
-        let marks = std::fs::read(&marks).context("reading the signal-port log")?;
         ensure!(marks == [BOOT_DONE], "marks {marks:?}; {what}");
         ensure!(value(console, "KILN-HOSTNAME") == Some("kiln"), "{what}");
         let mounts = value(console, "KILN-MOUNTS").unwrap_or_default();
@@ -77,10 +66,27 @@ fn boot_agent_runs_rc_under_qemu() -> Result<()> {
 
 #[test]
 fn boot_agent_without_rc_just_reboots() -> Result<()> {
-    let kernel = kiln_tests::kernels::guest()?;
     let dir = TempDir::new("agent-norc")?;
+    let (run, marks) = boot_under_qemu(&dir, GuestInitramfs::new())?;
+    let what = format!("console:\n{}", run.output);
+    ensure!(
+        run.status.is_some(),
+        "the guest did not reset in time; {what}"
+    );
+    ensure!(marks == [BOOT_DONE], "{what}");
+    ensure!(
+        !run.output.contains("kiln-agent:"),
+        "the agent complained; {what}"
+    );
+    Ok(())
+}
+
+/// Boots the guest kernel with `image` as its initramfs under QEMU (1 vCPU, 256 MiB) until
+/// it resets or 180 s pass; returns the run and the marks the signal port recorded.
+fn boot_under_qemu(dir: &TempDir, image: GuestInitramfs) -> Result<(Captured, Vec<u8>)> {
+    let kernel = kiln_tests::kernels::guest()?;
     let initrd = dir.path().join("initrd.cpio");
-    std::fs::write(&initrd, GuestInitramfs::new().build()?)?;
+    std::fs::write(&initrd, image.build()?)?;
     let marks = dir.path().join("marks");
     let qemu = Qemu {
         memory_mib: 256,
@@ -89,15 +95,6 @@ fn boot_agent_without_rc_just_reboots() -> Result<()> {
     }
     .port_log(SIGNAL_PORT, &marks);
     let run = run_captured(qemu.command(), Duration::from_secs(180))?;
-    let what = format!("console:\n{}", run.output);
-    ensure!(
-        run.status.is_some(),
-        "the guest did not reset in time; {what}"
-    );
-    ensure!(std::fs::read(&marks)? == [BOOT_DONE], "{what}");
-    ensure!(
-        !run.output.contains("kiln-agent:"),
-        "the agent complained; {what}"
-    );
-    Ok(())
+    let marks = std::fs::read(&marks).context("reading the signal-port log")?;
+    Ok((run, marks))
 }
