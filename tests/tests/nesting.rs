@@ -167,6 +167,13 @@ echo "NS-INITS-2=$(wc -l < "$NS/inits")"
 echo "NS-C-ALIVE=$(alive "$pc" && echo yes || echo no)"
 echo "NS-LIST-END=$(rcall "$M" list)"
 echo "NS-DELETE-DEAD=$(rcall "$M" delete "$B")"
+# Shutdown destroys every VM and leaves nothing of them.
+D=$(rcall "$M" create @IMAGE@ --slot 0 | ids)
+pd=$(pid_of "$D")
+echo "NS-D-UP=$([ -n "$pd" ] && alive "$pd" && echo yes || echo no)"
+echo "NS-SHUTDOWN=$(rcall "$M" shutdown)"
+echo "NS-SHUTDOWN-LEFT=$(alive "$pd" && echo running || echo gone) \
+$(ls "$NS/main-state/vm" "$NS/main-state/vms" | grep -c kiln-)"
 kill -TERM $SERVER; wait $SERVER
 echo "NS-SERVER-STOPPED=$?"
 
@@ -188,6 +195,18 @@ nft add table inet nsdrop
 nft add chain inet nsdrop out '{ type filter hook output priority 0; }'
 nft add rule inet nsdrop out ip daddr 10.214.0.2 tcp dport 22 drop
 serve slow
+# The server is killed in a Create whose VM has started: the next start destroys that VM.
+rcall "$NS/slow.sock" create @IMAGE@ --slot 0 > "$NS/unfinished" 2>&1 & uc=$!
+n=0
+until ls "$NS"/slow-state/vm/*/vm.json > /dev/null 2>&1 || [ $n -ge 900 ]; do
+  sleep 0.1; n=$((n + 1))
+done
+up=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$NS"/slow-state/vm/*/vm.json)
+echo "NS-UNFINISHED-UP=$([ -n "$up" ] && alive "$up" && echo yes || echo no)"
+kill -9 $SERVER; wait $SERVER 2>/dev/null; wait $uc 2>/dev/null
+serve slow
+echo "NS-UNFINISHED-LEFT=$(alive "$up" && echo running || echo gone) \
+$(ls "$NS/slow-state/vm" | wc -l)"
 echo "NS-NO-SSH=$(rcall "$NS/slow.sock" create @IMAGE@ --slot 0)"
 echo "NS-NO-SSH-LIST=$(rcall "$NS/slow.sock" list)"
 echo "NS-NO-SSH-LEFT=$(ls "$NS/slow-state/vm" "$NS/slow-state/vms" | grep -c kiln-)"
@@ -341,6 +360,15 @@ fn nesting_runner_contract_over_ssh_with_stomp_restart_and_bad_input() -> Result
         "{c}"
     );
     ensure!(v("NS-SERVER-STOPPED") == "0", "{c}");
+
+    // Shutdown with a VM running: the VM and everything of it are gone.
+    ensure!(v("NS-D-UP") == "yes", "{c}");
+    ensure!(v("NS-SHUTDOWN") == "{}", "{c}");
+    ensure!(v("NS-SHUTDOWN-LEFT") == "gone 0", "{c}");
+
+    // A server killed in a Create: its next start destroys the VM it had started.
+    ensure!(v("NS-UNFINISHED-UP") == "yes", "{c}");
+    ensure!(v("NS-UNFINISHED-LEFT") == "gone 0", "{c}");
 
     // A VM that never answers SSH.
     let no_ssh = v("NS-NO-SSH");

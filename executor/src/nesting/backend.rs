@@ -57,4 +57,7 @@ pub trait VmBackend: Send + Sync + 'static {
     async fn destroy(&self, vm: &VmRecord) -> Result<(), BackendError>;
     /// Whether the VM's process is still the one that was started.
     fn alive(&self, vm: &VmRecord) -> bool;
+    /// Destroys every VM this backend started that is not in `keep`, and what it left on
+    /// the host: those of Creates a killed server never finished. Returns their ids.
+    async fn sweep(&self, keep: &[VmRecord]) -> Vec<String>;
 }

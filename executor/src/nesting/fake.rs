@@ -74,4 +74,18 @@ impl VmBackend for Fake {
     fn alive(&self, vm: &VmRecord) -> bool {
         self.running.lock().unwrap().contains(&vm.id)
     }
+    async fn sweep(&self, keep: &[VmRecord]) -> Vec<String> {
+        let mut running = self.running.lock().unwrap();
+        let mut gone: Vec<String> = running
+            .iter()
+            .filter(|id| !keep.iter().any(|vm| &vm.id == *id))
+            .cloned()
+            .collect();
+        gone.sort();
+        for id in &gone {
+            running.remove(id);
+        }
+        self.destroyed.lock().unwrap().extend(gone.iter().cloned());
+        gone
+    }
 }

@@ -476,6 +476,15 @@ impl VmBackend for KilnBackend {
                 return Err(e);
             }
         };
+        // Beside the VM from now on, so that a server killed before this Create answers
+        // (before the provider records the VM) finds it again and sweeps it.
+        if let Err(e) = write_spawned(&dir, &vm) {
+            let _ = self.destroy(&vm).await;
+            return Err(failed(format!(
+                "cannot record the VM in {}: {e}",
+                dir.display()
+            )));
+        }
         if let Err(e) = self.bring_up(spec, &vm, &dir, make_snapshot).await {
             if let Err(d) = self.destroy(&vm).await {
                 eprintln!("nesting: cannot destroy the failed VM {}: {d}", vm.id);
@@ -525,6 +534,46 @@ impl VmBackend for KilnBackend {
     fn alive(&self, vm: &VmRecord) -> bool {
         pid_alive(vm.pid, vm.start_time)
     }
+
+    async fn sweep(&self, keep: &[VmRecord]) -> Vec<String> {
+        let root = self.config.state_dir.join("vm");
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return Vec::new();
+        };
+        let mut swept = Vec::new();
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if keep.iter().any(|vm| vm.id == id) {
+                continue;
+            }
+            let dir = entry.path();
+            let gone = match read_spawned(&dir) {
+                // Its process, if it still runs, then its directory.
+                Some(vm) => self.destroy(&vm).await.map_err(|e| e.to_string()),
+                // Never started: the directory alone.
+                None => std::fs::remove_dir_all(&dir).map_err(|e| e.to_string()),
+            };
+            match gone {
+                Ok(()) => swept.push(id),
+                Err(e) => eprintln!("nesting: cannot sweep {}: {e}", dir.display()),
+            }
+        }
+        swept.sort();
+        swept
+    }
+}
+
+/// The record of a spawned VM, kept in its directory until the VM is destroyed.
+const SPAWNED: &str = "vm.json";
+
+fn write_spawned(dir: &Path, vm: &VmRecord) -> std::io::Result<()> {
+    let json = serde_json::to_vec(vm).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join(SPAWNED), json)
+}
+
+fn read_spawned(dir: &Path) -> Option<VmRecord> {
+    let bytes = std::fs::read(dir.join(SPAWNED)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 #[cfg(test)]
@@ -544,6 +593,61 @@ mod tests {
         let pid = i32::try_from(child.id()).unwrap();
         child.wait().unwrap();
         assert_eq!(start_time(pid), None);
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+    use crate::nesting::config::{Env, NestingFile};
+
+    fn backend(state_dir: &Path) -> KilnBackend {
+        let mut config = NestingConfig::from_file(NestingFile::default(), &Env::default()).unwrap();
+        config.state_dir = state_dir.to_owned();
+        KilnBackend::new(config)
+    }
+
+    /// A running stand-in for a VM's kiln, with its directory and record as `create`
+    /// leaves them.
+    fn spawned(b: &KilnBackend, id: &str) -> (std::process::Child, VmRecord) {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let vm = VmRecord {
+            id: id.into(),
+            slot: 0,
+            image: "debian-ci".into(),
+            pid,
+            start_time: start_time(pid).unwrap(),
+            addr: "10.213.0.2:22".into(),
+        };
+        std::fs::create_dir_all(b.vm_dir(id)).unwrap();
+        write_spawned(&b.vm_dir(id), &vm).unwrap();
+        (child, vm)
+    }
+
+    #[tokio::test]
+    async fn sweep_destroys_the_vms_of_unfinished_creates_and_keeps_the_recorded_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path());
+        assert!(b.sweep(&[]).await.is_empty(), "no vm directory yet");
+        let (mut orphan, orphan_vm) = spawned(&b, "kiln-s0-a-0");
+        let (mut kept, kept_vm) = spawned(&b, "kiln-s1-b-1");
+        // A Create killed before its VM started leaves an empty directory.
+        std::fs::create_dir_all(b.vm_dir("kiln-s2-c-2")).unwrap();
+
+        let swept = b.sweep(std::slice::from_ref(&kept_vm)).await;
+        assert_eq!(swept, ["kiln-s0-a-0", "kiln-s2-c-2"]);
+        orphan.wait().unwrap();
+        assert!(!b.alive(&orphan_vm));
+        assert!(!b.vm_dir("kiln-s0-a-0").exists());
+        assert!(!b.vm_dir("kiln-s2-c-2").exists());
+        assert!(b.alive(&kept_vm), "a recorded VM is not swept");
+        assert!(b.vm_dir("kiln-s1-b-1").exists());
+        kept.kill().unwrap();
+        kept.wait().unwrap();
     }
 }
 

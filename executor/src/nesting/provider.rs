@@ -99,7 +99,8 @@ impl<B: VmBackend> Provider<B> {
     }
 
     /// Takes back the VMs of the records on disk that still run; the records (and
-    /// leftovers) of those that do not are removed. Returns how many were recovered.
+    /// leftovers) of those that do not are removed, and so is every VM the backend runs
+    /// without a record. Returns how many were recovered.
     pub async fn recover(&self) -> std::io::Result<usize> {
         let mut dead = Vec::new();
         {
@@ -115,6 +116,11 @@ impl<B: VmBackend> Provider<B> {
         }
         for vm in dead {
             self.forget_dead(&vm).await;
+        }
+        // VMs of Creates the previous server never finished have no record: they go too.
+        let live: Vec<VmRecord> = self.state().vms.values().cloned().collect();
+        for id in self.backend.sweep(&live).await {
+            eprintln!("nesting: destroyed the VM {id} of an unfinished Create");
         }
         Ok(self.state().vms.len())
     }

@@ -247,17 +247,24 @@ async fn a_restarted_server_lists_what_still_runs_and_never_a_dead_vm() {
     let (a, _) = p.create("alpine", Some(0)).await.unwrap();
     let (b, _) = p.create("debian-ci", Some(1)).await.unwrap();
     let (c, _) = p.create("debian-ci", Some(2)).await.unwrap();
-    // The server goes away; VM b dies meanwhile; a and c keep running.
+    // The server goes away; VM b dies meanwhile; a and c keep running, and so does the VM
+    // of a Create the server was killed in (started, never recorded).
+    let unfinished = "kiln-s3-unfinished".to_string();
     let fake = Fake::new();
     fake.running
         .lock()
         .unwrap()
-        .extend([a.id.clone(), c.id.clone()]);
+        .extend([a.id.clone(), c.id.clone(), unfinished.clone()]);
     drop(p);
     let p = provider(fake, dir.path());
     assert_eq!(p.recover().await.unwrap(), 2);
-    // The dead VM's leftovers are cleaned up and its record is gone.
-    assert_eq!(*p.backend.destroyed.lock().unwrap(), vec![b.id.clone()]);
+    // The dead VM's leftovers are cleaned up and its record is gone; the unrecorded VM is
+    // destroyed.
+    assert_eq!(
+        *p.backend.destroyed.lock().unwrap(),
+        vec![b.id.clone(), unfinished.clone()]
+    );
+    assert_eq!(p.backend.running(), vec![a.id.clone(), c.id.clone()]);
     assert!(!dir
         .path()
         .join("vms")
