@@ -17,9 +17,10 @@ use crate::logcap::CappedFile;
 
 pub(crate) use run_to_end::{run_to_end, seccomp_filters, Sockets};
 
-/// How long `kiln exec` and `kiln cp` keep trying to reach the agent. Right after a
-/// snapshot restore the guest silently drops connections made before it has handled the
-/// vsock transport reset; those attempts time out and are retried within this bound.
+/// How long `kiln exec`, `kiln cp` and `kiln job` keep trying to reach the agent: an
+/// attempt the guest drops without an answer (its agent not up yet, a VMM whose vsock
+/// device lets connections through before the guest has handled a restore's transport
+/// reset) times out and is retried within this bound.
 pub(crate) const CONNECT_TOTAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A connection to the agent behind `uds` on which it has answered a ping; retried within
