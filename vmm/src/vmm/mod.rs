@@ -197,6 +197,11 @@ impl Vmm {
         self.controller.clone()
     }
 
+    /// The guest's memory, to read what kiln wrote into it before the VM runs.
+    pub fn guest_memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
     /// Whether [`Vmm::run`] will confine the VM's threads with seccomp.
     pub fn seccomp_enabled(&self) -> bool {
         self.seccomp
