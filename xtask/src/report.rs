@@ -139,6 +139,13 @@ const BENCHES: &[Bench] = &[
         reproduce: "cargo run --release -p kiln-benches -- boot_root_disk",
     },
     Bench {
+        name: "boot_acpi",
+        variant: None,
+        what: "`boot` with the ACPI tables (the default), each paired with a `--no-acpi` boot \
+               in the same run",
+        reproduce: "cargo xtask bench boot_acpi",
+    },
+    Bench {
         name: "kernel_change",
         variant: None,
         what: "`boot` with this guest kernel, alternating in one run with the kernel of an \
@@ -376,6 +383,16 @@ pub fn render(results: &[Value], run: &RunInfo, budgets: &Budgets, source: &str)
                 what,
                 "; base `{rev}`: median {} ms, ratio {ratio:.3}",
                 number(base)
+            );
+        }
+        if let (Some(without), Some(ratio)) = (
+            fields.get("no_acpi_median_ms").and_then(Value::as_f64),
+            fields.get("ratio").and_then(Value::as_f64),
+        ) {
+            let _ = write!(
+                what,
+                "; `--no-acpi`: median {} ms, ratio {ratio:.3}",
+                number(without)
             );
         }
         let path = match r["path"].as_str() {
