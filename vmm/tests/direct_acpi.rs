@@ -30,7 +30,7 @@ const E820_ACPI: u32 = 3;
 /// FADT offsets: flags, X_DSDT; the hardware-reduced flag.
 const FADT_FLAGS: usize = 112;
 const FADT_X_DSDT: usize = 140;
-const FADT_HW_REDUCED: u32 = 1 << 20;
+const FADT_HW_REDUCED: u64 = 1 << 20;
 
 fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
@@ -171,7 +171,7 @@ fn check_tables(vcpus: u8) {
     }
     let (fadt, madt) = (fadt.expect("no FADT"), madt.expect("no MADT"));
     assert_ne!(
-        le(&fadt[FADT_FLAGS..FADT_FLAGS + 4]) as u32 & FADT_HW_REDUCED,
+        le(&fadt[FADT_FLAGS..FADT_FLAGS + 4]) & FADT_HW_REDUCED,
         0
     );
     let dsdt = table(mem, le(&fadt[FADT_X_DSDT..FADT_X_DSDT + 8]));

@@ -15,7 +15,7 @@ const REPORT_RC: &str = "echo \"KILN-NPROC=$(nproc)\"\n\
                          echo KILN-DMESG=begin\ndmesg\necho KILN-DMESG=end\n";
 
 /// How often each of the two ways boots kiln's guest kernel, alternating.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// The kernel log between `KILN-DMESG=begin` and `=end` in `text`.
 fn kernel_log(text: &str) -> Option<&str> {
