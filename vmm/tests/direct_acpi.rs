@@ -170,10 +170,7 @@ fn check_tables(vcpus: u8) {
         }
     }
     let (fadt, madt) = (fadt.expect("no FADT"), madt.expect("no MADT"));
-    assert_ne!(
-        le(&fadt[FADT_FLAGS..FADT_FLAGS + 4]) & FADT_HW_REDUCED,
-        0
-    );
+    assert_ne!(le(&fadt[FADT_FLAGS..FADT_FLAGS + 4]) & FADT_HW_REDUCED, 0);
     let dsdt = table(mem, le(&fadt[FADT_X_DSDT..FADT_X_DSDT + 8]));
     assert_eq!(&dsdt[..4], b"DSDT");
 
