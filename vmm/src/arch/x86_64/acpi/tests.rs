@@ -13,26 +13,29 @@ fn table(mem: &GuestMemoryMmap<()>, addr: u64) -> Vec<u8> {
     bytes
 }
 
-fn devices(count: u32) -> Vec<MmioDevice> {
-    (0..count)
+/// 1 MiB of memory with the tables for `vcpus` and `count` virtio devices written into it.
+fn written(vcpus: u8, count: u32) -> (GuestMemoryMmap<()>, Result<GuestAddress, AcpiError>) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let virtio: Vec<MmioDevice> = (0..count)
         .map(|i| MmioDevice {
             base: 0xd000_0000 + u64::from(i) * 0x1000,
             size: 0x200,
             irq: 5 + i,
         })
-        .collect()
+        .collect();
+    let machine = Machine {
+        vcpus,
+        serial: (0x3f8, 4),
+        virtio: &virtio,
+    };
+    let result = write(&mem, &machine);
+    (mem, result)
 }
 
 #[test]
 fn every_table_sums_to_zero_and_the_xsdt_lists_fadt_and_madt() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let virtio = devices(3);
-    let machine = Machine {
-        vcpus: 4,
-        serial: (0x3f8, 4),
-        virtio: &virtio,
-    };
-    let rsdp = write(&mem, &machine).unwrap();
+    let (mem, rsdp) = written(4, 3);
+    let rsdp = rsdp.unwrap();
     assert_eq!(rsdp, GuestAddress(ACPI_START));
     let mut head = [0u8; 36];
     mem.read_slice(&mut head, rsdp).unwrap();
@@ -67,13 +70,6 @@ fn every_table_sums_to_zero_and_the_xsdt_lists_fadt_and_madt() {
 
 #[test]
 fn too_many_devices_for_the_region_is_an_error() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let virtio = devices(4000);
-    let machine = Machine {
-        vcpus: 1,
-        serial: (0x3f8, 4),
-        virtio: &virtio,
-    };
-    let err = write(&mem, &machine).unwrap_err();
+    let err = written(1, 4000).1.unwrap_err();
     assert!(matches!(err, AcpiError::TooLarge { .. }), "{err}");
 }
