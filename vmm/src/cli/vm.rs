@@ -162,7 +162,7 @@ pub struct JobArgs {
     /// Start the job in a VM restored from this snapshot (taken with `kiln ctl snapshot` of
     /// a VM with a vsock device) instead of booting one: no --kernel/--initrd then. The
     /// restored guest gets the current time and fresh entropy before the script runs.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk", "image"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk", "image", "no_acpi"])]
     pub from_snapshot: Option<PathBuf>,
     /// Let the job snapshot its VM at a point it chooses: when the script runs
     /// `kiln-snapshot` (in the guest), the VM is paused, snapshotted into DIR and resumed,
