@@ -89,7 +89,8 @@ pub fn run_acpi(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
     let mut extra = Map::new();
     extra.insert(
         "guest".into(),
-        "guest vmlinux + default initramfs, 1 vCPU, 128 MiB, ACPI tables; paired with          --no-acpi boots"
+        "guest vmlinux + default initramfs, 1 vCPU, 128 MiB, ACPI tables; each paired with a \
+         --no-acpi boot"
             .into(),
     );
     extra.insert("no_acpi_median_ms".into(), without_median.into());
