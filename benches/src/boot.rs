@@ -72,6 +72,38 @@ pub fn run_root_disk(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
     )])
 }
 
+/// `boot_acpi`: `boot` with the ACPI tables kiln writes by default, each run paired with
+/// one with `--no-acpi` right after it in the same test bed. kiln's guest kernel has no
+/// ACPI and reads the MP table either way, so the ratio shows what writing the tables
+/// costs a boot; the `--no-acpi` median is `no_acpi_median_ms`.
+pub fn run_acpi(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
+    let (both, _) = samples(
+        runner,
+        runs * 2,
+        GUEST_KERNEL,
+        r#"--initrd "$GUEST_INITRD" $( [ $((i % 2)) = 0 ] || echo --no-acpi )"#,
+        &[],
+    )?;
+    let (with, without) = (pick(&both, 0), pick(&both, 1));
+    let (with_median, without_median) = (stats::summary(&with).0, stats::summary(&without).0);
+    let mut extra = Map::new();
+    extra.insert(
+        "guest".into(),
+        "guest vmlinux + default initramfs, 1 vCPU, 128 MiB, ACPI tables; each paired with a \
+         --no-acpi boot"
+            .into(),
+    );
+    extra.insert("no_acpi_median_ms".into(), without_median.into());
+    extra.insert("ratio".into(), (with_median / without_median).into());
+    Ok(vec![stats::result(
+        "boot_acpi",
+        runner.path_name(),
+        "ms",
+        &with,
+        extra,
+    )])
+}
+
 /// The `kiln run` arguments of the guest kernel this checkout builds, and of the default
 /// guest initramfs (shell words; the test bed's script expands them).
 pub const GUEST_KERNEL: &str = r#"--kernel "$GUEST_VMLINUX""#;

@@ -142,6 +142,15 @@ fn main() -> Result<()> {
         );
         results.extend(boot::run(&runner, args.boot_runs)?);
     }
+    if wanted("boot_acpi") {
+        let runner = kiln_tests::Runner::detect()?;
+        eprintln!(
+            "bench boot_acpi: {} boots each with and without ACPI tables, alternating, {}",
+            args.boot_runs,
+            runner.describe()
+        );
+        results.extend(boot::run_acpi(&runner, args.boot_runs)?);
+    }
     if wanted("boot_root_disk") {
         let runner = kiln_tests::Runner::detect()?;
         eprintln!(

@@ -7,6 +7,7 @@ pub mod busybox;
 pub mod compress;
 pub mod cpio;
 mod direct;
+pub mod distro_kernel;
 pub mod ext4;
 pub mod gitlab_harness;
 pub mod guest_initramfs;

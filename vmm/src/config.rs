@@ -82,6 +82,15 @@ pub struct VmConfig {
     /// default; `rng = false`, `--no-rng` to leave it out).
     #[serde(default = "default_rng")]
     pub rng: bool,
+    /// ACPI tables describing the vCPUs, interrupt controllers and devices, for kernels
+    /// without an MP table parser (on by default; `acpi = false`, `--no-acpi` to leave
+    /// them out: the MP table and the command line then describe the machine alone).
+    #[serde(default = "default_acpi")]
+    pub acpi: bool,
+}
+
+fn default_acpi() -> bool {
+    true
 }
 
 fn default_rng() -> bool {
@@ -145,6 +154,7 @@ impl VmConfig {
             disks: Vec::new(),
             net: None,
             rng: default_rng(),
+            acpi: default_acpi(),
         }
     }
 

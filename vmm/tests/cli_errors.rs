@@ -147,3 +147,19 @@ fn bad_config_file() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn no_acpi_with_a_snapshot_job_is_refused() {
+    let line = fails(kiln().args([
+        "job",
+        "--from-snapshot",
+        "/nonexistent/snap",
+        "--no-acpi",
+        "--",
+        "true",
+    ]));
+    assert!(
+        line.contains("--no-acpi") && line.contains("--from-snapshot"),
+        "{line}"
+    );
+}

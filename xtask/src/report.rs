@@ -139,6 +139,13 @@ const BENCHES: &[Bench] = &[
         reproduce: "cargo run --release -p kiln-benches -- boot_root_disk",
     },
     Bench {
+        name: "boot_acpi",
+        variant: None,
+        what: "`boot` with the ACPI tables (the default), each paired with a `--no-acpi` boot \
+               in the same run",
+        reproduce: "cargo xtask bench boot_acpi",
+    },
+    Bench {
         name: "kernel_change",
         variant: None,
         what: "`boot` with this guest kernel, alternating in one run with the kernel of an \
@@ -367,16 +374,24 @@ pub fn render(results: &[Value], run: &RunInfo, budgets: &Budgets, source: &str)
         if let Some(n) = fields.get("options_y").and_then(Value::as_u64) {
             let _ = write!(what, "; {n} options built in");
         }
-        if let (Some(rev), Some(base), Some(ratio)) = (
-            fields.get("base_revision").and_then(Value::as_str),
-            fields.get("base_median_ms").and_then(Value::as_f64),
-            fields.get("ratio").and_then(Value::as_f64),
-        ) {
-            let _ = write!(
-                what,
-                "; base `{rev}`: median {} ms, ratio {ratio:.3}",
-                number(base)
-            );
+        // A figure measured against another in the same run: what it was compared with,
+        // that one's median, and the ratio.
+        let compared = match fields.get("base_revision").and_then(Value::as_str) {
+            Some(rev) => Some((format!("base `{rev}`"), "base_median_ms")),
+            None => fields
+                .contains_key("no_acpi_median_ms")
+                .then(|| ("`--no-acpi`".to_string(), "no_acpi_median_ms")),
+        };
+        if let (Some((label, key)), Some(ratio)) =
+            (compared, fields.get("ratio").and_then(Value::as_f64))
+        {
+            if let Some(other) = fields.get(key).and_then(Value::as_f64) {
+                let _ = write!(
+                    what,
+                    "; {label}: median {} ms, ratio {ratio:.3}",
+                    number(other)
+                );
+            }
         }
         let path = match r["path"].as_str() {
             Some("testbed") => "test bed",

@@ -10,6 +10,7 @@
 
 mod agent;
 mod boot;
+mod boot_acpi;
 mod boot_initrd;
 mod gitlab;
 mod gitlab_images;

@@ -79,12 +79,14 @@ pub struct KernelEntry {
     pub entry: GuestAddress,
 }
 
-/// Loads `kernel` (and `initrd`) into `mem` and writes the command line and zero page.
+/// Loads `kernel` (and `initrd`) into `mem` and writes the command line and zero page;
+/// `rsdp` is where the ACPI tables start, if kiln wrote them.
 pub fn load_linux(
     mem: &Memory,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    rsdp: Option<GuestAddress>,
 ) -> Result<KernelEntry, BootError> {
     let mut file = File::open(kernel).map_err(|source| BootError::KernelOpen {
         path: kernel.to_owned(),
@@ -138,6 +140,9 @@ pub fn load_linux(
         params.hdr.ramdisk_size = u32::try_from(size).unwrap_or(0);
     }
 
+    if let Some(rsdp) = rsdp {
+        params.acpi_rsdp_addr = rsdp.raw_value();
+    }
     let map = e820_map(ram);
     params.e820_entries = u8::try_from(map.len()).unwrap_or(0);
     params.e820_table[..map.len()].copy_from_slice(&map);
@@ -236,7 +241,7 @@ fn mem_size(mem: &Memory) -> u64 {
 }
 
 /// The e820 map for `size` bytes of RAM: base memory, the reserved area holding the MP
-/// table up to 1 MiB, then RAM from 1 MiB (split around the MMIO gap).
+/// table and the ACPI tables up to 1 MiB, then RAM from 1 MiB (split around the MMIO gap).
 fn e820_map(size: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, size: u64, kind| boot_e820_entry {
         addr,
@@ -279,11 +284,21 @@ mod tests {
     }
 
     #[test]
+    fn the_acpi_tables_lie_in_a_reserved_range() {
+        use crate::arch::x86_64::layout::{ACPI_END, ACPI_START};
+        let map = e820_map(128 << 20);
+        assert!(map.iter().any(|e| {
+            let (addr, size, kind) = (e.addr, e.size, e.r#type);
+            kind == E820_RESERVED && addr <= ACPI_START && addr + size >= ACPI_END
+        }));
+    }
+
+    #[test]
     fn a_text_file_is_not_a_kernel() {
         let path = std::env::temp_dir().join(format!("kiln-not-a-kernel-{}", std::process::id()));
         std::fs::write(&path, b"hello, I am not a kernel").unwrap();
         let mem = crate::memory::create(32 << 20).unwrap();
-        let err = load_linux(&mem, &path, None, "").unwrap_err();
+        let err = load_linux(&mem, &path, None, "", None).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         std::fs::remove_file(&path).unwrap();
     }
@@ -323,7 +338,7 @@ mod tests {
         // they go right below the limit.
         let data: Vec<u8> = (0..8 * MIB).map(|i| (i % 251) as u8).collect();
         let initrd = scratch("8m", &data);
-        load_linux(&mem, &kernel, Some(&initrd), "console=ttyS0").unwrap();
+        load_linux(&mem, &kernel, Some(&initrd), "console=ttyS0", None).unwrap();
         let params: boot_params =
             vm_memory::Bytes::read_obj(&mem, GuestAddress(ZERO_PAGE)).unwrap();
         let (image, size) = (params.hdr.ramdisk_image, params.hdr.ramdisk_size);
@@ -334,7 +349,7 @@ mod tests {
 
         // 20 MiB would reach into the memory the kernel unpacks itself into.
         let initrd = scratch("20m", &vec![0x1f_u8; 20 << 20]);
-        let err = load_linux(&mem, &kernel, Some(&initrd), "").unwrap_err();
+        let err = load_linux(&mem, &kernel, Some(&initrd), "", None).unwrap_err();
         match &err {
             BootError::InitrdTooLarge { window, .. } => {
                 assert_eq!((window.bottom, window.top), (32 * MIB, 48 * MIB));
@@ -351,7 +366,7 @@ mod tests {
         assert!(text.contains("initrd_addr_max"), "{text}");
 
         let empty = scratch("empty", b"");
-        let err = load_linux(&mem, &kernel, Some(&empty), "").unwrap_err();
+        let err = load_linux(&mem, &kernel, Some(&empty), "", None).unwrap_err();
         assert!(matches!(err, BootError::InitrdEmpty { .. }), "{err}");
         for path in [kernel, initrd, empty] {
             std::fs::remove_file(path).unwrap();

@@ -36,7 +36,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "stdout|null|PATH")]
     pub serial: Option<SerialOutput>,
     /// Read the VM configuration from a TOML file (keys: kernel, initrd, cmdline, vcpus,
-    /// memory_mib, serial, track_dirty_pages, seccomp, rng, net = "tap=…" as for --net, and
+    /// memory_mib, serial, track_dirty_pages, seccomp, rng, acpi, net = "tap=…" as for --net, and
     /// `[[disk]]` tables with path, read_only, overlay, rw, root, serial); flags given as
     /// well override it.
     #[arg(long, value_name = "PATH")]
@@ -53,6 +53,11 @@ pub struct VmArgs {
     /// the host's getrandom(2).
     #[arg(long)]
     pub no_rng: bool,
+    /// Leave out the ACPI tables: the guest learns its CPUs and interrupt routing from the
+    /// MP table alone (kernels built without X86_MPPARSE then see one CPU) and its virtio
+    /// devices from the command line alone.
+    #[arg(long)]
+    pub no_acpi: bool,
     /// Attach a disk image as a virtio-blk device (repeatable; /dev/vda, /dev/vdb, … in
     /// order): `PATH[,ro][,rw][,root][,overlay=OVERLAY][,serial=ID]`. `ro`: the guest cannot
     /// write. `overlay=OVERLAY`: the image is a read-only base and this VM's writes go to
@@ -157,7 +162,7 @@ pub struct JobArgs {
     /// Start the job in a VM restored from this snapshot (taken with `kiln ctl snapshot` of
     /// a VM with a vsock device) instead of booting one: no --kernel/--initrd then. The
     /// restored guest gets the current time and fresh entropy before the script runs.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk", "image"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk", "image", "no_acpi"])]
     pub from_snapshot: Option<PathBuf>,
     /// Let the job snapshot its VM at a point it chooses: when the script runs
     /// `kiln-snapshot` (in the guest), the VM is paused, snapshotted into DIR and resumed,
@@ -218,6 +223,9 @@ impl VmArgs {
         }
         if self.no_rng {
             config.rng = false;
+        }
+        if self.no_acpi {
+            config.acpi = false;
         }
         let image_root = match &self.image {
             Some(name) => {

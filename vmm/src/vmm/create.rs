@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{control_channel, BootDoneHook, BootSource, MachineSpec, Phases, Vmm, VmmError};
-use crate::arch::x86_64::{mptable, regs, regs::CpuMode};
+use crate::arch::x86_64::{acpi, mptable, regs, regs::CpuMode};
 use crate::boot;
 use crate::device_manager::{
     block_device, CloneOverlays, CloneResources, DeviceError, DeviceManager, VirtioHandle,
@@ -286,9 +286,15 @@ impl Boot {
                 kernel,
                 initrd,
                 cmdline: base,
+                acpi,
             } => {
                 regs::write_boot_tables(memory)?;
                 mptable::write(memory, self.machine.vcpus)?;
+                let rsdp = if acpi {
+                    Some(write_acpi(memory, self.machine.vcpus, devices)?)
+                } else {
+                    None
+                };
                 let mut line = base;
                 for fragment in &cmdline {
                     line.push(' ');
@@ -299,7 +305,7 @@ impl Boot {
                     line.push_str(" init=");
                     line.push_str(crate::disk::ROOT_INIT);
                 }
-                let k = boot::load_linux(memory, &kernel, initrd.as_deref(), &line)?;
+                let k = boot::load_linux(memory, &kernel, initrd.as_deref(), &line, rsdp)?;
                 (k.entry.0, CpuMode::Long)
             }
             BootSource::Raw {
@@ -322,6 +328,31 @@ impl Boot {
         phases.mark("kernel_load");
         Ok(loaded)
     }
+}
+
+/// Writes the ACPI tables of a new VM with `vcpus` and the virtio devices attached so far.
+/// A restored VM never comes here: its tables are in the memory it was saved with.
+fn write_acpi(
+    memory: &GuestMemory,
+    vcpus: u8,
+    devices: &DeviceManager,
+) -> Result<GuestAddress, VmmError> {
+    let virtio: Vec<acpi::MmioDevice> = devices
+        .windows()
+        .into_iter()
+        .map(|(window, _)| acpi::MmioDevice {
+            base: window.base,
+            size: kiln_devices::virtio::mmio::MMIO_WINDOW_SIZE,
+            irq: window.irq,
+        })
+        .collect();
+    let serial_port = u16::try_from(kiln_devices::COM1_BASE).unwrap_or(0x3f8);
+    let machine = acpi::Machine {
+        vcpus,
+        serial: (serial_port, kiln_devices::COM1_IRQ),
+        virtio: &virtio,
+    };
+    Ok(acpi::write(memory, &machine)?)
 }
 
 /// What a restored clone brings that its snapshot cannot hold.

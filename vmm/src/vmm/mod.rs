@@ -50,6 +50,8 @@ pub enum VmmError {
     Device(#[from] DeviceError),
     #[error("cannot write boot tables into guest memory: {0}")]
     BootTables(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Acpi(#[from] crate::arch::x86_64::acpi::AcpiError),
     #[error("guest code of {size} bytes at {addr:#x} does not fit in guest memory")]
     RawTooLarge { addr: u64, size: usize },
     #[error("event loop failed: {0:?}")]
@@ -193,6 +195,11 @@ impl Vmm {
     /// A handle for pause/resume/snapshot/status/shutdown requests from other threads.
     pub fn controller(&self) -> Controller {
         self.controller.clone()
+    }
+
+    /// The guest's memory, to read what kiln wrote into it before the VM runs.
+    pub fn guest_memory(&self) -> &GuestMemory {
+        &self.memory
     }
 
     /// Whether [`Vmm::run`] will confine the VM's threads with seccomp.

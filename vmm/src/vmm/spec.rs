@@ -15,6 +15,8 @@ pub enum BootSource {
         kernel: PathBuf,
         initrd: Option<PathBuf>,
         cmdline: String,
+        /// Write ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) beside the MP table.
+        acpi: bool,
     },
     /// Hand-made guest code, loaded and entered at `load_addr` (used by the direct tests).
     Raw {
@@ -102,6 +104,7 @@ impl MachineSpec {
                 kernel: config.kernel.clone(),
                 initrd: config.initrd.clone(),
                 cmdline: config.cmdline.clone(),
+                acpi: config.acpi,
             },
             console,
             irqchip: true,

@@ -23,6 +23,10 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// The MP floating pointer and table go in the last KiB of base memory, one of the places
 /// Linux searches; the range up to 1 MiB is marked reserved in the e820 map.
 pub const MPTABLE_START: u64 = 0x9fc00;
+/// The ACPI tables: the RSDP first (16-byte aligned, in the BIOS area Linux scans for it),
+/// then the XSDT, FADT, MADT and DSDT, all below 1 MiB in the range the e820 map reserves.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
 /// Start of memory above the legacy hole.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Guest RAM stops here and resumes at 4 GiB: the gap is for MMIO (IOAPIC, LAPIC, devices).
