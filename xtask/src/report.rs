@@ -377,19 +377,45 @@ pub fn render(results: &[Value], run: &RunInfo, budgets: &Budgets, source: &str)
         // A figure measured against another in the same run: what it was compared with,
         // that one's median, and the ratio.
         let compared = match fields.get("base_revision").and_then(Value::as_str) {
-            Some(rev) => Some((format!("base `{rev}`"), "base_median_ms")),
-            None => fields
-                .contains_key("no_acpi_median_ms")
-                .then(|| ("`--no-acpi`".to_string(), "no_acpi_median_ms")),
+            Some(rev) => Some((format!("base `{rev}`"), "base_median_ms", "ratio")),
+            None if fields.contains_key("no_acpi_median_ms") => {
+                Some(("`--no-acpi`".to_string(), "no_acpi_median_ms", "ratio"))
+            }
+            None if fields.contains_key("peer_median_ms") => Some((
+                fields
+                    .get("peer")
+                    .and_then(Value::as_str)
+                    .unwrap_or("the peer")
+                    .to_string(),
+                "peer_median_ms",
+                "ratio",
+            )),
+            None if fields.contains_key("one_clone_ms") => {
+                Some(("1 clone".to_string(), "one_clone_ms", "ratio_to_one"))
+            }
+            None => None,
         };
-        if let (Some((label, key)), Some(ratio)) =
-            (compared, fields.get("ratio").and_then(Value::as_f64))
-        {
-            if let Some(other) = fields.get(key).and_then(Value::as_f64) {
+        if let Some((label, key, ratio)) = compared {
+            let ratio = fields.get(ratio).and_then(Value::as_f64);
+            let other = fields.get(key).and_then(Value::as_f64);
+            if let (Some(ratio), Some(other)) = (ratio, other) {
                 let _ = write!(
                     what,
                     "; {label}: median {} ms, ratio {ratio:.3}",
                     number(other)
+                );
+            }
+        }
+        if let Some(phases) = fields.get("kiln_phases_ms").and_then(Value::as_array) {
+            let listed: Vec<String> = phases
+                .iter()
+                .filter_map(|p| Some(format!("{} {}", p[0].as_str()?, number(p[1].as_f64()?))))
+                .collect();
+            if !listed.is_empty() {
+                let _ = write!(
+                    what,
+                    "; kiln's set-up, ms from start: {}",
+                    listed.join(", ")
                 );
             }
         }
