@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{connect, live_members, raw_connect, server, ChannelWriter};
+use common::{connect, live_members, raw_connect, server, session_members, ChannelWriter};
 use kiln_agent::client::{Client, ClientError, Resizer, TtyIo};
 use kiln_agent::protocol::{
     read_frame, write_frame, ExecRequest, ExitStatus, Frame, Started, WindowSize,
@@ -151,32 +151,6 @@ fn ctrl_c_interrupts_the_foreground_process() {
 /// True if process `pid` runs `sleep` (not a shell forked to run it, still on its way).
 fn is_sleep(pid: &i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c == "sleep\n")
-}
-
-/// Live processes of session `sid` (zombies excluded).
-fn session_members(sid: i32) -> Vec<i32> {
-    let mut live = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid pgrp session …"
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 4 && !["Z", "X"].contains(&fields[0]) && fields[3] == sid.to_string() {
-            live.push(pid);
-        }
-    }
-    live
 }
 
 #[test]

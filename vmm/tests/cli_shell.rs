@@ -4,7 +4,6 @@
 //! size, the exit code, the terminal restored; no terminal on stdin is an error.
 //! A real guest's terminal is the test-bed test `shell::shell_at_a_terminal_…`.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Command;
@@ -14,7 +13,7 @@ use kiln_agent::protocol::{read_frame, write_frame, ExitStatus, Frame, Pong, Sta
 use kiln_tests::pty::{parse, Pty};
 
 mod util;
-use util::scratch;
+use util::{agent, scratch};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -25,20 +24,10 @@ fn fake_terminal_agent(uds: &Path) {
     let listener = UnixListener::bind(uds).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut hello = String::new();
-            reader.read_line(&mut hello).unwrap();
-            assert_eq!(hello, format!("CONNECT {AGENT_PORT}\n"));
-            let mut w = stream;
-            w.write_all(b"OK 1\n").unwrap();
+            let (mut reader, mut w) = agent::handshake(stream.unwrap());
             while let Ok(Some(frame)) = read_frame(&mut reader) {
                 let reply = match frame {
-                    Frame::Ping => Frame::Pong(Pong {
-                        version: 1,
-                        agent: "fake".into(),
-                        uptime_ms: 1,
-                    }),
+                    Frame::Ping => agent::pong(),
                     Frame::GetFile(_) => Frame::error("no such file"),
                     Frame::Exec(req) => {
                         let started = Started {

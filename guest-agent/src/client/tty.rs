@@ -5,7 +5,7 @@
 //! share the connection's writing half under one lock, one whole frame at a time, and
 //! neither is sent once the exec's `Exit` has arrived.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -114,38 +114,18 @@ pub(super) fn run(stream: &mut UnixStream, req: &ExecRequest, io: TtyIo<'_>) -> 
 
 /// Sends what `input` gives as `Stdin` frames until it ends (then `StdinEof`) or `stopped`
 /// wakes (the exec ended).
-fn feed(input: BorrowedFd<'_>, writer: &Writer, mut stopped: &UnixStream) -> Result<()> {
+fn feed(input: BorrowedFd<'_>, writer: &Writer, stopped: &UnixStream) -> Result<()> {
     let mut buf = vec![0u8; CHUNK_LEN];
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: input.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stopped.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is an array of two pollfds that lives across the call.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ClientError::Local {
+        let [typed, stop] = crate::poll::readable([input.as_raw_fd(), stopped.as_raw_fd()])
+            .map_err(|error| ClientError::Local {
                 what: "waiting for input",
-                error: e,
-            });
+                error,
+            })?;
+        if stop {
+            return Ok(()); // the exec ended: the other end was dropped
         }
-        if fds[1].revents != 0 {
-            // The exec ended (the other end was dropped: this read sees EOF at once).
-            let _ = stopped.read(&mut [0u8; 1]);
-            return Ok(());
-        }
-        if fds[0].revents == 0 {
+        if !typed {
             continue;
         }
         // SAFETY: reads into `buf`, which is valid for `buf.len()` bytes.

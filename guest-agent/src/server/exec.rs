@@ -207,22 +207,18 @@ fn pump(mut open: [Option<File>; 2], out: &Sender) -> Result<(), ProtocolError> 
     const KINDS: [Kind; 2] = [Kind::Stdout, Kind::Stderr];
     let mut buf = vec![0u8; CHUNK_LEN];
     while open.iter().any(Option::is_some) {
-        let mut fds = open.each_ref().map(|p| libc::pollfd {
-            fd: p.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        // SAFETY: `fds` is an array of two pollfds that lives across the call.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        let fds = open
+            .each_ref()
+            .map(|p| p.as_ref().map_or(-1, AsRawFd::as_raw_fd));
+        let ready = match crate::poll::readable(fds) {
+            Ok(ready) => ready,
+            Err(e) => {
+                crate::say!("polling exec output: {e}");
+                return Ok(());
             }
-            crate::say!("polling exec output: {e}");
-            return Ok(());
-        }
-        for ((pipe, fd), kind) in open.iter_mut().zip(fds).zip(KINDS) {
-            let Some(file) = pipe.as_mut().filter(|_| fd.revents != 0) else {
+        };
+        for ((pipe, ready), kind) in open.iter_mut().zip(ready).zip(KINDS) {
+            let Some(file) = pipe.as_mut().filter(|_| ready) else {
                 continue;
             };
             match file.read(&mut buf) {

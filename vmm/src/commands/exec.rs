@@ -7,16 +7,18 @@ use anyhow::Context;
 
 use super::common::{
     connect_agent, exec_on_terminal, exec_request, exec_streamed, exit_code, forward_signals,
+    require_terminal,
 };
 use crate::cli::ExecArgs;
 
 pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let req = exec_request(&args.target, &args.command)?;
     let uds = &args.target.vsock;
-    let mut client = connect_agent(uds)?;
     if args.tty {
-        return exec_on_terminal(uds, &mut client, req, "kiln exec -t");
+        require_terminal("kiln exec -t")?;
+        return exec_on_terminal(uds, &mut connect_agent(uds)?, req);
     }
+    let mut client = connect_agent(uds)?;
     let forwarder = forward_signals(uds.clone(), false)?;
     let status =
         exec_streamed(&mut client, &req, &mut |id| forwarder.arm(id)).context("exec failed")?;

@@ -5,18 +5,19 @@ use std::process::ExitCode;
 
 use kiln_agent::client::{Client, ClientError};
 
-use super::common::{connect_agent, exec_on_terminal, exec_request};
+use super::common::{connect_agent, exec_on_terminal, exec_request, require_terminal};
 use crate::cli::ShellArgs;
 
 /// The shell when the guest's /etc/passwd names none for root.
 const DEFAULT_SHELL: &str = "/bin/sh";
 
 pub fn shell(args: &ShellArgs) -> anyhow::Result<ExitCode> {
+    require_terminal("kiln shell")?;
     let uds = &args.target.vsock;
     let mut client = connect_agent(uds)?;
     let shell = login_shell(&mut client)?;
     let req = exec_request(&args.target, &[shell, "-l".into()])?;
-    exec_on_terminal(uds, &mut client, req, "kiln shell")
+    exec_on_terminal(uds, &mut client, req)
 }
 
 /// Root's login shell in the guest's /etc/passwd; [`DEFAULT_SHELL`] if there is no such

@@ -19,7 +19,7 @@ use crate::logcap::CappedFile;
 
 pub(crate) use run_to_end::{run_to_end, seccomp_filters, Sockets};
 pub(crate) use signals::forward_signals;
-pub(crate) use terminal::exec_on_terminal;
+pub(crate) use terminal::{exec_on_terminal, require_terminal};
 
 /// How long `kiln exec` and `kiln cp` keep trying to reach the agent. Right after a
 /// snapshot restore the guest silently drops connections made before it has handled the

@@ -79,22 +79,27 @@ impl Drop for RawMode {
     }
 }
 
-/// Runs `req` on a terminal in the guest behind `uds`, driven from this process's
-/// terminal; returns kiln's exit code (the command's). `what` names the command in the
-/// error for a stdin that is not a terminal.
-pub(crate) fn exec_on_terminal(
-    uds: &Path,
-    client: &mut Client,
-    req: ExecRequest,
-    what: &str,
-) -> anyhow::Result<ExitCode> {
-    let stdin = std::io::stdin();
-    if !stdin.is_terminal() {
+/// Checks that stdin is a terminal, before anything is asked of the guest; `what` names
+/// the command in the error.
+pub(crate) fn require_terminal(what: &str) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
         bail!(
             "{what} needs a terminal on standard input, and it is not one; run `kiln exec` \
              without -t for a command without a terminal (its stdin is then /dev/null)"
         );
     }
+    Ok(())
+}
+
+/// Runs `req` on a terminal in the guest behind `uds`, driven from this process's
+/// terminal (stdin, checked by [`require_terminal`]); returns kiln's exit code (the
+/// command's).
+pub(crate) fn exec_on_terminal(
+    uds: &Path,
+    client: &mut Client,
+    req: ExecRequest,
+) -> anyhow::Result<ExitCode> {
+    let stdin = std::io::stdin();
     let asked = size().unwrap_or(FALLBACK_SIZE);
     let mut req = req.tty(asked);
     if !req.env.iter().any(|(k, _)| k == "TERM") {
