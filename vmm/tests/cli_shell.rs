@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_agent::protocol::{read_frame, write_frame, ExitStatus, Frame, Pong, Started, AGENT_PORT};
+use kiln_agent::protocol::{read_frame, write_frame, ExitStatus, Frame, Started};
 use kiln_tests::pty::{parse, Pty};
 
 mod util;
