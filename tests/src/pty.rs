@@ -112,20 +112,11 @@ impl Pty {
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
+        let null = std::ptr::null_mut();
         // SAFETY: openpty writes two descriptors; the name and termios pointers may be null
         // and `ws` lives across the call.
-        check(
-            unsafe {
-                libc::openpty(
-                    &mut master,
-                    &mut slave,
-                    std::ptr::null_mut(),
-                    std::ptr::null(),
-                    &ws,
-                )
-            },
-            "openpty",
-        )?;
+        let r = unsafe { libc::openpty(&mut master, &mut slave, null, std::ptr::null(), &ws) };
+        check(r, "openpty")?;
         // SAFETY: both descriptors were just created and nothing else owns them.
         let (master, slave) = unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) };
         let stdio = |f: &File| -> Result<Stdio> { Ok(Stdio::from(f.try_clone()?)) };
@@ -253,10 +244,8 @@ impl Pty {
                 // SAFETY: an all-zero termios is a valid value for tcgetattr to overwrite.
                 let mut t: libc::termios = unsafe { std::mem::zeroed() };
                 // SAFETY: tcgetattr writes one termios, which lives across the call.
-                check(
-                    unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) },
-                    "reading the terminal's settings",
-                )?;
+                let r = unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) };
+                check(r, "reading the terminal's settings")?;
                 let want = libc::ICANON | libc::ECHO | libc::ISIG;
                 ensure!(
                     t.c_lflag & want == want,
