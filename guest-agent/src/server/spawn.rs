@@ -123,7 +123,9 @@ impl Plan {
     }
 
     /// Starts the process in a session (and process group) of its own, registered with
-    /// `reaper`; with `stdio.controlling_tty`, its stdin is that session's terminal. Returns once the program is executing, or with why it could not start.
+    /// `reaper`; with `stdio.controlling_tty`, its stdin becomes the controlling terminal
+    /// of its new session. Returns once the program is executing, or with why it could not
+    /// start.
     pub fn spawn(&self, stdio: Stdio, reaper: &Reaper) -> io::Result<Child> {
         let argv = null_terminated(&self.argv);
         let envp = null_terminated(&self.envp);
