@@ -113,6 +113,7 @@ mod tests {
             "kiln.1",
             "kiln-job.1",
             "kiln-doctor.1",
+            "kiln-shell.1",
             "kiln-image.1",
             "kiln-image-build.1",
             "kiln-net-setup.1",

@@ -183,7 +183,7 @@ fn keep_failed(
                 "kiln-gitlab: {stage} failed; kept a snapshot of the job's VM in {dir}\n\
                  kiln-gitlab: to reopen it on this runner's host:\n  \
                  {kiln} restore --snapshot {dir} --vsock {base}.vsock --api {base}.api --serial null &\n  \
-                 {kiln} exec --vsock {base}.vsock --cwd {project} -- bash -c 'ls -la; git status'\n  \
+                 {kiln} shell --vsock {base}.vsock --cwd {project}\n  \
                  {kiln} ctl --api {base}.api shutdown\n\
                  kiln-gitlab: remove the snapshot with: rm -r {dir}",
                 dir = dir.display(),

@@ -29,9 +29,11 @@ use crate::protocol::{
 mod connect;
 mod error;
 mod exec;
+mod tty;
 
 pub use connect::{connect_ready, wait_ready, ATTEMPT_TIMEOUT, HANDSHAKE_TIMEOUT};
 pub use error::ClientError;
+pub use tty::{Resizer, TtyIo};
 
 /// The result of client calls.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -142,6 +144,19 @@ impl Client {
             ));
         }
         self.request(|c| exec::run(&mut c.stream, req, io))
+    }
+
+    /// Runs `req` on a pseudo-terminal in the guest (the request must ask for one:
+    /// [`ExecRequest::tty`]): what `io.input` gives is typed into it, its output goes to
+    /// `io.output`, and `io.on_started` gets a [`Resizer`] for its size. Returns how the
+    /// process ended; [`ClientError::NoTerminal`] if the agent cannot give it a terminal.
+    pub fn exec_tty(&mut self, req: &ExecRequest, io: TtyIo<'_>) -> Result<ExitStatus> {
+        if req.tty.is_none() || req.stdin != StdinMode::Pipe {
+            return Err(ClientError::Usage(
+                "exec_tty needs a request with a terminal and `stdin: pipe` (ExecRequest::tty)",
+            ));
+        }
+        self.request(|c| tty::run(&mut c.stream, req, io))
     }
 
     /// Sends `signo` to an exec's process group or to a pid.

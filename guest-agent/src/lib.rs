@@ -35,6 +35,8 @@ pub mod docker;
 pub mod marks;
 pub mod netif;
 #[cfg(feature = "agent")]
+mod poll;
+#[cfg(feature = "agent")]
 pub mod protocol;
 #[cfg(feature = "agent")]
 pub mod server;

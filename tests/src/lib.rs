@@ -16,6 +16,7 @@ pub mod images;
 mod nested;
 pub mod output;
 pub mod process;
+pub mod pty;
 pub mod qemu;
 pub mod registry;
 pub mod shell;

@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => commands::restore::restore(&args, start),
         Command::Fork(args) => commands::fork::fork(&args),
         Command::Exec(args) => commands::exec::exec(&args),
+        Command::Shell(args) => commands::shell::shell(&args),
         Command::Cp(args) => commands::cp::cp(&args),
         Command::Job(args) => commands::job::job(&args, start),
         Command::Jail(args) => commands::jail::jail(&args),

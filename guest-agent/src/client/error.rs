@@ -79,6 +79,10 @@ pub enum ClientError {
         /// Why the last attempt failed.
         last: String,
     },
+    /// A terminal was asked for and the agent started the process without one: it
+    /// predates terminals. The client has closed the connection, which kills the process.
+    #[error("the guest agent started the command without a terminal: it is older than this kiln and has no terminal support; run the command without a terminal, or boot an image with a newer kiln-agent")]
+    NoTerminal,
     /// The call's arguments do not fit together.
     #[error("{0}")]
     Usage(&'static str),

@@ -34,7 +34,7 @@ pub(super) fn run(
         if req.stdin == StdinMode::Pipe {
             write_frame(stream, &Frame::StdinEof)?;
         }
-        return output(stream, stdout, stderr, &mut started);
+        return output(stream, &mut streams(stdout, stderr), &mut started);
     };
     let feed_stream = stream.try_clone().map_err(|error| ClientError::Local {
         what: "duplicating the agent connection for stdin",
@@ -43,7 +43,7 @@ pub(super) fn run(
     let stop = AtomicBool::new(false);
     thread::scope(|scope| {
         let feeder = scope.spawn(|| feed(source, feed_stream, &stop));
-        let result = output(stream, stdout, stderr, &mut started);
+        let result = output(stream, &mut streams(stdout, stderr), &mut started);
         stop.store(true, Ordering::Release);
         if result.is_err() {
             // The conversation is over: make the feeder's next write fail.
@@ -67,19 +67,30 @@ pub(super) fn run(
     })
 }
 
-/// Reads frames until `Exit`, passing output on as it comes.
-fn output(
+/// A sink for [`output`] that writes `Stdout` to `stdout` and `Stderr` to `stderr`.
+fn streams<'a>(
+    stdout: &'a mut dyn Write,
+    stderr: &'a mut dyn Write,
+) -> impl FnMut(Kind, &[u8]) -> Result<()> + 'a {
+    move |kind, bytes| match kind {
+        Kind::Stderr => pass(stderr, bytes, "writing the exec's stderr"),
+        _ => pass(stdout, bytes, "writing the exec's stdout"),
+    }
+}
+
+/// Reads frames until `Exit`, passing output (`Stdout` or `Stderr`, with its bytes) to
+/// `sink` as it comes.
+pub(super) fn output(
     stream: &mut UnixStream,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
+    sink: &mut dyn FnMut(Kind, &[u8]) -> Result<()>,
     started: &mut dyn FnMut(Started),
 ) -> Result<ExitStatus> {
     loop {
         let frame = read_frame(stream)?.ok_or(ClientError::Closed("the exec's Exit"))?;
         match frame {
             Frame::Started(s) => started(s),
-            Frame::Stdout(bytes) => pass(stdout, &bytes, "writing the exec's stdout")?,
-            Frame::Stderr(bytes) => pass(stderr, &bytes, "writing the exec's stderr")?,
+            Frame::Stdout(bytes) => sink(Kind::Stdout, &bytes)?,
+            Frame::Stderr(bytes) => sink(Kind::Stderr, &bytes)?,
             Frame::Exit(status) => return Ok(status),
             Frame::Error(e) => return Err(ClientError::Remote(e.message)),
             other => {
@@ -92,7 +103,7 @@ fn output(
     }
 }
 
-fn pass(sink: &mut dyn Write, bytes: &[u8], what: &'static str) -> Result<()> {
+pub(super) fn pass(sink: &mut dyn Write, bytes: &[u8], what: &'static str) -> Result<()> {
     sink.write_all(bytes)
         .and_then(|()| sink.flush())
         .map_err(|error| ClientError::Local { what, error })

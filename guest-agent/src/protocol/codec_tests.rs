@@ -34,9 +34,20 @@ fn samples() -> Vec<Frame> {
             unix_nanos: 1_700_000_000_123_456_789,
         }),
         Frame::AddEntropy(vec![1, 2, 3, 4]),
+        Frame::Exec(ExecRequest::new(["sh", "-l"]).tty(WindowSize { rows: 24, cols: 80 })),
         Frame::Started(Started {
             exec_id: 3,
             pid: 77,
+            tty: false,
+        }),
+        Frame::Started(Started {
+            exec_id: 4,
+            pid: 78,
+            tty: true,
+        }),
+        Frame::Resize(WindowSize {
+            rows: 50,
+            cols: 132,
         }),
         Frame::Stdin(b"input".to_vec()),
         Frame::StdinEof,
@@ -190,6 +201,31 @@ fn unknown_version_is_rejected() {
 }
 
 #[test]
+fn bodies_of_an_older_peer_read_without_the_terminal_fields() {
+    let mut bytes = header(0, VERSION, Kind::Started as u8);
+    let body = br#"{"exec_id":5,"pid":9}"#;
+    bytes[..4].copy_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+    bytes.extend(body);
+    let frame = read_frame(&mut Cursor::new(bytes)).unwrap();
+    assert_eq!(
+        frame,
+        Some(Frame::Started(Started {
+            exec_id: 5,
+            pid: 9,
+            tty: false
+        }))
+    );
+    let mut bytes = header(0, VERSION, Kind::Exec as u8);
+    let body = br#"{"argv":["true"]}"#;
+    bytes[..4].copy_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+    bytes.extend(body);
+    let Some(Frame::Exec(req)) = read_frame(&mut Cursor::new(bytes)).unwrap() else {
+        panic!("not an Exec frame");
+    };
+    assert_eq!(req, ExecRequest::new(["true"]));
+}
+
+#[test]
 fn unknown_kinds_bad_bodies_and_truncation_are_errors() {
     let err = read_frame(&mut Cursor::new(header(0, VERSION, 0x7f))).unwrap_err();
     assert!(matches!(err, ProtocolError::UnknownKind(0x7f)), "{err}");
@@ -269,7 +305,8 @@ fn garbage_never_panics() {
             let body_len = u32::try_from(bytes.len() - HEADER_LEN).unwrap();
             bytes[..4].copy_from_slice(&body_len.to_le_bytes());
             bytes[4] = VERSION;
-            bytes[5] = Kind::ALL[usize::try_from(rng.next() % 20).unwrap()] as u8;
+            bytes[5] =
+                Kind::ALL[usize::try_from(rng.next() % Kind::ALL.len() as u64).unwrap()] as u8;
         }
         let mut r = Cursor::new(bytes);
         // Read until the stream ends or fails; any result is fine, a panic is not.

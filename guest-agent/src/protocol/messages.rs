@@ -26,6 +26,12 @@ pub struct ExecRequest {
     /// dropped when `uid` or `gid` is set.
     #[serde(default)]
     pub gid: Option<u32>,
+    /// Run on a new pseudo-terminal of this initial size: the process leads a session whose
+    /// controlling terminal is the PTY's slave, which is its stdin, stdout and stderr. Its
+    /// output comes as `Stdout` frames only (the PTY merges the two streams), `Stdin` frames
+    /// are typed into the PTY (set `stdin: pipe`), and `Resize` frames change its size.
+    #[serde(default)]
+    pub tty: Option<WindowSize>,
 }
 
 impl ExecRequest {
@@ -42,6 +48,7 @@ impl ExecRequest {
             stdin: StdinMode::Null,
             uid: None,
             gid: None,
+            tty: None,
         }
     }
 
@@ -66,6 +73,14 @@ impl ExecRequest {
         self
     }
 
+    /// Runs the process on a pseudo-terminal of `size` (and takes `Stdin` frames for it).
+    #[must_use]
+    pub fn tty(mut self, size: WindowSize) -> Self {
+        self.tty = Some(size);
+        self.stdin = StdinMode::Pipe;
+        self
+    }
+
     /// Runs the process as `uid` (and `gid`, if given).
     #[must_use]
     pub fn user(mut self, uid: u32, gid: Option<u32>) -> Self {
@@ -86,6 +101,15 @@ pub enum StdinMode {
     Pipe,
 }
 
+/// The size of a terminal, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
 /// An exec has started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
@@ -93,6 +117,10 @@ pub struct Started {
     pub exec_id: u64,
     /// The guest pid of the process, which leads its own session and process group.
     pub pid: i32,
+    /// The process runs on a pseudo-terminal (the request asked for `tty`). An agent that
+    /// predates terminals leaves it out, so a client that asked for one can tell.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// How a process ended.

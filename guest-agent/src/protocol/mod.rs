@@ -23,6 +23,10 @@
 //! - `Exec` → `Started` → (`Stdout` | `Stderr`)* → `Exit`, or `Error` if it could not start.
 //!   With `stdin: pipe`, the client sends `Stdin`* then `StdinEof` (also after `Exit`, if it
 //!   was still sending; the agent drops stdin the process no longer reads).
+//! - `Exec` with `tty` (a pseudo-terminal): as above, with `Started { tty: true }`, output
+//!   as `Stdout` only, and the client may send `Resize` between its `Stdin` frames until
+//!   `Exit`. `StdinEof` only stops input: a terminal has no end of input (the client sends
+//!   the EOF character, Ctrl-D, as a byte).
 //! - `Signal` → `Ok` | `Error` (cancel; sent on a connection of its own).
 //! - `PutFile` → the client sends `Data`* `DataEnd` → `Ok` | `Error`.
 //! - `GetFile` → `FileInfo` `Data`* `DataEnd`, or `Error` (also in place of `DataEnd`).
@@ -31,6 +35,12 @@
 //!
 //! Any frame that does not fit the conversation makes the agent answer `Error` and close the
 //! connection.
+//!
+//! # Compatibility
+//!
+//! Within a version, messages only grow: a new field is optional (`#[serde(default)]`)
+//! and a new kind is sent only after the other end has shown it knows it (`Resize` only
+//! after `Started { tty: true }`, which an older agent never sends).
 
 mod codec;
 mod error;
@@ -40,7 +50,7 @@ pub use codec::{encode, read_frame, write_frame, write_raw};
 pub use error::ProtocolError;
 pub use messages::{
     ErrorMessage, ExecRequest, ExitStatus, FileInfo, GetFile, Pong, PutFile, SetTime,
-    SignalRequest, SignalTarget, Started, StdinMode,
+    SignalRequest, SignalTarget, Started, StdinMode, WindowSize,
 };
 
 /// The protocol version this build speaks; both ends must speak the same.
@@ -83,6 +93,8 @@ pub enum Frame {
     Stdin(Vec<u8>),
     /// The client has no more standard input.
     StdinEof,
+    /// The terminal of the connection's exec has a new size.
+    Resize(WindowSize),
     /// Bytes the process wrote to its standard output.
     Stdout(Vec<u8>),
     /// Bytes the process wrote to its standard error.
@@ -135,6 +147,8 @@ pub enum Kind {
     Stderr = 0x14,
     /// [`Frame::Exit`].
     Exit = 0x15,
+    /// [`Frame::Resize`].
+    Resize = 0x16,
     /// [`Frame::FileInfo`].
     FileInfo = 0x20,
     /// [`Frame::Data`].
@@ -162,7 +176,7 @@ pub enum BodyType {
 
 impl Kind {
     /// Every kind, for tests and documentation.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Exec,
         Kind::Signal,
         Kind::PutFile,
@@ -177,6 +191,7 @@ impl Kind {
         Kind::Stdout,
         Kind::Stderr,
         Kind::Exit,
+        Kind::Resize,
         Kind::FileInfo,
         Kind::Data,
         Kind::DataEnd,
@@ -220,6 +235,7 @@ impl Kind {
             Kind::Stdout => "Stdout",
             Kind::Stderr => "Stderr",
             Kind::Exit => "Exit",
+            Kind::Resize => "Resize",
             Kind::FileInfo => "FileInfo",
             Kind::Data => "Data",
             Kind::DataEnd => "DataEnd",
@@ -254,6 +270,7 @@ impl Frame {
             Frame::Stdout(_) => Kind::Stdout,
             Frame::Stderr(_) => Kind::Stderr,
             Frame::Exit(_) => Kind::Exit,
+            Frame::Resize(_) => Kind::Resize,
             Frame::FileInfo(_) => Kind::FileInfo,
             Frame::Data(_) => Kind::Data,
             Frame::DataEnd => Kind::DataEnd,

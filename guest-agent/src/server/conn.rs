@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::exec::{self, RunningExec};
 use super::{files, uptime_ms, ConnectionError, Sender, Server};
-use crate::protocol::{read_frame, Frame, Pong, StdinMode, VERSION};
+use crate::protocol::{read_frame, Frame, Pong, VERSION};
 
 /// The standard input of the connection's latest exec.
 enum Stdin {
@@ -70,6 +70,14 @@ impl Conn<'_> {
     fn handle(&mut self, frame: Frame, reader: &mut dyn Read) -> Result<(), ConnectionError> {
         match frame {
             Frame::Stdin(bytes) => return self.stdin(&bytes),
+            Frame::Resize(size) => {
+                let Some(exec) = &self.exec else {
+                    return Err(unexpected(
+                        "Resize frame, but no exec runs on this connection",
+                    ));
+                };
+                return exec.resize(size).map_err(ConnectionError::Unexpected);
+            }
             Frame::StdinEof => {
                 if matches!(self.stdin, Stdin::Closed) {
                     return Err(unexpected("StdinEof frame, but no exec is taking stdin"));
@@ -94,8 +102,8 @@ impl Conn<'_> {
             Frame::Exec(req) => match exec::start(server, &req, &self.out) {
                 Ok((exec, pipe)) => {
                     self.exec = Some(exec);
-                    if req.stdin == StdinMode::Pipe {
-                        self.stdin = Stdin::Open(pipe);
+                    if let Some(pipe) = pipe {
+                        self.stdin = Stdin::Open(Some(pipe));
                     }
                 }
                 Err(message) => self.out.error(&message)?,

@@ -8,6 +8,7 @@
 mod conn;
 mod exec;
 mod files;
+mod pty;
 pub mod reaper;
 pub mod spawn;
 

@@ -57,21 +57,25 @@ pub struct Stdio {
     pub stdout: Option<RawFd>,
     /// Standard error.
     pub stderr: Option<RawFd>,
+    /// Standard input is a terminal that becomes the process's controlling terminal.
+    pub controlling_tty: bool,
 }
 
 /// Where in the child a failure happened, sent back with the errno (an index).
-const STAGES: [&str; 5] = [
+const STAGES: [&str; 6] = [
     "starting a new session",
     "setting up standard input/output",
+    "taking the terminal as controlling terminal",
     "switching user",
     "changing to the working directory",
     "executing the program",
 ];
 const STAGE_SETSID: u32 = 0;
 const STAGE_STDIO: u32 = 1;
-const STAGE_USER: u32 = 2;
-const STAGE_CHDIR: u32 = 3;
-const STAGE_EXEC: u32 = 4;
+const STAGE_TTY: u32 = 2;
+const STAGE_USER: u32 = 3;
+const STAGE_CHDIR: u32 = 4;
+const STAGE_EXEC: u32 = 5;
 
 impl Plan {
     /// Checks `req` and resolves its program in `PATH`. The error says what is wrong.
@@ -119,7 +123,9 @@ impl Plan {
     }
 
     /// Starts the process in a session (and process group) of its own, registered with
-    /// `reaper`. Returns once the program is executing, or with why it could not start.
+    /// `reaper`; with `stdio.controlling_tty`, its stdin becomes the controlling terminal
+    /// of its new session. Returns once the program is executing, or with why it could not
+    /// start.
     pub fn spawn(&self, stdio: Stdio, reaper: &Reaper) -> io::Result<Child> {
         let argv = null_terminated(&self.argv);
         let envp = null_terminated(&self.envp);
@@ -200,6 +206,11 @@ impl Plan {
                         fail(err, STAGE_STDIO);
                     }
                 }
+            }
+            // The new session has no controlling terminal yet: the slave on 0 becomes it,
+            // with this process group in the foreground.
+            if stdio.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                fail(err, STAGE_TTY);
             }
             if let Some((uid, gid)) = self.ids {
                 if libc::setgroups(0, std::ptr::null()) != 0

@@ -134,6 +134,17 @@ impl PidFd {
 
 /// Pids of the processes in process group `pgid` that have not ended (zombies excluded).
 pub fn live_members(pgid: i32) -> Vec<i32> {
+    live_with(2, pgid)
+}
+
+/// Pids of the processes of session `sid` that have not ended (zombies excluded).
+pub fn session_members(sid: i32) -> Vec<i32> {
+    live_with(3, sid)
+}
+
+/// Pids of the live processes whose `field` of /proc/PID/stat after the command's name
+/// (0: state, 1: ppid, 2: pgrp, 3: session) is `id`.
+fn live_with(field: usize, id: i32) -> Vec<i32> {
     let mut live = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry
@@ -146,12 +157,16 @@ pub fn live_members(pgid: i32) -> Vec<i32> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue; // ended meanwhile
         };
-        // "pid (comm) state ppid pgrp …"; comm may hold anything, so split after the ')'.
+        // "pid (comm) state ppid pgrp session …"; comm may hold anything, so split after
+        // the ')'.
         let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 3 && fields[0] != "Z" && fields[0] != "X" && fields[2] == pgid.to_string()
+        if fields.len() > field
+            && fields[0] != "Z"
+            && fields[0] != "X"
+            && fields[field] == id.to_string()
         {
             live.push(pid);
         }

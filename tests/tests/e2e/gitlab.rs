@@ -107,7 +107,8 @@ gl_job ok
 echo "GL-CONFIG=$(cat jobs/ok/config.json)"
 echo CASE=fail
 gl_job fail
-# Reopen the kept snapshot with the commands the job log printed.
+# Reopen the kept snapshot with the commands the job log printed (the shell it names
+# needs a terminal: an exec stands in for it).
 restore=$(grep ' restore --snapshot ' jobs/fail/log | head -n 1)
 eval "$restore"
 dbg=$!
@@ -215,6 +216,10 @@ for j in ok fail broken unknown vmdies term kill; do gl_log $j; done
         "{c}"
     );
     ensure!(fail_log.contains("kept a snapshot of the job's VM"), "{c}");
+    ensure!(
+        fail_log.contains(" shell --vsock /tmp/kiln-debug-102.vsock --cwd /builds/group/project\n"),
+        "the hint opens a shell in the job's directory: {c}"
+    );
     ensure!(
         value(c, "GL-DEBUG-READY") == Some("yes"),
         "debug restore: {c}"

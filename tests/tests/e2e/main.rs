@@ -25,6 +25,7 @@ mod job;
 mod nesting_docs;
 mod net;
 mod net_policy;
+mod shell;
 mod slot;
 mod snapshot;
 mod snapshot_diff;

@@ -108,7 +108,19 @@ pub enum Command {
     ///
     /// Exits with the command's exit code (128 + N if signal N killed it). SIGINT and
     /// SIGTERM are passed on to the command's process group in the guest.
+    ///
+    /// With -t the command runs on a pseudo-terminal in the guest: this terminal is put in
+    /// raw mode (restored at the end), every key goes to the guest as typed (Ctrl-C
+    /// interrupts the guest's foreground process, Ctrl-D is end of input), and its size
+    /// follows this terminal's. -t needs a terminal on stdin, and refuses to run without
+    /// one. Without -t the command's stdin is /dev/null.
     Exec(ExecArgs),
+    /// Open an interactive shell in a running VM: `kiln exec -t` of the guest's login shell
+    /// for root (from its /etc/passwd, else /bin/sh), as a login shell (-l).
+    ///
+    /// Works the same on a booted VM and on a restored snapshot (`kiln restore … &` then
+    /// `kiln shell --vsock …`). Needs a terminal on stdin. Exits with the shell's exit code.
+    Shell(ShellArgs),
     /// Copy a file into or out of a running VM: `kiln cp --vsock S ./f vm:/tmp/f` or
     /// `kiln cp --vsock S vm:/etc/os-release ./os-release`.
     ///
@@ -194,20 +206,37 @@ pub struct JailArgs {
     pub command: Vec<String>,
 }
 
+/// Which VM a command runs in, and with what environment and working directory.
 #[derive(Args, Debug)]
-pub struct ExecArgs {
+pub struct ExecTarget {
     /// The VM's vsock Unix socket (what `kiln run --vsock` was given).
     #[arg(long, value_name = "PATH")]
     pub vsock: PathBuf,
-    /// Set an environment variable for the command (repeatable).
+    /// Set an environment variable for the command (repeatable). With a terminal, TERM is
+    /// this terminal's unless set here.
     #[arg(long, value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// Working directory in the guest (default /).
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub target: ExecTarget,
+    /// Run the command on a pseudo-terminal in the guest, with this terminal in raw mode.
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ShellArgs {
+    #[command(flatten)]
+    pub target: ExecTarget,
 }
 
 #[derive(Args, Debug)]

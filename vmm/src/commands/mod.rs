@@ -13,3 +13,4 @@ pub mod net;
 pub mod ps;
 pub mod restore;
 pub mod run;
+pub mod shell;

@@ -2,7 +2,7 @@
 //! refresh needs: the handshake, then framed requests answered.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use kiln_agent::protocol::{read_frame, write_frame, Frame, Pong, AGENT_PORT};
@@ -24,28 +24,39 @@ pub fn serve(
         let mut held = Vec::new();
         let limit = served.map_or(usize::MAX, |n| ignored + n);
         for (n, stream) in listener.incoming().take(limit).enumerate() {
-            let stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut hello = String::new();
-            reader.read_line(&mut hello).unwrap();
-            assert_eq!(hello, format!("CONNECT {AGENT_PORT}\n"));
-            let mut writer = stream;
-            writer.write_all(b"OK 1\n").unwrap();
+            let (mut reader, mut writer) = handshake(stream.unwrap());
             if n < ignored {
                 held.push(writer);
                 continue;
             }
             while let Ok(Some(frame)) = read_frame(&mut reader) {
                 let reply = match frame {
-                    Frame::Ping => Frame::Pong(Pong {
-                        version: 1,
-                        agent: "fake".into(),
-                        uptime_ms: 1,
-                    }),
+                    Frame::Ping => pong(),
                     other => answer(other),
                 };
                 write_frame(&mut writer, &reply).unwrap();
             }
         }
     });
+}
+
+/// Answers a new connection's `CONNECT <AGENT_PORT>` as the VMM does; returns its reading
+/// and writing halves.
+pub fn handshake(stream: UnixStream) -> (BufReader<UnixStream>, UnixStream) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut hello = String::new();
+    reader.read_line(&mut hello).unwrap();
+    assert_eq!(hello, format!("CONNECT {AGENT_PORT}\n"));
+    let mut writer = stream;
+    writer.write_all(b"OK 1\n").unwrap();
+    (reader, writer)
+}
+
+/// The fake agent's answer to `Ping`.
+pub fn pong() -> Frame {
+    Frame::Pong(Pong {
+        version: 1,
+        agent: "fake".into(),
+        uptime_ms: 1,
+    })
 }

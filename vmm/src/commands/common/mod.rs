@@ -4,6 +4,8 @@
 //! ends.
 
 mod run_to_end;
+mod signals;
+mod terminal;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,8 @@ use crate::config::{SerialOutput, VmConfig};
 use crate::logcap::CappedFile;
 
 pub(crate) use run_to_end::{run_to_end, seccomp_filters, Sockets};
+pub(crate) use signals::forward_signals;
+pub(crate) use terminal::{exec_on_terminal, require_terminal};
 
 /// How long `kiln exec`, `kiln cp` and `kiln job` keep trying to reach the agent: an
 /// attempt the guest drops without an answer (its agent not up yet, a VMM whose vsock
@@ -57,6 +61,23 @@ pub(crate) fn exec_streamed(
             on_started: Some(&mut |s| started(s.exec_id)),
         },
     )
+}
+
+/// kiln's exit code for a command that ended with `status`: its code, or 128 + the signal
+/// that killed it.
+pub(crate) fn exit_code(status: ExitStatus) -> std::process::ExitCode {
+    std::process::ExitCode::from(u8::try_from(status.shell_code() & 0xff).unwrap_or(1))
+}
+
+/// An exec request for `argv` with `target`'s environment and working directory.
+pub(crate) fn exec_request(
+    target: &crate::cli::ExecTarget,
+    argv: &[String],
+) -> anyhow::Result<ExecRequest> {
+    let mut req = ExecRequest::new(argv.iter().map(String::as_str));
+    req.env = parse_env(&target.env)?;
+    req.cwd = target.cwd.clone();
+    Ok(req)
 }
 
 /// Where the guest's serial console goes, as `serial` says: this process's stdout, nowhere,
