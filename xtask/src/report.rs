@@ -442,6 +442,7 @@ pub fn render(results: &[Value], run: &RunInfo, budgets: &Budgets, source: &str)
         );
     }
     let _ = writeln!(w);
+    against_firecracker(w, results);
     let _ = writeln!(w, "## Budgets");
     let _ = writeln!(w);
     let _ = writeln!(
@@ -480,6 +481,74 @@ pub fn render(results: &[Value], run: &RunInfo, budgets: &Budgets, source: &str)
         );
     }
     page
+}
+
+/// What the side-by-side runs with Firecracker show, from the `peer_` results: where kiln's
+/// restore spends its time before the guest runs, and what the comparison has changed.
+fn against_firecracker(w: &mut String, results: &[Value]) {
+    let find = |name: &str| {
+        results
+            .iter()
+            .find(|r| r["bench"] == name && r.get("peer_median_ms").is_some())
+    };
+    let (boot, restore) = (find("peer_boot"), find("peer_restore"));
+    if boot.is_none() && restore.is_none() {
+        return;
+    }
+    let _ = writeln!(w, "## Against Firecracker");
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "The `peer_` rows run kiln and Firecracker on the same guest vmlinux and initramfs, \
+         taking turns in one test-bed run; a ratio below 1 means kiln is faster. The targets \
+         are `peer_boot` ≤ 0.90 and `peer_restore` ≤ 0.80 (see the budgets below)."
+    );
+    let _ = writeln!(w);
+    if let Some(r) = restore {
+        let phases: Vec<(String, f64)> = r["kiln_phases_ms"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p[0].as_str()?.to_string(), p[1].as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let at = |name: &str| phases.iter().find(|p| p.0 == name).map(|p| p.1);
+        if let (Some(first_run), Some(cli), Some(median)) = (
+            at("first_kvm_run"),
+            at("cli_and_config"),
+            r["median_ms"].as_f64(),
+        ) {
+            let _ = writeln!(
+                w,
+                "- **Restore.** Of kiln's median {} ms to the guest answering, {} ms pass before \
+                 the restored vCPU first runs, {} ms of them before kiln touches the snapshot \
+                 (process start, arguments, logging: `cli_and_config`, timed from `main`). The \
+                 rest is the guest resuming and answering, and kiln's refresh of its clock and \
+                 entropy over vsock, which shares the guest with the first `kiln exec`.",
+                number(median),
+                number(first_run),
+                number(cli)
+            );
+        }
+    }
+    if let Some(r) = boot {
+        if let (Some(ratio), Some(median), Some(peer)) = (
+            r["ratio"].as_f64(),
+            r["median_ms"].as_f64(),
+            r["peer_median_ms"].as_f64(),
+        ) {
+            let _ = writeln!(
+                w,
+                "- **Boot.** kiln median {} ms, Firecracker {} ms, ratio {ratio:.3}. Nearly all \
+                 of it is the guest kernel booting; what would take a tenth off that under \
+                 kiln has not been found.",
+                number(median),
+                number(peer)
+            );
+        }
+    }
+    let _ = writeln!(w);
 }
 
 /// Writes the page for the results in `from` to `out`.
