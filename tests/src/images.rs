@@ -134,6 +134,51 @@ pub fn import(
     })
 }
 
+/// A `docker save` archive at `out` of an image whose layers are the directories
+/// `layers` (lowest first; whiteouts are files named `.wh.NAME`) and whose config is
+/// `config`; `dir` holds the work files.
+pub fn docker_save(
+    dir: &Path,
+    layers: &[&Path],
+    config: &serde_json::Value,
+    out: &Path,
+) -> Result<()> {
+    let save = dir.join("docker-save");
+    std::fs::create_dir_all(&save).with_context(|| format!("creating {}", save.display()))?;
+    let mut names = Vec::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let name = format!("layer{i}.tar");
+        tar(layer, &save.join(&name))?;
+        names.push(name);
+    }
+    std::fs::write(save.join("config.json"), config.to_string())?;
+    let manifest = serde_json::json!([{
+        "Config": "config.json", "RepoTags": ["kiln-test:latest"], "Layers": names,
+    }]);
+    std::fs::write(save.join("manifest.json"), manifest.to_string())?;
+    tar(&save, out)
+}
+
+/// `tar -cf OUT -C DIR .`
+fn tar(dir: &Path, out: &Path) -> Result<()> {
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(out)
+        .arg("-C")
+        .arg(dir)
+        .arg(".")
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!(
+            "tar -cf {} -C {} . failed ({status})",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// The first 8 bytes of a SHA-256, hex.
 fn short_hash(data: &[u8]) -> String {
     Sha256::digest(data)[..8]

@@ -107,6 +107,20 @@ fn kiln(args: &[&str], docker_config: &Path, auth_env: Option<&str>) -> Output {
     cmd.output().expect("run kiln")
 }
 
+/// A config.json text (what `$DOCKER_AUTH_CONFIG` holds) with `user:password` for `host`.
+fn auths(host: &str, user: &str, password: &str) -> String {
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#)
+}
+
+/// A `$DOCKER_CONFIG` directory `dir/name` whose config.json is `json`.
+fn docker_config(dir: &Path, name: &str, json: &str) -> PathBuf {
+    let config = dir.join(name);
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("config.json"), json).unwrap();
+    config
+}
+
 /// `kiln image pull` args for `reference` into `store`, named `name`.
 fn pull_args<'a>(
     registry: &'a str,
@@ -157,6 +171,19 @@ fn refused(out: &Output) -> String {
 fn store_is_empty(store: &Path) {
     let entries = store_entries(store).unwrap_or_default();
     assert!(entries.is_empty(), "left in the store: {entries:?}");
+}
+
+/// Every path under `dir`, sorted (none if it does not exist).
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        paths.push(entry.path());
+        if entry.file_type().unwrap().is_dir() {
+            paths.extend(tree(&entry.path()));
+        }
+    }
+    paths.sort();
+    paths
 }
 
 /// A base layer (gzip) and an upper one (zstd) that deletes, hides and replaces.
@@ -375,24 +402,18 @@ fn image_pull_uses_credentials_and_says_when_they_are_wrong() {
     assert!(line.contains("no credentials for 127.0.0.1"), "{line}");
     store_is_empty(&store);
 
-    let wrong = format!(
-        r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,
-        base64::engine::general_purpose::STANDARD.encode("ci:wrong")
-    );
-    let line = refused(&kiln(&args, &empty, Some(&wrong)));
+    let line = refused(&kiln(&args, &empty, Some(&auths(&host, "ci", "wrong"))));
     assert!(
         line.contains("refused the credentials") && line.contains("$DOCKER_AUTH_CONFIG"),
         "{line}"
     );
     store_is_empty(&store);
 
-    let docker_config = dir.join("docker");
-    std::fs::create_dir_all(&docker_config).unwrap();
-    std::fs::write(
-        docker_config.join("config.json"),
-        format!(r#"{{"auths": {{"http://{host}": {{"username": "ci", "password": "s3cret"}}}}}}"#),
-    )
-    .unwrap();
+    let docker_config = docker_config(
+        &dir,
+        "docker",
+        &format!(r#"{{"auths": {{"http://{host}": {{"username": "ci", "password": "s3cret"}}}}}}"#),
+    );
     pulled(&kiln(&args, &docker_config, None));
     assert_eq!(
         debugfs_cat(&store.join("app/rootfs.ext4"), "/hello"),
@@ -500,20 +521,40 @@ fn image_pull_takes_a_bearer_token_anonymously_or_for_credentials() {
     );
     let reference = format!("{private}/app:1");
     let args = pull_args(&private, s, &reference, "private");
-    let creds = |password: &str| {
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("ci:{password}"));
-        format!(r#"{{"auths": {{"{private}": {{"auth": "{auth}"}}}}}}"#)
-    };
-    let line = refused(&kiln(&args, &dir, Some(&creds("wrong"))));
+    let before = tree(&store);
+    let line = refused(&kiln(&args, &dir, Some(&auths(&private, "ci", "wrong"))));
     assert!(
         line.contains("refused the credentials") && line.contains("$DOCKER_AUTH_CONFIG"),
         "{line}"
     );
-    assert!(!store.join("private").exists());
-    pulled(&kiln(&args, &dir, Some(&creds("t0ken"))));
+    assert_eq!(tree(&store), before, "a refused pull leaves nothing");
+    pulled(&kiln(&args, &dir, Some(&auths(&private, "ci", "t0ken"))));
     assert_eq!(
         debugfs_cat(&store.join("private/rootfs.ext4"), "/hello"),
         b"token\n"
+    );
+
+    // The same from a credentials file ($DOCKER_CONFIG/config.json), for an image whose
+    // layer is not in the store yet.
+    let layer = tar(|b| file(b, "hello", b"from file\n"));
+    push(&registry, "app:2", &[gzipped(layer)]);
+    let reference = format!("{private}/app:2");
+    let from_file = pull_args(&private, s, &reference, "from-file");
+    let wrong = docker_config(&dir, "wrong", &auths(&private, "ci", "wrong"));
+    let before = tree(&store);
+    let line = refused(&kiln(&from_file, &wrong, None));
+    let file = wrong.join("config.json");
+    assert!(
+        line.contains("refused the credentials") && line.contains(file.to_str().unwrap()),
+        "{line}"
+    );
+    assert_eq!(tree(&store), before, "a refused pull leaves nothing");
+    let good = docker_config(&dir, "good", &auths(&private, "ci", "t0ken"));
+    let json = pulled(&kiln(&from_file, &good, None));
+    assert_eq!(json["fetched"], true, "{json}");
+    assert_eq!(
+        debugfs_cat(&store.join("from-file/rootfs.ext4"), "/hello"),
+        b"from file\n"
     );
     drop(registry);
     std::fs::remove_dir_all(dir).unwrap();

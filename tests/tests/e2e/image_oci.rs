@@ -4,28 +4,13 @@
 //! `kiln image pull` uses), and run as a job in the test bed, with the image config's Env
 //! and WorkingDir as the job's defaults.
 
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use kiln_tests::images;
 use kiln_tests::output::value;
 use kiln_tests::tmp::TempDir;
 use kiln_tests::Runner;
-
-/// `tar -cf OUT -C DIR .`
-fn tar(dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
-    let status = Command::new("tar")
-        .arg("-cf")
-        .arg(out)
-        .arg("-C")
-        .arg(dir)
-        .arg(".")
-        .status()
-        .context("running tar")?;
-    ensure!(status.success(), "tar failed");
-    Ok(())
-}
 
 #[test]
 fn image_oci_layers_boot_and_run_a_job() -> Result<()> {
@@ -51,22 +36,12 @@ fn image_oci_layers_boot_and_run_a_job() -> Result<()> {
     std::fs::write(upper.join("etc/marker"), "upper\n")?;
     std::fs::write(upper.join("etc/.wh.gone"), "")?;
 
-    let save = tmp.path().join("save");
-    std::fs::create_dir_all(&save)?;
-    tar(&lower, &save.join("lower.tar"))?;
-    tar(&upper, &save.join("upper.tar"))?;
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin", "IMAGE_VAR=from-the-image"], "WorkingDir": "/etc"},
     });
-    std::fs::write(save.join("config.json"), config.to_string())?;
-    let manifest = serde_json::json!([{
-        "Config": "config.json", "RepoTags": ["bb:layers"],
-        "Layers": ["lower.tar", "upper.tar"],
-    }]);
-    std::fs::write(save.join("manifest.json"), manifest.to_string())?;
     let archive = tmp.path().join("image.tar");
-    tar(&save, &archive)?;
+    images::docker_save(tmp.path(), &[&lower, &upper], &config, &archive)?;
     let image = images::import(&bins, &tmp.path().join("store"), "bb-layers", &archive)?;
 
     let runner = match Runner::detect()? {

@@ -17,6 +17,7 @@ mod gitlab_images;
 mod gitlab_pull;
 mod hostile;
 mod image_disk;
+mod image_noshell;
 mod image_oci;
 mod image_store;
 mod install;

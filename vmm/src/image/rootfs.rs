@@ -66,7 +66,10 @@ pub fn install_agent(tree: &Path, agent: &Path) -> Result<String, ImageError> {
         .map_err(ImageError::io("cannot create", &snapshot))?;
     let sh = resolve_in(tree, "bin").join("sh");
     if sh.symlink_metadata().is_err() {
-        tracing::warn!("the image has no /bin/sh: `kiln job` runs its scripts with /bin/sh");
+        tracing::warn!(
+            "the image has no /bin/sh: `kiln job --script` needs one (`kiln job -- CMD` runs \
+             CMD without a shell)"
+        );
     }
     sha256_file(agent)
 }

@@ -13,8 +13,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kiln_agent::client::Client;
+use kiln_agent::client::{Client, ClientError};
 use kiln_agent::protocol::{ExecRequest, SignalTarget, AGENT_PORT};
+
+mod work;
 
 use super::common::{
     check_files, check_snapshot_dir, connect_agent, console_sink, exec_streamed, parse_env,
@@ -26,9 +28,8 @@ use crate::seccomp::{spawn_filtered, ThreadKind};
 use crate::slot::Slot;
 use crate::snapshot::restore::RestoreSpec;
 use crate::vmm::{GuestExit, MachineSpec, RunReport, StopHandle, Vmm, VsockSpec};
+use work::{NotStarted, Work, GUEST_SCRIPT, NOT_STARTED_CODE};
 
-/// Where the script is put in the guest.
-const GUEST_SCRIPT: &str = "/tmp/kiln-job.sh";
 /// How long a cancelled job gets between SIGTERM and SIGKILL.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
@@ -77,18 +78,13 @@ fn image_defaults(
 }
 
 pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
-    let script = match &args.script {
-        Some(path) => std::fs::read(path)
-            .with_context(|| format!("cannot read job script {}", path.display()))?,
-        None => command_script(&args.command).into_bytes(),
-    };
-    let mut request = ExecRequest::new(["/bin/sh", GUEST_SCRIPT]);
+    let mut work = Work::new(args)?;
     if let Some(name) = &args.vm.image {
-        image_defaults(&mut request, args.vm.store.as_deref(), name)?;
+        image_defaults(&mut work.request, args.vm.store.as_deref(), name)?;
     }
-    request.env.extend(parse_env(&args.env)?);
+    work.request.env.extend(parse_env(&args.env)?);
     if args.cwd.is_some() {
-        request.cwd = args.cwd.clone();
+        work.request.cwd = args.cwd.clone();
     }
 
     let runtime = RuntimeDir::create("job")?;
@@ -152,15 +148,7 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
     let docker = args
         .docker
         .then(|| Duration::from_secs(args.docker_timeout.max(1)));
-    let outcome = run_job(
-        &uds,
-        &request,
-        &script,
-        &vm_events,
-        &cancel,
-        args.boot_timeout,
-        docker,
-    );
+    let outcome = run_job(&uds, &work, &vm_events, &cancel, args.boot_timeout, docker);
     cancel.finished.set();
     stop.stop();
     let report = wait_vm_end(&vm_events);
@@ -179,6 +167,13 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
             Some(done.boot_time),
             done.docker_ready,
         ),
+        Err(e) if e.is::<NotStarted>() => {
+            eprintln!(
+                "kiln: error: {}",
+                work.not_started(&e.to_string(), args.vm.image.as_deref())
+            );
+            (NOT_STARTED_CODE, None, None, None)
+        }
         Err(e) => {
             // The VM ending on its own is often why the job broke off: say how it ended.
             if let Some(report) = report.filter(|r| !matches!(r.exit, GuestExit::Stopped)) {
@@ -197,16 +192,6 @@ pub fn job(args: &JobArgs, start: Instant) -> anyhow::Result<ExitCode> {
         eprintln!("{report}");
     }
     Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
-}
-
-/// The script that runs `command` (`kiln job -- CMD ARGS…`): `exec` with every word
-/// single-quoted, so the shell passes each through untouched.
-fn command_script(command: &[String]) -> String {
-    let quoted: Vec<String> = command
-        .iter()
-        .map(|word| format!("'{}'", word.replace('\'', r"'\''")))
-        .collect();
-    format!("exec {}\n", quoted.join(" "))
 }
 
 /// A fresh VM booted as the flags say, with a vsock device at `uds`.
@@ -303,8 +288,7 @@ struct JobDone {
 
 fn run_job(
     uds: &Path,
-    request: &ExecRequest,
-    script: &[u8],
+    work: &Work,
     vm_events: &std::sync::mpsc::Receiver<VmEvent>,
     cancel: &Cancel,
     boot_timeout: u64,
@@ -328,11 +312,20 @@ fn run_job(
         None => None,
     };
     let started = Instant::now();
-    client
-        .put_file(GUEST_SCRIPT, 0o755, &mut &script[..])
-        .context("cannot copy the job script into the guest")?;
-    let status = exec_streamed(&mut client, request, &mut |id| cancel.arm(id))
-        .context("the job did not run to its end")?;
+    if let Some(script) = &work.script {
+        client
+            .put_file(GUEST_SCRIPT, 0o755, &mut &script[..])
+            .context("cannot copy the job script into the guest")?;
+    }
+    let mut running = false;
+    let status = exec_streamed(&mut client, &work.request, &mut |id| {
+        running = true;
+        cancel.arm(id);
+    });
+    let status = match status {
+        Err(ClientError::Remote(reason)) if !running => return Err(NotStarted(reason).into()),
+        status => status.context("the job did not run to its end")?,
+    };
     Ok(JobDone {
         code: status.shell_code(),
         boot_time,
@@ -477,23 +470,5 @@ fn cancel_exec(uds: &Path, exec_id: u64, finished: &Finished) {
         if let Err(e) = send(libc::SIGKILL) {
             tracing::warn!("cannot pass SIGKILL to the job: {e}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_command_runs_word_for_word() {
-        let words = ["printf", "%s|", "it's", "$HOME", "a b"].map(String::from);
-        let script = command_script(&words);
-        assert_eq!(script, "exec 'printf' '%s|' 'it'\\''s' '$HOME' 'a b'\n");
-        let out = std::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's|$HOME|a b|");
     }
 }
