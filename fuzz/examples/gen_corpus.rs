@@ -13,7 +13,8 @@ use kiln::device_manager::{DevicesState, MmioWindow, VirtioDeviceState, VirtioSt
 use kiln::snapshot::{write_state, MachineInfo, SnapshotState};
 use kiln::vstate::vcpu_state::VcpuState;
 use kiln_agent::protocol::{
-    encode, ErrorMessage, ExecRequest, FileInfo, Frame, GetFile, Pong, PutFile, SetTime,
+    encode, ErrorMessage, ExecRequest, FileInfo, Frame, GetFile, Pong, PutFile, SetTime, Started,
+    WindowSize,
 };
 use kiln_devices::virtio::rng::{RngState, RNG_STATE_VERSION};
 use kiln_devices::virtio::vsock::{VsockState, VSOCK_STATE_VERSION};
@@ -60,6 +61,28 @@ fn agent_frame() {
                 Frame::Stdout(b"hi\n".to_vec()),
                 Frame::Stderr(b"oops\n".to_vec()),
                 Frame::Ok,
+            ]),
+        ),
+        (
+            "exec-tty",
+            0,
+            frames(&[
+                Frame::Exec(
+                    ExecRequest::new(["/bin/sh", "-l"])
+                        .stdin_pipe()
+                        .tty(WindowSize { rows: 24, cols: 80 }),
+                ),
+                Frame::Started(Started {
+                    exec_id: 1,
+                    pid: 42,
+                    tty: true,
+                }),
+                Frame::Stdin(b"stty size\r".to_vec()),
+                Frame::Resize(WindowSize {
+                    rows: 33,
+                    cols: 101,
+                }),
+                Frame::Stdout(b"33 101\r\n".to_vec()),
             ]),
         ),
         (

@@ -87,6 +87,12 @@ pub struct VmConfig {
     /// them out: the MP table and the command line then describe the machine alone).
     #[serde(default = "default_acpi")]
     pub acpi: bool,
+    /// The virtio devices are described in the ACPI DSDT instead of on the kernel command
+    /// line (`acpi_devices = true`, `--acpi-devices`), for kernels that find virtio-mmio
+    /// devices only through ACPI (built without VIRTIO_MMIO_CMDLINE_DEVICES). Never both:
+    /// a kernel that reads both would find each device twice and break it.
+    #[serde(default)]
+    pub acpi_devices: bool,
 }
 
 fn default_acpi() -> bool {
@@ -155,6 +161,7 @@ impl VmConfig {
             net: None,
             rng: default_rng(),
             acpi: default_acpi(),
+            acpi_devices: false,
         }
     }
 

@@ -114,10 +114,17 @@ fn e820(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
 /// A VM with `vcpus`, a vsock and an rng device, booting a tiny ELF kernel, built and not
 /// run.
 fn build(dir: &Path, vcpus: u8, acpi: bool) -> Vmm {
+    build_listing(dir, vcpus, acpi, false)
+}
+
+/// [`build`], with the virtio devices in the DSDT instead of on the command line if
+/// `acpi_devices`.
+fn build_listing(dir: &Path, vcpus: u8, acpi: bool, acpi_devices: bool) -> Vmm {
     let mut config = VmConfig::new(util::tiny_kernel(dir, ""));
     config.vcpus = vcpus;
     config.memory_mib = 64;
     config.acpi = acpi;
+    config.acpi_devices = acpi_devices;
     config.seccomp = false;
     let mut spec = MachineSpec::from_config(&config, Box::new(std::io::sink()), Instant::now());
     spec.vsock = Some(VsockSpec {
@@ -143,10 +150,14 @@ fn madt_entries(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
     entries
 }
 
-fn check_tables(vcpus: u8) {
-    let dir = scratch(&format!("acpi-{vcpus}"));
-    let vmm = build(&dir, vcpus, true);
+fn check_tables(vcpus: u8, acpi_devices: bool) {
+    let dir = scratch(&format!("acpi-{vcpus}-{acpi_devices}"));
+    let vmm = build_listing(&dir, vcpus, true, acpi_devices);
     let mem = vmm.guest_memory();
+    // The devices' windows and lines, as a VM built alike lists them on its command line.
+    let listed = build(&scratch(&format!("acpi-{vcpus}-listed")), vcpus, true);
+    let devices = cmdline_devices(&cmdline(listed.guest_memory()));
+    assert_eq!(devices.len(), 2, "vsock and rng");
 
     // The RSDP: where the scan finds it, and where the zero page says it is.
     let rsdp_addr = scan_for_rsdp(mem).expect("no RSDP in 0xe0000..0x100000");
@@ -189,18 +200,26 @@ fn check_tables(vcpus: u8) {
         .collect();
     assert_eq!(ioapics, [u64::from(IOAPIC_ADDR)]);
 
-    // The DSDT describes each device of the command line: LNRO0005, its window as a
-    // Memory32Fixed descriptor, its line as an edge-triggered, active-high interrupt.
+    // Each device is announced one way only: on the command line, or in the DSDT as
+    // LNRO0005 with its window as a Memory32Fixed descriptor and its line as an
+    // edge-triggered, active-high interrupt.
     let line = cmdline(mem);
-    let devices = cmdline_devices(&line);
-    assert_eq!(
-        devices.len(),
-        2,
-        "vsock and rng on the command line: {line}"
-    );
     let hids = dsdt.windows(8).filter(|w| *w == b"LNRO0005").count();
-    assert_eq!(hids, devices.len());
-    for (size, base, irq) in devices {
+    if !acpi_devices {
+        assert_eq!(cmdline_devices(&line), devices);
+        assert_eq!(
+            hids, 0,
+            "devices in the DSDT as well as on the command line"
+        );
+    } else {
+        assert_eq!(
+            cmdline_devices(&line),
+            [],
+            "devices on the command line: {line}"
+        );
+        assert_eq!(hids, devices.len());
+    }
+    for (size, base, irq) in devices.into_iter().filter(|_| acpi_devices) {
         let mut window = vec![0x86, 0x09, 0x00, 0x01];
         window.extend_from_slice(&base.to_le_bytes());
         window.extend_from_slice(&size.to_le_bytes());
@@ -247,13 +266,13 @@ fn check_tables(vcpus: u8) {
 }
 
 #[test]
-fn acpi_tables_describe_one_vcpu_and_the_devices() {
-    check_tables(1);
+fn acpi_tables_describe_one_vcpu_and_the_devices_on_the_command_line() {
+    check_tables(1, false);
 }
 
 #[test]
-fn acpi_tables_describe_three_vcpus_and_the_devices() {
-    check_tables(3);
+fn acpi_tables_describe_three_vcpus_and_the_devices_in_the_dsdt() {
+    check_tables(3, true);
 }
 
 #[test]

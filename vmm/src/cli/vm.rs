@@ -58,6 +58,11 @@ pub struct VmArgs {
     /// devices from the command line alone.
     #[arg(long)]
     pub no_acpi: bool,
+    /// Describe the virtio devices in the ACPI tables (DSDT) instead of on the kernel
+    /// command line: for kernels that find virtio-mmio devices only through ACPI, built
+    /// without VIRTIO_MMIO_CMDLINE_DEVICES (Debian's, for one).
+    #[arg(long, conflicts_with = "no_acpi")]
+    pub acpi_devices: bool,
     /// Attach a disk image as a virtio-blk device (repeatable; /dev/vda, /dev/vdb, … in
     /// order): `PATH[,ro][,rw][,root][,overlay=OVERLAY][,serial=ID]`. `ro`: the guest cannot
     /// write. `overlay=OVERLAY`: the image is a read-only base and this VM's writes go to
@@ -162,7 +167,7 @@ pub struct JobArgs {
     /// Start the job in a VM restored from this snapshot (taken with `kiln ctl snapshot` of
     /// a VM with a vsock device) instead of booting one: no --kernel/--initrd then. The
     /// restored guest gets the current time and fresh entropy before the script runs.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk", "image", "no_acpi"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "config", "disk", "root_disk", "image", "no_acpi", "acpi_devices"])]
     pub from_snapshot: Option<PathBuf>,
     /// Let the job snapshot its VM at a point it chooses: when the script runs
     /// `kiln-snapshot` (in the guest), the VM is paused, snapshotted into DIR and resumed,
@@ -226,6 +231,9 @@ impl VmArgs {
         }
         if self.no_acpi {
             config.acpi = false;
+        }
+        if self.acpi_devices {
+            config.acpi_devices = true;
         }
         let image_root = match &self.image {
             Some(name) => {

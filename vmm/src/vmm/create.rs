@@ -23,6 +23,7 @@ use crate::snapshot::restore::{self, RestoreSpec, Snapshot};
 use crate::snapshot::{MachineInfo, SnapshotRef};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
+use kiln_devices::virtio::mmio::MMIO_CMDLINE_PREFIX;
 
 /// How a VM starts.
 pub enum Start {
@@ -287,14 +288,26 @@ impl Boot {
                 initrd,
                 cmdline: base,
                 acpi,
+                acpi_devices,
             } => {
                 regs::write_boot_tables(memory)?;
                 mptable::write(memory, self.machine.vcpus)?;
                 let rsdp = if acpi {
-                    Some(write_acpi(memory, self.machine.vcpus, devices)?)
+                    Some(write_acpi(
+                        memory,
+                        self.machine.vcpus,
+                        devices,
+                        acpi_devices,
+                    )?)
                 } else {
                     None
                 };
+                // Each virtio device is announced one way only: a kernel that reads both the
+                // command line and the DSDT would probe it twice, and the second probe
+                // marks the device failed.
+                if acpi_devices {
+                    cmdline.retain(|f| !f.starts_with(MMIO_CMDLINE_PREFIX));
+                }
                 let mut line = base;
                 for fragment in &cmdline {
                     line.push(' ');
@@ -330,16 +343,19 @@ impl Boot {
     }
 }
 
-/// Writes the ACPI tables of a new VM with `vcpus` and the virtio devices attached so far.
-/// A restored VM never comes here: its tables are in the memory it was saved with.
+/// Writes the ACPI tables of a new VM with `vcpus`, and with the virtio devices attached
+/// so far if `with_virtio`. A restored VM never comes here: its tables are in the memory it
+/// was saved with.
 fn write_acpi(
     memory: &GuestMemory,
     vcpus: u8,
     devices: &DeviceManager,
+    with_virtio: bool,
 ) -> Result<GuestAddress, VmmError> {
     let virtio: Vec<acpi::MmioDevice> = devices
         .windows()
         .into_iter()
+        .filter(|_| with_virtio)
         .map(|(window, _)| acpi::MmioDevice {
             base: window.base,
             size: kiln_devices::virtio::mmio::MMIO_WINDOW_SIZE,

@@ -17,6 +17,8 @@ pub enum BootSource {
         cmdline: String,
         /// Write ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) beside the MP table.
         acpi: bool,
+        /// List the virtio devices in the DSDT instead of on the command line.
+        acpi_devices: bool,
     },
     /// Hand-made guest code, loaded and entered at `load_addr` (used by the direct tests).
     Raw {
@@ -105,6 +107,7 @@ impl MachineSpec {
                 initrd: config.initrd.clone(),
                 cmdline: config.cmdline.clone(),
                 acpi: config.acpi,
+                acpi_devices: config.acpi && config.acpi_devices,
             },
             console,
             irqchip: true,
