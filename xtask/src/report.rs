@@ -522,10 +522,15 @@ fn against_firecracker(w: &mut String, results: &[Value]) {
             let _ = writeln!(
                 w,
                 "- **Restore.** Of kiln's median {} ms to the guest answering, {} ms pass before \
-                 the restored vCPU first runs, {} ms of them before kiln touches the snapshot \
-                 (process start, arguments, logging: `cli_and_config`, timed from `main`). The \
+                 the restored vCPU first runs, {} ms of them before kiln opens the snapshot \
+                 (`cli_and_config`: arguments, logging and checks, timed from `main`). The \
                  rest is the guest resuming and answering, and kiln's refresh of its clock and \
-                 entropy over vsock, which shares the guest with the first `kiln exec`.",
+                 entropy over vsock, which shares the guest with the first `kiln exec`. The \
+                 comparison found one cause of slow restores and fixed it: the restored vsock \
+                 device let host connections reach the guest before the guest had handled the \
+                 transport reset, and reused host ports the guest still held, so the first \
+                 connections were dropped and retried seconds later; it now holds them until \
+                 the guest has handled the reset, on ports the snapshotted VM never used.",
                 number(median),
                 number(first_run),
                 number(cli)
