@@ -66,35 +66,14 @@ fn built_in_options(kernel: &KernelImages) -> Result<usize> {
     Ok(text.lines().filter(|l| l.ends_with("=y")).count())
 }
 
-pub fn change(runner: &Runner, base_rev: Option<&str>, runs: usize) -> Result<Vec<Value>> {
-    let Some(rev) = base_rev else {
-        return Ok(vec![json!({
-            "bench": "kernel_change",
-            "skipped": "no base revision (--base-kernel REV or $KILN_BENCH_BASE_KERNEL)",
-        })]);
-    };
-    let base = kiln_tests::kernels::guest_at_revision(rev)
-        .with_context(|| format!("building the guest kernel of revision {rev}"))?;
-    let current = kiln_tests::kernels::guest()?;
-    let base_vmlinux = std::fs::read(&base.vmlinux)
-        .with_context(|| format!("reading {}", base.vmlinux.display()))?;
-    let files = [("base-vmlinux".to_string(), base_vmlinux)];
-    // Even runs boot this checkout's kernel, odd runs the base, one after the other.
-    let kernel = r#"--kernel "$( [ $((i % 2)) = 0 ] && echo "$GUEST_VMLINUX" || echo "$FILES/base-vmlinux" )""#;
-    let (both, _setup) = boot::samples(runner, runs * 2, kernel, boot::INITRAMFS, &files)?;
-    let (new, old) = (boot::pick(&both, 0), boot::pick(&both, 1));
-    let (new_median, old_median) = (stats::summary(&new).0, stats::summary(&old).0);
-    let mut extra = Map::new();
-    extra.insert("base_revision".into(), rev.into());
-    extra.insert("base_median_ms".into(), old_median.into());
-    extra.insert(
-        "ratio".into(),
-        ((new_median / old_median * 1000.0).round() / 1000.0).into(),
-    );
-    extra.insert("options_y".into(), built_in_options(&current)?.into());
-    extra.insert("base_options_y".into(), built_in_options(&base)?.into());
-
-    // Where the difference goes: one boot of each with initcall_debug.
+/// One `initcall_debug` boot of each kernel: where the difference goes, into `extra`.
+fn timelines(
+    runner: &Runner,
+    current: &KernelImages,
+    base: &KernelImages,
+    rev: &str,
+    extra: &mut Map<String, Value>,
+) -> Result<()> {
     let (_, new_timeline) = timeline::boot(runner, &current.vmlinux, None)?;
     let (_, old_timeline) = timeline::boot(runner, &base.vmlinux, Some("base-vmlinux"))?;
     let added = initcall_growth(&new_timeline, &old_timeline, 12);
@@ -132,6 +111,43 @@ pub fn change(runner: &Runner, base_rev: Option<&str>, runs: usize) -> Result<Ve
         json!(old_timeline.initcalls_total_ms()),
     );
     extra.insert("initcalls_grown_ms".into(), json!(added));
+    Ok(())
+}
+
+pub fn change(runner: &Runner, base_rev: Option<&str>, runs: usize) -> Result<Vec<Value>> {
+    let Some(rev) = base_rev else {
+        return Ok(vec![json!({
+            "bench": "kernel_change",
+            "skipped": "no base revision (--base-kernel REV or $KILN_BENCH_BASE_KERNEL)",
+        })]);
+    };
+    let base = kiln_tests::kernels::guest_at_revision(rev)
+        .with_context(|| format!("building the guest kernel of revision {rev}"))?;
+    let current = kiln_tests::kernels::guest()?;
+    let base_vmlinux = std::fs::read(&base.vmlinux)
+        .with_context(|| format!("reading {}", base.vmlinux.display()))?;
+    let files = [("base-vmlinux".to_string(), base_vmlinux)];
+    // Even runs boot this checkout's kernel, odd runs the base, one after the other.
+    let kernel = r#"--kernel "$( [ $((i % 2)) = 0 ] && echo "$GUEST_VMLINUX" || echo "$FILES/base-vmlinux" )""#;
+    let (both, _setup) = boot::samples(runner, runs * 2, kernel, boot::INITRAMFS, &files)?;
+    let (new, old) = (boot::pick(&both, 0), boot::pick(&both, 1));
+    let (new_median, old_median) = (stats::summary(&new).0, stats::summary(&old).0);
+    let mut extra = Map::new();
+    extra.insert("base_revision".into(), rev.into());
+    extra.insert("base_median_ms".into(), old_median.into());
+    extra.insert(
+        "ratio".into(),
+        ((new_median / old_median * 1000.0).round() / 1000.0).into(),
+    );
+    extra.insert("options_y".into(), built_in_options(&current)?.into());
+    extra.insert("base_options_y".into(), built_in_options(&base)?.into());
+
+    // Where the difference goes: one boot of each with initcall_debug. A kernel whose
+    // agent never answers has boot times but no timeline: that is reported, not fatal.
+    if let Err(e) = timelines(runner, &current, &base, rev, &mut extra) {
+        eprintln!("kernel_change: no initcall timeline: {e:#}");
+        extra.insert("timeline_error".into(), format!("{e:#}").into());
+    }
     extra.insert(
         "guest".into(),
         "guest vmlinux + default initramfs, 1 vCPU, 128 MiB; base kernel alternating".into(),
