@@ -90,7 +90,7 @@ pub struct VmConfig {
     /// The virtio devices are described in the ACPI DSDT instead of on the kernel command
     /// line (`acpi_devices = true`, `--acpi-devices`), for kernels that find virtio-mmio
     /// devices only through ACPI (built without VIRTIO_MMIO_CMDLINE_DEVICES). Never both:
-    /// a kernel that reads both would find each device twice and break it.
+    /// a kernel that reads both would probe each device twice.
     #[serde(default)]
     pub acpi_devices: bool,
 }

@@ -23,7 +23,6 @@ use crate::snapshot::restore::{self, RestoreSpec, Snapshot};
 use crate::snapshot::{MachineInfo, SnapshotRef};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
-use kiln_devices::virtio::mmio::MMIO_CMDLINE_PREFIX;
 
 /// How a VM starts.
 pub enum Start {
@@ -259,27 +258,30 @@ impl Boot {
         for (base, len, dev) in self.extra_mmio {
             devices.add_mmio(base, len, dev)?;
         }
+        // The virtio devices' `virtio_mmio.device=` fragments, in attach order, apart from
+        // the rest of what the devices add to the command line.
+        let mut announced = Vec::new();
         let mut cmdline = Vec::new();
         if let Some(vsock) = &self.vsock {
             let device = kiln_devices::virtio::vsock::Vsock::new(vsock.cid, &vsock.uds_path)
                 .map_err(DeviceError::from)?;
-            cmdline.push(devices.attach(vm, memory, VirtioHandle::Vsock(shared(device)))?);
+            announced.push(devices.attach(vm, memory, VirtioHandle::Vsock(shared(device)))?);
         }
         for (index, disk) in self.disks.iter().enumerate() {
             let device = block_device(disk)?;
-            cmdline.push(devices.attach(vm, memory, VirtioHandle::Block(shared(device)))?);
+            announced.push(devices.attach(vm, memory, VirtioHandle::Block(shared(device)))?);
             if disk.root {
                 cmdline.push(crate::disk::root_cmdline(index, disk.read_only));
             }
         }
         if let Some(config) = &self.net {
             let device = config.device().map_err(DeviceError::from)?;
-            cmdline.push(devices.attach(vm, memory, VirtioHandle::Net(shared(device)))?);
+            announced.push(devices.attach(vm, memory, VirtioHandle::Net(shared(device)))?);
             cmdline.extend(config.cmdline());
         }
         if self.rng {
             let device = kiln_devices::virtio::rng::Rng::new().map_err(DeviceError::from)?;
-            cmdline.push(devices.attach(vm, memory, VirtioHandle::Rng(shared(device)))?);
+            announced.push(devices.attach(vm, memory, VirtioHandle::Rng(shared(device)))?);
         }
         phases.mark("devices");
         let loaded = match self.source {
@@ -302,11 +304,10 @@ impl Boot {
                 } else {
                     None
                 };
-                // Each virtio device is announced one way only: a kernel that reads both the
-                // command line and the DSDT would probe it twice, and the second probe
-                // marks the device failed.
-                if acpi_devices {
-                    cmdline.retain(|f| !f.starts_with(MMIO_CMDLINE_PREFIX));
+                // Each virtio device is announced one way only (the DSDT has them with
+                // acpi_devices): a kernel that reads both would probe each device twice.
+                if !acpi_devices {
+                    cmdline.splice(0..0, announced);
                 }
                 let mut line = base;
                 for fragment in &cmdline {

@@ -48,11 +48,8 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 /// interrupt `irq`, e.g. `virtio_mmio.device=512@0xd0000000:5`. Needs a guest kernel with
 /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`.
 pub fn mmio_cmdline_fragment(base: u64, irq: u32) -> String {
-    format!("{MMIO_CMDLINE_PREFIX}{MMIO_WINDOW_SIZE}@{base:#x}:{irq}")
+    format!("virtio_mmio.device={MMIO_WINDOW_SIZE}@{base:#x}:{irq}")
 }
-
-/// How each [`mmio_cmdline_fragment`] begins.
-pub const MMIO_CMDLINE_PREFIX: &str = "virtio_mmio.device=";
 
 /// Why a transport could not be built.
 #[derive(Debug, thiserror::Error)]
