@@ -16,12 +16,7 @@ use crate::vsock::{run_script, CLOCK_SH};
 
 pub fn run(runner: &Runner, runs: usize) -> Result<Vec<Value>> {
     let bins = kiln_tests::artifacts::static_binaries()?;
-    let image = kiln_tests::images::debian(
-        &bins,
-        "bookworm",
-        &["bash", "openssh-server", "passwd"],
-        None,
-    )?;
+    let image = kiln_tests::images::nesting_ssh(&bins)?;
     let script = format!(
         r#"{CLOCK_SH}
 [ -e /sys/fs/cgroup/cgroup.controllers ] || mount -t cgroup2 none /sys/fs/cgroup

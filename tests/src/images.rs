@@ -53,6 +53,17 @@ pub fn cache_store() -> PathBuf {
         .join("images")
 }
 
+/// The image the nesting server's VMs boot in the contract test and the benches: Debian
+/// bookworm with bash and an SSH server the runner logs into with a password.
+pub fn nesting_ssh(bins: &StaticBinaries) -> Result<StoreImage> {
+    debian(
+        bins,
+        "bookworm",
+        &["bash", "openssh-server", "passwd"],
+        None,
+    )
+}
+
 /// A Debian `suite` image with `packages`, from the cache or built with `kiln image build`
 /// (installing debootstrap first if it is missing).
 pub fn debian(

@@ -220,12 +220,7 @@ for f in "$NS"/*.log; do sed "s|^|$(basename "$f"): |" "$f"; done
 #[test]
 fn nesting_runner_contract_over_ssh_with_stomp_restart_and_bad_input() -> Result<()> {
     let bins = kiln_tests::artifacts::static_binaries()?;
-    let image = kiln_tests::images::debian(
-        &bins,
-        "bookworm",
-        &["bash", "openssh-server", "passwd"],
-        None,
-    )?;
+    let image = kiln_tests::images::nesting_ssh(&bins)?;
     let script = format!(
         "{}{}",
         kiln_tests::shell::PRELUDE,
