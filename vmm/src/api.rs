@@ -26,9 +26,9 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,9 @@ use crate::vmm::{Controller, Reply, Request, Response};
 pub const MAX_LINE: usize = 64 * 1024;
 /// How long a new connection has to send its first request line.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping server waits for answers still being written (a `shutdown`'s
+/// answer is written while the VM ends).
+pub const ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// The variable that gives the socket group when `--socket-group` is not given (clones
 /// started by `kiln fork` inherit it).
 pub const SOCKET_GROUP_ENV: &str = "KILN_SOCKET_GROUP";
@@ -122,6 +125,53 @@ pub struct ApiServer {
     id: Option<(u64, u64)>,
     stopping: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    answering: Answering,
+}
+
+/// The requests taken from clients whose answers are not written yet. A server being
+/// dropped waits for them: the VM's process exits right after, and a `shutdown` request
+/// is answered by the event loop just before the VM ends, so without the wait its client
+/// could see the connection close with no answer.
+#[derive(Clone, Default)]
+struct Answering(Arc<(Mutex<usize>, Condvar)>);
+
+/// One request being answered; the count goes down when it is dropped.
+struct AnswerPending(Answering);
+
+impl Answering {
+    fn begin(&self) -> AnswerPending {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        AnswerPending(self.clone())
+    }
+
+    /// Waits until no answer is pending, or `grace` has passed; false in the latter case.
+    fn wait_idle(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let (count, idle) = &*self.0;
+        let mut pending = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *pending > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            pending = idle
+                .wait_timeout(pending, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for AnswerPending {
+    fn drop(&mut self) {
+        let (count, idle) = &*self.0 .0;
+        let mut pending = count.lock().unwrap_or_else(|e| e.into_inner());
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            idle.notify_all();
+        }
+    }
 }
 
 impl ApiServer {
@@ -155,6 +205,8 @@ impl ApiServer {
         let peers = access.peers();
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
+        let answering = Answering::default();
+        let pending = answering.clone();
         let accept = std::thread::Builder::new()
             .name("kiln-api".into())
             .spawn(move || {
@@ -164,13 +216,14 @@ impl ApiServer {
                         return;
                     }
                 }
-                accept_loop(&listener, &controller, &stop, peers);
+                accept_loop(&listener, &controller, &stop, peers, &pending);
             });
         let mut server = ApiServer {
             path: path.to_owned(),
             id,
             stopping,
             accept: None,
+            answering,
         };
         // On error, dropping `server` removes the socket file.
         server.accept = Some(accept.map_err(ApiError::Thread)?);
@@ -191,6 +244,9 @@ impl Drop for ApiServer {
                 let _ = accept.join();
             }
         }
+        if !self.answering.wait_idle(ANSWER_GRACE) {
+            tracing::warn!("API socket: answers still unwritten after {ANSWER_GRACE:?}");
+        }
         let ours = std::fs::symlink_metadata(&self.path)
             .is_ok_and(|m| Some((m.dev(), m.ino())) == self.id);
         if ours {
@@ -206,6 +262,7 @@ fn accept_loop(
     controller: &Controller,
     stopping: &AtomicBool,
     peers: kiln_devices::private::PeerPolicy,
+    answering: &Answering,
 ) {
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
@@ -223,9 +280,10 @@ fn accept_loop(
             continue;
         }
         let controller = controller.clone();
+        let answering = answering.clone();
         let spawned = std::thread::Builder::new()
             .name("kiln-api-conn".into())
-            .spawn(move || serve_connection(stream, &controller));
+            .spawn(move || serve_connection(stream, &controller, &answering));
         if let Err(e) = spawned {
             tracing::warn!("API socket: cannot start a connection thread: {e}");
         }
@@ -235,11 +293,16 @@ fn accept_loop(
 /// Answers requests on one connection until the client closes it. The first request
 /// line must come within [`HANDSHAKE_TIMEOUT`] (this thread's own wait: the VM's event
 /// loop is not involved until a request is complete).
-fn serve_connection(stream: UnixStream, controller: &Controller) {
-    serve_connection_within(stream, controller, HANDSHAKE_TIMEOUT);
+fn serve_connection(stream: UnixStream, controller: &Controller, answering: &Answering) {
+    serve_connection_within(stream, controller, answering, HANDSHAKE_TIMEOUT);
 }
 
-fn serve_connection_within(stream: UnixStream, controller: &Controller, first_line: Duration) {
+fn serve_connection_within(
+    stream: UnixStream,
+    controller: &Controller,
+    answering: &Answering,
+    first_line: Duration,
+) {
     if stream.set_read_timeout(Some(first_line)).is_err() {
         return;
     }
@@ -302,6 +365,8 @@ fn serve_connection_within(stream: UnixStream, controller: &Controller, first_li
             }
             return;
         }
+        // Counted from before the event loop sees the request until its answer is written.
+        let _pending = answering.begin();
         let answer = match serde_json::from_str::<Request>(text) {
             Ok(request) => ApiResponse::from(controller.call(request)),
             Err(e) => ApiResponse::error(format!(
@@ -496,7 +561,12 @@ mod tests {
         // A connection that sends nothing is closed once the first-line timeout passes.
         let (mut client, server_end) = UnixStream::pair().unwrap();
         let serving = std::thread::spawn(move || {
-            serve_connection_within(server_end, &controller, Duration::from_millis(100));
+            serve_connection_within(
+                server_end,
+                &controller,
+                &Answering::default(),
+                Duration::from_millis(100),
+            );
         });
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -504,6 +574,55 @@ mod tests {
         let mut buf = [0u8; 1];
         assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF: the server hung up");
         serving.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stopping_server_waits_for_pending_answers_only_as_long_as_they_last() {
+        let answering = Answering::default();
+        assert!(answering.wait_idle(Duration::ZERO), "nothing pending");
+        let pending = answering.begin();
+        assert!(
+            !answering.wait_idle(Duration::from_millis(20)),
+            "one pending"
+        );
+        let (started, waiting) = std::sync::mpsc::channel();
+        let waiter = {
+            let answering = answering.clone();
+            std::thread::spawn(move || {
+                started.send(()).unwrap();
+                answering.wait_idle(Duration::from_secs(60))
+            })
+        };
+        waiting.recv().unwrap();
+        drop(pending);
+        assert!(waiter.join().unwrap(), "woken when the answer was written");
+    }
+
+    #[test]
+    fn a_shutdown_answer_is_written_before_the_server_is_gone() {
+        use crate::vmm::VmState;
+        let dir = crate::test_util::scratch("api-shutdown");
+        let path = dir.join("api.sock");
+        let (controller, queue) = crate::vmm::control_channel().unwrap();
+        let server = ApiServer::start(&path, controller, None, SocketAccess::default()).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"{\"cmd\":\"shutdown\"}\n").unwrap();
+        // The event loop's part: answer, end the VM (the server goes), and the process
+        // would exit right after: by then the answer must be in the client's socket.
+        let (request, reply) = queue.next().unwrap();
+        assert_eq!(request, Request::Shutdown);
+        reply
+            .send(Ok(Reply::State {
+                state: VmState::Stopping,
+            }))
+            .unwrap();
+        drop(server);
+        client.set_nonblocking(true).unwrap();
+        let mut answer = String::new();
+        let read = BufReader::new(&client).read_line(&mut answer);
+        assert!(read.is_ok(), "no answer written: {read:?}");
+        assert_eq!(answer, "{\"ok\":true,\"state\":\"stopping\"}\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -137,6 +137,14 @@ pub fn control_channel() -> std::io::Result<(Controller, ControlQueue)> {
     Ok((controller, ControlQueue { evt, requests: rx }))
 }
 
+#[cfg(test)]
+impl ControlQueue {
+    /// The next request, waited for: a test standing in for the event loop.
+    pub(crate) fn next(&self) -> Option<Queued> {
+        self.requests.recv().ok()
+    }
+}
+
 impl Controller {
     /// Sends `request` and waits for the answer (an error if the VM is gone).
     pub fn call(&self, request: Request) -> Response {
